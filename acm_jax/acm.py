@@ -1,0 +1,268 @@
+"""Adaptive Computation Modules: the functional core and a thin Flax shell.
+
+An ACM holds N learners s_1..s_N whose outputs add up; choice k in 0..N runs the
+first k of them: h(x, k) = sum_{n<=k} s_n(x) + bias(k). The learners are stored
+as one pair of matrices so that "the first k learners" is "the first k*h hidden
+units":
+
+    w1: (dim, N*h)   b1: (N*h,)   w2: (N*h, dim)   b2: (N+1, dim) (optional)
+
+Learner n (1-based) owns hidden columns [(n-1)*h, n*h). b2[k] is the output
+bias carried by choice k on top of choice k-1, so choice k carries
+b2[0] + ... + b2[k] (the public code's per-choice bias semantics).
+
+Everything here is a pure function of arrays and parameter dicts; `ACM` and
+`Gate` only create the parameters and call these functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Mapping
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Params = Mapping[str, jax.Array]
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "identity": lambda x: x,
+}
+
+GRAD_MODES = ("detach", "no_detach")
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+def num_learners_of(params: Params, learner_width: int) -> int:
+  return params["w1"].shape[1] // learner_width
+
+
+def choice_bias(params: Params, num_learners: int) -> jax.Array:
+  """Cumulative output bias per choice, (N+1, dim); zeros without `b2`."""
+  if "b2" in params:
+    return jnp.cumsum(params["b2"], axis=0)
+  return jnp.zeros((num_learners + 1, params["w2"].shape[1]), params["w2"].dtype)
+
+
+def _hidden(params: Params, x: jax.Array, activation: str) -> jax.Array:
+  return get_activation(activation)(x @ params["w1"] + params["b1"])
+
+
+def learner_outputs(params: Params, x: jax.Array, *, num_learners: int,
+                    activation: str = "gelu") -> jax.Array:
+  """Every learner's output without output bias: (..., dim) -> (..., N, dim)."""
+  hidden = einops.rearrange(_hidden(params, x, activation), "... (n h) -> ... n h", n=num_learners)
+  w2 = einops.rearrange(params["w2"], "(n h) d -> n h d", n=num_learners)
+  return jnp.einsum("...nh,nhd->...nd", hidden, w2)
+
+
+def prefix_outputs(params: Params, x: jax.Array, *, num_learners: int, activation: str = "gelu",
+                   grad_mode: str = "detach") -> jax.Array:
+  """Outputs for every choice k = 0..N: (..., dim) -> (..., N+1, dim).
+
+  grad_mode="detach": the value is the cumulative sum, but the gradient of choice
+  k flows only into learner k (c_k = o_k + stop_gradient(c_k - o_k)), so learner
+  k learns to correct the residual left by learners 1..k-1.
+  grad_mode="no_detach": plain cumulative sum.
+  """
+  if grad_mode not in GRAD_MODES:
+    raise ValueError(f"unknown grad_mode {grad_mode!r}; expected one of {GRAD_MODES}")
+  outs = learner_outputs(params, x, num_learners=num_learners, activation=activation)
+  outs = jnp.concatenate([jnp.zeros_like(outs[..., :1, :]), outs], axis=-2)
+  cum = jnp.cumsum(outs, axis=-2)
+  if grad_mode == "detach":
+    cum = outs + jax.lax.stop_gradient(cum - outs)
+  return cum + choice_bias(params, num_learners)
+
+
+def learner_mask(k: jax.Array, num_learners: int, learner_width: int) -> jax.Array:
+  """(...,) int choices -> (..., N*h) 0/1 mask of the hidden units that run."""
+  on = jnp.arange(num_learners) < k[..., None]
+  return jnp.repeat(on, learner_width, axis=-1)
+
+
+def acm_apply(params: Params, x: jax.Array, k: jax.Array, *, num_learners: int,
+              activation: str = "gelu") -> jax.Array:
+  """Output for a per-token hard choice k: x (..., dim), k (...,) int -> (..., dim).
+
+  Reference semantics (all hidden units computed, the unused ones masked); the
+  fast sorted path with a kernel lives in `acm_jax.inference`.
+  """
+  width = params["w1"].shape[1] // num_learners
+  hidden = _hidden(params, x, activation) * learner_mask(k, num_learners, width).astype(x.dtype)
+  return hidden @ params["w2"] + choice_bias(params, num_learners)[k]
+
+
+def acm_apply_soft(params: Params, x: jax.Array, choice: jax.Array, *, num_learners: int,
+                   activation: str = "gelu") -> jax.Array:
+  """Output under a (relaxed or one-hot) choice distribution: choice (..., N+1).
+
+  Equals sum_k choice_k * h(x, k) in one pass: learner n is weighted by
+  P(k >= n) = sum_{k>=n} choice_k, which carries the gate's gradient.
+  """
+  width = params["w1"].shape[1] // num_learners
+  # reverse cumulative sum over choices 1..N: weight of learner n is P(k >= n)
+  weight = jnp.flip(jnp.cumsum(jnp.flip(choice[..., 1:], -1), -1), -1)
+  hidden = _hidden(params, x, activation) * jnp.repeat(weight, width, axis=-1).astype(x.dtype)
+  return hidden @ params["w2"] + choice.astype(x.dtype) @ choice_bias(params, num_learners)
+
+
+def mask_choices(logits: jax.Array, min_choice: int) -> jax.Array:
+  """Removes choices below `min_choice` (attention ACMs never skip)."""
+  if min_choice == 0:
+    return logits
+  allowed = jnp.arange(logits.shape[-1]) >= min_choice
+  return jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
+
+
+def gumbel_softmax_st(rng: jax.Array, logits: jax.Array, temperature: float | jax.Array) -> jax.Array:
+  """Hard Gumbel-Softmax, straight-through: one-hot forward, softmax gradient."""
+  gumbel = jax.random.gumbel(rng, logits.shape, logits.dtype)
+  soft = jax.nn.softmax((logits + gumbel) / temperature, axis=-1)
+  hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits.shape[-1], dtype=soft.dtype)
+  return soft + jax.lax.stop_gradient(hard - soft)
+
+
+def learner_flops(dim: int, learner_width: int, activation: str = "gelu") -> int:
+  """FLOPs per token of one learner: two matmuls and the hidden bias."""
+  del activation  # activation FLOPs are not counted, as for the dense block
+  return 4 * dim * learner_width + learner_width
+
+
+class Gate(nn.Module):
+  """Token -> N+1 choice logits: linear (depth 1) or an MLP of `depth` layers."""
+  num_choices: int
+  depth: int = 1
+  hidden: int = 128
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i in range(self.depth - 1):
+      x = nn.relu(nn.Dense(self.hidden, name=f"hidden_{i}")(x))
+    return nn.Dense(self.num_choices, name="out")(x)
+
+
+def gate_flops(dim: int, num_choices: int, depth: int, hidden: int) -> int:
+  if depth == 1:
+    return 2 * dim * num_choices
+  return 2 * dim * hidden + 2 * hidden * hidden * (depth - 2) + 2 * hidden * num_choices
+
+
+class ACM(nn.Module):
+  """Flax shell: owns the learner and gate parameters, delegates the math.
+
+  Modes (`mode` argument of __call__):
+    "full":   k = N for every token (equals the replaced block after `acmize`).
+    "fixed":  k = `fixed_k` for every token (the static-width baseline).
+    "argmax": the gate's argmax (inference).
+    "gumbel": hard straight-through Gumbel-Softmax (training; rng "gumbel").
+  The chosen one-hot choices (batch, tokens, N+1) are sown into the "acm"
+  collection as "choice", and the gate logits as "logits", when mutable.
+  """
+  dim: int
+  num_learners: int
+  learner_width: int
+  activation: str = "gelu"
+  output_bias: bool = True
+  gate_depth: int = 1
+  gate_hidden: int = 128
+  min_choice: int = 0
+  impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, mode: str = "argmax", fixed_k: int | None = None,
+               temperature: float = 1.0) -> jax.Array:
+    n, width = self.num_learners, self.learner_width
+    params = {
+        "w1": self.param("w1", nn.initializers.lecun_normal(), (self.dim, n * width)),
+        "b1": self.param("b1", nn.initializers.zeros, (n * width,)),
+        "w2": self.param("w2", nn.initializers.lecun_normal(), (n * width, self.dim)),
+    }
+    if self.output_bias:
+      params["b2"] = self.param("b2", nn.initializers.zeros, (n + 1, self.dim))
+    params = {name: value.astype(x.dtype) for name, value in params.items()}
+    logits = Gate(n + 1, self.gate_depth, self.gate_hidden, name="gate")(x)
+    logits = mask_choices(logits.astype(jnp.float32), self.min_choice)
+    self.sow("acm", "logits", logits)
+    kwargs = dict(num_learners=n, activation=self.activation)
+
+    if mode == "gumbel":
+      choice = gumbel_softmax_st(self.make_rng("gumbel"), logits, temperature)
+      self.sow("acm", "choice", choice)
+      return acm_apply_soft(params, x, choice, **kwargs)
+    if mode == "full":
+      k = jnp.full(x.shape[:-1], n, jnp.int32)
+    elif mode == "fixed":
+      if fixed_k is None or not 0 <= fixed_k <= n:
+        raise ValueError(f"mode='fixed' needs fixed_k in 0..{n}, got {fixed_k}")
+      k = jnp.full(x.shape[:-1], fixed_k, jnp.int32)
+    elif mode == "argmax":
+      k = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+      raise ValueError(f"unknown ACM mode {mode!r}; expected gumbel, full, fixed or argmax")
+    self.sow("acm", "choice", jax.nn.one_hot(k, n + 1, dtype=jnp.float32))
+    if self.impl == "xla" or mode != "argmax":
+      return acm_apply(params, x, k, **kwargs)
+    from acm_jax import inference  # the kernel path imports Pallas lazily
+    return inference.acm_apply_sorted(params, x, k, impl=self.impl, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ACMConfig:
+  """Which blocks of a transformer become ACMs, and how.
+
+  learner_width defaults to width_factor * mlp_dim / num_learners for MLPs; an
+  attention projection (dim x dim) gets width_factor * (dim^2 + dim) / (2 dim + 1)
+  hidden units in total (the width whose learners cost what the projection cost),
+  split evenly over the learners.
+  """
+  num_learners: int = 4
+  learner_width: int | None = None
+  width_factor: float = 1.0
+  blocks: tuple[int, ...] | None = None  # None: every block
+  attention: bool = False
+  activation: str = "gelu"
+  output_bias: bool = True
+  gate_depth: int = 1
+  gate_hidden: int = 128
+  impl: str = "auto"
+
+  def mlp_learner_width(self, mlp_dim: int) -> int:
+    if self.num_learners < 1:
+      raise ValueError(f"num_learners must be >= 1, got {self.num_learners}")
+    if self.learner_width is not None:
+      if self.learner_width < 1 or self.learner_width * self.num_learners > mlp_dim:
+        raise ValueError(
+            f"learner_width={self.learner_width} does not fit: num_learners x learner_width "
+            f"must be in 1..mlp_dim={mlp_dim} to initialise from the dense MLP")
+      return self.learner_width
+    total = self.width_factor * mlp_dim
+    if abs(total - round(total)) > 1e-6 or round(total) % self.num_learners or total > mlp_dim:
+      raise ValueError(
+          f"num_learners={self.num_learners} does not divide the MLP width {mlp_dim} x "
+          f"width_factor {self.width_factor}; choose num_learners dividing {round(total)} "
+          "or set learner_width explicitly")
+    return round(total) // self.num_learners
+
+  def attention_learner_width(self, dim: int) -> int:
+    total = round(self.width_factor * (dim * dim + dim) / (2 * dim + 1))
+    return max(1, total // self.num_learners)
+
+  def block_indices(self, depth: int) -> tuple[int, ...]:
+    if self.blocks is None:
+      return tuple(range(depth))
+    bad = [b for b in self.blocks if not 0 <= b < depth]
+    if bad:
+      raise ValueError(f"ACM blocks {bad} out of range for a model of depth {depth}")
+    return tuple(sorted(set(self.blocks)))

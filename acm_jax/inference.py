@@ -1,0 +1,53 @@
+"""Hard-choice ACM inference: gate -> argmax k -> sort -> kernel -> unsort.
+
+Tokens are sorted by k in descending order so that learner n runs on one
+contiguous prefix of rows (the tokens with k >= n); the kernels in
+`pallas_kernels` exploit that to skip the work of unused learners.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from acm_jax import acm
+
+IMPLS = ("auto", "xla", "pallas", "triton")
+
+
+def resolve_impl(impl: str) -> str:
+  """"auto" -> the Pallas kernel on GPU, the XLA path elsewhere."""
+  if impl not in IMPLS:
+    raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+  if impl == "auto":
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+  return impl
+
+
+def sort_by_choice(k: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(T,) choices -> (order, inverse) permutations sorting k descending."""
+  order = jnp.argsort(-k, stable=True)
+  inverse = jnp.argsort(order)
+  return order, inverse
+
+
+def acm_apply_sorted(params: acm.Params, x: jax.Array, k: jax.Array, *, num_learners: int,
+                     activation: str = "gelu", impl: str = "auto", **kernel_kwargs) -> jax.Array:
+  """Same function as `acm.acm_apply`, computed on tokens sorted by k.
+
+  x: (..., dim), k: (...,) int in 0..N. Returns (..., dim).
+  """
+  impl = resolve_impl(impl)
+  if impl == "xla":
+    return acm.acm_apply(params, x, k, num_learners=num_learners, activation=activation)
+  if impl == "pallas":
+    from pallas_kernels.acm_mlp import acm_mlp as kernel
+  else:
+    from pallas_kernels.triton_acm_mlp import acm_mlp_triton as kernel
+  lead_shape, dim = x.shape[:-1], x.shape[-1]
+  flat_x, flat_k = x.reshape(-1, dim), k.reshape(-1).astype(jnp.int32)
+  order, inverse = sort_by_choice(flat_k)
+  out = kernel(flat_x[order], flat_k[order], params["w1"], params["b1"], params["w2"],
+               acm.choice_bias(params, num_learners).astype(x.dtype),
+               num_learners=num_learners, activation=activation, **kernel_kwargs)
+  return out[inverse].reshape(*lead_shape, dim)

@@ -1,0 +1,111 @@
+"""Losses of the three ACMization phases, as pure functions of arrays.
+
+Shapes: `choices` is a list (one entry per ACM) of (batch, tokens, N+1) one-hot
+(or relaxed) choice arrays; `prefix` is (..., N+1, dim) from
+`acm.prefix_outputs`; `errors` is (..., N+1).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+LABEL_RULES = ("ours", "official")
+BUDGET_KINDS = ("l1", "l2", "l2_100")
+
+
+def distillation_loss(prefix: jax.Array, target: jax.Array) -> jax.Array:
+  """Mean over k = 1..N of the MSE between h(x, k) and the dense block's output."""
+  return jnp.mean(jnp.square(prefix[..., 1:, :] - target[..., None, :]))
+
+
+def choice_errors(prefix: jax.Array, target: jax.Array) -> jax.Array:
+  """L2 error of every choice: (..., N+1, dim), (..., dim) -> (..., N+1)."""
+  return jnp.linalg.norm(prefix - target[..., None, :], axis=-1)
+
+
+def gate_labels(errors: jax.Array, factor: float, rule: str = "ours") -> jax.Array:
+  """Artificial gate labels from per-choice errors e_0..e_N: (..., N+1) -> (...,) int32.
+
+  With r_i = e_i / e_{i+1} (how much learner i+1 improves on choice i):
+  - "ours": the smallest k such that no later learner improves the error by a
+    factor of `factor` or more (r_j < factor for every j >= k). k = 0 is a valid
+    label (a token whose block output is already small skips the block), and
+    k = N is chosen when the last learner still helps.
+  - "official": the public code's rule, for reproduction: the first i with
+    r_i < factor gives label i + 1; no such i, or i = 0, gives N. Under it
+    k = 0 is never a label.
+  """
+  if rule not in LABEL_RULES:
+    raise ValueError(f"unknown label rule {rule!r}; expected one of {LABEL_RULES}")
+  num_learners = errors.shape[-1] - 1
+  tiny = jnp.finfo(errors.dtype).tiny
+  ratios = errors[..., :-1] / jnp.maximum(errors[..., 1:], tiny)
+  small_gain = ratios < factor
+  if rule == "official":
+    first = jnp.argmax(small_gain, axis=-1)
+    return jnp.where(first == 0, num_learners, first + 1).astype(jnp.int32)
+  # settled[k]: every step from k on gains less than the factor (vacuously true at k = N)
+  settled = jnp.flip(jnp.cumprod(jnp.flip(small_gain, -1), axis=-1), -1).astype(bool)
+  settled = jnp.concatenate([settled, jnp.ones_like(settled[..., :1])], axis=-1)
+  return jnp.argmax(settled, axis=-1).astype(jnp.int32)
+
+
+def gate_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Cross-entropy of the gate's N+1 logits against the artificial labels."""
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def compute_fraction(choices: Sequence[jax.Array], learner_costs: Sequence[float]) -> jax.Array:
+  """C: executed learner cost over the cost of running every learner, in [0, 1].
+
+  Averaged over tokens and samples; ACMs are weighted by their learner cost.
+  """
+  spent = total = 0.0
+  for choice, cost in zip(choices, learner_costs, strict=True):
+    k = jnp.arange(choice.shape[-1], dtype=choice.dtype)
+    spent = spent + jnp.mean(choice @ k) * cost
+    total = total + (choice.shape[-1] - 1) * cost
+  return spent / total
+
+
+def budget_loss(choices: Sequence[jax.Array], learner_costs: Sequence[float], budget: float,
+                kind: str = "l1") -> jax.Array:
+  """Distance of the compute fraction C to the target budget (L1, L2 or (100 x)^2)."""
+  if kind not in BUDGET_KINDS:
+    raise ValueError(f"unknown budget loss {kind!r}; expected one of {BUDGET_KINDS}")
+  gap = compute_fraction(choices, learner_costs) - budget
+  if kind == "l1":
+    return jnp.abs(gap)
+  return jnp.square(gap) if kind == "l2" else jnp.square(100.0 * gap)
+
+
+def entropy_loss(choices: Sequence[jax.Array]) -> jax.Array:
+  """Minus the normalised entropy of each sample's choice histogram, averaged.
+
+  Keeps the tokens of one sample from all taking the same k (gate collapse).
+  """
+  stacked = jnp.stack(choices)  # (acms, batch, tokens, N+1)
+  dist = jnp.mean(stacked, axis=2)
+  entropy = -jnp.sum(jnp.where(dist > 0, dist * jnp.log(jnp.maximum(dist, 1e-30)), 0.0), axis=-1)
+  return -jnp.mean(entropy / jnp.log(stacked.shape[-1]))
+
+
+def diversity_loss(choices: Sequence[jax.Array]) -> jax.Array:
+  """Minus twice the mean pairwise L1 distance between the samples' mean compute.
+
+  Per sample, c = mean over ACMs, tokens and the N+1 slots of p_k * k (the mean
+  chosen k divided by N+1); the mean runs over all ordered pairs, diagonal included.
+  """
+  stacked = jnp.stack(choices)
+  k = jnp.arange(stacked.shape[-1], dtype=stacked.dtype)
+  per_sample = jnp.mean(stacked * k, axis=(0, 2, 3))  # (batch,)
+  return -2.0 * jnp.mean(jnp.abs(per_sample[:, None] - per_sample[None, :]))
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return jnp.mean(optax.softmax_cross_entropy(logits, targets))

@@ -1,0 +1,113 @@
+"""Transformer encoder pieces shared by the ViT and Wav2Vec2 models.
+
+Each replaceable block (the MLP, and the q/k/v/o projections) is either a dense
+layer or an `acm.ACM`, chosen by the `acm` config. Dense replaceable blocks sow
+their (input, output) pair into the "record" collection when it is mutable: that
+is what module-wise distillation and gate labelling train on.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from acm_jax import acm as acm_lib
+
+PROJECTIONS = ("query", "key", "value", "out")
+
+
+def _record(module: nn.Module, x: jax.Array, y: jax.Array) -> None:
+  module.sow("record", "io", (x, y), init_fn=tuple, reduce_fn=lambda _, new: new)
+
+
+class Linear(nn.Module):
+  """A dense projection that records its input/output for distillation."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, **_) -> jax.Array:
+    y = nn.Dense(self.features, name="dense", dtype=x.dtype)(x)
+    _record(self, x, y)
+    return y
+
+
+class Mlp(nn.Module):
+  """The dense block an ACM replaces: fc2(act(fc1(x)))."""
+  mlp_dim: int
+  activation: str = "gelu"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, **_) -> jax.Array:
+    hidden = nn.Dense(self.mlp_dim, name="fc1", dtype=x.dtype)(x)
+    y = nn.Dense(x.shape[-1], name="fc2", dtype=x.dtype)(acm_lib.get_activation(self.activation)(hidden))
+    _record(self, x, y)
+    return y
+
+
+def make_mlp(dim: int, mlp_dim: int, activation: str, acm: acm_lib.ACMConfig | None,
+             name: str) -> nn.Module:
+  if acm is None:
+    return Mlp(mlp_dim, activation, name=name)
+  return acm_lib.ACM(dim, acm.num_learners, acm.mlp_learner_width(mlp_dim), activation,
+                     acm.output_bias, acm.gate_depth, acm.gate_hidden, 0, acm.impl, name=name)
+
+
+def make_projection(dim: int, acm: acm_lib.ACMConfig | None, name: str) -> nn.Module:
+  if acm is None or not acm.attention:
+    return Linear(dim, name=name)
+  # attention projections are linear: identity learners, and they never skip (min choice 1)
+  return acm_lib.ACM(dim, acm.num_learners, acm.attention_learner_width(dim), "identity",
+                     acm.output_bias, acm.gate_depth, acm.gate_hidden, 1, acm.impl, name=name)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with separate (dim, dim) q, k, v, o projections."""
+  num_heads: int
+  acm: acm_lib.ACMConfig | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, **acm_args) -> jax.Array:
+    dim = x.shape[-1]
+    if dim % self.num_heads:
+      raise ValueError(f"dim {dim} is not divisible by num_heads {self.num_heads}")
+    q, k, v = (make_projection(dim, self.acm, name)(x, **acm_args) for name in PROJECTIONS[:3])
+    split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, dim // self.num_heads)
+    context = nn.dot_product_attention(split(q), split(k), split(v), mask=mask)
+    context = context.reshape(*x.shape[:-1], dim)
+    return make_projection(dim, self.acm, "out")(context, **acm_args)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN (x + f(LN(x))) or post-LN (LN(x + f(x))) transformer block."""
+  num_heads: int
+  mlp_dim: int
+  activation: str = "gelu"
+  layer_norm_eps: float = 1e-6
+  pre_norm: bool = True
+  acm: acm_lib.ACMConfig | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, **acm_args) -> jax.Array:
+    norm = lambda name: nn.LayerNorm(self.layer_norm_eps, name=name, dtype=x.dtype)
+    attn = Attention(self.num_heads, self.acm, name="attn")
+    mlp = make_mlp(x.shape[-1], self.mlp_dim, self.activation, self.acm, "mlp")
+    if self.pre_norm:
+      x = x + attn(norm("ln1")(x), mask, **acm_args)
+      return x + mlp(norm("ln2")(x), **acm_args)
+    x = norm("ln1")(x + attn(x, mask, **acm_args))
+    return norm("ln2")(x + mlp(x, **acm_args))
+
+
+def replaceable_paths(depth: int, acm: acm_lib.ACMConfig | None, with_attention: bool | None = None,
+                      prefix: str = "") -> list[str]:
+  """'/'-joined parameter paths of the blocks that are (or become) ACMs."""
+  if acm is None:
+    return []
+  attention = acm.attention if with_attention is None else with_attention
+  paths = []
+  for b in acm.block_indices(depth):
+    paths.append(f"{prefix}block_{b}/mlp")
+    if attention:
+      paths.extend(f"{prefix}block_{b}/attn/{p}" for p in PROJECTIONS)
+  return paths

@@ -1,0 +1,104 @@
+"""Pre-LN Vision Transformer with a class token, dense or ACMized.
+
+Parameter names (used by `acmize`, the checkpoint loaders and sharding rules):
+  embedding/{kernel,bias}      patch embedding, a (p, p, 3, dim) convolution
+  cls, pos_embedding           (1, 1, dim), (1, 1 + num_patches, dim)
+  block_{i}/ln1, attn/{query,key,value,out}, ln2, mlp/{fc1,fc2} or mlp/{w1,b1,w2,b2,gate}
+  norm, head
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from acm_jax import acm as acm_lib
+from acm_jax.models import transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  image_size: int = 224
+  patch_size: int = 16
+  dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  num_classes: int = 1000
+  layer_norm_eps: float = 1e-6
+  activation: str = "gelu"
+  acm: acm_lib.ACMConfig | None = None
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def num_tokens(self) -> int:
+    return self.num_patches + 1
+
+  def validate(self) -> "ViTConfig":
+    if self.image_size % self.patch_size:
+      raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+    if self.dim % self.num_heads:
+      raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+    acm_lib.get_activation(self.activation)
+    if self.acm is not None:
+      self.acm.mlp_learner_width(self.mlp_dim)
+      self.acm.block_indices(self.depth)
+    return self
+
+  def acm_paths(self) -> list[str]:
+    return transformer.replaceable_paths(self.depth, self.acm)
+
+  def dense(self) -> "ViTConfig":
+    return dataclasses.replace(self, acm=None)
+
+
+PRESETS: dict[str, ViTConfig] = {
+    # the embedded default: 32x32 images, 4x4 patches, 65 tokens
+    "tiny": ViTConfig(image_size=32, patch_size=4, dim=64, depth=4, num_heads=4, mlp_dim=256, num_classes=10),
+    "vit_s16": ViTConfig(dim=384, depth=12, num_heads=6, mlp_dim=1536),
+    "vit_b16": ViTConfig(dim=768, depth=12, num_heads=12, mlp_dim=3072),
+    "vit_l16": ViTConfig(dim=1024, depth=24, num_heads=16, mlp_dim=4096),
+}
+
+
+def get_config(preset: str, **overrides) -> ViTConfig:
+  if preset not in PRESETS:
+    raise ValueError(f"unknown model preset {preset!r}; expected one of {sorted(PRESETS)}")
+  return dataclasses.replace(PRESETS[preset], **overrides).validate()
+
+
+class ViT(nn.Module):
+  """images (batch, H, W, 3) -> logits (batch, num_classes).
+
+  `mode`, `fixed_k` and `temperature` go to every ACM (see `acm.ACM`).
+  """
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, mode: str = "argmax", fixed_k: int | None = None,
+               temperature: float = 1.0) -> jax.Array:
+    cfg = self.config
+    if images.shape[1:3] != (cfg.image_size, cfg.image_size):
+      raise ValueError(f"expected images of {cfg.image_size}x{cfg.image_size}, got shape {images.shape}")
+    p = cfg.patch_size
+    x = nn.Conv(cfg.dim, (p, p), strides=(p, p), padding="VALID", name="embedding",
+                dtype=images.dtype)(images)
+    x = x.reshape(x.shape[0], -1, cfg.dim)
+    cls = self.param("cls", nn.initializers.zeros, (1, 1, cfg.dim)).astype(x.dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.dim)), x], axis=1)
+    pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, cfg.num_tokens, cfg.dim))
+    x = x + pos.astype(x.dtype)
+    acm_blocks = set(cfg.acm.block_indices(cfg.depth)) if cfg.acm is not None else set()
+    for i in range(cfg.depth):
+      block = transformer.EncoderBlock(
+          cfg.num_heads, cfg.mlp_dim, cfg.activation, cfg.layer_norm_eps, pre_norm=True,
+          acm=cfg.acm if i in acm_blocks else None, name=f"block_{i}")
+      x = block(x, None, mode=mode, fixed_k=fixed_k, temperature=temperature)
+    x = nn.LayerNorm(cfg.layer_norm_eps, name="norm", dtype=x.dtype)(x)
+    return nn.Dense(cfg.num_classes, name="head", dtype=x.dtype)(x[:, 0])

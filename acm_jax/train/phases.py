@@ -1,0 +1,309 @@
+"""The phases of ACMization as functions of an `ExperimentConfig`.
+
+Run directories under `config.workdir`:
+  pretrain/            the dense model (skipped when --init gives one)
+  distill/             learners distilled module-wise     (+ distill_errors.json)
+  gates/               gates trained on artificial labels (+ label_distribution.json)
+  finetune_b{budget}/  end-to-end finetuning at a budget
+  static_k{k}/         the static-width baseline
+Each holds config.json, metrics.jsonl, checkpoints/ and, once finished, params/
+and eval.json; `<workdir>/eval.json` holds the latest evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from acm_jax import acm as acm_lib
+from acm_jax import data as data_lib
+from acm_jax import flops as flops_lib
+from acm_jax import losses
+from acm_jax.models import vit
+from acm_jax.train import loop, optim, steps
+from acm_jax.train.config import ExperimentConfig
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  config: ExperimentConfig
+  task: steps.Task
+  dense_config: vit.ViTConfig
+  acm_config: vit.ViTConfig
+  info: data_lib.DatasetInfo
+
+  @property
+  def workdir(self) -> Path:
+    return Path(self.config.workdir)
+
+  def run_dir(self, phase: str) -> Path:
+    names = {"finetune": f"finetune_b{self.config.budget:.2f}",
+             "static": f"static_k{self.config.resolved_static_k}"}
+    return self.workdir / names.get(phase, phase)
+
+  def dtype(self):
+    return jnp.bfloat16 if self.config.dtype == "bfloat16" else jnp.float32
+
+
+def _object_groups(patch_size: int, batch: dict) -> dict[str, jax.Array]:
+  if "object_mask" not in batch:
+    return {}
+  frac = einops.reduce(batch["object_mask"].astype(jnp.float32), "b (h p) (w q) -> b (h w)", "mean",
+                       p=patch_size, q=patch_size)
+  no_cls = jnp.zeros((frac.shape[0], 1), bool)
+  return {"object": jnp.concatenate([no_cls, frac >= 0.25], 1),
+          "background": jnp.concatenate([no_cls, frac == 0.0], 1)}
+
+
+def vision_task(dense_config: vit.ViTConfig, acm_config: vit.ViTConfig, dtype) -> steps.Task:
+  acm = acm_config.acm
+  specs = []
+  for path, cost in zip(acm_config.acm_paths(), flops_lib.learner_costs(acm_config)):
+    is_mlp = path.endswith("/mlp")
+    specs.append(steps.ACMSpec(path, acm_config.activation if is_mlp else "identity", 0 if is_mlp else 1,
+                               cost, acm.num_learners, acm.gate_depth, acm.gate_hidden))
+
+  def score(logits, batch):
+    valid = batch.get("valid", jnp.ones(logits.shape[0], bool)).astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    return {"examples": jnp.sum(valid), "top1": jnp.sum(correct * valid)}
+
+  return steps.Task(
+      dense_model=vit.ViT(dense_config), acm_model=vit.ViT(acm_config), acm_specs=tuple(specs),
+      inputs=lambda batch: batch["image"].astype(dtype),
+      loss=lambda logits, batch, ls: losses.classification_loss(logits.astype(jnp.float32), batch["label"], ls),
+      score=score, token_groups=functools.partial(_object_groups, dense_config.patch_size))
+
+
+def build(config: ExperimentConfig) -> Experiment:
+  """Validates the config against data and model before any work starts."""
+  config.validate()
+  info = data_lib.get_dataset_info(config.dataset, image_size=config.image_size, data_dir=config.data_dir)
+  overrides = {"image_size": info.image_size, "num_classes": config.num_classes or info.num_classes}
+  dense_config = vit.get_config(config.model, **overrides)
+  acm = acm_lib.ACMConfig(
+      num_learners=config.num_learners, learner_width=config.learner_width, width_factor=config.width_factor,
+      blocks=config.block_tuple(), attention=config.acm_attention, activation=dense_config.activation,
+      gate_depth=config.gate_depth, gate_hidden=config.gate_hidden, impl=config.impl)
+  acm_config = dataclasses.replace(dense_config, acm=acm).validate()
+  dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+  return Experiment(config, vision_task(dense_config, acm_config, dtype), dense_config, acm_config, info)
+
+
+def init_params(exp: Experiment, model: str, seed: int) -> PyTree:
+  cfg = exp.dense_config
+  sample = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
+  module = exp.task.dense_model if model == "dense" else exp.task.acm_model
+  return jax.jit(lambda rng: module.init(rng, sample)["params"])(jax.random.key(seed))
+
+
+def new_state(params: PyTree, tx, seed: int) -> PyTree:
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+          "rng": jax.random.key_data(jax.random.key(seed))}
+
+
+def _batches(exp: Experiment, split: str = "train", with_masks: bool = False):
+  cfg = exp.config
+  return lambda start: data_lib.make_iterator(
+      cfg.dataset, split, cfg.batch_size, image_size=exp.info.image_size, seed=cfg.seed,
+      data_dir=cfg.data_dir, start_step=start, with_masks=with_masks)
+
+
+def _optimizer(exp: Experiment, phase: str, params: PyTree, trainable=lambda path: True):
+  cfg = exp.config
+  return optim.make_optimizer(params, lr=cfg.phase_lr(phase), steps=cfg.phase_steps(phase),
+                              warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay,
+                              clip_norm=cfg.clip_norm, trainable=trainable)
+
+
+def _keyed_step(step_fn):
+  """Adapts a step over a raw-key state to one the loop can checkpoint."""
+  def wrapped(state, batch):
+    new_state, metrics = step_fn({**state, "rng": jax.random.wrap_key_data(state["rng"])}, batch)
+    return {**new_state, "rng": state["rng"]}, metrics
+  return jax.jit(wrapped, donate_argnums=0)
+
+
+def _train(exp: Experiment, phase: str, params: PyTree, tx, step_fn) -> PyTree:
+  cfg = exp.config
+  state = new_state(params, tx, cfg.seed + 17 * len(phase))
+  final = loop.run(name=phase, run_dir=exp.run_dir(phase), state=state, step_fn=_keyed_step(step_fn),
+                   batches=_batches(exp), num_steps=cfg.phase_steps(phase),
+                   checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, config_json=cfg.to_json())
+  return final["params"]
+
+
+def dense_params(exp: Experiment) -> PyTree:
+  expected = init_params(exp, "dense", 0)
+  if exp.config.init is not None:
+    from acm_jax import checkpoints
+    return checkpoints.load_dense(exp.config.init, expected)
+  return loop.load_params(exp.run_dir("pretrain"), expected, "pretrain phase (or pass --init)")
+
+
+def pretrain(exp: Experiment) -> PyTree:
+  params = init_params(exp, "dense", exp.config.seed)
+  tx = _optimizer(exp, "pretrain", params)
+  step = functools.partial(steps.pretrain_step, exp.task, tx, exp.config.label_smoothing)
+  return _train(exp, "pretrain", params, tx, step)
+
+
+def _is_learner(paths: list[str], key: str) -> bool:
+  return any(key.startswith(p + "/") and "/gate/" not in key[len(p):] for p in paths)
+
+
+def _is_gate(paths: list[str], key: str) -> bool:
+  return any(key.startswith(p + "/gate/") for p in paths)
+
+
+def distill(exp: Experiment) -> PyTree:
+  from acm_jax.acmize import acmize
+  teacher = dense_params(exp)
+  params = acmize(teacher, init_params(exp, "acm", exp.config.seed), exp.task.paths,
+                  num_learners=exp.config.num_learners)
+  tx = _optimizer(exp, "distill", params, functools.partial(_is_learner, exp.task.paths))
+  step = functools.partial(steps.distill_step, exp.task, tx, exp.config.grad_mode, teacher)
+  params = _train(exp, "distill", params, tx, step)
+  write_json(exp.run_dir("distill") / "distill_errors.json", distill_errors(exp, teacher, params))
+  return params
+
+
+def gates(exp: Experiment) -> PyTree:
+  teacher = dense_params(exp)
+  params = loop.load_params(exp.run_dir("distill"), init_params(exp, "acm", 0), "distill phase")
+  tx = _optimizer(exp, "gates", params, functools.partial(_is_gate, exp.task.paths))
+  cfg = exp.config
+  step = functools.partial(steps.gate_step, exp.task, tx, cfg.gating_error_factor, cfg.label_rule, teacher)
+  params = _train(exp, "gates", params, tx, step)
+  write_json(exp.run_dir("gates") / "label_distribution.json", label_distribution(exp, teacher, params))
+  return params
+
+
+def finetune(exp: Experiment) -> PyTree:
+  params = loop.load_params(exp.run_dir("gates"), init_params(exp, "acm", 0), "gates phase")
+  cfg = exp.config
+  tx = _optimizer(exp, "finetune", params)
+  weights = steps.FinetuneWeights(cfg.budget, cfg.budget_loss, cfg.budget_weight, cfg.entropy_weight,
+                                  cfg.diversity_weight, cfg.gate_temperature, cfg.label_smoothing)
+  return _train(exp, "finetune", params, tx, functools.partial(steps.finetune_step, exp.task, tx, weights))
+
+
+def static(exp: Experiment) -> PyTree:
+  """The static-width baseline, finetuned from the distilled learners like the ACM."""
+  params = loop.load_params(exp.run_dir("distill"), init_params(exp, "acm", 0), "distill phase")
+  cfg = exp.config
+  tx = _optimizer(exp, "static", params, lambda key: not _is_gate(exp.task.paths, key))
+  step = functools.partial(steps.static_step, exp.task, tx, cfg.resolved_static_k, cfg.label_smoothing)
+  return _train(exp, "static", params, tx, step)
+
+
+# --- evaluation ------------------------------------------------------------------
+
+
+def _eval_batches(exp: Experiment, with_masks: bool):
+  """Test batches padded to a fixed size (with a "valid" mask) so eval compiles once."""
+  cfg = exp.config
+  seen = 0
+  for batch in data_lib.make_iterator(cfg.dataset, "test", cfg.eval_batch_size, image_size=exp.info.image_size,
+                                      seed=cfg.seed, data_dir=cfg.data_dir, with_masks=with_masks):
+    n = len(batch["label"])
+    if cfg.eval_examples is not None:
+      n = min(n, cfg.eval_examples - seen)
+    pad = cfg.eval_batch_size - n
+    batch = {k: np.concatenate([v[:n], np.repeat(v[:1], pad, 0)]) if pad else v for k, v in batch.items()}
+    batch["valid"] = np.arange(cfg.eval_batch_size) < n
+    yield batch
+    seen += n
+    if cfg.eval_examples is not None and seen >= cfg.eval_examples:
+      return
+
+
+def evaluate(exp: Experiment, params: PyTree, model: str, mode: str, fixed_k: int | None = None) -> dict:
+  """Top-1, GFLOPs/image, mean k and share of each k per ACM on the test split."""
+  step = jax.jit(functools.partial(steps.eval_step, exp.task, mode, fixed_k))
+  totals = None
+  for batch in _eval_batches(exp, with_masks=exp.config.dataset == "synthetic"):
+    out = jax.device_get(step(params, batch))
+    totals = out if totals is None else jax.tree.map(np.add, totals, out)
+  if totals is None:
+    raise ValueError(f"the test split of {exp.config.dataset!r} produced no examples")
+  scores = totals["scores"]
+  record = {"model": model, "top1": float(scores["top1"] / scores["examples"]),
+            "examples": int(scores["examples"])}
+  if mode == "dense":
+    record["gflops_per_image"] = flops_lib.gflops(flops_lib.vit_flops(exp.dense_config)["total"])
+    return record
+  hist = {path: np.asarray(h) for path, h in totals["k_hist"].items()}
+  mean_k = {path: float(h @ np.arange(len(h)) / h.sum()) for path, h in hist.items()}
+  counts = flops_lib.vit_flops(exp.acm_config, mean_k)
+  record.update(
+      gflops_per_image=flops_lib.gflops(counts["total"]),
+      gate_gflops_per_image=flops_lib.gflops(counts["gate"]),
+      compute_fraction=flops_lib.mean_compute_fraction(exp.acm_config, mean_k),
+      mean_k_per_layer=mean_k,
+      k_share_per_layer={path: (h / h.sum()).tolist() for path, h in hist.items()},
+      distinct_k_per_layer={path: int(np.sum(h > 0)) for path, h in hist.items()})
+  groups = {}
+  for path_groups in totals["groups"].values():
+    for name, (k_sum, count) in path_groups.items():
+      acc = groups.setdefault(name, [0.0, 0.0])
+      acc[0] += float(k_sum)
+      acc[1] += float(count)
+  if groups:
+    record["mean_k_per_group"] = {name: s / max(c, 1.0) for name, (s, c) in groups.items()}
+  return record
+
+
+def distill_errors(exp: Experiment, teacher: PyTree, params: PyTree, max_batches: int = 4) -> dict:
+  """Mean squared error of every choice k = 0..N per ACM on held-out tokens."""
+  @jax.jit
+  def errors(batch):
+    records = steps.teacher_records(exp.task, teacher, batch)
+    out = {}
+    for spec in exp.task.acm_specs:
+      x, y = records[spec.path]
+      prefix = acm_lib.prefix_outputs(steps.learner_params(params, spec.path), x,
+                                      num_learners=spec.num_learners, activation=spec.activation)
+      out[spec.path] = jnp.mean(jnp.square(prefix - y[..., None, :]), axis=(0, 1, 3))
+    return out
+
+  batches = [errors(b) for _, b in zip(range(max_batches), _eval_batches(exp, with_masks=False))]
+  return {path: np.mean([jax.device_get(b[path]) for b in batches], axis=0).tolist() for path in exp.task.paths}
+
+
+def label_distribution(exp: Experiment, teacher: PyTree, params: PyTree, max_batches: int = 4) -> dict:
+  """Share of each artificial label k per ACM on held-out tokens."""
+  cfg = exp.config
+
+  @jax.jit
+  def histogram(batch):
+    records = steps.teacher_records(exp.task, teacher, batch)
+    out = {}
+    for spec in exp.task.acm_specs:
+      x, y = records[spec.path]
+      prefix = acm_lib.prefix_outputs(steps.learner_params(params, spec.path), x,
+                                      num_learners=spec.num_learners, activation=spec.activation)
+      labels = losses.gate_labels(losses.choice_errors(prefix, y), cfg.gating_error_factor, cfg.label_rule)
+      labels = jnp.maximum(labels, spec.min_choice)
+      out[spec.path] = jnp.bincount(labels.reshape(-1), length=spec.num_learners + 1)
+    return out
+
+  batches = [histogram(b) for _, b in zip(range(max_batches), _eval_batches(exp, with_masks=False))]
+  totals = {path: np.sum([jax.device_get(b[path]) for b in batches], axis=0) for path in exp.task.paths}
+  return {path: (t / t.sum()).tolist() for path, t in totals.items()}
+
+
+def write_json(path: Path, payload: Any) -> None:
+  if loop.is_main_process():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True))

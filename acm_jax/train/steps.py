@@ -1,0 +1,214 @@
+"""One pure step function per phase, generic over the model through a `Task`.
+
+A `Task` bundles a dense model, its ACMized twin, how a batch feeds them and
+how their outputs are scored; the ViT and Wav2Vec2 differ only there, so they
+share every step, the loop and the phases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from acm_jax import acm as acm_lib
+from acm_jax import losses
+from acm_jax.acmize import flatten, subtree
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ACMSpec:
+  """What the steps need to know about one ACM of the model."""
+  path: str
+  activation: str
+  min_choice: int
+  learner_cost: float
+  num_learners: int
+  gate_depth: int
+  gate_hidden: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """Model-specific pieces. `inputs(batch)` feeds the models; `loss(outputs, batch,
+  label_smoothing)` gives the task loss; `score(outputs, batch)` gives a dict of
+  sums to accumulate in eval (at least "examples"); `token_groups(batch)`
+  optionally gives named (batch, tokens) boolean masks, e.g. object/background,
+  on which eval reports the mean k."""
+  dense_model: nn.Module
+  acm_model: nn.Module
+  acm_specs: tuple[ACMSpec, ...]
+  inputs: Callable[[dict], Any]
+  loss: Callable[[jax.Array, dict, float], jax.Array]
+  score: Callable[[jax.Array, dict], dict[str, jax.Array]]
+  token_groups: Callable[[dict], dict[str, jax.Array]] | None = None
+
+  @property
+  def paths(self) -> list[str]:
+    return [s.path for s in self.acm_specs]
+
+
+def step_rng(state: PyTree) -> jax.Array:
+  return jax.random.fold_in(state["rng"], state["step"])
+
+
+def apply_update(tx: optax.GradientTransformation, state: PyTree, grads: PyTree) -> PyTree:
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  return {**state, "params": optax.apply_updates(state["params"], updates),
+          "opt_state": opt_state, "step": state["step"] + 1}
+
+
+def teacher_records(task: Task, teacher_params: PyTree, batch: dict) -> dict[str, tuple]:
+  """Input and output of every replaceable dense block, {path: (x, y)}."""
+  _, state = task.dense_model.apply({"params": teacher_params}, task.inputs(batch), mutable=["record"])
+  return {key[: -len("/io")]: value for key, value in flatten(state["record"]).items()}
+
+
+def acm_choices(task: Task, acm_state: PyTree) -> list[jax.Array]:
+  flat = flatten(acm_state["acm"])
+  return [flat[f"{path}/choice"][0] for path in task.paths]
+
+
+def learner_params(params: PyTree, path: str) -> dict[str, jax.Array]:
+  sub = subtree(params, path)
+  return {name: sub[name] for name in ("w1", "b1", "w2", "b2") if name in sub}
+
+
+def gate_logits(spec: ACMSpec, params: PyTree, x: jax.Array) -> jax.Array:
+  gate = acm_lib.Gate(spec.num_learners + 1, spec.gate_depth, spec.gate_hidden)
+  logits = gate.apply({"params": subtree(params, spec.path)["gate"]}, x).astype(jnp.float32)
+  return acm_lib.mask_choices(logits, spec.min_choice)
+
+
+def pretrain_step(task: Task, tx: optax.GradientTransformation, label_smoothing: float,
+                  state: PyTree, batch: dict) -> tuple[PyTree, dict]:
+  def loss_fn(params):
+    outputs = task.dense_model.apply({"params": params}, task.inputs(batch))
+    return task.loss(outputs, batch, label_smoothing), outputs
+
+  (loss, outputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  scores = task.score(outputs, batch)
+  return apply_update(tx, state, grads), {"loss": loss, **_rates(scores)}
+
+
+def distill_step(task: Task, tx: optax.GradientTransformation, grad_mode: str,
+                 teacher_params: PyTree, state: PyTree, batch: dict) -> tuple[PyTree, dict]:
+  """Module-wise distillation of every ACM from the dense teacher's activations."""
+  records = teacher_records(task, teacher_params, batch)
+
+  def loss_fn(params):
+    per_module = []
+    for spec in task.acm_specs:
+      x, y = records[spec.path]
+      prefix = acm_lib.prefix_outputs(learner_params(params, spec.path), x, num_learners=spec.num_learners,
+                                      activation=spec.activation, grad_mode=grad_mode)
+      per_module.append(losses.distillation_loss(prefix, y))
+    return jnp.mean(jnp.stack(per_module))
+
+  loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+  return apply_update(tx, state, grads), {"loss": loss}
+
+
+def gate_step(task: Task, tx: optax.GradientTransformation, factor: float, label_rule: str,
+              teacher_params: PyTree, state: PyTree, batch: dict) -> tuple[PyTree, dict]:
+  """Gates learn the artificial labels computed with the frozen learners."""
+  records = teacher_records(task, teacher_params, batch)
+  frozen = jax.lax.stop_gradient(state["params"])
+  targets = {}
+  for spec in task.acm_specs:
+    x, y = records[spec.path]
+    prefix = acm_lib.prefix_outputs(learner_params(frozen, spec.path), x, num_learners=spec.num_learners,
+                                    activation=spec.activation)
+    labels = losses.gate_labels(losses.choice_errors(prefix, y), factor, label_rule)
+    targets[spec.path] = jnp.maximum(labels, spec.min_choice)
+
+  def loss_fn(params):
+    per_module, accuracy = [], []
+    for spec in task.acm_specs:
+      logits = gate_logits(spec, params, records[spec.path][0])
+      per_module.append(losses.gate_loss(logits, targets[spec.path]))
+      accuracy.append(jnp.mean(jnp.argmax(logits, -1) == targets[spec.path]))
+    return jnp.mean(jnp.stack(per_module)), jnp.mean(jnp.stack(accuracy))
+
+  (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  mean_label = jnp.mean(jnp.stack([jnp.mean(t) for t in targets.values()]))
+  return apply_update(tx, state, grads), {"loss": loss, "label_accuracy": accuracy, "mean_label": mean_label}
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneWeights:
+  budget: float = 0.5
+  budget_kind: str = "l1"
+  budget_weight: float = 0.1
+  entropy_weight: float = 0.05
+  diversity_weight: float = 0.05
+  temperature: float = 1.0
+  label_smoothing: float = 0.0
+
+
+def finetune_step(task: Task, tx: optax.GradientTransformation, weights: FinetuneWeights,
+                  state: PyTree, batch: dict) -> tuple[PyTree, dict]:
+  """End to end: task loss + budget, entropy and diversity losses, Gumbel gates."""
+  rng = step_rng(state)
+  costs = [s.learner_cost for s in task.acm_specs]
+
+  def loss_fn(params):
+    outputs, aux = task.acm_model.apply(
+        {"params": params}, task.inputs(batch), mode="gumbel", temperature=weights.temperature,
+        mutable=["acm"], rngs={"gumbel": rng})
+    choices = acm_choices(task, aux)
+    task_loss = task.loss(outputs, batch, weights.label_smoothing)
+    budget = losses.budget_loss(choices, costs, weights.budget, weights.budget_kind)
+    entropy = losses.entropy_loss(choices)
+    diversity = losses.diversity_loss(choices)
+    total = (task_loss + weights.budget_weight * budget + weights.entropy_weight * entropy
+             + weights.diversity_weight * diversity)
+    metrics = {"task_loss": task_loss, "budget_loss": budget, "entropy_loss": entropy,
+               "diversity_loss": diversity, "compute": losses.compute_fraction(choices, costs)}
+    return total, (outputs, metrics)
+
+  (loss, (outputs, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  return apply_update(tx, state, grads), {"loss": loss, **metrics, **_rates(task.score(outputs, batch))}
+
+
+def static_step(task: Task, tx: optax.GradientTransformation, fixed_k: int, label_smoothing: float,
+                state: PyTree, batch: dict) -> tuple[PyTree, dict]:
+  """The static-width baseline: every ACM runs its first `fixed_k` learners."""
+  def loss_fn(params):
+    outputs, _ = task.acm_model.apply({"params": params}, task.inputs(batch), mode="fixed",
+                                      fixed_k=fixed_k, mutable=["acm"])
+    return task.loss(outputs, batch, label_smoothing), outputs
+
+  (loss, outputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  return apply_update(tx, state, grads), {"loss": loss, **_rates(task.score(outputs, batch))}
+
+
+def eval_step(task: Task, mode: str, fixed_k: int | None, params: PyTree, batch: dict) -> dict:
+  """Sums over one batch: task scores, and per ACM a histogram of k (N+1,) and,
+  for each token group, the sum of k and the token count."""
+  if mode == "dense":
+    return {"scores": task.score(task.dense_model.apply({"params": params}, task.inputs(batch)), batch)}
+  outputs, aux = task.acm_model.apply({"params": params}, task.inputs(batch), mode=mode,
+                                      fixed_k=fixed_k, mutable=["acm"])
+  choices = acm_choices(task, aux)
+  valid = batch.get("valid")
+  out = {"scores": task.score(outputs, batch), "k_hist": {}, "groups": {}}
+  groups = task.token_groups(batch) if task.token_groups is not None else {}
+  for spec, choice in zip(task.acm_specs, choices):
+    weight = jnp.ones(choice.shape[:-1]) if valid is None else jnp.broadcast_to(
+        valid[:, None], choice.shape[:-1]).astype(jnp.float32)
+    out["k_hist"][spec.path] = jnp.einsum("bt,btk->k", weight, choice)
+    k = jnp.argmax(choice, -1).astype(jnp.float32)
+    out["groups"][spec.path] = {name: (jnp.sum(k * mask * weight), jnp.sum(mask * weight))
+                                for name, mask in groups.items()}
+  return out
+
+
+def _rates(scores: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  return {name: value / scores["examples"] for name, value in scores.items() if name != "examples"}
