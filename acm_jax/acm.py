@@ -248,7 +248,10 @@ class ACMConfig:
             f"must be in 1..mlp_dim={mlp_dim} to initialise from the dense MLP")
       return self.learner_width
     total = self.width_factor * mlp_dim
-    if abs(total - round(total)) > 1e-6 or round(total) % self.num_learners or total > mlp_dim:
+    if total > mlp_dim:
+      raise ValueError(f"width_factor={self.width_factor} gives {total:g} learner units for an MLP of width "
+                       f"{mlp_dim}: learners are slices of the dense MLP, so the factor must be <= 1")
+    if abs(total - round(total)) > 1e-6 or round(total) % self.num_learners:
       raise ValueError(
           f"num_learners={self.num_learners} does not divide the MLP width {mlp_dim} x "
           f"width_factor {self.width_factor}; choose num_learners dividing {round(total)} "

@@ -1,0 +1,94 @@
+"""Losses against hand-computed values, hand-made error tables and gradient signs."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from acm_jax import losses
+
+
+@pytest.mark.parametrize("errors, ours, official", [
+    # every learner helps a lot -> N under both rules
+    ([10.0, 5.0, 2.5, 1.2, 0.5], 4, 4),
+    # learners 3 and 4 bring < 1.2x: ours stops at 2; official labels first i+1 = 3
+    ([10.0, 5.0, 2.5, 2.4, 2.3], 2, 3),
+    # nothing helps (output already ~ right): ours skips (0); official collides to N
+    ([1.0, 0.99, 0.98, 0.97, 0.96], 0, 4),
+    # small gain at step 2 but a big one later: ours must not stop early (4); official stops (2)
+    ([10.0, 5.0, 4.9, 1.0, 0.9], 3, 2),
+    # only the last learner matters
+    ([8.0, 8.0, 8.0, 8.0, 1.0], 4, 4),
+])
+def test_gate_labels_on_hand_made_tables(errors, ours, official):
+  table = jnp.asarray([errors])
+  assert int(losses.gate_labels(table, 1.2, "ours")[0]) == ours
+  assert int(losses.gate_labels(table, 1.2, "official")[0]) == official
+
+
+def test_gate_labels_ours_is_brute_force_definition():
+  rng = np.random.default_rng(0)
+  errors = np.sort(rng.uniform(0.1, 10, size=(500, 5)), axis=1)[:, ::-1] * rng.uniform(0.9, 1.1, size=(500, 5))
+  got = np.asarray(losses.gate_labels(jnp.asarray(errors), 1.3, "ours"))
+  for row, label in zip(errors, got):
+    expect = next(k for k in range(5) if all(row[j] / row[j + 1] < 1.3 for j in range(k, 4)))
+    assert label == expect
+  with pytest.raises(ValueError, match="label rule"):
+    losses.gate_labels(jnp.asarray(errors), 1.3, "mine")
+
+
+def one_hots(ks, n=4):
+  return jax.nn.one_hot(jnp.asarray(ks), n + 1)
+
+
+def test_compute_fraction_and_budget_loss_by_hand():
+  # two ACMs, costs 1 and 3; batch 1, tokens 2
+  choices = [one_hots([[0, 4]]), one_hots([[2, 2]])]
+  # spent = mean k: 2 * 1 + 2 * 3 = 8; total = 4 * 1 + 4 * 3 = 16
+  assert float(losses.compute_fraction(choices, [1.0, 3.0])) == pytest.approx(0.5)
+  assert float(losses.budget_loss(choices, [1.0, 3.0], 0.25, "l1")) == pytest.approx(0.25)
+  assert float(losses.budget_loss(choices, [1.0, 3.0], 0.25, "l2")) == pytest.approx(0.0625)
+  assert float(losses.budget_loss(choices, [1.0, 3.0], 0.25, "l2_100")) == pytest.approx(625.0)
+  # gradient sign: above budget, raising the probability of a larger k increases the loss
+  logits = jnp.zeros((1, 2, 5))
+  grad = jax.grad(lambda lg: losses.budget_loss([jax.nn.softmax(lg)], [1.0], 0.1))(logits)
+  assert float(grad[0, 0, 4]) > 0 > float(grad[0, 0, 0])
+  with pytest.raises(ValueError, match="budget loss"):
+    losses.budget_loss(choices, [1.0, 3.0], 0.5, "l3")
+
+
+def test_entropy_loss_by_hand():
+  # one ACM, two samples of 4 tokens: sample 0 all k=1 (entropy 0), sample 1 uniform over 4 choices
+  choices = [one_hots([[1, 1, 1, 1], [0, 1, 2, 3]])]
+  expected = -np.mean([0.0, np.log(4) / np.log(5)])
+  assert float(losses.entropy_loss(choices)) == pytest.approx(expected, rel=1e-6)
+  # gradient sign: spreading a collapsed sample's choices lowers the loss
+  logits = jnp.stack([jnp.zeros(5).at[1].set(3.0)] * 4)[None]
+  grad = jax.grad(lambda lg: losses.entropy_loss([jax.nn.softmax(lg)]))(logits)
+  assert float(grad[0, 0, 1]) > 0
+
+
+def test_diversity_loss_by_hand():
+  choices = [one_hots([[0, 0], [4, 4], [2, 2]]), one_hots([[0, 0], [4, 4], [1, 3]])]
+  # per-sample c = mean over acms, tokens, slots of p_k * k = mean k / (N+1)
+  c = np.array([0.0, 4.0, 2.0]) / 5
+  expected = -2.0 * np.mean([abs(a - b) for a, b in itertools.product(c, c)])
+  assert float(losses.diversity_loss(choices)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_distillation_and_classification_losses():
+  rng = np.random.default_rng(1)
+  prefix, target = rng.normal(size=(3, 5, 6)), rng.normal(size=(3, 6))
+  expected = np.mean([(prefix[:, k] - target) ** 2 for k in range(1, 5)])
+  assert float(losses.distillation_loss(jnp.asarray(prefix), jnp.asarray(target))) == pytest.approx(expected, rel=1e-5)
+  errors = losses.choice_errors(jnp.asarray(prefix), jnp.asarray(target))
+  np.testing.assert_allclose(errors, np.linalg.norm(prefix - target[:, None], axis=-1), rtol=1e-5)
+  logits, labels = rng.normal(size=(4, 3)), np.array([0, 2, 1, 1])
+  smooth = 0.1
+  target = np.full((4, 3), smooth / 3) + np.eye(3)[labels] * (1 - smooth)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  expected = -np.mean(np.sum(target * logp, -1))
+  got = losses.classification_loss(jnp.asarray(logits), jnp.asarray(labels), smooth)
+  assert float(got) == pytest.approx(expected, rel=1e-5)

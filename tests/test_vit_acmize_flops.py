@@ -1,0 +1,112 @@
+"""ViT, acmize and FLOP accounting."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from acm_jax import acm, acmize, flops
+from acm_jax.models import vit
+
+SMALL = dict(image_size=16, patch_size=4, dim=32, depth=3, num_heads=4, mlp_dim=128, num_classes=7)
+
+
+def make(acm_cfg=None, **overrides):
+  cfg = vit.get_config("tiny", **{**SMALL, **overrides})
+  return dataclasses.replace(cfg, acm=acm_cfg).validate() if acm_cfg else cfg
+
+
+def init(cfg, seed):
+  x = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
+  return vit.ViT(cfg).init(jax.random.key(seed), x)["params"]
+
+
+def randomize(params, seed):
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+
+
+@pytest.mark.parametrize("blocks", [None, (0, 2)])
+def test_acmize_reproduces_dense_logits_at_full_k(blocks):
+  dense_cfg = make()
+  acm_cfg = make(acm.ACMConfig(num_learners=4, blocks=blocks, impl="xla"))
+  dense = randomize(init(dense_cfg, 0), 1)  # random biases too, not the zero init
+  params = acmize.acmize(dense, init(acm_cfg, 2), acm_cfg.acm_paths(), num_learners=4)
+  images = jax.random.normal(jax.random.key(3), (4, 16, 16, 3))
+  expected = vit.ViT(dense_cfg).apply({"params": dense}, images)
+  got = vit.ViT(acm_cfg).apply({"params": params}, images, mode="full", mutable=["acm"])[0]
+  assert float(jnp.linalg.norm(got - expected) / jnp.linalg.norm(expected)) < 1e-5
+  # fewer learners change the output, more compute gets closer
+  errs = [float(jnp.linalg.norm(vit.ViT(acm_cfg).apply({"params": params}, images, mode="fixed", fixed_k=k,
+                                                       mutable=["acm"])[0] - expected)) for k in range(5)]
+  assert errs[0] > errs[4] and errs[4] < 1e-4 * np.linalg.norm(expected)
+
+
+def test_acmize_attention_projections_use_singular_directions():
+  dense_cfg = make()
+  acm_cfg = make(acm.ACMConfig(num_learners=4, learner_width=32, attention=True, width_factor=2.0,
+                                 impl="xla"))
+  # width factor 2 gives the projections about dim hidden units: full rank, so k = N is exact
+  dense = randomize(init(dense_cfg, 0), 1)
+  params = acmize.acmize(dense, init(acm_cfg, 2), acm_cfg.acm_paths(), num_learners=4)
+  q = params["block_1"]["attn"]["query"]
+  assert q["w1"].shape[1] >= SMALL["dim"]
+  np.testing.assert_allclose(q["w1"] @ q["w2"], dense["block_1"]["attn"]["query"]["dense"]["kernel"],
+                             rtol=1e-4, atol=1e-5)
+  # prefix errors of the low-rank learners fall with k
+  kernel = dense["block_1"]["attn"]["query"]["dense"]["kernel"]
+  h = q["w1"].shape[1] // 4
+  errs = [float(jnp.linalg.norm(q["w1"][:, : k * h] @ q["w2"][: k * h] - kernel)) for k in range(5)]
+  assert all(a > b for a, b in zip(errs, errs[1:]))
+
+
+def test_acmize_rejects_mismatched_trees():
+  dense_cfg = make()
+  acm_cfg = make(acm.ACMConfig(num_learners=4, impl="xla"), dim=48)
+  with pytest.raises(ValueError, match="shape"):
+    acmize.acmize(init(dense_cfg, 0), init(acm_cfg, 1), acm_cfg.acm_paths(), num_learners=4)
+
+
+def test_vit_bad_configs():
+  with pytest.raises(ValueError, match="not divisible by patch_size"):
+    vit.get_config("tiny", image_size=30)
+  with pytest.raises(ValueError, match="unknown model preset"):
+    vit.get_config("vit_x99")
+  cfg = make()
+  with pytest.raises(ValueError, match="expected images of 16x16"):
+    vit.ViT(cfg).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def xla_flops(cfg):
+  module = vit.ViT(cfg)
+  x = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
+  params = module.init(jax.random.key(0), x)
+  analysis = jax.jit(module.apply).lower(params, x).compile().cost_analysis()
+  return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+
+
+@pytest.mark.parametrize("preset, overrides", [("tiny", {}), ("vit_s16", {"depth": 2, "image_size": 64}),
+                                               ("vit_b16", {"depth": 1})])
+def test_dense_flops_match_xla_cost_analysis(preset, overrides):
+  cfg = vit.get_config(preset, **overrides)
+  assert flops.vit_flops(cfg)["total"] == pytest.approx(xla_flops(cfg), rel=0.05)
+
+
+def test_acm_flops_scale_with_mean_k():
+  dense_cfg = make()
+  acm_cfg = make(acm.ACMConfig(num_learners=4, gate_depth=2, gate_hidden=16, impl="xla"))
+  full = flops.vit_flops(acm_cfg)
+  half = flops.vit_flops(acm_cfg, {p: 2.0 for p in acm_cfg.acm_paths()})
+  zero = flops.vit_flops(acm_cfg, {p: 0.0 for p in acm_cfg.acm_paths()})
+  t, d, h = acm_cfg.num_tokens, 32, 32
+  learner = 4 * d * h + h + 64 * h  # matmuls, hidden bias, exact-GELU elementwise work
+  per_layer_gate = t * (2 * d * 16 + 2 * 16 * 5)
+  assert full["gate"] == pytest.approx(3 * per_layer_gate)
+  assert full["total"] - half["total"] == pytest.approx(3 * t * 2 * learner)
+  assert half["total"] - zero["total"] == pytest.approx(3 * t * 2 * learner)
+  # at full k the ACM costs the dense model plus gates (same hidden width)
+  assert full["total"] == pytest.approx(flops.vit_flops(dense_cfg)["total"] + full["gate"], rel=1e-3)
+  assert flops.mean_compute_fraction(acm_cfg, {p: 1.0 for p in acm_cfg.acm_paths()}) == pytest.approx(0.25)
