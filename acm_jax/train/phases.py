@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Mapping
 
 import einops
 import jax
@@ -36,11 +36,15 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
+  """Everything the phases need; a second model family (e.g. speech) builds
+  one of these with its own task, data iterator and FLOP count."""
   config: ExperimentConfig
   task: steps.Task
-  dense_config: vit.ViTConfig
-  acm_config: vit.ViTConfig
-  info: data_lib.DatasetInfo
+  info: Any  # the dataset's info (num_classes, sizes, ...)
+  sample_input: Any  # one example batch of model inputs, used to initialise params
+  flops: Callable[[Mapping[str, float] | None, bool], dict]  # (mean k per ACM, dense?) -> counts per example
+  iterator: Callable[..., Iterator[dict]] = data_lib.make_iterator  # make_iterator's signature
+  group_masks: bool = False  # ask the test iterator for masks of token groups (with_masks=True)
 
   @property
   def workdir(self) -> Path:
@@ -50,9 +54,6 @@ class Experiment:
     names = {"finetune": f"finetune_b{self.config.budget:.2f}",
              "static": f"static_k{self.config.resolved_static_k}"}
     return self.workdir / names.get(phase, phase)
-
-  def dtype(self):
-    return jnp.bfloat16 if self.config.dtype == "bfloat16" else jnp.float32
 
 
 def _object_groups(patch_size: int, batch: dict) -> dict[str, jax.Array]:
@@ -97,14 +98,18 @@ def build(config: ExperimentConfig) -> Experiment:
       gate_depth=config.gate_depth, gate_hidden=config.gate_hidden, impl=config.impl)
   acm_config = dataclasses.replace(dense_config, acm=acm).validate()
   dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-  return Experiment(config, vision_task(dense_config, acm_config, dtype), dense_config, acm_config, info)
+
+  def count(mean_k, dense):
+    return flops_lib.vit_flops(dense_config if dense else acm_config, mean_k)
+
+  return Experiment(config, vision_task(dense_config, acm_config, dtype), info,
+                    sample_input=jnp.zeros((1, info.image_size, info.image_size, 3), dtype), flops=count,
+                    group_masks=config.dataset == "synthetic")
 
 
 def init_params(exp: Experiment, model: str, seed: int) -> PyTree:
-  cfg = exp.dense_config
-  sample = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
   module = exp.task.dense_model if model == "dense" else exp.task.acm_model
-  return jax.jit(lambda rng: module.init(rng, sample)["params"])(jax.random.key(seed))
+  return jax.jit(lambda rng: module.init(rng, exp.sample_input)["params"])(jax.random.key(seed))
 
 
 def new_state(params: PyTree, tx, seed: int) -> PyTree:
@@ -114,9 +119,8 @@ def new_state(params: PyTree, tx, seed: int) -> PyTree:
 
 def _batches(exp: Experiment, split: str = "train", with_masks: bool = False):
   cfg = exp.config
-  return lambda start: data_lib.make_iterator(
-      cfg.dataset, split, cfg.batch_size, image_size=exp.info.image_size, seed=cfg.seed,
-      data_dir=cfg.data_dir, start_step=start, with_masks=with_masks)
+  return lambda start: exp.iterator(cfg.dataset, split, cfg.batch_size, image_size=cfg.image_size,
+                                    seed=cfg.seed, data_dir=cfg.data_dir, start_step=start, with_masks=with_masks)
 
 
 def _optimizer(exp: Experiment, phase: str, params: PyTree, trainable=lambda path: True):
@@ -214,8 +218,8 @@ def _eval_batches(exp: Experiment, with_masks: bool):
   """Test batches padded to a fixed size (with a "valid" mask) so eval compiles once."""
   cfg = exp.config
   seen = 0
-  for batch in data_lib.make_iterator(cfg.dataset, "test", cfg.eval_batch_size, image_size=exp.info.image_size,
-                                      seed=cfg.seed, data_dir=cfg.data_dir, with_masks=with_masks):
+  for batch in exp.iterator(cfg.dataset, "test", cfg.eval_batch_size, image_size=cfg.image_size,
+                            seed=cfg.seed, data_dir=cfg.data_dir, with_masks=with_masks):
     n = len(batch["label"])
     if cfg.eval_examples is not None:
       n = min(n, cfg.eval_examples - seen)
@@ -232,24 +236,26 @@ def evaluate(exp: Experiment, params: PyTree, model: str, mode: str, fixed_k: in
   """Top-1, GFLOPs/image, mean k and share of each k per ACM on the test split."""
   step = jax.jit(functools.partial(steps.eval_step, exp.task, mode, fixed_k))
   totals = None
-  for batch in _eval_batches(exp, with_masks=exp.config.dataset == "synthetic"):
+  for batch in _eval_batches(exp, with_masks=exp.group_masks):
     out = jax.device_get(step(params, batch))
     totals = out if totals is None else jax.tree.map(np.add, totals, out)
   if totals is None:
     raise ValueError(f"the test split of {exp.config.dataset!r} produced no examples")
   scores = totals["scores"]
-  record = {"model": model, "top1": float(scores["top1"] / scores["examples"]),
-            "examples": int(scores["examples"])}
+  record = {"model": model, "examples": int(scores["examples"])}
+  record.update({name: float(value / scores["examples"]) for name, value in scores.items() if name != "examples"})
   if mode == "dense":
-    record["gflops_per_image"] = flops_lib.gflops(flops_lib.vit_flops(exp.dense_config)["total"])
+    record["gflops_per_image"] = flops_lib.gflops(exp.flops(None, True)["total"])
     return record
   hist = {path: np.asarray(h) for path, h in totals["k_hist"].items()}
   mean_k = {path: float(h @ np.arange(len(h)) / h.sum()) for path, h in hist.items()}
-  counts = flops_lib.vit_flops(exp.acm_config, mean_k)
+  counts = exp.flops(mean_k, False)
+  specs = exp.task.acm_specs
   record.update(
       gflops_per_image=flops_lib.gflops(counts["total"]),
       gate_gflops_per_image=flops_lib.gflops(counts["gate"]),
-      compute_fraction=flops_lib.mean_compute_fraction(exp.acm_config, mean_k),
+      compute_fraction=sum(mean_k[s.path] * s.learner_cost for s in specs)
+      / sum(s.num_learners * s.learner_cost for s in specs),
       mean_k_per_layer=mean_k,
       k_share_per_layer={path: (h / h.sum()).tolist() for path, h in hist.items()},
       distinct_k_per_layer={path: int(np.sum(h > 0)) for path, h in hist.items()})
