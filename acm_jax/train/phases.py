@@ -43,7 +43,7 @@ class Experiment:
   info: Any  # the dataset's info (num_classes, sizes, ...)
   sample_input: Any  # one example batch of model inputs, used to initialise params
   flops: Callable[[Mapping[str, float] | None, bool], dict]  # (mean k per ACM, dense?) -> counts per example
-  iterator: Callable[..., Iterator[dict]] = data_lib.make_iterator  # make_iterator's signature
+  iterator: Callable[..., Iterator[dict]]  # with `acm_jax.data.make_iterator`'s signature
   group_masks: bool = False  # ask the test iterator for masks of token groups (with_masks=True)
 
   @property
@@ -104,7 +104,7 @@ def build(config: ExperimentConfig) -> Experiment:
 
   return Experiment(config, vision_task(dense_config, acm_config, dtype), info,
                     sample_input=jnp.zeros((1, info.image_size, info.image_size, 3), dtype), flops=count,
-                    group_masks=config.dataset == "synthetic")
+                    iterator=data_lib.make_iterator, group_masks=config.dataset == "synthetic")
 
 
 def init_params(exp: Experiment, model: str, seed: int) -> PyTree:
