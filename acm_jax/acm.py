@@ -169,6 +169,9 @@ class ACM(nn.Module):
     "gumbel": hard straight-through Gumbel-Softmax (training; rng "gumbel").
   The chosen one-hot choices (batch, tokens, N+1) are sown into the "acm"
   collection as "choice", and the gate logits as "logits", when mutable.
+  `cost_shift` lowers the logit of choice k by cost_shift * k * learner_width / dim
+  (k learners' cost in units of a dim x dim matmul): one scalar moves every ACM
+  of a model toward less (> 0) or more (< 0) compute without retraining.
   """
   dim: int
   num_learners: int
@@ -182,7 +185,7 @@ class ACM(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mode: str = "argmax", fixed_k: int | None = None,
-               temperature: float = 1.0) -> jax.Array:
+               temperature: float = 1.0, cost_shift: float | jax.Array = 0.0) -> jax.Array:
     n, width = self.num_learners, self.learner_width
     params = {
         "w1": self.param("w1", nn.initializers.lecun_normal(), (self.dim, n * width)),
@@ -193,7 +196,8 @@ class ACM(nn.Module):
       params["b2"] = self.param("b2", nn.initializers.zeros, (n + 1, self.dim))
     params = {name: value.astype(x.dtype) for name, value in params.items()}
     logits = Gate(n + 1, self.gate_depth, self.gate_hidden, name="gate")(x)
-    logits = mask_choices(logits.astype(jnp.float32), self.min_choice)
+    relative_cost = jnp.arange(n + 1, dtype=jnp.float32) * (width / self.dim)
+    logits = mask_choices(logits.astype(jnp.float32) - cost_shift * relative_cost, self.min_choice)
     self.sow("acm", "logits", logits)
     kwargs = dict(num_learners=n, activation=self.activation)
 

@@ -76,13 +76,13 @@ def get_config(preset: str, **overrides) -> ViTConfig:
 class ViT(nn.Module):
   """images (batch, H, W, 3) -> logits (batch, num_classes).
 
-  `mode`, `fixed_k` and `temperature` go to every ACM (see `acm.ACM`).
+  `mode`, `fixed_k`, `temperature` and `cost_shift` go to every ACM (see `acm.ACM`).
   """
   config: ViTConfig
 
   @nn.compact
   def __call__(self, images: jax.Array, *, mode: str = "argmax", fixed_k: int | None = None,
-               temperature: float = 1.0) -> jax.Array:
+               temperature: float = 1.0, cost_shift: float | jax.Array = 0.0) -> jax.Array:
     cfg = self.config
     if images.shape[1:3] != (cfg.image_size, cfg.image_size):
       raise ValueError(f"expected images of {cfg.image_size}x{cfg.image_size}, got shape {images.shape}")
@@ -99,6 +99,6 @@ class ViT(nn.Module):
       block = transformer.EncoderBlock(
           cfg.num_heads, cfg.mlp_dim, cfg.activation, cfg.layer_norm_eps, pre_norm=True,
           acm=cfg.acm if i in acm_blocks else None, name=f"block_{i}")
-      x = block(x, None, mode=mode, fixed_k=fixed_k, temperature=temperature)
+      x = block(x, None, mode=mode, fixed_k=fixed_k, temperature=temperature, cost_shift=cost_shift)
     x = nn.LayerNorm(cfg.layer_norm_eps, name="norm", dtype=x.dtype)(x)
     return nn.Dense(cfg.num_classes, name="head", dtype=x.dtype)(x[:, 0])
