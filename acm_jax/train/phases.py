@@ -270,43 +270,40 @@ def evaluate(exp: Experiment, params: PyTree, model: str, mode: str, fixed_k: in
   return record
 
 
-def distill_errors(exp: Experiment, teacher: PyTree, params: PyTree, max_batches: int = 4) -> dict:
-  """Mean squared error of every choice k = 0..N per ACM on held-out tokens."""
+def _per_acm_on_test(exp: Experiment, teacher: PyTree, params: PyTree, fn, max_batches: int) -> dict:
+  """Stacks `fn(spec, prefix, y)` per ACM over a few test batches, where prefix
+  holds the learners' outputs for every k on the dense teacher's block inputs."""
   @jax.jit
-  def errors(batch):
+  def per_batch(batch):
     records = steps.teacher_records(exp.task, teacher, batch)
     out = {}
     for spec in exp.task.acm_specs:
       x, y = records[spec.path]
       prefix = acm_lib.prefix_outputs(steps.learner_params(params, spec.path), x,
                                       num_learners=spec.num_learners, activation=spec.activation)
-      out[spec.path] = jnp.mean(jnp.square(prefix - y[..., None, :]), axis=(0, 1, 3))
+      out[spec.path] = fn(spec, prefix, y)
     return out
 
-  batches = [errors(b) for _, b in zip(range(max_batches), _eval_batches(exp, with_masks=False))]
-  return {path: np.mean([jax.device_get(b[path]) for b in batches], axis=0).tolist() for path in exp.task.paths}
+  results = [jax.device_get(per_batch(b)) for _, b in zip(range(max_batches), _eval_batches(exp, False))]
+  return {path: np.stack([r[path] for r in results]) for path in exp.task.paths}
+
+
+def distill_errors(exp: Experiment, teacher: PyTree, params: PyTree, max_batches: int = 4) -> dict:
+  """Mean squared error of every choice k = 0..N per ACM on held-out tokens."""
+  mse = lambda spec, prefix, y: jnp.mean(jnp.square(prefix - y[..., None, :]), axis=(0, 1, 3))
+  return {path: v.mean(0).tolist() for path, v in _per_acm_on_test(exp, teacher, params, mse, max_batches).items()}
 
 
 def label_distribution(exp: Experiment, teacher: PyTree, params: PyTree, max_batches: int = 4) -> dict:
   """Share of each artificial label k per ACM on held-out tokens."""
   cfg = exp.config
 
-  @jax.jit
-  def histogram(batch):
-    records = steps.teacher_records(exp.task, teacher, batch)
-    out = {}
-    for spec in exp.task.acm_specs:
-      x, y = records[spec.path]
-      prefix = acm_lib.prefix_outputs(steps.learner_params(params, spec.path), x,
-                                      num_learners=spec.num_learners, activation=spec.activation)
-      labels = losses.gate_labels(losses.choice_errors(prefix, y), cfg.gating_error_factor, cfg.label_rule)
-      labels = jnp.maximum(labels, spec.min_choice)
-      out[spec.path] = jnp.bincount(labels.reshape(-1), length=spec.num_learners + 1)
-    return out
+  def histogram(spec, prefix, y):
+    labels = losses.gate_labels(losses.choice_errors(prefix, y), cfg.gating_error_factor, cfg.label_rule)
+    return jnp.bincount(jnp.maximum(labels, spec.min_choice).reshape(-1), length=spec.num_learners + 1)
 
-  batches = [histogram(b) for _, b in zip(range(max_batches), _eval_batches(exp, with_masks=False))]
-  totals = {path: np.sum([jax.device_get(b[path]) for b in batches], axis=0) for path in exp.task.paths}
-  return {path: (t / t.sum()).tolist() for path, t in totals.items()}
+  totals = _per_acm_on_test(exp, teacher, params, histogram, max_batches)
+  return {path: (t.sum(0) / t.sum()).tolist() for path, t in totals.items()}
 
 
 def write_json(path: Path, payload: Any) -> None:
