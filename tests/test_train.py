@@ -1,0 +1,145 @@
+"""Every phase end to end on tiny shapes, resume after Ctrl-C, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from acm_jax import data as data_lib
+from acm_jax.acmize import flatten
+from acm_jax.train import config as config_lib
+from acm_jax.train import loop, phases
+from experiments import vit_imagenet
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model=tiny", "--batch_size=16", "--eval_batch_size=32", "--eval_examples=64",
+        "--pretrain_steps=6", "--distill_steps=4", "--gates_steps=4", "--finetune_steps=4",
+        "--log_every=2", "--checkpoint_every=3", "--gate_hidden=8"]
+
+
+def run_main(workdir, *extra):
+  return vit_imagenet.main([f"--workdir={workdir}", *TINY, *extra])
+
+
+def test_all_phases_write_results(tmp_path, capsys):
+  assert run_main(tmp_path, "--phase=all") == 0
+  table = capsys.readouterr().out
+  assert "acm_b0.50" in table and "static_k2" in table
+  for run in ("pretrain", "distill", "gates", "finetune_b0.50", "static_k2"):
+    assert (tmp_path / run / "params").is_dir()
+    assert json.loads((tmp_path / run / "config.json").read_text())["budget"] == 0.5
+    lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] in (4, 6)
+  acm = json.loads((tmp_path / "finetune_b0.50" / "eval.json").read_text())
+  for key in ("model", "top1", "gflops_per_image", "mean_k_per_layer", "k_share_per_layer"):
+    assert key in acm
+  assert set(acm["mean_k_per_layer"]) == {f"block_{i}/mlp" for i in range(4)}
+  for share in acm["k_share_per_layer"].values():
+    assert sum(share) == pytest.approx(1.0) and len(share) == 5
+  assert set(acm["mean_k_per_group"]) == {"object", "background"}
+  dense = json.loads((tmp_path / "pretrain" / "eval.json").read_text())
+  static = json.loads((tmp_path / "static_k2" / "eval.json").read_text())
+  assert static["mean_k_per_layer"] == {p: 2.0 for p in acm["mean_k_per_layer"]}
+  assert static["gflops_per_image"] < dense["gflops_per_image"]
+  errors = json.loads((tmp_path / "distill" / "distill_errors.json").read_text())
+  assert all(len(e) == 5 for e in errors.values())
+  labels = json.loads((tmp_path / "gates" / "label_distribution.json").read_text())
+  assert all(sum(v) == pytest.approx(1.0) for v in labels.values())
+  # a second eval of the finished runs reuses them and gives the same numbers
+  assert run_main(tmp_path, "--phase=eval") == 0
+  assert json.loads((tmp_path / "static_k2" / "eval.json").read_text())["top1"] == static["top1"]
+
+
+def test_eval_top1_matches_direct_computation(tmp_path):
+  assert run_main(tmp_path, "--phase=pretrain") == 0
+  cfg = config_lib.ExperimentConfig(workdir=str(tmp_path), eval_examples=64, eval_batch_size=32,
+                                    gate_hidden=8)
+  exp = phases.build(cfg)
+  params = phases.dense_params(exp)
+  record = phases.evaluate(exp, params, "dense", "dense")
+  batches = list(data_lib.make_iterator("synthetic", "test", 64))
+  images, labels = batches[0]["image"][:64], batches[0]["label"][:64]
+  logits = exp.task.dense_model.apply({"params": params}, images)
+  assert record["top1"] == pytest.approx(float(np.mean(np.argmax(logits, -1) == labels)))
+  assert record["examples"] == 64
+
+
+def test_resume_after_interrupt_gives_identical_params(tmp_path, monkeypatch):
+  args = ["--phase=pretrain", "--pretrain_steps=8", "--checkpoint_every=100"]
+  assert run_main(tmp_path / "straight", *args) == 0
+  # interrupt after a few steps: the data iterator raises SIGINT in this process
+  original = data_lib.make_iterator
+
+  def interrupting(*a, **kw):
+    for i, batch in enumerate(original(*a, **kw)):
+      if i == 5 and kw.get("start_step") == 0:
+        os.kill(os.getpid(), signal.SIGINT)
+      yield batch
+
+  monkeypatch.setattr(data_lib, "make_iterator", interrupting)
+  assert run_main(tmp_path / "resumed", *args) == 130
+  monkeypatch.setattr(data_lib, "make_iterator", original)
+  saved = sorted(p.name for p in (tmp_path / "resumed" / "pretrain" / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and int(saved[-1]) < 8
+  assert run_main(tmp_path / "resumed", *args) == 0
+  cfg = config_lib.ExperimentConfig(gate_hidden=8)
+  expected = phases.init_params(phases.build(cfg), "dense", 0)
+  a = flatten(loop.load_params(tmp_path / "straight" / "pretrain", expected, "pretrain"))
+  b = flatten(loop.load_params(tmp_path / "resumed" / "pretrain", expected, "pretrain"))
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_ctrl_c_in_a_real_process_leaves_a_restorable_checkpoint(tmp_path):
+  cmd = [sys.executable, "-m", "experiments.vit_imagenet", "--phase=pretrain", f"--workdir={tmp_path}",
+         *TINY, "--pretrain_steps=100000", "--checkpoint_every=1000000"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = tmp_path / "pretrain" / "metrics.jsonl"
+  deadline = time.time() + 120
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 130, out
+  assert "interrupted: saved step" in out
+  steps_saved = [int(p.name) for p in (tmp_path / "pretrain" / "checkpoints").iterdir() if p.name.isdigit()]
+  assert steps_saved and max(steps_saved) >= 4
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--phase=prune"], None),
+    (["--model=vit_x"], "unknown model preset"),
+    (["--budget=0"], "budget must be in"),
+    (["--budget=1.5"], "budget must be in"),
+    (["--image_size=30"], "not divisible by patch_size"),
+    (["--num_learners=5"], "does not divide"),
+    (["--learner_width=100"], "does not fit"),
+    (["--dataset=nope"], "nope"),
+    (["--init=/does/not/exist.npz"], "does not exist"),
+    (["--phase=distill"], "run that phase first"),
+    (["--phase=finetune"], "run that phase first"),
+    (["--phase=eval"], "nothing to evaluate"),
+])
+def test_bad_input_stops_before_work_with_a_clear_message(tmp_path, capsys, flags, message):
+  if message is None:
+    with pytest.raises(SystemExit):
+      run_main(tmp_path, *flags)
+    assert "invalid choice" in capsys.readouterr().err
+    return
+  assert run_main(tmp_path, *flags) == 2
+  assert message in capsys.readouterr().err
+  assert not any(p.name == "checkpoints" for p in tmp_path.rglob("*"))
+
+
+def test_checkpoint_of_another_model_shape_is_rejected(tmp_path, capsys):
+  assert run_main(tmp_path, "--phase=pretrain") == 0
+  assert run_main(tmp_path, "--phase=distill", "--num_classes=7") == 2
+  err = capsys.readouterr().err
+  assert "head/" in err and "another model shape" in err and "(7,)" in err
