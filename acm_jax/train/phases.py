@@ -91,7 +91,13 @@ def build(config: ExperimentConfig) -> Experiment:
   config.validate()
   info = data_lib.get_dataset_info(config.dataset, image_size=config.image_size, data_dir=config.data_dir)
   overrides = {"image_size": info.image_size, "num_classes": config.num_classes or info.num_classes}
-  dense_config = vit.get_config(config.model, **overrides)
+  if config.init is not None:  # the checkpoint's architecture ("--model=from_init") or a preset that agrees
+    from acm_jax import checkpoints
+    dense_config = checkpoints.vit_config_for_init(config.init, config.model, **overrides)
+  elif config.model == "from_init":
+    raise ValueError("--model=from_init needs --init=PATH")
+  else:
+    dense_config = vit.get_config(config.model, **overrides)
   acm = acm_lib.ACMConfig(
       num_learners=config.num_learners, learner_width=config.learner_width, width_factor=config.width_factor,
       blocks=config.block_tuple(), attention=config.acm_attention, activation=dense_config.activation,
