@@ -31,14 +31,25 @@ def images(n=3, size=32, seed=0):
   return np.random.default_rng(seed).normal(size=(n, size, size, 3)).astype(np.float32)
 
 
+def param_shapes(cfg):
+  x = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda x: vit.ViT(cfg).init(jax.random.key(0), x)["params"], x)
+
+
+def random_params(cfg, seed):
+  """Random values everywhere (biases and LayerNorms included), so a mix-up cannot hide."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: (0.1 * rng.normal(size=s.shape)).astype(s.dtype), param_shapes(cfg))
+
+
 def our_model(layer_norm_eps, **overrides):
+  """(jitted apply, parameter shapes) of our ViT in the peers' configuration."""
   cfg = vit.ViTConfig(**{**PEER, **overrides}, layer_norm_eps=layer_norm_eps).validate()
-  model = vit.ViT(cfg)
-  return model, model.init(jax.random.key(0), jnp.zeros((1, cfg.image_size, cfg.image_size, 3)))["params"]
+  return jax.jit(vit.ViT(cfg).apply), param_shapes(cfg)
 
 
 def perturb_torch(model, seed):
-  """Random values in every parameter (biases and LayerNorms included), so a mix-up cannot hide."""
+  """Random values in every parameter, as `random_params` does for ours."""
   import torch
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
@@ -56,9 +67,9 @@ def torch_logits(model, x):
 
 def assert_same_logits(path, reference, layer_norm_eps, x=None):
   x = images() if x is None else x
-  model, expected = our_model(layer_norm_eps)
+  apply, expected = our_model(layer_norm_eps)
   params = checkpoints.load_dense(path, expected)
-  got = np.asarray(model.apply({"params": params}, x))
+  got = np.asarray(apply({"params": params}, x))
   assert np.max(np.abs(got - reference)) < TOL
 
 
@@ -181,12 +192,6 @@ def test_timm_matches_peer_logits(timm_model, tmp_path, container):
 # --- AugReg / big_vision .npz ----------------------------------------------------------
 
 
-def randomize(params, seed, scale=0.1):
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(tree, [l + scale * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
-
-
 def to_augreg_names(params, heads, style):
   """Our params under vision_transformer's (augreg) or big_vision's names and layouts,
   written independently of the loader's rules."""
@@ -223,16 +228,16 @@ def to_augreg_names(params, heads, style):
 
 @pytest.mark.parametrize("style", ["augreg", "big_vision"])
 def test_npz_round_trip(tmp_path, style):
-  model, params = our_model(1e-6)
-  params = randomize(params, 1)
+  apply, shapes = our_model(1e-6)
+  params = random_params(vit.ViTConfig(**PEER), 1)
   if style == "big_vision":  # its class token has no position: the import gives it a zero one
-    params = {**params, "pos_embedding": params["pos_embedding"].at[:, 0].set(0.0)}
+    params["pos_embedding"][:, 0] = 0.0
   path = tmp_path / "ViT-test.npz"
   np.savez(path, **to_augreg_names(params, PEER["num_heads"], style))
-  loaded = checkpoints.load_dense(path, params)
-  jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, params))
+  loaded = checkpoints.load_dense(path, shapes)
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
   x = images()
-  np.testing.assert_allclose(model.apply({"params": loaded}, x), model.apply({"params": params}, x), atol=1e-6)
+  np.testing.assert_allclose(apply({"params": loaded}, x), apply({"params": params}, x), atol=1e-6)
   arch = checkpoints.read_architecture(path)
   assert {k: arch[k] for k in PEER} == PEER and arch["format"] == "augreg"
 
@@ -249,26 +254,25 @@ def small_config(with_acm):
 @pytest.mark.parametrize("with_acm", [False, True])
 def test_safetensors_export_round_trip(tmp_path, with_acm):
   cfg = small_config(with_acm)
-  params = randomize(vit.ViT(cfg).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"], 2)
+  params = random_params(cfg, 2)
   checkpoints.export_safetensors(params, cfg, tmp_path / "export")
   loaded, loaded_cfg = checkpoints.load_safetensors(tmp_path / "export")
   assert loaded_cfg == cfg
-  jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, params))
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
   assert json.loads((tmp_path / "export" / "config.json").read_text())["vit_config"]["dim"] == 32
   if with_acm:
     with pytest.raises(checkpoints.CheckpointError, match="ACMized"):
-      dense = vit.ViT(small_config(False)).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
-      checkpoints.load_dense(tmp_path / "export", dense)
+      checkpoints.load_dense(tmp_path / "export", param_shapes(small_config(False)))
     with pytest.raises(checkpoints.CheckpointError, match="ACMized"):
       checkpoints.vit_config_for_init(tmp_path / "export", "from_init")
   else:
-    loaded = checkpoints.load_dense(tmp_path / "export", params)
-    jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, params))
+    loaded = checkpoints.load_dense(tmp_path / "export", param_shapes(cfg))
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
     assert checkpoints.vit_config_for_init(tmp_path / "export", "from_init") == cfg
 
 
 def test_export_rejects_params_of_another_config(tmp_path):
-  params = vit.ViT(small_config(False)).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  params = random_params(small_config(False), 0)
   with pytest.raises(checkpoints.CheckpointError, match="missing"):
     checkpoints.export_safetensors(params, small_config(True), tmp_path)
 
@@ -276,12 +280,12 @@ def test_export_rejects_params_of_another_config(tmp_path):
 def test_orbax_run_dir(tmp_path):
   from acm_jax.train import loop
   cfg = small_config(False)
-  params = randomize(vit.ViT(cfg).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"], 3)
+  params = random_params(cfg, 3)
   loop.save_params(tmp_path / "pretrain", params)
   (tmp_path / "pretrain" / "config.json").write_text(json.dumps({"model": "tiny"}))
   for path in (tmp_path / "pretrain", tmp_path / "pretrain" / "params"):
     loaded = checkpoints.load_dense(path, params)
-    jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, params))
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
   arch = checkpoints.read_architecture(tmp_path / "pretrain")
   assert (arch["format"], arch["num_heads"], arch["image_size"], arch["depth"]) == ("orbax", 4, 16, 2)
 
@@ -290,10 +294,10 @@ def test_orbax_run_dir(tmp_path):
 
 
 def test_position_table_resized_for_another_image_size(hf_dir):
-  model, expected = our_model(1e-12, image_size=48)  # 4x4 patch grid -> 6x6
+  apply, expected = our_model(1e-12, image_size=48)  # 4x4 patch grid -> 6x6
   params = checkpoints.load_dense(hf_dir, expected)
   assert params["pos_embedding"].shape == (1, 37, PEER["dim"])
-  logits = model.apply({"params": params}, images(2, 48))
+  logits = apply({"params": params}, images(2, 48))
   assert logits.shape == (2, PEER["num_classes"]) and np.all(np.isfinite(logits))
   config = checkpoints.vit_config_for_init(hf_dir, "from_init", image_size=48)
   assert config.image_size == 48 and config.layer_norm_eps == 1e-12
@@ -343,8 +347,8 @@ def test_shapes_that_disagree_with_the_preset(hf_dir):
   with pytest.raises(checkpoints.CheckpointError) as err:
     checkpoints.load_dense(hf_dir, expected)
   message = str(err.value)
-  assert "model.safetensors" in message and "block_0/mlp/fc1/kernel" in message
-  assert "intermediate.dense.weight" in message and "(192, 768)" in message and "(192, 384)" in message
+  assert "model.safetensors" in message and "block_0/mlp/fc1/bias" in message
+  assert "intermediate.dense.bias" in message and "(768,)" in message and "(384,)" in message
   with pytest.raises(checkpoints.CheckpointError, match=r"dim: preset 64, checkpoint 192.*from_init"):
     checkpoints.vit_config_for_init(hf_dir, "tiny", num_classes=10)
 
