@@ -1,6 +1,8 @@
 """ACMize a Vision Transformer: pretrain (or --init), distill, gates, finetune, eval.
 
 Embedded default (no download, CPU):  python -m experiments.vit_imagenet --phase=all
+Accuracy-compute curve (one ACM per budget from the same gates checkpoint):
+                                      python -m experiments.vit_imagenet --phase=sweep --budgets=0.25,0.5,0.75
 ImageNet with a pretrained ViT-B/16:  python -m experiments.vit_imagenet --phase=all \
     --dataset=tfds:imagenet2012 --data_dir=$TFDS_DIR --model=vit_b16 --init=ckpt.npz ...
 """
@@ -8,6 +10,7 @@ ImageNet with a pretrained ViT-B/16:  python -m experiments.vit_imagenet --phase
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -19,7 +22,9 @@ EVAL_MODELS = ("dense", "acm", "static")
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, config_lib.ExperimentConfig]:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--phase", default="all", choices=config_lib.PHASES)
+  parser.add_argument("--phase", default="all", choices=(*config_lib.PHASES, "sweep"))
+  parser.add_argument("--budgets", default="0.25,0.5,0.75",
+                      help="comma-separated budgets for --phase=sweep (default: %(default)s)")
   parser.add_argument("--eval_models", default=None,
                       help=f"comma-separated subset of {EVAL_MODELS} for --phase=eval (default: every finished one)")
   config_lib.add_flags(parser)
@@ -73,6 +78,32 @@ def finished_models(exp: phases.Experiment) -> list[str]:
   return found
 
 
+def parse_budgets(text: str) -> list[float]:
+  try:
+    budgets = [float(b) for b in text.split(",")]
+  except ValueError:
+    raise ValueError(f"--budgets must be comma-separated numbers in (0, 1], got {text!r}") from None
+  if not budgets or any(not 0.0 < b <= 1.0 for b in budgets):
+    raise ValueError(f"--budgets must be comma-separated numbers in (0, 1], got {text!r}")
+  return budgets
+
+
+def sweep(exp: phases.Experiment, budgets: list[float]) -> list[dict]:
+  """The accuracy-compute curve in one command: the shared phases (a finished one is
+  only restored), one finetuning per budget from the same gates checkpoint, the static
+  baseline, and the evaluation of each."""
+  per_budget = [phases.build(dataclasses.replace(exp.config, budget=b)) for b in budgets]
+  if exp.config.init is None:
+    phases.pretrain(exp)
+  phases.distill(exp)
+  phases.gates(exp)
+  for acm_exp in per_budget:
+    phases.finetune(acm_exp)
+  phases.static(exp)
+  acm_records = [record for acm_exp in per_budget for record in evaluate_models(acm_exp, ["acm"])]
+  return evaluate_models(exp, ["dense"]) + acm_records + evaluate_models(exp, ["static"])
+
+
 def run(args: argparse.Namespace, cfg: config_lib.ExperimentConfig) -> list[dict]:
   exp = phases.build(cfg)  # validates everything before any work
   if args.eval_models is not None:
@@ -87,6 +118,8 @@ def run(args: argparse.Namespace, cfg: config_lib.ExperimentConfig) -> list[dict
     for phase in (phases.distill, phases.gates, phases.finetune, phases.static):
       phase(exp)
     records = evaluate_models(exp, ["dense", "acm", "static"])
+  elif args.phase == "sweep":
+    records = sweep(exp, parse_budgets(args.budgets))
   elif args.phase == "eval":
     models = args.eval_models.split(",") if args.eval_models else finished_models(exp)
     if not models:
