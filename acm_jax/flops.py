@@ -39,6 +39,17 @@ def _acm_block_flops(tokens: int, dim: int, width: int, num_learners: int, mean_
   return tokens * (mean_k * (learner + act) + gate + dim)
 
 
+def embedding_flops(config: ViTConfig) -> float:
+  """Patch embedding, class token and position embedding, per image."""
+  p, d = config.patch_size, config.dim
+  return float(2 * config.num_patches * p * p * 3 * d + config.num_patches * d + config.num_tokens * d)
+
+
+def head_flops(config: ViTConfig) -> float:
+  """Final layer norm and linear classifier on one token."""
+  return float(_LAYER_NORM * config.dim + 2 * config.dim * config.num_classes + config.num_classes)
+
+
 def vit_flops(config: ViTConfig, mean_k: Mapping[str, float] | None = None) -> dict[str, float]:
   """FLOPs per image: {"total", "acm", "gate"} (acm includes gates).
 
@@ -46,9 +57,7 @@ def vit_flops(config: ViTConfig, mean_k: Mapping[str, float] | None = None) -> d
   missing path counts as k = N. A dense config ignores it.
   """
   t, d = config.num_tokens, config.dim
-  patch = config.patch_size
-  total = 2 * config.num_patches * patch * patch * 3 * d + config.num_patches * d + t * d
-  total += _LAYER_NORM * d + 2 * d * config.num_classes + config.num_classes
+  total = embedding_flops(config) + head_flops(config)
   acm_total = gate_total = 0.0
   acm_cfg = config.acm
   acm_paths = set(config.acm_paths())
@@ -98,3 +107,47 @@ def mean_compute_fraction(config: ViTConfig, mean_k: Mapping[str, float]) -> flo
   paths: Sequence[str] = config.acm_paths()
   n = config.acm.num_learners
   return sum(mean_k[p] * c for p, c in zip(paths, costs)) / sum(n * c for c in costs)
+
+
+# --- baselines (acm_jax/baselines); token counts may be arrays (per example) -------
+
+
+def dense_block_flops(config: ViTConfig, tokens):
+  """One dense block on `tokens` tokens (a number or an array of them)."""
+  return sum(encoder_block_flops(tokens, config.dim, config.mlp_dim, config.num_heads, config.activation).values())
+
+
+def moefication_flops(config: ViTConfig, num_experts: int, top_k: int, router_hidden: int) -> dict[str, float]:
+  """Every MLP split into `num_experts` experts, `top_k` of them run per token,
+  chosen by a 2-layer router (d -> router_hidden -> E) plus a top-k over E scores."""
+  t, d = config.num_tokens, config.dim
+  width = config.mlp_dim // num_experts
+  parts = encoder_block_flops(t, d, config.mlp_dim, config.num_heads, config.activation)
+  experts = t * (top_k * (4 * d * width + width + _ACTIVATION[config.activation] * width) + d)
+  router = t * (acm_lib.gate_flops(d, num_experts, 2, router_hidden) + num_experts)
+  block = parts["projections"] + parts["attention"] + parts["other"] + experts + router
+  total = embedding_flops(config) + head_flops(config) + config.depth * block
+  return {"total": float(total), "router": float(config.depth * router)}
+
+
+def early_exit_flops(config: ViTConfig, exit_block, heads_run):
+  """Per example: left after block `exit_block` (0-based; depth - 1 means it ran the
+  whole model and its head) having evaluated `heads_run` exit heads (a layer norm,
+  a linear classifier and a softmax confidence each)."""
+  t, c = config.num_tokens, config.num_classes
+  exit_head = head_flops(config) + _SOFTMAX * c
+  final = (exit_block == config.depth - 1) * head_flops(config)
+  return embedding_flops(config) + (exit_block + 1) * dense_block_flops(config, t) + heads_run * exit_head + final
+
+
+_HALTING = 4  # per token and block: scale, shift, sigmoid
+
+
+def token_halting_flops(config: ViTConfig, active_tokens, halting: bool = True):
+  """Per example, from the number of tokens entering each block, (..., depth):
+  halted tokens leave attention (as queries and keys) and the MLP; a running token
+  pays its halting score and its share of the ponder-weighted output."""
+  per_block = dense_block_flops(config, active_tokens)
+  if halting:
+    per_block = per_block + active_tokens * (_HALTING + 2 * config.dim)
+  return embedding_flops(config) + head_flops(config) + per_block.sum(-1)
