@@ -1,0 +1,436 @@
+"""Gated-learner ACM MLP as a Pallas kernel (Triton lowering), and its reference.
+
+The operation, for tokens whose choices k are sorted in descending order:
+
+    out_t = sum_{n < k_t} act(x_t @ w1[:, n] + b1[n]) @ w2[n] + bias_table[k_t]
+
+where learner n (0-based) owns hidden units [n*h, (n+1)*h) of w1 (d, N*h),
+b1 (N*h,) and w2 (N*h, d), and bias_table (N+1, d) holds the cumulative output
+bias of each choice.
+
+Why sorting helps: learner n then runs on one contiguous prefix of the tokens,
+so a block of `block_rows` tokens needs only the hidden units of its largest k.
+The kernel is two launches, each shaped like an ordinary tiled matmul:
+
+  up:   hidden[rows, tile] = act(x[rows] @ w1[:, tile] + b1[tile]), masked to
+        the units each row's k allows. A 1-D grid runs only the *active*
+        (row block, hidden tile) pairs, listed by a small table built in XLA
+        from the sorted k; programs past the table's end return at once.
+  down: out[rows, cols] = hidden[rows, :K] @ w2[:K, cols] + bias_table[k], with
+        K = the row block's largest k times h: a reduction loop of dynamic
+        trip count, so row blocks of small k cost little.
+
+Both accumulate in float32. The hidden buffer has the layout of the dense MLP's
+(which XLA also writes to memory between its two matmuls), in x.dtype.
+
+Unsorted tokens: pass `order`, a permutation with k[order] descending. The
+kernels then gather x's rows and scatter the output rows themselves, so the
+caller never materialises sorted copies of x or the output (that saves two full
+passes over the activations, the largest part of the sort/unsort overhead).
+`sort_order` computes such a permutation with a counting sort.
+
+Validation: shapes, dtypes, block sizes and the range/order of a concrete k are
+checked eagerly with clear errors. Under `jit` k is a tracer and cannot be
+checked before launch; then an invalid k (outside 0..N, or not descending after
+`order`) turns the whole output into NaN instead of silent garbage: the check is
+a tiny XLA reduction whose result (0 or NaN) the kernel adds to every output, and k is clamped so the
+kernel never reads out of bounds. No checkify needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "identity")
+
+
+# ----------------------------------------------------------------------------
+# Reference
+
+
+def acm_mlp_reference(x, k, w1, b1, w2, bias_table, *, num_learners: int,
+                      activation: str = "gelu") -> jax.Array:
+  """Plain-jnp semantics in float32: every hidden unit computed, unused ones masked.
+
+  x (T, d), k (T,) int in 0..N (any order), w1 (d, N*h), b1 (N*h,), w2 (N*h, d),
+  bias_table (N+1, d). Returns (T, d) in x.dtype.
+  """
+  f32 = jnp.float32
+  width = w1.shape[1] // num_learners
+  pre = jnp.dot(x.astype(f32), w1.astype(f32), precision="highest") + b1.astype(f32)
+  hidden = _activation_reference(activation)(pre)
+  learner = jnp.arange(w1.shape[1]) // width
+  hidden = jnp.where(learner[None, :] < k[:, None], hidden, 0.0)
+  out = jnp.dot(hidden, w2.astype(f32), precision="highest") + bias_table.astype(f32)[k]
+  return out.astype(x.dtype)
+
+
+def _activation_reference(name):
+  return {
+      "gelu": functools.partial(jax.nn.gelu, approximate=False),
+      "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+      "relu": jax.nn.relu,
+      "identity": lambda z: z,
+  }[name]
+
+
+# ----------------------------------------------------------------------------
+# Activations inside the kernel (float32 in, float32 out)
+
+# Abramowitz & Stegun 7.1.28: erf(z) = 1 - (1 + a1 z + ... + a6 z^6)^-16 for
+# z >= 0, absolute error <= 3e-7. The Triton lowering has no erf; this form
+# needs one reciprocal and no exp, which keeps the epilogue cheap.
+_ERF_COEFFS = (0.0000430638, 0.0002765672, 0.0001520143, 0.0092705272, 0.0422820123,
+               0.0705230784)
+
+
+def _erf_nonneg(z):
+  poly = jnp.full_like(z, _ERF_COEFFS[0])
+  for c in _ERF_COEFFS[1:]:
+    poly = poly * z + c
+  t = 1.0 / (poly * z + 1.0)
+  for _ in range(4):  # t^16
+    t = t * t
+  return 1.0 - t
+
+
+def _gelu_erf(v):
+  z = jnp.minimum(jnp.abs(v) * np.float32(1 / math.sqrt(2)), 8.0)
+  erf_abs = _erf_nonneg(z)
+  erf = jnp.where(v < 0, -erf_abs, erf_abs)
+  return 0.5 * v * (1.0 + erf)
+
+
+def _gelu_tanh(v):
+  inner = np.float32(math.sqrt(2 / math.pi)) * (v + 0.044715 * v * v * v)
+  return 0.5 * v * (1.0 + jnp.tanh(inner))
+
+
+def _kernel_activation(name):
+  return {"gelu": _gelu_erf, "gelu_tanh": _gelu_tanh, "relu": lambda v: jnp.maximum(v, 0.0),
+          "identity": lambda v: v}[name]
+
+
+# ----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Tile sizes and launch settings; pairs are (up kernel, down kernel).
+
+  block_k is the reduction chunk: over d in the up kernel, over hidden units in
+  the down kernel.
+  """
+  block_rows: int
+  block_hidden: int
+  block_out: int
+  block_k: tuple[int, int]
+  num_warps: tuple[int, int]
+  num_stages: tuple[int, int]
+
+
+# Tuned on an H100 (benchmarks/kernel_bench.py --tune, ViT-B shapes, bf16); the
+# H200 is the same chip with faster memory. A100 and unknown GPUs get smaller
+# tiles that fit any recent GPU's shared memory.
+_TUNED = {
+    ("hopper", "bf16"): KernelConfig(128, 256, 256, (64, 64), (8, 8), (4, 3)),
+    ("hopper", "f32"): KernelConfig(64, 128, 128, (32, 32), (4, 4), (3, 3)),
+    ("other", "bf16"): KernelConfig(128, 128, 128, (32, 32), (4, 4), (3, 3)),
+    ("other", "f32"): KernelConfig(64, 64, 64, (32, 32), (4, 4), (2, 2)),
+}
+
+
+def gpu_family() -> str:
+  try:
+    kind = jax.devices()[0].device_kind.upper()
+  except RuntimeError:
+    return "other"
+  return "hopper" if ("H100" in kind or "H200" in kind or "H800" in kind or "GH200" in kind) else "other"
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+  """Largest power of two <= cap dividing n (Triton tiles are powers of two)."""
+  b = 1
+  while b * 2 <= cap and n % (b * 2) == 0:
+    b *= 2
+  return b
+
+
+def _pair(value, name):
+  if isinstance(value, int):
+    return (value, value)
+  value = tuple(value)
+  if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
+    raise ValueError(f"{name} must be an int or a pair (up kernel, down kernel) of ints, got {value}")
+  return value
+
+
+def resolve_config(dtype, dim: int, width: int, *, block_rows=None, block_hidden=None,
+                   block_out=None, block_k=None, num_warps=None, num_stages=None) -> KernelConfig:
+  """Tuned defaults for this GPU and dtype, with user overrides, fitted to the shapes."""
+  base = _TUNED[(gpu_family(), "f32" if jnp.dtype(dtype) == jnp.float32 else "bf16")]
+  cfg = KernelConfig(
+      block_rows=block_rows or base.block_rows,
+      # defaults shrink to a power of two dividing the width; explicit values are validated
+      block_hidden=block_hidden or _largest_divisor(width, base.block_hidden),
+      block_out=block_out or _largest_divisor(dim, base.block_out),
+      block_k=_pair(block_k, "block_k") if block_k else (_largest_divisor(dim, base.block_k[0]),
+                                                         _largest_divisor(width, base.block_k[1])),
+      num_warps=_pair(num_warps or base.num_warps, "num_warps"),
+      num_stages=_pair(num_stages or base.num_stages, "num_stages"),
+  )
+  sizes = {"block_rows": cfg.block_rows, "block_hidden": cfg.block_hidden, "block_out": cfg.block_out,
+           "block_k (up)": cfg.block_k[0], "block_k (down)": cfg.block_k[1]}
+  for name, v in sizes.items():
+    if v < 1 or v & (v - 1):
+      raise ValueError(f"{name}={v} must be a power of two (Triton tile sizes)")
+  if width % cfg.block_hidden:
+    raise ValueError(f"block_hidden={cfg.block_hidden} does not divide the learner width h={width}")
+  if dim % cfg.block_k[0]:
+    raise ValueError(f"block_k (up)={cfg.block_k[0]} does not divide d={dim}")
+  if width % cfg.block_k[1]:
+    raise ValueError(f"block_k (down)={cfg.block_k[1]} does not divide the learner width h={width}")
+  if dim % cfg.block_out:
+    raise ValueError(f"block_out={cfg.block_out} does not divide d={dim}")
+  return cfg
+
+
+# ----------------------------------------------------------------------------
+# Validation and index preparation (shared with the jax-triton kernel)
+
+
+def validate_inputs(x, k, w1, b1, w2, bias_table, *, num_learners: int, activation: str,
+                    order=None) -> tuple[int, int, int]:
+  """Checks shapes, dtypes and (when concrete) k; returns (T, d, h)."""
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+  if not isinstance(num_learners, int) or num_learners < 1:
+    raise ValueError(f"num_learners must be a positive int, got {num_learners!r}")
+  if x.ndim != 2:
+    raise ValueError(f"x must be (tokens, d), got shape {x.shape}")
+  tokens, dim = x.shape
+  if tokens < 1:
+    raise ValueError("x has no tokens")
+  if x.dtype not in (jnp.bfloat16, jnp.float32):
+    raise ValueError(f"x must be bfloat16 or float32, got {x.dtype}")
+  if k.shape != (tokens,):
+    raise ValueError(f"k must have shape ({tokens},) to match x {x.shape}, got {k.shape}")
+  if not jnp.issubdtype(k.dtype, jnp.integer):
+    raise ValueError(f"k must be an integer array, got {k.dtype}")
+  if w1.ndim != 2 or w1.shape[0] != dim or w1.shape[1] % num_learners:
+    raise ValueError(f"w1 must be (d={dim}, num_learners*h) with num_learners={num_learners}, got {w1.shape}")
+  total = w1.shape[1]
+  expected = {"b1": (b1, (total,)), "w2": (w2, (total, dim)), "bias_table": (bias_table, (num_learners + 1, dim))}
+  for name, (arr, shape) in expected.items():
+    if arr.shape != shape:
+      raise ValueError(f"{name} must have shape {shape} for x {x.shape} and w1 {w1.shape}, got {arr.shape}")
+  for name, arr in {"w1": w1, **{n: a for n, (a, _) in expected.items()}}.items():
+    if arr.dtype != x.dtype:
+      raise ValueError(f"{name} has dtype {arr.dtype} but x has {x.dtype}; cast the parameters to x.dtype")
+  if order is not None:
+    if order.shape != (tokens,) or not jnp.issubdtype(order.dtype, jnp.integer):
+      raise ValueError(f"order must be an int permutation of shape ({tokens},), got {order.shape} {order.dtype}")
+  if not isinstance(k, jax.core.Tracer) and (order is None or not isinstance(order, jax.core.Tracer)):
+    k_np = np.asarray(k)
+    bad = (k_np < 0) | (k_np > num_learners)
+    if bad.any():
+      raise ValueError(f"k must lie in 0..{num_learners}; found {k_np[bad][:5].tolist()} "
+                       f"at positions {np.nonzero(bad)[0][:5].tolist()}")
+    if order is not None:
+      order_np = np.asarray(order)
+      if not np.array_equal(np.sort(order_np), np.arange(tokens)):
+        raise ValueError("order must be a permutation of 0..T-1")
+      k_np = k_np[order_np]
+    rises = np.nonzero(k_np[1:] > k_np[:-1])[0]
+    if rises.size:
+      i = int(rises[0])
+      raise ValueError(f"k must be sorted in descending order{' after order' if order is not None else ''}: "
+                       f"k[{i}]={k_np[i]} < k[{i + 1}]={k_np[i + 1]}; sort the tokens (see sort_order)")
+  return tokens, dim, total // num_learners
+
+
+def sort_order(k: jax.Array, num_learners: int) -> jax.Array:
+  """Permutation sorting k (T,) in descending order, stable, by counting sort.
+
+  k has only N+1 distinct values, so a histogram and one running count per
+  value give each token's destination; cheaper than a general sort.
+  """
+  k = k.astype(jnp.int32)
+  choices = jnp.arange(num_learners, -1, -1, dtype=jnp.int32)  # descending
+  onehot = (k[:, None] == choices[None, :]).astype(jnp.int32)  # (T, N+1)
+  counts = onehot.sum(0)
+  starts = jnp.cumsum(counts) - counts
+  rank = jnp.cumsum(onehot, axis=0) - 1
+  dest = jnp.sum(onehot * (starts[None, :] + rank), axis=1)
+  return jnp.zeros_like(k).at[dest].set(jnp.arange(k.shape[0], dtype=jnp.int32), unique_indices=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """Padded per-row arrays and the active-tile table the kernels read."""
+  rows: jax.Array      # (T_pad,) int32: source/destination row of each sorted row
+  k: jax.Array         # (T_pad,) int32: k of each sorted row, clamped, 0 in the padding
+  tiles: jax.Array     # (num_row_blocks * tiles_per_row_block,) int32 tile ids, -1 past the end
+  poison: jax.Array    # (1,) float32: NaN when k was out of range or unsorted, else 0
+  num_row_blocks: int
+
+
+def prepare(k, order, *, tokens: int, num_learners: int, width: int, block_rows: int,
+            block_hidden: int) -> Prepared:
+  """Sorted, clamped, padded k; row indices; the active (row block, hidden tile) table.
+
+  Tiles are listed row block by row block (consecutive programs share an x
+  block in L2), hidden tiles of one block in order. Row block i has
+  ceil(maxk_i * h / block_hidden) active tiles, maxk_i = k of its first row.
+  """
+  nb = -(-tokens // block_rows)
+  pad = nb * block_rows - tokens
+  k = k.astype(jnp.int32)
+  if order is None:
+    rows = jnp.arange(tokens, dtype=jnp.int32)
+  else:
+    rows = order.astype(jnp.int32)
+    k = k[rows]
+  invalid = jnp.any((k < 0) | (k > num_learners)) | jnp.any(k[1:] > k[:-1])
+  k = jnp.clip(k, 0, num_learners)
+  k_pad = jnp.pad(k, (0, pad))
+  rows = jnp.pad(rows, (0, pad))  # padding rows read row 0 and are never stored
+
+  per_learner = width // block_hidden
+  per_block = num_learners * per_learner
+  active = k_pad[::block_rows] * per_learner  # (nb,) tiles of each row block
+  ends = jnp.cumsum(active)
+  p = jnp.arange(nb * per_block, dtype=jnp.int32)
+  block = jnp.sum(ends[None, :] <= p[:, None], axis=1).astype(jnp.int32)
+  # compare_all above is nb x P booleans: tiny next to the matmuls, one fusion
+  block_c = jnp.minimum(block, nb - 1)
+  tile = p - (ends[block_c] - active[block_c])
+  tiles = jnp.where(block < nb, block_c * per_block + tile, -1)
+  poison = jnp.where(invalid, jnp.nan, 0.0).astype(jnp.float32)[None]  # added to every output
+  return Prepared(rows, k_pad, tiles, poison, nb)
+
+
+# ----------------------------------------------------------------------------
+# Pallas kernels
+
+
+def _precision(dtype):
+  # float32 operands: full-precision products (the default would be TF32 on the GPU)
+  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _up_kernel(tiles_ref, rows_ref, k_ref, x_ref, w1_ref, b1_ref, h_ref, *, block_rows, block_hidden,
+               block_k, dim, width, per_block, activation):
+  tile = tiles_ref[pl.program_id(0)]
+
+  @pl.when(tile >= 0)
+  def _():
+    i, j = tile // per_block, tile % per_block
+    row_slice = pl.ds(i * block_rows, block_rows)
+    col_slice = pl.ds(j * block_hidden, block_hidden)
+    src = rows_ref[row_slice][:, None]
+    chunk = jnp.arange(block_k, dtype=jnp.int32)[None, :]
+
+    def body(s, acc):
+      xs = x_ref[src, s * block_k + chunk]  # gathered rows: int-array indexing
+      ws = w1_ref[pl.ds(s * block_k, block_k), col_slice]
+      return acc + jnp.dot(xs, ws, precision=_precision(xs.dtype), preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, dim // block_k, body,
+                            jnp.zeros((block_rows, block_hidden), jnp.float32))
+    acc = _kernel_activation(activation)(acc + b1_ref[col_slice].astype(jnp.float32)[None, :])
+    learner = (j * block_hidden + jnp.arange(block_hidden, dtype=jnp.int32)) // width
+    keep = learner[None, :] < k_ref[row_slice][:, None]
+    h_ref[row_slice, col_slice] = jnp.where(keep, acc, 0.0).astype(h_ref.dtype)
+
+
+def _down_kernel(poison_ref, rows_ref, k_ref, h_ref, w2_ref, bias_ref, out_ref, *, block_rows,
+                 block_out, block_k, width, tokens, col_blocks):
+  p = pl.program_id(0)
+  i, c = p // col_blocks, p % col_blocks
+  row_slice = pl.ds(i * block_rows, block_rows)
+  col_slice = pl.ds(c * block_out, block_out)
+  k_rows = k_ref[row_slice]
+  trips = k_ref[i * block_rows] * (width // block_k)
+
+  def body(s, acc):
+    hs = h_ref[row_slice, pl.ds(s * block_k, block_k)]
+    ws = w2_ref[pl.ds(s * block_k, block_k), col_slice]
+    return acc + jnp.dot(hs, ws, precision=_precision(hs.dtype), preferred_element_type=jnp.float32)
+
+  acc = jax.lax.fori_loop(0, trips, body, jnp.zeros((block_rows, block_out), jnp.float32))
+  cols = (c * block_out + jnp.arange(block_out, dtype=jnp.int32))[None, :]
+  acc = acc + bias_ref[k_rows[:, None], cols].astype(jnp.float32)
+  acc = acc + poison_ref[0]
+  in_range = (i * block_rows + jnp.arange(block_rows, dtype=jnp.int32)) < tokens
+  dst = rows_ref[row_slice][:, None]
+  from jax.experimental.pallas import triton as plgpu
+  plgpu.store(out_ref.at[dst, cols], acc.astype(out_ref.dtype), mask=in_range[:, None])
+
+
+def _compiler_params(num_warps, num_stages):
+  from jax.experimental.pallas import triton as plgpu
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def acm_mlp(x, k, w1, b1, w2, bias_table, *, num_learners: int, activation: str = "gelu",
+            block_rows=None, block_hidden=None, block_out=None, num_warps=None, num_stages=None,
+            block_k=None, order=None, interpret: bool | None = None) -> jax.Array:
+  """ACM MLP for tokens sorted by k (descending), skipping unused learners.
+
+  x (T, d) bf16/f32, k (T,) int in 0..N, w1 (d, N*h), b1 (N*h,), w2 (N*h, d),
+  bias_table (N+1, d) (cumulative per-choice bias), all in x.dtype. Returns
+  (T, d) in x.dtype, accumulated in float32.
+
+  block_rows: tokens per row block (both kernels); block_hidden: hidden units per
+  up-kernel tile (must divide h); block_out: output columns per down-kernel
+  tile; block_k: reduction chunk (over d in the up kernel, over hidden units
+  in the down kernel). block_k, num_warps and num_stages take an int for both
+  kernels or a pair (up, down). Unset values take the tuned
+  defaults of this GPU (`resolve_config`).
+  order: optional (T,) permutation with k[order] descending; x and k are then
+  in their original token order, and so is the output (gather and scatter
+  happen inside the kernels).
+  interpret: run the kernels in the Pallas interpreter; None means "when the
+  default backend is not a GPU", so the same call works on CPU (slowly).
+  """
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  tokens, dim, width = validate_inputs(x, k, w1, b1, w2, bias_table, num_learners=num_learners,
+                                       activation=activation, order=order)
+  cfg = resolve_config(x.dtype, dim, width, block_rows=block_rows, block_hidden=block_hidden,
+                       block_out=block_out, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+  prep = prepare(k, order, tokens=tokens, num_learners=num_learners, width=width,
+                 block_rows=cfg.block_rows, block_hidden=cfg.block_hidden)
+  t_pad = prep.num_row_blocks * cfg.block_rows
+  per_block = num_learners * width // cfg.block_hidden
+
+  hidden = pl.pallas_call(
+      functools.partial(_up_kernel, block_rows=cfg.block_rows, block_hidden=cfg.block_hidden,
+                        block_k=cfg.block_k[0], dim=dim, width=width, per_block=per_block,
+                        activation=activation),
+      out_shape=jax.ShapeDtypeStruct((t_pad, num_learners * width), x.dtype),
+      grid=(prep.tiles.shape[0],),
+      compiler_params=None if interpret else _compiler_params(cfg.num_warps[0], cfg.num_stages[0]),
+      interpret=interpret,
+      name="acm_mlp_up",
+  )(prep.tiles, prep.rows, prep.k, x, w1, b1)
+
+  col_blocks = dim // cfg.block_out
+  return pl.pallas_call(
+      functools.partial(_down_kernel, block_rows=cfg.block_rows, block_out=cfg.block_out,
+                        block_k=cfg.block_k[1], width=width, tokens=tokens, col_blocks=col_blocks),
+      out_shape=jax.ShapeDtypeStruct((tokens, dim), x.dtype),
+      grid=(prep.num_row_blocks * col_blocks,),
+      compiler_params=None if interpret else _compiler_params(cfg.num_warps[1], cfg.num_stages[1]),
+      interpret=interpret,
+      name="acm_mlp_down",
+  )(prep.poison, prep.rows, prep.k, hidden, w2, bias_table)
