@@ -238,9 +238,10 @@ def _eval_batches(exp: Experiment, with_masks: bool):
       return
 
 
-def evaluate(exp: Experiment, params: PyTree, model: str, mode: str, fixed_k: int | None = None) -> dict:
+def evaluate(exp: Experiment, params: PyTree, model: str, mode: str, fixed_k: int | None = None,
+             cost_shift: float = 0.0) -> dict:
   """Top-1, GFLOPs/image, mean k and share of each k per ACM on the test split."""
-  step = jax.jit(functools.partial(steps.eval_step, exp.task, mode, fixed_k))
+  step = jax.jit(functools.partial(steps.eval_step, exp.task, mode, fixed_k, cost_shift=cost_shift))
   totals = None
   for batch in _eval_batches(exp, with_masks=exp.group_masks):
     out = jax.device_get(step(params, batch))

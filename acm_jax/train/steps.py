@@ -189,13 +189,15 @@ def static_step(task: Task, tx: optax.GradientTransformation, fixed_k: int, labe
   return apply_update(tx, state, grads), {"loss": loss, **_rates(task.score(outputs, batch))}
 
 
-def eval_step(task: Task, mode: str, fixed_k: int | None, params: PyTree, batch: dict) -> dict:
+def eval_step(task: Task, mode: str, fixed_k: int | None, params: PyTree, batch: dict,
+              cost_shift: float = 0.0) -> dict:
   """Sums over one batch: task scores, and per ACM a histogram of k (N+1,) and,
-  for each token group, the sum of k and the token count."""
+  for each token group, the sum of k and the token count. `cost_shift` moves the
+  gates toward less compute (see `acm.ACM`), e.g. as calibrated to a budget."""
   if mode == "dense":
     return {"scores": task.score(task.dense_model.apply({"params": params}, task.inputs(batch)), batch)}
   outputs, aux = task.acm_model.apply({"params": params}, task.inputs(batch), mode=mode,
-                                      fixed_k=fixed_k, mutable=["acm"])
+                                      fixed_k=fixed_k, cost_shift=cost_shift, mutable=["acm"])
   choices = acm_choices(task, aux)
   valid = batch.get("valid")
   out = {"scores": task.score(outputs, batch), "k_hist": {}, "groups": {}}
