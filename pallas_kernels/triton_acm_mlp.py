@@ -56,17 +56,19 @@ def _kernels():
     return v
 
   @triton.jit
-  def up_kernel(tiles_ptr, rows_ptr, k_ptr, x_ptr, w1_ptr, b1_ptr, h_ptr, DIM: tl.constexpr,
+  def up_kernel(count_ptr, tiles_ptr, rows_ptr, k_ptr, x_ptr, w1_ptr, b1_ptr, h_ptr, DIM: tl.constexpr,
                 WIDTH: tl.constexpr, TOTAL: tl.constexpr, PER_BLOCK: tl.constexpr, BM: tl.constexpr,
-                BH: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr):
-    tile = tl.load(tiles_ptr + tl.program_id(0))
-    if tile >= 0:
+                BH: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
+                PROGRAMS: tl.constexpr, TOKENS: tl.constexpr):
+    # persistent: program p takes active tiles p, p + PROGRAMS, ... (see acm_mlp's docstring)
+    for p in range(tl.program_id(0), tl.load(count_ptr), PROGRAMS):
+      tile = tl.load(tiles_ptr + p)
       i = tile // PER_BLOCK
       j = tile % PER_BLOCK
       offs_m = i * BM + tl.arange(0, BM)
       offs_n = j * BH + tl.arange(0, BH)
       offs_k = tl.arange(0, BK)
-      src = tl.load(rows_ptr + offs_m).to(tl.int64)
+      src = tl.minimum(tl.load(rows_ptr + offs_m), TOKENS - 1).to(tl.int64)
       x_ptrs = x_ptr + src[:, None] * DIM + offs_k[None, :]
       w_ptrs = w1_ptr + offs_k[:, None] * TOTAL + offs_n[None, :]
       acc = tl.zeros((BM, BH), dtype=tl.float32)
@@ -133,12 +135,14 @@ def acm_mlp_triton(x, k, w1, b1, w2, bias_table, *, num_learners: int, activatio
   total = num_learners * width
   precision = "ieee" if x.dtype == jnp.float32 else "tf32"  # ignored for bf16 operands
 
+  programs = _pallas.persistent_programs(prep.tiles.shape[0])
   hidden = jt.triton_call(
-      prep.tiles, prep.rows, prep.k, x, w1, b1, kernel=up_kernel, name="acm_mlp_triton_up",
+      prep.count, prep.tiles, prep.rows, prep.k, x, w1, b1, kernel=up_kernel, name="acm_mlp_triton_up",
       out_shape=jax.ShapeDtypeStruct((prep.num_row_blocks * cfg.block_rows, total), x.dtype),
-      grid=(prep.tiles.shape[0],), num_warps=cfg.num_warps[0], num_stages=cfg.num_stages[0],
+      grid=(programs,), num_warps=cfg.num_warps[0], num_stages=cfg.num_stages[0],
       DIM=dim, WIDTH=width, TOTAL=total, PER_BLOCK=total // cfg.block_hidden, BM=cfg.block_rows,
-      BH=cfg.block_hidden, BK=cfg.block_k[0], ACT=activation, PRECISION=precision)
+      BH=cfg.block_hidden, BK=cfg.block_k[0], ACT=activation, PRECISION=precision, PROGRAMS=programs,
+      TOKENS=tokens)
   col_blocks = dim // cfg.block_out
   return jt.triton_call(
       prep.poison, prep.rows, prep.k, hidden, w2, bias_table, kernel=down_kernel,
