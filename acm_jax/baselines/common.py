@@ -1,0 +1,122 @@
+"""Pieces every baseline shares: the dense ViT as pure functions of its params,
+training through the shared loop, and evaluation on the shared test batches.
+
+The functions read the dense ViT's own parameter tree (`acm_jax.models.vit`
+names), so a baseline is the dense params plus a few extra parameters (routers,
+exit heads, halting scalars) and its own forward pass built from these pieces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from acm_jax.models import transformer
+from acm_jax.models.vit import ViTConfig
+from acm_jax.train import loop, optim, phases
+
+PyTree = Any
+
+
+def embed(cfg: ViTConfig, params: PyTree, images: jax.Array) -> jax.Array:
+  """(batch, H, W, 3) -> tokens (batch, 1 + patches, dim), class token first."""
+  p = cfg.patch_size
+  x = nn.Conv(cfg.dim, (p, p), strides=(p, p), padding="VALID", dtype=images.dtype).apply(
+      {"params": params["embedding"]}, images)
+  x = x.reshape(x.shape[0], -1, cfg.dim)
+  cls = jnp.broadcast_to(params["cls"].astype(x.dtype), (x.shape[0], 1, cfg.dim))
+  return jnp.concatenate([cls, x], axis=1) + params["pos_embedding"].astype(x.dtype)
+
+
+def layer_norm(cfg: ViTConfig, params: PyTree, x: jax.Array) -> jax.Array:
+  return nn.LayerNorm(cfg.layer_norm_eps, dtype=x.dtype).apply({"params": params}, x)
+
+
+def attention(cfg: ViTConfig, block: PyTree, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """The residual branch x -> attn(ln1(x)); `mask` (batch, 1, q, k) drops keys."""
+  return transformer.Attention(cfg.num_heads).apply({"params": block["attn"]}, layer_norm(cfg, block["ln1"], x), mask)
+
+
+def mlp(cfg: ViTConfig, block: PyTree, x: jax.Array) -> jax.Array:
+  """The dense residual branch x -> mlp(ln2(x))."""
+  return transformer.Mlp(cfg.mlp_dim, cfg.activation).apply({"params": block["mlp"]}, layer_norm(cfg, block["ln2"], x))
+
+
+def block(cfg: ViTConfig, params: PyTree, i: int, x: jax.Array, mask: jax.Array | None = None,
+          mlp_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+  """Pre-LN block `i`; `mlp_fn(ln2(x))` replaces the dense MLP when given."""
+  b = params[f"block_{i}"]
+  x = x + attention(cfg, b, x, mask)
+  if mlp_fn is None:
+    return x + mlp(cfg, b, x)
+  return x + mlp_fn(layer_norm(cfg, b["ln2"], x))
+
+
+def classify(cfg: ViTConfig, norm: PyTree, head: PyTree, token: jax.Array) -> jax.Array:
+  """A class token (batch, dim) -> logits, with the given norm and head params."""
+  return nn.Dense(cfg.num_classes, dtype=token.dtype).apply({"params": head}, layer_norm(cfg, norm, token))
+
+
+def dense_forward(cfg: ViTConfig, params: PyTree, images: jax.Array) -> jax.Array:
+  x = embed(cfg, params, images)
+  for i in range(cfg.depth):
+    x = block(cfg, params, i, x)
+  return classify(cfg, params["norm"], params["head"], x[:, 0])
+
+
+def dense_config(exp: phases.Experiment) -> ViTConfig:
+  return exp.task.dense_model.config
+
+
+def train(exp: phases.Experiment, run_dir: Path, params: PyTree, tx, step_fn, num_steps: int) -> PyTree:
+  """The shared loop (checkpoints, resume) on the train split, like `phases._train`."""
+  cfg = exp.config
+  state = phases.new_state(params, tx, cfg.seed + 17 * len(run_dir.name))
+  final = loop.run(name=run_dir.name, run_dir=run_dir, state=state, step_fn=phases._keyed_step(step_fn),
+                   batches=phases._batches(exp), num_steps=num_steps, checkpoint_every=cfg.checkpoint_every,
+                   log_every=cfg.log_every, config_json=cfg.to_json())
+  return final["params"]
+
+
+def evaluate(exp: phases.Experiment, forward: Callable[[PyTree, dict], tuple], params: PyTree) -> dict:
+  """Top-1 and mean GFLOPs/image on the shared test batches.
+
+  `forward(params, batch)` gives (logits, FLOPs per example (batch,), extras),
+  extras a dict of per-example arrays (batch, ...) whose means are reported too.
+  """
+  @jax.jit
+  def per_batch(params, batch):
+    logits, flops, extras = forward(params, batch)
+    valid = batch["valid"].astype(jnp.float32)
+    out = {**exp.task.score(logits, batch), "flops": jnp.sum(flops * valid)}
+    out.update({k: jnp.tensordot(valid, v.astype(jnp.float32), axes=1) for k, v in extras.items()})
+    return out
+
+  totals = None
+  for batch in phases._eval_batches(exp, with_masks=False):
+    out = jax.device_get(per_batch(params, batch))
+    totals = out if totals is None else jax.tree.map(np.add, totals, out)
+  if totals is None:
+    raise ValueError(f"the test split of {exp.config.dataset!r} produced no examples")
+  n = totals.pop("examples")
+  record = {name: (np.asarray(v) / n).tolist() for name, v in totals.items()}
+  record["gflops_per_image"] = record.pop("flops") / 1e9
+  record["examples"] = int(n)
+  return record
+
+
+def frozen_except(prefixes: tuple[str, ...]) -> Callable[[str], bool]:
+  """A `trainable(path)` for the optimizer: only parameters under `prefixes`."""
+  return lambda path: path.startswith(prefixes)
+
+
+def optimizer(exp: phases.Experiment, params: PyTree, lr: float, steps: int, trainable=lambda path: True):
+  cfg = exp.config
+  return optim.make_optimizer(params, lr=lr, steps=steps, warmup_fraction=cfg.warmup_fraction,
+                              weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm, trainable=trainable)
+

@@ -1,0 +1,145 @@
+"""ACM beside its baselines on one accuracy-compute plot, from one dense ViT.
+
+  python -m experiments.compare --methods=acm,static,moefication,early_exit,token_halting \
+      --budgets=0.25,0.5,0.75 --workdir=runs/compare [any vit_imagenet / baseline flag]
+
+Trains the dense model first unless --init or <workdir>/pretrain has one (or
+--pretrain=false forbids it), then runs or reuses every method's runs in the one
+workdir (a killed sweep continues where it stopped), writes <workdir>/curves.json
+(a list of {method, setting, gflops_per_image, top1, budget_or_threshold, ...})
+and prints the table sorted by GFLOPs.
+Settings per method: acm: one finetuning per --budgets, and the model finetuned at
+--any_budget_model calibrated at inference to each --any_budgets (or only
+--eval_budget); static: --static_ks; moefication: --moe_top_k experts out of
+--num_experts; early_exit: --thresholds; token_halting: target depth budget x depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+from acm_jax import baselines
+from acm_jax.train import config as config_lib
+from acm_jax.train import phases
+
+ANY_BUDGETS = "0.25,0.375,0.5,0.625,0.75"
+THRESHOLDS = "0.5,0.6,0.7,0.8,0.9,0.95,0.99,0.999"
+
+
+def parse(argv: list[str] | None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--methods", default=",".join(baselines.METHODS))
+  parser.add_argument("--budgets", default="0.25,0.5,0.75", help="ACM finetuning budgets and halting depths")
+  parser.add_argument("--any_budgets", default=ANY_BUDGETS, help="budgets the one any-budget ACM is calibrated to")
+  parser.add_argument("--any_budget_model", type=float, default=0.5, help="budget of the ACM calibrated at inference")
+  parser.add_argument("--eval_budget", type=float, default=None, help="calibrate to this budget only")
+  parser.add_argument("--thresholds", default=THRESHOLDS, help="early-exit confidence thresholds")
+  parser.add_argument("--moe_top_k", default=None, help="experts per token (default: E/8, E/4, ..., E)")
+  parser.add_argument("--static_ks", default=None, help="static widths (default: 1..N-1)")
+  parser.add_argument("--pretrain", type=lambda v: v.lower() in ("1", "true"), default=True,
+                      help="train the dense model when no --init or finished pretrain run exists")
+  config_lib.add_flags(parser)
+  config_lib.add_flags(parser, baselines.BaselineConfig)
+  args = parser.parse_args(argv)
+  cfg = config_lib.from_flags(args, config_lib.ExperimentConfig(workdir="runs/compare"))
+  bcfg = config_lib.from_flags(args, baselines.BaselineConfig())
+  return args, cfg, bcfg
+
+
+def _numbers(flag: str, text: str, kind, low: float, high: float, low_open: bool = False) -> list:
+  bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+  try:
+    values = [kind(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    raise ValueError(f"--{flag} must be comma-separated numbers in {bounds}, got {text!r}") from None
+  bad = [v for v in values if not (low < v <= high if low_open else low <= v <= high)]
+  if not values or bad:
+    raise ValueError(f"--{flag} must be comma-separated numbers in {bounds}, got {text!r}")
+  return values
+
+
+@dataclasses.dataclass
+class Plan:
+  methods: list[str]
+  budgets: list[float]
+  any_budgets: list[float]
+  thresholds: list[float]
+  moe_top_k: list[int]
+  static_ks: list[int]
+  halting_depths: list[float]
+
+
+def plan(args, cfg: config_lib.ExperimentConfig, bcfg: baselines.BaselineConfig) -> tuple[phases.Experiment, Plan]:
+  """Every check before any work: methods, settings, config, data, dense checkpoint."""
+  methods = [m for m in args.methods.split(",") if m]
+  unknown = [m for m in methods if m not in baselines.METHODS]
+  if unknown or not methods:
+    raise ValueError(f"--methods: unknown {unknown or args.methods!r}; expected a subset of {baselines.METHODS}")
+  budgets = _numbers("budgets", args.budgets, float, 0.0, 1.0, low_open=True)
+  any_budgets = _numbers("any_budgets", args.any_budgets, float, 0.0, 1.0, low_open=True)
+  if args.eval_budget is not None:
+    any_budgets = _numbers("eval_budget", str(args.eval_budget), float, 0.0, 1.0, low_open=True)
+  _numbers("any_budget_model", str(args.any_budget_model), float, 0.0, 1.0, low_open=True)
+  thresholds = _numbers("thresholds", args.thresholds, float, 0.0, 1.0)
+  exp = phases.build(cfg)
+  depth, mlp_dim = exp.task.dense_model.config.depth, exp.task.dense_model.config.mlp_dim
+  bcfg.validate(mlp_dim)
+  e = bcfg.num_experts
+  default_k = ",".join(str(max(1, round(e * f / 8))) for f in range(1, 9))
+  moe_top_k = sorted(set(_numbers("moe_top_k", args.moe_top_k or default_k, int, 1, e)))
+  n = cfg.num_learners
+  static_ks = _numbers("static_ks", args.static_ks or ",".join(map(str, range(1, n))), int, 0, n)
+  if not baselines.has_dense_checkpoint(exp) and not args.pretrain:
+    raise FileNotFoundError(
+        f"methods {methods} convert a dense ViT, but there is none: no --init and no finished pretrain run at "
+        f"{exp.run_dir('pretrain') / 'params'}; pass --init=CHECKPOINT or drop --pretrain=false")
+  return exp, Plan(methods, budgets, any_budgets, thresholds, moe_top_k, static_ks, [b * depth for b in budgets])
+
+
+def format_table(records: list[dict]) -> str:
+  lines = [f"{'method':<16} {'setting':<36} {'GFLOPs/img':>11} {'top-1':>7}"]
+  for r in sorted(records, key=lambda r: (r["gflops_per_image"], r["method"])):
+    lines.append(f"{r['method']:<16} {r['setting']:<36} {r['gflops_per_image']:>11.5f} {100 * r['top1']:>6.2f}%")
+  return "\n".join(lines)
+
+
+def run(args, cfg, bcfg) -> list[dict]:
+  exp, p = plan(args, cfg, bcfg)
+  tic = time.time()
+  if not baselines.has_dense_checkpoint(exp):
+    phases.pretrain(exp)
+  runners = {
+      "acm": lambda: baselines.run_acm(exp, bcfg, p.budgets, p.any_budgets, args.any_budget_model),
+      "static": lambda: baselines.run_static(exp, p.static_ks),
+      "moefication": lambda: baselines.run_moefication(exp, bcfg, p.moe_top_k),
+      "early_exit": lambda: baselines.run_early_exit(exp, bcfg, p.thresholds),
+      "token_halting": lambda: baselines.run_token_halting(exp, bcfg, p.halting_depths),
+  }
+  records = baselines.run_dense(exp)
+  for method in p.methods:
+    records += runners[method]()
+    phases.write_json(exp.workdir / "curves.json", records)  # partial results stay visible
+  phases.write_json(exp.workdir / "curves.json", records)
+  if phases.loop.is_main_process():
+    print(format_table(records))
+    print(f"done in {(time.time() - tic) / 60:.1f} min; curves in {exp.workdir / 'curves.json'}")
+  return records
+
+
+def main(argv: list[str] | None = None) -> int:
+  args, cfg, bcfg = parse(argv)
+  try:
+    run(args, cfg, bcfg)
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
