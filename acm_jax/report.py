@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +29,7 @@ DPI = 100
 CORRUPTIONS = ("noise", "blur", "contrast")
 # a layer whose most frequent k takes this share of its tokens counts as collapsed
 COLLAPSE_SHARE = 0.95
+OVERLAY_ALPHA = 0.6  # weight of the compute colour over the image in the maps
 # the fields that make two runs the same model (the curve compares one model's variants)
 MODEL_FIELDS = ("model", "dataset", "image_size", "num_classes", "num_learners", "acm_attention", "acm_blocks")
 
@@ -91,12 +93,23 @@ def _read_json(path: Path, what: str) -> Any:
     raise Skip(f"{what} at {path} is not valid JSON ({e})") from None
 
 
-def find_runs(workdir: Path) -> list[Run]:
+RUN_NAME = re.compile(r"^(pretrain|distill|gates|finetune_b\d+(\.\d+)?|static_k\d+)$")
+
+
+def find_runs(workdir: Path, report: Report) -> list[Run]:
   """Every run directory (one holding config.json) directly under `workdir`."""
   runs = []
   for path in sorted(p for p in workdir.iterdir() if (p / "config.json").is_file()):
-    config = json.loads((path / "config.json").read_text())
-    record = json.loads((path / "eval.json").read_text()) if (path / "eval.json").is_file() else None
+    if not RUN_NAME.match(path.name):
+      report.note(f"{path} is not a run directory of experiments.vit_imagenet (pretrain, distill, gates, "
+                  "finetune_b<budget>, static_k<k>): left out")
+      continue
+    try:
+      config = _read_json(path / "config.json", "run config")
+      record = _read_json(path / "eval.json", "evaluation") if (path / "eval.json").is_file() else None
+    except Skip as e:
+      report.note(f"run {path.name} left out: {e}")
+      continue
     runs.append(Run(path.name, path, config, record))
   return runs
 
@@ -153,6 +166,12 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
   return front
 
 
+# experiments/compare.py's method names -> the figure's
+METHOD_NAMES = {"acm": "ACM (ours)", "static": "static width", "dense": "dense",
+                "acm_any_budget": "ACM, calibrated budget", "moefication": "MoEfication",
+                "early_exit": "early exit (ZTW)", "token_halting": "token halting (A-ViT)"}
+
+
 def accuracy_points(runs: list[Run], curves: list[dict]) -> list[dict]:
   """Every (method, label, gflops, top1) the accuracy-compute figure draws."""
   points = []
@@ -169,8 +188,12 @@ def accuracy_points(runs: list[Run], curves: list[dict]) -> list[dict]:
       continue
     points.append({"method": method, "label": label, "gflops": run.eval["gflops_per_image"],
                    "top1": run.eval["top1"]})
+  from_runs = {p["method"] for p in points}
   for c in curves:
-    points.append({"method": str(c["method"]), "label": str(c.get("setting", c.get("budget_or_threshold", ""))),
+    method = METHOD_NAMES.get(str(c["method"]), str(c["method"]))
+    if method in from_runs:  # experiments/compare.py evaluates the same run directories
+      continue
+    points.append({"method": method, "label": str(c.get("setting", c.get("budget_or_threshold", ""))),
                    "gflops": float(c["gflops_per_image"]), "top1": float(c["top1"])})
   return points
 
@@ -208,9 +231,9 @@ def plot_accuracy(report: Report, runs: list[Run], curves: list[dict]) -> None:
     style = _STYLE.get(m, dict(marker="^", ms=6, ls="--"))
     ax.plot([p["gflops"] for p in mine], [100 * p["top1"] for p in mine], label=m, **style)
     if m in ("ACM (ours)", "static width"):
-      for p in mine:
-        ax.annotate(p["label"], (p["gflops"], 100 * p["top1"]), textcoords="offset points", xytext=(5, -11),
-                    fontsize=8)
+      for i, p in enumerate(mine):
+        ax.annotate(p["label"], (p["gflops"], 100 * p["top1"]), textcoords="offset points",
+                    xytext=(6, -12 if i % 2 == 0 else 5), fontsize=8)
   front = [points[i] for i in pareto_front([(p["gflops"], p["top1"]) for p in points])]
   ax.plot([p["gflops"] for p in front], [100 * p["top1"] for p in front], ls=":", color="grey", lw=1.5,
           drawstyle="steps-post", zorder=0)
@@ -220,7 +243,8 @@ def plot_accuracy(report: Report, runs: list[Run], curves: list[dict]) -> None:
   ax.set_ylabel("top-1 accuracy (%)")
   ax.set_title("Accuracy vs compute")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, loc="lower right")
+  ax.margins(x=0.08, y=0.12)
+  ax.legend(fontsize=8, loc="best")
   report.save(fig, "accuracy_vs_gflops.png", "Top-1 accuracy vs GFLOPs per image: dense model, ACMs finetuned "
               "at several budgets β, the static-width baseline and any baselines from curves.json; ringed "
               "points form the Pareto front.")
@@ -245,6 +269,54 @@ def _fraction(rows: list[dict]) -> np.ndarray:
   return r
 
 
+# rows of the kernel benchmark that are references or parts, not implementations to compare
+_KERNEL_REFERENCES = ("dense_xla", "ideal", "overhead", "overhead_unfused")
+
+
+def _series(rows: list[dict], key: Callable[[dict], str]) -> dict[str, list[int]]:
+  out: dict[str, list[int]] = {}
+  for i, row in enumerate(rows):
+    out.setdefault(key(row), []).append(i)
+  return out
+
+
+def _kernel_panel(ax, rows: list[dict], grid: np.ndarray) -> None:
+  """One layer shape (the widest, at the most tokens): every implementation's time over the dense block's."""
+  setting = max({(row.get("d", 0), row.get("tokens", 0)) for row in rows})
+  rows = [row for row in rows if (row.get("d", 0), row.get("tokens", 0)) == setting]
+  devices = {row["device"] for row in rows}
+  r_all = _fraction(rows)
+  shown = [row for row in rows if row["impl"] not in _KERNEL_REFERENCES]
+  for label, idx in _series(rows, lambda row: row["impl"] + (f" ({row['device']})" if len(devices) > 1 else "")).items():
+    if rows[idx[0]]["impl"] in _KERNEL_REFERENCES:
+      continue
+    order = sorted(idx, key=lambda i: r_all[i])
+    ax.plot(r_all[order], [rows[i]["ratio_to_dense"] for i in order], marker="o", ms=4, label=label)
+  if not shown:
+    raise Skip("the kernel benchmark holds only reference rows (dense_xla, ideal, overhead)")
+  ax.axhline(1.0, ls=":", color="grey", label="dense block")
+  ax.plot(grid, grid, ls="--", color="black", label="ideal (time ∝ k/N)")
+  ax.set_ylabel("time relative to the dense block")
+  shape = f"d={setting[0]}, {setting[1]} tokens, " if setting != (0, 0) else ""
+  ax.set_title(f"ACM layer latency ({shape}{', '.join(sorted(devices))})", fontsize=10)
+
+
+def _vit_panel(ax, rows: list[dict], grid: np.ndarray, acm_share: float | None) -> None:
+  r_all = _fraction(rows)
+  devices = {row["device"] for row in rows}
+  for label, idx in _series(rows, lambda row: row["impl"] + (f" ({row['device']})" if len(devices) > 1 else "")).items():
+    order = sorted(idx, key=lambda i: r_all[i])
+    ax.plot(r_all[order], [rows[i]["images_per_s"] for i in order], marker="o", ms=4, label=label)
+  full = [i for i in range(len(rows)) if abs(r_all[i] - 1.0) < 1e-6]
+  if full and acm_share is not None:
+    base = rows[full[0]]["images_per_s"]
+    ax.plot(grid[1:], base / (1 - acm_share + acm_share * grid[1:]), ls="--", color="black",
+            label=f"ideal (FLOPs; ACMs {100 * acm_share:.0f}% of the model)")
+  ax.set_ylabel("images / s")
+  model = rows[0].get("model", "ViT")
+  ax.set_title(f"{model} throughput ({', '.join(sorted(devices))})", fontsize=10)
+
+
 def plot_latency(report: Report, bench_dir: Path, acm_share: float | None) -> None:
   if not bench_dir.is_dir():
     raise Skip(f"no benchmark directory {bench_dir} (the GPU benchmarks write kernel_<gpu>.json and "
@@ -258,35 +330,16 @@ def plot_latency(report: Report, bench_dir: Path, acm_share: float | None) -> No
     if bad:
       raise Skip(f"{name}_<gpu>.json rows lack {sorted(needed - set(bad[0]))} (got keys {sorted(bad[0])})")
   panels = [p for p in (("kernel", kernel), ("vit", vit)) if p[1]]
-  fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.2), squeeze=False, layout="constrained")
+  grid = np.linspace(0.0, 1.0, 21)
   for ax, (name, rows) in zip(axes[0], panels):
-    series: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-      shape = f" d={row['d']} T={row['tokens']}" if name == "kernel" and "d" in row and "tokens" in row else ""
-      series.setdefault(f"{row['device']} {row['impl']}{shape}", []).append(i)
-    r_all = _fraction(rows)
-    grid = np.linspace(0.0, 1.0, 21)
-    for label, idx in series.items():
-      order = sorted(idx, key=lambda i: r_all[i])
-      r = r_all[order]
-      if name == "kernel":
-        ax.plot(r, [rows[i]["ratio_to_dense"] for i in order], marker="o", label=label)
-      else:
-        ax.plot(r, [rows[i]["images_per_s"] for i in order], marker="o", label=label)
     if name == "kernel":
-      ax.plot(grid, grid, ls="--", color="black", label="ideal (time ∝ k/N)")
-      ax.set_ylabel("time relative to the dense block")
-      ax.set_title("ACM layer latency")
+      _kernel_panel(ax, rows, grid)
     else:
-      full = [i for i in range(len(rows)) if abs(r_all[i] - 1.0) < 1e-6]
-      if full and acm_share is not None:
-        base = rows[full[0]]["images_per_s"]
-        ax.plot(grid[1:], base / (1 - acm_share + acm_share * grid[1:]), ls="--", color="black",
-                label=f"ideal (FLOPs; ACMs {100 * acm_share:.0f}% of the model)")
-      ax.set_ylabel("images / s")
-      ax.set_title("ViT throughput")
+      _vit_panel(ax, rows, grid, acm_share)
     ax.set_xlabel("mean executed learners k / N")
     ax.set_xlim(0, 1.05)
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   report.save(fig, "latency_vs_k.png", "Latency of an ACM layer (relative to the dense block it replaces) and "
@@ -425,14 +478,20 @@ class Models:
 
   def load(self, run: Run):
     from acm_jax.train import loop
-    return loop.load_params(run.path, self.shapes("acm"), f"{run.name} run")
+    try:
+      return loop.load_params(run.path, self.shapes("acm"), f"{run.name} run")
+    except (ValueError, FileNotFoundError) as e:
+      raise Skip(f"cannot load {run.path / 'params'}: {e}") from None
 
   def load_dense(self):
     from acm_jax.train import loop, phases
     pretrain = self.exp.run_dir("pretrain")
-    if loop.params_dir(pretrain).exists() or self.exp.config.init is None:
-      return loop.load_params(pretrain, self.shapes("dense"), "pretrain phase (or --init)")
-    return phases.dense_params(self.exp)
+    try:
+      if loop.params_dir(pretrain).exists() or self.exp.config.init is None:
+        return loop.load_params(pretrain, self.shapes("dense"), "pretrain phase (or --init)")
+      return phases.dense_params(self.exp)
+    except (ValueError, FileNotFoundError) as e:
+      raise Skip(f"cannot load the dense model: {e}") from None
 
   def run(self, params, images: np.ndarray, mode: str, fixed_k: int | None = None):
     """Predictions in fixed-size batches (one compilation): logits (n, classes), k (acms, n, tokens)."""
@@ -523,21 +582,24 @@ def plot_token_maps(report: Report, models: Models, runs: list[Run], images: dic
   n = len(pictures)
   fig, axes = plt.subplots(1 + len(acms), n, figsize=(1.25 * n + 1.2, 1.3 * (1 + len(acms)) + 0.4), squeeze=False)
   for j in range(n):
-    axes[0, j].imshow(pictures[j])
+    axes[0, j].imshow(pictures[j], interpolation="nearest")
   axes[0, 0].set_ylabel("image", fontsize=8)
-  height, width = pictures.shape[1:3]
+  colours = plt.get_cmap("inferno")
   for i, run in enumerate(acms, start=1):
     _, k = models.run(models.load(run), images["image"], "argmax")
     maps = k_maps(k)
+    scale = pictures.shape[1] // maps.shape[1]
+    heat = colours(np.kron(maps, np.ones((1, scale, scale))) / max_total)[..., :3]
+    # blended here rather than with an alpha layer: flat patches keep the PNG small
+    blended = (1.0 - OVERLAY_ALPHA) * pictures + OVERLAY_ALPHA * heat
     fraction = float(np.mean(k.sum(0)[:, 1:])) / max_total
     for j in range(n):
-      axes[i, j].imshow(pictures[j])
-      shown = axes[i, j].imshow(maps[j], cmap="inferno", alpha=0.55, vmin=0, vmax=max_total,
-                                extent=(0, width, height, 0), interpolation="nearest")
+      axes[i, j].imshow(blended[j], interpolation="nearest")
     axes[i, 0].set_ylabel(f"β={budget_of(run):.2f}\nk/N={fraction:.2f}", fontsize=8)
   for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])
+  shown = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, max_total), colours)
   bar = fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
   bar.set_label(f"Σ k over the {len(specs)} ACM layers", fontsize=8)
   fig.suptitle("Where the compute goes: executed learners per patch", fontsize=10)
@@ -571,16 +633,19 @@ def shift_results(models: Models, runs: list[Run], images: dict[str, np.ndarray]
   try:
     dense = models.load_dense()
     candidates.append(("dense", lambda x: models.run(dense, x, "dense")))
-  except FileNotFoundError as e:
-    report.note(f"dense model left out of the shift figure: {e}")
-  for run in runs:
-    if run.kind == "static" and (run.path / "params").is_dir():
+  except Skip as e:
+    report.note(f"dense model left out of shift.png: {e}")
+  finished = [r for r in runs if r.kind == "static"] + acm_runs(runs, evaluated=False)
+  for run in (r for r in finished if (r.path / "params").is_dir()):
+    try:
+      params = models.load(run)
+    except Skip as e:
+      report.note(f"{run.name} left out of shift.png: {e}")
+      continue
+    if run.kind == "static":
       k = int(run.name[len("static_k"):])
-      params = models.load(run)
       candidates.append((f"static k={k}", lambda x, p=params, k=k: models.run(p, x, "fixed", k)))
-  for run in acm_runs(runs, evaluated=False):
-    if (run.path / "params").is_dir():
-      params = models.load(run)
+    else:
       candidates.append((f"ACM β={budget_of(run):.2f}", lambda x, p=params: models.run(p, x, "argmax")))
   if not candidates:
     raise Skip("no finished model to run (no params/ in pretrain, static_k* or finetune_b*)")
@@ -693,7 +758,7 @@ def write_report(workdir: str | Path, out: str | Path | None = None, bench_dir: 
   if not workdir.is_dir():
     why = f"the work directory {workdir} does not exist"
   else:
-    runs = find_runs(workdir)
+    runs = find_runs(workdir, report)
     why = (f"the work directory {workdir} holds no run (no */config.json); run "
            "`python -m experiments.vit_imagenet --phase=sweep` first")
   if runs:

@@ -20,9 +20,10 @@ REPORT = ["--examples=32", "--map_images=4"]
 
 def write_benchmarks(folder: Path) -> Path:
   folder.mkdir(parents=True, exist_ok=True)
-  kernel = [{"device": "H100", "date": "2026-11-24", "jax_version": "0.11", "d": 768, "h": 768, "num_learners": 4,
-             "tokens": 8192, "r": r, "impl": impl, "ms": 1.0 * r + 0.05, "ratio_to_dense": r + 0.05}
-            for impl in ("xla", "pallas") for r in (0.25, 0.5, 0.75, 1.0)]
+  kernel = [{"device": "H100", "date": "2026-11-24", "jax_version": "0.11", "d": d, "h": d, "num_learners": 4,
+             "tokens": tokens, "r": r, "impl": impl, "ms": 1.0 * r + 0.05, "ratio_to_dense": r + 0.05}
+            for d in (384, 768) for tokens in (8192, 50432) for r in (0.25, 0.5, 0.75, 1.0)
+            for impl in ("dense_xla", "ideal", "overhead", "ragged_dot_xla", "pallas", "pallas_e2e")]
   vit = [{"device": "H100", "date": "2026-11-24", "model": "vit_b16", "r": r, "impl": "pallas",
           "images_per_s": 3000 / (0.4 + 0.6 * r), "ratio_to_dense": 1 / (0.4 + 0.6 * r)} for r in (0.25, 0.5, 1.0)]
   (folder / "kernel_h100.json").write_text(json.dumps(kernel))
@@ -57,6 +58,8 @@ def test_report_writes_every_figure_and_the_eval_numbers(workdir, tmp_path, caps
   bench = write_benchmarks(tmp_path / "bench")
   curves = [{"method": "MoEfication", "setting": f"k={k}", "gflops_per_image": 0.02 + 0.002 * k, "top1": 0.05 * k,
              "budget_or_threshold": k} for k in (1, 2, 3)]
+  curves.append({"method": "acm", "setting": "finetuned at budget 0.5", "gflops_per_image": 1.0, "top1": 0.99,
+                 "budget_or_threshold": 0.5})  # the same run as finetune_b0.50: drawn once, from its eval.json
   (workdir / "curves.json").write_text(json.dumps(curves))
   out = tmp_path / "report"
   tic = time.time()
@@ -121,6 +124,8 @@ def test_mixed_models_missing_benchmarks_and_missing_phase_files_are_reported(tm
   fake_run(workdir, "finetune_b0.50", "tiny", acm_record("acm_b0.50", 0.45, 0.026))
   fake_run(workdir, "finetune_b0.25", "tiny", acm_record("acm_b0.25", 0.40, 0.021))
   fake_run(workdir, "finetune_b0.75", "vit_s16", acm_record("acm_b0.75", 0.70, 3.1))
+  fake_run(workdir, "static_k1", "tiny", None)
+  (workdir / "static_k1" / "eval.json").write_text("{not json")
   (tmp_path / "bench").mkdir()
   out = tmp_path / "out"
   assert report_main.main([f"--workdir={workdir}", f"--out={out}", f"--benchmarks={tmp_path / 'bench'}",
@@ -128,6 +133,7 @@ def test_mixed_models_missing_benchmarks_and_missing_phase_files_are_reported(tm
   printed = capsys.readouterr().out
   assert "runs of different models are mixed" in printed and "finetune_b0.75" in printed and "vit_s16" in printed
   assert f"skipped latency_vs_k.png: no kernel_<gpu>.json or vit_<gpu>.json in {tmp_path / 'bench'}" in printed
+  assert "run static_k1 left out: evaluation at" in printed and "is not valid JSON" in printed
   assert "skipped distillation_error.png: no distillation errors" in printed
   assert "skipped gate_labels.png: no gate-label distribution" in printed
   assert "skipped token_compute_maps.png: no finished ACM run" in printed
@@ -156,3 +162,13 @@ def test_bad_budgets_stop_before_work(tmp_path, capsys, budgets):
   assert vit_imagenet.main([f"--workdir={tmp_path}", "--phase=sweep", f"--budgets={budgets}", *TINY]) == 2
   assert "--budgets must be comma-separated numbers in (0, 1]" in capsys.readouterr().err
   assert not any(tmp_path.iterdir())
+
+
+def test_curves_of_compare_are_named_and_do_not_duplicate_our_runs(tmp_path):
+  runs = [report_lib.Run("finetune_b0.50", tmp_path, {}, acm_record("acm_b0.50", 0.45, 0.026)),
+          report_lib.Run("pretrain", tmp_path, {}, {"model": "dense", "top1": 0.5, "gflops_per_image": 0.035})]
+  curves = [{"method": "acm", "setting": "b0.5", "gflops_per_image": 0.026, "top1": 0.45},
+            {"method": "static", "setting": "k=2/4", "gflops_per_image": 0.024, "top1": 0.40},
+            {"method": "moefication", "setting": "top2/16", "gflops_per_image": 0.03, "top1": 0.3}]
+  points = report_lib.accuracy_points(runs, curves)
+  assert sorted(p["method"] for p in points) == ["ACM (ours)", "MoEfication", "dense", "static width"]
