@@ -262,8 +262,8 @@ def _load_benchmarks(bench_dir: Path, prefix: str) -> list[dict]:
 
 
 def _fraction(rows: list[dict]) -> np.ndarray:
-  """`r` as the mean executed learners over N (files may give r as mean k)."""
-  r = np.array([float(row["r"]) for row in rows])
+  """The mean executed learners over N (measured when the file has it; files may give r as mean k)."""
+  r = np.array([float(row.get("r_measured", row["r"])) for row in rows])
   if r.max(initial=0) > 1.0:
     r = r / np.array([float(row.get("num_learners", 4)) for row in rows])
   return r
@@ -306,14 +306,16 @@ def _vit_panel(ax, rows: list[dict], grid: np.ndarray, acm_share: float | None) 
   devices = {row["device"] for row in rows}
   for label, idx in _series(rows, lambda row: row["impl"] + (f" ({row['device']})" if len(devices) > 1 else "")).items():
     order = sorted(idx, key=lambda i: r_all[i])
-    ax.plot(r_all[order], [rows[i]["images_per_s"] for i in order], marker="o", ms=4, label=label)
+    style = dict(marker="*", ms=12, color="black", ls="none") if rows[idx[0]]["impl"] == "dense" else dict(
+        marker="o", ms=4)
+    ax.plot(r_all[order], [rows[i]["images_per_s"] for i in order], label=label, **style)
   full = [i for i in range(len(rows)) if abs(r_all[i] - 1.0) < 1e-6]
   if full and acm_share is not None:
     base = rows[full[0]]["images_per_s"]
     ax.plot(grid[1:], base / (1 - acm_share + acm_share * grid[1:]), ls="--", color="black",
-            label=f"ideal (FLOPs; ACMs {100 * acm_share:.0f}% of the model)")
+            label=f"ideal (∝ FLOPs; MLPs {100 * acm_share:.0f}% of the dense model)")
   ax.set_ylabel("images / s")
-  model = rows[0].get("model", "ViT")
+  model = str(rows[0].get("model", "ViT")).removesuffix("_acm")
   ax.set_title(f"{model} throughput ({', '.join(sorted(devices))})", fontsize=10)
 
 
@@ -799,7 +801,7 @@ def _vit_share(bench_dir: Path) -> float | None:
     models = [row.get("model") for row in _load_benchmarks(bench_dir, "vit")]
   except Skip:
     return None
-  return mlp_share(models[0]) if models and models[0] else None
+  return mlp_share(models[0].removesuffix("_acm")) if models and models[0] else None
 
 
 def write_summary(report: Report, workdir: Path, runs: list[Run]) -> None:
