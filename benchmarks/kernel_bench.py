@@ -18,8 +18,9 @@ For ViT-B (d=768, N=4, h=768) and ViT-L (d=1024, N=4, h=1024), T in {8192,
                      the issue's target is judged on
   ideal              r x dense_xla
 Per-token k follows Binomial(N, r) counts (exact mean r), tokens in random order.
-Timing: jit, warm-up, median over 30 repetitions of 5 back-to-back calls, inputs
-rotated over 4 sets when they fit in L2; ratios against dense_xla of the same shape.
+Timing: the op on 4 distinct input sets (2 at T=50432) back to back inside one
+jitted call, after warm-up; median of 20 such calls divided by the number of sets.
+Ratios against dense_xla of the same shape and T, measured in the same process.
 """
 
 from __future__ import annotations
@@ -54,18 +55,25 @@ def log(*args):
 # Timing
 
 
-def time_fn(fn, arg_sets, reps=30, inner=5):
-  """Median ms per call of fn(*args), rotating over arg_sets, after warm-up."""
-  jax.block_until_ready(fn(*arg_sets[0]))
-  for args in arg_sets:
-    jax.block_until_ready(fn(*args))
+_MULTI = {}
+
+
+def time_fn(fn, arg_sets, reps=20):
+  """Median ms per call of fn over arg_sets (>= 2 distinct input sets).
+
+  All sets run back to back inside one jitted call, so the figure is device
+  time without per-call dispatch gaps, and consecutive calls never see the
+  same inputs (no L2 reuse between them, no common-subexpression merging).
+  """
+  if fn not in _MULTI:  # one jit per route, so each (shape, T) compiles once across r
+    _MULTI[fn] = jax.jit(lambda sets: [fn(*args) for args in sets])
+  multi = _MULTI[fn]
+  jax.block_until_ready(multi(arg_sets))
   samples = []
-  for r in range(reps):
+  for _ in range(reps):
     t0 = time.perf_counter()
-    for j in range(inner):
-      out = fn(*arg_sets[(r * inner + j) % len(arg_sets)])
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - t0) / inner * 1e3)
+    jax.block_until_ready(multi(arg_sets))
+    samples.append((time.perf_counter() - t0) / len(arg_sets) * 1e3)
   return float(np.median(samples))
 
 
@@ -278,11 +286,10 @@ def combine(best_up, best_down):
 
 def tune(impls, shape="vit_b", tokens=50432, r=0.5, log_path=None):
   d, n, h = SHAPES[shape]
-  k, sets = make_inputs(d, n, h, tokens, r, sets=1)
+  k, sets = make_inputs(d, n, h, tokens, r, sets=2)
   ks = jnp.asarray(np.sort(k)[::-1].copy())
-  p = sets[0]
-  args = [(p["x"], ks, p["w1"], p["b1"], p["w2"], p["bias"])]
-  dense = time_fn(jax.jit(dense_mlp), [(p["x"], p["w1"], p["b1"], p["w2"], p["bias"][n])])
+  args = [(p["x"], ks, p["w1"], p["b1"], p["w2"], p["bias"]) for p in sets]
+  dense = time_fn(dense_mlp, [(p["x"], p["w1"], p["b1"], p["w2"], p["bias"][n]) for p in sets])
   log(f"tune {shape} T={tokens} r={r}: dense_xla {dense:.3f} ms")
   best = {}
   for name, fn in impls.items():
@@ -290,7 +297,7 @@ def tune(impls, shape="vit_b", tokens=50432, r=0.5, log_path=None):
     for label, cfg, per_sm in tune_space():
       pk.PROGRAMS_PER_SM = per_sm
       try:
-        ms = time_fn(jax.jit(functools.partial(fn, num_learners=n, **cfg)), args, reps=15)
+        ms = time_fn(functools.partial(fn, num_learners=n, **cfg), args, reps=10)
       except Exception as err:  # a config that fails to compile is skipped, and logged
         log(f"tune {name} {label}: failed {type(err).__name__}: {str(err)[:200]}")
         continue
@@ -304,7 +311,7 @@ def tune(impls, shape="vit_b", tokens=50432, r=0.5, log_path=None):
     cands = [min(results, key=lambda x: x[0])]
     if ups and downs:
       combo = combine(min(ups, key=lambda x: x[0])[2], min(downs, key=lambda x: x[0])[2])
-      ms = time_fn(jax.jit(functools.partial(fn, num_learners=n, **combo)), args, reps=15)
+      ms = time_fn(functools.partial(fn, num_learners=n, **combo), args, reps=10)
       log(f"tune {name} combined best up + best down: {ms:.3f} ms ({ms / dense:.3f} of dense)")
       cands.append((ms, "combined", combo))
     best[name] = min(cands, key=lambda x: x[0])
@@ -333,11 +340,11 @@ def bench(impls, configs, shapes, tokens_list, ratios):
   for shape in shapes:
     d, n, h = SHAPES[shape]
     # jitted once per shape so that each (shape, T) compiles once across the r values
-    jitted = {"dense_xla": jax.jit(dense_mlp), "masked_dense_xla": jax.jit(functools.partial(masked_dense, n=n)),
-              "ragged_dot_xla": jax.jit(functools.partial(ragged_dot_route, n=n)),
-              "overhead": jax.jit(functools.partial(overhead_fused, n=n)),
-              "overhead_argsort": jax.jit(functools.partial(overhead_fused, n=n, method="argsort")),
-              "overhead_unfused": jax.jit(overhead_unfused)}
+    jitted = {"dense_xla": dense_mlp, "masked_dense_xla": functools.partial(masked_dense, n=n),
+              "ragged_dot_xla": functools.partial(ragged_dot_route, n=n),
+              "overhead": functools.partial(overhead_fused, n=n),
+              "overhead_argsort": functools.partial(overhead_fused, n=n, method="argsort"),
+              "overhead_unfused": overhead_unfused}
     for name, fn in impls.items():
       kernel = functools.partial(fn, num_learners=n, **configs.get(name, {}))
 
@@ -345,11 +352,11 @@ def bench(impls, configs, shapes, tokens_list, ratios):
         kk = gate_choices(x, wg, hint)
         return kernel(x, kk, w1, b1, w2, bias, order=pk.sort_order(kk, n))
 
-      jitted[name] = jax.jit(kernel)
-      jitted[f"{name}_e2e"] = jax.jit(e2e)
+      jitted[name] = kernel
+      jitted[f"{name}_e2e"] = e2e
       jitted[f"{name}_unsorted"] = jax.jit(lambda x, kk, *w, kernel=kernel: kernel(x, kk, *w, order=pk.sort_order(kk, n)))
     for tokens in tokens_list:
-      sets = 4 if tokens * d * 2 * 2 + 3 * d * n * h * 2 < 50e6 else 1
+      sets = 4 if tokens * d * 2 * 2 + 3 * d * n * h * 2 < 50e6 else 2
       dense_ms = None
       for r in ratios:
         k_np, params = make_inputs(d, n, h, tokens, r, sets)
@@ -370,7 +377,7 @@ def bench(impls, configs, shapes, tokens_list, ratios):
             "masked_dense_xla": (jitted["masked_dense_xla"], full),
             "ragged_dot_xla": (jitted["ragged_dot_xla"], full),
             # prefix lengths are trace-time constants here, so this one compiles per r
-            "gather_loop_xla": (jax.jit(functools.partial(gather_loop, n=n, prefix=prefix)), full),
+            "gather_loop_xla": (functools.partial(gather_loop, n=n, prefix=prefix), full),
             "overhead": (jitted["overhead"], [(p["x"], p["wg"], hint) for p in params]),
             "overhead_argsort": (jitted["overhead_argsort"], [(p["x"], p["wg"], hint) for p in params]),
             "overhead_unfused": (jitted["overhead_unfused"], [(p["x"], p["wg"], hint, p["x"]) for p in params]),
