@@ -301,7 +301,9 @@ def read(path: str | Path) -> Converted:
                      config.get("layer_norm_eps", 1e-12), "gelu" if activation == "gelu" else activation)
   if naming == "timm":
     params, origin, unmapped = rename(raw, TIMM_RULES)
-    return Converted(str(weights), "timm", params, origin, unmapped, None, 1e-6)
+    # timm's hub config.json names the architecture; explicit model_args may give the heads
+    heads = ((config or {}).get("model_args") or {}).get("num_heads")
+    return Converted(str(weights), "timm", params, origin, unmapped, heads, 1e-6)
   params, origin, unmapped = rename(raw, AUGREG_RULES)
   query = params.get("block_0/attn/query/dense/kernel")
   heads = raw[origin["block_0/attn/query/dense/kernel"]].shape[1] if query is not None else None
