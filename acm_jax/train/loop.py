@@ -93,16 +93,23 @@ def save_params(run_dir: str | Path, params: PyTree) -> None:
 
 
 def load_params(run_dir: str | Path, expected: PyTree, what: str) -> PyTree:
-  """Restores `<run_dir>/params`, checking every name and shape against `expected`.
+  """Restores `<run_dir>/params`, checking every name and shape against `expected`
+  (arrays or `jax.ShapeDtypeStruct`s; only shapes and dtypes are used).
 
-  `what` names the producing phase in the error ("the distill phase").
+  `what` names the producing phase in the error ("the distill phase"). The
+  arrays land on this process's first device whatever the topology they were
+  saved from (a run trained on a GPU evaluates on a CPU).
   """
   path = params_dir(run_dir)
   if not path.exists():
     raise FileNotFoundError(f"no finished {what} checkpoint at {path}; run that phase first")
-  restored = ocp.StandardCheckpointer().restore(path)
-  check_same_structure(restored, expected, str(path))
-  return jax.tree.map(lambda r, e: np.asarray(r, dtype=e.dtype), restored, expected)
+  checkpointer = ocp.StandardCheckpointer()
+  found = checkpointer.metadata(path).item_metadata
+  check_same_structure(jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(found)),
+                       expected, str(path))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda e: jax.ShapeDtypeStruct(np.shape(e), e.dtype, sharding=device), expected)
+  return checkpointer.restore(path, target)
 
 
 def check_same_structure(found: PyTree, expected: PyTree, source: str) -> None:
