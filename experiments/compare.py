@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import time
 
@@ -111,14 +112,15 @@ def run(args, cfg, bcfg) -> list[dict]:
   tic = time.time()
   if not baselines.has_dense_checkpoint(exp):
     phases.pretrain(exp)
+  dense = functools.cache(lambda: phases.dense_params(exp))  # loaded once, only if a run needs it
   runners = {
       "acm": lambda: baselines.run_acm(exp, bcfg, p.budgets, p.any_budgets, args.any_budget_model),
       "static": lambda: baselines.run_static(exp, p.static_ks),
-      "moefication": lambda: baselines.run_moefication(exp, bcfg, p.moe_top_k),
-      "early_exit": lambda: baselines.run_early_exit(exp, bcfg, p.thresholds),
-      "token_halting": lambda: baselines.run_token_halting(exp, bcfg, p.halting_depths),
+      "moefication": lambda: baselines.run_moefication(exp, bcfg, dense, p.moe_top_k),
+      "early_exit": lambda: baselines.run_early_exit(exp, bcfg, dense, p.thresholds),
+      "token_halting": lambda: baselines.run_token_halting(exp, bcfg, dense, p.halting_depths),
   }
-  records = baselines.run_dense(exp)
+  records = baselines.run_dense(exp, dense)
   for method in p.methods:
     records += runners[method]()
     phases.write_json(exp.workdir / "curves.json", records)  # partial results stay visible

@@ -58,10 +58,12 @@ def forward(cfg: ViTConfig, halting: Halting, params: PyTree, images: jax.Array)
     active.append(alive.sum(-1))
     mask = None if not halting.enabled else alive[:, None, None, :]
     x = jnp.where(alive[..., None], common.block(cfg, dense, i, x, mask), x)
-    if i < cfg.depth - 1 and halting.enabled:
+    if i == cfg.depth - 1:
+      score = jnp.ones((batch, tokens), jnp.float32)
+    elif halting.enabled:
       score = jax.nn.sigmoid(params["halting"]["scale"] * x[..., 0].astype(jnp.float32) + params["halting"]["shift"])
     else:
-      score = jnp.ones((batch, tokens), jnp.float32)
+      score = jnp.zeros((batch, tokens), jnp.float32)
     score = score * alive
     stops = alive & (cumulative + score >= 1.0 - halting.eps)
     weight = jnp.where(stops, 1.0 - cumulative, score)
