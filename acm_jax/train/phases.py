@@ -45,6 +45,9 @@ class Experiment:
   flops: Callable[[Mapping[str, float] | None, bool], dict]  # (mean k per ACM, dense?) -> counts per example
   iterator: Callable[..., Iterator[dict]]  # with `acm_jax.data.make_iterator`'s signature
   group_masks: bool = False  # ask the test iterator for masks of token groups (with_masks=True)
+  # metrics computed on the host from [(task.host_outputs, batch), ...] of every eval batch (e.g. WER)
+  host_metrics: Callable[[list[tuple[Any, dict]]], dict] | None = None
+  load_init: Callable[[str, PyTree], PyTree] | None = None  # reads --init; default: acm_jax.checkpoints.load_dense
 
   @property
   def workdir(self) -> Path:
@@ -156,6 +159,8 @@ def _train(exp: Experiment, phase: str, params: PyTree, tx, step_fn) -> PyTree:
 def dense_params(exp: Experiment) -> PyTree:
   expected = init_params(exp, "dense", 0)
   if exp.config.init is not None:
+    if exp.load_init is not None:
+      return exp.load_init(exp.config.init, expected)
     from acm_jax import checkpoints
     return checkpoints.load_dense(exp.config.init, expected)
   return loop.load_params(exp.run_dir("pretrain"), expected, "pretrain phase (or pass --init)")
@@ -242,15 +247,19 @@ def evaluate(exp: Experiment, params: PyTree, model: str, mode: str, fixed_k: in
              cost_shift: float = 0.0) -> dict:
   """Top-1, GFLOPs/image, mean k and share of each k per ACM on the test split."""
   step = jax.jit(functools.partial(steps.eval_step, exp.task, mode, fixed_k, cost_shift=cost_shift))
-  totals = None
+  totals, host = None, []
   for batch in _eval_batches(exp, with_masks=exp.group_masks):
     out = jax.device_get(step(params, batch))
+    if "host" in out:
+      host.append((out.pop("host"), batch))
     totals = out if totals is None else jax.tree.map(np.add, totals, out)
   if totals is None:
     raise ValueError(f"the test split of {exp.config.dataset!r} produced no examples")
   scores = totals["scores"]
   record = {"model": model, "examples": int(scores["examples"])}
   record.update({name: float(value / scores["examples"]) for name, value in scores.items() if name != "examples"})
+  if exp.host_metrics is not None:
+    record.update(exp.host_metrics(host))
   if mode == "dense":
     record["gflops_per_image"] = flops_lib.gflops(exp.flops(None, True)["total"])
     return record

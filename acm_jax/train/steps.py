@@ -40,7 +40,9 @@ class Task:
   label_smoothing)` gives the task loss; `score(outputs, batch)` gives a dict of
   sums to accumulate in eval (at least "examples"); `token_groups(batch)`
   optionally gives named (batch, tokens) boolean masks, e.g. object/background,
-  on which eval reports the mean k."""
+  on which eval reports the mean k. `host_outputs(outputs, batch)` optionally
+  picks per-batch arrays that eval hands to the host unsummed (e.g. greedy CTC
+  ids, decoded into transcripts for WER)."""
   dense_model: nn.Module
   acm_model: nn.Module
   acm_specs: tuple[ACMSpec, ...]
@@ -48,6 +50,7 @@ class Task:
   loss: Callable[[jax.Array, dict, float], jax.Array]
   score: Callable[[jax.Array, dict], dict[str, jax.Array]]
   token_groups: Callable[[dict], dict[str, jax.Array]] | None = None
+  host_outputs: Callable[[jax.Array, dict], Any] | None = None
 
   @property
   def paths(self) -> list[str]:
@@ -194,13 +197,15 @@ def eval_step(task: Task, mode: str, fixed_k: int | None, params: PyTree, batch:
   """Sums over one batch: task scores, and per ACM a histogram of k (N+1,) and,
   for each token group, the sum of k and the token count. `cost_shift` moves the
   gates toward less compute (see `acm.ACM`), e.g. as calibrated to a budget."""
+  keep = (lambda outputs: {"host": task.host_outputs(outputs, batch)}) if task.host_outputs else lambda _: {}
   if mode == "dense":
-    return {"scores": task.score(task.dense_model.apply({"params": params}, task.inputs(batch)), batch)}
+    outputs = task.dense_model.apply({"params": params}, task.inputs(batch))
+    return {"scores": task.score(outputs, batch), **keep(outputs)}
   outputs, aux = task.acm_model.apply({"params": params}, task.inputs(batch), mode=mode,
                                       fixed_k=fixed_k, cost_shift=cost_shift, mutable=["acm"])
   choices = acm_choices(task, aux)
   valid = batch.get("valid")
-  out = {"scores": task.score(outputs, batch), "k_hist": {}, "groups": {}}
+  out = {"scores": task.score(outputs, batch), "k_hist": {}, "groups": {}, **keep(outputs)}
   groups = task.token_groups(batch) if task.token_groups is not None else {}
   for spec, choice in zip(task.acm_specs, choices):
     weight = jnp.ones(choice.shape[:-1]) if valid is None else jnp.broadcast_to(
