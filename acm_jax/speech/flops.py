@@ -1,0 +1,66 @@
+"""Analytic FLOPs of Wav2Vec2, dense or ACMized, per second of audio.
+
+Same conventions as `acm_jax.flops` (multiply-add = 2 FLOPs, elementwise work
+approximated); the encoder blocks and ACMs are counted by the same helpers.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from acm_jax import acm as acm_lib
+from acm_jax import flops as flops_lib
+from acm_jax.models import transformer
+from acm_jax.models.wav2vec2 import Wav2Vec2Config
+
+_NORM = 7
+_GELU = 64
+
+
+def feature_encoder_flops(config: Wav2Vec2Config, num_samples: int) -> float:
+  total, length, channels = 0.0, num_samples, 1
+  for i, (dim, k, s) in enumerate(zip(config.conv_dim, config.conv_kernel, config.conv_stride)):
+    length = (length - k) // s + 1
+    total += 2 * length * k * channels * dim + config.conv_bias * length * dim + _GELU * length * dim
+    if config.feat_extract_norm == "layer" or i == 0:
+      total += _NORM * length * dim
+    channels = dim
+  return float(total)
+
+
+def wav2vec2_flops(config: Wav2Vec2Config, mean_k: Mapping[str, float] | None = None,
+                   seconds: float = 1.0) -> dict[str, float]:
+  """FLOPs for `seconds` of audio: {"total", "acm", "gate"} (acm includes gates).
+
+  `mean_k` maps each ACM path (`config.acm_paths()`) to its mean chosen k; a
+  missing path counts as k = N.
+  """
+  samples = int(round(seconds * config.sample_rate))
+  t, d = config.num_frames(samples), config.dim
+  groups, kpos = config.num_conv_pos_embedding_groups, config.num_conv_pos_embeddings
+  total = feature_encoder_flops(config, samples)
+  total += _NORM * t * config.conv_dim[-1] + 2 * t * config.conv_dim[-1] * d + t * d  # projection
+  total += 2 * t * kpos * d * d / groups + t * d + _GELU * t * d + t * d  # position conv, residual add
+  total += _NORM * t * d + 2 * t * d * config.vocab_size + t * config.vocab_size  # encoder norm, head
+  acm_total = gate_total = 0.0
+  acm_paths = set(config.acm_paths())
+  mean_k = dict(mean_k or {})
+  for b in range(config.depth):
+    parts = flops_lib.encoder_block_flops(t, d, config.mlp_dim, config.num_heads, config.activation)
+    total += parts["attention"] + parts["other"]
+    for name, paths in (("mlp", [f"block_{b}/mlp"]),
+                        ("projections", [f"block_{b}/attn/{p}" for p in transformer.PROJECTIONS])):
+      if not acm_paths.intersection(paths):
+        total += parts[name]
+        continue
+      acm = config.acm
+      width = acm.mlp_learner_width(config.mlp_dim) if name == "mlp" else acm.attention_learner_width(d)
+      activation = config.activation if name == "mlp" else "identity"
+      for path in paths:
+        n = acm.num_learners
+        cost = flops_lib._acm_block_flops(t, d, width, n, mean_k.get(path, n), activation,
+                                          acm.gate_depth, acm.gate_hidden)
+        total += cost
+        acm_total += cost
+        gate_total += t * acm_lib.gate_flops(d, n + 1, acm.gate_depth, acm.gate_hidden)
+  return {"total": float(total), "acm": float(acm_total), "gate": float(gate_total)}
