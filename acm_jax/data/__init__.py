@@ -1,15 +1,23 @@
 """Data: the embedded synthetic set and TFDS datasets, as iterators of numpy batches.
 
-Batches are dicts: "image" float32 (batch, H, W, 3) in [-1, 1], "label" int32
-(batch,), and for the synthetic set with `with_masks=True` "object_mask" bool
-(batch, H, W). The train split is shuffled, repeats forever and is a pure
-function of (seed, step): `start_step` resumes exactly where a run stopped. The
-test split is one ordered pass; its last batch may be smaller.
+Batches are dicts: "image" float32 (batch, H, W, 3) in [-1, 1] (x / 127.5 - 1, the
+ViT convention), "label" int32 (batch,), and for the synthetic set with
+`with_masks=True` "object_mask" bool (batch, H, W), True on the pixels of the
+object that decides the class.
+
+Defaults by split: "train" is shuffled, repeats forever and keeps every batch
+full; "test" is one ordered pass whose last batch may be smaller. Each can be
+overridden (`shuffle`, `repeat`, `drop_remainder`). The stream is a pure
+function of (seed, position): `start_step=s` starts at the batch an iterator
+started at 0 would yield as its s-th (0-based), without producing the ones
+before it, so a resumed run sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 from typing import Iterator
 
 import numpy as np
@@ -17,6 +25,7 @@ import numpy as np
 from acm_jax.data import synthetic
 
 SPLITS = ("train", "test")
+TFDS_PREFIX = "tfds:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,71 +37,110 @@ class DatasetInfo:
   num_test: int
 
 
-def _check(name: str, split: str | None = None) -> None:
-  if name != "synthetic" and not name.startswith("tfds:"):
+def _check_name(name: str) -> None:
+  if not isinstance(name, str) or (name != "synthetic" and not (name.startswith(TFDS_PREFIX) and name[5:])):
     raise ValueError(f"unknown dataset {name!r}; expected 'synthetic' or 'tfds:<name>' (e.g. tfds:imagenet2012)")
-  if split is not None and split not in SPLITS:
-    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
 
 
-def _synthetic_config(image_size: int | None, seed: int = 0) -> synthetic.SyntheticConfig:
-  size = image_size or synthetic.SyntheticConfig.image_size
-  if size < 16:
-    raise ValueError(f"synthetic images must be at least 16 pixels wide, got {size}")
-  return synthetic.SyntheticConfig(image_size=size, seed=seed)
+def _check_image_size(image_size: int | None) -> None:
+  if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+    raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
+
+
+def _synthetic_config(image_size: int | None) -> synthetic.SyntheticConfig:
+  # the data never depends on the training seed: runs with different seeds see the same images
+  if image_size is None:
+    return synthetic.SyntheticConfig()
+  return synthetic.SyntheticConfig(image_size=image_size)
 
 
 def get_dataset_info(name: str, image_size: int | None = None, data_dir: str | None = None) -> DatasetInfo:
-  _check(name)
+  """Classes, image size (None: the dataset's default, 224 for TFDS) and split sizes."""
+  _check_name(name)
+  _check_image_size(image_size)
   if name == "synthetic":
     cfg = _synthetic_config(image_size)
     return DatasetInfo(name, cfg.num_classes, cfg.image_size, cfg.num_train, cfg.num_test)
   from acm_jax.data import tfds_data
-  return tfds_data.get_info(name[len("tfds:"):], image_size, data_dir)
+  return tfds_data.get_info(name[len(TFDS_PREFIX):], image_size, data_dir)
 
 
-def train_indices(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-  """Indices of the train batch at `step`: consecutive slices of per-epoch permutations."""
-  start = step * batch_size
-  out, filled = np.empty(batch_size, np.int64), 0
-  while filled < batch_size:
-    epoch, offset = divmod(start + filled, num_examples)
-    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
-    take = min(batch_size - filled, num_examples - offset)
-    out[filled:filled + take] = perm[offset:offset + take]
-    filled += take
+def stream_indices(num_examples: int, start: int, count: int, seed: int, shuffle: bool) -> np.ndarray:
+  """Example indices at stream positions [start, start + count): position p is the (p mod n)-th
+  entry of epoch p // n, each epoch a fresh permutation drawn from (seed, epoch) when shuffling."""
+  positions = np.arange(start, start + count, dtype=np.int64)
+  epochs, offsets = np.divmod(positions, num_examples)
+  if not shuffle:
+    return offsets
+  out = np.empty(count, np.int64)
+  for epoch in np.unique(epochs):
+    sel = epochs == epoch
+    out[sel] = _permutation(num_examples, seed, int(epoch))[offsets[sel]]
   return out
 
 
-def _synthetic_iterator(split: str, batch_size: int, image_size: int | None, seed: int, start_step: int,
-                        with_masks: bool, drop_remainder: bool) -> Iterator[dict]:
-  # the data itself does not depend on the training seed: runs with other seeds see the same images
+@functools.lru_cache(maxsize=4)
+def _permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def batch_bounds(num_examples: int, batch_size: int, start_step: int, repeat: bool,
+                 drop_remainder: bool) -> Iterator[tuple[int, int]]:
+  """(first stream position, size) of each batch from `start_step` on."""
+  steps = itertools.count(start_step)
+  for step in steps:
+    begin = step * batch_size
+    if repeat:
+      yield begin, batch_size
+      continue
+    size = min(batch_size, num_examples - begin)
+    if size <= 0 or (drop_remainder and size < batch_size):
+      return
+    yield begin, size
+
+
+def _synthetic_iterator(split: str, batch_size: int, image_size: int | None, seed: int, shuffle: bool,
+                        repeat: bool, drop_remainder: bool, start_step: int, with_masks: bool) -> Iterator[dict]:
   arrays = synthetic.generate(_synthetic_config(image_size))[split]
-  keys = ("image", "label", "object_mask") if with_masks else ("image", "label")
   n = len(arrays["label"])
-  if split == "train":
-    step = start_step
-    while True:
-      idx = train_indices(n, batch_size, seed, step)
-      yield {k: arrays[k][idx] for k in keys}
-      step += 1
-  stop = n - n % batch_size if drop_remainder else n
-  for begin in range(0, stop, batch_size):
-    yield {k: arrays[k][begin:begin + batch_size] for k in keys}
+  for begin, size in batch_bounds(n, batch_size, start_step, repeat, drop_remainder):
+    idx = stream_indices(n, begin, size, seed, shuffle)
+    if not shuffle and idx[-1] - idx[0] == size - 1:
+      idx = slice(idx[0], idx[-1] + 1)  # an ordered batch within one pass: a view, no gather
+    batch = {"image": synthetic.normalize(arrays["image"][idx]), "label": arrays["label"][idx]}
+    if with_masks:
+      batch["object_mask"] = arrays["object_mask"][idx]
+    yield batch
 
 
 def make_iterator(name: str, split: str, batch_size: int, *, image_size: int | None = None, seed: int = 0,
-                  data_dir: str | None = None, start_step: int = 0, with_masks: bool = False,
-                  drop_remainder: bool = False) -> Iterator[dict]:
-  _check(name, split)
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if start_step < 0:
-    raise ValueError(f"start_step must be >= 0, got {start_step}")
+                  data_dir: str | None = None, shuffle: bool | None = None, repeat: bool | None = None,
+                  drop_remainder: bool | None = None, start_step: int = 0, with_masks: bool = False
+                  ) -> Iterator[dict]:
+  """Batches of `split` ("train" or "test") of dataset `name`; see the module docstring.
+
+  `seed` drives the shuffling (and the random crops of TFDS train data), never the synthetic
+  images themselves. Arguments are checked here, before the first batch is asked for.
+  """
+  _check_name(name)
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+  if not isinstance(start_step, int) or start_step < 0:
+    raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
+  _check_image_size(image_size)
+  train = split == "train"
+  shuffle = train if shuffle is None else bool(shuffle)
+  repeat = train if repeat is None else bool(repeat)
+  drop_remainder = train if drop_remainder is None else bool(drop_remainder)
   if name == "synthetic":
-    return _synthetic_iterator(split, batch_size, image_size, seed, start_step, with_masks, drop_remainder)
+    _synthetic_config(image_size)  # validates the size now rather than at the first batch
+    return _synthetic_iterator(split, batch_size, image_size, seed, shuffle, repeat, drop_remainder, start_step,
+                               with_masks)
   if with_masks:
     raise ValueError(f"{name} has no object masks; with_masks=True is only for the synthetic set")
   from acm_jax.data import tfds_data
-  return tfds_data.make_iterator(name[len("tfds:"):], split, batch_size, image_size=image_size, seed=seed,
-                                 data_dir=data_dir, start_step=start_step, drop_remainder=drop_remainder)
+  return tfds_data.make_iterator(name[len(TFDS_PREFIX):], split, batch_size, image_size=image_size, seed=seed,
+                                 data_dir=data_dir, shuffle=shuffle, repeat=repeat, drop_remainder=drop_remainder,
+                                 start_step=start_step)

@@ -1,138 +1,229 @@
 """The embedded default: a generated image-classification set, no download.
 
-Each 32x32 image shows one coloured object on a textured, desaturated
-background, sometimes with a grey distractor object. The class is
-(shape, colour family): 5 shapes (circle, square, triangle, cross, ring), drawn
-rotated at random positions and scales, times 2 colour families (warm, cool).
-Background tokens carry no class information, object tokens carry all of it, so
-an adaptive model can spend its compute where the object is. Everything is
-deterministic given the seed; `object_mask` marks the object pixels.
+Each image shows one coloured object on a textured background, and in half of
+the images also a grey distractor object. The class is (shape, colour family):
+5 shapes (circle, square, triangle, cross, ring), drawn rotated at random
+positions and scales, times 2 colour families (warm, cool) by default; 3 or 4
+families (adding green, purple) give 15 or 20 classes, 1 family gives 5. Neither
+shape nor colour alone gives the class, and the distractor's shape is random,
+so a model must find the coloured object and read its outline: the tokens on it
+are hard, the background tokens (smooth gradients, low-contrast noise, random
+dull colours) carry no class information. An adaptive model can spend its
+compute where the object is.
+
+`generate` is deterministic given the config. Images are stored as uint8
+(30k 32x32 images: 92 MB) and turned into float32 in [-1, 1] per batch by
+`normalize`. `object_mask` marks the pixels of the class object only; the
+distractor is marked separately in `distractor_mask`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import os
+import tempfile
 
 import numpy as np
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
-COLOUR_FAMILIES = ("warm", "cool")
+# hue intervals (fractions of the colour wheel); the first two are far apart on the wheel
+COLOUR_FAMILIES = {"warm": (-0.04, 0.12), "cool": (0.50, 0.68), "green": (0.24, 0.40), "purple": (0.76, 0.90)}
+CHUNK = 1000  # examples generated from one child seed: the data does not depend on how it is split into work
+# set ACM_JAX_CACHE to a folder to cache generated sets there as .npz, or to "" to keep them in memory only
+CACHE_DIR = os.environ.get("ACM_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "acm_jax"))
 
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
   image_size: int = 32
-  num_train: int = 20000
-  num_test: int = 2000
+  num_train: int = 30000
+  num_test: int = 5000
+  num_classes: int = 10
   seed: int = 0
   distractor_probability: float = 0.5
+  object_scale: tuple[float, float] = (0.22, 0.35)  # radius range of the class object, fraction of image_size
+
+  def __post_init__(self):
+    valid_classes = tuple(len(SHAPES) * f for f in range(1, len(COLOUR_FAMILIES) + 1))
+    if self.num_classes not in valid_classes:
+      raise ValueError(f"synthetic num_classes must be one of {valid_classes} (5 shapes x colour families), "
+                       f"got {self.num_classes}")
+    if self.image_size < 16:
+      raise ValueError(f"synthetic image_size must be at least 16 pixels, got {self.image_size}")
+    if self.num_train < 1 or self.num_test < 1:
+      raise ValueError(f"synthetic num_train and num_test must be >= 1, got {self.num_train} / {self.num_test}")
+    if not 0.0 <= self.distractor_probability <= 1.0:
+      raise ValueError(f"distractor_probability must be in [0, 1], got {self.distractor_probability}")
 
   @property
-  def num_classes(self) -> int:
-    return len(SHAPES) * len(COLOUR_FAMILIES)
+  def num_families(self) -> int:
+    return self.num_classes // len(SHAPES)
 
 
 def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
-  """Vectorised HSV -> RGB, all in [0, 1]; returns (..., 3)."""
-  i = np.floor(h * 6.0).astype(np.int32) % 6
-  f = h * 6.0 - np.floor(h * 6.0)
-  p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-  table = np.stack([np.stack(c, -1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))])
-  return np.take_along_axis(np.moveaxis(table, 0, -2), i[..., None, None], axis=-2)[..., 0, :]
+  """Vectorised HSV -> RGB, all in [0, 1], hue taken modulo 1; returns (..., 3)."""
+  k = (np.array([5.0, 3.0, 1.0], np.float32) + 6.0 * (h[..., None] % 1.0)) % 6.0
+  return v[..., None] - v[..., None] * s[..., None] * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
-def _shape_masks(shape: np.ndarray, cx, cy, radius, angle, size: int) -> np.ndarray:
-  """(n,) shape ids and geometry -> (n, size, size) boolean masks."""
+_SHAPE_TESTS = (  # (u, w): pixel coordinates in the object's rotated frame in units of its radius; r = |(u, w)|
+    lambda u, w, r: r <= 1.0,                                                               # circle
+    lambda u, w, r: np.maximum(np.abs(u), np.abs(w)) <= 0.85,                               # square
+    lambda u, w, r: (w <= 0.7) & (w >= -1.0) & (np.abs(u) <= (w + 1.0) * 0.6),              # triangle
+    lambda u, w, r: (np.minimum(np.abs(u), np.abs(w)) <= 0.33) & (np.maximum(np.abs(u), np.abs(w)) <= 1.0),  # cross
+    lambda u, w, r: (r <= 1.0) & (r >= 0.5),                                                # ring
+)
+
+
+def shape_masks(shape: np.ndarray, cx: np.ndarray, cy: np.ndarray, radius: np.ndarray, angle: np.ndarray,
+                size: int) -> np.ndarray:
+  """(n,) shape ids, centres, radii (pixels) and angles -> (n, size, size) boolean masks."""
   coords = np.arange(size, dtype=np.float32) + 0.5
+  cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
   dx = coords[None, None, :] - cx[:, None, None]
   dy = coords[None, :, None] - cy[:, None, None]
-  cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
-  u, w = (cos * dx + sin * dy) / radius[:, None, None], (-sin * dx + cos * dy) / radius[:, None, None]
-  r = np.sqrt(u * u + w * w)
-  masks = np.stack([
-      r <= 1.0,                                                        # circle
-      np.maximum(np.abs(u), np.abs(w)) <= 0.8,                         # square
-      (w <= 0.7) & (np.abs(u) <= (w + 1.0) * 0.6) & (w >= -1.0),       # triangle
-      ((np.abs(u) <= 0.33) & (np.abs(w) <= 1.0)) | ((np.abs(w) <= 0.33) & (np.abs(u) <= 1.0)),  # cross
-      (r <= 1.0) & (r >= 0.55),                                        # ring
-  ])
-  return masks[shape, np.arange(len(shape))]
+  u = (cos * dx + sin * dy) / radius[:, None, None]
+  w = (cos * dy - sin * dx) / radius[:, None, None]
+  masks = np.empty(u.shape, bool)
+  for i, test in enumerate(_SHAPE_TESTS):
+    sel = shape == i
+    masks[sel] = test(u[sel], w[sel], np.hypot(u[sel], w[sel]))
+  return masks
+
+
+def _upsampler(cells: int, size: int) -> np.ndarray:
+  """(size, cells) matrix of bilinear interpolation weights from a coarse grid to the image."""
+  pos = np.linspace(0, cells - 1, size)
+  lo = np.minimum(pos.astype(np.int64), cells - 2)
+  weights = np.zeros((size, cells), np.float32)
+  weights[np.arange(size), lo] = 1 - (pos - lo)
+  weights[np.arange(size), lo + 1] = pos - lo
+  return weights
 
 
 def _backgrounds(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
-  """Desaturated gradients plus smooth low-contrast noise: (n, size, size, 3)."""
-  hue, sat = rng.uniform(0, 1, n), rng.uniform(0.0, 0.25, n)
-  base = _hsv_to_rgb(hue, sat, rng.uniform(0.25, 0.75, n))
-  coords = np.linspace(-1, 1, size, dtype=np.float32)
-  angle = rng.uniform(0, 2 * np.pi, n)
-  ramp = np.cos(angle)[:, None, None] * coords[None, None, :] + np.sin(angle)[:, None, None] * coords[None, :, None]
-  ramp = ramp * rng.uniform(0.0, 0.2, n)[:, None, None]
-  cells = -(-size // 4)
-  coarse = rng.normal(0, 1, (n, cells, cells, 3)).repeat(4, 1).repeat(4, 2)[:, :size, :size]
-  noise = 0.5 * coarse + 0.5 * rng.normal(0, 1, (n, size, size, 3))
-  noise = noise * rng.uniform(0.02, 0.08, n)[:, None, None, None]
-  return base[:, None, None, :] + ramp[..., None] + noise
+  """Dull random colours + linear gradients + smooth and fine low-contrast noise: (n, size, size, 3)."""
+  f32 = np.float32
+  base = _hsv_to_rgb(rng.uniform(0, 1, n).astype(f32), rng.uniform(0.0, 0.35, n).astype(f32),
+                     rng.uniform(0.2, 0.8, n).astype(f32))
+  coords = np.linspace(-1, 1, size, dtype=f32)
+  angle = rng.uniform(0, 2 * np.pi, n).astype(f32)
+  slope = rng.uniform(0.0, 0.25, n).astype(f32)
+  ramp = ((slope * np.cos(angle))[:, None, None] * coords[None, None, :]
+          + (slope * np.sin(angle))[:, None, None] * coords[None, :, None])
+  amplitude = rng.uniform(0.02, 0.1, (2, n)).astype(f32)
+  # blobs a few patches wide: a coarse random grid, bilinearly upsampled (channels first for the matmuls)
+  up = _upsampler(-(-size // 8) + 1, size)
+  coarse = rng.standard_normal((n, 3, up.shape[1], up.shape[1]), dtype=f32) * amplitude[0, :, None, None, None]
+  noise = (up @ coarse @ up.T).transpose(0, 2, 3, 1)
+  noise += rng.standard_normal((n, size, size, 3), dtype=f32) * amplitude[1, :, None, None, None]
+  noise += (ramp[..., None] + base[:, None, None, :])
+  return noise
 
 
-def _generate_chunk(config: SyntheticConfig, seed_sequence: np.random.SeedSequence, n: int):
+def _place(rng: np.random.Generator, n: int, size: int, scale: tuple[float, float]):
+  radius = (rng.uniform(*scale, n) * size).astype(np.float32)
+  margin = radius + 1.0
+  cx = rng.uniform(margin, size - margin).astype(np.float32)
+  cy = rng.uniform(margin, size - margin).astype(np.float32)
+  return cx, cy, radius, rng.uniform(0, 2 * np.pi, n).astype(np.float32)
+
+
+def _generate_chunk(config: SyntheticConfig, seed_sequence: np.random.SeedSequence, n: int) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed_sequence)
-  size = config.image_size
+  size, f32 = config.image_size, np.float32
   images = _backgrounds(rng, n, size)
   shape = rng.integers(0, len(SHAPES), n)
-  family = rng.integers(0, len(COLOUR_FAMILIES), n)
-  labels = shape * len(COLOUR_FAMILIES) + family
+  family = rng.integers(0, config.num_families, n)
 
-  def place(scale_low, scale_high):
-    radius = rng.uniform(scale_low, scale_high, n) * size
-    margin = radius + 1
-    cx, cy = rng.uniform(margin, size - margin), rng.uniform(margin, size - margin)
-    return cx, cy, radius, rng.uniform(0, 2 * np.pi, n)
-
-  # the distractor first, so the class object is drawn on top of it
+  # the distractor first, so that the class object is drawn over it where they overlap
   distract = rng.uniform(0, 1, n) < config.distractor_probability
-  d_shape = rng.integers(0, len(SHAPES), n)
-  d_mask = _shape_masks(d_shape, *place(0.1, 0.16), size) & distract[:, None, None]
-  grey = rng.uniform(0.35, 0.9, n)[:, None, None, None]
+  d_mask = shape_masks(rng.integers(0, len(SHAPES), n), *_place(rng, n, size, (0.10, 0.17)), size)
+  d_mask &= distract[:, None, None]
+  grey = rng.uniform(0.3, 0.95, n).astype(f32)[:, None, None, None]
   images = np.where(d_mask[..., None], grey, images)
 
-  hue = np.where(family == 0, rng.uniform(-0.04, 0.14, n), rng.uniform(0.46, 0.68, n)) % 1.0
-  colour = _hsv_to_rgb(hue, rng.uniform(0.55, 1.0, n), rng.uniform(0.6, 1.0, n))
-  mask = _shape_masks(shape, *place(0.14, 0.24), size)
-  shade = 1.0 + rng.normal(0, 0.05, (n, size, size, 1))
+  lo, hi = np.array(list(COLOUR_FAMILIES.values()), f32)[family].T
+  hue = lo + (hi - lo) * rng.uniform(0, 1, n).astype(f32)
+  colour = _hsv_to_rgb(hue, rng.uniform(0.55, 1.0, n).astype(f32), rng.uniform(0.6, 1.0, n).astype(f32))
+  mask = shape_masks(shape, *_place(rng, n, size, config.object_scale), size)
+  shade = 1.0 + 0.05 * rng.standard_normal((n, size, size, 1), dtype=f32)
   images = np.where(mask[..., None], colour[:, None, None, :] * shade, images)
-  images = np.clip(images, 0.0, 1.0)
-  return ((images - 0.5) / 0.5).astype(np.float32), labels.astype(np.int32), mask | d_mask
+  return {"image": np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8),
+          "label": (shape * config.num_families + family).astype(np.int32),
+          "object_mask": mask, "distractor_mask": d_mask & ~mask}
 
 
-@functools.lru_cache(maxsize=4)
-def generate(config: SyntheticConfig) -> dict[str, dict[str, np.ndarray]]:
-  """{"train": {...}, "test": {...}} with "image" (n, H, W, 3) in [-1, 1],
-  "label" (n,) int32, "object_mask" (n, H, W) bool. Cached per process."""
+def _generate(config: SyntheticConfig) -> dict[str, dict[str, np.ndarray]]:
+  # train and test come from separate child seeds: the test set does not change with num_train
   root = np.random.SeedSequence([config.seed, 20261124])
   out = {}
   for split, count, child in zip(("train", "test"), (config.num_train, config.num_test), root.spawn(2)):
-    chunks = [_generate_chunk(config, seq, min(1000, count - start))
-              for start, seq in zip(range(0, count, 1000), child.spawn((count + 999) // 1000))]
-    out[split] = {"image": np.concatenate([c[0] for c in chunks]), "label": np.concatenate([c[1] for c in chunks]),
-                  "object_mask": np.concatenate([c[2] for c in chunks])}
+    chunks = [_generate_chunk(config, seq, min(CHUNK, count - start))
+              for start, seq in zip(range(0, count, CHUNK), child.spawn(-(-count // CHUNK)))]
+    out[split] = {key: np.concatenate([c[key] for c in chunks]) for key in chunks[0]}
   return out
 
 
+def _cache_path(config: SyntheticConfig, cache_dir: str) -> str:
+  # keyed by this file's source too, so a change to the generator never reads a stale cache
+  with open(__file__, "rb") as f:
+    key = hashlib.sha1(f.read() + repr(config).encode()).hexdigest()[:16]
+  return os.path.join(cache_dir, f"synthetic-{key}.npz")
+
+
+@functools.lru_cache(maxsize=4)
+def generate(config: SyntheticConfig = SyntheticConfig()) -> dict[str, dict[str, np.ndarray]]:
+  """{"train": {...}, "test": {...}}, each with "image" (n, H, W, 3) uint8, "label" (n,) int32 in
+  [0, num_classes), "object_mask" and "distractor_mask" (n, H, W) bool. Cached in memory per process
+  and, unless ACM_JAX_CACHE is "", as an .npz file under it."""
+  path = _cache_path(config, CACHE_DIR) if CACHE_DIR else None
+  if path and os.path.exists(path):
+    try:
+      with np.load(path) as f:
+        return {split: {key.split("/", 1)[1]: f[key] for key in f.files if key.startswith(split + "/")}
+                for split in ("train", "test")}
+    except (OSError, ValueError, KeyError):
+      pass  # a damaged cache file is regenerated and overwritten below
+  out = _generate(config)
+  if path:
+    try:
+      os.makedirs(CACHE_DIR, exist_ok=True)
+      # written under a temporary name and renamed: concurrent processes never read half a file
+      fd, tmp = tempfile.mkstemp(dir=CACHE_DIR, suffix=".npz")
+      with os.fdopen(fd, "wb") as f:
+        np.savez(f, **{f"{split}/{key}": v for split, arrays in out.items() for key, v in arrays.items()})
+      os.replace(tmp, path)
+    except OSError:
+      pass  # a read-only home only costs regenerating next time
+  return out
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+  """uint8 images -> float32 in [-1, 1] (the ViT convention, also used for TFDS data)."""
+  return images.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+
+
+CORRUPTIONS = ("noise", "blur", "contrast")
+
+
 def corrupt(images: np.ndarray, kind: str, severity: int = 3, seed: int = 0) -> np.ndarray:
-  """ImageNet-C-style corruptions of [-1, 1] images: "noise", "blur" or "contrast",
-  severity 1..5."""
-  if not 1 <= severity <= 5:
-    raise ValueError(f"severity must be in 1..5, got {severity}")
-  x = (images + 1.0) / 2.0
+  """ImageNet-C-style corruptions of float images in [-1, 1], shape (n, H, W, 3): "noise" (Gaussian,
+  std 0.04 * severity of the [0, 1] range), "blur" (Gaussian, sigma 0.3 * severity pixels: scaled
+  for 32x32 images), "contrast" (pulled towards each image's mean by 0.17 * severity); severity 1..5."""
+  if kind not in CORRUPTIONS:
+    raise ValueError(f"unknown corruption {kind!r}; expected one of {CORRUPTIONS}")
+  if severity not in range(1, 6):
+    raise ValueError(f"severity must be an integer in 1..5, got {severity!r}")
+  x = (np.asarray(images, np.float32) + 1.0) / 2.0
   if kind == "noise":
     x = x + np.random.default_rng(seed).normal(0, 0.04 * severity, x.shape)
   elif kind == "blur":
     from scipy.ndimage import gaussian_filter
     x = gaussian_filter(x, sigma=(0, 0.3 * severity, 0.3 * severity, 0))
-  elif kind == "contrast":
+  else:
     mean = x.mean(axis=(1, 2, 3), keepdims=True)
     x = mean + (x - mean) * (1.0 - 0.17 * severity)
-  else:
-    raise ValueError(f"unknown corruption {kind!r}; expected noise, blur or contrast")
   return (np.clip(x, 0, 1) * 2.0 - 1.0).astype(np.float32)

@@ -1,78 +1,176 @@
-"""TFDS datasets (ImageNet among them) read from a local data dir, with the
-standard ViT preprocessing. TensorFlow is imported here only: the GPU machines
+"""TFDS datasets (ImageNet among them) read from a local data dir, with the standard
+ViT preprocessing. TensorFlow is imported in this module only: the GPU machines
 have none, and the synthetic set never needs it.
 
-Nothing is downloaded. A dataset that is not prepared in `data_dir` is built
-from its manual dir (`<data_dir>/downloads/manual`, where `imagenet2012` wants
-ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar); a dataset that would need
-a download stops with an error saying so.
+Nothing is downloaded. A dataset already prepared in `data_dir` is read as it is;
+one that is not is built from its manual dir (`<data_dir>/downloads/manual`, where
+`imagenet2012` wants ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar) if its
+builder takes manual files, and otherwise stops with an error saying to prepare it
+elsewhere (`tfds build`) and copy it in.
+
+Exact, cheap resumption. The records are read straight from the prepared TFRecord
+shards, in groups: each epoch permutes the shards (pieces of at most `window`
+examples) with (seed, epoch), packs consecutive ones into groups of up to
+`window` examples, and permutes each group in memory with (seed, epoch, group).
+The stream is thus a pure function of (seed, position), and resuming at step s
+reads only the one group that holds position s * batch_size: no earlier epoch or
+group is touched. Images stay encoded until they are drawn, and the random crop
+and flip of each example are seeded by (seed, its position in the stream).
+Shuffling quality: a batch mixes `window` examples from several random shards;
+TFDS shuffles examples across shards when it prepares a dataset, so this is
+close to a global shuffle.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
-SPLIT_NAMES = {"train": "train", "test": "validation"}
-CROP_FRACTION = 0.875  # eval: resize to size / 0.875, then centre-crop size
+SPLIT_NAMES = {"train": ("train",), "test": ("validation", "test")}  # the first that the dataset has
+CROP_FRACTION = 0.875  # eval: resize the short side to size / 0.875, then centre-crop size x size
+DEFAULT_IMAGE_SIZE = 224
+WINDOW = 8192  # examples held (encoded) in memory per shuffle group: ~0.9 GB for ImageNet
+MAX_CYCLE = 64  # the most pieces of shards one group reads at once
 
 
-def _tfds():
+def _tf():
   try:
     import tensorflow as tf
     import tensorflow_datasets as tfds
   except ImportError as e:
-    raise ImportError("TFDS datasets need tensorflow and tensorflow-datasets "
+    raise ImportError("TFDS datasets need tensorflow-cpu and tensorflow-datasets "
                       "(pip install -r requirements.txt); the synthetic set does not") from e
   tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the accelerators JAX uses
   return tf, tfds
 
 
 def builder(name: str, data_dir: str | None):
-  """The prepared TFDS builder, built from the manual dir if needed (offline)."""
-  tf, tfds = _tfds()
+  """The prepared TFDS builder of `name`, built offline from the manual dir if needed."""
   if data_dir is None:
     raise ValueError(f"tfds:{name} needs --data_dir (the TFDS data dir holding the prepared data set "
                      "or downloads/manual/ with its source files)")
   if not os.path.isdir(data_dir):
     raise FileNotFoundError(f"--data_dir {data_dir!r} does not exist")
+  tf, tfds = _tf()
   try:
     b = tfds.builder(name, data_dir=data_dir)
-  except Exception as e:  # tfds raises its own DatasetNotFoundError
+  except Exception as e:  # tfds raises its own DatasetNotFoundError and friends
     raise ValueError(f"unknown TFDS dataset {name!r}: {e}") from e
-  if not b.is_prepared():
-    manual = os.path.join(data_dir, "downloads", "manual")
-    config = tfds.download.DownloadConfig(manual_dir=manual)
-    try:
-      b.download_and_prepare(download_config=config, file_format="tfrecord")
-    except Exception as e:
-      raise RuntimeError(f"tfds:{name} is not prepared in {data_dir} and could not be built offline from "
-                         f"{manual} ({type(e).__name__}: {e}); place its source files there "
-                         "(for imagenet2012: ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar)") from e
+  if b.is_prepared():
+    return b
+  manual = os.path.join(data_dir, "downloads", "manual")
+  if not getattr(b, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+    raise RuntimeError(f"tfds:{name} is not prepared in {data_dir} and would need a download; prepare it on a "
+                       f"machine with network access (`tfds build {name} --data_dir=...`) and copy it there")
+  config = tfds.download.DownloadConfig(manual_dir=manual, try_download_gcs=False)
+  try:
+    b.download_and_prepare(download_config=config, file_format="tfrecord")
+  except Exception as e:
+    raise RuntimeError(f"tfds:{name} is not prepared in {data_dir} and could not be built offline from "
+                       f"{manual} ({type(e).__name__}: {e}); place its source files there "
+                       "(for imagenet2012: ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar)") from e
   return b
+
+
+def _split_name(b, split: str) -> str:
+  for candidate in SPLIT_NAMES[split]:
+    if candidate in b.info.splits:
+      return candidate
+  raise ValueError(f"{b.info.name} has no split among {SPLIT_NAMES[split]} for {split!r}; "
+                   f"it has {sorted(b.info.splits)}")
+
+
+def _keys(b) -> tuple[str, str]:
+  keys = tuple(b.info.supervised_keys or ("image", "label"))
+  if len(keys) != 2 or any(k not in b.info.features for k in keys):
+    raise ValueError(f"{b.info.name} is not an (image, label) data set: supervised keys {keys!r}")
+  return keys
 
 
 def get_info(name: str, image_size: int | None, data_dir: str | None):
   from acm_jax.data import DatasetInfo
   b = builder(name, data_dir)
   splits = b.info.splits
-  return DatasetInfo(f"tfds:{name}", b.info.features["label"].num_classes, image_size or 224,
-                     splits[SPLIT_NAMES["train"]].num_examples, splits[_test_split(b)].num_examples)
+  return DatasetInfo(f"tfds:{name}", b.info.features[_keys(b)[1]].num_classes, image_size or DEFAULT_IMAGE_SIZE,
+                     splits[_split_name(b, "train")].num_examples, splits[_split_name(b, "test")].num_examples)
 
 
-def _test_split(b) -> str:
-  return SPLIT_NAMES["test"] if SPLIT_NAMES["test"] in b.info.splits else "test"
+# --- the read schedule: plain Python, a pure function of (seed, epoch) --------------------------
 
 
-def _preprocess(tf, image, index, seed: int, size: int, train: bool):
-  """Encoded image -> float32 (size, size, 3) in [-1, 1]. Train: Inception-style
-  random resized crop + flip, seeded by the example's position in the stream."""
+@dataclasses.dataclass(frozen=True)
+class Piece:
+  """`take` records of one shard file after skipping `skip`."""
+  file: str
+  skip: int
+  take: int
+
+
+def pieces(file_instructions: Sequence, window: int) -> list[Piece]:
+  """The split's shard ranges, those longer than `window` cut into near-equal pieces."""
+  out = []
+  for fi in file_instructions:
+    count = -(-fi.take // window)
+    bounds = np.linspace(0, fi.take, count + 1).round().astype(int)
+    out += [Piece(os.fspath(fi.filename), fi.skip + int(a), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:])]
+  return out
+
+
+def epoch_groups(parts: Sequence[Piece], seed: int, epoch: int, shuffle: bool, window: int) -> list[list[Piece]]:
+  """The pieces of one epoch in reading order, packed into groups of at most `window`
+  examples (and MAX_CYCLE pieces); without shuffling, one piece per group in file order."""
+  if not shuffle:
+    return [[p] for p in parts]
+  order = np.random.default_rng([seed, epoch]).permutation(len(parts))
+  groups, size = [], window
+  for i in order:
+    if size + parts[i].take > window or len(groups[-1]) == MAX_CYCLE:
+      groups.append([])
+      size = 0
+    groups[-1].append(parts[i])
+    size += parts[i].take
+  return groups
+
+
+def group_stream(parts: Sequence[Piece], seed: int, shuffle: bool, repeat: bool, window: int, start: int):
+  """(files, skips, takes, order, skip) for each group from stream position `start` on: read the
+  pieces interleaved record by record, reorder the group's records by `order`, drop the first
+  `skip` (the part of the first group before `start`)."""
+  total = sum(p.take for p in parts)
+  epoch, offset = divmod(start, total)
+  if epoch and not repeat:
+    return
+  while True:
+    for g, group in enumerate(epoch_groups(parts, seed, epoch, shuffle, window)):
+      size = sum(p.take for p in group)
+      if offset >= size:
+        offset -= size
+        continue
+      if shuffle:
+        order = np.random.default_rng([seed, epoch, g]).permutation(size)
+      else:
+        order = np.arange(size)
+      yield ([p.file for p in group], [p.skip for p in group], [p.take for p in group], order, offset)
+      offset = 0
+    if not repeat:
+      return
+    epoch += 1
+
+
+# --- the TensorFlow pipeline ---------------------------------------------------------------------
+
+
+def _preprocess(tf, image, position, seed: int, size: int, train: bool):
+  """Encoded image -> float32 (size, size, 3) in [-1, 1]. Train: Inception-style random
+  resized crop (8%-100% of the area, aspect 3/4-4/3) and a random flip, seeded by
+  (seed, position in the stream). Eval: resize the short side to size / 0.875, centre crop."""
   image = tf.io.decode_image(image, channels=3, expand_animations=False)
   if train:
-    rng = tf.stack([tf.cast(seed, tf.int64), index])
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(rng, 2))
+    key = tf.stack([tf.cast(seed, tf.int64), tf.cast(position, tf.int64)])
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(key, 2))
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=crop_seed, min_object_covered=0.1,
         aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
@@ -83,33 +181,47 @@ def _preprocess(tf, image, index, seed: int, size: int, train: bool):
   else:
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = (size / CROP_FRACTION) / tf.reduce_min(shape)
-    resized = tf.cast(tf.round(shape * scale), tf.int32)
+    resized = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
     image = tf.image.resize(image, resized, method="bilinear", antialias=True)
     top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
     image = image[top:top + size, left:left + size]
-  return tf.cast(image, tf.float32) / 127.5 - 1.0
+  image = tf.clip_by_value(image, 0.0, 255.0)  # antialiased resizing overshoots slightly
+  return tf.reshape(image / 127.5 - 1.0, (size, size, 3))
 
 
 def make_iterator(name: str, split: str, batch_size: int, *, image_size: int | None, seed: int,
-                  data_dir: str | None, start_step: int, drop_remainder: bool) -> Iterator[dict]:
-  tf, tfds = _tfds()
+                  data_dir: str | None, shuffle: bool, repeat: bool, drop_remainder: bool, start_step: int,
+                  window: int = WINDOW) -> Iterator[dict]:
+  """See `acm_jax.data.make_iterator`; `window` sets the shuffle group size (see the module docstring)."""
+  tf, tfds = _tf()
   b = builder(name, data_dir)
-  size = image_size or 224
+  if b.info.file_format is not None and b.info.file_format.value != "tfrecord":
+    raise ValueError(f"tfds:{name} in {data_dir} is stored as {b.info.file_format.value}; this reader needs "
+                     "tfrecord (rebuild it with `tfds build --file_format=tfrecord`)")
+  image_key, label_key = _keys(b)
+  size = image_size or DEFAULT_IMAGE_SIZE
   train = split == "train"
-  tfds_split = SPLIT_NAMES["train"] if train else _test_split(b)
-  read_config = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=1)
-  # images stay encoded until after the skip, so resuming does not decode what it skips
-  ds = b.as_dataset(split=tfds_split, shuffle_files=train, read_config=read_config,
-                    decoders={"image": tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda ex: (ex["image"], ex["label"]))
-  if train:
-    # a pure function of (seed, position in the stream): skipping start_step batches resumes exactly
-    ds = ds.shuffle(16 * batch_size, seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.enumerate().skip(start_step * batch_size)
-  else:
-    ds = ds.enumerate()
-  ds = ds.map(lambda i, ex: {"image": _preprocess(tf, ex[0], i, seed, size, train), "label": tf.cast(ex[1], tf.int32)},
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(batch_size, drop_remainder=train or drop_remainder).prefetch(2)
-  for batch in tfds.as_numpy(ds):
-    yield {"image": np.asarray(batch["image"]), "label": np.asarray(batch["label"])}
+  parts = pieces(b.info.splits[_split_name(b, split)].file_instructions, window)
+  start = start_step * batch_size
+  features = b.info.features
+
+  def read_group(files, skips, takes, order, skip):
+    records = tf.data.Dataset.from_tensor_slices((files, skips, takes)).interleave(
+        lambda f, s, t: tf.data.TFRecordDataset(f).skip(s).take(t), cycle_length=MAX_CYCLE, block_length=1)
+    if shuffle:
+      records = records.batch(tf.size(order, out_type=tf.int64)).map(lambda r: tf.gather(r, order)).unbatch()
+    return records.skip(skip)
+
+  def parse(position, record):
+    example = features.deserialize_example(record, decoders={image_key: tfds.decode.SkipDecoding()})
+    return {"image": _preprocess(tf, example[image_key], position, seed, size, train),
+            "label": tf.cast(example[label_key], tf.int32)}
+
+  spec = (tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int64),
+          tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.int64))
+  ds = tf.data.Dataset.from_generator(lambda: group_stream(parts, seed, shuffle, repeat, window, start),
+                                      output_signature=spec)
+  ds = ds.flat_map(read_group).enumerate(start=start)
+  ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+  return ({"image": batch["image"], "label": batch["label"]} for batch in tfds.as_numpy(ds))
