@@ -1,0 +1,164 @@
+"""Speech recognition as a `phases.Experiment`: Wav2Vec2 + CTC on speech batches.
+
+The phases (pretrain, distill, gates, finetune, static) are the shared ones; this
+module only supplies the task (CTC loss, loss sums as scores, speech/silence
+frame groups, greedy ids for the host), the data iterator, the FLOP count per
+second of audio and the WER/CER computed on the host after decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from acm_jax import acm as acm_lib
+from acm_jax import flops as flops_lib
+from acm_jax.data import speech as speech_data
+from acm_jax.models import wav2vec2
+from acm_jax.speech import ctc
+from acm_jax.speech import flops as speech_flops
+from acm_jax.train import phases, steps
+from acm_jax.train.config import ExperimentConfig
+
+
+@dataclasses.dataclass
+class SpeechConfig(ExperimentConfig):
+  """`ExperimentConfig` with speech defaults and three speech fields."""
+  dataset: str = "speech_synth"  # or "commonvoice" with --data_dir=<language folder>
+  workdir: str = "runs/speech_embedded"
+  language: str = "es"
+  max_audio_seconds: float = 3.0  # batch shape; longer clips are skipped and counted
+  synth_train_utterances: int = 2400
+  batch_size: int = 16
+  eval_batch_size: int = 48
+  pretrain_steps: int = 1500
+  pretrain_lr: float = 2e-3
+  distill_steps: int = 200
+  gates_steps: int = 150
+  finetune_steps: int = 300
+  finetune_lr: float = 3e-4
+  warmup_fraction: float = 0.1
+  gate_hidden: int = 32
+
+  def validate(self) -> "SpeechConfig":
+    super().validate()
+    if self.max_audio_seconds <= 0:
+      raise ValueError(f"--max_audio_seconds must be > 0, got {self.max_audio_seconds}")
+    if self.synth_train_utterances < 1:
+      raise ValueError(f"--synth_train_utterances must be >= 1, got {self.synth_train_utterances}")
+    return self
+
+
+def _model_config(config: SpeechConfig, vocab_size: int) -> wav2vec2.Wav2Vec2Config:
+  if config.init is not None:
+    from acm_jax.checkpoints import wav2vec2_hf
+    return wav2vec2_hf.config_for_init(config.init, config.model, vocab_size=vocab_size)
+  if config.model == "from_init":
+    raise ValueError("--model=from_init needs --init=<Hugging Face Wav2Vec2 checkpoint directory>")
+  return wav2vec2.get_config(config.model, vocab_size=vocab_size)
+
+
+def speech_task(dense: wav2vec2.Wav2Vec2Config, acm_config: wav2vec2.Wav2Vec2Config, dtype) -> steps.Task:
+  acm = acm_config.acm
+  specs = []
+  for path, cost in zip(acm_config.acm_paths(), flops_lib.learner_costs(acm_config)):
+    is_mlp = path.endswith("/mlp")
+    specs.append(steps.ACMSpec(path, acm_config.activation if is_mlp else "identity", 0 if is_mlp else 1,
+                               cost, acm.num_learners, acm.gate_depth, acm.gate_hidden))
+
+  def per_utterance(logits, batch):
+    frames = wav2vec2.frame_lengths(dense, batch["audio_length"])
+    return ctc.ctc_losses(logits, frames, batch["label"], batch["label_length"])
+
+  def loss(logits, batch, label_smoothing):
+    del label_smoothing  # not defined for CTC
+    return jnp.sum(per_utterance(logits, batch)) / jnp.maximum(jnp.sum(batch["label_length"]), 1)
+
+  def score(logits, batch):
+    valid = batch.get("valid", jnp.ones(logits.shape[0], bool)).astype(jnp.float32)
+    return {"examples": jnp.sum(valid), "ctc_loss": jnp.sum(per_utterance(logits, batch) * valid)}
+
+  def groups(batch):
+    if "speech_frames" not in batch:
+      return {}
+    return {"speech": batch["speech_frames"], "silence": batch["silence_frames"]}
+
+  def host_outputs(logits, batch):
+    return {"ids": jnp.argmax(logits, -1).astype(jnp.int32),
+            "frames": wav2vec2.frame_lengths(dense, batch["audio_length"])}
+
+  return steps.Task(
+      dense_model=wav2vec2.Wav2Vec2(dense), acm_model=wav2vec2.Wav2Vec2(acm_config), acm_specs=tuple(specs),
+      inputs=lambda batch: (batch["audio"].astype(dtype), batch["audio_length"]), loss=loss, score=score,
+      token_groups=groups, host_outputs=host_outputs)
+
+
+def error_rates(vocab: ctc.Vocabulary, host: list[tuple[Any, dict]]) -> dict:
+  """WER and CER over every valid utterance from the eval batches' greedy ids."""
+  refs, hyps = [], []
+  for out, batch in host:
+    valid = batch.get("valid", np.ones(len(batch["label"]), bool))
+    hyps += [h for h, v in zip(ctc.greedy_decode(vocab, out["ids"], out["frames"]), valid) if v]
+    refs += [vocab.decode(ids[:n]) for ids, n, v in zip(batch["label"], batch["label_length"], valid) if v]
+  counts = ctc.error_counts(refs, hyps)
+  return {"wer": counts["word_errors"] / max(counts["words"], 1), "cer": counts["char_errors"] / max(counts["chars"], 1),
+          "examples_decoded": len(refs), "example_transcripts": [[r, h] for r, h in zip(refs[:3], hyps[:3])]}
+
+
+def build_speech(config: SpeechConfig) -> phases.Experiment:
+  """Validates config, checkpoint and data before any work starts."""
+  config.validate()
+  vocab = ctc.Vocabulary.for_language(config.language)
+  dense = _model_config(config, vocab.size)
+  acm = acm_lib.ACMConfig(
+      num_learners=config.num_learners, learner_width=config.learner_width, width_factor=config.width_factor,
+      blocks=config.block_tuple(), attention=config.acm_attention, activation=dense.activation,
+      gate_depth=config.gate_depth, gate_hidden=config.gate_hidden, impl=config.impl)
+  acm_config = dataclasses.replace(dense, acm=acm).validate()
+  synth = None
+  if config.dataset == "speech_synth":
+    from acm_jax.data import speech_synth
+    synth = speech_synth.SpeechSynthConfig(language=config.language, num_train=config.synth_train_utterances,
+                                           max_seconds=config.max_audio_seconds, seed=config.seed)
+  data = speech_data.load(config.dataset, language=config.language, data_dir=config.data_dir,
+                          max_seconds=config.max_audio_seconds, seed=config.seed, synth=synth,
+                          geometry=speech_data.FrameGeometry(dense.frame_stride, dense.receptive_field))
+  dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+
+  def count(mean_k, is_dense):
+    return speech_flops.wav2vec2_flops(dense if is_dense else acm_config, mean_k)
+
+  def iterator(name, split, batch_size, **kwargs):
+    return data.iterator(split, batch_size, **kwargs)
+
+  def host_metrics(host):
+    out = error_rates(vocab, host)
+    skipped = {k: v for split in data.splits.values() for k, v in getattr(split, "skipped", {}).items()}
+    if skipped:
+      out["skipped_clips"] = skipped
+    return out
+
+  def load_init(path, expected):
+    from acm_jax.checkpoints import wav2vec2_hf
+    return wav2vec2_hf.load(path, expected)
+
+  info = {"dataset": config.dataset, "language": config.language, "vocab": vocab.symbols,
+          "max_samples": data.max_samples, "max_label": data.max_label,
+          "num_train": len(data.splits["train"]), "num_test": len(data.splits["test"])}
+  sample = (jnp.zeros((1, data.max_samples), dtype), jnp.full((1,), data.max_samples, jnp.int32))
+  return phases.Experiment(config, speech_task(dense, acm_config, dtype), info, sample_input=sample, flops=count,
+                           iterator=iterator, group_masks=config.dataset == "speech_synth",
+                           host_metrics=host_metrics, load_init=load_init)
+
+
+def evaluate(exp: phases.Experiment, params, model: str, mode: str, fixed_k: int | None = None) -> dict:
+  """`phases.evaluate` with speech units: GFLOPs per second of audio, WER, CER."""
+  record = phases.evaluate(exp, params, model, mode, fixed_k)
+  record["gflops_per_second_of_audio"] = record.pop("gflops_per_image")
+  if "gate_gflops_per_image" in record:
+    record["gate_gflops_per_second_of_audio"] = record.pop("gate_gflops_per_image")
+  return record

@@ -1,0 +1,46 @@
+"""The speech experiment end to end on a micro model: every phase, eval.json fields, bad input."""
+
+import json
+
+import pytest
+
+from acm_jax.models import wav2vec2
+from experiments import wav2vec2_commonvoice
+
+MICRO = wav2vec2.Wav2Vec2Config(conv_dim=(8, 8, 16), conv_kernel=(10, 4, 4), conv_stride=(5, 4, 4), conv_bias=True,
+                                feat_extract_norm="layer", stable_layer_norm=True, dim=32, depth=2, num_heads=2,
+                                mlp_dim=64, num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4)
+FLAGS = ["--model=micro", "--max_audio_seconds=2", "--synth_train_utterances=16", "--batch_size=4",
+         "--eval_batch_size=8", "--eval_examples=8", "--pretrain_steps=2", "--distill_steps=2", "--gates_steps=2",
+         "--finetune_steps=2", "--log_every=1", "--checkpoint_every=5", "--gate_hidden=8"]
+
+
+@pytest.fixture(autouse=True)
+def micro_preset(monkeypatch, tmp_path_factory):
+  monkeypatch.setitem(wav2vec2.PRESETS, "micro", MICRO)
+  monkeypatch.setenv("ACM_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "synth_cache"))
+
+
+def test_every_phase_and_eval_fields(tmp_path, capsys):
+  assert wav2vec2_commonvoice.main([f"--workdir={tmp_path}", "--phase=all", *FLAGS]) == 0
+  assert "acm_b0.50" in capsys.readouterr().out
+  acm = json.loads((tmp_path / "finetune_b0.50" / "eval.json").read_text())
+  for key in ("model", "wer", "cer", "gflops_per_second_of_audio", "mean_k_per_layer", "k_share_per_layer"):
+    assert key in acm
+  assert set(acm["mean_k_per_group"]) == {"speech", "silence"}
+  dense = json.loads((tmp_path / "pretrain" / "eval.json").read_text())
+  static = json.loads((tmp_path / "static_k2" / "eval.json").read_text())
+  assert static["gflops_per_second_of_audio"] < dense["gflops_per_second_of_audio"]
+  assert 0.0 <= dense["wer"] and dense["examples"] == 8
+
+
+def test_bad_input(tmp_path, capsys):
+  assert wav2vec2_commonvoice.main([f"--workdir={tmp_path}", "--language=tlh", *FLAGS]) == 2
+  assert "no character vocabulary for language 'tlh'" in capsys.readouterr().err
+  assert wav2vec2_commonvoice.main([f"--workdir={tmp_path}", "--model=from_init", *FLAGS[1:]]) == 2
+  assert "--model=from_init needs --init" in capsys.readouterr().err
+  assert wav2vec2_commonvoice.main([f"--workdir={tmp_path}", "--dataset=commonvoice",
+                                    f"--data_dir={tmp_path / 'none'}", *FLAGS]) == 2
+  assert "does not exist" in capsys.readouterr().err
+  assert wav2vec2_commonvoice.main([f"--workdir={tmp_path}", "--phase=distill", *FLAGS]) == 2
+  assert "run that phase first" in capsys.readouterr().err
