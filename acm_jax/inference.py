@@ -24,13 +24,6 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
-def sort_by_choice(k: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(T,) choices -> (order, inverse) permutations sorting k descending."""
-  order = jnp.argsort(-k, stable=True)
-  inverse = jnp.argsort(order)
-  return order, inverse
-
-
 def acm_apply_sorted(params: acm.Params, x: jax.Array, k: jax.Array, *, num_learners: int,
                      activation: str = "gelu", impl: str = "auto", **kernel_kwargs) -> jax.Array:
   """Same function as `acm.acm_apply`, computed on tokens sorted by k.
@@ -44,10 +37,14 @@ def acm_apply_sorted(params: acm.Params, x: jax.Array, k: jax.Array, *, num_lear
     from pallas_kernels.acm_mlp import acm_mlp as kernel
   else:
     from pallas_kernels.triton_acm_mlp import acm_mlp_triton as kernel
+  from pallas_kernels.acm_mlp import sort_order
   lead_shape, dim = x.shape[:-1], x.shape[-1]
   flat_x, flat_k = x.reshape(-1, dim), k.reshape(-1).astype(jnp.int32)
-  order, inverse = sort_by_choice(flat_k)
-  out = kernel(flat_x[order], flat_k[order], params["w1"], params["b1"], params["w2"],
+  # the kernels gather x's rows and scatter the output rows through `order`
+  # themselves: no sorted copy of x, no unsort pass over the output
+  out = kernel(flat_x, flat_k, params["w1"], params["b1"], params["w2"],
                acm.choice_bias(params, num_learners).astype(x.dtype),
-               num_learners=num_learners, activation=activation, **kernel_kwargs)
-  return out[inverse].reshape(*lead_shape, dim)
+               num_learners=num_learners, activation=activation,
+               order=sort_order(flat_k, num_learners), **kernel_kwargs)
+  return out.reshape(*lead_shape, dim)
+

@@ -54,7 +54,7 @@ def evaluate_models(exp: phases.Experiment, models: list[str]) -> list[dict]:
       run_dir = exp.run_dir("pretrain")
     else:
       phase = "finetune" if model == "acm" else "static"
-      params = phases.loop.load_params(exp.run_dir(phase), phases.init_params(exp, "acm", 0), f"{phase} phase")
+      params = phases.loop.load_params(exp.run_dir(phase), phases.abstract_params(exp, "acm"), f"{phase} phase")
       if model == "acm":
         record = phases.evaluate(exp, params, f"acm_b{exp.config.budget:.2f}", "argmax")
       else:

@@ -58,6 +58,7 @@ class ExperimentConfig:
   gates_lr: float = 1e-2
   finetune_steps: int = 600
   finetune_lr: float = 3e-4
+  finetune_gate_lr_scale: float = 10.0  # gates' learning rate in finetune = this x finetune_lr
   warmup_fraction: float = 0.05
   weight_decay: float = 1e-4
   clip_norm: float = 1.0

@@ -96,9 +96,9 @@ def load_params(run_dir: str | Path, expected: PyTree, what: str) -> PyTree:
   """Restores `<run_dir>/params`, checking every name and shape against `expected`
   (arrays or `jax.ShapeDtypeStruct`s; only shapes and dtypes are used).
 
-  `what` names the producing phase in the error ("the distill phase"). The
-  arrays land on this process's first device whatever the topology they were
-  saved from (a run trained on a GPU evaluates on a CPU).
+  `what` names the producing phase in the error ("the distill phase"). Returns
+  numpy arrays, whatever the topology the params were saved from (a run
+  trained on a GPU evaluates on a CPU).
   """
   path = params_dir(run_dir)
   if not path.exists():
@@ -109,7 +109,8 @@ def load_params(run_dir: str | Path, expected: PyTree, what: str) -> PyTree:
                        expected, str(path))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda e: jax.ShapeDtypeStruct(np.shape(e), e.dtype, sharding=device), expected)
-  return checkpointer.restore(path, target)
+  # host arrays: the caller places them (and a donated train state never aliases them)
+  return jax.tree.map(np.asarray, checkpointer.restore(path, target))
 
 
 def check_same_structure(found: PyTree, expected: PyTree, source: str) -> None:

@@ -121,6 +121,12 @@ def init_params(exp: Experiment, model: str, seed: int) -> PyTree:
   return jax.jit(lambda rng: module.init(rng, exp.sample_input)["params"])(jax.random.key(seed))
 
 
+def abstract_params(exp: Experiment, model: str) -> PyTree:
+  """Shapes and dtypes of the params, without running (or compiling) an init."""
+  module = exp.task.dense_model if model == "dense" else exp.task.acm_model
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), exp.sample_input)["params"])
+
+
 def new_state(params: PyTree, tx, seed: int) -> PyTree:
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
           "rng": jax.random.key_data(jax.random.key(seed))}
@@ -132,11 +138,11 @@ def _batches(exp: Experiment, split: str = "train", with_masks: bool = False):
                                     seed=cfg.seed, data_dir=cfg.data_dir, start_step=start, with_masks=with_masks)
 
 
-def _optimizer(exp: Experiment, phase: str, params: PyTree, trainable=lambda path: True):
+def _optimizer(exp: Experiment, phase: str, params: PyTree, trainable=lambda path: True, **fast):
   cfg = exp.config
   return optim.make_optimizer(params, lr=cfg.phase_lr(phase), steps=cfg.phase_steps(phase),
                               warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay,
-                              clip_norm=cfg.clip_norm, trainable=trainable)
+                              clip_norm=cfg.clip_norm, trainable=trainable, **fast)
 
 
 def _keyed_step(step_fn):
@@ -157,13 +163,13 @@ def _train(exp: Experiment, phase: str, params: PyTree, tx, step_fn) -> PyTree:
 
 
 def dense_params(exp: Experiment) -> PyTree:
-  expected = init_params(exp, "dense", 0)
   if exp.config.init is not None:
+    expected = init_params(exp, "dense", 0)
     if exp.load_init is not None:
       return exp.load_init(exp.config.init, expected)
     from acm_jax import checkpoints
     return checkpoints.load_dense(exp.config.init, expected)
-  return loop.load_params(exp.run_dir("pretrain"), expected, "pretrain phase (or pass --init)")
+  return loop.load_params(exp.run_dir("pretrain"), abstract_params(exp, "dense"), "pretrain phase (or pass --init)")
 
 
 def pretrain(exp: Experiment) -> PyTree:
@@ -195,7 +201,7 @@ def distill(exp: Experiment) -> PyTree:
 
 def gates(exp: Experiment) -> PyTree:
   teacher = dense_params(exp)
-  params = loop.load_params(exp.run_dir("distill"), init_params(exp, "acm", 0), "distill phase")
+  params = loop.load_params(exp.run_dir("distill"), abstract_params(exp, "acm"), "distill phase")
   tx = _optimizer(exp, "gates", params, functools.partial(_is_gate, exp.task.paths))
   cfg = exp.config
   step = functools.partial(steps.gate_step, exp.task, tx, cfg.gating_error_factor, cfg.label_rule, teacher)
@@ -205,9 +211,10 @@ def gates(exp: Experiment) -> PyTree:
 
 
 def finetune(exp: Experiment) -> PyTree:
-  params = loop.load_params(exp.run_dir("gates"), init_params(exp, "acm", 0), "gates phase")
+  params = loop.load_params(exp.run_dir("gates"), abstract_params(exp, "acm"), "gates phase")
   cfg = exp.config
-  tx = _optimizer(exp, "finetune", params)
+  tx = _optimizer(exp, "finetune", params, fast=functools.partial(_is_gate, exp.task.paths),
+                  fast_lr_scale=cfg.finetune_gate_lr_scale)
   weights = steps.FinetuneWeights(cfg.budget, cfg.budget_loss, cfg.budget_weight, cfg.entropy_weight,
                                   cfg.diversity_weight, cfg.gate_temperature, cfg.label_smoothing)
   return _train(exp, "finetune", params, tx, functools.partial(steps.finetune_step, exp.task, tx, weights))
@@ -215,7 +222,7 @@ def finetune(exp: Experiment) -> PyTree:
 
 def static(exp: Experiment) -> PyTree:
   """The static-width baseline, finetuned from the distilled learners like the ACM."""
-  params = loop.load_params(exp.run_dir("distill"), init_params(exp, "acm", 0), "distill phase")
+  params = loop.load_params(exp.run_dir("distill"), abstract_params(exp, "acm"), "distill phase")
   cfg = exp.config
   tx = _optimizer(exp, "static", params, lambda key: not _is_gate(exp.task.paths, key))
   step = functools.partial(steps.static_step, exp.task, tx, cfg.resolved_static_k, cfg.label_smoothing)
