@@ -219,7 +219,7 @@ class ACM(nn.Module):
     if self.impl == "xla" or mode != "argmax":
       return acm_apply(params, x, k, **kwargs)
     from acm_jax import inference  # the kernel path imports Pallas lazily
-    return inference.acm_apply_sorted(params, x, k, impl=self.impl, **kwargs)
+    return inference.acm_apply_sorted_per_shard(params, x, k, impl=self.impl, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,10 +7,15 @@ contiguous prefix of rows (the tokens with k >= n); the kernels in
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from acm_jax import acm
+from acm_jax import sharding
 
 IMPLS = ("auto", "xla", "pallas", "triton")
 
@@ -48,3 +53,18 @@ def acm_apply_sorted(params: acm.Params, x: jax.Array, k: jax.Array, *, num_lear
                order=sort_order(flat_k, num_learners), **kernel_kwargs)
   return out.reshape(*lead_shape, dim)
 
+
+def acm_apply_sorted_per_shard(params: acm.Params, x: jax.Array, k: jax.Array, **kwargs) -> jax.Array:
+  """`acm_apply_sorted` run by every device on its own batch shard when the
+  current mesh (`jax.set_mesh`, as `sharding.Partitioner.jit` sets) splits the
+  batch: a global sort would gather every token onto every device. x: (batch, ..., dim).
+  """
+  axes = sharding.current_batch_axes()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    # no batch split, or a batch the mesh cannot split (e.g. the 1-example model.init)
+    return acm_apply_sorted(params, x, k, **kwargs)
+  rows = P(axes)
+  # the Pallas kernels carry no varying-axis annotations, hence check_vma=False
+  return jax.shard_map(functools.partial(acm_apply_sorted, **kwargs), in_specs=(P(), rows, rows),
+                       out_specs=rows, check_vma=False)(params, x, k)

@@ -76,11 +76,7 @@ def dense_config(exp: phases.Experiment) -> ViTConfig:
 def train(exp: phases.Experiment, run_dir: Path, params: PyTree, tx, step_fn, num_steps: int) -> PyTree:
   """The shared loop (checkpoints, resume) on the train split, like `phases._train`."""
   cfg = exp.config
-  if hasattr(phases, "_prepare"):  # phases placing state and batches on a mesh
-    state, step, batches = phases._prepare(exp, run_dir.name, params, tx, step_fn)
-  else:
-    state = phases.new_state(params, tx, cfg.seed + 17 * len(run_dir.name))
-    step, batches = phases._keyed_step(step_fn), phases._batches(exp)
+  state, step, batches = phases._prepare(exp, run_dir.name, params, tx, step_fn)
   final = loop.run(name=run_dir.name, run_dir=run_dir, state=state, step_fn=step, batches=batches,
                    num_steps=num_steps, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
                    config_json=cfg.to_json())

@@ -31,6 +31,7 @@ class ViTConfig:
   layer_norm_eps: float = 1e-6
   activation: str = "gelu"
   acm: acm_lib.ACMConfig | None = None
+  remat: bool = False  # recompute each encoder block in the backward pass instead of storing activations
 
   @property
   def num_patches(self) -> int:
@@ -73,6 +74,17 @@ def get_config(preset: str, **overrides) -> ViTConfig:
   return dataclasses.replace(PRESETS[preset], **overrides).validate()
 
 
+class _PositionalBlock(transformer.EncoderBlock):
+  """The encoder block with positional ACM arguments: nn.remat can then hold the
+  string `mode` and the int `fixed_k` static. Same parameters as EncoderBlock."""
+
+  def __call__(self, x, mode, fixed_k, temperature, cost_shift):
+    return super().__call__(x, None, mode=mode, fixed_k=fixed_k, temperature=temperature, cost_shift=cost_shift)
+
+
+_RematBlock = nn.remat(_PositionalBlock, static_argnums=(2, 3))  # argument 0 is the module itself
+
+
 class ViT(nn.Module):
   """images (batch, H, W, 3) -> logits (batch, num_classes).
 
@@ -96,9 +108,12 @@ class ViT(nn.Module):
     x = x + pos.astype(x.dtype)
     acm_blocks = set(cfg.acm.block_indices(cfg.depth)) if cfg.acm is not None else set()
     for i in range(cfg.depth):
-      block = transformer.EncoderBlock(
+      block = (_RematBlock if cfg.remat else transformer.EncoderBlock)(
           cfg.num_heads, cfg.mlp_dim, cfg.activation, cfg.layer_norm_eps, pre_norm=True,
           acm=cfg.acm if i in acm_blocks else None, name=f"block_{i}")
-      x = block(x, None, mode=mode, fixed_k=fixed_k, temperature=temperature, cost_shift=cost_shift)
+      if cfg.remat:
+        x = block(x, mode, fixed_k, temperature, cost_shift)
+      else:
+        x = block(x, None, mode=mode, fixed_k=fixed_k, temperature=temperature, cost_shift=cost_shift)
     x = nn.LayerNorm(cfg.layer_norm_eps, name="norm", dtype=x.dtype)(x)
     return nn.Dense(cfg.num_classes, name="head", dtype=x.dtype)(x[:, 0])

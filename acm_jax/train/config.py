@@ -65,6 +65,13 @@ class ExperimentConfig:
   log_every: int = 50
   checkpoint_every: int = 200
   eval_examples: int | None = None  # None: the whole test split
+  # devices (see acm_jax/sharding.py and docs/cluster.md)
+  mesh: str | None = None  # e.g. "data:4,fsdp:2"; default: every device on the strategy's axis
+  sharding: str = "dp"  # dp | fsdp | tp
+  remat: bool = False  # recompute encoder blocks in the backward pass (less activation memory)
+  coordinator_address: str | None = None  # host:port of process 0, multi-process runs only
+  num_processes: int | None = None
+  process_id: int | None = None
 
   def phase_steps(self, phase: str) -> int:
     return getattr(self, f"{'finetune' if phase == 'static' else phase}_steps")
@@ -88,6 +95,8 @@ class ExperimentConfig:
       raise ValueError(f"--gating_error_factor must be > 1, got {self.gating_error_factor}")
     if self.gate_temperature <= 0:
       raise ValueError(f"--gate_temperature must be > 0, got {self.gate_temperature}")
+    if self.sharding not in ("dp", "fsdp", "tp"):
+      raise ValueError(f"--sharding must be dp, fsdp or tp, got {self.sharding!r}")
     if self.init is not None and not Path(self.init).exists():
       raise FileNotFoundError(f"--init checkpoint {self.init!r} does not exist")
     return self

@@ -27,6 +27,7 @@ from acm_jax import acm as acm_lib
 from acm_jax import data as data_lib
 from acm_jax import flops as flops_lib
 from acm_jax import losses
+from acm_jax import sharding as sharding_lib
 from acm_jax.models import vit
 from acm_jax.train import loop, optim, steps
 from acm_jax.train.config import ExperimentConfig
@@ -48,6 +49,14 @@ class Experiment:
   # metrics computed on the host from [(task.host_outputs, batch), ...] of every eval batch (e.g. WER)
   host_metrics: Callable[[list[tuple[Any, dict]]], dict] | None = None
   load_init: Callable[[str, PyTree], PyTree] | None = None  # reads --init; default: acm_jax.checkpoints.load_dense
+  partitioner: sharding_lib.Partitioner | None = None  # None: from config.mesh / config.sharding
+
+  def __post_init__(self):
+    if self.partitioner is None:
+      object.__setattr__(self, "partitioner", sharding_lib.Partitioner.from_flags(
+          self.config.mesh, self.config.sharding))
+    self.partitioner.check_batch_size(self.config.batch_size, "--batch_size")
+    self.partitioner.check_batch_size(self.config.eval_batch_size, "--eval_batch_size")
 
   @property
   def workdir(self) -> Path:
@@ -92,8 +101,10 @@ def vision_task(dense_config: vit.ViTConfig, acm_config: vit.ViTConfig, dtype) -
 def build(config: ExperimentConfig) -> Experiment:
   """Validates the config against data and model before any work starts."""
   config.validate()
+  sharding_lib.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
   info = data_lib.get_dataset_info(config.dataset, image_size=config.image_size, data_dir=config.data_dir)
-  overrides = {"image_size": info.image_size, "num_classes": config.num_classes or info.num_classes}
+  overrides = {"image_size": info.image_size, "num_classes": config.num_classes or info.num_classes,
+               "remat": config.remat}
   if config.init is not None:  # the checkpoint's architecture ("--model=from_init") or a preset that agrees
     from acm_jax import checkpoints
     dense_config = checkpoints.vit_config_for_init(config.init, config.model, **overrides)
@@ -145,19 +156,41 @@ def _optimizer(exp: Experiment, phase: str, params: PyTree, trainable=lambda pat
                               clip_norm=cfg.clip_norm, trainable=trainable, **fast)
 
 
-def _keyed_step(step_fn):
-  """Adapts a step over a raw-key state to one the loop can checkpoint."""
-  def wrapped(state, batch):
-    new_state, metrics = step_fn({**state, "rng": jax.random.wrap_key_data(state["rng"])}, batch)
+def _keyed_step(step_fn, parts: sharding_lib.Partitioner, state_shardings: PyTree, teacher: PyTree = None):
+  """Adapts a step over a raw-key state to one the loop can checkpoint, jitted with
+  explicit shardings and the state donated. A frozen `teacher` goes in as an
+  argument (a closed-over one would be baked into the program as constants)."""
+  frozen = () if teacher is None else (teacher,)
+
+  def wrapped(state, batch, *frozen):
+    new_state, metrics = step_fn(*frozen, {**state, "rng": jax.random.wrap_key_data(state["rng"])}, batch)
     return {**new_state, "rng": state["rng"]}, metrics
-  return jax.jit(wrapped, donate_argnums=0)
+
+  jitted = parts.jit(wrapped, (state_shardings, parts.batch_sharding(), *map(parts.shardings, frozen)),
+                     (state_shardings, parts.replicated), donate_argnums=0)
+  step = lambda state, batch: jitted(state, batch, *frozen)
+  step.lower = lambda state, batch: jitted.lower(state, batch, *frozen)  # for memory and cost analyses
+  return step
 
 
-def _train(exp: Experiment, phase: str, params: PyTree, tx, step_fn) -> PyTree:
+def _prepare(exp: Experiment, phase: str, params: PyTree, tx, step_fn, teacher: PyTree = None):
+  """A phase's initial state placed on the mesh, its jitted step and its sharded
+  batches (`batches(start_step)`). `step_fn(state, batch)`, or
+  `step_fn(teacher, state, batch)` with a teacher."""
   cfg = exp.config
-  state = new_state(params, tx, cfg.seed + 17 * len(phase))
-  final = loop.run(name=phase, run_dir=exp.run_dir(phase), state=state, step_fn=_keyed_step(step_fn),
-                   batches=_batches(exp), num_steps=cfg.phase_steps(phase),
+  parts = exp.partitioner
+  seed = cfg.seed + 17 * len(phase)
+  state, shardings = parts.create(lambda p: new_state(p, tx, seed), parts.put(params))
+  teacher = None if teacher is None else parts.put(teacher)
+  batches = lambda start: (parts.shard_batch(b, cfg.batch_size) for b in _batches(exp)(start))
+  return state, _keyed_step(step_fn, parts, shardings, teacher), batches
+
+
+def _train(exp: Experiment, phase: str, params: PyTree, tx, step_fn, teacher: PyTree = None) -> PyTree:
+  cfg = exp.config
+  state, step, batches = _prepare(exp, phase, params, tx, step_fn, teacher)
+  final = loop.run(name=phase, run_dir=exp.run_dir(phase), state=state, step_fn=step,
+                   batches=batches, num_steps=cfg.phase_steps(phase),
                    checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, config_json=cfg.to_json())
   return final["params"]
 
@@ -193,8 +226,8 @@ def distill(exp: Experiment) -> PyTree:
   params = acmize(teacher, init_params(exp, "acm", exp.config.seed), exp.task.paths,
                   num_learners=exp.config.num_learners)
   tx = _optimizer(exp, "distill", params, functools.partial(_is_learner, exp.task.paths))
-  step = functools.partial(steps.distill_step, exp.task, tx, exp.config.grad_mode, teacher)
-  params = _train(exp, "distill", params, tx, step)
+  step = functools.partial(steps.distill_step, exp.task, tx, exp.config.grad_mode)
+  params = _train(exp, "distill", params, tx, step, teacher)
   write_json(exp.run_dir("distill") / "distill_errors.json", distill_errors(exp, teacher, params))
   return params
 
@@ -204,8 +237,8 @@ def gates(exp: Experiment) -> PyTree:
   params = loop.load_params(exp.run_dir("distill"), abstract_params(exp, "acm"), "distill phase")
   tx = _optimizer(exp, "gates", params, functools.partial(_is_gate, exp.task.paths))
   cfg = exp.config
-  step = functools.partial(steps.gate_step, exp.task, tx, cfg.gating_error_factor, cfg.label_rule, teacher)
-  params = _train(exp, "gates", params, tx, step)
+  step = functools.partial(steps.gate_step, exp.task, tx, cfg.gating_error_factor, cfg.label_rule)
+  params = _train(exp, "gates", params, tx, step, teacher)
   write_json(exp.run_dir("gates") / "label_distribution.json", label_distribution(exp, teacher, params))
   return params
 
@@ -253,10 +286,13 @@ def _eval_batches(exp: Experiment, with_masks: bool):
 def evaluate(exp: Experiment, params: PyTree, model: str, mode: str, fixed_k: int | None = None,
              cost_shift: float = 0.0) -> dict:
   """Top-1, GFLOPs/image, mean k and share of each k per ACM on the test split."""
-  step = jax.jit(functools.partial(steps.eval_step, exp.task, mode, fixed_k, cost_shift=cost_shift))
+  parts = exp.partitioner
+  params = parts.put(params)
+  step = parts.jit(functools.partial(steps.eval_step, exp.task, mode, fixed_k, cost_shift=cost_shift),
+                   (parts.shardings(params), parts.batch_sharding()), parts.replicated)
   totals, host = None, []
   for batch in _eval_batches(exp, with_masks=exp.group_masks):
-    out = jax.device_get(step(params, batch))
+    out = jax.device_get(step(params, parts.shard_batch(batch, exp.config.eval_batch_size)))
     if "host" in out:
       host.append((out.pop("host"), batch))
     totals = out if totals is None else jax.tree.map(np.add, totals, out)
