@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import shutil
 import sys
@@ -33,7 +34,8 @@ def main(argv: list[str]) -> int:
   errors = json.loads((Path(workdir) / "distill" / "distill_errors.json").read_text())
   groups = acm.get("mean_k_per_group", {})
   record = {
-      "device": f"{platform.processor() or platform.machine()} CPU x{jax.local_device_count()} ({jax.default_backend()})",
+      "device": (f"{platform.machine()} CPU, {os.cpu_count()} cores" if jax.default_backend() == "cpu"
+                 else jax.devices()[0].device_kind),
       "date": datetime.date.today().isoformat(), "minutes": round(minutes, 2), "budget": cfg.budget,
       "dense_top1": dense["top1"], "acm_top1": acm["top1"], "static_width_top1": static["top1"],
       "dense_gflops": dense["gflops_per_image"], "acm_gflops": acm["gflops_per_image"],

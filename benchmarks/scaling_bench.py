@@ -29,14 +29,24 @@ RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 def measure(model: str, mode: str, gpus: int, per_gpu_batch: int, repeats: int, remat: bool,
             preset: str = "vit_b16") -> dict:
   """One configuration, in this process (run through `--one` so peaks do not mix)."""
+  import time
   import jax
   from benchmarks import sharding_bench
+  tic = time.perf_counter()
+  stage = lambda name: print(f"[{time.perf_counter() - tic:7.1f} s] {name}", file=sys.stderr, flush=True)
   devices = jax.devices()[:gpus]
   axis = "data" if mode == "dp" else "fsdp"
   s = sharding_bench.setup(batch_size=per_gpu_batch * gpus, mesh=f"{axis}:{gpus}", strategy=mode,
                            devices=devices, acm=model == "acm", remat=remat, model=preset)
+  stage("setup")
   state, batch = s.init_state(), s.batch()
-  seconds, state = sharding_bench.time_step(s.sharded_step(), state, batch, repeats)
+  jax.block_until_ready(state)
+  stage("state initialised")
+  step = s.sharded_step()
+  step.lower(s.abstract_state, s.abstract_batch()).compile()
+  stage("step compiled")
+  seconds, state = sharding_bench.time_step(step, state, batch, repeats)
+  stage("timed")
   peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devices]
   return {"device": devices[0].device_kind, "gpus": gpus, "date": datetime.date.today().isoformat(),
           "jax_version": jax.__version__, "mode": mode, "model": f"{model} {preset}", "remat": remat,
@@ -57,6 +67,14 @@ def _run_one(args, model: str, mode: str, gpus: int) -> dict:
   if out.returncode:
     return {**failed, "error": out.stderr[-2000:]}
   return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _write_json(kind: str, records: list[dict]) -> Path:
+  slug = "".join(c if c.isalnum() else "_" for c in kind.lower()).strip("_")
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  path = RESULTS / f"scaling_{slug}.json"
+  path.write_text(json.dumps(records, indent=2) + "\n")
+  return path
 
 
 def main(argv=None) -> None:
@@ -93,14 +111,12 @@ def main(argv=None) -> None:
         print(json.dumps(full))
       if "error" not in single:
         single["scaling_efficiency"] = 1.0
+      if args.model == "vit_b16":  # written as it goes: a run cut short keeps what it measured
+        _write_json(kind, records)
   if args.model != "vit_b16":
     print(f"--model={args.model}: a smoke run, not recorded")
     return
-  slug = "".join(c if c.isalnum() else "_" for c in kind.lower()).strip("_")
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  path = RESULTS / f"scaling_{slug}.json"
-  path.write_text(json.dumps(records, indent=2) + "\n")
-  print(f"wrote {path}")
+  print(f"wrote {_write_json(kind, records)}")
   lines = [f"## Scaling: ViT-B/16 finetune step, {kind} x{total}, {datetime.date.today().isoformat()}", "",
            f"Command: `python3 -m benchmarks.scaling_bench --per_gpu_batch={args.per_gpu_batch}"
            f"{' --remat' if args.remat else ''}`. Targets: efficiency >= 0.90 at G=2 (>= 0.85 at G=8); "

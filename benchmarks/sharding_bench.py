@@ -72,11 +72,9 @@ class StepSetup:
     return jax.jit(wrapped, donate_argnums=0)
 
   def init_state(self):
-    """The state born sharded (never whole on one device)."""
-    model = self.exp.task.acm_model if self.acm else self.exp.task.dense_model
-    sample = self.exp.sample_input
-    make = lambda: phases.new_state(model.init(jax.random.key(0), sample)["params"], self.tx, 0)
-    return self.parts.create(make)[0]
+    """The state placed on the mesh from host-initialised params."""
+    params = phases.init_params(self.exp, "acm" if self.acm else "dense", 0)  # on the host CPU
+    return self.parts.create(lambda p: phases.new_state(p, self.tx, 0), self.parts.put(params))[0]
 
   @property
   def acm(self) -> bool:

@@ -128,8 +128,14 @@ def build(config: ExperimentConfig) -> Experiment:
 
 
 def init_params(exp: Experiment, model: str, seed: int) -> PyTree:
+  """Fresh params, computed on the host CPU: XLA:GPU takes minutes to compile the
+  random init of a ViT-B (about 220 s on an H100, against seconds on the CPU);
+  the phases then place them on the mesh. Traced in gumbel mode (same params as
+  any mode) so that no GPU inference kernel is lowered for the CPU."""
   module = exp.task.dense_model if model == "dense" else exp.task.acm_model
-  return jax.jit(lambda rng: module.init(rng, exp.sample_input)["params"])(jax.random.key(seed))
+  init = lambda rng: module.init({"params": rng, "gumbel": rng}, exp.sample_input, mode="gumbel")["params"]
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    return jax.jit(init)(jax.random.key(seed))
 
 
 def abstract_params(exp: Experiment, model: str) -> PyTree:
