@@ -134,7 +134,11 @@ def init_params(exp: Experiment, model: str, seed: int) -> PyTree:
   any mode) so that no GPU inference kernel is lowered for the CPU."""
   module = exp.task.dense_model if model == "dense" else exp.task.acm_model
   init = lambda rng: module.init({"params": rng, "gumbel": rng}, exp.sample_input, mode="gumbel")["params"]
-  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+  try:
+    host = jax.local_devices(backend="cpu")[0]
+  except RuntimeError:  # JAX_PLATFORMS excludes the CPU: initialise where the default device is
+    return jax.jit(init)(jax.random.key(seed))
+  with jax.default_device(host):
     return jax.jit(init)(jax.random.key(seed))
 
 
