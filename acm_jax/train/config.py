@@ -42,7 +42,10 @@ class ExperimentConfig:
   label_rule: str = "ours"
   budget: float = 0.5
   budget_loss: str = "l1"
-  budget_weight: float = 0.1
+  # The official ImageNet recipe uses 0.1 over 97 epochs. Over a few hundred steps 0.1 is outvoted by the
+  # task and entropy losses: measured on the embedded default, --budget=0.25 still ran at compute 0.49
+  # after 400 of 600 steps, while 1.0 reached 0.26 within 75 steps at the same training accuracy.
+  budget_weight: float = 1.0
   entropy_weight: float = 0.05
   diversity_weight: float = 0.05
   gate_temperature: float = 1.0

@@ -148,7 +148,7 @@ def gate_step(task: Task, tx: optax.GradientTransformation, factor: float, label
 class FinetuneWeights:
   budget: float = 0.5
   budget_kind: str = "l1"
-  budget_weight: float = 0.1
+  budget_weight: float = 1.0  # see ExperimentConfig.budget_weight
   entropy_weight: float = 0.05
   diversity_weight: float = 0.05
   temperature: float = 1.0
