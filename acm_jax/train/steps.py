@@ -149,7 +149,7 @@ class FinetuneWeights:
   budget: float = 0.5
   budget_kind: str = "l1"
   budget_weight: float = 1.0  # see ExperimentConfig.budget_weight
-  entropy_weight: float = 0.05
+  entropy_weight: float = 0.5  # see ExperimentConfig
   diversity_weight: float = 0.05
   temperature: float = 1.0
   label_smoothing: float = 0.0
