@@ -70,9 +70,9 @@ def _run_one(args, model: str, mode: str, gpus: int) -> dict:
 
 
 def _write_json(kind: str, records: list[dict]) -> Path:
-  slug = "".join(c if c.isalnum() else "_" for c in kind.lower()).strip("_")
+  from benchmarks.sharding_bench import _slug
   RESULTS.mkdir(parents=True, exist_ok=True)
-  path = RESULTS / f"scaling_{slug}.json"
+  path = RESULTS / f"scaling_{_slug(kind)}.json"
   path.write_text(json.dumps(records, indent=2) + "\n")
   return path
 
