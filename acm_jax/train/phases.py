@@ -136,8 +136,8 @@ def init_params(exp: Experiment, model: str, seed: int) -> PyTree:
   init = lambda rng: module.init({"params": rng, "gumbel": rng}, exp.sample_input, mode="gumbel")["params"]
   try:
     host = jax.local_devices(backend="cpu")[0]
-  except RuntimeError:  # JAX_PLATFORMS excludes the CPU: initialise where the default device is
-    return jax.jit(init)(jax.random.key(seed))
+  except RuntimeError:  # JAX_PLATFORMS excludes the CPU: the default device
+    host = None
   with jax.default_device(host):
     return jax.jit(init)(jax.random.key(seed))
 
