@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -82,7 +83,8 @@ def main(argv: list[str]) -> int:
   rows = matched(records)
   any_budget = any_budget_checks(records)
   record = {
-      "device": f"{platform.processor() or platform.machine()} CPU x{jax.local_device_count()} ({jax.default_backend()})",
+      "device": (f"{platform.machine()} CPU, {os.cpu_count()} cores" if jax.default_backend() == "cpu"
+                 else jax.devices()[0].device_kind),
       "date": datetime.date.today().isoformat(), "minutes": round(minutes, 2),
       "command": "nice -n 10 python3 -m benchmarks.baselines_embedded " + " ".join(extra),
       "curves": records, "matched_compute": rows, "any_budget": any_budget,

@@ -152,7 +152,7 @@ def run_acm(exp: phases.Experiment, bcfg: BaselineConfig, budgets: list[float], 
   records = []
   for budget in sorted(set(budgets) | ({any_model_budget} if any_budgets else set())):
     run = phases.build(dataclasses.replace(exp.config, budget=budget))
-    evals = [run.run_dir("finetune") / "curve_eval.json"] if budget in budgets else []
+    evals = [run.run_dir("finetune") / "eval.json"] if budget in budgets else []
     calibrated = {t: run.run_dir("finetune") / f"any_budget_{t:.3f}.json"
                   for t in (any_budgets if budget == any_model_budget else [])}
     if not all_cached(evals + list(calibrated.values())):
@@ -172,7 +172,7 @@ def run_static(exp: phases.Experiment, static_ks: list[int]) -> list[dict]:
   records = []
   for k in static_ks:
     run = phases.build(dataclasses.replace(exp.config, static_k=k))
-    path = run.run_dir("static") / "curve_eval.json"
+    path = run.run_dir("static") / "eval.json"
     if not path.exists():
       _unless_finished(exp, "distill")
       params = phases.static(run)
