@@ -100,8 +100,10 @@ class ExperimentConfig:
       raise ValueError(f"--gating_error_factor must be > 1, got {self.gating_error_factor}")
     if self.gate_temperature <= 0:
       raise ValueError(f"--gate_temperature must be > 0, got {self.gate_temperature}")
-    if self.sharding not in ("dp", "fsdp", "tp"):
-      raise ValueError(f"--sharding must be dp, fsdp or tp, got {self.sharding!r}")
+    from acm_jax.sharding import STRATEGIES  # the one table of strategies
+    if self.sharding not in STRATEGIES:
+      raise ValueError(f"--sharding must be {', '.join(list(STRATEGIES)[:-1])} or {list(STRATEGIES)[-1]}, "
+                       f"got {self.sharding!r}")
     if self.init is not None and not Path(self.init).exists():
       raise FileNotFoundError(f"--init checkpoint {self.init!r} does not exist")
     return self
