@@ -209,7 +209,8 @@ def check(impls):
   rng = np.random.default_rng(123)
   failures = []
   cases = [(384, 4, 384, 1000, jnp.bfloat16), (768, 4, 768, 127, jnp.bfloat16), (768, 4, 768, 1, jnp.bfloat16),
-           (1024, 4, 1024, 4099, jnp.bfloat16), (768, 4, 768, 300, jnp.float32), (64, 2, 64, 257, jnp.float32)]
+           (1024, 4, 1024, 4099, jnp.bfloat16), (768, 4, 768, 300, jnp.float32), (64, 2, 64, 257, jnp.float32),
+           (64, 2, 64, 257, jnp.bfloat16)]
   for d, n, h, t, dtype in cases:
     for kind in ("random", "zeros", "full"):
       for act in (("gelu", "gelu_tanh", "relu", "identity") if d == 64 else ("gelu",)):

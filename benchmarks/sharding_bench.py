@@ -191,24 +191,24 @@ def fits(batch_size: int, remat: bool, device) -> dict | None:
   return {"bytes": int(need), "limit": int(device.memory_stats()["bytes_limit"])}
 
 
-def largest_batch(remat: bool, device, start: int = 64, multiple: int = 8) -> int:
+def largest_batch(remat: bool, device, start: int = 64, multiple: int = 8) -> tuple[int, dict]:
   """Linear model of compiled bytes in the batch from two compiles, then verified
-  downward (compiles only; the run at that batch comes after)."""
+  downward (compiles only; the run at that batch comes after). Returns the batch
+  and its compiled footprint."""
   a, b = fits(start, remat, device), fits(2 * start, remat, device)
   if a is None:
     raise SystemExit(f"batch {start} does not fit even once (remat={remat})")
   if b is None:
-    guess = start
-  else:
-    per_example = (b["bytes"] - a["bytes"]) / start
-    fixed = a["bytes"] - per_example * start
-    guess = int((0.97 * a["limit"] - fixed) / per_example) // multiple * multiple
-  while guess > start:
+    return start, a
+  per_example = (b["bytes"] - a["bytes"]) / start
+  fixed = a["bytes"] - per_example * start
+  guess = int((0.97 * a["limit"] - fixed) / per_example) // multiple * multiple
+  while guess > 2 * start:
     got = fits(guess, remat, device)
     if got is not None and got["bytes"] <= 0.97 * got["limit"]:
-      return guess
+      return guess, got
     guess = int(guess * 0.93) // multiple * multiple
-  return start
+  return 2 * start, b
 
 
 def throughput(batch_size: int, remat: bool, device, repeats: int, plain: bool = False) -> dict:
@@ -222,35 +222,68 @@ def throughput(batch_size: int, remat: bool, device, repeats: int, plain: bool =
           "step_s": seconds, "images_per_s": batch_size / seconds, "peak_bytes": peak}
 
 
+def overhead_pair(batch_size: int, device, repeats: int, rounds: int = 3) -> list[dict]:
+  """Plain jit vs sharded step, alternated `rounds` times so drift (clocks, other
+  tenants) hits both; the median of the per-round medians of each."""
+  s = setup(batch_size=batch_size, mesh="data:1", devices=[device])
+  batch = s.batch()
+  runs = {"plain jit": [s.plain_step(), s.init_state(), []],
+          "sharded (1-device mesh)": [s.sharded_step(), s.init_state(), []]}
+  for _ in range(rounds):
+    for run in runs.values():
+      seconds, run[1] = time_step(run[0], run[1], batch, repeats)
+      run[2].append(seconds)
+  peak = device.memory_stats().get("peak_bytes_in_use")
+  out = []
+  for name, (_, _, times) in runs.items():
+    seconds = float(np.median(times))
+    out.append({"batch": batch_size, "remat": False, "step": name, "step_s": seconds,
+                "round_step_s": times, "images_per_s": batch_size / seconds, "peak_bytes": peak})
+  return out
+
+
 def run_gpu(args) -> dict:
+  """Parts run in order; a partial run (--parts) merges into the device's existing record."""
   device = jax.devices()[0]
   if device.platform != "gpu":
     raise SystemExit(f"the gpu benchmark needs a GPU; found {device.platform}")
-  overhead = [throughput(args.batch, False, device, args.repeats, plain=True),
-              throughput(args.batch, False, device, args.repeats)]
-  ratio = overhead[1]["images_per_s"] / overhead[0]["images_per_s"]
-  print(json.dumps(overhead, indent=1))
-  largest = []
+  path = RESULTS / f"sharding_{_slug(device.device_kind)}.json"
+  old = json.loads(path.read_text()) if path.exists() else {}
+  overhead = old.get("overhead", [])
+  largest = {bool(r["remat"]): r for r in old.get("largest_batch", [])}
+  if "overhead" in args.parts:
+    overhead = overhead_pair(args.batch, device, args.repeats)
+    print(json.dumps(overhead, indent=1), flush=True)
   for remat in (False, True):
-    size = largest_batch(remat, device, start=args.batch)
-    largest.append(throughput(size, remat, device, args.repeats))
-    print(json.dumps(largest[-1]))
+    if ("largest_remat" if remat else "largest") in args.parts:
+      size, footprint = largest_batch(remat, device, start=args.batch)
+      largest[remat] = {**throughput(size, remat, device, args.repeats), "compiled_bytes": footprint["bytes"],
+                        "bytes_limit": footprint["limit"], "date": datetime.date.today().isoformat()}
+      print(json.dumps(largest[remat]), flush=True)
+  largest = [largest[r] for r in (False, True) if r in largest]
+  ratio = overhead[1]["images_per_s"] / overhead[0]["images_per_s"] if overhead else None
   record = {"benchmark": "sharding_gpu", "date": datetime.date.today().isoformat(), "jax_version": jax.__version__,
             "device": device.device_kind, "host": platform.node(), "model": "ACM ViT-B/16 (MLP + q/k/v/o), bf16",
             "overhead": overhead, "sharded_over_plain": ratio, "target": "sharded >= 0.97 x plain images/s",
-            "target_met": bool(ratio >= 0.97), "largest_batch": largest}
+            "target_met": None if ratio is None else bool(ratio >= 0.97), "largest_batch": largest}
   _write(f"sharding_{_slug(device.device_kind)}.json", record)
   lines = [f"## Sharding on one GPU: ACM ViT-B/16 finetune step, {device.device_kind}, {record['date']}, "
            f"jax {jax.__version__}", "",
-           f"Command: `python3 -m benchmarks.sharding_bench gpu --batch={args.batch} --repeats={args.repeats}`. "
-           "Median step time after warm-up, random device-resident batches (data loading excluded), bf16.", "",
-           "| step | batch | remat | images/s | peak GiB |", "|---|---|---|---|---|"]
+           f"Command: `python3 -m benchmarks.sharding_bench gpu --batch={args.batch} --repeats={args.repeats} "
+           f"--parts={','.join(args.parts)}`. "
+           "Median step time after warm-up, random device-resident batches (data loading excluded), bf16; "
+           "plain and sharded alternated over 3 rounds. Compiled GiB: the program's own footprint "
+           "(arguments + temps + outputs - aliased); peak GiB: the process high-water mark so far.", "",
+           "| step | batch | remat | images/s | compiled GiB | peak GiB |", "|---|---|---|---|---|---|"]
   for r in overhead + largest:
     peak = f"{r['peak_bytes'] / 2**30:.1f}" if r["peak_bytes"] else "n/a"
-    lines.append(f"| {r['step']} | {r['batch']} | {'yes' if r['remat'] else 'no'} | {r['images_per_s']:.1f} | {peak} |")
-  lines += ["", f"Sharded / plain images/s = {ratio:.3f} (target >= 0.97): "
-            f"{'met' if record['target_met'] else 'NOT met'}. Largest batches are the largest multiples of 8 whose "
-            "compiled footprint stays under 97% of the device memory.", ""]
+    compiled = f"{r['compiled_bytes'] / 2**30:.1f}" if r.get("compiled_bytes") else "-"
+    lines.append(f"| {r['step']} | {r['batch']} | {'yes' if r['remat'] else 'no'} | {r['images_per_s']:.1f} | "
+                 f"{compiled} | {peak} |")
+  verdict = "not measured" if ratio is None else f"{ratio:.3f} (target >= 0.97): " + (
+      "met" if record["target_met"] else "NOT met")
+  lines += ["", f"Sharded / plain images/s = {verdict}. Largest batches are the largest multiples of 8 whose "
+            "compiled footprint stays under 97% of the memory XLA may use (`bytes_limit`).", ""]
   _append_md(lines)
   return record
 
@@ -277,7 +310,13 @@ def main(argv=None) -> None:
                       help="global batch (memory: default 32), or the batch of the overhead comparison and the "
                            "start of the largest-batch search (gpu: default 64)")
   parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--parts", default="overhead,largest,largest_remat",
+                      help="gpu: which measurements to run (a subset merges into the existing JSON)")
   args = parser.parse_args(argv)
+  args.parts = args.parts.split(",")
+  unknown = set(args.parts) - {"overhead", "largest", "largest_remat"}
+  if unknown:
+    parser.error(f"unknown --parts {sorted(unknown)}; expected overhead, largest, largest_remat")
   if args.batch is None:
     args.batch = 32 if args.what == "memory" else 64
   (run_memory if args.what == "memory" else run_gpu)(args)

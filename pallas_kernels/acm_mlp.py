@@ -13,12 +13,14 @@ so a block of `block_rows` tokens needs only the hidden units of its largest k.
 The kernel is two launches, each shaped like an ordinary tiled matmul:
 
   up:   hidden[rows, tile] = act(x[rows] @ w1[:, tile] + b1[tile]), masked to
-        the units each row's k allows. Only the *active* (row block, hidden
-        tile) pairs run: a small table built in XLA from the sorted k lists
-        them, and a persistent grid of about two programs per SM walks it
-        (program p takes entries p, p + G, ...). A grid over all pairs would
-        spend a launch and a table read on every idle pair, which at low mean
-        k measured as a fixed cost of ~0.1 ms on ViT-B at T=50432.
+        the units each row's k allows. One program per (row block, hidden
+        tile); a program whose tile lies past its row block's largest k
+        returns at once. (A persistent variant, `persistent=True`, walks a
+        table of the active pairs with ~2 programs per SM instead; on an H100
+        it measured 1.5x slower at full k, and no faster at mean k/N = 0.25,
+        see benchmarks/results/kernel_profile_h100.json.) For bfloat16 the
+        GELU uses the hardware tanh (`fast_math`): the erf polynomial's
+        epilogue cost about a third of the up launch.
   down: out[rows, cols] = hidden[rows, :K] @ w2[:K, cols] + bias_table[k], with
         K = the row block's largest k times h: a reduction loop of dynamic
         trip count, so row blocks of small k cost little.
@@ -116,7 +118,24 @@ def _gelu_tanh(v):
   return 0.5 * v * (1.0 + jnp.tanh(inner))
 
 
-def _kernel_activation(name):
+def _tanh_approx(v):
+  """The GPU's one-instruction tanh (MUFU, max relative error ~2^-11)."""
+  from jax.experimental.pallas import triton as plgpu
+  return plgpu.elementwise_inline_asm("tanh.approx.f32 $0, $1;", args=[v], constraints="=r,r", pack=1,
+                                      result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, v.dtype)])[0]
+
+
+def _gelu_fast(v):
+  # tanh form of GELU on the hardware tanh: |error| <= 5e-4 absolute against the
+  # erf form (at v ~ 2.7, i.e. 2e-4 relative), below bfloat16's rounding
+  inner = np.float32(math.sqrt(2 / math.pi)) * (v + 0.044715 * v * v * v)
+  return 0.5 * v * (1.0 + _tanh_approx(inner))
+
+
+def _kernel_activation(name, fast: bool = False):
+  """fast: bf16 outputs on a GPU; both GELUs use the hardware tanh (see _gelu_fast)."""
+  if fast and name in ("gelu", "gelu_tanh"):
+    return _gelu_fast
   return {"gelu": _gelu_erf, "gelu_tanh": _gelu_tanh, "relu": lambda v: jnp.maximum(v, 0.0),
           "identity": lambda v: v}[name]
 
@@ -145,7 +164,7 @@ class KernelConfig:
 # unknown GPUs get smaller tiles that fit any recent GPU's shared memory (not
 # measured here).
 _TUNED = {
-    ("hopper", "bf16"): KernelConfig(128, 128, 256, (32, 64), (8, 8), (4, 3)),
+    ("hopper", "bf16"): KernelConfig(128, 128, 256, (64, 64), (8, 8), (3, 3)),
     ("hopper", "f32"): KernelConfig(64, 128, 128, (32, 32), (4, 4), (3, 3)),
     ("other", "bf16"): KernelConfig(128, 128, 128, (32, 32), (4, 4), (3, 3)),
     ("other", "f32"): KernelConfig(64, 64, 64, (32, 32), (4, 4), (2, 2)),
@@ -278,20 +297,26 @@ def persistent_programs(num_tiles: int, interpret: bool = False) -> int:
   return min(num_tiles, PROGRAMS_PER_SM * sms)
 
 
-SORT_METHODS = ("count", "argsort")
+SORT_METHODS = ("blocked", "count", "argsort")
 
 
-def sort_order(k: jax.Array, num_learners: int, method: str = "count") -> jax.Array:
+def sort_order(k: jax.Array, num_learners: int, method: str = "blocked") -> jax.Array:
   """Permutation sorting k (T,) in descending order, stable.
 
-  "count": counting sort (k has only N+1 values: a histogram and one running
-  count per value give each token's destination); "argsort": XLA's sort.
+  k has only N+1 values, so a counting sort suffices: each token's destination
+  is (tokens with a larger k) + (earlier tokens with the same k).
+  "blocked": the running counts come from a lower-triangular matmul inside
+  blocks of ~sqrt(T) tokens plus a second one over the block totals: a handful
+  of fusions, where a length-T cumsum lowers on the GPU to a log-depth chain of
+  small kernels. "count": the same with jnp.cumsum. "argsort": XLA's sort.
   """
   if method not in SORT_METHODS:
     raise ValueError(f"unknown sort method {method!r}; expected one of {SORT_METHODS}")
   k = k.astype(jnp.int32)
   if method == "argsort":
     return jnp.argsort(-k, stable=True).astype(jnp.int32)
+  if method == "blocked" and k.shape[0] < 2 ** 24:  # float32 counts stay exact below 2^24
+    return _sort_blocked(k, num_learners)
   choices = jnp.arange(num_learners, -1, -1, dtype=jnp.int32)  # descending
   onehot = (k[:, None] == choices[None, :]).astype(jnp.int32)  # (T, N+1)
   counts = onehot.sum(0)
@@ -299,6 +324,44 @@ def sort_order(k: jax.Array, num_learners: int, method: str = "count") -> jax.Ar
   rank = jnp.cumsum(onehot, axis=0) - 1
   dest = jnp.sum(onehot * (starts[None, :] + rank), axis=1)
   return jnp.zeros_like(k).at[dest].set(jnp.arange(k.shape[0], dtype=jnp.int32), unique_indices=True)
+
+
+# Above this many blocks (T > 2M tokens) the block totals are scanned with cumsum
+# instead of a (blocks, blocks) matmul, which would pass 16 MiB.
+MATMUL_SCAN_BLOCKS = 2048
+
+
+def _sort_blocked(k: jax.Array, num_learners: int) -> jax.Array:
+  tokens = k.shape[0]
+  block = 128
+  while block * block < tokens and block < 1024:
+    block *= 2
+  blocks = -(-tokens // block)
+  # category 0 is k = N (sorted first) ... N is k = 0; padding and out-of-range k get
+  # category N + 1 and land after every valid token, past the end or (invalid k) in
+  # the tail, where the kernels' own range check catches them
+  valid = (k >= 0) & (k <= num_learners)
+  cat = jnp.where(valid, num_learners - k, num_learners + 1)
+  cat = jnp.pad(cat, (0, blocks * block - tokens), constant_values=num_learners + 1)
+  onehot = jax.nn.one_hot(cat.reshape(blocks, block), num_learners + 2, dtype=jnp.bfloat16)
+  lower = jnp.tril(jnp.ones((block, block), jnp.bfloat16))
+  # inclusive running count of each category inside each block: 0/1 products summed
+  # in float32, exact up to the block size
+  within = jnp.einsum("ij,bjc->bic", lower, onehot, preferred_element_type=jnp.float32)
+  totals = within[:, -1, :]  # (blocks, C)
+  if blocks <= MATMUL_SCAN_BLOCKS:  # same category in earlier blocks
+    strict = jnp.tril(jnp.ones((blocks, blocks), jnp.float32), -1)
+    before = jnp.dot(strict, totals, precision=jax.lax.Precision.HIGHEST)
+  else:
+    before = jnp.cumsum(totals, axis=0) - totals
+  counts = totals.sum(0)
+  starts = jnp.cumsum(counts) - counts  # C entries
+  dest = jnp.sum(onehot * (starts + before[:, None, :] + within - 1.0), axis=-1)
+  dest = dest.reshape(-1).astype(jnp.int32)
+  padded = blocks * block
+  order = jnp.zeros((padded,), jnp.int32).at[dest].set(jnp.arange(padded, dtype=jnp.int32),
+                                                      unique_indices=True)
+  return order[:tokens]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,8 +376,9 @@ class Prepared:
 
 
 def prepare(k, order, *, tokens: int, num_learners: int, width: int, block_rows: int,
-            block_hidden: int) -> Prepared:
-  """Sorted, clamped, padded k; row indices; the active (row block, hidden tile) table.
+            block_hidden: int, tile_table: bool = True) -> Prepared:
+  """Sorted, clamped, padded k; row indices; the active (row block, hidden tile) table
+  (only read by a persistent up kernel; with tile_table=False, a 1-entry placeholder).
 
   Tiles are listed row block by row block (consecutive programs share an x
   block in L2), hidden tiles of one block in order. Row block i has
@@ -335,6 +399,10 @@ def prepare(k, order, *, tokens: int, num_learners: int, width: int, block_rows:
   # real row for reading, the down kernel masks their stores
   rows = jnp.concatenate([rows, jnp.arange(tokens, tokens + pad, dtype=jnp.int32)])
 
+  poison = jnp.where(invalid, jnp.nan, 0.0).astype(jnp.float32)[None]  # added to every output
+  if not tile_table:
+    placeholder = jnp.zeros((1,), jnp.int32)
+    return Prepared(rows, k_pad, placeholder, placeholder, poison, nb)
   per_learner = width // block_hidden
   per_block = num_learners * per_learner
   active = k_pad[::block_rows] * per_learner  # (nb,) tiles of each row block
@@ -345,7 +413,6 @@ def prepare(k, order, *, tokens: int, num_learners: int, width: int, block_rows:
   block_c = jnp.minimum(block, nb - 1)
   tile = p - (ends[block_c] - active[block_c])
   tiles = jnp.where(block < nb, block_c * per_block + tile, -1)
-  poison = jnp.where(invalid, jnp.nan, 0.0).astype(jnp.float32)[None]  # added to every output
   return Prepared(rows, k_pad, tiles, ends[-1:].astype(jnp.int32), poison, nb)
 
 
@@ -358,30 +425,49 @@ def _precision(dtype):
   return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _up_kernel(count_ref, tiles_ref, rows_ref, k_ref, x_ref, w1_ref, b1_ref, h_ref, *, block_rows,
-               block_hidden, block_k, dim, width, per_block, activation, programs, tokens):
+def _up_tile(i, j, rows_ref, k_ref, x_ref, w1_ref, b1_ref, h_ref, *, block_rows, block_hidden, block_k, dim,
+             width, activation, tokens, gather, fast_math):
+  """One (row block i, hidden tile j) of the hidden buffer."""
+  row_slice = pl.ds(i * block_rows, block_rows)
+  col_slice = pl.ds(j * block_hidden, block_hidden)
+  if gather:  # rows of x picked through `rows` (tokens in their original order)
+    src = jnp.minimum(rows_ref[row_slice], tokens - 1)[:, None]
+    chunk = jnp.arange(block_k, dtype=jnp.int32)[None, :]
+    load = lambda s: x_ref[src, s * block_k + chunk]  # int-array indexing
+  else:  # x already sorted: plain block loads, padding rows masked
+    from jax.experimental.pallas import triton as plgpu
+    in_range = (i * block_rows + jnp.arange(block_rows, dtype=jnp.int32) < tokens)[:, None]
+    load = lambda s: plgpu.load(x_ref.at[row_slice, pl.ds(s * block_k, block_k)], mask=in_range, other=0.0)
+
+  def body(s, acc):
+    xs = load(s)
+    ws = w1_ref[pl.ds(s * block_k, block_k), col_slice]
+    return acc + jnp.dot(xs, ws, precision=_precision(xs.dtype), preferred_element_type=jnp.float32)
+
+  acc = jax.lax.fori_loop(0, dim // block_k, body, jnp.zeros((block_rows, block_hidden), jnp.float32))
+  acc = _kernel_activation(activation, fast_math)(acc + b1_ref[col_slice].astype(jnp.float32)[None, :])
+  learner = (j * block_hidden + jnp.arange(block_hidden, dtype=jnp.int32)) // width
+  keep = learner[None, :] < k_ref[row_slice][:, None]
+  h_ref[row_slice, col_slice] = jnp.where(keep, acc, 0.0).astype(h_ref.dtype)
+
+
+def _up_kernel(count_ref, tiles_ref, rows_ref, k_ref, x_ref, w1_ref, b1_ref, h_ref, *, per_block, programs,
+               persistent, per_learner, **tile_kwargs):
   pid = pl.program_id(0)
+  refs = (rows_ref, k_ref, x_ref, w1_ref, b1_ref, h_ref)
+  if not persistent:  # one program per (row block, hidden tile); idle ones exit at once
+    i, j = pid // per_block, pid % per_block
+    block_rows = tile_kwargs["block_rows"]
+
+    @pl.when(j < k_ref[i * block_rows] * per_learner)
+    def _():
+      _up_tile(i, j, *refs, **tile_kwargs)
+    return
   mine = jnp.maximum(count_ref[0] - pid + programs - 1, 0) // programs
 
   def tile_body(t, carry):
     tile = tiles_ref[pid + t * programs]
-    i, j = tile // per_block, tile % per_block
-    row_slice = pl.ds(i * block_rows, block_rows)
-    col_slice = pl.ds(j * block_hidden, block_hidden)
-    src = jnp.minimum(rows_ref[row_slice], tokens - 1)[:, None]
-    chunk = jnp.arange(block_k, dtype=jnp.int32)[None, :]
-
-    def body(s, acc):
-      xs = x_ref[src, s * block_k + chunk]  # gathered rows: int-array indexing
-      ws = w1_ref[pl.ds(s * block_k, block_k), col_slice]
-      return acc + jnp.dot(xs, ws, precision=_precision(xs.dtype), preferred_element_type=jnp.float32)
-
-    acc = jax.lax.fori_loop(0, dim // block_k, body,
-                            jnp.zeros((block_rows, block_hidden), jnp.float32))
-    acc = _kernel_activation(activation)(acc + b1_ref[col_slice].astype(jnp.float32)[None, :])
-    learner = (j * block_hidden + jnp.arange(block_hidden, dtype=jnp.int32)) // width
-    keep = learner[None, :] < k_ref[row_slice][:, None]
-    h_ref[row_slice, col_slice] = jnp.where(keep, acc, 0.0).astype(h_ref.dtype)
+    _up_tile(tile // per_block, tile % per_block, *refs, **tile_kwargs)
     return carry
 
   jax.lax.fori_loop(0, mine, tile_body, 0)
@@ -418,7 +504,8 @@ def _compiler_params(num_warps, num_stages):
 
 def acm_mlp(x, k, w1, b1, w2, bias_table, *, num_learners: int, activation: str = "gelu",
             block_rows=None, block_hidden=None, block_out=None, num_warps=None, num_stages=None,
-            block_k=None, order=None, interpret: bool | None = None) -> jax.Array:
+            block_k=None, order=None, x_gather: str = "kernel", persistent: bool = False,
+            fast_math: bool | None = None, interpret: bool | None = None) -> jax.Array:
   """ACM MLP for tokens sorted by k (descending), skipping unused learners.
 
   x (T, d) bf16/f32, k (T,) int in 0..N, w1 (d, N*h), b1 (N*h,), w2 (N*h, d),
@@ -434,6 +521,9 @@ def acm_mlp(x, k, w1, b1, w2, bias_table, *, num_learners: int, activation: str 
   order: optional (T,) permutation with k[order] descending; x and k are then
   in their original token order, and so is the output (gather and scatter
   happen inside the kernels).
+  x_gather: with `order`, "kernel" gathers x's rows inside the up kernel;
+  "xla" gathers them first with an XLA gather and lets the kernel use block
+  loads. persistent: see `up_projection`.
   interpret: run the kernels in the Pallas interpreter; None means "when the
   default backend is not a GPU", so the same call works on CPU (slowly).
   """
@@ -444,15 +534,44 @@ def acm_mlp(x, k, w1, b1, w2, bias_table, *, num_learners: int, activation: str 
   cfg = resolve_config(x.dtype, dim, width, block_rows=block_rows, block_hidden=block_hidden,
                        block_out=block_out, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
   prep = prepare(k, order, tokens=tokens, num_learners=num_learners, width=width,
-                 block_rows=cfg.block_rows, block_hidden=cfg.block_hidden)
+                 block_rows=cfg.block_rows, block_hidden=cfg.block_hidden, tile_table=persistent)
+  if x_gather not in ("kernel", "xla"):
+    raise ValueError(f"x_gather must be 'kernel' or 'xla', got {x_gather!r}")
+  gather = order is not None and x_gather == "kernel"
+  if order is not None and not gather:
+    x = jnp.take(x, prep.rows[:tokens], axis=0)
+  hidden = up_projection(prep, x, w1, b1, cfg=cfg, num_learners=num_learners, activation=activation,
+                         interpret=interpret, gather=gather, persistent=persistent, fast_math=fast_math)
+  return down_projection(prep, hidden, w2, bias_table, cfg=cfg, tokens=tokens, interpret=interpret)
+
+
+def up_projection(prep: Prepared, x, w1, b1, *, cfg: KernelConfig, num_learners: int, activation: str,
+                  interpret: bool = False, gather: bool = True, persistent: bool = False,
+                  fast_math: bool | None = None) -> jax.Array:
+  """First launch: the (T_pad, N*h) hidden buffer, written only on active tiles.
+
+  gather: read x's rows through prep.rows (x in token order); False: x is
+  already in sorted order and is read with block loads. persistent: walk the
+  active-tile table with ~2 programs per SM; False: one program per (row
+  block, hidden tile), idle ones returning at once. fast_math: GELU on the
+  hardware tanh (default: for bfloat16 x on a GPU, where its error is below
+  bfloat16 rounding; float32 keeps the erf polynomial).
+  """
+  if fast_math is None:
+    fast_math = x.dtype == jnp.bfloat16
+  fast_math = fast_math and not interpret  # the interpreter cannot run PTX
+  tokens, dim = x.shape
+  width = w1.shape[1] // num_learners
   t_pad = prep.num_row_blocks * cfg.block_rows
   per_block = num_learners * width // cfg.block_hidden
-  programs = persistent_programs(prep.tiles.shape[0], interpret)
-
-  hidden = pl.pallas_call(
+  all_tiles = prep.num_row_blocks * per_block
+  programs = persistent_programs(all_tiles, interpret) if persistent else all_tiles
+  return pl.pallas_call(
       functools.partial(_up_kernel, block_rows=cfg.block_rows, block_hidden=cfg.block_hidden,
                         block_k=cfg.block_k[0], dim=dim, width=width, per_block=per_block,
-                        activation=activation, programs=programs, tokens=tokens),
+                        activation=activation, programs=programs, tokens=tokens, gather=gather,
+                        persistent=persistent, per_learner=width // cfg.block_hidden,
+                        fast_math=fast_math),
       out_shape=jax.ShapeDtypeStruct((t_pad, num_learners * width), x.dtype),
       grid=(programs,),
       compiler_params=None if interpret else _compiler_params(cfg.num_warps[0], cfg.num_stages[0]),
@@ -460,11 +579,17 @@ def acm_mlp(x, k, w1, b1, w2, bias_table, *, num_learners: int, activation: str 
       name="acm_mlp_up",
   )(prep.count, prep.tiles, prep.rows, prep.k, x, w1, b1)
 
+
+def down_projection(prep: Prepared, hidden, w2, bias_table, *, cfg: KernelConfig, tokens: int,
+                    interpret: bool = False) -> jax.Array:
+  """Second launch: (T, d) output rows, scattered to their tokens' places."""
+  dim = w2.shape[1]
+  width = w2.shape[0] // (bias_table.shape[0] - 1)
   col_blocks = dim // cfg.block_out
   return pl.pallas_call(
       functools.partial(_down_kernel, block_rows=cfg.block_rows, block_out=cfg.block_out,
                         block_k=cfg.block_k[1], width=width, tokens=tokens, col_blocks=col_blocks),
-      out_shape=jax.ShapeDtypeStruct((tokens, dim), x.dtype),
+      out_shape=jax.ShapeDtypeStruct((tokens, dim), hidden.dtype),
       grid=(prep.num_row_blocks * col_blocks,),
       compiler_params=None if interpret else _compiler_params(cfg.num_warps[1], cfg.num_stages[1]),
       interpret=interpret,

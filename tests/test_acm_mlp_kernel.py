@@ -93,6 +93,24 @@ def test_unsorted_tokens_with_order_match_reference(method):
   check_close(out, ref, jnp.bfloat16)
 
 
+@pytest.mark.parametrize("x_gather,persistent", [("kernel", True), ("xla", False), ("xla", True)])
+def test_launch_variants_match_reference(x_gather, persistent):
+  """The non-default up launches: persistent tile walk, x gathered by XLA (block loads)."""
+  n = 4
+  args = make_inputs(7, 203, 64, n, 32, jnp.float32, sort=False)
+  order = pk.sort_order(args[1], n)
+  ref = pk.acm_mlp_reference(*args, num_learners=n)
+  out = pk.acm_mlp(*args, num_learners=n, order=order, x_gather=x_gather, persistent=persistent,
+                   interpret=True, **SMALL)
+  check_close(out, ref, jnp.float32)
+
+
+def test_bad_x_gather_is_rejected():
+  args = make_inputs(0, 16, 64, 2, 32, jnp.float32)
+  with pytest.raises(ValueError, match="x_gather"):
+    pk.acm_mlp(*args, num_learners=2, order=jnp.arange(16), x_gather="numpy", interpret=True, **SMALL)
+
+
 def test_jitted_kernel_matches_reference():
   n = 4
   args = make_inputs(5, 200, 64, n, 32, jnp.float32)
@@ -105,6 +123,26 @@ def test_sort_order_is_stable_descending(method):
   k = jnp.asarray(np.random.default_rng(1).integers(0, 5, 1000), jnp.int32)
   order = np.asarray(pk.sort_order(k, 4, method))
   np.testing.assert_array_equal(order, np.argsort(-np.asarray(k), kind="stable"))
+
+
+@pytest.mark.parametrize("tokens,n,scan_blocks", [(1, 4, 2048), (129, 1, 2048), (20000, 4, 2048),
+                                                   (1000, 8, 2)])
+def test_blocked_sort_across_block_sizes(tokens, n, scan_blocks, monkeypatch):
+  """Partial last block, >128^2 tokens (256-token blocks), and the cumsum scan of block totals."""
+  monkeypatch.setattr(pk, "MATMUL_SCAN_BLOCKS", scan_blocks)
+  k = np.random.default_rng(tokens).integers(0, n + 1, tokens).astype(np.int32)
+  order = np.asarray(pk.sort_order(jnp.asarray(k), n, "blocked"))
+  np.testing.assert_array_equal(order, np.argsort(-k, kind="stable"))
+
+
+def test_blocked_sort_puts_out_of_range_k_last():
+  """Still a permutation, with the invalid tokens at the tail, where `prepare` flags them."""
+  k = np.random.default_rng(2).integers(0, 5, 300).astype(np.int32)
+  k[[3, 77, 250]] = [-1, 9, 5]
+  order = np.asarray(pk.sort_order(jnp.asarray(k), 4, "blocked"))
+  np.testing.assert_array_equal(np.sort(order), np.arange(300))
+  np.testing.assert_array_equal(order[-3:], [3, 77, 250])
+  np.testing.assert_array_equal(order[:-3], np.argsort(-np.where(k > 4, -10, k), kind="stable")[:-3])
 
 
 def test_reference_skips_learners_beyond_k():
