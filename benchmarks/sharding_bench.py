@@ -4,7 +4,9 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python3 -m benchmarks.sharding_bench memory
     # one GPU: sharded step on a 1-device mesh vs the plain jitted step, and the largest batch
     # that fits with and without rematerialisation (images/s at each)
-    python3 -m benchmarks.sharding_bench gpu
+    python3 -m benchmarks.sharding_bench gpu [--parts=overhead,largest,largest_remat]
+    # (a subset of --parts re-measures only those and merges into the existing JSON,
+    # e.g. when one call's time limit cannot hold every compile)
 
 Both write benchmarks/results/sharding*.json and append a section to benchmarks/RESULTS.md.
 The model is the paper's configuration: ViT-B/16, 224px, 1000 classes, every MLP and
