@@ -4,9 +4,11 @@
 
 For each mean k/N it times, as ratios to the dense XLA MLP of the same shape
 (same timing loop as kernel_bench): the gate alone (x Wg + argmax), each sort
-method, `prepare` (sorted k, row indices, active-tile table), the up launch,
-the down launch, the whole kernel on pre-sorted tokens, and gate + sort +
-kernel end to end for each sort method. Writes
+method, `prepare` (sorted k, row indices and the persistent launch's tile
+table), the up launch (default, and with one thing changed: block loads of
+pre-sorted x, persistent walk, erf GELU, relu, no activation), the down
+launch, the whole kernel on pre-sorted tokens, and gate + sort + kernel end to
+end for each sort method and for variants that each change one default. Writes
 benchmarks/results/kernel_profile_<gpu>.json and prints a table.
 """
 
@@ -46,7 +48,7 @@ def profile(shape: str, tokens: int, ratios: list[float], config: dict, sets: in
     prep = pk.Prepared(*arrays, num_row_blocks)
     return pk.up_projection(prep, x, w1, b1, cfg=cfg, num_learners=n, activation="gelu", interpret=interpret)
 
-  def up_variant(arrays, x, w1, b1, gather=True, persistent=True, activation="gelu", fast_math=None):
+  def up_variant(arrays, x, w1, b1, gather=True, persistent=False, activation="gelu", fast_math=None):
     prep = pk.Prepared(*arrays, num_row_blocks)
     return pk.up_projection(prep, x, w1, b1, cfg=cfg, num_learners=n, activation=activation, interpret=interpret,
                             gather=gather, persistent=persistent, fast_math=fast_math)
@@ -60,16 +62,16 @@ def profile(shape: str, tokens: int, ratios: list[float], config: dict, sets: in
     return pk.acm_mlp(x, kk, w1, b1, w2, bias, num_learners=n, order=pk.sort_order(kk, n, method),
                       **{**config, **variant})
 
-  # (x_gather, persistent, config overrides) for the e2e variants
+  # e2e variants, each one change from the current defaults (one program per tile,
+  # fast GELU for bf16, tuned tiles, x gathered inside the kernel)
   variants = {
-      "grid": dict(persistent=False),
-      "grid_erf": dict(persistent=False, fast_math=False),
-      "grid_bk64": dict(persistent=False, block_k=(64, 64), num_stages=(3, 3)),
-      "grid_bh256_bk64": dict(persistent=False, block_hidden=256, block_k=(64, 64), num_stages=(3, 3)),
-      "grid_bh256": dict(persistent=False, block_hidden=256),
-      "grid_w4": dict(persistent=False, num_warps=(4, 8)),
-      "grid_br64": dict(persistent=False, block_rows=64),
-      "grid_xgather": dict(persistent=False, x_gather="xla"),
+      "persistent": dict(persistent=True),
+      "erf": dict(fast_math=False),
+      "bk32": dict(block_k=(32, 64), num_stages=(4, 3)),
+      "bh256": dict(block_hidden=256),
+      "w4": dict(num_warps=(4, 8)),
+      "br64": dict(block_rows=64),
+      "xgather": dict(x_gather="xla"),
   }
 
   routes_fixed = {
@@ -82,9 +84,8 @@ def profile(shape: str, tokens: int, ratios: list[float], config: dict, sets: in
       "up_erf": functools.partial(up_variant, fast_math=False),
       "up_relu": functools.partial(up_variant, activation="relu"),
       "up_identity": functools.partial(up_variant, activation="identity"),
-      "up_contig": functools.partial(up_variant, gather=False, persistent=True),
-      "up_grid": functools.partial(up_variant, gather=True, persistent=False),
-      "up_contig_grid": functools.partial(up_variant, gather=False, persistent=False),
+      "up_contig": functools.partial(up_variant, gather=False),
+      "up_persistent": functools.partial(up_variant, persistent=True),
       "kernel_sorted": lambda x, kk, w1, b1, w2, bias: pk.acm_mlp(x, kk, w1, b1, w2, bias, num_learners=n, **config),
       **{f"e2e_{m}": functools.partial(e2e, method=m) for m in pk.SORT_METHODS},
       **{f"e2e_{name}": functools.partial(e2e, **v) for name, v in variants.items()},
@@ -106,7 +107,7 @@ def profile(shape: str, tokens: int, ratios: list[float], config: dict, sets: in
         "prepare_order": [(k + 0 * i, order + 0 * i) for i in range(sets)],
         "up": [(prep_sorted, p["x"][order_np], p["w1"], p["b1"]) for p in params],
         **{f"up_{v}": [(prep_sorted, p["x"][order_np], p["w1"], p["b1"]) for p in params]
-           for v in ("contig", "grid", "contig_grid", "erf", "relu", "identity")},
+           for v in ("contig", "persistent", "erf", "relu", "identity")},
         "down": [(prep_sorted, hd, p["w2"], p["bias"]) for hd, p in zip(hidden, params)],
         "kernel_sorted": [(p["x"][order_np], ks, p["w1"], p["b1"], p["w2"], p["bias"]) for p in params],
         **{f"e2e_{m}": [(p["x"], p["wg"], hint, p["w1"], p["b1"], p["w2"], p["bias"]) for p in params]
