@@ -268,7 +268,7 @@ def run_gpu(args) -> dict:
             "device": device.device_kind, "host": platform.node(), "model": "ACM ViT-B/16 (MLP + q/k/v/o), bf16",
             "overhead": overhead, "sharded_over_plain": ratio, "target": "sharded >= 0.97 x plain images/s",
             "target_met": None if ratio is None else bool(ratio >= 0.97), "largest_batch": largest}
-  _write(f"sharding_{_slug(device.device_kind)}.json", record)
+  _write(path.name, record)
   lines = [f"## Sharding on one GPU: ACM ViT-B/16 finetune step, {device.device_kind}, {record['date']}, "
            f"jax {jax.__version__}", "",
            f"Command: `python3 -m benchmarks.sharding_bench gpu --batch={args.batch} --repeats={args.repeats} "

@@ -284,13 +284,16 @@ def validate_inputs(x, k, w1, b1, w2, bias_table, *, num_learners: int, activati
   return tokens, dim, total // num_learners
 
 
-# Two resident programs per SM let one's epilogue (activation, store) overlap the
-# other's matmul.
+# Persistent up launch: two resident programs per SM let one's epilogue
+# (activation, store) overlap the other's matmul.
 PROGRAMS_PER_SM = 2
 
 
-def persistent_programs(num_tiles: int, interpret: bool = False) -> int:
-  """Grid size of the persistent up kernel."""
+def up_programs(num_tiles: int, persistent: bool, interpret: bool = False) -> int:
+  """Grid size of the up launch over `num_tiles` (row block, hidden tile) pairs:
+  one program per tile, or a persistent grid of ~PROGRAMS_PER_SM per SM."""
+  if not persistent:
+    return num_tiles
   if interpret:
     return min(num_tiles, 4)
   sms = getattr(jax.devices()[0], "core_count", None) or 132
@@ -564,8 +567,7 @@ def up_projection(prep: Prepared, x, w1, b1, *, cfg: KernelConfig, num_learners:
   width = w1.shape[1] // num_learners
   t_pad = prep.num_row_blocks * cfg.block_rows
   per_block = num_learners * width // cfg.block_hidden
-  all_tiles = prep.num_row_blocks * per_block
-  programs = persistent_programs(all_tiles, interpret) if persistent else all_tiles
+  programs = up_programs(prep.num_row_blocks * per_block, persistent, interpret)
   return pl.pallas_call(
       functools.partial(_up_kernel, block_rows=cfg.block_rows, block_hidden=cfg.block_hidden,
                         block_k=cfg.block_k[0], dim=dim, width=width, per_block=per_block,

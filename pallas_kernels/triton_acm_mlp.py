@@ -162,8 +162,7 @@ def acm_mlp_triton(x, k, w1, b1, w2, bias_table, *, num_learners: int, activatio
   fast = x.dtype == jnp.bfloat16 if fast_math is None else fast_math
   precision = "ieee" if x.dtype == jnp.float32 else "tf32"  # ignored for bf16 operands
 
-  all_tiles = prep.num_row_blocks * (total // cfg.block_hidden)
-  programs = _pallas.persistent_programs(all_tiles) if persistent else all_tiles
+  programs = _pallas.up_programs(prep.num_row_blocks * (total // cfg.block_hidden), persistent)
   hidden = jt.triton_call(
       prep.count, prep.tiles, prep.rows, prep.k, x, w1, b1, kernel=up_kernel, name="acm_mlp_triton_up",
       out_shape=jax.ShapeDtypeStruct((prep.num_row_blocks * cfg.block_rows, total), x.dtype),
