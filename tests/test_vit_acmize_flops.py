@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from acm_jax import acm, acmize, flops
-from acm_jax.models import vit
+from acm_jax.models import transformer, vit
 
 SMALL = dict(image_size=16, patch_size=4, dim=32, depth=3, num_heads=4, mlp_dim=128, num_classes=7)
 
@@ -110,3 +110,41 @@ def test_acm_flops_scale_with_mean_k():
   # at full k the ACM costs the dense model plus gates (same hidden width)
   assert full["total"] == pytest.approx(flops.vit_flops(dense_cfg)["total"] + full["gate"], rel=1e-3)
   assert flops.mean_compute_fraction(acm_cfg, {p: 1.0 for p in acm_cfg.acm_paths()}) == pytest.approx(0.25)
+
+
+def _attention_reference(q, k, v, mask):
+  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+  scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  if mask is not None:
+    scores = np.where(np.asarray(mask), scores, -np.inf)
+  weights = np.exp(scores - scores.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("impl", ["auto", "xla"])
+def test_attend_matches_float64_softmax(impl, masked):
+  q, k, v = jax.random.normal(jax.random.key(3), (3, 2, 7, 3, 8))
+  mask = None
+  if masked:  # batch element 1 sees only its first 4 keys
+    valid = jnp.arange(7)[None, :] < jnp.array([7, 4])[:, None]
+    mask = valid[:, None, None, :]
+  out = transformer.attend(q, k, v, mask, impl)
+  np.testing.assert_allclose(np.asarray(out), _attention_reference(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_impl_selection(monkeypatch):
+  resolve = transformer.resolve_attention_impl
+  assert resolve("auto", jnp.bfloat16, 64, masked=False) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert resolve("auto", jnp.bfloat16, 64, masked=False) == "cudnn"
+  assert resolve("auto", jnp.float32, 64, masked=False) == "xla"  # cuDNN's fused attention is half precision
+  assert resolve("auto", jnp.bfloat16, 64, masked=True) == "xla"
+  assert resolve("auto", jnp.bfloat16, 160, masked=False) == "xla"
+  assert resolve("xla", jnp.bfloat16, 64, masked=False) == "xla"
+  with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+    vit.get_config("tiny", attention="flash")
+  q = jnp.ones((1, 4, 2, 8), jnp.float32)
+  with pytest.raises(ValueError, match="needs bfloat16 or float16"):
+    transformer.attend(q, q, q, None, "cudnn")

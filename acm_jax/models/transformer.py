@@ -15,6 +15,36 @@ import jax.numpy as jnp
 from acm_jax import acm as acm_lib
 
 PROJECTIONS = ("query", "key", "value", "out")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+_HALF = (jnp.bfloat16, jnp.float16)
+
+
+def check_attention_impl(impl: str) -> str:
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTENTION_IMPLS}")
+  return impl
+
+
+def resolve_attention_impl(impl: str, dtype, head_dim: int, masked: bool) -> str:
+  """"auto": cuDNN's fused (flash) attention where it applies (a GPU, bfloat16 or
+  float16, head_dim a multiple of 8 up to 128, no mask), else XLA's softmax(q k^T) v."""
+  check_attention_impl(impl)
+  if impl != "auto":
+    return impl
+  fits = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in _HALF and head_dim % 8 == 0
+          and head_dim <= 128 and not masked)
+  return "cudnn" if fits else "xla"
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+           impl: str = "auto") -> jax.Array:
+  """softmax(q k^T / sqrt(head_dim)) v over (batch, length, heads, head_dim) arrays."""
+  impl = resolve_attention_impl(impl, q.dtype, q.shape[-1], mask is not None)
+  if impl == "cudnn":
+    if jnp.dtype(q.dtype) not in _HALF:
+      raise ValueError(f"attention 'cudnn' needs bfloat16 or float16 inputs, got {q.dtype}")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+  return nn.dot_product_attention(q, k, v, mask=mask)
 
 
 def _record(module: nn.Module, x: jax.Array, y: jax.Array) -> None:
@@ -65,6 +95,7 @@ class Attention(nn.Module):
   """Multi-head self-attention with separate (dim, dim) q, k, v, o projections."""
   num_heads: int
   acm: acm_lib.ACMConfig | None = None
+  impl: str = "auto"  # see `attend`
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, **acm_args) -> jax.Array:
@@ -73,7 +104,7 @@ class Attention(nn.Module):
       raise ValueError(f"dim {dim} is not divisible by num_heads {self.num_heads}")
     q, k, v = (make_projection(dim, self.acm, name)(x, **acm_args) for name in PROJECTIONS[:3])
     split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, dim // self.num_heads)
-    context = nn.dot_product_attention(split(q), split(k), split(v), mask=mask)
+    context = attend(split(q), split(k), split(v), mask, self.impl)
     context = context.reshape(*x.shape[:-1], dim)
     return make_projection(dim, self.acm, "out")(context, **acm_args)
 
@@ -86,11 +117,12 @@ class EncoderBlock(nn.Module):
   layer_norm_eps: float = 1e-6
   pre_norm: bool = True
   acm: acm_lib.ACMConfig | None = None
+  attention: str = "auto"  # attention implementation, see `attend`
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, **acm_args) -> jax.Array:
     norm = lambda name: nn.LayerNorm(self.layer_norm_eps, name=name, dtype=x.dtype)
-    attn = Attention(self.num_heads, self.acm, name="attn")
+    attn = Attention(self.num_heads, self.acm, self.attention, name="attn")
     mlp = make_mlp(x.shape[-1], self.mlp_dim, self.activation, self.acm, "mlp")
     if self.pre_norm:
       x = x + attn(norm("ln1")(x), mask, **acm_args)

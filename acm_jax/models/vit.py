@@ -32,6 +32,7 @@ class ViTConfig:
   activation: str = "gelu"
   acm: acm_lib.ACMConfig | None = None
   remat: bool = False  # recompute each encoder block in the backward pass instead of storing activations
+  attention: str = "auto"  # "xla", "cudnn" (fused, GPU, bf16/f16) or "auto" (cudnn where it applies)
 
   @property
   def num_patches(self) -> int:
@@ -47,6 +48,7 @@ class ViTConfig:
     if self.dim % self.num_heads:
       raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
     acm_lib.get_activation(self.activation)
+    transformer.check_attention_impl(self.attention)
     if self.acm is not None:
       self.acm.mlp_learner_width(self.mlp_dim)
       self.acm.block_indices(self.depth)
@@ -110,7 +112,7 @@ class ViT(nn.Module):
     for i in range(cfg.depth):
       block = (_RematBlock if cfg.remat else transformer.EncoderBlock)(
           cfg.num_heads, cfg.mlp_dim, cfg.activation, cfg.layer_norm_eps, pre_norm=True,
-          acm=cfg.acm if i in acm_blocks else None, name=f"block_{i}")
+          acm=cfg.acm if i in acm_blocks else None, attention=cfg.attention, name=f"block_{i}")
       if cfg.remat:
         x = block(x, mode, fixed_k, temperature, cost_shift)
       else:
