@@ -12,12 +12,17 @@ For ViT-B (d=768, N=4, h=768) and ViT-L (d=1024, N=4, h=1024), T in {8192,
   gather_loop_xla    per learner, a matmul on its prefix of the sorted tokens (prefix lengths
                      known at trace time, which a real model does not have: a lower bound)
   pallas, triton     the kernels on tokens already sorted by k
-  overhead           gate (x Wg) + argmax + counting sort + k gather: what the fused kernels need
-  overhead_unfused   gate + argmax + argsort + gather x + unsort of the output (classic route)
-  pallas_e2e, triton_e2e   gate + argmax + sort + kernel with fused gather/scatter: the figure
-                     the issue's target is judged on
+  gate_xla           x Wg + argmax through XLA (matmul, then a reduction pass)
+  gate_pallas        the same as one Pallas kernel (pallas_kernels/gate.py)
+  overhead           Pallas gate + counting sort + k gather: what the Pallas route adds to its kernel
+  overhead_unfused   XLA gate + argsort + gather x + unsort of the output (classic route)
+  pallas_e2e         Pallas gate + sort + Pallas kernel with fused gather/scatter: the figure
+                     the issue's target is judged on (the route ACM(impl="pallas") runs)
+  triton_e2e         XLA gate + sort + jax-triton kernel (the route ACM(impl="triton") runs)
   ideal              r x dense_xla
-Per-token k follows Binomial(N, r) counts (exact mean r), tokens in random order.
+Per-token k follows Binomial(N, r) counts (exact mean r), tokens in random order. The
+gate is real: x's first N+1 channels carry 8 x one-hot(k) and Wg's first N+1 rows are
+the identity (the rest small random weights), so argmax(x Wg) returns exactly that k.
 Timing: the op on 4 distinct input sets (2 at T=50432) back to back inside one
 jitted call, after warm-up; median of 20 such calls divided by the number of sets.
 Ratios against dense_xla of the same shape and T, measured in the same process.
@@ -40,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import acm_mlp as pk
+from pallas_kernels import gate as pg
 
 SHAPES = {"vit_b": (768, 4, 768), "vit_l": (1024, 4, 1024)}
 TOKENS = (8192, 50432)
@@ -96,15 +102,18 @@ def make_inputs(d, n, h, tokens, r, sets, seed=0):
   k = binomial_choices(tokens, n, r, rng)
   key = jax.random.key(seed)
   out = []
+  steer = jax.nn.one_hot(jnp.asarray(k), n + 1, dtype=DTYPE) * 8  # the gate reads k off these channels
   for s in range(sets):
     ks = jax.random.split(jax.random.fold_in(key, s), 6)
+    wg = 0.1 * jax.random.normal(ks[5], (d, n + 1)) / math.sqrt(d)
     p = {
-        "x": jax.random.normal(ks[0], (tokens, d), DTYPE),
+        "x": jax.random.normal(ks[0], (tokens, d), DTYPE).at[:, :n + 1].set(steer),
         "w1": (jax.random.normal(ks[1], (d, n * h)) / math.sqrt(d)).astype(DTYPE),
         "b1": (0.1 * jax.random.normal(ks[2], (n * h,))).astype(DTYPE),
         "w2": (jax.random.normal(ks[3], (n * h, d)) / math.sqrt(n * h)).astype(DTYPE),
         "bias": (0.1 * jax.random.normal(ks[4], (n + 1, d))).astype(DTYPE),
-        "wg": (jax.random.normal(ks[5], (d, n + 1)) / math.sqrt(d)).astype(DTYPE),
+        "wg": wg.at[:n + 1].set(jnp.eye(n + 1)).astype(DTYPE),
+        "bg": jnp.zeros((n + 1,), jnp.float32),
     }
     out.append(p)
   return k, out
@@ -166,21 +175,28 @@ def gather_loop(x, k, w1, b1, w2, bias, *, n, prefix):
   return out.astype(x.dtype)[jnp.argsort(order)]
 
 
-def gate_choices(x, wg, hint):
-  """Gate logits x Wg, steered by `hint` (a one-hot of the wanted k) so r is exact."""
-  logits = jnp.dot(x, wg, preferred_element_type=jnp.float32) * 1e-3 + hint
+def gate_choices(x, wg, bg):
+  """The XLA gate: logits x Wg + bg in float32, then argmax."""
+  logits = jnp.dot(x, wg, preferred_element_type=jnp.float32) + bg
   return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def overhead_fused(x, wg, hint, *, n, method="count"):
-  k = gate_choices(x, wg, hint)
+def gate_pallas(x, wg, bg):
+  return pg.gate_argmax(x, wg, bg)
+
+
+GATES = {"pallas": gate_pallas, "triton": gate_choices}  # the gate each impl's ACM route uses
+
+
+def overhead_fused(x, wg, bg, *, n, method="blocked"):
+  k = gate_pallas(x, wg, bg)
   order = pk.sort_order(k, n, method)
   return order, k[order]
 
 
-def overhead_unfused(x, wg, hint, y):
+def overhead_unfused(x, wg, bg, y):
   """Gate, argsort, gather x, and the unsort of an output y (stands for the kernel's)."""
-  k = gate_choices(x, wg, hint)
+  k = gate_choices(x, wg, bg)
   order = jnp.argsort(-k, stable=True)
   return x[order], y[jnp.argsort(order)]
 
@@ -239,6 +255,22 @@ def check(impls):
             log(f"check {'ok ' if ok else 'BAD'} rel_err={err:.2e} {tag}")
             if not ok:
               failures.append(tag)
+  # the gate kernel: first argmax of x Wg + b against float64, where the top two
+  # logits are not within accumulation noise of each other
+  for t, d, c, dtype in ((50432, 768, 5, jnp.bfloat16), (1000, 1024, 5, jnp.bfloat16), (127, 384, 17, jnp.float32),
+                         (1, 64, 3, jnp.float32)):
+    x = jnp.asarray(rng.normal(size=(t, d)), dtype)
+    wg = jnp.asarray(rng.normal(size=(d, c)) / math.sqrt(d), dtype)
+    bg = jnp.asarray(rng.normal(size=(c,)) * 0.5, jnp.float32)
+    got = np.asarray(jax.jit(pg.gate_argmax)(x, wg, bg))
+    logits = np.asarray(x, np.float64) @ np.asarray(wg, np.float64) + np.asarray(bg, np.float64)
+    top2 = np.sort(logits, -1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > (1e-2 if dtype == jnp.bfloat16 else 1e-5)
+    ok = clear.mean() > 0.9 and np.array_equal(got[clear], logits.argmax(-1)[clear])
+    tag = f"gate_argmax T={t} d={d} C={c} {jnp.dtype(dtype).name}"
+    log(f"check {'ok ' if ok else 'BAD'} {tag} ({clear.mean():.3f} of tokens away from ties)")
+    if not ok:
+      failures.append(tag)
   # invalid k under jit: the output must be all NaN, never silent garbage
   d, n, h, t = 128, 4, 128, 200
   x = jnp.asarray(rng.normal(size=(t, d)), jnp.bfloat16)
@@ -345,12 +377,12 @@ def bench(impls, configs, shapes, tokens_list, ratios):
               "ragged_dot_xla": functools.partial(ragged_dot_route, n=n),
               "overhead": functools.partial(overhead_fused, n=n),
               "overhead_argsort": functools.partial(overhead_fused, n=n, method="argsort"),
-              "overhead_unfused": overhead_unfused}
+              "overhead_unfused": overhead_unfused, "gate_xla": gate_choices, "gate_pallas": gate_pallas}
     for name, fn in impls.items():
       kernel = functools.partial(fn, num_learners=n, **configs.get(name, {}))
 
-      def e2e(x, wg, hint, w1, b1, w2, bias, kernel=kernel):
-        kk = gate_choices(x, wg, hint)
+      def e2e(x, wg, bg, w1, b1, w2, bias, kernel=kernel, gate=GATES[name]):
+        kk = gate(x, wg, bg)
         return kernel(x, kk, w1, b1, w2, bias, order=pk.sort_order(kk, n))
 
       jitted[name] = kernel
@@ -365,7 +397,6 @@ def bench(impls, configs, shapes, tokens_list, ratios):
         k = jnp.asarray(k_np)
         order_np = np.argsort(-k_np, kind="stable")
         ks = jnp.asarray(k_np[order_np])
-        hint = jax.nn.one_hot(k, n + 1, dtype=jnp.float32) * 1e4
         prefix = [int((k_np > j).sum()) for j in range(n)]
         if dense_ms is None:
           dense_ms = time_fn(jitted["dense_xla"], [(p["x"], p["w1"], p["b1"], p["w2"], p["bias"][n]) for p in params])
@@ -373,19 +404,22 @@ def bench(impls, configs, shapes, tokens_list, ratios):
         record(shape, tokens, r, "ideal", r_true * dense_ms, dense_ms)
         full = [(p["x"], k, p["w1"], p["b1"], p["w2"], p["bias"]) for p in params]
         sorted_args = [(p["x"][order_np], ks, p["w1"], p["b1"], p["w2"], p["bias"]) for p in params]
-        full_hint = [(p["x"], p["wg"], hint, p["w1"], p["b1"], p["w2"], p["bias"]) for p in params]
+        full_gate = [(p["x"], p["wg"], p["bg"], p["w1"], p["b1"], p["w2"], p["bias"]) for p in params]
+        gate_args = [(p["x"], p["wg"], p["bg"]) for p in params]
         routes = {
             "masked_dense_xla": (jitted["masked_dense_xla"], full),
             "ragged_dot_xla": (jitted["ragged_dot_xla"], full),
             # prefix lengths are trace-time constants here, so this one compiles per r
             "gather_loop_xla": (functools.partial(gather_loop, n=n, prefix=prefix), full),
-            "overhead": (jitted["overhead"], [(p["x"], p["wg"], hint) for p in params]),
-            "overhead_argsort": (jitted["overhead_argsort"], [(p["x"], p["wg"], hint) for p in params]),
-            "overhead_unfused": (jitted["overhead_unfused"], [(p["x"], p["wg"], hint, p["x"]) for p in params]),
+            "gate_xla": (jitted["gate_xla"], gate_args),
+            "gate_pallas": (jitted["gate_pallas"], gate_args),
+            "overhead": (jitted["overhead"], gate_args),
+            "overhead_argsort": (jitted["overhead_argsort"], gate_args),
+            "overhead_unfused": (jitted["overhead_unfused"], [(p["x"], p["wg"], p["bg"], p["x"]) for p in params]),
         }
         for name in impls:
           routes[name] = (jitted[name], sorted_args)
-          routes[f"{name}_e2e"] = (jitted[f"{name}_e2e"], full_hint)
+          routes[f"{name}_e2e"] = (jitted[f"{name}_e2e"], full_gate)
         for impl, (fn, arg_sets) in routes.items():
           try:
             ms = time_fn(fn, arg_sets)
@@ -400,6 +434,10 @@ def bench(impls, configs, shapes, tokens_list, ratios):
           out = jitted[f"{name}_unsorted"](p["x"], k, p["w1"], p["b1"], p["w2"], p["bias"])
           err = rel_err(out, ref)
           log(f"{shape} T={tokens} r={r} {name} unsorted rel_err {err:.2e}" + ("" if err < 2e-2 else "  BAD"))
+        for gate_name, gate_fn in (("gate_xla", gate_choices), ("gate_pallas", gate_pallas)):
+          same = float(np.mean(np.asarray(jax.jit(gate_fn)(p["x"], p["wg"], p["bg"])) == k_np))
+          log(f"{shape} T={tokens} r={r} {gate_name} picks the intended k for {same:.4f} of tokens"
+              + ("" if same == 1 else "  BAD"))
   return records
 
 
