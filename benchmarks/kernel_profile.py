@@ -30,7 +30,7 @@ from benchmarks import kernel_bench as kb
 from pallas_kernels import acm_mlp as pk
 
 
-def profile(shape: str, tokens: int, ratios: list[float], config: dict, sets: int = 4) -> list[dict]:
+def profile(shape: str, tokens: int, ratios: list[float], config: dict, sets: int = 8) -> list[dict]:
   d, n, h = kb.SHAPES[shape]
   device = jax.devices()[0].device_kind
   records = []

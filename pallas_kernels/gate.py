@@ -55,7 +55,7 @@ def _gate_kernel(x_ref, w_ref, b_ref, k_ref, *, block_rows, block_k, dim, tokens
   plgpu.store(k_ref.at[rows], first.astype(jnp.int32), mask=in_range)
 
 
-def gate_argmax(x: jax.Array, w: jax.Array, b: jax.Array, *, block_rows: int = 64, block_k: int | None = None,
+def gate_argmax(x: jax.Array, w: jax.Array, b: jax.Array, *, block_rows: int = 128, block_k: int | None = None,
                 num_warps: int = 4, num_stages: int = 3, interpret: bool | None = None) -> jax.Array:
   """(T,) int32 first argmax over the C columns of x @ w + b.
 
