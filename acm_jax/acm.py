@@ -219,14 +219,6 @@ class ACM(nn.Module):
     if self.impl == "xla" or mode != "argmax":
       return acm_apply(params, x, k, **kwargs)
     from acm_jax import inference  # the kernel path imports Pallas lazily
-    if (self.gate_depth == 1 and not self.is_initializing() and not self.is_mutable_collection("acm")
-        and inference.fused_gate_applies(self.impl, x.shape[-1])):
-      # one kernel for gate + argmax; the XLA logits above are then dead code, which
-      # XLA drops. Cost shift and masked choices fold into the gate's bias.
-      out = self.variables["params"]["gate"]["out"]
-      bias = out["bias"].astype(jnp.float32) - cost_shift * relative_cost
-      bias = mask_choices(bias, self.min_choice)
-      return inference.gated_apply_sorted_per_shard(params, out["kernel"], bias, x, impl=self.impl, **kwargs)
     return inference.acm_apply_sorted_per_shard(params, x, k, impl=self.impl, **kwargs)
 
 

@@ -54,51 +54,17 @@ def acm_apply_sorted(params: acm.Params, x: jax.Array, k: jax.Array, *, num_lear
   return out.reshape(*lead_shape, dim)
 
 
-def fused_gate_applies(impl: str, dim: int) -> bool:
-  """Whether `gated_apply_sorted` runs the gate as the Pallas gate+argmax kernel:
-  with the Pallas ACM kernel, and d a multiple of its 16-wide tiles."""
-  from pallas_kernels.gate import MIN_TILE
-  return resolve_impl(impl) == "pallas" and dim % MIN_TILE == 0
-
-
-def gated_apply_sorted(params: acm.Params, gate_w: jax.Array, gate_b: jax.Array, x: jax.Array, *,
-                       num_learners: int, activation: str = "gelu", impl: str = "pallas",
-                       **kernel_kwargs) -> jax.Array:
-  """`acm_apply_sorted` with k = argmax(x @ gate_w + gate_b) from the Pallas gate kernel.
-
-  gate_w (dim, N+1), gate_b (N+1,) float32 (cost shifts and masked choices already
-  folded in). x: (..., dim). Returns (..., dim).
+def acm_apply_sorted_per_shard(params: acm.Params, x: jax.Array, k: jax.Array, **kwargs) -> jax.Array:
+  """`acm_apply_sorted` run by every device on its own batch shard when the
+  current mesh (`jax.set_mesh`, as `sharding.Partitioner.jit` sets) splits the
+  batch: a global sort would gather every token onto every device. x: (batch, ..., dim).
   """
-  from pallas_kernels.gate import gate_argmax
-  lead_shape, dim = x.shape[:-1], x.shape[-1]
-  k = gate_argmax(x.reshape(-1, dim), gate_w, gate_b)
-  return acm_apply_sorted(params, x, k.reshape(lead_shape), num_learners=num_learners, activation=activation,
-                          impl=impl, **kernel_kwargs)
-
-
-def _per_shard(fn, replicated: tuple, batched: tuple, **kwargs) -> jax.Array:
-  """fn(*replicated, *batched) run by every device on its own shard of the batched
-  arrays (each (batch, ...)) when the current mesh (`jax.set_mesh`, as
-  `sharding.Partitioner.jit` sets) splits the batch: a global sort would gather
-  every token onto every device. The replicated arguments (parameters) are whole."""
   axes = sharding.current_batch_axes()
   mesh = jax.sharding.get_abstract_mesh()
-  if not axes or batched[0].shape[0] % math.prod(mesh.shape[a] for a in axes):
+  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
     # no batch split, or a batch the mesh cannot split (e.g. the 1-example model.init)
-    return fn(*replicated, *batched, **kwargs)
-  specs = (P(),) * len(replicated) + (P(axes),) * len(batched)
+    return acm_apply_sorted(params, x, k, **kwargs)
+  rows = P(axes)
   # the Pallas kernels carry no varying-axis annotations, hence check_vma=False
-  return jax.shard_map(functools.partial(fn, **kwargs), in_specs=specs, out_specs=P(axes),
-                       check_vma=False)(*replicated, *batched)
-
-
-def gated_apply_sorted_per_shard(params: acm.Params, gate_w: jax.Array, gate_b: jax.Array, x: jax.Array,
-                                 **kwargs) -> jax.Array:
-  """`gated_apply_sorted` per batch shard (see `acm_apply_sorted_per_shard`)."""
-  return _per_shard(gated_apply_sorted, (params, gate_w, gate_b), (x,), **kwargs)
-
-
-def acm_apply_sorted_per_shard(params: acm.Params, x: jax.Array, k: jax.Array, **kwargs) -> jax.Array:
-  """`acm_apply_sorted` per batch shard when the current mesh splits the batch
-  (see `_per_shard`). x: (batch, ..., dim), k: (batch, ...)."""
-  return _per_shard(acm_apply_sorted, (params,), (x, k), **kwargs)
+  return jax.shard_map(functools.partial(acm_apply_sorted, **kwargs), in_specs=(P(), rows, rows),
+                       out_specs=rows, check_vma=False)(params, x, k)

@@ -12,13 +12,11 @@ For ViT-B (d=768, N=4, h=768) and ViT-L (d=1024, N=4, h=1024), T in {8192,
   gather_loop_xla    per learner, a matmul on its prefix of the sorted tokens (prefix lengths
                      known at trace time, which a real model does not have: a lower bound)
   pallas, triton     the kernels on tokens already sorted by k
-  gate_xla           x Wg + argmax through XLA (matmul, then a reduction pass)
-  gate_pallas        the same as one Pallas kernel (pallas_kernels/gate.py)
-  overhead           Pallas gate + counting sort + k gather: what the Pallas route adds to its kernel
-  overhead_unfused   XLA gate + argsort + gather x + unsort of the output (classic route)
-  pallas_e2e         Pallas gate + sort + Pallas kernel with fused gather/scatter: the figure
-                     the issue's target is judged on (the route ACM(impl="pallas") runs)
-  triton_e2e         XLA gate + sort + jax-triton kernel (the route ACM(impl="triton") runs)
+  gate               x Wg + argmax alone
+  overhead           gate + counting sort + k gather: what the fused kernels need
+  overhead_unfused   gate + argsort + gather x + unsort of the output (classic route)
+  pallas_e2e, triton_e2e   gate + sort + kernel with fused gather/scatter (the route
+                     ACM(impl=...) runs): the figure the issue's target is judged on
   ideal              r x dense_xla
 Per-token k follows Binomial(N, r) counts (exact mean r), tokens in random order. The
 gate is real: x's first N+1 channels carry 8 x one-hot(k) and Wg's first N+1 rows are
@@ -46,7 +44,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import acm_mlp as pk
-from pallas_kernels import gate as pg
 
 SHAPES = {"vit_b": (768, 4, 768), "vit_l": (1024, 4, 1024)}
 TOKENS = (8192, 50432)
@@ -183,15 +180,8 @@ def gate_choices(x, wg, bg):
   return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def gate_pallas(x, wg, bg):
-  return pg.gate_argmax(x, wg, bg)
-
-
-GATES = {"pallas": gate_pallas, "triton": gate_choices}  # the gate each impl's ACM route uses
-
-
 def overhead_fused(x, wg, bg, *, n, method="blocked"):
-  k = gate_pallas(x, wg, bg)
+  k = gate_choices(x, wg, bg)
   order = pk.sort_order(k, n, method)
   return order, k[order]
 
@@ -257,22 +247,6 @@ def check(impls):
             log(f"check {'ok ' if ok else 'BAD'} rel_err={err:.2e} {tag}")
             if not ok:
               failures.append(tag)
-  # the gate kernel: first argmax of x Wg + b against float64, where the top two
-  # logits are not within accumulation noise of each other
-  for t, d, c, dtype in ((50432, 768, 5, jnp.bfloat16), (1000, 1024, 5, jnp.bfloat16), (127, 384, 17, jnp.float32),
-                         (1, 64, 3, jnp.float32)):
-    x = jnp.asarray(rng.normal(size=(t, d)), dtype)
-    wg = jnp.asarray(rng.normal(size=(d, c)) / math.sqrt(d), dtype)
-    bg = jnp.asarray(rng.normal(size=(c,)) * 0.5, jnp.float32)
-    got = np.asarray(jax.jit(pg.gate_argmax)(x, wg, bg))
-    logits = np.asarray(x, np.float64) @ np.asarray(wg, np.float64) + np.asarray(bg, np.float64)
-    top2 = np.sort(logits, -1)[:, -2:]
-    clear = top2[:, 1] - top2[:, 0] > (1e-2 if dtype == jnp.bfloat16 else 1e-5)
-    ok = clear.mean() > 0.9 and np.array_equal(got[clear], logits.argmax(-1)[clear])
-    tag = f"gate_argmax T={t} d={d} C={c} {jnp.dtype(dtype).name}"
-    log(f"check {'ok ' if ok else 'BAD'} {tag} ({clear.mean():.3f} of tokens away from ties)")
-    if not ok:
-      failures.append(tag)
   # invalid k under jit: the output must be all NaN, never silent garbage
   d, n, h, t = 128, 4, 128, 200
   x = jnp.asarray(rng.normal(size=(t, d)), jnp.bfloat16)
@@ -379,12 +353,12 @@ def bench(impls, configs, shapes, tokens_list, ratios):
               "ragged_dot_xla": functools.partial(ragged_dot_route, n=n),
               "overhead": functools.partial(overhead_fused, n=n),
               "overhead_argsort": functools.partial(overhead_fused, n=n, method="argsort"),
-              "overhead_unfused": overhead_unfused, "gate_xla": gate_choices, "gate_pallas": gate_pallas}
+              "overhead_unfused": overhead_unfused, "gate": gate_choices}
     for name, fn in impls.items():
       kernel = functools.partial(fn, num_learners=n, **configs.get(name, {}))
 
-      def e2e(x, wg, bg, w1, b1, w2, bias, kernel=kernel, gate=GATES[name]):
-        kk = gate(x, wg, bg)
+      def e2e(x, wg, bg, w1, b1, w2, bias, kernel=kernel):
+        kk = gate_choices(x, wg, bg)
         return kernel(x, kk, w1, b1, w2, bias, order=pk.sort_order(kk, n))
 
       jitted[name] = kernel
@@ -413,8 +387,7 @@ def bench(impls, configs, shapes, tokens_list, ratios):
             "ragged_dot_xla": (jitted["ragged_dot_xla"], full),
             # prefix lengths are trace-time constants here, so this one compiles per r
             "gather_loop_xla": (functools.partial(gather_loop, n=n, prefix=prefix), full),
-            "gate_xla": (jitted["gate_xla"], gate_args),
-            "gate_pallas": (jitted["gate_pallas"], gate_args),
+            "gate": (jitted["gate"], gate_args),
             "overhead": (jitted["overhead"], gate_args),
             "overhead_argsort": (jitted["overhead_argsort"], gate_args),
             "overhead_unfused": (jitted["overhead_unfused"], [(p["x"], p["wg"], p["bg"], p["x"]) for p in params]),
@@ -436,10 +409,9 @@ def bench(impls, configs, shapes, tokens_list, ratios):
           out = jitted[f"{name}_unsorted"](p["x"], k, p["w1"], p["b1"], p["w2"], p["bias"])
           err = rel_err(out, ref)
           log(f"{shape} T={tokens} r={r} {name} unsorted rel_err {err:.2e}" + ("" if err < 2e-2 else "  BAD"))
-        for gate_name, gate_fn in (("gate_xla", gate_choices), ("gate_pallas", gate_pallas)):
-          same = float(np.mean(np.asarray(jax.jit(gate_fn)(p["x"], p["wg"], p["bg"])) == k_np))
-          log(f"{shape} T={tokens} r={r} {gate_name} picks the intended k for {same:.4f} of tokens"
-              + ("" if same == 1 else "  BAD"))
+        same = float(np.mean(np.asarray(jax.jit(gate_choices)(p["x"], p["wg"], p["bg"])) == k_np))
+        log(f"{shape} T={tokens} r={r} gate picks the intended k for {same:.4f} of tokens"
+            + ("" if same == 1 else "  BAD"))
   return records
 
 

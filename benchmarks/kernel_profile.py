@@ -3,8 +3,7 @@
     python3 -m benchmarks.kernel_profile [--shape=vit_b] [--tokens=50432] [--ratios=0.25,0.5,1.0]
 
 For each mean k/N it times, as ratios to the dense XLA MLP of the same shape
-(same timing loop as kernel_bench): the gate alone (x Wg + argmax; XLA, and the
-Pallas gate kernel with a few launch settings), each sort
+(same timing loop as kernel_bench): the gate alone (x Wg + argmax), each sort
 method, `prepare` (sorted k, row indices and the persistent launch's tile
 table), the up launch (default, and with one thing changed: block loads of
 pre-sorted x, persistent walk, erf GELU, relu, no activation), the down
@@ -58,8 +57,8 @@ def profile(shape: str, tokens: int, ratios: list[float], config: dict, sets: in
     prep = pk.Prepared(*arrays, num_row_blocks)
     return pk.down_projection(prep, hidden, w2, bias, cfg=cfg, tokens=tokens, interpret=interpret)
 
-  def e2e(x, wg, bg, w1, b1, w2, bias, method="blocked", xla_gate=False, **variant):
-    kk = (kb.gate_choices if xla_gate else kb.gate_pallas)(x, wg, bg)
+  def e2e(x, wg, bg, w1, b1, w2, bias, method="blocked", **variant):
+    kk = kb.gate_choices(x, wg, bg)
     return pk.acm_mlp(x, kk, w1, b1, w2, bias, num_learners=n, order=pk.sort_order(kk, n, method),
                       **{**config, **variant})
 
@@ -73,16 +72,11 @@ def profile(shape: str, tokens: int, ratios: list[float], config: dict, sets: in
       "w4": dict(num_warps=(4, 8)),
       "br64": dict(block_rows=64),
       "xgather": dict(x_gather="xla"),
-      "xla_gate": dict(xla_gate=True),
   }
 
   routes_fixed = {
       "dense_xla": kb.dense_mlp,
-      "gate_xla": kb.gate_choices,
-      "gate_pallas": kb.gate_pallas,
-      "gate_pallas_br128": lambda x, wg, bg: kb.pg.gate_argmax(x, wg, bg, block_rows=128),
-      "gate_pallas_br32": lambda x, wg, bg: kb.pg.gate_argmax(x, wg, bg, block_rows=32),
-      "gate_pallas_w8": lambda x, wg, bg: kb.pg.gate_argmax(x, wg, bg, num_warps=8),
+      "gate": kb.gate_choices,
       **{f"sort_{m}": functools.partial(pk.sort_order, num_learners=n, method=m) for m in pk.SORT_METHODS},
       "prepare_sorted": lambda kk: prep_fn(kk, None),
       "prepare_order": prep_fn,
@@ -106,8 +100,7 @@ def profile(shape: str, tokens: int, ratios: list[float], config: dict, sets: in
     hidden = [jax.jit(up_fn)(prep_sorted, p["x"][order_np], p["w1"], p["b1"]) for p in params]
     args = {
         "dense_xla": [(p["x"], p["w1"], p["b1"], p["w2"], p["bias"][n]) for p in params],
-        **{g: [(p["x"], p["wg"], p["bg"]) for p in params]
-           for g in ("gate_xla", "gate_pallas", "gate_pallas_br128", "gate_pallas_br32", "gate_pallas_w8")},
+        "gate": [(p["x"], p["wg"], p["bg"]) for p in params],
         **{f"sort_{m}": [(k + 0 * i,) for i in range(sets)] for m in pk.SORT_METHODS},
         "prepare_sorted": [(ks + 0 * i,) for i in range(sets)],
         "prepare_order": [(k + 0 * i, order + 0 * i) for i in range(sets)],
