@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def measure(model: str, mode: str, gpus: int, per_gpu_batch: int, repeats: int, 
   return {"device": devices[0].device_kind, "gpus": gpus, "date": datetime.date.today().isoformat(),
           "jax_version": jax.__version__, "mode": mode, "model": f"{model} {preset}", "remat": remat,
           "per_gpu_batch": per_gpu_batch, "step_s": seconds, "images_per_s": per_gpu_batch * gpus / seconds,
-          "peak_bytes_per_gpu": max(peaks)}
+          "peak_bytes_per_gpu": max(peaks), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def _run_one(args, model: str, mode: str, gpus: int) -> dict:
