@@ -148,3 +148,29 @@ def test_attention_impl_selection(monkeypatch):
   q = jnp.ones((1, 4, 2, 8), jnp.float32)
   with pytest.raises(ValueError, match="needs bfloat16 or float16"):
     transformer.attend(q, q, q, None, "cudnn")
+
+
+def test_cudnn_route_pads_odd_lengths_when_differentiated(monkeypatch):
+  """cuDNN trains only on even lengths: `attend` runs odd ones as they are when not
+  differentiated and padded (keys cut off by the sequence lengths) under grad. Checked
+  with XLA's implementation standing in for cuDNN, which CPUs lack."""
+  real = jax.nn.dot_product_attention
+  seen = []
+
+  def stand_in(q, k, v, *args, implementation=None, **kwargs):
+    seen.append(q.shape[1])
+    return real(q, k, v, *args, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+  q, k, v = jax.random.normal(jax.random.key(5), (3, 2, 7, 3, 8), jnp.bfloat16)
+  out = transformer.attend(q, k, v, None, "cudnn")
+  assert seen == [7] and out.shape == q.shape
+  np.testing.assert_allclose(np.asarray(out, np.float32), _attention_reference(q, k, v, None), atol=2e-2)
+  seen.clear()
+  weights = jax.random.normal(jax.random.key(6), q.shape)
+  loss = lambda impl: lambda q, k, v: (transformer.attend(q, k, v, None, impl).astype(jnp.float32) * weights).sum()
+  grads = jax.grad(loss("cudnn"), argnums=(0, 1, 2))(q, k, v)
+  assert seen == [8]
+  want = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(grads, want):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=5e-2)
