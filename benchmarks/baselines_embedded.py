@@ -86,7 +86,7 @@ def main(argv: list[str]) -> int:
       "device": (f"{platform.machine()} CPU, {os.cpu_count()} cores" if jax.default_backend() == "cpu"
                  else jax.devices()[0].device_kind),
       "date": datetime.date.today().isoformat(), "minutes": round(minutes, 2),
-      "command": "nice -n 10 python3 -m benchmarks.baselines_embedded " + " ".join(extra),
+      "command": " ".join(["python3 -m benchmarks.baselines_embedded", *argv]),
       "curves": records, "matched_compute": rows, "any_budget": any_budget,
   }
   (HERE / "results").mkdir(exist_ok=True)
