@@ -253,11 +253,30 @@ def plot_accuracy(report: Report, runs: list[Run], curves: list[dict]) -> None:
 # --- latency ------------------------------------------------------------------------------
 
 
+# what identifies one measurement; the benchmarks append, so a key may recur over runs
+_BENCH_KEYS = {"kernel": ("device", "d", "tokens", "r", "impl"), "vit": ("device", "model", "r", "impl", "attention")}
+
+
 def _load_benchmarks(bench_dir: Path, prefix: str) -> list[dict]:
+  """Rows of every {prefix}_*.json, the newest per measurement key (later files and rows win
+  among equal dates). Rows without "impl" (kernel_profile's per-piece rows) are not
+  implementations and are left out; ViT rows from before the attention option ran XLA's."""
   rows = []
   for path in sorted(bench_dir.glob(f"{prefix}_*.json")):
     data = _read_json(path, "benchmark file")
-    rows += data if isinstance(data, list) else [data]
+    rows += [row for row in (data if isinstance(data, list) else [data]) if "impl" in row or "part" not in row]
+  if prefix == "vit":
+    rows = [{"attention": "xla", **row} for row in rows]
+  newest: dict[tuple, dict] = {}
+  for row in rows:
+    key = tuple(row.get(field) for field in _BENCH_KEYS.get(prefix, ()))
+    if key not in newest or str(row.get("date", "")) >= str(newest[key].get("date", "")):
+      newest[key] = row
+  rows = list(newest.values())
+  if prefix == "vit" and len({row["attention"] for row in rows}) > 1:
+    # one attention setting per panel: the default ("auto") where measured
+    chosen = "auto" if any(row["attention"] == "auto" for row in rows) else rows[-1]["attention"]
+    rows = [row for row in rows if row["attention"] == chosen]
   return rows
 
 
@@ -270,7 +289,7 @@ def _fraction(rows: list[dict]) -> np.ndarray:
 
 
 # rows of the kernel benchmark that are references or parts, not implementations to compare
-_KERNEL_REFERENCES = ("dense_xla", "ideal", "overhead", "overhead_unfused")
+_KERNEL_REFERENCES = ("dense_xla", "ideal", "gate", "overhead", "overhead_argsort", "overhead_unfused")
 
 
 def _series(rows: list[dict], key: Callable[[dict], str]) -> dict[str, list[int]]:

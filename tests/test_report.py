@@ -175,3 +175,26 @@ def test_curves_of_compare_are_named_and_do_not_duplicate_our_runs(tmp_path):
             {"method": "moefication", "setting": "top2/16", "gflops_per_image": 0.03, "top1": 0.3}]
   points = report_lib.accuracy_points(runs, curves)
   assert sorted(p["method"] for p in points) == ["ACM (ours)", "MoEfication", "dense", "static width"]
+
+
+def test_benchmark_rows_newest_per_measurement(tmp_path):
+  """The GPU benchmarks append runs: the report keeps the newest row of each measurement,
+  leaves out kernel_profile's per-piece rows, and draws one attention setting."""
+  bench = tmp_path / "bench"
+  bench.mkdir()
+  row = {"device": "H100", "d": 768, "tokens": 50432, "num_learners": 4, "impl": "pallas_e2e", "r": 0.5}
+  (bench / "kernel_h100.json").write_text(json.dumps([
+      {**row, "date": "2026-11-24", "ratio_to_dense": 0.66}, {**row, "date": "2026-11-26", "ratio_to_dense": 0.48},
+      {**row, "date": "2026-11-25", "ratio_to_dense": 0.51}, {**row, "r": 1.0, "date": "2026-11-24", "ratio_to_dense": 1.0}]))
+  piece = {name: value for name, value in row.items() if name != "impl"}
+  (bench / "kernel_profile_h100.json").write_text(json.dumps([{**piece, "part": "gate", "date": "2026-11-27",
+                                                                "ratio_to_dense": 0.05}]))
+  kernel = report_lib._load_benchmarks(bench, "kernel")
+  assert sorted((r["r"], r["ratio_to_dense"]) for r in kernel) == [(0.5, 0.48), (1.0, 1.0)]
+  vit_row = {"device": "H100", "model": "vit_b16_acm", "impl": "pallas", "r": 0.5}
+  (bench / "vit_h100.json").write_text(json.dumps([
+      {**vit_row, "date": "2026-11-25", "images_per_s": 8800.0},  # before the attention option: XLA's
+      {**vit_row, "date": "2026-11-26", "images_per_s": 13600.0, "attention": "auto"},
+      {**vit_row, "date": "2026-11-26", "images_per_s": 8780.0, "attention": "xla"}]))
+  vit = report_lib._load_benchmarks(bench, "vit")
+  assert [(r["attention"], r["images_per_s"]) for r in vit] == [("auto", 13600.0)]
