@@ -12,7 +12,8 @@ import pytest
 from acm_jax import data
 from acm_jax.data import synthetic
 
-SMALL = synthetic.SyntheticConfig(num_train=2000, num_test=300, seed=3)
+SMALL = synthetic.SyntheticConfig(num_train=2000, num_test=300, seed=3)  # the glyph task, the default
+SHAPES_SMALL = synthetic.SyntheticConfig(num_train=2000, num_test=300, seed=3, task="shapes")
 
 
 def take(iterator, n):
@@ -41,8 +42,57 @@ def test_generation_is_deterministic_seeded_and_cached(tmp_path, monkeypatch):
   synthetic.generate.cache_clear()
 
 
-def test_labels_are_balanced_and_follow_shape_and_colour():
+def _aligned_object_patches(arrays, g):
+  """(image index, top, left) of every g x g patch on the g-pixel grid that lies inside the class object."""
+  n, size = arrays["object_mask"].shape[:2]
+  inside = arrays["object_mask"].reshape(n, size // g, g, size // g, g).all(axis=(2, 4))
+  return [(i, r * g, c * g) for i, r, c in zip(*np.nonzero(inside))]
+
+
+def test_glyph_labels_are_balanced_and_read_from_the_glyph_in_the_image():
   arrays = synthetic._generate(SMALL)["train"]
+  assert arrays["image"].shape == (2000, 32, 32, 3) and arrays["image"].dtype == np.uint8
+  assert arrays["label"].dtype == np.int32
+  counts = np.bincount(arrays["label"], minlength=10)
+  assert counts.shape == (10,) and counts.min() > 150 and counts.max() < 250
+  # every grid-aligned patch inside the object is the object's colour plus contrast x one glyph of the
+  # bank (the same in all channels; patches clipped at 0 or 1 are left out); the nearest glyph's class
+  # is the label
+  bank = synthetic.glyph_bank(SMALL).reshape(SMALL.num_glyphs, -1)
+  image = arrays["image"].astype(np.float64) / 255.0
+  patches = _aligned_object_patches(arrays, SMALL.glyph_size)
+  assert len(patches) > 2000
+  checked = {}
+  for i, top, left in patches[::7]:
+    patch = image[i, top:top + 4, left:left + 4]
+    if patch.min() == 0.0 or patch.max() == 1.0:
+      continue
+    grey = patch.mean(-1) - patch.mean()
+    assert np.abs(patch - patch.mean((0, 1)) - grey[..., None]).max() < 0.02  # a grey-level texture
+    distance = np.abs(bank * SMALL.glyph_contrast - grey.reshape(1, -1)).max(axis=1)
+    assert distance.min() < 0.03 and np.sort(distance)[1] > 0.1  # one glyph fits, no other does
+    assert distance.argmin() % 10 == arrays["label"][i]
+    checked.setdefault(i, set()).add(distance.argmin())
+  assert len(checked) > 150 and all(len(glyphs) == 1 for glyphs in checked.values())  # one glyph per object
+  for num_classes in (2, 7):
+    labels = synthetic._generate(synthetic.SyntheticConfig(num_train=300, num_test=10, num_classes=num_classes))
+    assert set(np.unique(labels["train"]["label"])) == set(range(num_classes))
+
+
+def test_glyph_objects_are_textured_and_the_background_is_not():
+  arrays = synthetic._generate(SMALL)["train"]
+  image = arrays["image"].astype(np.float32) / 255.0
+  grey = image.mean(-1)
+  patches = grey.reshape(-1, 8, 4, 8, 4).transpose(0, 1, 3, 2, 4).reshape(len(grey), 64, 16)
+  spread = patches.std(-1)  # (n, 64) per-patch standard deviation
+  obj = arrays["object_mask"].reshape(-1, 8, 4, 8, 4).all(axis=(2, 4)).reshape(-1, 64)
+  bg = ~(arrays["object_mask"] | arrays["distractor_mask"]).reshape(-1, 8, 4, 8, 4).any(axis=(2, 4)).reshape(-1, 64)
+  assert spread[obj].mean() > 3 * spread[bg].mean()
+  assert 0.08 < arrays["object_mask"].mean() < 0.35
+
+
+def test_labels_are_balanced_and_follow_shape_and_colour():
+  arrays = synthetic._generate(SHAPES_SMALL)["train"]
   assert arrays["image"].shape == (2000, 32, 32, 3) and arrays["image"].dtype == np.uint8
   assert arrays["label"].dtype == np.int32
   counts = np.bincount(arrays["label"], minlength=10)
@@ -52,12 +102,13 @@ def test_labels_are_balanced_and_follow_shape_and_colour():
   warm = arrays["label"][:200] % 2 == 0
   assert np.all(rgb[warm, 0] > rgb[warm, 2]) and np.all(rgb[~warm, 2] > rgb[~warm, 0])
   for num_classes in (5, 15, 20):
-    labels = synthetic._generate(synthetic.SyntheticConfig(num_train=500, num_test=10, num_classes=num_classes))
+    labels = synthetic._generate(synthetic.SyntheticConfig(num_train=500, num_test=10, num_classes=num_classes,
+                                                           task="shapes"))
     assert set(np.unique(labels["train"]["label"])) == set(range(num_classes))
 
 
 def test_masks_mark_the_class_object():
-  arrays = synthetic._generate(SMALL)["train"]
+  arrays = synthetic._generate(SHAPES_SMALL)["train"]
   image = arrays["image"].astype(np.float32) / 255.0
   mask, distractor = arrays["object_mask"], arrays["distractor_mask"]
   assert not np.any(mask & distractor)
@@ -144,7 +195,7 @@ def test_corruptions_grow_with_severity_and_keep_the_range():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: data.make_iterator("mnist", "train", 4), r"unknown dataset 'mnist'.*'synthetic' or 'tfds:<name>'"),
+    (lambda: data.make_iterator("mnist", "train", 4), r"unknown dataset 'mnist'.*'synthetic', 'synthetic_shapes'.*'tfds:<name>'"),
     (lambda: data.make_iterator("tfds:", "train", 4), "unknown dataset 'tfds:'"),
     (lambda: data.make_iterator("synthetic", "valid", 4), r"unknown split 'valid'.*\('train', 'test'\)"),
     (lambda: data.make_iterator("synthetic", "train", 0), "batch_size must be a positive int, got 0"),
@@ -152,7 +203,10 @@ def test_corruptions_grow_with_severity_and_keep_the_range():
     (lambda: data.make_iterator("synthetic", "train", 4, image_size=8), "at least 16 pixels, got 8"),
     (lambda: data.get_dataset_info("synthetic", image_size=0), "image_size must be a positive int"),
     (lambda: data.make_iterator("synthetic", "test", 4, with_masks=True, image_size=-3), "got -3"),
-    (lambda: synthetic.SyntheticConfig(num_classes=12), r"num_classes must be one of \(5, 10, 15, 20\).*got 12"),
+    (lambda: synthetic.SyntheticConfig(num_classes=12, task="shapes"), r"one of \(5, 10, 15, 20\).*got 12"),
+    (lambda: synthetic.SyntheticConfig(num_classes=1), r"num_classes must be in 2..num_glyphs \(1000\).*got 1"),
+    (lambda: synthetic.SyntheticConfig(task="faces"), r"task must be one of \('glyphs', 'shapes'\), got 'faces'"),
+    (lambda: synthetic.SyntheticConfig(glyph_contrast=0.9), r"glyph_contrast must be in \(0, 0.5\], got 0.9"),
     (lambda: synthetic.SyntheticConfig(num_train=0), "num_train and num_test must be >= 1"),
     (lambda: synthetic.corrupt(np.zeros((1, 8, 8, 3)), "snow"), r"unknown corruption 'snow'.*\('noise', 'blur'"),
     (lambda: synthetic.corrupt(np.zeros((1, 8, 8, 3)), "blur", 9), "severity must be an integer in 1..5, got 9"),

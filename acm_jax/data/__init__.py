@@ -26,6 +26,12 @@ from acm_jax.data import synthetic
 
 SPLITS = ("train", "test")
 TFDS_PREFIX = "tfds:"
+# the generated sets by name and task (acm_jax/data/synthetic.py): "synthetic" is the embedded default
+SYNTHETIC = {"synthetic": "glyphs", "synthetic_shapes": "shapes"}
+
+
+def is_synthetic(name: str) -> bool:
+  return name in SYNTHETIC
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +44,9 @@ class DatasetInfo:
 
 
 def _check_name(name: str) -> None:
-  if not isinstance(name, str) or (name != "synthetic" and not (name.startswith(TFDS_PREFIX) and name[5:])):
-    raise ValueError(f"unknown dataset {name!r}; expected 'synthetic' or 'tfds:<name>' (e.g. tfds:imagenet2012)")
+  if not isinstance(name, str) or (name not in SYNTHETIC and not (name.startswith(TFDS_PREFIX) and name[5:])):
+    raise ValueError(f"unknown dataset {name!r}; expected one of {tuple(SYNTHETIC)} or 'tfds:<name>' "
+                     "(e.g. tfds:imagenet2012)")
 
 
 def _check_image_size(image_size: int | None) -> None:
@@ -47,19 +54,19 @@ def _check_image_size(image_size: int | None) -> None:
     raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
 
 
-def _synthetic_config(image_size: int | None) -> synthetic.SyntheticConfig:
+def _synthetic_config(name: str, image_size: int | None) -> synthetic.SyntheticConfig:
   # the data never depends on the training seed: runs with different seeds see the same images
   if image_size is None:
-    return synthetic.SyntheticConfig()
-  return synthetic.SyntheticConfig(image_size=image_size)
+    return synthetic.SyntheticConfig(task=SYNTHETIC[name])
+  return synthetic.SyntheticConfig(image_size=image_size, task=SYNTHETIC[name])
 
 
 def get_dataset_info(name: str, image_size: int | None = None, data_dir: str | None = None) -> DatasetInfo:
   """Classes, image size (None: the dataset's default, 224 for TFDS) and split sizes."""
   _check_name(name)
   _check_image_size(image_size)
-  if name == "synthetic":
-    cfg = _synthetic_config(image_size)
+  if is_synthetic(name):
+    cfg = _synthetic_config(name, image_size)
     return DatasetInfo(name, cfg.num_classes, cfg.image_size, cfg.num_train, cfg.num_test)
   from acm_jax.data import tfds_data
   return tfds_data.get_info(name[len(TFDS_PREFIX):], image_size, data_dir)
@@ -99,9 +106,9 @@ def batch_bounds(num_examples: int, batch_size: int, start_step: int, repeat: bo
     yield begin, size
 
 
-def _synthetic_iterator(split: str, batch_size: int, image_size: int | None, seed: int, shuffle: bool,
+def _synthetic_iterator(name: str, split: str, batch_size: int, image_size: int | None, seed: int, shuffle: bool,
                         repeat: bool, drop_remainder: bool, start_step: int, with_masks: bool) -> Iterator[dict]:
-  arrays = synthetic.generate(_synthetic_config(image_size))[split]
+  arrays = synthetic.generate(_synthetic_config(name, image_size))[split]
   n = len(arrays["label"])
   for begin, size in batch_bounds(n, batch_size, start_step, repeat, drop_remainder):
     idx = stream_indices(n, begin, size, seed, shuffle)
@@ -134,9 +141,9 @@ def make_iterator(name: str, split: str, batch_size: int, *, image_size: int | N
   shuffle = train if shuffle is None else bool(shuffle)
   repeat = train if repeat is None else bool(repeat)
   drop_remainder = train if drop_remainder is None else bool(drop_remainder)
-  if name == "synthetic":
-    _synthetic_config(image_size)  # validates the size now rather than at the first batch
-    return _synthetic_iterator(split, batch_size, image_size, seed, shuffle, repeat, drop_remainder, start_step,
+  if is_synthetic(name):
+    _synthetic_config(name, image_size)  # validates the size now rather than at the first batch
+    return _synthetic_iterator(name, split, batch_size, image_size, seed, shuffle, repeat, drop_remainder, start_step,
                                with_masks)
   if with_masks:
     raise ValueError(f"{name} has no object masks; with_masks=True is only for the synthetic set")
