@@ -124,6 +124,18 @@ def test_masks_mark_the_class_object():
   assert saturation[distractor].mean() < 0.15
 
 
+def test_dataset_names_pick_the_task():
+  glyphs = data.make_iterator("synthetic", "test", 50)
+  shapes = data.make_iterator("synthetic_shapes", "test", 50)
+  for name, iterator, task in (("synthetic", glyphs, "glyphs"), ("synthetic_shapes", shapes, "shapes")):
+    expected = synthetic.generate(synthetic.SyntheticConfig(task=task))["test"]
+    batch = next(iterator)
+    np.testing.assert_array_equal(batch["label"], expected["label"][:50])
+    np.testing.assert_array_equal(batch["image"], synthetic.normalize(expected["image"][:50]))
+    info = data.get_dataset_info(name)
+    assert (info.num_classes, info.image_size, info.num_test) == (10, 32, 5000)
+
+
 def test_train_iterator_is_a_function_of_seed_and_step():
   # batches of 7: a non-divisor of the set size, so epochs end inside batches
   first = take(data.make_iterator("synthetic", "train", 7, seed=1, with_masks=True), 6)
