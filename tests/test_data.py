@@ -42,6 +42,14 @@ def test_generation_is_deterministic_seeded_and_cached(tmp_path, monkeypatch):
   synthetic.generate.cache_clear()
 
 
+def check_layout_and_balance(arrays):
+  """2000 uint8 32x32 images, int32 labels spread over 10 classes."""
+  assert arrays["image"].shape == (2000, 32, 32, 3) and arrays["image"].dtype == np.uint8
+  assert arrays["label"].dtype == np.int32
+  counts = np.bincount(arrays["label"], minlength=10)
+  assert counts.shape == (10,) and counts.min() > 150 and counts.max() < 250
+
+
 def _aligned_object_patches(arrays, g):
   """(image index, top, left) of every g x g patch on the g-pixel grid that lies inside the class object."""
   n, size = arrays["object_mask"].shape[:2]
@@ -51,10 +59,7 @@ def _aligned_object_patches(arrays, g):
 
 def test_glyph_labels_are_balanced_and_read_from_the_glyph_in_the_image():
   arrays = synthetic._generate(SMALL)["train"]
-  assert arrays["image"].shape == (2000, 32, 32, 3) and arrays["image"].dtype == np.uint8
-  assert arrays["label"].dtype == np.int32
-  counts = np.bincount(arrays["label"], minlength=10)
-  assert counts.shape == (10,) and counts.min() > 150 and counts.max() < 250
+  check_layout_and_balance(arrays)
   # every grid-aligned patch inside the object is the object's colour plus contrast x one glyph of the
   # bank (the same in all channels; patches clipped at 0 or 1 are left out); the nearest glyph's class
   # is the label
@@ -93,10 +98,7 @@ def test_glyph_objects_are_textured_and_the_background_is_not():
 
 def test_labels_are_balanced_and_follow_shape_and_colour():
   arrays = synthetic._generate(SHAPES_SMALL)["train"]
-  assert arrays["image"].shape == (2000, 32, 32, 3) and arrays["image"].dtype == np.uint8
-  assert arrays["label"].dtype == np.int32
-  counts = np.bincount(arrays["label"], minlength=10)
-  assert counts.shape == (10,) and counts.min() > 150 and counts.max() < 250
+  check_layout_and_balance(arrays)
   # the colour family (label % 2) is readable from the object's mean hue: warm objects are red-dominant
   rgb = np.array([img[m].mean(0) for img, m in zip(arrays["image"][:200].astype(float), arrays["object_mask"][:200])])
   warm = arrays["label"][:200] % 2 == 0

@@ -189,6 +189,7 @@ def _generate_chunk(config: SyntheticConfig, seed_sequence: np.random.SeedSequen
   grey = rng.uniform(0.3, 0.95, n).astype(f32)[:, None, None, None]
   images = np.where(d_mask[..., None], grey, images)
 
+  # the shapes branch draws its colour before placing the object, as the old generator did: same images
   if config.task == "shapes":
     lo, hi = np.array(list(COLOUR_FAMILIES.values()), f32)[family].T
     hue = lo + (hi - lo) * rng.uniform(0, 1, n).astype(f32)
