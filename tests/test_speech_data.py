@@ -2,6 +2,7 @@
 normalisation, the synthesiser (determinism, held-out voices), Common Voice reading
 and its bad inputs."""
 
+import dataclasses
 import itertools
 
 import jax.numpy as jnp
@@ -90,6 +91,31 @@ def test_synthesizer_is_deterministic_and_holds_out_voices(tmp_path):
   assert not np.array_equal(other["test"]["text"], first["test"]["text"])
   wave, mask, text = speech_synth.utterance(first["test"], 0)
   assert len(wave) == len(mask) <= 2 * 16000 and 0 < mask.mean() < 1 and text == first["test"]["text"][0]
+
+
+def test_synthesizer_vocabulary_size_and_silence_padding(tmp_path):
+  for language in ("es", "en"):  # every built-in word is spelled in the CTC alphabet, and no word repeats
+    vocab = ctc.Vocabulary.for_language(language)
+    words = speech_synth.WORDS[language]
+    assert len(set(words)) == len(words) > speech_synth.BASE_VOCABULARY
+    for word in words:
+      assert vocab.normalize(word) == (word, {})
+  config = speech_synth.SpeechSynthConfig(num_train=40, num_test=6, max_seconds=2.5, num_words=100,
+                                          pad_seconds=(0.4, 0.45), seed=5)
+  arrays = speech_synth.generate(config, tmp_path)
+  used = {w for split in arrays.values() for text in split["text"] for w in str(text).split()}
+  assert used <= set(speech_synth.WORDS["es"][:100]) and used - set(speech_synth.WORDS["es"][:48])
+  for i in range(len(arrays["train"]["text"])):
+    wave, mask, _ = speech_synth.utterance(arrays["train"], i)
+    speech = np.flatnonzero(mask)  # speech only after the leading pad and before the trailing one
+    assert speech[0] > 0.4 * 16000 - 160 and len(wave) - speech[-1] > 0.4 * 16000 - 160
+  small = speech_synth.generate(dataclasses.replace(SMALL_SYNTH, num_train=30), tmp_path)
+  assert {w for t in small["train"]["text"] for w in str(t).split()} <= set(speech_synth.WORDS["es"][:48])
+  for bad, match in ((dict(num_words=0), "num_words must be in 1..408"),
+                     (dict(language="en", num_words=1000), "num_words must be in 1..338"),
+                     (dict(pad_seconds=(0.5, 0.1)), "pad_seconds")):
+    with pytest.raises(ValueError, match=match):
+      speech_synth.SpeechSynthConfig(**bad).validate()
 
 
 def test_speech_batches_and_frame_groups(tmp_path):

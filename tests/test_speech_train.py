@@ -42,5 +42,9 @@ def test_bad_input(tmp_path, capsys):
   assert wav2vec2_commonvoice.main([f"--workdir={tmp_path}", "--dataset=commonvoice",
                                     f"--data_dir={tmp_path / 'none'}", *FLAGS]) == 2
   assert "does not exist" in capsys.readouterr().err
+  assert wav2vec2_commonvoice.main([f"--workdir={tmp_path}", "--synth_words=0", *FLAGS]) == 2
+  assert "--synth_words must be in 1..408 for --language=es, got 0" in capsys.readouterr().err
+  assert wav2vec2_commonvoice.main([f"--workdir={tmp_path}", "--synth_max_pad_seconds=1.0", *FLAGS]) == 2
+  assert "--synth_max_pad_seconds must be in [0.05, max_audio_seconds / 2), got 1.0" in capsys.readouterr().err
   assert wav2vec2_commonvoice.main([f"--workdir={tmp_path}", "--phase=distill", *FLAGS]) == 2
   assert "run that phase first" in capsys.readouterr().err

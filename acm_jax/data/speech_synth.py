@@ -34,14 +34,64 @@ import numpy as np
 SAMPLE_RATE = 16000
 SPAN_HOP = 160  # samples per entry of the speech mask (10 ms)
 
-WORDS = {
+# The first 48 words of each list are the original small vocabulary (`num_words=48` rebuilds that set
+# bit for bit); the rest widen it with words whose spelling a model has to remember (Spanish b/v, silent h,
+# c/z/s, ll/y; English silent letters and homophones), so that a bigger vocabulary is also a bigger lookup.
+_BASE_WORDS = {
     "es": ("el la un una casa perro gato niño niña mesa agua pan leche sol luna mar río árbol flor libro "
            "rojo azul verde grande pequeño bonito viejo nuevo come bebe mira tiene quiere corre salta "
-           "duerme canta lee abre cierra hoy mañana aquí allí muy siempre nunca").split(),
+           "duerme canta lee abre cierra hoy mañana aquí allí muy siempre nunca"),
     "en": ("the a house dog cat child table water bread milk sun moon sea river tree flower book red blue "
            "green big small pretty old new eats drinks sees has wants runs jumps sleeps sings reads opens "
-           "closes today tomorrow here there very always never").split(),
+           "closes today tomorrow here there very always never"),
 }
+_MORE_WORDS = {
+    "es": """
+hombre mujer padre madre hermano hermana hijo hija abuelo abuela amigo amiga vecino maestro médico
+ciudad pueblo calle plaza camino puente puerta ventana pared techo suelo cocina baño jardín campo bosque
+montaña playa isla lago cielo nube lluvia nieve viento fuego tierra piedra arena hierba hoja rama raíz
+caballo vaca oveja cabra cerdo gallina pájaro pez ratón conejo lobo zorro oso tigre león ballena abeja
+mariposa hormiga serpiente tortuga manzana naranja plátano uva fresa limón tomate cebolla patata arroz
+queso huevo carne pollo sopa sal azúcar aceite vino café zumo galleta pastel mantequilla miel harina
+silla cama sofá lámpara espejo reloj llave vaso plato taza cuchara cuchillo tenedor botella caja bolsa
+zapato camisa falda abrigo sombrero guante bufanda vestido llavero cartera papel lápiz carta regalo
+juguete pelota muñeca barco avión tren coche bicicleta autobús camión rueda motor viaje vuelta hora
+semana mes año verano invierno otoño primavera noche tarde mediodía lunes martes jueves viernes sábado
+domingo blanco negro gris amarillo marrón rosa morado dulce salado amargo caliente frío tibio
+alto bajo largo corto ancho estrecho rápido lento fuerte débil feliz triste cansado enfermo limpio sucio
+lleno vacío pesado ligero fácil difícil rico pobre joven hermoso feo suave duro blando claro oscuro
+habla escucha escribe camina vuela nada trabaja juega baila llora ríe piensa sabe busca encuentra lleva
+trae pone saca lava compra vende paga llama llega sale entra sube baja vuelve empieza termina
+ayuda cuida guarda toca huele prueba siente sueña vive muere nace crece cambia viaja visita espera
+hace dice puede debe conoce sigue gira cruza salva cubre enciende apaga rompe arregla construye
+jamás ahora luego antes después pronto también tampoco quizá bastante poco mucho todo
+algo alguien nadie cada otro mismo tanto cerca lejos dentro fuera arriba abajo delante detrás
+hacia hasta desde entre sobre contra según sin con para por porque pero aunque como cuando donde
+yo tú él ella nosotros ellos usted mi tu su nuestro este ese aquel esta esa aquella uno dos tres cuatro
+cinco seis siete ocho nueve diez cien mil primero segundo último mitad doble zanahoria hielo
+bota voz vez hoz haz caza cazo cayo callo valla baya hola ola hierro yerba yate""",
+    "en": """
+man woman father mother brother sister son daughter friend neighbour teacher doctor knight queen king
+city town street square road bridge door window wall roof floor kitchen garden field forest mountain
+beach island lake sky cloud rain snow wind fire earth stone sand grass leaf branch root horse cow sheep
+goat pig chicken bird fish mouse rabbit wolf fox bear tiger lion whale bee butterfly ant snake turtle
+apple orange banana grape strawberry lemon tomato onion potato rice cheese egg meat soup salt sugar oil
+wine coffee juice cookie cake butter honey flour chair bed sofa lamp mirror clock key glass plate cup
+spoon knife fork bottle box bag shoe shirt skirt coat hat glove scarf dress wallet paper pencil letter
+gift toy ball doll boat plane train car bicycle bus truck wheel engine journey hour week month year
+summer winter autumn spring night evening noon monday tuesday wednesday thursday friday saturday sunday
+white black grey yellow brown pink purple sweet salty bitter hot cold warm tall short long wide narrow
+fast slow strong weak happy sad tired sick clean dirty full empty heavy light easy hard rich poor young
+beautiful ugly soft bright dark talks listens writes walks flies swims works plays dances cries laughs
+thinks knows looks finds carries brings puts takes washes cooks buys sells pays calls arrives leaves
+enters climbs returns begins finishes helps keeps touches smells tastes feels dreams lives dies grows
+changes travels visits waits makes says could should would thought through though tough laugh cough
+enough knee knot write wrong whole honest listen castle often answer sword two
+too to four for fore eight ate one won see blew rite know no knew
+weigh way wait weight heir air pair pear bare flower meet piece peace quite quiet""",
+}
+WORDS = {lang: tuple(dict.fromkeys(_BASE_WORDS[lang].split() + _MORE_WORDS[lang].split())) for lang in _BASE_WORDS}
+BASE_VOCABULARY = 48  # words of the original small vocabulary, first in each list
 BASE_VOICES = {"es": ("es", "es-419"), "en": ("en", "en-us")}
 VARIANTS = ("", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5", "klatt", "klatt2", "croak")
 
@@ -58,6 +108,7 @@ class SpeechSynthConfig:
   num_test: int = 240
   min_words: int = 1
   max_words: int = 3
+  num_words: int = BASE_VOCABULARY  # sentences use the first num_words words of the language's list
   test_voices: int = 6
   max_seconds: float = 3.0
   snr_db: tuple[float, float] = (10.0, 40.0)
@@ -72,6 +123,13 @@ class SpeechSynthConfig:
       raise ValueError(f"no built-in vocabulary for language {self.language!r}; expected one of {sorted(WORDS)}")
     if not 1 <= self.min_words <= self.max_words:
       raise ValueError(f"need 1 <= min_words <= max_words, got {self.min_words}, {self.max_words}")
+    if not 1 <= self.num_words <= len(WORDS[self.language]):
+      raise ValueError(f"num_words must be in 1..{len(WORDS[self.language])} for {self.language!r}, "
+                       f"got {self.num_words}")
+    low, high = self.pad_seconds
+    if not 0 <= low <= high or 2 * high >= self.max_seconds:
+      raise ValueError(f"pad_seconds must be 0 <= low <= high < max_seconds / 2, got {self.pad_seconds} "
+                       f"with max_seconds={self.max_seconds}")
     if not 0 < self.test_voices < len(voices(self.language)):
       raise ValueError(f"test_voices must be in 1..{len(voices(self.language)) - 1}, got {self.test_voices}")
     if self.num_train < 1 or self.num_test < 1:
@@ -162,7 +220,7 @@ class ESpeak:
 def _sentences(config: SpeechSynthConfig) -> tuple[list[str], list[str]]:
   """Disjoint pools of train and test sentences."""
   rng = np.random.default_rng([config.seed, 2])
-  words = WORDS[config.language]
+  words = list(WORDS[config.language][:config.num_words])
   pool: dict[str, None] = {}
   wanted = config.num_train + config.num_test
   for _ in range(50 * wanted):
@@ -235,7 +293,8 @@ def generate(config: SpeechSynthConfig, cache_dir: str | Path | None = None) -> 
   out = {"train": _utterances(config, "train", train_sentences, train_voices, config.num_train),
          "test": _utterances(config, "test", test_sentences, test_voices, config.num_test)}
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp.npz")
+  # a name of this process's own: two runs building the same set at once must not share one file
+  tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
   np.savez(tmp, **{f"{split}/{k}": v for split, arrays in out.items() for k, v in arrays.items()})
   tmp.replace(path)
   return out

@@ -33,6 +33,9 @@ class SpeechConfig(ExperimentConfig):
   language: str = "es"
   max_audio_seconds: float = 3.0  # batch shape; longer clips are skipped and counted
   synth_train_utterances: int = 2400
+  synth_test_utterances: int = 240
+  synth_max_pad_seconds: float = 0.5  # silence before and after each synthesised utterance: 0.05 s to this
+  synth_words: int = 48  # vocabulary of the synthesised sentences (first words of the built-in list)
   batch_size: int = 16
   eval_batch_size: int = 48
   pretrain_steps: int = 1500
@@ -52,6 +55,17 @@ class SpeechConfig(ExperimentConfig):
     super().validate()
     if self.max_audio_seconds <= 0:
       raise ValueError(f"--max_audio_seconds must be > 0, got {self.max_audio_seconds}")
+    if self.synth_test_utterances < 1:
+      raise ValueError(f"--synth_test_utterances must be >= 1, got {self.synth_test_utterances}")
+    if not 0.05 <= self.synth_max_pad_seconds < self.max_audio_seconds / 2:
+      raise ValueError(f"--synth_max_pad_seconds must be in [0.05, max_audio_seconds / 2), "
+                       f"got {self.synth_max_pad_seconds}")
+    if self.dataset == "speech_synth":
+      from acm_jax.data import speech_synth
+      available = len(speech_synth.WORDS.get(self.language, ()))
+      if available and not 1 <= self.synth_words <= available:
+        raise ValueError(f"--synth_words must be in 1..{available} for --language={self.language}, "
+                         f"got {self.synth_words}")
     if self.synth_train_utterances < 1:
       raise ValueError(f"--synth_train_utterances must be >= 1, got {self.synth_train_utterances}")
     return self
@@ -127,6 +141,8 @@ def build_speech(config: SpeechConfig) -> phases.Experiment:
   if config.dataset == "speech_synth":
     from acm_jax.data import speech_synth
     synth = speech_synth.SpeechSynthConfig(language=config.language, num_train=config.synth_train_utterances,
+                                           num_test=config.synth_test_utterances, num_words=config.synth_words,
+                                           pad_seconds=(0.05, config.synth_max_pad_seconds),
                                            max_seconds=config.max_audio_seconds, seed=config.seed)
   data = speech_data.load(config.dataset, language=config.language, data_dir=config.data_dir,
                           max_seconds=config.max_audio_seconds, seed=config.seed, synth=synth,
