@@ -2,7 +2,10 @@
 
 Shapes: `choices` is a list (one entry per ACM) of (batch, tokens, N+1) one-hot
 (or relaxed) choice arrays; `prefix` is (..., N+1, dim) from
-`acm.prefix_outputs`; `errors` is (..., N+1).
+`acm.prefix_outputs`; `errors` is (..., N+1). `mask`, where a loss takes one, is
+(batch, tokens) (or the leading shape of `prefix`/`logits`): 1 for real tokens, 0 for
+padding (e.g. the frames past an utterance's end in a padded speech batch); means
+then run over real tokens only. None: every token is real.
 """
 
 from __future__ import annotations
@@ -17,9 +20,18 @@ LABEL_RULES = ("ours", "official")
 BUDGET_KINDS = ("l1", "l2", "l2_100")
 
 
-def distillation_loss(prefix: jax.Array, target: jax.Array) -> jax.Array:
+def _token_mean(values: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
+  """Mean of `values` over `axes`, counting only tokens where mask (broadcast on the right) is 1."""
+  if mask is None:
+    return jnp.mean(values, axis=axes)
+  weight = jnp.reshape(mask.astype(values.dtype), mask.shape + (1,) * (values.ndim - mask.ndim))
+  weight = jnp.broadcast_to(weight, values.shape)
+  return jnp.sum(values * weight, axis=axes) / jnp.maximum(jnp.sum(weight, axis=axes), 1e-9)
+
+
+def distillation_loss(prefix: jax.Array, target: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """Mean over k = 1..N of the MSE between h(x, k) and the dense block's output."""
-  return jnp.mean(jnp.square(prefix[..., 1:, :] - target[..., None, :]))
+  return _token_mean(jnp.square(prefix[..., 1:, :] - target[..., None, :]), mask, tuple(range(prefix.ndim)))
 
 
 def choice_errors(prefix: jax.Array, target: jax.Array) -> jax.Array:
@@ -54,47 +66,49 @@ def gate_labels(errors: jax.Array, factor: float, rule: str = "ours") -> jax.Arr
   return jnp.argmax(settled, axis=-1).astype(jnp.int32)
 
 
-def gate_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def gate_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """Cross-entropy of the gate's N+1 logits against the artificial labels."""
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+  per_token = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return _token_mean(per_token, mask, tuple(range(per_token.ndim)))
 
 
-def compute_fraction(choices: Sequence[jax.Array], learner_costs: Sequence[float]) -> jax.Array:
+def compute_fraction(choices: Sequence[jax.Array], learner_costs: Sequence[float],
+                     mask: jax.Array | None = None) -> jax.Array:
   """C: executed learner cost over the cost of running every learner, in [0, 1].
 
-  Averaged over tokens and samples; ACMs are weighted by their learner cost.
+  Averaged over (real) tokens and samples; ACMs are weighted by their learner cost.
   """
   spent = total = 0.0
   for choice, cost in zip(choices, learner_costs, strict=True):
     k = jnp.arange(choice.shape[-1], dtype=choice.dtype)
-    spent = spent + jnp.mean(choice @ k) * cost
+    spent = spent + _token_mean(choice @ k, mask, (0, 1)) * cost
     total = total + (choice.shape[-1] - 1) * cost
   return spent / total
 
 
 def budget_loss(choices: Sequence[jax.Array], learner_costs: Sequence[float], budget: float,
-                kind: str = "l1") -> jax.Array:
+                kind: str = "l1", mask: jax.Array | None = None) -> jax.Array:
   """Distance of the compute fraction C to the target budget (L1, L2 or (100 x)^2)."""
   if kind not in BUDGET_KINDS:
     raise ValueError(f"unknown budget loss {kind!r}; expected one of {BUDGET_KINDS}")
-  gap = compute_fraction(choices, learner_costs) - budget
+  gap = compute_fraction(choices, learner_costs, mask) - budget
   if kind == "l1":
     return jnp.abs(gap)
   return jnp.square(gap) if kind == "l2" else jnp.square(100.0 * gap)
 
 
-def entropy_loss(choices: Sequence[jax.Array]) -> jax.Array:
+def entropy_loss(choices: Sequence[jax.Array], mask: jax.Array | None = None) -> jax.Array:
   """Minus the normalised entropy of each sample's choice histogram, averaged.
 
   Keeps the tokens of one sample from all taking the same k (gate collapse).
   """
   stacked = jnp.stack(choices)  # (acms, batch, tokens, N+1)
-  dist = jnp.mean(stacked, axis=2)
+  dist = jax.vmap(lambda c: _token_mean(c, mask, (1,)))(stacked)  # (acms, batch, N+1)
   entropy = -jnp.sum(jnp.where(dist > 0, dist * jnp.log(jnp.maximum(dist, 1e-30)), 0.0), axis=-1)
   return -jnp.mean(entropy / jnp.log(stacked.shape[-1]))
 
 
-def diversity_loss(choices: Sequence[jax.Array]) -> jax.Array:
+def diversity_loss(choices: Sequence[jax.Array], mask: jax.Array | None = None) -> jax.Array:
   """Minus twice the mean pairwise L1 distance between the samples' mean compute.
 
   Per sample, c = mean over ACMs, tokens and the N+1 slots of p_k * k (the mean
@@ -102,7 +116,8 @@ def diversity_loss(choices: Sequence[jax.Array]) -> jax.Array:
   """
   stacked = jnp.stack(choices)
   k = jnp.arange(stacked.shape[-1], dtype=stacked.dtype)
-  per_sample = jnp.mean(stacked * k, axis=(0, 2, 3))  # (batch,)
+  per_token = jnp.mean(stacked * k, axis=-1)  # (acms, batch, tokens)
+  per_sample = jnp.mean(jax.vmap(lambda c: _token_mean(c, mask, (1,)))(per_token), axis=0)  # (batch,)
   return -2.0 * jnp.mean(jnp.abs(per_sample[:, None] - per_sample[None, :]))
 
 

@@ -47,6 +47,11 @@ def main(argv: list[str]) -> int:
       "mean_k_per_layer": acm["mean_k_per_layer"],
       "mean_k_speech": groups.get("speech"), "mean_k_silence": groups.get("silence"),
       "command": "python3 -m benchmarks.speech_embedded " + " ".join(extra),
+      "data": {"words": cfg.synth_words, "train_utterances": cfg.synth_train_utterances,
+               "test_utterances": cfg.synth_test_utterances, "max_pad_seconds": cfg.synth_max_pad_seconds},
+      "recipe": {"pretrain_steps": cfg.pretrain_steps, "finetune_steps": cfg.finetune_steps,
+                 "finetune_lr": cfg.finetune_lr, "entropy_weight": cfg.entropy_weight,
+                 "finetune_gate_lr_scale": cfg.finetune_gate_lr_scale},
   }
   checks = {
       "finishes in < 30 min": minutes < 30,
@@ -60,7 +65,8 @@ def main(argv: list[str]) -> int:
   (HERE / "results").mkdir(exist_ok=True)
   (HERE / "results" / "speech_embedded.json").write_text(json.dumps(record, indent=2) + "\n")
   lines = [f"\n## Speech embedded default, `--phase=all` ({record['date']}, {record['device']})\n",
-           f"Command: `{record['command']}`; {minutes:.1f} min including synthesis.\n",
+           f"Command: `{record['command']}`; {minutes:.1f} min including synthesis. Data: {record['data']}; "
+           f"recipe: {record['recipe']}.\n",
            "| model | WER | CER | GFLOPs / s of audio |", "|---|---|---|---|",
            f"| dense | {100 * dense['wer']:.2f} | {100 * dense['cer']:.2f} | {dense['gflops_per_second_of_audio']:.4f} |",
            f"| ACM, budget {cfg.budget} (compute {acm['compute_fraction']:.2f}) | {100 * acm['wer']:.2f} | "

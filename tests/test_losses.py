@@ -92,3 +92,48 @@ def test_distillation_and_classification_losses():
   expected = -np.mean(np.sum(target * logp, -1))
   got = losses.classification_loss(jnp.asarray(logits), jnp.asarray(labels), smooth)
   assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def test_masked_losses_equal_the_losses_of_the_unpadded_samples():
+  """Padding tokens (mask 0) must change nothing: each masked loss against a float64
+  reference computed sample by sample on the real tokens only."""
+  rng = np.random.default_rng(0)
+  lengths, tokens, n = [5, 2, 4], 5, 4
+  mask = (np.arange(tokens)[None] < np.array(lengths)[:, None]).astype(np.float32)
+  choices = [jax.nn.softmax(jnp.asarray(rng.normal(size=(3, tokens, n + 1)), jnp.float32) * 2) for _ in range(2)]
+  costs = [1.0, 3.0]
+  real = [[np.asarray(c[b, :lengths[b]], np.float64) for b in range(3)] for c in choices]  # [acm][sample]
+  k = np.arange(n + 1)
+  spent = sum(cost * np.mean(np.concatenate([r @ k for r in per_sample]))
+              for cost, per_sample in zip(costs, real))
+  fraction = spent / (n * sum(costs))
+  assert float(losses.compute_fraction(choices, costs, jnp.asarray(mask))) == pytest.approx(fraction, rel=1e-5)
+  assert float(losses.budget_loss(choices, costs, 0.3, "l1", jnp.asarray(mask))) == pytest.approx(
+      abs(fraction - 0.3), rel=1e-4)
+  entropies = []
+  for per_sample in real:
+    for r in per_sample:
+      dist = r.mean(0)
+      entropies.append(-np.sum(dist * np.log(dist)) / np.log(n + 1))
+  assert float(losses.entropy_loss(choices, jnp.asarray(mask))) == pytest.approx(-np.mean(entropies), rel=1e-5)
+  c = [np.mean([np.mean(real[a][b] * k) for a in range(2)]) for b in range(3)]
+  expected = -2.0 * np.mean([abs(x - y) for x, y in itertools.product(c, c)])
+  assert float(losses.diversity_loss(choices, jnp.asarray(mask))) == pytest.approx(expected, rel=1e-5)
+  # distillation and gate losses: means over real tokens only
+  prefix = rng.normal(size=(3, tokens, n + 1, 6)).astype(np.float32)
+  target = rng.normal(size=(3, tokens, 6)).astype(np.float32)
+  mse = np.mean(np.concatenate([np.square(prefix[b, :lengths[b], 1:] - target[b, :lengths[b], None]).ravel()
+                                for b in range(3)]).astype(np.float64))
+  assert float(losses.distillation_loss(jnp.asarray(prefix), jnp.asarray(target), jnp.asarray(mask))) == (
+      pytest.approx(mse, rel=1e-5))
+  logits = rng.normal(size=(3, tokens, n + 1)).astype(np.float32)
+  labels = rng.integers(0, n + 1, size=(3, tokens))
+  log_p = logits - np.log(np.sum(np.exp(logits.astype(np.float64)), -1, keepdims=True))
+  nll = np.concatenate([-np.take_along_axis(log_p[b, :lengths[b]], labels[b, :lengths[b], None], -1).ravel()
+                        for b in range(3)])
+  assert float(losses.gate_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))) == (
+      pytest.approx(nll.mean(), rel=1e-5))
+  # an all-ones mask is the unmasked loss
+  ones = jnp.ones((3, tokens))
+  for fn in (losses.entropy_loss, losses.diversity_loss):
+    assert float(fn(choices, ones)) == pytest.approx(float(fn(choices)), rel=1e-6)

@@ -48,3 +48,41 @@ def test_bad_input(tmp_path, capsys):
   assert "--synth_max_pad_seconds must be in [0.05, max_audio_seconds / 2), got 1.0" in capsys.readouterr().err
   assert wav2vec2_commonvoice.main([f"--workdir={tmp_path}", "--phase=distill", *FLAGS]) == 2
   assert "run that phase first" in capsys.readouterr().err
+
+
+def test_padding_frames_count_for_nothing():
+  """Eval's k histogram and the finetuning compute fraction count the frames inside each
+  utterance only: padding past an utterance's end runs no learner at inference."""
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from acm_jax import acm as acm_lib
+  from acm_jax import losses
+  from acm_jax.train import speech, steps
+
+  acm_config = dataclasses.replace(MICRO, acm=acm_lib.ACMConfig(num_learners=4, gate_hidden=8)).validate()
+  task = speech.speech_task(MICRO, acm_config, jnp.float32)
+  rng = np.random.default_rng(0)
+  samples, lengths = 8000, np.array([8000, 3000, 5200], np.int32)
+  audio = (rng.normal(size=(3, samples)) * (np.arange(samples)[None] < lengths[:, None])).astype(np.float32)
+  batch = {"audio": jnp.asarray(audio), "audio_length": jnp.asarray(lengths),
+           "label": jnp.ones((3, 4), jnp.int32), "label_length": jnp.full((3,), 2, jnp.int32)}
+  params = task.acm_model.init({"params": jax.random.key(0), "gumbel": jax.random.key(1)},
+                               task.inputs(batch), mode="gumbel")["params"]
+  out = steps.eval_step(task, "argmax", None, params, batch)
+  real_frames = int(np.sum(MICRO.num_frames(lengths)))
+  assert MICRO.num_frames(samples) * 3 > real_frames
+  for hist in out["k_hist"].values():
+    assert float(jnp.sum(hist)) == pytest.approx(real_frames)
+  # the training budget sees the same frames: compute fraction from the gates' choices on real frames
+  _, aux = task.acm_model.apply({"params": params}, task.inputs(batch), mode="argmax", mutable=["acm"])
+  choices = steps.acm_choices(task, aux)
+  mask = np.asarray(task.token_mask(batch))
+  assert mask.sum() == real_frames
+  k = [np.argmax(np.asarray(c), -1) for c in choices]
+  costs = [s.learner_cost for s in task.acm_specs]
+  expected = sum(cost * kk[mask].mean() for cost, kk in zip(costs, k)) / (4 * sum(costs))
+  assert float(losses.compute_fraction(choices, costs, jnp.asarray(mask))) == pytest.approx(expected, rel=1e-5)

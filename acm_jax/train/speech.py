@@ -105,6 +105,10 @@ def speech_task(dense: wav2vec2.Wav2Vec2Config, acm_config: wav2vec2.Wav2Vec2Con
       return {}
     return {"speech": batch["speech_frames"], "silence": batch["silence_frames"]}
 
+  def token_mask(batch):  # encoder frames inside each utterance; the rest is batch padding
+    frames = wav2vec2.frame_lengths(dense, batch["audio_length"])
+    return jnp.arange(dense.num_frames(batch["audio"].shape[-1]))[None, :] < frames[:, None]
+
   def host_outputs(logits, batch):
     return {"ids": jnp.argmax(logits, -1).astype(jnp.int32),
             "frames": wav2vec2.frame_lengths(dense, batch["audio_length"])}
@@ -112,7 +116,7 @@ def speech_task(dense: wav2vec2.Wav2Vec2Config, acm_config: wav2vec2.Wav2Vec2Con
   return steps.Task(
       dense_model=wav2vec2.Wav2Vec2(dense), acm_model=wav2vec2.Wav2Vec2(acm_config), acm_specs=tuple(specs),
       inputs=lambda batch: (batch["audio"].astype(dtype), batch["audio_length"]), loss=loss, score=score,
-      token_groups=groups, host_outputs=host_outputs)
+      token_groups=groups, host_outputs=host_outputs, token_mask=token_mask)
 
 
 def error_rates(vocab: ctc.Vocabulary, host: list[tuple[Any, dict]]) -> dict:

@@ -42,7 +42,10 @@ class Task:
   optionally gives named (batch, tokens) boolean masks, e.g. object/background,
   on which eval reports the mean k. `host_outputs(outputs, batch)` optionally
   picks per-batch arrays that eval hands to the host unsummed (e.g. greedy CTC
-  ids, decoded into transcripts for WER)."""
+  ids, decoded into transcripts for WER). `token_mask(batch)` optionally gives the
+  (batch, tokens) mask of real tokens when batches are padded (speech frames past an
+  utterance's end): the distillation, gate and finetuning losses, the compute
+  fraction and eval's k statistics then count real tokens only."""
   dense_model: nn.Module
   acm_model: nn.Module
   acm_specs: tuple[ACMSpec, ...]
@@ -51,10 +54,16 @@ class Task:
   score: Callable[[jax.Array, dict], dict[str, jax.Array]]
   token_groups: Callable[[dict], dict[str, jax.Array]] | None = None
   host_outputs: Callable[[jax.Array, dict], Any] | None = None
+  token_mask: Callable[[dict], jax.Array] | None = None
 
   @property
   def paths(self) -> list[str]:
     return [s.path for s in self.acm_specs]
+
+
+def real_tokens(task: Task, batch: dict) -> jax.Array | None:
+  """(batch, tokens) float32 mask of real tokens, or None when every token is real."""
+  return None if task.token_mask is None else task.token_mask(batch).astype(jnp.float32)
 
 
 def step_rng(state: PyTree) -> jax.Array:
@@ -104,6 +113,7 @@ def distill_step(task: Task, tx: optax.GradientTransformation, grad_mode: str,
                  teacher_params: PyTree, state: PyTree, batch: dict) -> tuple[PyTree, dict]:
   """Module-wise distillation of every ACM from the dense teacher's activations."""
   records = teacher_records(task, teacher_params, batch)
+  mask = real_tokens(task, batch)
 
   def loss_fn(params):
     per_module = []
@@ -111,7 +121,7 @@ def distill_step(task: Task, tx: optax.GradientTransformation, grad_mode: str,
       x, y = records[spec.path]
       prefix = acm_lib.prefix_outputs(learner_params(params, spec.path), x, num_learners=spec.num_learners,
                                       activation=spec.activation, grad_mode=grad_mode)
-      per_module.append(losses.distillation_loss(prefix, y))
+      per_module.append(losses.distillation_loss(prefix, y, mask))
     return jnp.mean(jnp.stack(per_module))
 
   loss, grads = jax.value_and_grad(loss_fn)(state["params"])
@@ -122,6 +132,7 @@ def gate_step(task: Task, tx: optax.GradientTransformation, factor: float, label
               teacher_params: PyTree, state: PyTree, batch: dict) -> tuple[PyTree, dict]:
   """Gates learn the artificial labels computed with the frozen learners."""
   records = teacher_records(task, teacher_params, batch)
+  mask = real_tokens(task, batch)
   frozen = jax.lax.stop_gradient(state["params"])
   targets = {}
   for spec in task.acm_specs:
@@ -135,8 +146,9 @@ def gate_step(task: Task, tx: optax.GradientTransformation, factor: float, label
     per_module, accuracy = [], []
     for spec in task.acm_specs:
       logits = gate_logits(spec, params, records[spec.path][0])
-      per_module.append(losses.gate_loss(logits, targets[spec.path]))
-      accuracy.append(jnp.mean(jnp.argmax(logits, -1) == targets[spec.path]))
+      per_module.append(losses.gate_loss(logits, targets[spec.path], mask))
+      hit = (jnp.argmax(logits, -1) == targets[spec.path]).astype(jnp.float32)
+      accuracy.append(jnp.mean(hit) if mask is None else jnp.sum(hit * mask) / jnp.maximum(jnp.sum(mask), 1.0))
     return jnp.mean(jnp.stack(per_module)), jnp.mean(jnp.stack(accuracy))
 
   (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -160,6 +172,7 @@ def finetune_step(task: Task, tx: optax.GradientTransformation, weights: Finetun
   """End to end: task loss + budget, entropy and diversity losses, Gumbel gates."""
   rng = step_rng(state)
   costs = [s.learner_cost for s in task.acm_specs]
+  mask = real_tokens(task, batch)
 
   def loss_fn(params):
     outputs, aux = task.acm_model.apply(
@@ -167,13 +180,13 @@ def finetune_step(task: Task, tx: optax.GradientTransformation, weights: Finetun
         mutable=["acm"], rngs={"gumbel": rng})
     choices = acm_choices(task, aux)
     task_loss = task.loss(outputs, batch, weights.label_smoothing)
-    budget = losses.budget_loss(choices, costs, weights.budget, weights.budget_kind)
-    entropy = losses.entropy_loss(choices)
-    diversity = losses.diversity_loss(choices)
+    budget = losses.budget_loss(choices, costs, weights.budget, weights.budget_kind, mask)
+    entropy = losses.entropy_loss(choices, mask)
+    diversity = losses.diversity_loss(choices, mask)
     total = (task_loss + weights.budget_weight * budget + weights.entropy_weight * entropy
              + weights.diversity_weight * diversity)
     metrics = {"task_loss": task_loss, "budget_loss": budget, "entropy_loss": entropy,
-               "diversity_loss": diversity, "compute": losses.compute_fraction(choices, costs)}
+               "diversity_loss": diversity, "compute": losses.compute_fraction(choices, costs, mask)}
     return total, (outputs, metrics)
 
   (loss, (outputs, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -207,9 +220,12 @@ def eval_step(task: Task, mode: str, fixed_k: int | None, params: PyTree, batch:
   valid = batch.get("valid")
   out = {"scores": task.score(outputs, batch), "k_hist": {}, "groups": {}, **keep(outputs)}
   groups = task.token_groups(batch) if task.token_groups is not None else {}
+  real = real_tokens(task, batch)
   for spec, choice in zip(task.acm_specs, choices):
     weight = jnp.ones(choice.shape[:-1]) if valid is None else jnp.broadcast_to(
         valid[:, None], choice.shape[:-1]).astype(jnp.float32)
+    if real is not None:  # padding frames run no learner at inference: they count for nothing
+      weight = weight * real
     out["k_hist"][spec.path] = jnp.einsum("bt,btk->k", weight, choice)
     k = jnp.argmax(choice, -1).astype(jnp.float32)
     out["groups"][spec.path] = {name: (jnp.sum(k * mask * weight), jnp.sum(mask * weight))
