@@ -3,8 +3,8 @@
 eSpeak NG comes with the `espeakng-loader` wheel (the shared library and its
 voice data, no system package) and is driven through ctypes in synchronous mode:
 a callback collects 16-bit samples at the library's rate (22,050 Hz), resampled
-to 16 kHz. Sentences are random word sequences from a small built-in vocabulary
-(Spanish by default, as Common Voice es; English as an option), spoken by many
+to 16 kHz. Sentences are random word sequences from a built-in vocabulary (the
+first `num_words` of 408 Spanish words, as Common Voice es, or of 338 English ones), spoken by many
 voices (language variants x voice variants), rates and pitches, padded with
 silence, mixed with noise at a random SNR and scaled by a random gain, so that
 utterances differ in difficulty.
