@@ -340,17 +340,19 @@ def evaluate(exp: Experiment, params: PyTree, model: str, mode: str, fixed_k: in
 
 
 def _per_acm_on_test(exp: Experiment, teacher: PyTree, params: PyTree, fn, max_batches: int) -> dict:
-  """Stacks `fn(spec, prefix, y)` per ACM over a few test batches, where prefix
-  holds the learners' outputs for every k on the dense teacher's block inputs."""
+  """Stacks `fn(spec, prefix, y, real)` per ACM over a few test batches, where prefix
+  holds the learners' outputs for every k on the dense teacher's block inputs and
+  real the (batch, tokens) mask of real (unpadded) tokens."""
   @jax.jit
   def per_batch(batch):
     records = steps.teacher_records(exp.task, teacher, batch)
+    real = steps.real_tokens(exp.task, batch)
     out = {}
     for spec in exp.task.acm_specs:
       x, y = records[spec.path]
       prefix = acm_lib.prefix_outputs(steps.learner_params(params, spec.path), x,
                                       num_learners=spec.num_learners, activation=spec.activation)
-      out[spec.path] = fn(spec, prefix, y)
+      out[spec.path] = fn(spec, prefix, y, jnp.ones(y.shape[:2]) if real is None else real)
     return out
 
   results = [jax.device_get(per_batch(b)) for _, b in zip(range(max_batches), _eval_batches(exp, False))]
@@ -359,7 +361,10 @@ def _per_acm_on_test(exp: Experiment, teacher: PyTree, params: PyTree, fn, max_b
 
 def distill_errors(exp: Experiment, teacher: PyTree, params: PyTree, max_batches: int = 4) -> dict:
   """Mean squared error of every choice k = 0..N per ACM on held-out tokens."""
-  mse = lambda spec, prefix, y: jnp.mean(jnp.square(prefix - y[..., None, :]), axis=(0, 1, 3))
+  def mse(spec, prefix, y, real):
+    per_token = jnp.mean(jnp.square(prefix - y[..., None, :]), axis=-1)  # (batch, tokens, N+1)
+    return jnp.einsum("bt,btk->k", real, per_token) / jnp.maximum(jnp.sum(real), 1.0)
+
   return {path: v.mean(0).tolist() for path, v in _per_acm_on_test(exp, teacher, params, mse, max_batches).items()}
 
 
@@ -367,9 +372,10 @@ def label_distribution(exp: Experiment, teacher: PyTree, params: PyTree, max_bat
   """Share of each artificial label k per ACM on held-out tokens."""
   cfg = exp.config
 
-  def histogram(spec, prefix, y):
+  def histogram(spec, prefix, y, real):
     labels = losses.gate_labels(losses.choice_errors(prefix, y), cfg.gating_error_factor, cfg.label_rule)
-    return jnp.bincount(jnp.maximum(labels, spec.min_choice).reshape(-1), length=spec.num_learners + 1)
+    return jnp.bincount(jnp.maximum(labels, spec.min_choice).reshape(-1), weights=real.reshape(-1),
+                        length=spec.num_learners + 1)
 
   totals = _per_acm_on_test(exp, teacher, params, histogram, max_batches)
   return {path: (t.sum(0) / t.sum()).tolist() for path, t in totals.items()}
