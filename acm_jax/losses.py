@@ -20,7 +20,7 @@ LABEL_RULES = ("ours", "official")
 BUDGET_KINDS = ("l1", "l2", "l2_100")
 
 
-def _token_mean(values: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
+def token_mean(values: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
   """Mean of `values` over `axes`, counting only tokens where mask (broadcast on the right) is 1."""
   if mask is None:
     return jnp.mean(values, axis=axes)
@@ -31,7 +31,7 @@ def _token_mean(values: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]
 
 def distillation_loss(prefix: jax.Array, target: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """Mean over k = 1..N of the MSE between h(x, k) and the dense block's output."""
-  return _token_mean(jnp.square(prefix[..., 1:, :] - target[..., None, :]), mask, tuple(range(prefix.ndim)))
+  return token_mean(jnp.square(prefix[..., 1:, :] - target[..., None, :]), mask, tuple(range(prefix.ndim)))
 
 
 def choice_errors(prefix: jax.Array, target: jax.Array) -> jax.Array:
@@ -69,7 +69,7 @@ def gate_labels(errors: jax.Array, factor: float, rule: str = "ours") -> jax.Arr
 def gate_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """Cross-entropy of the gate's N+1 logits against the artificial labels."""
   per_token = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return _token_mean(per_token, mask, tuple(range(per_token.ndim)))
+  return token_mean(per_token, mask, tuple(range(per_token.ndim)))
 
 
 def compute_fraction(choices: Sequence[jax.Array], learner_costs: Sequence[float],
@@ -81,7 +81,7 @@ def compute_fraction(choices: Sequence[jax.Array], learner_costs: Sequence[float
   spent = total = 0.0
   for choice, cost in zip(choices, learner_costs, strict=True):
     k = jnp.arange(choice.shape[-1], dtype=choice.dtype)
-    spent = spent + _token_mean(choice @ k, mask, (0, 1)) * cost
+    spent = spent + token_mean(choice @ k, mask, (0, 1)) * cost
     total = total + (choice.shape[-1] - 1) * cost
   return spent / total
 
@@ -103,7 +103,7 @@ def entropy_loss(choices: Sequence[jax.Array], mask: jax.Array | None = None) ->
   Keeps the tokens of one sample from all taking the same k (gate collapse).
   """
   stacked = jnp.stack(choices)  # (acms, batch, tokens, N+1)
-  dist = jax.vmap(lambda c: _token_mean(c, mask, (1,)))(stacked)  # (acms, batch, N+1)
+  dist = jax.vmap(lambda c: token_mean(c, mask, (1,)))(stacked)  # (acms, batch, N+1)
   entropy = -jnp.sum(jnp.where(dist > 0, dist * jnp.log(jnp.maximum(dist, 1e-30)), 0.0), axis=-1)
   return -jnp.mean(entropy / jnp.log(stacked.shape[-1]))
 
@@ -117,7 +117,7 @@ def diversity_loss(choices: Sequence[jax.Array], mask: jax.Array | None = None) 
   stacked = jnp.stack(choices)
   k = jnp.arange(stacked.shape[-1], dtype=stacked.dtype)
   per_token = jnp.mean(stacked * k, axis=-1)  # (acms, batch, tokens)
-  per_sample = jnp.mean(jax.vmap(lambda c: _token_mean(c, mask, (1,)))(per_token), axis=0)  # (batch,)
+  per_sample = jnp.mean(jax.vmap(lambda c: token_mean(c, mask, (1,)))(per_token), axis=0)  # (batch,)
   return -2.0 * jnp.mean(jnp.abs(per_sample[:, None] - per_sample[None, :]))
 
 

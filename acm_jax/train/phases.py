@@ -362,8 +362,7 @@ def _per_acm_on_test(exp: Experiment, teacher: PyTree, params: PyTree, fn, max_b
 def distill_errors(exp: Experiment, teacher: PyTree, params: PyTree, max_batches: int = 4) -> dict:
   """Mean squared error of every choice k = 0..N per ACM on held-out tokens."""
   def mse(spec, prefix, y, real):
-    per_token = jnp.mean(jnp.square(prefix - y[..., None, :]), axis=-1)  # (batch, tokens, N+1)
-    return jnp.einsum("bt,btk->k", real, per_token) / jnp.maximum(jnp.sum(real), 1.0)
+    return losses.token_mean(jnp.mean(jnp.square(prefix - y[..., None, :]), axis=-1), real, (0, 1))  # (N+1,)
 
   return {path: v.mean(0).tolist() for path, v in _per_acm_on_test(exp, teacher, params, mse, max_batches).items()}
 

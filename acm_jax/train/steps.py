@@ -148,7 +148,7 @@ def gate_step(task: Task, tx: optax.GradientTransformation, factor: float, label
       logits = gate_logits(spec, params, records[spec.path][0])
       per_module.append(losses.gate_loss(logits, targets[spec.path], mask))
       hit = (jnp.argmax(logits, -1) == targets[spec.path]).astype(jnp.float32)
-      accuracy.append(jnp.mean(hit) if mask is None else jnp.sum(hit * mask) / jnp.maximum(jnp.sum(mask), 1.0))
+      accuracy.append(losses.token_mean(hit, mask, (0, 1)))
     return jnp.mean(jnp.stack(per_module)), jnp.mean(jnp.stack(accuracy))
 
   (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
