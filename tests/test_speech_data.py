@@ -118,6 +118,20 @@ def test_synthesizer_vocabulary_size_and_silence_padding(tmp_path):
       speech_synth.SpeechSynthConfig(**bad).validate()
 
 
+def test_synthesizer_noise_follows_the_snr(tmp_path):
+  """With fixed 0.3 s pads and no gain, the leading pad is noise alone and the rest of the clip's power
+  over the clean span is speech plus that noise: the SNR measured from them is the one asked for."""
+  lead = int(0.3 * speech_synth.SAMPLE_RATE)
+  for snr in (0.0, 20.0):
+    config = dataclasses.replace(SMALL_SYNTH, num_train=8, snr_db=(snr, snr), gain_db=(0.0, 0.0), pad_seconds=(0.3, 0.3))
+    arrays = speech_synth.generate(config, tmp_path)["train"]
+    for i in range(8):
+      wave, _, _ = speech_synth.utterance(arrays, i)
+      noise = np.var(wave[:lead])
+      speech = np.mean(np.square(wave[lead:-lead])) - noise
+      assert abs(10 * np.log10(speech / noise) - snr) < 0.75, (snr, i)  # measured: within 0.43
+
+
 def test_speech_batches_and_frame_groups(tmp_path):
   data = speech_data.load("speech_synth", language="es", data_dir=str(tmp_path), max_seconds=2.0,
                           geometry=GEOMETRY, synth=SMALL_SYNTH)
@@ -199,3 +213,13 @@ def test_common_voice_bad_directories(tmp_path):
   (root / "train.tsv").write_text("client_id\tfile\ttext\nc\ta.wav\thola\n")
   with pytest.raises(ValueError, match=r"lacks the column\(s\) \['path', 'sentence'\]"):
     load(str(root))
+
+
+def test_synth_flags_reach_the_synthesizer():
+  from acm_jax.train import speech
+  synth = speech.synth_config(speech.SpeechConfig(synth_min_snr_db=0.0, synth_words=70, synth_max_pad_seconds=0.8,
+                                                  synth_train_utterances=50, synth_test_utterances=7, seed=4))
+  assert (synth.snr_db, synth.num_words, synth.pad_seconds, synth.num_train, synth.num_test, synth.seed) == (
+      (0.0, 40.0), 70, (0.05, 0.8), 50, 7, 4)
+  assert speech.synth_config(speech.SpeechConfig()).cache_name() == dataclasses.replace(
+      speech_synth.SpeechSynthConfig(), num_train=12000, num_test=600, num_words=100).cache_name()

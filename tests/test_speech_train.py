@@ -46,6 +46,8 @@ def test_bad_input(tmp_path, capsys):
   assert "--synth_words must be in 1..408 for --language=es, got 0" in capsys.readouterr().err
   assert wav2vec2_commonvoice.main([f"--workdir={tmp_path}", "--synth_max_pad_seconds=1.0", *FLAGS]) == 2
   assert "--synth_max_pad_seconds must be in [0.05, max_audio_seconds / 2), got 1.0" in capsys.readouterr().err
+  assert wav2vec2_commonvoice.main([f"--workdir={tmp_path}", "--synth_min_snr_db=45", *FLAGS]) == 2
+  assert "--synth_min_snr_db must be in [-20, 40), got 45.0" in capsys.readouterr().err
   assert wav2vec2_commonvoice.main([f"--workdir={tmp_path}", "--phase=distill", *FLAGS]) == 2
   assert "run that phase first" in capsys.readouterr().err
 

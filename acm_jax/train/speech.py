@@ -38,6 +38,7 @@ class SpeechConfig(ExperimentConfig):
   synth_test_utterances: int = 600
   synth_max_pad_seconds: float = 0.5  # silence before and after each synthesised utterance: 0.05 s to this
   synth_words: int = 100  # vocabulary of the synthesised sentences (first words of the built-in list)
+  synth_min_snr_db: float = 10.0  # white noise is mixed in at an SNR drawn from [this, 40] dB per utterance
   batch_size: int = 16
   eval_batch_size: int = 48
   pretrain_steps: int = 1500
@@ -58,6 +59,8 @@ class SpeechConfig(ExperimentConfig):
     if not 0.05 <= self.synth_max_pad_seconds < self.max_audio_seconds / 2:
       raise ValueError(f"--synth_max_pad_seconds must be in [0.05, max_audio_seconds / 2), "
                        f"got {self.synth_max_pad_seconds}")
+    if not -20.0 <= self.synth_min_snr_db < speech_synth_max_snr():
+      raise ValueError(f"--synth_min_snr_db must be in [-20, {speech_synth_max_snr():g}), got {self.synth_min_snr_db}")
     if self.dataset == "speech_synth":
       from acm_jax.data import speech_synth
       available = len(speech_synth.WORDS.get(self.language, ()))
@@ -67,6 +70,21 @@ class SpeechConfig(ExperimentConfig):
     if self.synth_train_utterances < 1:
       raise ValueError(f"--synth_train_utterances must be >= 1, got {self.synth_train_utterances}")
     return self
+
+
+def speech_synth_max_snr() -> float:
+  from acm_jax.data import speech_synth
+  return speech_synth.SpeechSynthConfig.snr_db[1]
+
+
+def synth_config(config: SpeechConfig):
+  """The `speech_synth.SpeechSynthConfig` that the --synth_* flags describe."""
+  from acm_jax.data import speech_synth
+  return speech_synth.SpeechSynthConfig(language=config.language, num_train=config.synth_train_utterances,
+                                        num_test=config.synth_test_utterances, num_words=config.synth_words,
+                                        pad_seconds=(0.05, config.synth_max_pad_seconds),
+                                        snr_db=(config.synth_min_snr_db, speech_synth_max_snr()),
+                                        max_seconds=config.max_audio_seconds, seed=config.seed)
 
 
 def _model_config(config: SpeechConfig, vocab_size: int) -> wav2vec2.Wav2Vec2Config:
@@ -139,13 +157,7 @@ def build_speech(config: SpeechConfig) -> phases.Experiment:
       blocks=config.block_tuple(), attention=config.acm_attention, activation=dense.activation,
       gate_depth=config.gate_depth, gate_hidden=config.gate_hidden, impl=config.impl)
   acm_config = dataclasses.replace(dense, acm=acm).validate()
-  synth = None
-  if config.dataset == "speech_synth":
-    from acm_jax.data import speech_synth
-    synth = speech_synth.SpeechSynthConfig(language=config.language, num_train=config.synth_train_utterances,
-                                           num_test=config.synth_test_utterances, num_words=config.synth_words,
-                                           pad_seconds=(0.05, config.synth_max_pad_seconds),
-                                           max_seconds=config.max_audio_seconds, seed=config.seed)
+  synth = synth_config(config) if config.dataset == "speech_synth" else None
   data = speech_data.load(config.dataset, language=config.language, data_dir=config.data_dir,
                           max_seconds=config.max_audio_seconds, seed=config.seed, synth=synth,
                           geometry=speech_data.FrameGeometry(dense.frame_stride, dense.receptive_field))
