@@ -19,9 +19,23 @@ from pathlib import Path
 
 import jax
 
+from acm_jax.speech import ctc
 from experiments import wav2vec2_commonvoice
 
 HERE = Path(__file__).resolve().parent
+
+
+def paired_differences(dense: dict, acm: dict, static: dict) -> dict:
+  """Static-minus-ACM and ACM-minus-dense WER with 95% paired-bootstrap intervals over the test utterances."""
+  words = acm["utterance_words"]
+  if dense["utterance_words"] != words or static["utterance_words"] != words:
+    raise ValueError("the three eval records are not on the same test utterances")
+  return {"static_minus_acm_wer": ctc.wer_difference(static["utterance_word_errors"], acm["utterance_word_errors"], words),
+          "acm_minus_dense_wer": ctc.wer_difference(acm["utterance_word_errors"], dense["utterance_word_errors"], words)}
+
+
+def _interval(d: dict) -> str:
+  return f"{100 * d['difference']:+.2f} (95% CI {100 * d['low']:+.2f} to {100 * d['high']:+.2f})"
 
 
 def main(argv: list[str]) -> int:
@@ -63,6 +77,7 @@ def main(argv: list[str]) -> int:
       "more compute on speech frames": (groups.get("speech") or 0) > (groups.get("silence") or 0),
   }
   record["checks"] = checks
+  record.update(paired_differences(dense, acm, static))
   (HERE / "results").mkdir(exist_ok=True)
   (HERE / "results" / "speech_embedded.json").write_text(json.dumps(record, indent=2) + "\n")
   lines = [f"\n## Speech embedded default, `--phase=all` ({record['date']}, {record['device']})\n",
@@ -76,6 +91,9 @@ def main(argv: list[str]) -> int:
            f"{static['gflops_per_second_of_audio']:.4f} |",
            "", f"Mean k on speech frames {groups.get('speech', float('nan')):.2f}, on silence/noise-only frames "
            f"{groups.get('silence', float('nan')):.2f}; distinct k per layer {acm['distinct_k_per_layer']}.",
+           "", f"Paired over the {record['static_minus_acm_wer']['utterances']} test utterances (bootstrap): static "
+           f"minus ACM WER {_interval(record['static_minus_acm_wer'])} points; ACM minus dense "
+           f"{_interval(record['acm_minus_dense_wer'])}.",
            "", "Targets: " + "; ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in checks.items()), ""]
   with (HERE / "RESULTS.md").open("a") as f:
     f.write("\n".join(lines))

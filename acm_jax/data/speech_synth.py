@@ -11,20 +11,24 @@ utterances differ in difficulty.
 
 Splits: test voices are never used in training, and no test sentence is a train
 sentence. Every choice (sentence, voice, rate, pitch, padding, SNR, gain, noise)
-is a function of `SpeechSynthConfig` (seed included); eSpeak NG itself adds a
-little jitter between calls (a few ms of duration) that no public call seeds, so
-the waveforms are reproducible through the cache: the result is stored as an .npz
-under the cache directory after the first build and read back from then on.
+is a function of `SpeechSynthConfig` (seed included), and so is the audio, to the
+bit: eSpeak NG draws from its own and libc's random generators (seeded here per
+utterance) and carries state from one call to the next that neither
+`espeak_Terminate` nor a seed clears, so each split is synthesised in a fresh
+process (spawned) where the sequence of calls is always the same. The result is
+stored as an .npz under the cache directory after the first build.
 Each utterance also keeps where its clean speech is (10 ms resolution), which
 defines the speech vs silence/noise-only frames that eval reports mean k on.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import threading
 from pathlib import Path
@@ -101,6 +105,10 @@ _CHARS_UTF8 = 1
 _RATE, _PITCH = 1, 3
 
 
+# 2: seeded eSpeak NG, one fresh process per split (bit-reproducible); 1 (unnamed): jitter between builds
+CACHE_FORMAT = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class SpeechSynthConfig:
   language: str = "es"
@@ -137,7 +145,8 @@ class SpeechSynthConfig:
     return self
 
   def cache_name(self) -> str:
-    digest = hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+    fields = dataclasses.asdict(self) | {"format": CACHE_FORMAT}
+    digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     return f"speech_synth_{self.language}_{digest}.npz"
 
 
@@ -170,6 +179,8 @@ class ESpeak:
     self.lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
                                       ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
     self._data_path = espeakng_loader.get_data_path().encode()
+    self.lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+    self._libc = ctypes.CDLL(None)  # the process's libc, whose rand() the library also calls
     self._chunks: list[np.ndarray] = []
     callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
     self._callback = callback_type(self._collect)  # kept alive as long as the library may call it
@@ -197,11 +208,13 @@ class ESpeak:
         cls._instance = cls()
       return cls._instance
 
-  def synthesize(self, text: str, voice: str, rate_wpm: int, pitch: int) -> np.ndarray:
-    """float32 waveform in [-1, 1] at 16 kHz. Repeated calls may differ by a few
-    milliseconds of jitter: the library does not expose all of its state."""
+  def synthesize(self, text: str, voice: str, rate_wpm: int, pitch: int, seed: int = 0) -> np.ndarray:
+    """float32 waveform in [-1, 1] at 16 kHz. The same call gives the same samples only
+    after the same earlier calls in a fresh process (see the module docstring)."""
     from scipy.signal import resample_poly
     with self._lock:
+      self.lib.espeak_ng_SetRandSeed(seed)
+      self._libc.srand(ctypes.c_uint(seed % 2**32))
       if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
         raise ValueError(f"eSpeak NG has no voice {voice!r}")
       self.lib.espeak_SetParameter(_RATE, rate_wpm, 0)
@@ -255,7 +268,9 @@ def _utterances(config: SpeechSynthConfig, split: str, sentences: list[str], voi
     rate, pitch = int(rng.integers(*config.rate_wpm)), int(rng.integers(*config.pitch))
     pads, snr_db, gain_db = rng.uniform(*config.pad_seconds, 2), rng.uniform(*config.snr_db), rng.uniform(*config.gain_db)
     noise_rng = np.random.default_rng([config.seed, 5, len(texts), int(rng.integers(2**31))])
-    clean = engine.synthesize(text, voice, rate, pitch)
+    # eSpeak's seed from a stream of its own, so the draws above are those of earlier builds
+    clean = engine.synthesize(text, voice, rate, pitch, seed=int(np.random.default_rng([config.seed, 6, len(texts)])
+                                                                 .integers(2**31)))
     lead, trail = (int(SAMPLE_RATE * p) for p in pads)
     total = lead + len(clean) + trail
     if total > max_samples:  # too long for the fixed batch shape: draw another
@@ -290,8 +305,12 @@ def generate(config: SpeechSynthConfig, cache_dir: str | Path | None = None) -> 
               for split in ("train", "test")}
   train_voices, test_voices = voice_split(config)
   train_sentences, test_sentences = _sentences(config)
-  out = {"train": _utterances(config, "train", train_sentences, train_voices, config.num_train),
-         "test": _utterances(config, "test", test_sentences, test_voices, config.num_test)}
+  jobs = {"train": (config, "train", train_sentences, train_voices, config.num_train),
+          "test": (config, "test", test_sentences, test_voices, config.num_test)}
+  # a fresh process per split: eSpeak NG's output depends on every call made before in the process
+  with concurrent.futures.ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+    futures = {split: pool.submit(_utterances, *args) for split, args in jobs.items()}
+    out = {split: future.result() for split, future in futures.items()}
   path.parent.mkdir(parents=True, exist_ok=True)
   # a name of this process's own: two runs building the same set at once must not share one file
   tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")

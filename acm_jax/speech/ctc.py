@@ -109,3 +109,43 @@ def error_counts(references: list[str], hypotheses: list[str]) -> dict[str, int]
   count = lambda o: o.substitutions + o.deletions + o.insertions
   return {"word_errors": count(words), "words": words.hits + words.substitutions + words.deletions,
           "char_errors": count(chars), "chars": chars.hits + chars.substitutions + chars.deletions}
+
+
+def utterance_word_errors(references: list[str], hypotheses: list[str]) -> tuple[np.ndarray, np.ndarray]:
+  """Per pair: word edits (substitutions + deletions + insertions) and reference words,
+  read from jiwer's alignment; their sums are `error_counts`' word_errors and words."""
+  import jiwer
+  if not references:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+  errors, words = [], []
+  for chunks in jiwer.process_words(references, hypotheses).alignments:
+    ref = sum(c.ref_end_idx - c.ref_start_idx for c in chunks)
+    inserted = sum(c.hyp_end_idx - c.hyp_start_idx for c in chunks if c.type == "insert")
+    matched = sum(c.ref_end_idx - c.ref_start_idx for c in chunks if c.type == "equal")
+    errors.append(ref - matched + inserted)
+    words.append(ref)
+  return np.array(errors, np.int64), np.array(words, np.int64)
+
+
+def wer_difference(errors_a, errors_b, words, confidence: float = 0.95, resamples: int = 10_000,
+                   seed: int = 0) -> dict[str, float]:
+  """WER(a) - WER(b) of two models on the same utterances, with a paired bootstrap
+  interval over utterances (scipy.stats.bootstrap, percentile method).
+
+  errors_a, errors_b: per-utterance word errors of each model; words: reference words.
+  """
+  import scipy.stats
+  errors_a, errors_b, words = (np.asarray(x, np.float64) for x in (errors_a, errors_b, words))
+  if not errors_a.shape == errors_b.shape == words.shape or errors_a.ndim != 1:
+    raise ValueError(f"need three equal 1-D arrays, got shapes {errors_a.shape}, {errors_b.shape}, {words.shape}")
+  if len(words) < 2 or words.sum() <= 0:
+    raise ValueError("need at least two utterances with reference words")
+
+  def difference(a, b, w, axis=-1):
+    return (a.sum(axis) - b.sum(axis)) / np.maximum(w.sum(axis), 1.0)
+
+  result = scipy.stats.bootstrap((errors_a, errors_b, words), difference, paired=True, vectorized=True,
+                                 n_resamples=resamples, confidence_level=confidence, method="percentile",
+                                 random_state=np.random.default_rng(seed))
+  return {"difference": float(difference(errors_a, errors_b, words)), "low": float(result.confidence_interval.low),
+          "high": float(result.confidence_interval.high), "confidence": confidence, "utterances": len(words)}

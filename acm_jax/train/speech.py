@@ -143,8 +143,10 @@ def error_rates(vocab: ctc.Vocabulary, host: list[tuple[Any, dict]]) -> dict:
     hyps += [h for h, v in zip(ctc.greedy_decode(vocab, out["ids"], out["frames"]), valid) if v]
     refs += [vocab.decode(ids[:n]) for ids, n, v in zip(batch["label"], batch["label_length"], valid) if v]
   counts = ctc.error_counts(refs, hyps)
+  errors, words = ctc.utterance_word_errors(refs, hyps)  # in test-set order: paired comparisons across models
   return {"wer": counts["word_errors"] / max(counts["words"], 1), "cer": counts["char_errors"] / max(counts["chars"], 1),
-          "examples_decoded": len(refs), "example_transcripts": [[r, h] for r, h in zip(refs[:3], hyps[:3])]}
+          "examples_decoded": len(refs), "example_transcripts": [[r, h] for r, h in zip(refs[:3], hyps[:3])],
+          "utterance_word_errors": errors.tolist(), "utterance_words": words.tolist()}
 
 
 def build_speech(config: SpeechConfig) -> phases.Experiment:
