@@ -66,14 +66,19 @@ def _word_edits(ref: str, hyp: str) -> int:  # plain Levenshtein over words, the
   return row[-1]
 
 
+def _per_utterance(refs, hyps):
+  counts = ctc.error_counts(refs, hyps, per_utterance=True)
+  return counts["utterance_word_errors"], counts["utterance_words"]
+
+
 def test_utterance_word_errors_against_levenshtein():
-  errors, words = ctc.utterance_word_errors(["el gato come pan", "hola"], ["el perro come", "hola amigo"])
+  errors, words = _per_utterance(["el gato come pan", "hola"], ["el perro come", "hola amigo"])
   assert errors.tolist() == [2, 1] and words.tolist() == [4, 1]
   rng = np.random.default_rng(0)
   lexicon = ["sol", "luna", "pan", "agua", "casa", "perro"]
   refs = [" ".join(rng.choice(lexicon, rng.integers(1, 6))) for _ in range(200)]
   hyps = [" ".join(rng.choice(lexicon, rng.integers(0, 7))) for _ in range(200)]
-  errors, words = ctc.utterance_word_errors(refs, hyps)
+  errors, words = _per_utterance(refs, hyps)
   assert errors.tolist() == [_word_edits(r, h) for r, h in zip(refs, hyps)]
   assert words.tolist() == [len(r.split()) for r in refs]
   counts = ctc.error_counts(refs, hyps)

@@ -94,37 +94,39 @@ def greedy_decode(vocab: Vocabulary, frame_ids: np.ndarray, lengths: np.ndarray)
   return [vocab.decode(greedy_collapse(ids, n)) for ids, n in zip(frame_ids, lengths)]
 
 
-def error_counts(references: list[str], hypotheses: list[str]) -> dict[str, int]:
+def error_counts(references: list[str], hypotheses: list[str], per_utterance: bool = False) -> dict:
   """Word and character edit counts (substitutions + deletions + insertions) and
-  reference lengths, summed over pairs: WER = word_errors / words."""
+  reference lengths, summed over pairs: WER = word_errors / words. With
+  `per_utterance`, also each pair's word edits and reference words (int arrays)."""
   import jiwer
   if len(references) != len(hypotheses):
     raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
   if any(not r.strip() for r in references):
     raise ValueError("every reference transcript must contain a word")
   if not references:
-    return {"word_errors": 0, "words": 0, "char_errors": 0, "chars": 0}
+    out = {"word_errors": 0, "words": 0, "char_errors": 0, "chars": 0}
+    empty = np.zeros(0, np.int64)
+    return out | ({"utterance_word_errors": empty, "utterance_words": empty} if per_utterance else {})
   words = jiwer.process_words(references, hypotheses)
   chars = jiwer.process_characters(references, hypotheses)
   count = lambda o: o.substitutions + o.deletions + o.insertions
-  return {"word_errors": count(words), "words": words.hits + words.substitutions + words.deletions,
-          "char_errors": count(chars), "chars": chars.hits + chars.substitutions + chars.deletions}
+  out = {"word_errors": count(words), "words": words.hits + words.substitutions + words.deletions,
+         "char_errors": count(chars), "chars": chars.hits + chars.substitutions + chars.deletions}
+  if per_utterance:
+    out["utterance_word_errors"], out["utterance_words"] = _pair_edits(words.alignments)
+  return out
 
 
-def utterance_word_errors(references: list[str], hypotheses: list[str]) -> tuple[np.ndarray, np.ndarray]:
-  """Per pair: word edits (substitutions + deletions + insertions) and reference words,
-  read from jiwer's alignment; their sums are `error_counts`' word_errors and words."""
-  import jiwer
-  if not references:
-    return np.zeros(0, np.int64), np.zeros(0, np.int64)
-  errors, words = [], []
-  for chunks in jiwer.process_words(references, hypotheses).alignments:
+def _pair_edits(alignments) -> tuple[np.ndarray, np.ndarray]:
+  """Edits and reference tokens per pair, from jiwer's alignment chunks."""
+  errors, lengths = [], []
+  for chunks in alignments:
     ref = sum(c.ref_end_idx - c.ref_start_idx for c in chunks)
     inserted = sum(c.hyp_end_idx - c.hyp_start_idx for c in chunks if c.type == "insert")
     matched = sum(c.ref_end_idx - c.ref_start_idx for c in chunks if c.type == "equal")
     errors.append(ref - matched + inserted)
-    words.append(ref)
-  return np.array(errors, np.int64), np.array(words, np.int64)
+    lengths.append(ref)
+  return np.array(errors, np.int64), np.array(lengths, np.int64)
 
 
 def wer_difference(errors_a, errors_b, words, confidence: float = 0.95, resamples: int = 10_000,

@@ -17,7 +17,7 @@ import numpy as np
 
 from acm_jax import acm as acm_lib
 from acm_jax import flops as flops_lib
-from acm_jax.data import speech as speech_data
+from acm_jax.data import speech as speech_data, speech_synth
 from acm_jax.models import wav2vec2
 from acm_jax.speech import ctc
 from acm_jax.speech import flops as speech_flops
@@ -59,10 +59,10 @@ class SpeechConfig(ExperimentConfig):
     if not 0.05 <= self.synth_max_pad_seconds < self.max_audio_seconds / 2:
       raise ValueError(f"--synth_max_pad_seconds must be in [0.05, max_audio_seconds / 2), "
                        f"got {self.synth_max_pad_seconds}")
-    if not -20.0 <= self.synth_min_snr_db < speech_synth_max_snr():
-      raise ValueError(f"--synth_min_snr_db must be in [-20, {speech_synth_max_snr():g}), got {self.synth_min_snr_db}")
+    max_snr = speech_synth.SpeechSynthConfig.snr_db[1]
+    if not -20.0 <= self.synth_min_snr_db < max_snr:
+      raise ValueError(f"--synth_min_snr_db must be in [-20, {max_snr:g}), got {self.synth_min_snr_db}")
     if self.dataset == "speech_synth":
-      from acm_jax.data import speech_synth
       available = len(speech_synth.WORDS.get(self.language, ()))
       if available and not 1 <= self.synth_words <= available:
         raise ValueError(f"--synth_words must be in 1..{available} for --language={self.language}, "
@@ -72,18 +72,12 @@ class SpeechConfig(ExperimentConfig):
     return self
 
 
-def speech_synth_max_snr() -> float:
-  from acm_jax.data import speech_synth
-  return speech_synth.SpeechSynthConfig.snr_db[1]
-
-
-def synth_config(config: SpeechConfig):
+def synth_config(config: SpeechConfig) -> speech_synth.SpeechSynthConfig:
   """The `speech_synth.SpeechSynthConfig` that the --synth_* flags describe."""
-  from acm_jax.data import speech_synth
   return speech_synth.SpeechSynthConfig(language=config.language, num_train=config.synth_train_utterances,
                                         num_test=config.synth_test_utterances, num_words=config.synth_words,
                                         pad_seconds=(0.05, config.synth_max_pad_seconds),
-                                        snr_db=(config.synth_min_snr_db, speech_synth_max_snr()),
+                                        snr_db=(config.synth_min_snr_db, speech_synth.SpeechSynthConfig.snr_db[1]),
                                         max_seconds=config.max_audio_seconds, seed=config.seed)
 
 
@@ -142,11 +136,11 @@ def error_rates(vocab: ctc.Vocabulary, host: list[tuple[Any, dict]]) -> dict:
     valid = batch.get("valid", np.ones(len(batch["label"]), bool))
     hyps += [h for h, v in zip(ctc.greedy_decode(vocab, out["ids"], out["frames"]), valid) if v]
     refs += [vocab.decode(ids[:n]) for ids, n, v in zip(batch["label"], batch["label_length"], valid) if v]
-  counts = ctc.error_counts(refs, hyps)
-  errors, words = ctc.utterance_word_errors(refs, hyps)  # in test-set order: paired comparisons across models
+  counts = ctc.error_counts(refs, hyps, per_utterance=True)  # in test-set order: paired comparisons across models
   return {"wer": counts["word_errors"] / max(counts["words"], 1), "cer": counts["char_errors"] / max(counts["chars"], 1),
           "examples_decoded": len(refs), "example_transcripts": [[r, h] for r, h in zip(refs[:3], hyps[:3])],
-          "utterance_word_errors": errors.tolist(), "utterance_words": words.tolist()}
+          "utterance_word_errors": counts["utterance_word_errors"].tolist(),
+          "utterance_words": counts["utterance_words"].tolist()}
 
 
 def build_speech(config: SpeechConfig) -> phases.Experiment:
