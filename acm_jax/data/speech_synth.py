@@ -187,7 +187,8 @@ class ESpeak:
     self.reset()
 
   def reset(self) -> None:
-    """A fresh library state, so that a data set never depends on what was synthesised before."""
+    """Terminates and re-initialises the library: voices and parameters reset, but not all of its
+    state (see the module docstring; `generate` runs each split in a fresh process for that)."""
     with self._lock:
       if getattr(self, "rate", None) is not None:
         self.lib.espeak_Terminate()
