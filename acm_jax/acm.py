@@ -17,14 +17,16 @@ Everything here is a pure function of arrays and parameter dicts; `ACM` and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Params = Mapping[str, jax.Array]
 
@@ -164,7 +166,9 @@ class ACM(nn.Module):
 
   Modes (`mode` argument of __call__):
     "full":   k = N for every token (equals the replaced block after `acmize`).
-    "fixed":  k = `fixed_k` for every token (the static-width baseline).
+    "fixed":  k = `fixed_k` for every token (the static-width baseline), or
+              per token when `fixed_k` is an int array broadcastable to
+              x.shape[:-1] (see `force_k`).
     "argmax": the gate's argmax (inference).
     "gumbel": hard straight-through Gumbel-Softmax (training; rng "gumbel").
   The chosen one-hot choices (batch, tokens, N+1) are sown into the "acm"
@@ -208,9 +212,7 @@ class ACM(nn.Module):
     if mode == "full":
       k = jnp.full(x.shape[:-1], n, jnp.int32)
     elif mode == "fixed":
-      if fixed_k is None or not 0 <= fixed_k <= n:
-        raise ValueError(f"mode='fixed' needs fixed_k in 0..{n}, got {fixed_k}")
-      k = jnp.full(x.shape[:-1], fixed_k, jnp.int32)
+      k = _fixed_choices(fixed_k, n, x.shape[:-1])
     elif mode == "argmax":
       k = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
@@ -220,6 +222,45 @@ class ACM(nn.Module):
       return acm_apply(params, x, k, **kwargs)
     from acm_jax import inference  # the kernel path imports Pallas lazily
     return inference.acm_apply_sorted_per_shard(params, x, k, impl=self.impl, **kwargs)
+
+
+def _fixed_choices(fixed_k: int | jax.Array | None, num_learners: int, shape: tuple[int, ...]) -> jax.Array:
+  """`fixed_k` (an int, or int array broadcastable to `shape`) as (shape) int32 choices.
+  Values are checked where they are concrete; a traced map is the caller's to keep in 0..N."""
+  if fixed_k is None:
+    raise ValueError(f"mode='fixed' needs fixed_k in 0..{num_learners}, got None")
+  if not isinstance(fixed_k, jax.core.Tracer):  # concrete: checked on the host
+    concrete = np.asarray(fixed_k)
+    if not np.issubdtype(concrete.dtype, np.integer):
+      raise ValueError(f"fixed_k must be integer, got dtype {concrete.dtype}")
+    if concrete.size and (concrete.min() < 0 or concrete.max() > num_learners):
+      raise ValueError(f"mode='fixed' needs fixed_k in 0..{num_learners}, got values {concrete.min()}..{concrete.max()}")
+  k = jnp.asarray(fixed_k)
+  if not jnp.issubdtype(k.dtype, jnp.integer):
+    raise ValueError(f"fixed_k must be integer, got dtype {k.dtype}")
+  try:
+    return jnp.broadcast_to(k, shape).astype(jnp.int32)
+  except ValueError:
+    raise ValueError(f"fixed_k of shape {k.shape} does not broadcast to the tokens' shape {shape}") from None
+
+
+@contextlib.contextmanager
+def force_k(k: int | jax.Array) -> Iterator[None]:
+  """Within the context every `ACM` runs with the given choices instead of its gate.
+
+  k: an int, or an int array broadcastable to each ACM's token shape (e.g.
+  (batch, tokens)), values in 0..N. The calls keep their other arguments and sow
+  their choices as usual, so a model's eval statistics (k histograms, compute)
+  describe the forced allocation. For analysis, e.g. "the same learners with k
+  from a voice-activity oracle": a model's own `__call__` needs no change.
+  """
+  def intercept(next_fun, args, kwargs, context):
+    if isinstance(context.module, ACM) and context.method_name == "__call__":
+      kwargs = {**kwargs, "mode": "fixed", "fixed_k": k}
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(intercept):
+    yield
 
 
 @dataclasses.dataclass(frozen=True)

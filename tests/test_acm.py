@@ -123,6 +123,41 @@ def test_module_modes_and_min_choice():
     module.apply(variables, x, mode="sometimes", mutable=["acm"])
 
 
+def test_per_token_fixed_k_and_force_k():
+  """mode="fixed" with a (batch, tokens) map against the float64 reference; `force_k` given the
+  gates' own argmax choices reproduces the argmax path; bad maps are refused by name."""
+  module = acm.ACM(D, N, H, impl="xla")
+  x = jax.random.normal(jax.random.key(6), (3, 7, D))
+  variables = module.init(jax.random.key(7), x)
+  variables = {"params": {**variables["params"], **random_params(8)}}
+  params = {name: v for name, v in variables["params"].items() if name != "gate"}
+  k = np.asarray(jax.random.randint(jax.random.key(9), (3, 7), 0, N + 1))
+  out, state = module.apply(variables, x, mode="fixed", fixed_k=k, mutable=["acm"])
+  np.testing.assert_allclose(out, reference(params, x, k), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.argmax(state["acm"]["choice"][0], -1), k)
+  row = module.apply(variables, x, mode="fixed", fixed_k=k[:1, :])  # broadcasts over the batch
+  np.testing.assert_allclose(row, reference(params, x, np.broadcast_to(k[:1], k.shape)), rtol=1e-5, atol=1e-5)
+
+  gated, state = module.apply(variables, x, mode="argmax", mutable=["acm"])
+  chosen = np.argmax(state["acm"]["choice"][0], -1)
+  assert len(np.unique(chosen)) > 1  # the check below would be weak on a constant map
+  with acm.force_k(chosen):
+    forced, forced_state = jax.jit(lambda v, x: module.apply(v, x, mode="argmax", mutable=["acm"]))(variables, x)
+  np.testing.assert_allclose(forced, gated, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(forced_state["acm"]["choice"][0], state["acm"]["choice"][0])
+  with acm.force_k(N - k):  # outside the context the gates decide again
+    other = module.apply(variables, x)
+  np.testing.assert_allclose(module.apply(variables, x), gated, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(other, reference(params, x, N - k), rtol=1e-5, atol=1e-5)
+
+  with pytest.raises(ValueError, match=r"fixed_k in 0..4, got values 1..5"):
+    module.apply(variables, x, mode="fixed", fixed_k=k + 1)
+  with pytest.raises(ValueError, match=r"does not broadcast to the tokens' shape \(3, 7\)"):
+    module.apply(variables, x, mode="fixed", fixed_k=k[:, :2])
+  with pytest.raises(ValueError, match="must be integer"):
+    module.apply(variables, x, mode="fixed", fixed_k=k.astype(np.float32))
+
+
 def test_config_widths_and_bad_values():
   cfg = acm.ACMConfig(num_learners=4)
   assert cfg.mlp_learner_width(3072) == 768

@@ -33,6 +33,37 @@ def test_every_phase_and_eval_fields(tmp_path, capsys):
   assert static["gflops_per_second_of_audio"] < dense["gflops_per_second_of_audio"]
   assert 0.0 <= dense["wer"] and dense["examples"] == 8
 
+  # the allocation benchmark on the finished run: its gate row is the eval phase's ACM
+  from benchmarks import speech_allocation
+  assert speech_allocation.main([f"--workdir={tmp_path}", f"--results_dir={tmp_path / 'bench'}", *FLAGS]) == 0
+  rows = {r["name"]: r for r in json.loads((tmp_path / "bench" / "results" / "speech_allocation.json").read_text())["rows"]}
+  assert rows["gates"]["wer"] == acm["wer"] and rows["gates"]["compute_fraction"] == acm["compute_fraction"]
+  assert rows["static"]["wer"] == static["wer"]
+  assert rows["full"]["compute_fraction"] == 1.0 and rows["fixed 2/4"]["compute_fraction"] == 0.5
+  for other in (0, 1):
+    oracle = rows[f"vad oracle, other={other}"]
+    assert oracle["mean_k_silence"] == other and "minus_gates_wer" in oracle
+    if oracle["mean_k_speech"] < 4:  # not capped at N: the gates' compute
+      assert abs(oracle["compute_fraction"] - acm["compute_fraction"]) < 0.03
+  assert "| vad oracle, other=1 |" in (tmp_path / "bench" / "RESULTS.md").read_text()
+
+
+def test_group_allocation_spends_the_mean_k():
+  import jax.numpy as jnp
+  import numpy as np
+
+  from benchmarks.speech_allocation import group_allocation
+  rng = np.random.default_rng(3)
+  real = np.arange(300)[None] < rng.integers(100, 300, size=(6, 1))
+  inside = rng.random((6, 300)) < 0.6
+  for mean_k, other in [(2.0, 1), (1.3, 0), (3.9, 1)]:
+    k = np.asarray(group_allocation(jnp.asarray(inside), jnp.asarray(real), mean_k, other, 4))
+    assert np.all(k[~real] == 0) and np.all(k[real & ~inside] == other) and k.min() >= 0 and k.max() <= 4
+    share = (inside & real).sum() / real.sum()
+    expected_inside = min((mean_k - (1 - share) * other) / share, 4)
+    assert abs(k[inside & real].mean() - expected_inside) < 0.01  # a low-discrepancy pattern, not a random draw
+    assert set(np.unique(k[inside & real])) <= {int(np.floor(expected_inside)), int(np.ceil(expected_inside))}
+
 
 def test_bad_input(tmp_path, capsys):
   assert wav2vec2_commonvoice.main([f"--workdir={tmp_path}", "--language=tlh", *FLAGS]) == 2

@@ -294,11 +294,13 @@ def _eval_batches(exp: Experiment, with_masks: bool):
 
 
 def evaluate(exp: Experiment, params: PyTree, model: str, mode: str, fixed_k: int | None = None,
-             cost_shift: float = 0.0) -> dict:
-  """Top-1, GFLOPs/image, mean k and share of each k per ACM on the test split."""
+             cost_shift: float = 0.0, forced_k: Callable[[dict], jax.Array] | None = None) -> dict:
+  """Top-1, GFLOPs/image, mean k and share of each k per ACM on the test split.
+  `forced_k(batch)` -> per-token k overrides the gates (see `steps.eval_step`)."""
   parts = exp.partitioner
   params = parts.put(params)
-  step = parts.jit(functools.partial(steps.eval_step, exp.task, mode, fixed_k, cost_shift=cost_shift),
+  step = parts.jit(functools.partial(steps.eval_step, exp.task, mode, fixed_k, cost_shift=cost_shift,
+                                     forced_k=forced_k),
                    (parts.shardings(params), parts.batch_sharding()), parts.replicated)
   totals, host = None, []
   for batch in _eval_batches(exp, with_masks=exp.group_masks):

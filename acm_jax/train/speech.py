@@ -185,9 +185,9 @@ def build_speech(config: SpeechConfig) -> phases.Experiment:
                            host_metrics=host_metrics, load_init=load_init)
 
 
-def evaluate(exp: phases.Experiment, params, model: str, mode: str, fixed_k: int | None = None) -> dict:
-  """`phases.evaluate` with speech units: GFLOPs per second of audio, WER, CER."""
-  record = phases.evaluate(exp, params, model, mode, fixed_k)
+def evaluate(exp: phases.Experiment, params, model: str, mode: str, fixed_k: int | None = None, **kwargs) -> dict:
+  """`phases.evaluate` (and its keyword arguments) with speech units: GFLOPs per second of audio, WER, CER."""
+  record = phases.evaluate(exp, params, model, mode, fixed_k, **kwargs)
   record["gflops_per_second_of_audio"] = record.pop("gflops_per_image")
   if "gate_gflops_per_image" in record:
     record["gate_gflops_per_second_of_audio"] = record.pop("gate_gflops_per_image")

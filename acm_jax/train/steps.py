@@ -7,6 +7,7 @@ share every step, the loop and the phases.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable
 
@@ -206,16 +207,18 @@ def static_step(task: Task, tx: optax.GradientTransformation, fixed_k: int, labe
 
 
 def eval_step(task: Task, mode: str, fixed_k: int | None, params: PyTree, batch: dict,
-              cost_shift: float = 0.0) -> dict:
+              cost_shift: float = 0.0, forced_k: Callable[[dict], jax.Array] | None = None) -> dict:
   """Sums over one batch: task scores, and per ACM a histogram of k (N+1,) and,
   for each token group, the sum of k and the token count. `cost_shift` moves the
-  gates toward less compute (see `acm.ACM`), e.g. as calibrated to a budget."""
+  gates toward less compute (see `acm.ACM`), e.g. as calibrated to a budget.
+  `forced_k(batch)`, when given, sets every ACM's per-token k (see `acm.force_k`)."""
   keep = (lambda outputs: {"host": task.host_outputs(outputs, batch)}) if task.host_outputs else lambda _: {}
   if mode == "dense":
     outputs = task.dense_model.apply({"params": params}, task.inputs(batch))
     return {"scores": task.score(outputs, batch), **keep(outputs)}
-  outputs, aux = task.acm_model.apply({"params": params}, task.inputs(batch), mode=mode,
-                                      fixed_k=fixed_k, cost_shift=cost_shift, mutable=["acm"])
+  with acm_lib.force_k(forced_k(batch)) if forced_k is not None else contextlib.nullcontext():
+    outputs, aux = task.acm_model.apply({"params": params}, task.inputs(batch), mode=mode,
+                                        fixed_k=fixed_k, cost_shift=cost_shift, mutable=["acm"])
   choices = acm_choices(task, aux)
   valid = batch.get("valid")
   out = {"scores": task.score(outputs, batch), "k_hist": {}, "groups": {}, **keep(outputs)}
