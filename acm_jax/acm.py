@@ -229,15 +229,15 @@ def _fixed_choices(fixed_k: int | jax.Array | None, num_learners: int, shape: tu
   Values are checked where they are concrete; a traced map is the caller's to keep in 0..N."""
   if fixed_k is None:
     raise ValueError(f"mode='fixed' needs fixed_k in 0..{num_learners}, got None")
-  if not isinstance(fixed_k, jax.core.Tracer):  # concrete: checked on the host
-    concrete = np.asarray(fixed_k)
-    if not np.issubdtype(concrete.dtype, np.integer):
-      raise ValueError(f"fixed_k must be integer, got dtype {concrete.dtype}")
-    if concrete.size and (concrete.min() < 0 or concrete.max() > num_learners):
-      raise ValueError(f"mode='fixed' needs fixed_k in 0..{num_learners}, got values {concrete.min()}..{concrete.max()}")
   k = jnp.asarray(fixed_k)
   if not jnp.issubdtype(k.dtype, jnp.integer):
     raise ValueError(f"fixed_k must be integer, got dtype {k.dtype}")
+  try:
+    concrete = np.asarray(fixed_k)
+  except jax.errors.TracerArrayConversionError:
+    concrete = None  # traced: not checkable here
+  if concrete is not None and concrete.size and (concrete.min() < 0 or concrete.max() > num_learners):
+    raise ValueError(f"mode='fixed' needs fixed_k in 0..{num_learners}, got values {concrete.min()}..{concrete.max()}")
   try:
     return jnp.broadcast_to(k, shape).astype(jnp.int32)
   except ValueError:
