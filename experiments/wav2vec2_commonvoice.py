@@ -72,6 +72,12 @@ def evaluate_models(exp: phases.Experiment, models: list[str]) -> list[dict]:
   return records
 
 
+def warn_if_untrained(dense_record: dict, cfg: speech.SpeechConfig) -> None:
+  message = speech.untrained_warning(dense_record, cfg)
+  if message and phases.loop.is_main_process():
+    print(message, file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace, cfg: speech.SpeechConfig) -> list[dict]:
   exp = speech.build_speech(cfg)  # validates config, checkpoint and data before any work
   if args.eval_models is not None:
@@ -83,15 +89,20 @@ def run(args: argparse.Namespace, cfg: speech.SpeechConfig) -> list[dict]:
   if args.phase == "all":
     if cfg.init is None:
       phases.pretrain(exp)
+    records = evaluate_models(exp, ["dense"])  # first: a model that has not learned is worth a warning now
+    warn_if_untrained(records[0], cfg)
     for phase in (phases.distill, phases.gates, phases.finetune, phases.static):
       phase(exp)
-    records = evaluate_models(exp, ["dense", "acm", "static"])
+    records += evaluate_models(exp, ["acm", "static"])
   elif args.phase == "eval":
     models = args.eval_models.split(",") if args.eval_models else vit_imagenet.finished_models(exp)
     if not models:
       raise FileNotFoundError(f"nothing to evaluate in {exp.workdir}: no finished pretrain, finetune or "
                               "static run (and no --init)")
     records = evaluate_models(exp, models)
+    for record in records:
+      if record["model"] == "dense":
+        warn_if_untrained(record, cfg)
   else:
     if args.phase == "pretrain" and cfg.init is not None:
       raise ValueError("--phase=pretrain trains a dense model from scratch; drop --init or start at distill")

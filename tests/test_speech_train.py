@@ -23,7 +23,8 @@ def micro_preset(monkeypatch, tmp_path_factory):
 
 def test_every_phase_and_eval_fields(tmp_path, capsys):
   assert wav2vec2_commonvoice.main([f"--workdir={tmp_path}", "--phase=all", *FLAGS]) == 0
-  assert "acm_b0.50" in capsys.readouterr().out
+  out, err = capsys.readouterr()
+  assert "acm_b0.50" in out
   acm = json.loads((tmp_path / "finetune_b0.50" / "eval.json").read_text())
   for key in ("model", "wer", "cer", "gflops_per_second_of_audio", "mean_k_per_layer", "k_share_per_layer"):
     assert key in acm
@@ -32,6 +33,8 @@ def test_every_phase_and_eval_fields(tmp_path, capsys):
   static = json.loads((tmp_path / "static_k2" / "eval.json").read_text())
   assert static["gflops_per_second_of_audio"] < dense["gflops_per_second_of_audio"]
   assert 0.0 <= dense["wer"] and dense["examples"] == 8
+  # two pretraining steps: whether the run warned follows the dense model's own WER
+  assert ("has not learned to transcribe" in err) == (dense["wer"] >= 0.9)
 
   # the allocation benchmark on the finished run: its gate row is the eval phase's ACM
   from benchmarks import speech_allocation
@@ -46,6 +49,17 @@ def test_every_phase_and_eval_fields(tmp_path, capsys):
     if oracle["mean_k_speech"] < 4:  # not capped at N: the gates' compute
       assert abs(oracle["compute_fraction"] - acm["compute_fraction"]) < 0.03
   assert "| vad oracle, other=1 |" in (tmp_path / "bench" / "RESULTS.md").read_text()
+
+
+def test_untrained_dense_model_warning():
+  from acm_jax.train import speech
+  cfg = speech.SpeechConfig(pretrain_steps=1500, seed=4)
+  message = speech.untrained_warning({"wer": 1.0738}, cfg)
+  assert message.startswith("warning: the dense model's test WER is 107.4% after 1500 pretraining steps (--seed=4)")
+  assert "--pretrain_lr=0.004" in message
+  assert speech.untrained_warning({"wer": 0.0869}, cfg) is None
+  assert speech.untrained_warning({"wer": 0.8999}, cfg) is None
+  assert "after --init=/ckpt" in speech.untrained_warning({"wer": 0.95}, speech.SpeechConfig(init="/ckpt"))
 
 
 def test_group_allocation_spends_the_mean_k():

@@ -185,6 +185,21 @@ def build_speech(config: SpeechConfig) -> phases.Experiment:
                            host_metrics=host_metrics, load_init=load_init)
 
 
+UNTRAINED_WER = 0.9
+
+
+def untrained_warning(dense_record: dict, config: SpeechConfig) -> str | None:
+  """A warning when the dense model has not learned to transcribe (test WER >= 90%), None otherwise.
+  From scratch, CTC pretraining can stay on the plateau where the model emits (almost) only blanks:
+  3 of the 8 seeds 0-7 of the embedded default do at 1,500 steps (benchmarks/RESULTS.md)."""
+  if dense_record["wer"] < UNTRAINED_WER:
+    return None
+  source = f"--init={config.init}" if config.init else f"{config.pretrain_steps} pretraining steps (--seed={config.seed})"
+  return (f"warning: the dense model's test WER is {100 * dense_record['wer']:.1f}% after {source}: it has not "
+          "learned to transcribe (likely the CTC blank plateau), and the ACM phases would distil that. Pretrain "
+          "longer (--pretrain_steps), or try another --seed or --pretrain_lr=0.004.")
+
+
 def evaluate(exp: phases.Experiment, params, model: str, mode: str, fixed_k: int | None = None, **kwargs) -> dict:
   """`phases.evaluate` (and its keyword arguments) with speech units: GFLOPs per second of audio, WER, CER."""
   record = phases.evaluate(exp, params, model, mode, fixed_k, **kwargs)
