@@ -18,6 +18,7 @@ Everything here is a pure function of arrays and parameter dicts; `ACM` and
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 from typing import Callable, Iterator, Mapping
@@ -38,6 +39,15 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 GRAD_MODES = ("detach", "no_detach")
+# internal ACM mode: return the parameters the fused kernels take instead of an output, so
+# that a caller can run several ACMs that read the same input in one group (`transformer.Attention`)
+GROUP_INPUTS = "group_inputs"
+_forcing = contextvars.ContextVar("acm_force_k", default=False)
+
+
+def forcing() -> bool:
+  """True inside `force_k` (grouped kernel calls must then not bypass the forced k)."""
+  return _forcing.get()
 
 
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -169,7 +179,10 @@ class ACM(nn.Module):
     "fixed":  k = `fixed_k` for every token (the static-width baseline), or
               per token when `fixed_k` is an int array broadcastable to
               x.shape[:-1] (see `force_k`).
-    "argmax": the gate's argmax (inference).
+    "argmax": the gate's argmax (inference). With impl "pallas" (or "auto" on a
+              GPU) gate, argmax, token sort and learners run in the fused
+              kernels of `pallas_kernels.acm_fused`; "triton" runs the XLA gate
+              and sort and the jax-triton learner kernel; "xla" masks a dense pass.
     "gumbel": hard straight-through Gumbel-Softmax (training; rng "gumbel").
   The chosen one-hot choices (batch, tokens, N+1) are sown into the "acm"
   collection as "choice", and the gate logits as "logits", when mutable.
@@ -199,12 +212,28 @@ class ACM(nn.Module):
     if self.output_bias:
       params["b2"] = self.param("b2", nn.initializers.zeros, (n + 1, self.dim))
     params = {name: value.astype(x.dtype) for name, value in params.items()}
-    logits = Gate(n + 1, self.gate_depth, self.gate_hidden, name="gate")(x)
+    gate = Gate(n + 1, self.gate_depth, self.gate_hidden, name="gate")
+    raw_logits = gate(x)  # unused (and removed by XLA) where the fused kernel computes the gate itself
     relative_cost = jnp.arange(n + 1, dtype=jnp.float32) * (width / self.dim)
-    logits = mask_choices(logits.astype(jnp.float32) - cost_shift * relative_cost, self.min_choice)
+    logits = mask_choices(raw_logits.astype(jnp.float32) - cost_shift * relative_cost, self.min_choice)
     self.sow("acm", "logits", logits)
     kwargs = dict(num_learners=n, activation=self.activation)
 
+    if mode == GROUP_INPUTS or (mode == "argmax" and self.fused()):
+      # the gate, the choice and the learners in the fused kernels (`inference.acm_group_apply`)
+      spec = dict(params)
+      if self.gate_depth == 1:
+        gate_params = gate.variables["params"]["out"]
+        spec["gate"] = (gate_params["kernel"], gate_params["bias"])
+      else:
+        spec["logits"] = raw_logits
+      if mode == GROUP_INPUTS:
+        return spec
+      from acm_jax import inference  # the kernel path imports Pallas lazily
+      (out,), k = inference.acm_group_apply(x, [spec], min_choice=self.min_choice, cost_shift=cost_shift,
+                                            impl="pallas", **kwargs)
+      self.sow("acm", "choice", jax.nn.one_hot(k[0], n + 1, dtype=jnp.float32))
+      return out
     if mode == "gumbel":
       choice = gumbel_softmax_st(self.make_rng("gumbel"), logits, temperature)
       self.sow("acm", "choice", choice)
@@ -222,6 +251,15 @@ class ACM(nn.Module):
       return acm_apply(params, x, k, **kwargs)
     from acm_jax import inference  # the kernel path imports Pallas lazily
     return inference.acm_apply_sorted_per_shard(params, x, k, impl=self.impl, **kwargs)
+
+  def fused(self) -> bool:
+    return fused_impl(self.impl)
+
+
+def fused_impl(impl: str) -> bool:
+  """Whether an ACM of this impl runs mode "argmax" on the fused Pallas path (gate inside
+  the kernels): impl "pallas", or "auto" on a GPU."""
+  return impl == "pallas" or (impl == "auto" and jax.default_backend() == "gpu")
 
 
 def _fixed_choices(fixed_k: int | jax.Array | None, num_learners: int, shape: tuple[int, ...]) -> jax.Array:
@@ -249,18 +287,29 @@ def force_k(k: int | jax.Array) -> Iterator[None]:
   """Within the context every `ACM` runs with the given choices instead of its gate.
 
   k: an int, or an int array broadcastable to each ACM's token shape (e.g.
-  (batch, tokens)), values in 0..N. The calls keep their other arguments and sow
+  (batch, tokens)), values in 0..N; or a mapping from each ACM's '/'-joined module
+  path (e.g. "block_0/mlp", as the keys of the sown "acm" collection) to its own. The calls keep their other arguments and sow
   their choices as usual, so a model's eval statistics (k histograms, compute)
   describe the forced allocation. For analysis, e.g. "the same learners with k
   from a voice-activity oracle": a model's own `__call__` needs no change.
   """
   def intercept(next_fun, args, kwargs, context):
     if isinstance(context.module, ACM) and context.method_name == "__call__":
-      kwargs = {**kwargs, "mode": "fixed", "fixed_k": k}
+      chosen = k
+      if isinstance(k, Mapping):
+        path = "/".join(context.module.scope.path)
+        if path not in k:
+          raise KeyError(f"force_k got no choices for the ACM {path!r}; it has {sorted(k)[:8]}")
+        chosen = k[path]
+      kwargs = {**kwargs, "mode": "fixed", "fixed_k": chosen}
     return next_fun(*args, **kwargs)
 
-  with nn.intercept_methods(intercept):
-    yield
+  token = _forcing.set(True)
+  try:
+    with nn.intercept_methods(intercept):
+      yield
+  finally:
+    _forcing.reset(token)
 
 
 @dataclasses.dataclass(frozen=True)

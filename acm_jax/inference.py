@@ -54,6 +54,51 @@ def acm_apply_sorted(params: acm.Params, x: jax.Array, k: jax.Array, *, num_lear
   return out.reshape(*lead_shape, dim)
 
 
+def acm_group_apply(x: jax.Array, groups: list[dict], *, num_learners: int, activation: str = "gelu",
+                    min_choice: int = 0, cost_shift: float | jax.Array = 0.0, impl: str = "auto",
+                    **kernel_kwargs) -> tuple[tuple[jax.Array, ...], jax.Array]:
+  """G ACMs reading the same x (..., d), gate included: (G outputs (..., d), k (G, ...)).
+
+  groups: dicts of `pallas_kernels.acm_fused.acm_group` (learner parameters in
+  x.dtype plus gate = (kernel, bias) or logits (..., N+1)). impl "pallas" runs the
+  fused kernels; "xla" the reference semantics (`acm.acm_apply` at the argmax).
+  Every device works on its own batch shard under a batch-splitting mesh.
+  """
+  impl = resolve_impl(impl)
+  if impl not in ("pallas", "xla"):
+    raise ValueError(f"acm_group_apply runs impl 'pallas' or 'xla', got {impl!r}")
+  if x.ndim < 2 or x.size == 0:
+    raise ValueError(f"x must be (..., d) with at least one token, got shape {x.shape}")
+  kwargs = dict(num_learners=num_learners, activation=activation, min_choice=min_choice)
+
+  def local(x, cost_shift, groups):
+    lead, dim = x.shape[:-1], x.shape[-1]
+    flat = [{**g, "logits": g["logits"].reshape(-1, num_learners + 1)} if "logits" in g else g for g in groups]
+    if impl == "xla":
+      from pallas_kernels.acm_fused import gate_logits_reference
+      ks, outs = [], []
+      for g in flat:
+        logits = gate_logits_reference(x.reshape(-1, dim), g, num_learners=num_learners, min_choice=min_choice,
+                                       cost_shift=cost_shift)
+        k = jnp.argmax(logits, -1)
+        outs.append(acm.acm_apply(g, x.reshape(-1, dim), k, num_learners=num_learners, activation=activation))
+        ks.append(k)
+      outs, k = tuple(outs), jnp.stack(ks)
+    else:
+      from pallas_kernels.acm_fused import acm_group
+      outs, k = acm_group(x.reshape(-1, dim), flat, cost_shift=cost_shift, **kwargs, **kernel_kwargs)
+    return tuple(o.reshape(*lead, dim) for o in outs), k.reshape(len(groups), *lead).astype(jnp.int32)
+
+  axes = sharding.current_batch_axes()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return local(x, cost_shift, groups)
+  rows = P(axes)
+  group_specs = [{name: rows if name == "logits" else P() for name in g} for g in groups]
+  return jax.shard_map(local, in_specs=(rows, P(), group_specs), out_specs=((rows,) * len(groups), P(None, axes)),
+                       check_vma=False)(x, jnp.asarray(cost_shift, jnp.float32), groups)
+
+
 def acm_apply_sorted_per_shard(params: acm.Params, x: jax.Array, k: jax.Array, **kwargs) -> jax.Array:
   """`acm_apply_sorted` run by every device on its own batch shard when the
   current mesh (`jax.set_mesh`, as `sharding.Partitioner.jit` sets) splits the

@@ -193,6 +193,15 @@ def overhead_unfused(x, wg, bg, y):
   return x[order], y[jnp.argsort(order)]
 
 
+def fused_e2e(x, wg, bg, w1, b1, w2, bias, *, n):
+  """Gate, sort and learners in the fused kernels (`pallas_kernels.acm_fused`, the path
+  `acm.ACM` runs): the cumulative bias table goes back to per-choice increments."""
+  from pallas_kernels.acm_fused import acm_group
+  b2 = jnp.concatenate([bias[:1], jnp.diff(bias, axis=0)])
+  (out,), _ = acm_group(x, [dict(w1=w1, b1=b1, w2=w2, b2=b2, gate=(wg, bg))], num_learners=n)
+  return out
+
+
 def kernel_impls():
   impls = {"pallas": pk.acm_mlp}
   try:
@@ -364,6 +373,7 @@ def bench(impls, configs, shapes, tokens_list, ratios):
       jitted[name] = kernel
       jitted[f"{name}_e2e"] = e2e
       jitted[f"{name}_unsorted"] = jax.jit(lambda x, kk, *w, kernel=kernel: kernel(x, kk, *w, order=pk.sort_order(kk, n)))
+    jitted["fused_e2e"] = functools.partial(fused_e2e, n=n)
     for tokens in tokens_list:
       sets = 8
       for r in ratios:
@@ -395,6 +405,7 @@ def bench(impls, configs, shapes, tokens_list, ratios):
         for name in impls:
           routes[name] = (jitted[name], sorted_args)
           routes[f"{name}_e2e"] = (jitted[f"{name}_e2e"], full_gate)
+        routes["fused_e2e"] = (jitted["fused_e2e"], full_gate)
         for impl, (fn, arg_sets) in routes.items():
           try:
             ms = time_fn(fn, arg_sets)
@@ -409,6 +420,8 @@ def bench(impls, configs, shapes, tokens_list, ratios):
           out = jitted[f"{name}_unsorted"](p["x"], k, p["w1"], p["b1"], p["w2"], p["bias"])
           err = rel_err(out, ref)
           log(f"{shape} T={tokens} r={r} {name} unsorted rel_err {err:.2e}" + ("" if err < 2e-2 else "  BAD"))
+        fused_err = rel_err(jax.jit(jitted["fused_e2e"])(p["x"], p["wg"], p["bg"], p["w1"], p["b1"], p["w2"], p["bias"]), ref)
+        log(f"{shape} T={tokens} r={r} fused_e2e rel_err {fused_err:.2e}" + ("" if fused_err < 2e-2 else "  BAD"))
         same = float(np.mean(np.asarray(jax.jit(gate_choices)(p["x"], p["wg"], p["bg"])) == k_np))
         log(f"{shape} T={tokens} r={r} gate picks the intended k for {same:.4f} of tokens"
             + ("" if same == 1 else "  BAD"))

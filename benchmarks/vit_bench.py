@@ -1,16 +1,16 @@
-"""Images/s of the dense Flax ViT-B/16 and the ACM ViT-B/16 on a GPU (issue #3, item 6).
+"""Images/s of the dense Flax ViT-B/16 and the ACM ViT-B/16 on a GPU, at serving and batch sizes.
 
-    python3 -m benchmarks.vit_bench [--batch 256] [--impls pallas,triton,xla] [--attention auto,xla]
+    python3 -m benchmarks.vit_bench [--batches 1,8,32,256] [--acm mlp,mlp_qkvo] [--ratios 0.5,0.25]
+                                    [--impls pallas,triton,xla] [--attention auto]
 
-All 12 MLPs are ACMs (N=4 learners of width 768). The weights are random (speed
-does not depend on them) except the gates: their logits are log Binomial(N, r)
-plus noise of the spread of a Gumbel variable, so argmax picks k with a mean
-near N*r per token and a realistic spread. The realised mean k/N of each run is
-measured and recorded beside the target r. `--attention` lists attention
-implementations (see `transformer.attend`); each gets its own dense baseline,
-and the dense logits of each are checked against XLA's before timing. Batch 256 of 224x224 images, bf16
-parameters and activations, one jitted forward each, the same process; the
-median of 20 timed calls after warm-up.
+ACMs (N=4) replace all 12 MLPs ("mlp") or the MLPs and the q/k/v/o projections ("mlp_qkvo", the
+paper's main configuration). The weights are random (speed does not depend on them) except the
+gates: their logits are log Binomial(N, r) plus noise of the spread of a Gumbel variable, so
+argmax picks k with a mean near N*r per token and a realistic spread. Before timing, each ACM
+configuration's logits are compared with the XLA path forced to the same per-ACM choices, and
+the block-0 gates (same inputs on both paths) with the XLA gates' argmax. Each row records the
+measured mean k/N and the FLOP ideal; bf16, one jitted forward each, the same process; the
+median of 30 timed calls after warm-up, dispatch included (what a server sees).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -54,22 +55,61 @@ def set_gates(params, num_learners, r, dim, seed):
   return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 
-def ideal_speedup(cfg, r):
-  """Dense time / ACM time if time followed FLOPs: the MLPs' share of the per-token
-  matmul FLOPs (MLP 16 d^2, q/k/v/o 8 d^2, attention 4 T d per layer) scaled by r."""
-  d, t = cfg.dim, cfg.num_tokens
-  mlp, other = 4 * d * cfg.mlp_dim, 8 * d * d + 4 * t * d
-  return 1 / (1 - mlp / (mlp + other) * (1 - r))
+ACM_KINDS = {"mlp": False, "mlp_qkvo": True}  # --acm value -> attention projections ACMized
 
 
-def measured_ratio(state, num_learners):
-  """Mean k/N over every ACM's sown one-hot choices."""
+def mean_k_by_kind(state):
+  """Mean k of the MLP ACMs and of the attention-projection ACMs (None where there are none)."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(state["acm"]), sep="/")
-  ks = [np.asarray(jnp.argmax(v[0], -1)).mean() for name, v in flat.items() if name.endswith("choice")]
-  return float(np.mean(ks)) / num_learners
+  kinds = {"mlp": [], "attn": []}
+  for name, v in flat.items():
+    if name.endswith("choice"):
+      kinds["attn" if "/attn/" in name else "mlp"].append(np.asarray(jnp.argmax(v[0], -1)).mean())
+  return {kind: (float(np.mean(ks)) if ks else None) for kind, ks in kinds.items()}
 
 
-def timed(fn, *args, reps=20):
+def mean_k_ratio(mean_k):
+  """Mean k/N over all ACMs (4 projections per MLP where the attention is ACMized)."""
+  ks = [mean_k["mlp"]] + ([mean_k["attn"]] * 4 if mean_k["attn"] is not None else [])
+  return float(np.mean(ks)) / 4
+
+
+def choices_by_acm(state):
+  """{ACM module path: (batch, tokens) k} from a sown "acm" collection (`acm.force_k`'s mapping)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(state["acm"]), sep="/")
+  return {name[:-len("/choice")]: jnp.argmax(v[0], -1).astype(jnp.int32)
+          for name, v in flat.items() if name.endswith("/choice")}
+
+
+def forced_reference(model, params, images, kmap):
+  """The XLA path with every ACM at the given choices: logits and its sown collection
+  (whose "logits" are the XLA gates' own, on the forced path's activations)."""
+  with acm_lib.force_k(kmap):
+    return model.apply({"params": params}, images, mutable=["acm"])
+
+
+def gate_agreement(kmap, ref_state):
+  """Share of tokens where the kernel's k equals the XLA gate's argmax, over the ACMs of block 0
+  (whose inputs are the same on both paths)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(ref_state["acm"]), sep="/")
+  same = [np.asarray(jnp.argmax(flat[f"{name}/logits"][0], -1) == k).mean()
+          for name, k in kmap.items() if name.startswith("block_0/")]
+  return float(np.mean(same))
+
+
+def ideal_ratio(cfg, mean_k):
+  """Dense time / ACM time if time followed the per-token matmul FLOPs of one block
+  (MLP 4 d m, q/k/v/o 8 d^2, attention 4 T d; gates 2 d (N+1) each) at the measured mean k."""
+  acm = cfg.acm
+  d, t, n = cfg.dim, cfg.num_tokens, acm.num_learners
+  gate = 2 * d * (n + 1)
+  dense = 4 * d * cfg.mlp_dim + 8 * d * d + 4 * t * d
+  mlp = mean_k["mlp"] * 4 * d * acm.mlp_learner_width(cfg.mlp_dim) + gate
+  proj = 8 * d * d if mean_k["attn"] is None else 4 * (mean_k["attn"] * 4 * d * acm.attention_learner_width(d) + gate)
+  return dense / (mlp + proj + 4 * t * d)
+
+
+def timed(fn, *args, reps=30):
   jax.block_until_ready(fn(*args))
   samples = []
   for _ in range(reps):
@@ -81,63 +121,87 @@ def timed(fn, *args, reps=20):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--batches", default="1,8,32,256", help="comma list of batch sizes")
+  parser.add_argument("--acm", default="mlp,mlp_qkvo", help=f"comma list of ACMized blocks: {sorted(ACM_KINDS)}")
   parser.add_argument("--ratios", default="0.5,0.25")
-  parser.add_argument("--impls", default="pallas,triton,xla")
-  parser.add_argument("--attention", default="auto", help="comma list of attention implementations")
+  parser.add_argument("--impls", default="pallas", help="comma list of ACM impls: pallas, triton, xla")
+  parser.add_argument("--attention", default="auto", help="attention implementation (see transformer.attend)")
+  parser.add_argument("--sort-min-tokens", type=int, default=None,
+                      help="override pallas_kernels.acm_fused.SORT_MIN_TOKENS (tuning)")
+  parser.add_argument("--tuned", default=None, help="JSON of benchmarks.fused_tune to load into acm_fused.TUNED")
   parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
   parser.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
   args = parser.parse_args(argv)
   command = "python3 -m benchmarks.vit_bench " + " ".join(argv if argv is not None else sys.argv[1:])
   if jax.default_backend() != "gpu":
     sys.exit("vit_bench needs a GPU")
+  batches = [int(b) for b in args.batches.split(",")]
+  kinds = args.acm.split(",")
+  bad = [k for k in kinds if k not in ACM_KINDS] + [b for b in batches if b < 1]
+  if bad:
+    sys.exit(f"bad --acm or --batches value(s) {bad}: --acm takes {sorted(ACM_KINDS)}, batches are >= 1")
+  if args.sort_min_tokens is not None:
+    from pallas_kernels import acm_fused
+    acm_fused.SORT_MIN_TOKENS = args.sort_min_tokens
+  if args.tuned:
+    from benchmarks import fused_tune
+    from pallas_kernels import acm_fused
+    acm_fused.TUNED.update(fused_tune.load(args.tuned))
   device = jax.devices()[0].device_kind
   date = datetime.date.today().isoformat()
-  images = jax.random.normal(jax.random.key(0), (args.batch, 224, 224, 3), jnp.bfloat16)
   to_bf16 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.bfloat16), tree)
   records = []
+  dense_cfg = vit.get_config("vit_b16", attention=args.attention)
+  dense = vit.ViT(dense_cfg)
+  all_images = jax.random.normal(jax.random.key(0), (max(batches), 224, 224, 3), jnp.bfloat16)
+  dense_params = to_bf16(dense.init(jax.random.key(1), all_images[:1])["params"])
+  dense_fn = jax.jit(lambda p, x: dense.apply({"params": p}, x))
+  setups = []
+  for kind in kinds:
+    acm_cfg = dataclasses.replace(dense_cfg, acm=acm_lib.ACMConfig(num_learners=4, attention=ACM_KINDS[kind])).validate()
+    base = to_bf16(vit.ViT(acm_cfg).init(jax.random.key(1), all_images[:1])["params"])
+    xla_model = vit.ViT(dataclasses.replace(acm_cfg, acm=dataclasses.replace(acm_cfg.acm, impl="xla")))
+    reference = jax.jit(functools.partial(forced_reference, xla_model))
+    for r in (float(v) for v in args.ratios.split(",")):
+      setups.append((kind, acm_cfg, r, set_gates(base, 4, r, acm_cfg.dim, seed=2), reference))
 
-  def record(model, r, impl, ips, dense_ips, attention, r_real=None):
-    rec = dict(device=device, date=date, model=model, r=r, impl=impl, images_per_s=round(ips, 1),
-               ratio_to_dense=round(ips / dense_ips, 4), attention=attention)
-    if r_real is not None:
-      rec["r_measured"] = round(r_real, 4)
-    records.append(rec)
-    log(f"{model:12s} r={r} impl={impl:7s} attention={attention:5s} {ips:9.1f} images/s  "
-        f"{ips / dense_ips:.3f} x dense" + ("" if r_real is None else f"  (measured mean k/N {r_real:.3f})"))
-
-  reference_logits = None
-  for attention in args.attention.split(","):
-    dense_cfg = vit.get_config("vit_b16", attention=attention)
-    dense = vit.ViT(dense_cfg)
-    dense_params = to_bf16(dense.init(jax.random.key(1), images[:1])["params"])
-    dense_fn = jax.jit(lambda p, x, dense=dense: dense.apply({"params": p}, x))
-    logits = np.asarray(dense_fn(dense_params, images[:32]), np.float32)
-    if reference_logits is None:
-      xla_fn = vit.ViT(dataclasses.replace(dense_cfg, attention="xla"))
-      reference_logits = np.asarray(xla_fn.apply({"params": dense_params}, images[:32]), np.float32)
-    err = float(np.abs(logits - reference_logits).max() / np.abs(reference_logits).max())
-    log(f"attention={attention}: dense logits vs XLA attention, max abs error / max abs = {err:.2e}")
-    if err > 0.05:
-      sys.exit(f"attention={attention} disagrees with XLA attention (relative error {err:.3f})")
-    dense_ips = args.batch / timed(dense_fn, dense_params, images)
-    record("vit_b16", 1.0, "dense", dense_ips, dense_ips, attention)
-
-    for impl in args.impls.split(","):
-      acm_cfg = dataclasses.replace(dense_cfg, acm=acm_lib.ACMConfig(num_learners=4, impl=impl)).validate()
-      model = vit.ViT(acm_cfg)
-      base = to_bf16(model.init(jax.random.key(1), images[:1])["params"])
-      fn = jax.jit(lambda p, x, model=model: model.apply({"params": p}, x))
-      choices = jax.jit(lambda p, x, model=model: model.apply({"params": p}, x, mutable=["acm"])[1])
-      for r in (float(v) for v in args.ratios.split(",")):
-        params = set_gates(base, 4, r, acm_cfg.dim, seed=2)
-        r_real = measured_ratio(choices(params, images[:16]), 4)
+  for batch in batches:
+    images = all_images[:batch]
+    dense_ips = batch / timed(dense_fn, dense_params, images)
+    log(f"batch {batch}: dense {dense_ips:.1f} images/s")
+    records.append(dict(device=device, date=date, jax_version=jax.__version__, batch=batch, acm="none", r=1.0,
+                        r_measured=1.0, impl="dense", attention=args.attention, images_per_s=round(dense_ips, 1),
+                        ratio_to_dense=1.0, ideal_ratio=1.0))
+    for kind, acm_cfg, r, params, reference in setups:
+      check = images[:min(batch, 32)]
+      for impl in args.impls.split(","):
+        model = vit.ViT(dataclasses.replace(acm_cfg, acm=dataclasses.replace(acm_cfg.acm, impl=impl)))
+        fn = jax.jit(lambda p, x, model=model: model.apply({"params": p}, x))
         try:
-          ips = args.batch / timed(fn, params, images)
+          logits, state = jax.jit(lambda p, x, model=model: model.apply({"params": p}, x, mutable=["acm"]))(params, check)
+          kmap = choices_by_acm(state)
+          ref_logits, ref_state = reference(params, check, kmap)
+          mean_k = mean_k_by_kind(state)
+          r_real = mean_k_ratio(mean_k)
+          ideal = ideal_ratio(acm_cfg, mean_k)
+          gate_agree = gate_agreement(kmap, ref_state)
+          logits, ref = np.asarray(logits, np.float32), np.asarray(ref_logits, np.float32)
+          err = float(np.abs(logits - ref).max() / np.abs(ref).max())
+          if err > 0.05 or gate_agree < 0.99:  # timed all the same, and recorded as failed
+            log(f"batch {batch} acm={kind} r={r} impl={impl}: BAD logits vs XLA at the same k {err:.3f}, "
+                f"block-0 gates agree on {gate_agree:.4f} of tokens")
+          ips = batch / timed(fn, params, images)
         except Exception as err:  # e.g. jax-triton missing: record nothing, say why
-          log(f"vit_b16_acm r={r} impl={impl}: FAILED {type(err).__name__}: {str(err)[:300]}")
-          break
-        record("vit_b16_acm", r, impl, ips, dense_ips, attention, r_real)
+          log(f"batch {batch} acm={kind} r={r} impl={impl}: FAILED {type(err).__name__}: {str(err)[:400]}")
+          continue
+        rec = dict(device=device, date=date, jax_version=jax.__version__, batch=batch, acm=kind, r=r,
+                   r_measured=round(r_real, 4), impl=impl, attention=args.attention, images_per_s=round(ips, 1),
+                   ratio_to_dense=round(ips / dense_ips, 4), ideal_ratio=round(ideal, 4), logits_rel_err=err,
+                   gate_agreement_block0=round(gate_agree, 5), check_passed=err <= 0.05 and gate_agree >= 0.99)
+        records.append(rec)
+        log(f"batch {batch:4d} acm={kind:8s} r={r} (measured {r_real:.3f}) impl={impl:6s} {ips:9.1f} images/s "
+            f"{ips / dense_ips:.3f} x dense (ideal {ideal:.2f}; logits vs XLA at the same k {err:.1e}; "
+            f"block-0 gates agree {gate_agree:.4f})")
 
   gpu = device.lower().replace("nvidia", "").strip().split()[0]
   results = Path(args.results_dir)
@@ -145,15 +209,23 @@ def main(argv=None):
   path = results / f"vit_{gpu}.json"  # earlier runs' records are kept
   earlier = json.loads(path.read_text()) if path.exists() else []
   path.write_text(json.dumps(earlier + records, indent=1))
-  lines = [f"\n## ViT-B/16 throughput: {device}, {date}, jax {jax.__version__}\n",
-           f"Command: `{command}`. Batch {args.batch}, 224x224, bf16, all 12 MLPs ACMized (N=4); "
-           "target r vs measured mean k/N; ideal = dense time / ACM time if time followed the matmul "
-           "FLOPs (MLPs are 64% of them in ViT-B/16).\n",
-           "| model | attention | r (target) | mean k/N (measured) | impl | images/s | x dense | ideal x dense |",
-           "|---|---|---|---|---|---|---|---|"]
-  for rec in records:
-    lines.append(f"| {rec['model']} | {rec['attention']} | {rec['r']} | {rec.get('r_measured', '-')} | {rec['impl']} | "
-                 f"{rec['images_per_s']} | {rec['ratio_to_dense']:.3f} | {ideal_speedup(vit.get_config('vit_b16'), rec['r']):.2f} |")
+  lines = [f"\n## Whole ViT-B/16, ACM / dense images/s: {device}, {date}, jax {jax.__version__}\n",
+           f"Command: `{command}`. 224x224, bf16, random weights, gates set to pick k ~ Binomial(4, r); "
+           "ideal = dense / ACM time if time followed the matmul FLOPs at the measured mean k/N.\n",
+           "| ACMized | r (target) | mean k/N | impl | " + " | ".join(f"batch {b}" for b in batches) + " |",
+           "|---|---|---|---|" + "---|" * len(batches)]
+  for kind, acm_cfg, r, _, _ in setups:
+    for impl in args.impls.split(","):
+      row = {rec["batch"]: rec for rec in records if rec["acm"] == kind and rec["r"] == r and rec["impl"] == impl}
+      if not row:
+        continue
+      any_rec = next(iter(row.values()))
+      cells = [f"{row[b]['ratio_to_dense']:.2f} (ideal {row[b]['ideal_ratio']:.2f})" if b in row else "failed"
+               for b in batches]
+      lines.append(f"| {kind} | {r} | {any_rec['r_measured']} | {impl} | " + " | ".join(cells) + " |")
+  dense_row = {rec["batch"]: rec["images_per_s"] for rec in records if rec["acm"] == "none"}
+  lines.append("\nDense images/s: " + " / ".join(f"{dense_row[b]:.0f}" for b in batches) + " at batch "
+               + " / ".join(map(str, batches)) + ".")
   text = "\n".join(lines) + "\n"
   if not args.no_append:
     with open(Path(__file__).parent / "RESULTS.md", "a") as f:

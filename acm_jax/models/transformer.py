@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from acm_jax import acm as acm_lib
+from acm_jax import inference
 
 PROJECTIONS = ("query", "key", "value", "out")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
@@ -141,11 +142,26 @@ class Attention(nn.Module):
     dim = x.shape[-1]
     if dim % self.num_heads:
       raise ValueError(f"dim {dim} is not divisible by num_heads {self.num_heads}")
-    q, k, v = (make_projection(dim, self.acm, name)(x, **acm_args) for name in PROJECTIONS[:3])
+    qkv = [make_projection(dim, self.acm, name) for name in PROJECTIONS[:3]]
+    if self._grouped(qkv, acm_args):
+      # one fused launch sequence for the three ACMs that read x (see `inference.acm_group_apply`)
+      specs = [proj(x, **{**acm_args, "mode": acm_lib.GROUP_INPUTS}) for proj in qkv]
+      (q, k, v), choices = inference.acm_group_apply(
+          x, specs, num_learners=self.acm.num_learners, activation="identity", min_choice=qkv[0].min_choice,
+          cost_shift=acm_args.get("cost_shift", 0.0), impl="pallas")
+      for proj, choice in zip(qkv, choices):  # each ACM's statistics, as its own call would sow them
+        proj.sow("acm", "choice", jax.nn.one_hot(choice, self.acm.num_learners + 1, dtype=jnp.float32))
+    else:
+      q, k, v = (proj(x, **acm_args) for proj in qkv)
     split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, dim // self.num_heads)
     context = attend(split(q), split(k), split(v), mask, self.impl)
     context = context.reshape(*x.shape[:-1], dim)
     return make_projection(dim, self.acm, "out")(context, **acm_args)
+
+  def _grouped(self, projections: list[nn.Module], acm_args: dict) -> bool:
+    """q/k/v run as one group at inference: ACMs on the fused path, gate argmax, no forced k."""
+    return (all(isinstance(p, acm_lib.ACM) for p in projections) and acm_lib.fused_impl(self.acm.impl)
+            and acm_args.get("mode", "argmax") == "argmax" and not acm_lib.forcing() and not self.is_initializing())
 
 
 class EncoderBlock(nn.Module):

@@ -1,0 +1,123 @@
+"""Tile sizes and the sort decision of the fused ACM kernels, per token bucket and shape.
+
+    python3 -m benchmarks.fused_tune [--out tuned.json]
+
+For ViT-B/16 shapes at 197 / 1,576 / 6,304 / 50,432 tokens (batch 1 / 8 / 32 / 256) and
+the two shapes the whole model runs (an MLP ACM, G=1, N=4 learners of 768, GELU; the
+q/k/v group, G=3, N=4 learners of 96, identity, min choice 1), each candidate is timed
+end to end (gate, sort, learners) with gates picking k ~ Binomial(4, 0.5), against the
+dense XLA block it replaces in the same process (MLP, or the three projections). The
+best settings per (bucket, shape) are written as JSON that `pallas_kernels.acm_fused.TUNED`
+takes (and `benchmarks.vit_bench --tuned` loads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import acm_fused as af
+
+TOKENS = (197, 1576, 6304, 50432)
+
+
+def timed(fn, *args, reps=40):
+  jax.block_until_ready(fn(*args))
+  samples = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    samples.append(time.perf_counter() - t0)
+  return float(np.median(samples)) * 1e3
+
+
+def inputs(tokens, kind, rng):
+  d, n = 768, 4
+  h, size = (768, 1) if kind == "mlp" else (96, 3)
+  pmf = np.array([math.comb(n, j) * 0.5 ** n for j in range(n + 1)])
+  x = jnp.asarray(rng.normal(size=(tokens, d)), jnp.bfloat16)
+  groups, dense = [], []
+  for _ in range(size):
+    total = n * h
+    groups.append(dict(
+        w1=jnp.asarray(rng.normal(size=(d, total)) / np.sqrt(d), jnp.bfloat16),
+        b1=jnp.asarray(0.1 * rng.normal(size=(total,)), jnp.bfloat16),
+        w2=jnp.asarray(rng.normal(size=(total, d)) / np.sqrt(total), jnp.bfloat16),
+        b2=jnp.asarray(0.1 * rng.normal(size=(n + 1, d)), jnp.bfloat16),
+        gate=(jnp.asarray(rng.normal(size=(d, n + 1)) * 1.28 / d, jnp.bfloat16),
+              jnp.asarray(np.log(pmf), jnp.bfloat16))))
+    width = 4 * d if kind == "mlp" else d
+    dense.append((jnp.asarray(rng.normal(size=(d, width)) / np.sqrt(d), jnp.bfloat16),
+                  jnp.asarray(rng.normal(size=(width, d)) / np.sqrt(width), jnp.bfloat16) if kind == "mlp" else None))
+  return x, groups, dense
+
+
+def dense_fn(kind):
+  if kind == "mlp":
+    return jax.jit(lambda x, w: jax.nn.gelu(x @ w[0][0], approximate=False) @ w[0][1])
+  return jax.jit(lambda x, w: [x @ wi for wi, _ in w])
+
+
+def candidates(tokens, kind):
+  rows = (32, 64) if tokens < 4096 else (64, 128)
+  outs = (64, 128) if tokens < 4096 else (128, 256)
+  hidden = (128,)
+  sorts = (False, True) if tokens < 20000 else (True,)
+  for r, o, hd, srt in itertools.product(rows, outs, hidden, sorts):
+    yield dict(block_rows=r, block_out=o, block_hidden=hd, num_warps=8 if r == 128 else 4, sort=srt)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--out", default="tuned.json")
+  parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+  args = parser.parse_args(argv)
+  if jax.default_backend() != "gpu":
+    sys.exit("fused_tune needs a GPU")
+  rng = np.random.default_rng(0)
+  table, rows = {}, []
+  for tokens in (int(t) for t in args.tokens.split(",")):
+    for kind in ("mlp", "proj"):
+      x, groups, dense = inputs(tokens, kind, rng)
+      act, min_choice = ("gelu", 0) if kind == "mlp" else ("identity", 1)
+      dense_ms = timed(dense_fn(kind), x, dense)
+      default = jax.jit(lambda x, g: af.acm_group(x, g, num_learners=4, activation=act, min_choice=min_choice)[0])
+      default_ms = timed(default, x, groups)
+      best = (default_ms, None)
+      for cand in candidates(tokens, kind):
+        fn = jax.jit(lambda x, g, c=cand: af.acm_group(x, g, num_learners=4, activation=act, min_choice=min_choice, **c)[0])
+        try:
+          ms = timed(fn, x, groups)
+        except Exception as err:
+          print(f"T={tokens} {kind} {cand}: FAILED {type(err).__name__}: {str(err)[:200]}", flush=True)
+          continue
+        rows.append(dict(tokens=tokens, kind=kind, **cand, ms=ms, ratio_to_dense=ms / dense_ms))
+        if ms < best[0]:
+          best = (ms, cand)
+      key = f"{af.token_bucket(tokens)}|{kind}"
+      if best[1] is not None:
+        table[key] = best[1]
+      print(f"T={tokens:6d} {kind}: dense {dense_ms:.4f} ms, default {default_ms:.4f} ms "
+            f"({default_ms / dense_ms:.3f}), best {best[0]:.4f} ms ({best[0] / dense_ms:.3f}) {best[1]}", flush=True)
+  with open(args.out, "w") as f:
+    json.dump(dict(table=table, rows=rows, device=jax.devices()[0].device_kind, jax_version=jax.__version__), f, indent=1)
+
+
+def load(path):
+  """The table of a tuning run, keyed as `acm_fused.TUNED`."""
+  with open(path) as f:
+    table = json.load(f)["table"]
+  return {(None if b == "None" else int(b), kind): v for (b, kind), v in
+          ((key.split("|"), value) for key, value in table.items())}
+
+
+if __name__ == "__main__":
+  main()

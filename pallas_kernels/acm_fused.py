@@ -1,0 +1,481 @@
+"""A group of ACMs reading one input, gate included, in three or four launches.
+
+A *group* is G ACMs that read the same tokens x (the q, k and v projections of an
+attention layer: G = 3; an MLP: G = 1). For each ACM g of the group and token t:
+
+    k_g(t)   = argmax_{min_choice <= j <= N} (gate_g(x_t)[j] - shift * j * h / d)
+    out_g(t) = sum_{n < k_g(t)} act(x_t @ w1_g[:, n] + b1_g[n]) @ w2_g[n] + sum_{j <= k_g(t)} b2_g[j]
+
+which is `acm.acm_apply` at the gate's argmax (`acm.ACM` in mode "argmax").
+The whole path is these launches, each with the ACM index in its grid, so a
+group of three costs what one ACM costs in launches:
+
+  route    one program per (ACM, chunk of 128 tokens): the gate logits (a
+           linear gate is a matmul inside the kernel; deeper gates come as
+           precomputed logits), k, and for the sorted path each chunk's count
+           of every k and each token's rank among the chunk's tokens with the
+           same k (a triangular 0/1 matmul).
+  scatter  (sorted path only) one program per (ACM, chunk): a token's place in
+           the descending order is (tokens with a larger k) + (same k in earlier
+           chunks) + its rank; writes the permutation and the sorted k.
+  up       one program per (ACM, row block, hidden tile): act(x @ w1 + b1) on the
+           rows (gathered through the permutation), masked to each row's k; a
+           tile past its row block's largest k returns at once.
+  down     one program per (ACM, row block, output tile): a reduction loop that
+           stops at the row block's largest k, the cumulative output bias of
+           each row's k, and the rows scattered back to their tokens.
+
+Sorting pays when blocks of tokens would otherwise all run to their largest k;
+below `SORT_MIN_TOKENS` tokens (a ViT-B/16 image or a few) its launch costs more
+than it saves, and the unsorted path (route, up, down) runs the row blocks in
+token order. Either way the result is the same function.
+
+The gate logits inside the route kernel are rounded where a Flax Dense gate of
+the same dtypes rounds (after the matmul and after the bias), so the argmax
+agrees with the XLA gate except where float32 accumulation order moves a logit
+across a rounding boundary. The output always equals `acm.acm_apply` at the k
+this path returns (which it also returns).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from pallas_kernels.acm_mlp import (ACTIVATIONS, _compiler_params, _kernel_activation, _largest_divisor,
+                                    _precision, acm_mlp_reference, gpu_family)
+
+GATE_COLS = 16  # gate logits padded to the smallest width of a Triton matmul
+ROUTE_CHUNK = 128  # tokens per route / scatter program
+SORT_MIN_TOKENS = 1024  # below this many tokens the unsorted path runs (see module docstring)
+MAX_GROUP = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedConfig:
+  """Tile sizes. block_hidden must divide N*h (tiles may straddle learners),
+  block_k_down must divide block_hidden, block_k_up and block_out must divide d."""
+  block_rows: int
+  block_hidden: int
+  block_out: int
+  block_k_up: int
+  block_k_down: int
+  num_warps: int
+  num_stages: int
+
+
+# Token counts are bucketed by these upper bounds (a ViT-B/16 batch of 1, 8, 32, and more).
+TOKEN_BUCKETS = (512, 2048, 8192, None)
+# (token bucket, "mlp" | "proj") -> settings that differ from the heuristic below, for bf16 on
+# Hopper; measured by `python3 -m benchmarks.fused_tune` (see benchmarks/RESULTS.md). "sort"
+# picks the sorted or the unsorted path.
+TUNED: dict[tuple[int | None, str], dict] = {
+    # H200, jax 0.11.2, 2026-12-01 (benchmarks/results/fused_tune_h200.json)
+    (512, "mlp"): dict(block_rows=64, block_out=128, block_hidden=128, num_warps=4, sort=False),
+    (512, "proj"): dict(block_rows=32, block_out=64, block_hidden=128, num_warps=4, sort=False),
+    (2048, "mlp"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=False),
+    (8192, "proj"): dict(block_rows=128, block_out=128, block_hidden=128, num_warps=8, sort=True),
+    (None, "proj"): dict(block_rows=128, block_out=128, block_hidden=128, num_warps=8, sort=True),
+}
+
+
+def token_bucket(tokens: int) -> int | None:
+  return next(b for b in TOKEN_BUCKETS if b is None or tokens <= b)
+
+
+def shape_kind(dim: int, total_hidden: int) -> str:
+  """"mlp" for learners wider than the model (an MLP), "proj" for the low-rank projections."""
+  return "mlp" if total_hidden > dim else "proj"
+
+
+def default_settings(dtype, dim: int, total_hidden: int, tokens: int) -> dict:
+  """Tile settings and the sort decision before user overrides: the tuned table for bf16
+  on Hopper, else a heuristic (row blocks and output tiles shrink with the token count,
+  so that few tokens still spread over the SMs)."""
+  bf16 = jnp.dtype(dtype) != jnp.float32
+  rows = 128 if (bf16 and tokens >= 8192) else 64 if tokens >= 1024 else 32
+  settings = dict(block_rows=rows, block_hidden=_largest_divisor(total_hidden, 128),
+                  block_out=_largest_divisor(dim, 256 if (bf16 and tokens >= 8192) else 64 if tokens < 1024 else 128),
+                  block_k_up=_largest_divisor(dim, 64 if bf16 else 32), num_warps=8 if rows == 128 else 4,
+                  num_stages=3, sort=tokens >= SORT_MIN_TOKENS)
+  if bf16 and gpu_family() == "hopper":
+    settings.update(TUNED.get((token_bucket(tokens), shape_kind(dim, total_hidden)), {}))
+  return settings
+
+
+def resolve_config(dtype, dim: int, total_hidden: int, tokens: int, **overrides) -> tuple[FusedConfig, bool]:
+  """(tile sizes, sort) for these shapes: defaults with user overrides, validated."""
+  names = [f.name for f in dataclasses.fields(FusedConfig)]
+  unknown = set(overrides) - set(names) - {"sort"}
+  if unknown:
+    raise ValueError(f"unknown kernel settings {sorted(unknown)}; expected some of {names + ['sort']}")
+  settings = default_settings(dtype, dim, total_hidden, tokens)
+  settings.update({key: value for key, value in overrides.items() if value is not None})
+  bf16 = jnp.dtype(dtype) != jnp.float32
+  settings.setdefault("block_k_down", _largest_divisor(settings["block_hidden"], 64 if bf16 else 32))
+  sort = bool(settings.pop("sort"))
+  cfg = FusedConfig(**settings)
+  for name in ("block_rows", "block_hidden", "block_out", "block_k_up", "block_k_down"):
+    v = getattr(cfg, name)
+    if v < 16 or v & (v - 1):
+      raise ValueError(f"{name}={v} must be a power of two >= 16 (Triton tiles)")
+  checks = [(total_hidden, cfg.block_hidden, "block_hidden", "the learners' total width N*h"),
+            (cfg.block_hidden, cfg.block_k_down, "block_k_down", "block_hidden"),
+            (dim, cfg.block_k_up, "block_k_up", "d"), (dim, cfg.block_out, "block_out", "d")]
+  for whole, part, name, what in checks:
+    if whole % part:
+      raise ValueError(f"{name}={part} does not divide {what}={whole}")
+  return cfg, sort
+
+
+# ----------------------------------------------------------------------------
+# Kernels. Every kernel takes the refs of all G ACMs and runs the body of ACM g
+# under `pl.when(g == gg)`: Pallas cannot pick a ref by a traced index.
+
+
+def _for_group(g, num_groups, body):
+  for gg in range(num_groups):
+    pl.when(g == gg)(functools.partial(body, gg))
+
+
+def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, tokens, padded, chunk, dim,
+                  block_k, num_learners, min_choice, relative_cost, sort, gate_dtype):
+  gates = [refs[g * gate_refs_per_group:(g + 1) * gate_refs_per_group] for g in range(num_groups)]
+  k_ref, *sort_refs = refs[num_groups * gate_refs_per_group:]
+  p = pl.program_id(0)
+  num_chunks = padded // chunk
+  g, c = p // num_chunks, p % num_chunks
+  f32 = jnp.float32
+  rows = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+  valid = rows < tokens
+  src = jnp.minimum(rows, tokens - 1)
+  cols = jnp.arange(GATE_COLS, dtype=jnp.int32)
+  gate_cols = jnp.minimum(cols, num_learners)  # padding columns repeat the last choice, masked below
+
+  def body(gg):
+    if gate_refs_per_group == 2:  # linear gate: x @ wg + bg inside the kernel
+      wg_ref, bg_ref = gates[gg]
+
+      def step(s, acc):
+        red = s * block_k + jnp.arange(block_k, dtype=jnp.int32)
+        xs = x_ref[src[:, None], red[None, :]].astype(gate_dtype)
+        ws = wg_ref[red[:, None], gate_cols[None, :]].astype(gate_dtype)
+        return acc + jnp.dot(xs, ws, precision=_precision(gate_dtype), preferred_element_type=f32)
+
+      # rounded where a Flax Dense of this dtype rounds: after the matmul and after the bias
+      logits = jax.lax.fori_loop(0, dim // block_k, step, jnp.zeros((chunk, GATE_COLS), f32))
+      logits = logits.astype(gate_dtype).astype(f32) + bg_ref[gate_cols].astype(f32)[None, :]
+      logits = logits.astype(gate_dtype).astype(f32)
+    else:  # precomputed (T, N+1) logits
+      (logits_ref,) = gates[gg]
+      logits = logits_ref[src[:, None], gate_cols[None, :]].astype(f32)
+    logits = logits - shift_ref[0] * (cols.astype(f32) * relative_cost)[None, :]
+    allowed = (cols >= min_choice) & (cols <= num_learners)
+    logits = jnp.where(allowed[None, :], logits, -jnp.inf)
+    best = jnp.max(logits, axis=1)
+    # first index of the maximum, as jnp.argmax; a NaN row (no index equals the max) gets N
+    k = jnp.min(jnp.where(logits == best[:, None], cols[None, :], num_learners), axis=1)
+    k = jnp.where(valid, k, 0).astype(jnp.int32)
+    k_ref[pl.ds(gg * padded + c * chunk, chunk)] = k
+    if sort:
+      rank_ref, counts_ref = sort_refs
+      onehot = ((num_learners - k)[:, None] == cols[None, :]) & valid[:, None]  # category 0 = k N
+      earlier = (rows[:, None] > rows[None, :]).astype(jnp.bfloat16)
+      # earlier tokens of the chunk in each category: 0/1 products summed in float32 (exact)
+      same_before = jnp.dot(earlier, onehot.astype(jnp.bfloat16), preferred_element_type=f32)
+      rank = jnp.sum(jnp.where(onehot, same_before, 0.0), axis=1).astype(jnp.int32)
+      rank_ref[pl.ds(gg * padded + c * chunk, chunk)] = rank
+      counts_ref[pl.ds((gg * num_chunks + c) * GATE_COLS, GATE_COLS)] = jnp.sum(onehot.astype(jnp.int32), axis=0)
+
+  _for_group(g, num_groups, body)
+
+
+def _scatter_kernel(k_ref, rank_ref, counts_ref, order_ref, sorted_k_ref, *, num_groups, tokens, padded,
+                    chunk, num_learners):
+  from jax.experimental.pallas import triton as plgpu
+  p = pl.program_id(0)
+  num_chunks = padded // chunk
+  g, c = p // num_chunks, p % num_chunks
+  cols = jnp.arange(GATE_COLS, dtype=jnp.int32)
+  table_rows = 16
+  tr = jnp.arange(table_rows, dtype=jnp.int32)
+
+  def body(gg):
+    def step(s, carry):  # sums the counts table of ACM gg, 16 chunks at a time
+      before, totals = carry
+      chunk_ids = s * table_rows + tr
+      idx = (gg * num_chunks + jnp.minimum(chunk_ids, num_chunks - 1))[:, None] * GATE_COLS + cols[None, :]
+      counts = jnp.where((chunk_ids < num_chunks)[:, None], counts_ref[idx], 0)
+      before = before + jnp.sum(jnp.where((chunk_ids < c)[:, None], counts, 0), axis=0)
+      return before, totals + jnp.sum(counts, axis=0)
+
+    zeros = jnp.zeros((GATE_COLS,), jnp.int32)
+    before, totals = jax.lax.fori_loop(0, -(-num_chunks // table_rows), step, (zeros, zeros))
+    starts = jnp.sum(jnp.where(cols[:, None] < cols[None, :], totals[:, None], 0), axis=0)
+    base = starts + before  # first place of each category in this chunk
+    flat = pl.ds(gg * padded + c * chunk, chunk)
+    k, rank = k_ref[flat], rank_ref[flat]
+    rows = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    valid = rows < tokens
+    onehot = (num_learners - k)[:, None] == cols[None, :]
+    dest = jnp.sum(jnp.where(onehot, base[None, :], 0), axis=1) + rank
+    # rows past the end go to their own (unused) places: masked lanes never alias a real one
+    dest = gg * padded + jnp.where(valid, dest, rows)
+    plgpu.store(order_ref.at[dest], rows, mask=valid)
+    plgpu.store(sorted_k_ref.at[dest], k, mask=valid)
+
+  _for_group(g, num_groups, body)
+
+
+def _row_block(order_ref, k_ref, gg, i, *, block_rows, tokens, padded, sort):
+  """Positions, validity, token and k of the rows of block i. Rows past the end
+  keep their own position (>= T) as token: masked stores then never alias a real row."""
+  from jax.experimental.pallas import triton as plgpu
+  pos = i * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
+  valid = pos < tokens
+  flat = pl.ds(gg * padded + i * block_rows, block_rows)
+  k_rows = jnp.where(valid, plgpu.load(k_ref.at[flat], mask=valid, other=0), 0)
+  token = jnp.where(valid, plgpu.load(order_ref.at[flat], mask=valid, other=0), pos) if sort else pos
+  return valid, token, k_rows, jnp.max(k_rows)
+
+
+def _up_kernel(order_ref, k_ref, x_ref, *refs, num_groups, tiles, block_rows, block_hidden, block_k, dim,
+               width, tokens, padded, sort, activation, fast_math):
+  w_refs, h_refs = refs[:2 * num_groups], refs[2 * num_groups:]
+  p = pl.program_id(0)
+  row_blocks = padded // block_rows
+  g, rest = p // (row_blocks * tiles), p % (row_blocks * tiles)
+  i, j = rest // tiles, rest % tiles
+
+  def body(gg):
+    w1_ref, b1_ref = w_refs[2 * gg:2 * gg + 2]
+    valid, token, k_rows, max_k = _row_block(order_ref, k_ref, gg, i, block_rows=block_rows, tokens=tokens,
+                                             padded=padded, sort=sort)
+
+    @pl.when(j * block_hidden < max_k * width)
+    def _():
+      src = jnp.clip(token, 0, tokens - 1)
+      cols = pl.ds(j * block_hidden, block_hidden)
+
+      def step(s, acc):
+        red = s * block_k + jnp.arange(block_k, dtype=jnp.int32)
+        xs = x_ref[src[:, None], red[None, :]]
+        ws = w1_ref[pl.ds(s * block_k, block_k), cols]
+        return acc + jnp.dot(xs, ws, precision=_precision(xs.dtype), preferred_element_type=jnp.float32)
+
+      acc = jax.lax.fori_loop(0, dim // block_k, step, jnp.zeros((block_rows, block_hidden), jnp.float32))
+      acc = _kernel_activation(activation, fast_math)(acc + b1_ref[cols].astype(jnp.float32)[None, :])
+      learner = (j * block_hidden + jnp.arange(block_hidden, dtype=jnp.int32)) // width
+      keep = (learner[None, :] < k_rows[:, None]) & valid[:, None]
+      h_refs[gg][pl.ds(i * block_rows, block_rows), cols] = jnp.where(keep, acc, 0.0).astype(h_refs[gg].dtype)
+
+  _for_group(g, num_groups, body)
+
+
+def _down_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_rows, block_out, block_k, width,
+                 tokens, padded, sort, num_learners, has_bias):
+  from jax.experimental.pallas import triton as plgpu
+  per = 3 if has_bias else 2
+  in_refs, out_refs = refs[:per * num_groups], refs[per * num_groups:]
+  p = pl.program_id(0)
+  row_blocks = padded // block_rows
+  g, rest = p // (row_blocks * col_blocks), p % (row_blocks * col_blocks)
+  i, cb = rest // col_blocks, rest % col_blocks
+
+  def body(gg):
+    h_ref, w2_ref, *bias = in_refs[per * gg:per * (gg + 1)]
+    valid, token, k_rows, max_k = _row_block(order_ref, k_ref, gg, i, block_rows=block_rows, tokens=tokens,
+                                             padded=padded, sort=sort)
+    cols = pl.ds(cb * block_out, block_out)
+
+    def step(s, acc):
+      hs = h_ref[pl.ds(i * block_rows, block_rows), pl.ds(s * block_k, block_k)]
+      ws = w2_ref[pl.ds(s * block_k, block_k), cols]
+      return acc + jnp.dot(hs, ws, precision=_precision(hs.dtype), preferred_element_type=jnp.float32)
+
+    trips = (max_k * width + block_k - 1) // block_k
+    acc = jax.lax.fori_loop(0, trips, step, jnp.zeros((block_rows, block_out), jnp.float32))
+    if has_bias:  # choice k carries b2[0] + ... + b2[k]
+      (b2_ref,) = bias
+      for choice in range(num_learners + 1):
+        acc = acc + jnp.where((k_rows >= choice)[:, None], b2_ref[choice, cols].astype(jnp.float32)[None, :], 0.0)
+    col_ids = cb * block_out + jnp.arange(block_out, dtype=jnp.int32)
+    plgpu.store(out_refs[gg].at[token[:, None], col_ids[None, :]], acc.astype(out_refs[gg].dtype),
+                mask=valid[:, None])
+
+  _for_group(g, num_groups, body)
+
+
+# ----------------------------------------------------------------------------
+# Wrapper and reference
+
+
+def _check_group(x, groups, num_learners, activation, min_choice):
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+  if x.ndim != 2 or x.shape[0] < 1:
+    raise ValueError(f"x must be (tokens, d) with at least one token, got shape {x.shape}")
+  if x.dtype not in (jnp.bfloat16, jnp.float32):
+    raise ValueError(f"x must be bfloat16 or float32, got {x.dtype}")
+  if not 1 <= len(groups) <= MAX_GROUP:
+    raise ValueError(f"a group holds 1..{MAX_GROUP} ACMs, got {len(groups)}")
+  if not isinstance(num_learners, int) or not 1 <= num_learners < GATE_COLS:
+    raise ValueError(f"num_learners must be an int in 1..{GATE_COLS - 1} (gate width {GATE_COLS}), got {num_learners!r}")
+  if not 0 <= min_choice <= num_learners:
+    raise ValueError(f"min_choice must lie in 0..{num_learners}, got {min_choice}")
+  tokens, dim = x.shape
+  first = groups[0]
+  for idx, params in enumerate(groups):
+    if ("gate" in params) == ("logits" in params):
+      raise ValueError(f"ACM {idx} of the group needs exactly one of 'gate' (wg, bg) or 'logits'")
+    if ("gate" in params) != ("gate" in first) or ("b2" in params) != ("b2" in first):
+      raise ValueError("every ACM of a group must have the same kind of gate and output bias")
+    w1 = params["w1"]
+    if w1.ndim != 2 or w1.shape[0] != dim or w1.shape[1] % num_learners:
+      raise ValueError(f"ACM {idx}: w1 must be (d={dim}, num_learners*h) with num_learners={num_learners}, "
+                       f"got {w1.shape}")
+    total = w1.shape[1]
+    shapes = {"b1": (total,), "w2": (total, dim), "b2": (num_learners + 1, dim)}
+    if "gate" in params:
+      wg, bg = params["gate"]
+      shapes_gate = {"gate kernel": (wg, (dim, num_learners + 1)), "gate bias": (bg, (num_learners + 1,))}
+    else:
+      shapes_gate = {"logits": (params["logits"], (tokens, num_learners + 1))}
+    for name, shape in shapes.items():
+      if name in params and params[name].shape != shape:
+        raise ValueError(f"ACM {idx}: {name} must have shape {shape}, got {params[name].shape}")
+    for name, (arr, shape) in shapes_gate.items():
+      if arr.shape != shape:
+        raise ValueError(f"ACM {idx}: {name} must have shape {shape}, got {arr.shape}")
+    for name in ("w1", "b1", "w2", "b2"):
+      if name in params and params[name].dtype != x.dtype:
+        raise ValueError(f"ACM {idx}: {name} has dtype {params[name].dtype} but x has {x.dtype}")
+    if w1.shape != first["w1"].shape:
+      raise ValueError(f"the ACMs of a group must have equal shapes: w1 {w1.shape} vs {first['w1'].shape}")
+  return tokens, dim, first["w1"].shape[1] // num_learners
+
+
+def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_learners: int,
+              activation: str = "gelu", min_choice: int = 0, cost_shift: float | jax.Array = 0.0,
+              sort: bool | None = None, fast_math: bool | None = None, interpret: bool | None = None,
+              **tiles) -> tuple[tuple[jax.Array, ...], jax.Array]:
+  """Hard-choice outputs of G ACMs that read the same tokens.
+
+  x: (T, d) bfloat16 or float32. groups: G dicts with w1 (d, N*h), b1 (N*h,),
+  w2 (N*h, d), optionally b2 (N+1, d) (per-choice increments, as `acm.ACM`'s
+  parameter), all in x.dtype, and either gate = (wg (d, N+1), bg (N+1,)) for a
+  linear gate or logits (T, N+1) from a deeper one. cost_shift: a scalar (see
+  `acm.ACM`). sort: None picks by token count (`default_settings`). tiles:
+  overrides of `FusedConfig`. interpret: None means "when the backend is not a GPU".
+
+  Returns (outputs: G arrays (T, d) in x.dtype, k: (G, T) int32 in token order).
+  """
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  if not interpret and jax.default_backend() != "gpu":
+    raise ValueError(f"the fused ACM kernels compile for GPUs only; on backend {jax.default_backend()!r} "
+                     "pass interpret=True (slow, for tests) or use impl='xla'")
+  tokens, dim, width = _check_group(x, groups, num_learners, activation, min_choice)
+  num_groups = len(groups)
+  total = num_learners * width
+  cfg, sort = resolve_config(x.dtype, dim, total, tokens, sort=sort, **tiles)
+  if fast_math is None:
+    fast_math = x.dtype == jnp.bfloat16
+  fast_math = fast_math and not interpret  # the interpreter cannot run PTX
+  padded = -(-tokens // max(ROUTE_CHUNK, cfg.block_rows)) * max(ROUTE_CHUNK, cfg.block_rows)
+  num_chunks = padded // ROUTE_CHUNK
+  linear_gate = "gate" in groups[0]
+  params = lambda warps: None if interpret else _compiler_params(warps, cfg.num_stages)
+  shift = jnp.reshape(jnp.asarray(cost_shift, jnp.float32), (1,))
+
+  gate_inputs = [a for grp in groups for a in (grp["gate"] if linear_gate else (grp["logits"],))]
+  route_out = [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32)]
+  if sort:
+    route_out += [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),
+                  jax.ShapeDtypeStruct((num_groups * num_chunks * GATE_COLS,), jnp.int32)]
+  routed = pl.pallas_call(
+      functools.partial(_route_kernel, num_groups=num_groups, gate_refs_per_group=2 if linear_gate else 1,
+                        tokens=tokens, padded=padded, chunk=ROUTE_CHUNK, dim=dim,
+                        block_k=_largest_divisor(dim, 64), num_learners=num_learners, min_choice=min_choice,
+                        relative_cost=width / dim, sort=sort, gate_dtype=gate_dtype(x, groups[0])),
+      out_shape=tuple(route_out), grid=(num_groups * num_chunks,), compiler_params=params(4),
+      interpret=interpret, name="acm_route",
+  )(shift, x, *gate_inputs)
+  k_tokens = routed[0]
+  if sort:
+    order, k_rows = pl.pallas_call(
+        functools.partial(_scatter_kernel, num_groups=num_groups, tokens=tokens, padded=padded,
+                          chunk=ROUTE_CHUNK, num_learners=num_learners),
+        out_shape=(jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),) * 2,
+        grid=(num_groups * num_chunks,), compiler_params=params(4), interpret=interpret, name="acm_scatter",
+    )(*routed)
+  else:
+    order, k_rows = k_tokens, k_tokens  # order is not read on the unsorted path
+
+  row_blocks = padded // cfg.block_rows
+  tiles_per_block = total // cfg.block_hidden
+  hidden = pl.pallas_call(
+      functools.partial(_up_kernel, num_groups=num_groups, tiles=tiles_per_block, block_rows=cfg.block_rows,
+                        block_hidden=cfg.block_hidden, block_k=cfg.block_k_up, dim=dim, width=width,
+                        tokens=tokens, padded=padded, sort=sort, activation=activation, fast_math=fast_math),
+      out_shape=(jax.ShapeDtypeStruct((padded, total), x.dtype),) * num_groups,
+      grid=(num_groups * row_blocks * tiles_per_block,), compiler_params=params(cfg.num_warps),
+      interpret=interpret, name="acm_group_up",
+  )(order, k_rows, x, *[a for grp in groups for a in (grp["w1"], grp["b1"])])
+  has_bias = "b2" in groups[0]
+  col_blocks = dim // cfg.block_out
+  down_inputs = [a for h, grp in zip(hidden, groups) for a in (h, grp["w2"]) + ((grp["b2"],) if has_bias else ())]
+  outs = pl.pallas_call(
+      functools.partial(_down_kernel, num_groups=num_groups, col_blocks=col_blocks, block_rows=cfg.block_rows,
+                        block_out=cfg.block_out, block_k=cfg.block_k_down, width=width, tokens=tokens,
+                        padded=padded, sort=sort, num_learners=num_learners, has_bias=has_bias),
+      out_shape=(jax.ShapeDtypeStruct((tokens, dim), x.dtype),) * num_groups,
+      grid=(num_groups * row_blocks * col_blocks,), compiler_params=params(cfg.num_warps),
+      interpret=interpret, name="acm_group_down",
+  )(order, k_rows, *down_inputs)
+  k = k_tokens.reshape(num_groups, padded)[:, :tokens]
+  return tuple(outs), k
+
+
+def gate_dtype(x, params):
+  """The dtype a Flax Dense gate computes in: that of x, kernel and bias together."""
+  if "gate" not in params:
+    return jnp.dtype(jnp.float32)
+  return jnp.dtype(jnp.result_type(x.dtype, *params["gate"]))
+
+
+def gate_logits_reference(x, params, *, num_learners: int, min_choice: int = 0, cost_shift=0.0) -> jax.Array:
+  """Float32 logits of one ACM of a group, shifted and masked as the route kernel does: (T, N+1)."""
+  f32 = jnp.float32
+  if "gate" in params:
+    wg, bg = params["gate"]
+    dtype = gate_dtype(x, params)
+    logits = jnp.dot(x.astype(dtype), wg.astype(dtype), preferred_element_type=f32, precision="highest")
+    logits = (logits.astype(dtype) + bg.astype(dtype)).astype(f32)
+  else:
+    logits = params["logits"].astype(f32)
+  width = params["w1"].shape[1] // num_learners
+  logits = logits - jnp.asarray(cost_shift, f32) * jnp.arange(num_learners + 1, dtype=f32) * (width / x.shape[1])
+  return jnp.where(jnp.arange(num_learners + 1) >= min_choice, logits, -jnp.inf)
+
+
+def acm_group_reference(x, groups, *, num_learners: int, activation: str = "gelu", min_choice: int = 0,
+                        cost_shift=0.0, k=None):
+  """Plain-jnp semantics in float32: (outputs, k) as `acm_group` returns them; k (G, T)
+  given, or the argmax of `gate_logits_reference`."""
+  if k is None:
+    k = jnp.stack([jnp.argmax(gate_logits_reference(x, grp, num_learners=num_learners, min_choice=min_choice,
+                                                     cost_shift=cost_shift), -1) for grp in groups])
+  outs = []
+  for grp, kg in zip(groups, k):
+    b2 = grp.get("b2", jnp.zeros((num_learners + 1, x.shape[1]), x.dtype))
+    table = jnp.cumsum(b2.astype(jnp.float32), axis=0)
+    outs.append(acm_mlp_reference(x, kg, grp["w1"], grp["b1"], grp["w2"], table, num_learners=num_learners,
+                                  activation=activation))
+  return tuple(outs), k.astype(jnp.int32)

@@ -1,0 +1,185 @@
+"""Fused ACM group kernels (gate, route, sort, learners) against the plain-jnp reference.
+
+Pallas interpret mode on the CPU: the interpreter fills every kernel output with NaN
+before the kernels run (`test_acm_mlp_kernel.test_interpreter_poisons_outputs`), so an
+element no kernel writes shows up as NaN and fails `check_close`.
+"""
+
+import dataclasses
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from acm_jax import acm as acm_lib
+from acm_jax import inference
+from acm_jax.models import vit
+from pallas_kernels import acm_fused as af
+
+LIMITS = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1.5e-2}
+
+
+def make_group(seed, tokens, dim, num_learners, width, size, dtype, *, gate="linear", k_kind="random",
+               bias=True):
+  """x and `size` ACMs; k_kind "zeros"/"full" steers every gate to choice 0 / N."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(tokens, dim)), dtype)
+  groups = []
+  for _ in range(size):
+    total = num_learners * width
+    params = dict(w1=jnp.asarray(rng.normal(size=(dim, total)) / np.sqrt(dim), dtype),
+                  b1=jnp.asarray(0.5 * rng.normal(size=(total,)), dtype),
+                  w2=jnp.asarray(rng.normal(size=(total, dim)) / np.sqrt(width), dtype))
+    if bias:
+      params["b2"] = jnp.asarray(rng.normal(size=(num_learners + 1, dim)), dtype)
+    steer = np.zeros(num_learners + 1)
+    if k_kind != "random":
+      steer[0 if k_kind == "zeros" else num_learners] = 100.0
+    if gate == "linear":
+      params["gate"] = (jnp.asarray(2 * rng.normal(size=(dim, num_learners + 1)) / np.sqrt(dim), dtype),
+                        jnp.asarray(0.3 * rng.normal(size=(num_learners + 1,)) + steer, dtype))
+    else:
+      params["logits"] = jnp.asarray(rng.normal(size=(tokens, num_learners + 1)) + steer, jnp.float32)
+    groups.append(params)
+  return x, groups
+
+
+def rel_err(out, ref):
+  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+  return np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30)
+
+
+def check_group(x, groups, *, n, act="gelu", min_choice=0, cost_shift=0.0, **kw):
+  outs, k = af.acm_group(x, groups, num_learners=n, activation=act, min_choice=min_choice, cost_shift=cost_shift,
+                         interpret=True, **kw)
+  _, k_ref = af.acm_group_reference(x, groups, num_learners=n, min_choice=min_choice, cost_shift=cost_shift)
+  refs, _ = af.acm_group_reference(x, groups, num_learners=n, activation=act, k=k)
+  agree = float(jnp.mean(k == k_ref))
+  # float32 logits agree exactly; bf16 ones are rounded where Flax rounds them
+  assert agree == 1.0 if x.dtype == jnp.float32 else agree >= 0.99, agree
+  assert int(k.min()) >= min_choice and int(k.max()) <= n
+  for out, ref in zip(outs, refs):
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    assert np.isfinite(np.asarray(out, np.float32)).all(), "unwritten or NaN output elements"
+    assert rel_err(out, ref) < LIMITS[x.dtype]
+  return k
+
+
+SMALL = dict(block_rows=16, block_hidden=32, block_out=32, block_k_up=16, block_k_down=16)
+
+CASES = [
+    # (tokens, dim, N, width, group size, activation, min_choice, dtype, k_kind, tiles)
+    (1, 64, 4, 32, 1, "gelu", 0, jnp.float32, "random", SMALL),
+    (197, 64, 4, 32, 1, "gelu", 0, jnp.bfloat16, "random", SMALL),
+    (197, 64, 4, 32, 1, "gelu", 0, jnp.float32, "zeros", SMALL),
+    (197, 64, 4, 32, 3, "identity", 1, jnp.float32, "zeros", SMALL),  # min choice 1 overrides the gate
+    (197, 64, 4, 32, 3, "identity", 1, jnp.bfloat16, "full", SMALL),
+    (1576, 32, 4, 16, 3, "identity", 1, jnp.float32, "random", dict(SMALL, block_hidden=64)),
+    (1576, 32, 4, 16, 1, "gelu", 0, jnp.bfloat16, "random", dict(SMALL, block_rows=64)),
+    (50432, 16, 4, 16, 1, "relu", 0, jnp.float32, "random", dict(SMALL, block_rows=128, block_hidden=64,
+                                                                 block_out=16)),
+    # ViT-B widths: an MLP ACM (4 learners of 768, GELU) and the q/k/v group (4 learners of 96)
+    (1, 768, 4, 768, 1, "gelu", 0, jnp.bfloat16, "random", {}),
+    (197, 768, 4, 768, 1, "gelu", 0, jnp.float32, "full", dict(block_rows=64, block_out=256)),
+    (197, 768, 4, 96, 3, "identity", 1, jnp.bfloat16, "random", {}),
+]
+
+
+@pytest.mark.parametrize("tokens,dim,n,width,size,act,min_choice,dtype,k_kind,tiles", CASES)
+@pytest.mark.parametrize("sort", [False, True])
+def test_group_matches_reference(tokens, dim, n, width, size, act, min_choice, dtype, k_kind, tiles, sort):
+  if tokens * dim > 200_000 and not sort:
+    pytest.skip("the unsorted path at this size adds nothing the sorted one does not test")
+  x, groups = make_group(tokens + dim, tokens, dim, n, width, size, dtype, k_kind=k_kind)
+  k = check_group(x, groups, n=n, act=act, min_choice=min_choice, sort=sort, **tiles)
+  if k_kind == "full" or (k_kind == "zeros" and min_choice == 0):
+    assert (np.asarray(k) == (0 if k_kind == "zeros" else n)).all()
+  elif tokens > 10:
+    assert len(np.unique(np.asarray(k))) > 1
+
+
+def test_given_logits_cost_shift_and_no_bias_under_jit():
+  """Deep gates hand in logits; a traced cost shift lowers k as the XLA gate's does."""
+  n = 4
+  x, groups = make_group(1, 300, 64, n, 32, 2, jnp.float32, gate="logits", bias=False)
+  fn = jax.jit(lambda x, g, shift: af.acm_group(x, g, num_learners=n, cost_shift=shift, interpret=True,
+                                                 sort=True, **SMALL))
+  means = []
+  for shift in (0.0, 4.0):
+    outs, k = fn(x, groups, jnp.float32(shift))
+    refs, k_ref = af.acm_group_reference(x, groups, num_learners=n, cost_shift=shift)
+    np.testing.assert_array_equal(k, k_ref)
+    for out, ref in zip(outs, refs):
+      assert rel_err(out, ref) < 1e-5
+    means.append(float(k.mean()))
+  assert means[1] < means[0]
+
+
+def test_xla_and_pallas_group_apply_agree_on_batched_tokens():
+  n = 4
+  x, groups = make_group(2, 2 * 40, 64, n, 32, 3, jnp.float32)
+  x = x.reshape(2, 40, 64)
+  kw = dict(num_learners=n, activation="identity", min_choice=1, cost_shift=0.5)
+  outs_x, k_x = inference.acm_group_apply(x, groups, impl="xla", **kw)
+  outs_p, k_p = inference.acm_group_apply(x, groups, impl="pallas", **kw)
+  assert k_p.shape == (3, 2, 40)
+  np.testing.assert_array_equal(k_x, k_p)
+  for a, b in zip(outs_x, outs_p):
+    assert rel_err(b, a) < 1e-5
+
+
+def test_vit_fused_path_equals_xla_path_at_its_choices(attention=True):
+  """The whole model: fused kernels (q/k/v as one group) against the XLA path forced to
+  the same per-ACM choices, and the block-0 gates against the XLA gates."""
+  cfg = vit.get_config("tiny", depth=2, acm=acm_lib.ACMConfig(num_learners=4, attention=attention, impl="pallas"))
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  model = vit.ViT(cfg)
+  params = model.init(jax.random.key(1), images[:1])["params"]
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  rng = np.random.default_rng(0)
+  for name in flat:  # gates that spread over k
+    if name.endswith("gate/out/kernel"):
+      flat[name] = jnp.asarray(rng.normal(size=flat[name].shape) * 2 / np.sqrt(cfg.dim), jnp.float32)
+  params = flax.traverse_util.unflatten_dict(flat, sep="/")
+  logits, state = model.apply({"params": params}, images, mutable=["acm"])
+  choices = flax.traverse_util.flatten_dict(state["acm"], sep="/")
+  kmap = {name[:-len("/choice")]: jnp.argmax(v[0], -1) for name, v in choices.items() if name.endswith("/choice")}
+  assert len(kmap) == cfg.depth * (5 if attention else 1)
+  xla_model = vit.ViT(dataclasses.replace(cfg, acm=dataclasses.replace(cfg.acm, impl="xla")))
+  with acm_lib.force_k(kmap):
+    ref, ref_state = xla_model.apply({"params": params}, images, mutable=["acm"])
+  assert rel_err(logits, ref) < 1e-5
+  ref_flat = flax.traverse_util.flatten_dict(ref_state["acm"], sep="/")
+  for name, k in kmap.items():
+    if name.startswith("block_0/"):
+      np.testing.assert_array_equal(jnp.argmax(ref_flat[f"{name}/logits"][0], -1), k)
+  # and without statistics collected (the serving path) the same logits
+  np.testing.assert_allclose(jax.jit(lambda p, x: model.apply({"params": p}, x))(params, images), logits,
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_bad_inputs_name_the_problem():
+  n = 4
+  x, groups = make_group(0, 20, 64, n, 32, 1, jnp.float32)
+  call = functools.partial(af.acm_group, num_learners=n, interpret=True)
+  with pytest.raises(ValueError, match="at least one token"):
+    call(x[:0], groups)
+  with pytest.raises(ValueError, match="exactly one of 'gate'"):
+    call(x, [{**groups[0], "logits": jnp.zeros((20, n + 1))}])
+  with pytest.raises(ValueError, match="w2 must have shape"):
+    call(x, [{**groups[0], "w2": groups[0]["w2"][:, :32]}])
+  with pytest.raises(ValueError, match="1..4 ACMs"):
+    call(x, groups * 5)
+  with pytest.raises(ValueError, match="block_hidden=48 must be a power of two"):
+    call(x, groups, block_hidden=48)
+  with pytest.raises(ValueError, match="block_out=128 does not divide d=64"):
+    call(x, groups, block_out=128)
+  with pytest.raises(ValueError, match="unknown kernel settings"):
+    call(x, groups, block_cols=32)
+  with pytest.raises(ValueError, match="GPUs only"):
+    af.acm_group(x, groups, num_learners=n, interpret=False)
+  with pytest.raises(ValueError, match="at least one token"):
+    inference.acm_group_apply(jnp.zeros((0, 5, 64)), groups, num_learners=n, impl="pallas")
