@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from acm_jax import acm as acm_lib
-from acm_jax.models import transformer
-from acm_jax.models.vit import ViTConfig
+from acm_jax import transformer
+from acm_jax.vit.model import ViTConfig
 
 # elementwise work per element, roughly as XLA counts it
 _LAYER_NORM = 7
@@ -109,7 +109,7 @@ def mean_compute_fraction(config: ViTConfig, mean_k: Mapping[str, float]) -> flo
   return sum(mean_k[p] * c for p, c in zip(paths, costs)) / sum(n * c for c in costs)
 
 
-# --- baselines (acm_jax/baselines); token counts may be arrays (per example) -------
+# --- baselines (acm_jax/vit/baselines); token counts may be arrays (per example) -------
 
 
 def dense_block_flops(config: ViTConfig, tokens):

@@ -31,6 +31,7 @@ import numpy as np
 
 from acm_jax import sharding
 from acm_jax.train import phases, steps
+from acm_jax.vit import task as vit_task
 from acm_jax.train.config import ExperimentConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -90,7 +91,7 @@ def setup(*, batch_size: int, mesh: str | None = None, strategy: str = "dp", dev
                          eval_batch_size=batch_size, sharding=strategy, remat=remat, dtype=dtype, acm_attention=True,
                          gate_depth=3, gate_hidden=16, finetune_steps=1000)
   # built for all devices with a batch they divide, then given the requested devices and batch
-  exp = phases.build(dataclasses.replace(cfg, batch_size=jax.device_count(), eval_batch_size=jax.device_count()))
+  exp = vit_task.build(dataclasses.replace(cfg, batch_size=jax.device_count(), eval_batch_size=jax.device_count()))
   exp = dataclasses.replace(exp, config=dataclasses.replace(cfg, mesh=mesh),
                             partitioner=sharding.Partitioner.from_flags(mesh, strategy, devices))
   model_ = exp.task.acm_model if acm else exp.task.dense_model

@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from acm_jax.speech import ctc
-from acm_jax.train import phases, speech
+from acm_jax.wav2vec2 import ctc
+from acm_jax.train import phases
+from acm_jax.wav2vec2 import task as speech
 from experiments import wav2vec2_commonvoice
 
 HERE = Path(__file__).resolve().parent

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jax
 
-from acm_jax.speech import ctc
+from acm_jax.wav2vec2 import ctc
 from experiments import wav2vec2_commonvoice
 
 HERE = Path(__file__).resolve().parent

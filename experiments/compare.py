@@ -22,9 +22,10 @@ import functools
 import sys
 import time
 
-from acm_jax import baselines
+from acm_jax.vit import baselines
 from acm_jax.train import config as config_lib
 from acm_jax.train import phases
+from acm_jax.vit import task as vit_task
 
 ANY_BUDGETS = "0.25,0.375,0.5,0.625,0.75"
 THRESHOLDS = "0.5,0.6,0.7,0.8,0.9,0.95,0.99,0.999"
@@ -85,7 +86,7 @@ def plan(args, cfg: config_lib.ExperimentConfig, bcfg: baselines.BaselineConfig)
     any_budgets = _numbers("eval_budget", str(args.eval_budget), float, 0.0, 1.0, low_open=True)
   _numbers("any_budget_model", str(args.any_budget_model), float, 0.0, 1.0, low_open=True)
   thresholds = _numbers("thresholds", args.thresholds, float, 0.0, 1.0)
-  exp = phases.build(cfg)
+  exp = vit_task.build(cfg)
   depth, mlp_dim = exp.task.dense_model.config.depth, exp.task.dense_model.config.mlp_dim
   bcfg.validate(mlp_dim)
   e = bcfg.num_experts

@@ -16,6 +16,7 @@ import time
 
 from acm_jax.train import config as config_lib
 from acm_jax.train import phases
+from acm_jax.vit import task as vit_task
 
 EVAL_MODELS = ("dense", "acm", "static")
 
@@ -92,7 +93,7 @@ def sweep(exp: phases.Experiment, budgets: list[float]) -> list[dict]:
   """The accuracy-compute curve in one command: the shared phases (a finished one is
   only restored), one finetuning per budget from the same gates checkpoint, the static
   baseline, and the evaluation of each."""
-  per_budget = [phases.build(dataclasses.replace(exp.config, budget=b)) for b in budgets]
+  per_budget = [vit_task.build(dataclasses.replace(exp.config, budget=b)) for b in budgets]
   if exp.config.init is None:
     phases.pretrain(exp)
   phases.distill(exp)
@@ -105,7 +106,7 @@ def sweep(exp: phases.Experiment, budgets: list[float]) -> list[dict]:
 
 
 def run(args: argparse.Namespace, cfg: config_lib.ExperimentConfig) -> list[dict]:
-  exp = phases.build(cfg)  # validates everything before any work
+  exp = vit_task.build(cfg)  # validates everything before any work
   if args.eval_models is not None:
     bad = [m for m in args.eval_models.split(",") if m not in EVAL_MODELS]
     if bad:

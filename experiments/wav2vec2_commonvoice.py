@@ -18,10 +18,10 @@ import argparse
 import sys
 import time
 
-from acm_jax.checkpoints.formats import CheckpointError
+from acm_jax.vit.formats import CheckpointError
 from acm_jax.train import config as config_lib
 from acm_jax.train import phases
-from acm_jax.train import speech
+from acm_jax.wav2vec2 import task as speech
 from experiments import vit_imagenet
 
 EVAL_MODELS = vit_imagenet.EVAL_MODELS

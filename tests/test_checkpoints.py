@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from acm_jax import acm
-from acm_jax import checkpoints
+from acm_jax.vit import checkpoints
 from acm_jax.acmize import flatten, unflatten
-from acm_jax.models import vit
+from acm_jax.vit import model as vit
 
 PEER = dict(image_size=32, patch_size=8, dim=192, depth=2, num_heads=3, mlp_dim=768, num_classes=10)
 TOL = 1e-4

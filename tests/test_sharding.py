@@ -34,15 +34,16 @@ def _tiny_experiment(config, devices=None, mesh="data:1", strategy="fsdp"):
   from acm_jax import data as data_lib
   from acm_jax import flops as flops_lib
   from acm_jax import sharding
-  from acm_jax.models import vit
+  from acm_jax.vit import model as vit
   from acm_jax.train import phases
+  from acm_jax.vit import task as vit_task
   info = data_lib.get_dataset_info("synthetic", image_size=16)
   dense = vit.ViTConfig(image_size=16, patch_size=4, dim=32, depth=2, num_heads=2, mlp_dim=64,
                         num_classes=info.num_classes)
   acm = dataclasses.replace(dense, acm=acm_lib.ACMConfig(
       num_learners=4, gate_hidden=8, impl="xla")).validate()
   return phases.Experiment(
-      dataclasses.replace(config, image_size=16), phases.vision_task(dense, acm, jnp.float32), info,
+      dataclasses.replace(config, image_size=16), vit_task.vision_task(dense, acm, jnp.float32), info,
       sample_input=jnp.zeros((1, 16, 16, 3)), iterator=data_lib.make_iterator, group_masks=True,
       flops=lambda mean_k, is_dense: flops_lib.vit_flops(dense if is_dense else acm, mean_k),
       partitioner=sharding.Partitioner.from_flags(mesh, strategy, devices))
@@ -293,7 +294,8 @@ def test_every_parameter_of_vit_and_wav2vec2_has_logical_axes():
   import jax.numpy as jnp
   from acm_jax import acm as acm_lib
   from acm_jax import sharding
-  from acm_jax.models import vit, wav2vec2
+  from acm_jax.vit import model as vit
+  from acm_jax.wav2vec2 import model as wav2vec2
   acm = acm_lib.ACMConfig(attention=True, gate_depth=2)
   for model, sample in ((vit.ViT(vit.get_config("tiny", acm=acm)), jnp.zeros((1, 32, 32, 3))),
                         (vit.ViT(vit.get_config("tiny")), jnp.zeros((1, 32, 32, 3))),
@@ -359,7 +361,7 @@ def test_remat_gives_the_same_gradients():
   import jax
   import jax.numpy as jnp
   from acm_jax import acm as acm_lib
-  from acm_jax.models import vit
+  from acm_jax.vit import model as vit
   cfg = vit.get_config("tiny", depth=2, acm=acm_lib.ACMConfig(gate_hidden=8))
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   params = vit.ViT(cfg).init(jax.random.key(0), images)["params"]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from acm_jax import acm, acmize, flops
-from acm_jax.models import transformer, vit
+from acm_jax import transformer
+from acm_jax.vit import model as vit
 
 SMALL = dict(image_size=16, patch_size=4, dim=32, depth=3, num_heads=4, mlp_dim=128, num_classes=7)
 

@@ -17,10 +17,10 @@ import numpy as np
 
 from acm_jax import acm as acm_lib
 from acm_jax import flops as flops_lib
-from acm_jax.data import speech as speech_data, speech_synth
-from acm_jax.models import wav2vec2
-from acm_jax.speech import ctc
-from acm_jax.speech import flops as speech_flops
+from acm_jax.wav2vec2 import data as speech_data, synth as speech_synth
+from acm_jax.wav2vec2 import model as wav2vec2
+from acm_jax.wav2vec2 import ctc
+from acm_jax.wav2vec2 import flops as speech_flops
 from acm_jax.train import phases, steps
 from acm_jax.train.config import ExperimentConfig
 
@@ -83,7 +83,7 @@ def synth_config(config: SpeechConfig) -> speech_synth.SpeechSynthConfig:
 
 def _model_config(config: SpeechConfig, vocab_size: int) -> wav2vec2.Wav2Vec2Config:
   if config.init is not None:
-    from acm_jax.checkpoints import wav2vec2_hf
+    from acm_jax.wav2vec2 import hf as wav2vec2_hf
     return wav2vec2_hf.config_for_init(config.init, config.model, vocab_size=vocab_size)
   if config.model == "from_init":
     raise ValueError("--model=from_init needs --init=<Hugging Face Wav2Vec2 checkpoint directory>")
@@ -173,7 +173,7 @@ def build_speech(config: SpeechConfig) -> phases.Experiment:
     return out
 
   def load_init(path, expected):
-    from acm_jax.checkpoints import wav2vec2_hf
+    from acm_jax.wav2vec2 import hf as wav2vec2_hf
     return wav2vec2_hf.load(path, expected)
 
   info = {"dataset": config.dataset, "language": config.language, "vocab": vocab.symbols,

@@ -17,8 +17,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from acm_jax.baselines import common, early_exit, moefication, token_halting
+from acm_jax.vit.baselines import common, early_exit, moefication, token_halting
 from acm_jax.train import loop, phases
+from acm_jax.vit import task as vit_task
 
 PyTree = Any
 METHODS = ("acm", "static", "moefication", "early_exit", "token_halting")
@@ -148,10 +149,10 @@ def run_acm(exp: phases.Experiment, bcfg: BaselineConfig, budgets: list[float], 
             any_model_budget: float) -> list[dict]:
   """One ACM finetuned per budget, and one (at `any_model_budget`) calibrated to
   each of `any_budgets` at inference (method "acm_any_budget")."""
-  from acm_jax.baselines import calibration
+  from acm_jax.vit.baselines import calibration
   records = []
   for budget in sorted(set(budgets) | ({any_model_budget} if any_budgets else set())):
-    run = phases.build(dataclasses.replace(exp.config, budget=budget))
+    run = vit_task.build(dataclasses.replace(exp.config, budget=budget))
     evals = [run.run_dir("finetune") / "eval.json"] if budget in budgets else []
     calibrated = {t: run.run_dir("finetune") / f"any_budget_{t:.3f}.json"
                   for t in (any_budgets if budget == any_model_budget else [])}
@@ -171,7 +172,7 @@ def run_acm(exp: phases.Experiment, bcfg: BaselineConfig, budgets: list[float], 
 def run_static(exp: phases.Experiment, static_ks: list[int]) -> list[dict]:
   records = []
   for k in static_ks:
-    run = phases.build(dataclasses.replace(exp.config, static_k=k))
+    run = vit_task.build(dataclasses.replace(exp.config, static_k=k))
     path = run.run_dir("static") / "eval.json"
     if not path.exists():
       _unless_finished(exp, "distill")

@@ -1,7 +1,7 @@
 """Pieces every baseline shares: the dense ViT as pure functions of its params,
 training through the shared loop, and evaluation on the shared test batches.
 
-The functions read the dense ViT's own parameter tree (`acm_jax.models.vit`
+The functions read the dense ViT's own parameter tree (`acm_jax.vit.model`
 names), so a baseline is the dense params plus a few extra parameters (routers,
 exit heads, halting scalars) and its own forward pass built from these pieces.
 """
@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from acm_jax.models import transformer
-from acm_jax.models.vit import ViTConfig
+from acm_jax import transformer
+from acm_jax.vit.model import ViTConfig
 from acm_jax.train import loop, optim, phases
 
 PyTree = Any

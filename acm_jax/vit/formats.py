@@ -1,7 +1,7 @@
 """Reading checkpoints of other ViT implementations and renaming them to ours.
 
 Every reader returns a `Converted`: flat parameters under our names (see
-`acm_jax.models.vit`), where each came from (for error messages), the source
+`acm_jax.vit.model`), where each came from (for error messages), the source
 names that have no counterpart in our ViT, and what the file says about the
 architecture beyond shapes (heads, LayerNorm epsilon, activation).
 
@@ -316,7 +316,7 @@ def _ours(weights: Path, container: str, raw: dict, config: dict | None) -> Conv
     # a run directory's config.json names the preset the params were trained with
     run_config = weights.parent / "config.json"
     preset = read_json(run_config).get("model") if run_config.exists() else None
-    from acm_jax.models import vit
+    from acm_jax.vit import model as vit
     base = vit.PRESETS.get(preset)
     return Converted(str(weights), "orbax", raw, origin, [], base.num_heads if base else None,
                      base.layer_norm_eps if base else None)

@@ -15,8 +15,8 @@ import numpy as np
 
 from acm_jax import acm as acm_lib
 from acm_jax.acmize import flatten, unflatten
-from acm_jax.checkpoints import formats
-from acm_jax.models import vit
+from acm_jax.vit import formats
+from acm_jax.vit import model as vit
 
 PyTree = Any
 

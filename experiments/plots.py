@@ -546,12 +546,13 @@ def build_models(workdir: Path, reference: Run, batch_size: int) -> Models:
 
   from acm_jax.train import config as config_lib
   from acm_jax.train import phases
+  from acm_jax.vit import task as vit_task
 
   cfg = config_lib.load(reference.path / "config.json")
   # the dense model comes from pretrain/ or from the --init checkpoint, when that is still there
   cfg = dataclasses.replace(cfg, workdir=str(workdir), init=cfg.init if cfg.init and Path(cfg.init).exists() else None)
   try:
-    exp = phases.build(cfg)
+    exp = vit_task.build(cfg)
   except (ValueError, FileNotFoundError, ImportError) as e:
     raise Skip(f"cannot rebuild the model of {reference.name} from its config.json: {e}") from None
   compiled: dict = {}
@@ -733,7 +734,7 @@ def plot_shift(report: Report, results: list[dict], examples: int, severity: int
 def mlp_share(model: str) -> float | None:
   """Share of a dense ViT preset's FLOPs in its MLPs (what MLP-only ACMs scale), or None."""
   from acm_jax import flops as flops_lib
-  from acm_jax.models import vit
+  from acm_jax.vit import model as vit
 
   try:
     cfg = vit.get_config(model)

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from acm_jax.acmize import flatten, unflatten
-from acm_jax.checkpoints.formats import CheckpointError, read_json, read_safetensors, read_torch
-from acm_jax.models import wav2vec2
+from acm_jax.vit.formats import CheckpointError, read_json, read_safetensors, read_torch
+from acm_jax.wav2vec2 import model as wav2vec2
 
 PyTree = Any
 

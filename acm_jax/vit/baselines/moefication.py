@@ -25,8 +25,8 @@ import optax
 
 from acm_jax import acm as acm_lib
 from acm_jax import flops as flops_lib
-from acm_jax.baselines import common
-from acm_jax.models.vit import ViTConfig
+from acm_jax.vit.baselines import common
+from acm_jax.vit.model import ViTConfig
 from acm_jax.train import steps
 
 PyTree = dict

@@ -10,8 +10,8 @@ from typing import Mapping
 
 from acm_jax import acm as acm_lib
 from acm_jax import flops as flops_lib
-from acm_jax.models import transformer
-from acm_jax.models.wav2vec2 import Wav2Vec2Config
+from acm_jax import transformer
+from acm_jax.wav2vec2.model import Wav2Vec2Config
 
 _NORM = 7
 _GELU = 64

@@ -1,0 +1,1 @@
+"""The Vision Transformer family: model, FLOP count, checkpoint formats, image task, baselines."""
