@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import einops
 import flax.linen as nn
@@ -28,13 +28,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from acm_jax import inference
+
 Params = Mapping[str, jax.Array]
 
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-    "identity": lambda x: x,
+
+@dataclasses.dataclass(frozen=True)
+class Activation:
+  fn: Callable[[jax.Array], jax.Array]
+  flops: int  # per element, roughly as XLA counts it (exact GELU's erf is a long polynomial)
+
+
+# the one table of activations: learners, dense blocks and FLOP counts all read it
+ACTIVATIONS: dict[str, Activation] = {
+    "gelu": Activation(functools.partial(jax.nn.gelu, approximate=False), 64),
+    "gelu_tanh": Activation(functools.partial(jax.nn.gelu, approximate=True), 16),
+    "relu": Activation(jax.nn.relu, 1),
+    "identity": Activation(lambda x: x, 0),
 }
 
 GRAD_MODES = ("detach", "no_detach")
@@ -43,7 +53,12 @@ GRAD_MODES = ("detach", "no_detach")
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
   if name not in ACTIVATIONS:
     raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
-  return ACTIVATIONS[name]
+  return ACTIVATIONS[name].fn
+
+
+def activation_flops(name: str) -> int:
+  get_activation(name)
+  return ACTIVATIONS[name].flops
 
 
 def num_learners_of(params: Params, learner_width: int) -> int:
@@ -142,6 +157,16 @@ def learner_flops(dim: int, learner_width: int, activation: str = "gelu") -> int
   return 4 * dim * learner_width + learner_width
 
 
+def compute_fraction(mean_k: Sequence, learner_costs: Sequence[float], num_learners: Sequence[int]):
+  """C: executed learner cost over the cost of running every learner, in [0, 1].
+
+  One entry per ACM: its mean chosen k (a number or an array, e.g. per example),
+  its learner cost and its N. ACMs are weighted by their learner cost.
+  """
+  spent = sum(k * c for k, c in zip(mean_k, learner_costs, strict=True))
+  return spent / sum(n * c for n, c in zip(num_learners, learner_costs, strict=True))
+
+
 class Gate(nn.Module):
   """Token -> N+1 choice logits: linear (depth 1) or an MLP of `depth` layers."""
   num_choices: int
@@ -218,10 +243,10 @@ class ACM(nn.Module):
     else:
       raise ValueError(f"unknown ACM mode {mode!r}; expected gumbel, full, fixed or argmax")
     self.sow("acm", "choice", jax.nn.one_hot(k, n + 1, dtype=jnp.float32))
-    if self.impl == "xla" or mode != "argmax":
+    if mode != "argmax" or inference.resolve_impl(self.impl) == "xla":
       return acm_apply(params, x, k, **kwargs)
-    from acm_jax import inference  # the kernel path imports Pallas lazily
-    return inference.acm_apply_sorted_per_shard(params, x, k, impl=self.impl, **kwargs)
+    return inference.acm_apply_sorted_per_shard(params, x, k, choice_bias(params, n).astype(x.dtype),
+                                                impl=self.impl, **kwargs)
 
 
 def _fixed_choices(fixed_k: int | jax.Array | None, num_learners: int, shape: tuple[int, ...]) -> jax.Array:

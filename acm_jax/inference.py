@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from acm_jax import acm
 from acm_jax import sharding
 
 IMPLS = ("auto", "xla", "pallas", "triton")
@@ -29,15 +28,18 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
-def acm_apply_sorted(params: acm.Params, x: jax.Array, k: jax.Array, *, num_learners: int,
+def acm_apply_sorted(params, x: jax.Array, k: jax.Array, bias_table: jax.Array, *, num_learners: int,
                      activation: str = "gelu", impl: str = "auto", **kernel_kwargs) -> jax.Array:
-  """Same function as `acm.acm_apply`, computed on tokens sorted by k.
+  """Same function as `acm.acm_apply`, computed by a kernel on tokens sorted by k.
 
-  x: (..., dim), k: (...,) int in 0..N. Returns (..., dim).
+  params: w1, b1, w2 as in `acm_jax.acm`; x: (..., dim), k: (...,) int in 0..N;
+  bias_table: (N+1, dim) cumulative output bias per choice (`acm.choice_bias`).
+  Returns (..., dim). The XLA path is `acm.acm_apply` itself (the `ACM` module
+  chooses between the two), so impl must resolve to a kernel.
   """
   impl = resolve_impl(impl)
   if impl == "xla":
-    return acm.acm_apply(params, x, k, num_learners=num_learners, activation=activation)
+    raise ValueError("acm_apply_sorted runs the kernels ('pallas', 'triton'); for 'xla' call acm.acm_apply")
   if impl == "pallas":
     from pallas_kernels.acm_mlp import acm_mlp as kernel
   else:
@@ -47,14 +49,13 @@ def acm_apply_sorted(params: acm.Params, x: jax.Array, k: jax.Array, *, num_lear
   flat_x, flat_k = x.reshape(-1, dim), k.reshape(-1).astype(jnp.int32)
   # the kernels gather x's rows and scatter the output rows through `order`
   # themselves: no sorted copy of x, no unsort pass over the output
-  out = kernel(flat_x, flat_k, params["w1"], params["b1"], params["w2"],
-               acm.choice_bias(params, num_learners).astype(x.dtype),
+  out = kernel(flat_x, flat_k, params["w1"], params["b1"], params["w2"], bias_table.astype(x.dtype),
                num_learners=num_learners, activation=activation,
                order=sort_order(flat_k, num_learners), **kernel_kwargs)
   return out.reshape(*lead_shape, dim)
 
 
-def acm_apply_sorted_per_shard(params: acm.Params, x: jax.Array, k: jax.Array, **kwargs) -> jax.Array:
+def acm_apply_sorted_per_shard(params, x: jax.Array, k: jax.Array, bias_table: jax.Array, **kwargs) -> jax.Array:
   """`acm_apply_sorted` run by every device on its own batch shard when the
   current mesh (`jax.set_mesh`, as `sharding.Partitioner.jit` sets) splits the
   batch: a global sort would gather every token onto every device. x: (batch, ..., dim).
@@ -63,8 +64,8 @@ def acm_apply_sorted_per_shard(params: acm.Params, x: jax.Array, k: jax.Array, *
   mesh = jax.sharding.get_abstract_mesh()
   if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
     # no batch split, or a batch the mesh cannot split (e.g. the 1-example model.init)
-    return acm_apply_sorted(params, x, k, **kwargs)
+    return acm_apply_sorted(params, x, k, bias_table, **kwargs)
   rows = P(axes)
   # the Pallas kernels carry no varying-axis annotations, hence check_vma=False
-  return jax.shard_map(functools.partial(acm_apply_sorted, **kwargs), in_specs=(P(), rows, rows),
-                       out_specs=rows, check_vma=False)(params, x, k)
+  return jax.shard_map(functools.partial(acm_apply_sorted, **kwargs), in_specs=(P(), rows, rows, P()),
+                       out_specs=rows, check_vma=False)(params, x, k, bias_table)

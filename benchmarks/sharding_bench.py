@@ -65,7 +65,7 @@ class StepSetup:
     return self.parts.shard_batch(host, self.batch_size)
 
   def sharded_step(self):
-    return phases._keyed_step(self.step_fn, self.parts, self.state_shardings)
+    return phases.keyed_step(self.step_fn, self.parts, self.state_shardings)
 
   def plain_step(self):
     """The step as jitted before the sharding layer: no shardings given."""
@@ -96,7 +96,7 @@ def setup(*, batch_size: int, mesh: str | None = None, strategy: str = "dp", dev
                             partitioner=sharding.Partitioner.from_flags(mesh, strategy, devices))
   model_ = exp.task.acm_model if acm else exp.task.dense_model
   params = jax.eval_shape(lambda: model_.init(jax.random.key(0), exp.sample_input)["params"])
-  tx = phases._optimizer(exp, "finetune", params)
+  tx = phases.optimizer(exp, "finetune", params)
   if acm:
     step_fn = functools.partial(steps.finetune_step, exp.task, tx, steps.FinetuneWeights(budget=0.5))
   else:

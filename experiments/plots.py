@@ -25,6 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
+from acm_jax import acm as acm_lib  # noqa: E402
+
 DPI = 100
 CORRUPTIONS = ("noise", "blur", "contrast")
 # a layer whose most frequent k takes this share of its tokens counts as collapsed
@@ -545,7 +547,6 @@ def build_models(workdir: Path, reference: Run, batch_size: int) -> Models:
   import jax
 
   from acm_jax.train import config as config_lib
-  from acm_jax.train import phases
   from acm_jax.vit import task as vit_task
 
   cfg = config_lib.load(reference.path / "config.json")
@@ -631,9 +632,8 @@ def plot_token_maps(report: Report, models: Models, runs: list[Run], images: dic
 
 def _compute_fraction(k: np.ndarray, specs) -> float:
   """Mean executed learner cost over the full cost, from k per ACM (acms, batch, tokens)."""
-  costs = np.array([s.learner_cost for s in specs], np.float64)
-  full = np.array([s.num_learners * s.learner_cost for s in specs], np.float64)
-  return float(k.reshape(len(specs), -1).mean(1) @ costs / full.sum())
+  mean_k = k.reshape(len(specs), -1).mean(1)
+  return float(acm_lib.compute_fraction(mean_k, [s.learner_cost for s in specs], [s.num_learners for s in specs]))
 
 
 def _k_shares(k: np.ndarray, specs) -> dict[str, list[float]]:
@@ -734,6 +734,7 @@ def plot_shift(report: Report, results: list[dict], examples: int, severity: int
 def mlp_share(model: str) -> float | None:
   """Share of a dense ViT preset's FLOPs in its MLPs (what MLP-only ACMs scale), or None."""
   from acm_jax import flops as flops_lib
+  from acm_jax.vit import flops as vit_flops
   from acm_jax.vit import model as vit
 
   try:
@@ -742,7 +743,7 @@ def mlp_share(model: str) -> float | None:
     return None
   mlp = cfg.depth * flops_lib.encoder_block_flops(cfg.num_tokens, cfg.dim, cfg.mlp_dim, cfg.num_heads,
                                                   cfg.activation)["mlp"]
-  return mlp / flops_lib.vit_flops(cfg)["total"]
+  return mlp / vit_flops.vit_flops(cfg)["total"]
 
 
 # --- the report ---------------------------------------------------------------------------------

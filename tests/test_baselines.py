@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from acm_jax import flops
+from acm_jax.vit import flops
 from acm_jax.vit.baselines import calibration, common, early_exit, moefication, token_halting
 from acm_jax import transformer
 from acm_jax.vit import model as vit

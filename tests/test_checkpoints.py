@@ -388,7 +388,7 @@ def test_entry_point_evaluates_an_imported_model(hf_dir, tmp_path, capsys):
   argv = ["--phase=eval", "--eval_models=dense", f"--init={hf_dir}", "--model=from_init",
           f"--workdir={tmp_path}", "--eval_examples=64", "--eval_batch_size=64"]
   assert vit_imagenet.main(argv) == 0
-  record = json.loads((tmp_path / "eval.json").read_text())
+  record = json.loads((tmp_path / "eval.json").read_text())["dense"]  # the work dir's summary, keyed by model
   assert record["model"] == "dense" and record["examples"] == 64 and record["gflops_per_image"] > 0
   assert "top-1" in capsys.readouterr().out
   # a preset of another shape is refused with the fields that differ

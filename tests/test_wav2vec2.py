@@ -11,7 +11,7 @@ import pytest
 from acm_jax import acm as acm_lib
 from acm_jax.acmize import acmize
 from acm_jax.wav2vec2 import hf as wav2vec2_hf
-from acm_jax.vit.formats import CheckpointError
+from acm_jax.checkpoint_io import CheckpointError
 from acm_jax.wav2vec2 import model as wav2vec2
 from acm_jax.wav2vec2 import flops as speech_flops
 

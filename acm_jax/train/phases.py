@@ -28,8 +28,7 @@ from acm_jax import losses
 from acm_jax import sharding as sharding_lib
 from acm_jax.train import loop, optim, steps
 from acm_jax.train.config import ExperimentConfig
-
-PyTree = Any
+from acm_jax.pytree import PyTree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,20 +90,20 @@ def new_state(params: PyTree, tx, seed: int) -> PyTree:
           "rng": jax.random.key_data(jax.random.key(seed))}
 
 
-def _batches(exp: Experiment, split: str = "train", with_masks: bool = False):
+def train_batches(exp: Experiment, split: str = "train", with_masks: bool = False):
   cfg = exp.config
   return lambda start: exp.iterator(cfg.dataset, split, cfg.batch_size, image_size=cfg.image_size,
                                     seed=cfg.seed, data_dir=cfg.data_dir, start_step=start, with_masks=with_masks)
 
 
-def _optimizer(exp: Experiment, phase: str, params: PyTree, trainable=lambda path: True, **fast):
+def optimizer(exp: Experiment, phase: str, params: PyTree, trainable=lambda path: True, **fast):
   cfg = exp.config
   return optim.make_optimizer(params, lr=cfg.phase_lr(phase), steps=cfg.phase_steps(phase),
                               warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay,
                               clip_norm=cfg.clip_norm, trainable=trainable, **fast)
 
 
-def _keyed_step(step_fn, parts: sharding_lib.Partitioner, state_shardings: PyTree, teacher: PyTree = None):
+def keyed_step(step_fn, parts: sharding_lib.Partitioner, state_shardings: PyTree, teacher: PyTree = None):
   """Adapts a step over a raw-key state to one the loop can checkpoint, jitted with
   explicit shardings and the state donated. A frozen `teacher` goes in as an
   argument (a closed-over one would be baked into the program as constants)."""
@@ -121,7 +120,7 @@ def _keyed_step(step_fn, parts: sharding_lib.Partitioner, state_shardings: PyTre
   return step
 
 
-def _prepare(exp: Experiment, phase: str, params: PyTree, tx, step_fn, teacher: PyTree = None):
+def prepare(exp: Experiment, phase: str, params: PyTree, tx, step_fn, teacher: PyTree = None):
   """A phase's initial state placed on the mesh, its jitted step and its sharded
   batches (`batches(start_step)`). `step_fn(state, batch)`, or
   `step_fn(teacher, state, batch)` with a teacher."""
@@ -130,13 +129,13 @@ def _prepare(exp: Experiment, phase: str, params: PyTree, tx, step_fn, teacher: 
   seed = cfg.seed + 17 * len(phase)
   state, shardings = parts.create(lambda p: new_state(p, tx, seed), parts.put(params))
   teacher = None if teacher is None else parts.put(teacher)
-  batches = lambda start: (parts.shard_batch(b, cfg.batch_size) for b in _batches(exp)(start))
-  return state, _keyed_step(step_fn, parts, shardings, teacher), batches
+  batches = lambda start: (parts.shard_batch(b, cfg.batch_size) for b in train_batches(exp)(start))
+  return state, keyed_step(step_fn, parts, shardings, teacher), batches
 
 
-def _train(exp: Experiment, phase: str, params: PyTree, tx, step_fn, teacher: PyTree = None) -> PyTree:
+def train(exp: Experiment, phase: str, params: PyTree, tx, step_fn, teacher: PyTree = None) -> PyTree:
   cfg = exp.config
-  state, step, batches = _prepare(exp, phase, params, tx, step_fn, teacher)
+  state, step, batches = prepare(exp, phase, params, tx, step_fn, teacher)
   final = loop.run(name=phase, run_dir=exp.run_dir(phase), state=state, step_fn=step,
                    batches=batches, num_steps=cfg.phase_steps(phase),
                    checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, config_json=cfg.to_json())
@@ -154,16 +153,16 @@ def dense_params(exp: Experiment) -> PyTree:
 
 def pretrain(exp: Experiment) -> PyTree:
   params = init_params(exp, "dense", exp.config.seed)
-  tx = _optimizer(exp, "pretrain", params)
+  tx = optimizer(exp, "pretrain", params)
   step = functools.partial(steps.pretrain_step, exp.task, tx, exp.config.label_smoothing)
-  return _train(exp, "pretrain", params, tx, step)
+  return train(exp, "pretrain", params, tx, step)
 
 
-def _is_learner(paths: list[str], key: str) -> bool:
+def is_learner(paths: list[str], key: str) -> bool:
   return any(key.startswith(p + "/") and "/gate/" not in key[len(p):] for p in paths)
 
 
-def _is_gate(paths: list[str], key: str) -> bool:
+def is_gate(paths: list[str], key: str) -> bool:
   return any(key.startswith(p + "/gate/") for p in paths)
 
 
@@ -172,9 +171,9 @@ def distill(exp: Experiment) -> PyTree:
   teacher = dense_params(exp)
   params = acmize(teacher, init_params(exp, "acm", exp.config.seed), exp.task.paths,
                   num_learners=exp.config.num_learners)
-  tx = _optimizer(exp, "distill", params, functools.partial(_is_learner, exp.task.paths))
+  tx = optimizer(exp, "distill", params, functools.partial(is_learner, exp.task.paths))
   step = functools.partial(steps.distill_step, exp.task, tx, exp.config.grad_mode)
-  params = _train(exp, "distill", params, tx, step, teacher)
+  params = train(exp, "distill", params, tx, step, teacher)
   write_json(exp.run_dir("distill") / "distill_errors.json", distill_errors(exp, teacher, params))
   return params
 
@@ -182,10 +181,10 @@ def distill(exp: Experiment) -> PyTree:
 def gates(exp: Experiment) -> PyTree:
   teacher = dense_params(exp)
   params = loop.load_params(exp.run_dir("distill"), abstract_params(exp, "acm"), "distill phase")
-  tx = _optimizer(exp, "gates", params, functools.partial(_is_gate, exp.task.paths))
+  tx = optimizer(exp, "gates", params, functools.partial(is_gate, exp.task.paths))
   cfg = exp.config
   step = functools.partial(steps.gate_step, exp.task, tx, cfg.gating_error_factor, cfg.label_rule)
-  params = _train(exp, "gates", params, tx, step, teacher)
+  params = train(exp, "gates", params, tx, step, teacher)
   write_json(exp.run_dir("gates") / "label_distribution.json", label_distribution(exp, teacher, params))
   return params
 
@@ -193,26 +192,26 @@ def gates(exp: Experiment) -> PyTree:
 def finetune(exp: Experiment) -> PyTree:
   params = loop.load_params(exp.run_dir("gates"), abstract_params(exp, "acm"), "gates phase")
   cfg = exp.config
-  tx = _optimizer(exp, "finetune", params, fast=functools.partial(_is_gate, exp.task.paths),
+  tx = optimizer(exp, "finetune", params, fast=functools.partial(is_gate, exp.task.paths),
                   fast_lr_scale=cfg.finetune_gate_lr_scale)
   weights = steps.FinetuneWeights(cfg.budget, cfg.budget_loss, cfg.budget_weight, cfg.entropy_weight,
                                   cfg.diversity_weight, cfg.gate_temperature, cfg.label_smoothing)
-  return _train(exp, "finetune", params, tx, functools.partial(steps.finetune_step, exp.task, tx, weights))
+  return train(exp, "finetune", params, tx, functools.partial(steps.finetune_step, exp.task, tx, weights))
 
 
 def static(exp: Experiment) -> PyTree:
   """The static-width baseline, finetuned from the distilled learners like the ACM."""
   params = loop.load_params(exp.run_dir("distill"), abstract_params(exp, "acm"), "distill phase")
   cfg = exp.config
-  tx = _optimizer(exp, "static", params, lambda key: not _is_gate(exp.task.paths, key))
+  tx = optimizer(exp, "static", params, lambda key: not is_gate(exp.task.paths, key))
   step = functools.partial(steps.static_step, exp.task, tx, cfg.resolved_static_k, cfg.label_smoothing)
-  return _train(exp, "static", params, tx, step)
+  return train(exp, "static", params, tx, step)
 
 
 # --- evaluation ------------------------------------------------------------------
 
 
-def _eval_batches(exp: Experiment, with_masks: bool):
+def eval_batches(exp: Experiment, with_masks: bool):
   """Test batches padded to a fixed size (with a "valid" mask) so eval compiles once."""
   cfg = exp.config
   seen = 0
@@ -240,7 +239,7 @@ def evaluate(exp: Experiment, params: PyTree, model: str, mode: str, fixed_k: in
                                      forced_k=forced_k),
                    (parts.shardings(params), parts.batch_sharding()), parts.replicated)
   totals, host = None, []
-  for batch in _eval_batches(exp, with_masks=exp.group_masks):
+  for batch in eval_batches(exp, with_masks=exp.group_masks):
     out = jax.device_get(step(params, parts.shard_batch(batch, exp.config.eval_batch_size)))
     if "host" in out:
       host.append((out.pop("host"), batch))
@@ -262,8 +261,9 @@ def evaluate(exp: Experiment, params: PyTree, model: str, mode: str, fixed_k: in
   record.update(
       gflops_per_image=flops_lib.gflops(counts["total"]),
       gate_gflops_per_image=flops_lib.gflops(counts["gate"]),
-      compute_fraction=sum(mean_k[s.path] * s.learner_cost for s in specs)
-      / sum(s.num_learners * s.learner_cost for s in specs),
+      compute_fraction=float(acm_lib.compute_fraction([mean_k[s.path] for s in specs],
+                                                      [s.learner_cost for s in specs],
+                                                      [s.num_learners for s in specs])),
       mean_k_per_layer=mean_k,
       k_share_per_layer={path: (h / h.sum()).tolist() for path, h in hist.items()},
       distinct_k_per_layer={path: int(np.sum(h > 0)) for path, h in hist.items()})
@@ -294,7 +294,7 @@ def _per_acm_on_test(exp: Experiment, teacher: PyTree, params: PyTree, fn, max_b
       out[spec.path] = fn(spec, prefix, y, jnp.ones(y.shape[:2]) if real is None else real)
     return out
 
-  results = [jax.device_get(per_batch(b)) for _, b in zip(range(max_batches), _eval_batches(exp, False))]
+  results = [jax.device_get(per_batch(b)) for _, b in zip(range(max_batches), eval_batches(exp, False))]
   return {path: np.stack([r[path] for r in results]) for path in exp.task.paths}
 
 

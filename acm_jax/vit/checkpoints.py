@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +31,8 @@ import numpy as np
 from acm_jax.acmize import flatten, unflatten
 from acm_jax.vit.export import export_safetensors, load_safetensors
 from acm_jax.vit.formats import HEADS_BY_DIM, CheckpointError, Converted, read
+from acm_jax.pytree import PyTree
 
-PyTree = Any
 
 __all__ = ["CheckpointError", "export_safetensors", "load_dense", "load_safetensors", "read_architecture",
            "resize_pos_embedding", "vit_config_for_init"]

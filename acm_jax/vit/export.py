@@ -17,8 +17,7 @@ from acm_jax import acm as acm_lib
 from acm_jax.acmize import flatten, unflatten
 from acm_jax.vit import formats
 from acm_jax.vit import model as vit
-
-PyTree = Any
+from acm_jax.pytree import PyTree
 
 
 def config_to_dict(config: vit.ViTConfig) -> dict:

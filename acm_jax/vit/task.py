@@ -18,11 +18,12 @@ import jax.numpy as jnp
 from acm_jax import acm as acm_lib
 from acm_jax import data as data_lib
 from acm_jax import flops as flops_lib
-from acm_jax import losses
+from acm_jax import losses, registry
 from acm_jax import sharding as sharding_lib
 from acm_jax.train import steps
 from acm_jax.train.config import ExperimentConfig
 from acm_jax.train.phases import Experiment
+from acm_jax.vit import flops as vit_flops
 from acm_jax.vit import model as vit
 
 
@@ -78,7 +79,7 @@ def build(config: ExperimentConfig) -> Experiment:
   dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
 
   def count(mean_k, dense):
-    return flops_lib.vit_flops(dense_config if dense else acm_config, mean_k)
+    return vit_flops.vit_flops(dense_config if dense else acm_config, mean_k)
 
   return Experiment(config, vision_task(dense_config, acm_config, dtype), info,
                     sample_input=jnp.zeros((1, info.image_size, info.image_size, 3), dtype), flops=count,
@@ -91,3 +92,18 @@ def _load_dense(path: str, expected):
   return checkpoints.load_dense(path, expected)
 
 
+
+
+FAMILY = registry.register(registry.Family(
+    name="vit",
+    description=__doc__ + """
+Embedded default (no download, CPU):  python -m experiments.vit_imagenet --phase=all
+Accuracy-compute curve (one ACM per budget from the same gates checkpoint):
+                                      python -m experiments.vit_imagenet --phase=sweep --budgets=0.25,0.5,0.75
+ImageNet with a pretrained ViT-B/16:  python -m experiments.vit_imagenet --phase=all \\
+    --dataset=tfds:imagenet2012 --data_dir=$TFDS_DIR --model=vit_b16 --init=ckpt.npz ...
+""",
+    config_class=ExperimentConfig, build=build, model_presets=tuple(vit.PRESETS),
+    columns=(registry.Column("top-1", "top1", 100.0, "%", 8), registry.Column("GFLOPs/img", "gflops_per_image",
+                                                                              width=11, digits=4)),
+    checkpoint_formats=("orbax", "acm_jax", "hf", "timm", "augreg")))

@@ -15,13 +15,13 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from acm_jax.vit.baselines import common, early_exit, moefication, token_halting
 from acm_jax.train import loop, phases
 from acm_jax.vit import task as vit_task
+from acm_jax.pytree import PyTree
 
-PyTree = Any
 METHODS = ("acm", "static", "moefication", "early_exit", "token_halting")
 
 
