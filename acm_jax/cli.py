@@ -192,3 +192,11 @@ def main(family_name: str, argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     return 130
   return 0
+
+
+def main_vit() -> int:  # the acm-jax-vit console script
+  return main("vit", sys.argv[1:])
+
+
+def main_wav2vec2() -> int:  # the acm-jax-wav2vec2 console script
+  return main("wav2vec2", sys.argv[1:])
