@@ -225,28 +225,47 @@ class ACM(nn.Module):
       params["b2"] = self.param("b2", nn.initializers.zeros, (n + 1, self.dim))
     params = {name: value.astype(x.dtype) for name, value in params.items()}
     logits = Gate(n + 1, self.gate_depth, self.gate_hidden, name="gate")(x)
-    relative_cost = jnp.arange(n + 1, dtype=jnp.float32) * (width / self.dim)
-    logits = mask_choices(logits.astype(jnp.float32) - cost_shift * relative_cost, self.min_choice)
+    rng = self.make_rng("gumbel") if mode == "gumbel" else None
+    y, logits, choice = gated_apply(params, x, logits, num_learners=n, activation=self.activation,
+                                    min_choice=self.min_choice, mode=mode, fixed_k=fixed_k,
+                                    temperature=temperature, cost_shift=cost_shift, rng=rng, impl=self.impl)
     self.sow("acm", "logits", logits)
-    kwargs = dict(num_learners=n, activation=self.activation)
+    self.sow("acm", "choice", choice)
+    return y
 
-    if mode == "gumbel":
-      choice = gumbel_softmax_st(self.make_rng("gumbel"), logits, temperature)
-      self.sow("acm", "choice", choice)
-      return acm_apply_soft(params, x, choice, **kwargs)
-    if mode == "full":
-      k = jnp.full(x.shape[:-1], n, jnp.int32)
-    elif mode == "fixed":
-      k = _fixed_choices(fixed_k, n, x.shape[:-1])
-    elif mode == "argmax":
-      k = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    else:
-      raise ValueError(f"unknown ACM mode {mode!r}; expected gumbel, full, fixed or argmax")
-    self.sow("acm", "choice", jax.nn.one_hot(k, n + 1, dtype=jnp.float32))
-    if mode != "argmax" or inference.resolve_impl(self.impl) == "xla":
-      return acm_apply(params, x, k, **kwargs)
-    return inference.acm_apply_sorted_per_shard(params, x, k, choice_bias(params, n).astype(x.dtype),
-                                                impl=self.impl, **kwargs)
+
+def gated_apply(params: Params, x: jax.Array, logits: jax.Array, *, num_learners: int, activation: str,
+                min_choice: int = 0, mode: str = "argmax", fixed_k: int | jax.Array | None = None,
+                temperature: float = 1.0, cost_shift: float | jax.Array = 0.0, rng: jax.Array | None = None,
+                impl: str = "xla") -> tuple[jax.Array, jax.Array, jax.Array]:
+  """An ACM's output under its gate in one of `ACM`'s modes, as a pure function.
+
+  x: (..., dim); logits: the gate's raw (..., N+1) logits; rng: for mode="gumbel".
+  Returns (output (..., dim_out), the shifted and masked logits, one-hot choices (..., N+1)).
+  """
+  n = num_learners
+  width = params["w1"].shape[1] // n
+  relative_cost = jnp.arange(n + 1, dtype=jnp.float32) * (width / x.shape[-1])
+  logits = mask_choices(logits.astype(jnp.float32) - cost_shift * relative_cost, min_choice)
+  kwargs = dict(num_learners=n, activation=activation)
+  if mode == "gumbel":
+    if rng is None:
+      raise ValueError("mode='gumbel' needs an rng (a 'gumbel' rng stream in Flax)")
+    choice = gumbel_softmax_st(rng, logits, temperature)
+    return acm_apply_soft(params, x, choice, **kwargs), logits, choice
+  if mode == "full":
+    k = jnp.full(x.shape[:-1], n, jnp.int32)
+  elif mode == "fixed":
+    k = _fixed_choices(fixed_k, n, x.shape[:-1])
+  elif mode == "argmax":
+    k = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  else:
+    raise ValueError(f"unknown ACM mode {mode!r}; expected gumbel, full, fixed or argmax")
+  choice = jax.nn.one_hot(k, n + 1, dtype=jnp.float32)
+  if mode != "argmax" or inference.resolve_impl(impl) == "xla":
+    return acm_apply(params, x, k, **kwargs), logits, choice
+  y = inference.acm_apply_sorted_per_shard(params, x, k, choice_bias(params, n).astype(x.dtype), impl=impl, **kwargs)
+  return y, logits, choice
 
 
 def _fixed_choices(fixed_k: int | jax.Array | None, num_learners: int, shape: tuple[int, ...]) -> jax.Array:
