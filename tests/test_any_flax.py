@@ -122,7 +122,7 @@ def test_big_vision_mlps_become_exact_acms_in_every_mode(vit):
 
 def test_kernel_path_equals_the_xla_path(vit):
   model, variables, images = vit
-  blocks = any_flax.find_blocks(model, variables, images, patterns=["*/MlpBlock_0"])
+  blocks = any_flax.find_blocks(model, variables, images, patterns=["Transformer/*/MlpBlock_0"])
   xla = any_flax.ACMized(model, blocks, num_learners=4)
   params = xla.acmize(variables["params"], jax.random.key(2))
   kernel = any_flax.ACMized(model, blocks, num_learners=4, impl="pallas")  # interpreted on the CPU
@@ -133,7 +133,7 @@ def test_kernel_path_equals_the_xla_path(vit):
 def test_projections_become_acms_too(vit):
   model, variables, images = vit
   blocks = any_flax.find_blocks(model, variables, images, linear=True,
-                                patterns=["*/MlpBlock_0", "*/proj"])
+                                patterns=["Transformer/*/MlpBlock_0", "Transformer/*/proj"])
   assert sorted(b.kind for b in blocks) == ["linear", "linear", "mlp", "mlp"]
   acm_model = any_flax.ACMized(model, blocks, num_learners=4)
   params = acm_model.acmize(variables["params"], jax.random.key(2))
@@ -149,8 +149,8 @@ def test_library_steps_train_a_foreign_model(vit):
   from acm_jax import losses
   model, variables, images = vit
   labels = jnp.arange(3) % 5
-  acm_model = any_flax.ACMized(model, any_flax.find_blocks(model, variables, images, patterns=["*/MlpBlock_0"]),
-                               num_learners=4, gate_hidden=8)
+  blocks = any_flax.find_blocks(model, variables, images, patterns=["Transformer/*/MlpBlock_0"])
+  acm_model = any_flax.ACMized(model, blocks, num_learners=4, gate_hidden=8)
   task = steps.Task(
       dense_model=acm_model.dense(), acm_model=acm_model, acm_specs=acm_model.specs(), inputs=lambda b: b["image"],
       loss=lambda logits, b, ls: losses.classification_loss(logits, b["label"], ls),
@@ -180,10 +180,91 @@ def test_library_steps_train_a_foreign_model(vit):
 def test_bad_patterns_list_the_candidates(vit):
   model, variables, images = vit
   with pytest.raises(ValueError, match=re.escape("matches no module")) as e:
-    any_flax.find_blocks(model, variables, images, patterns=["*/Mlp_9"])
+    any_flax.find_blocks(model, variables, images, patterns=["Transformer/*/Mlp_9"])
   assert "Transformer/encoderblock_0/MlpBlock_0" in str(e.value) and "\n" not in str(e.value)
   with pytest.raises(ValueError, match="not Dense-activation-Dense") as e:
     any_flax.find_blocks(model, variables, images, patterns=["Transformer/encoderblock_0"])
   assert "Transformer/encoderblock_1/MlpBlock_0" in str(e.value)
   with pytest.raises(ValueError, match="not Dense-activation-Dense"):
     any_flax.find_blocks(model, variables, images, patterns=["head"])  # a Dense, without linear=True
+
+
+# --- a Flax NNX model ------------------------------------------------------------------------------
+
+
+class NNXMlp(nnx.Module):
+  def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs):
+    self.up = nnx.Linear(dim, hidden, rngs=rngs)
+    self.down = nnx.Linear(hidden, dim, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down(nnx.gelu(self.up(x), approximate=False))
+
+
+class NNXNet(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.embed = nnx.Linear(6, 8, rngs=rngs)
+    self.block_0 = NNXMlp(8, 32, rngs)
+    self.block_1 = NNXMlp(8, 32, rngs)
+    self.head = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.embed(x)
+    x = x + self.block_0(x)
+    x = x + self.block_1(x)
+    return self.head(x.mean(1))
+
+
+def _gelu(z):
+  from scipy.special import erf
+  return 0.5 * z * (1 + erf(z / np.sqrt(2)))
+
+
+def test_nnx_mlps_become_exact_acms_that_the_library_trains():
+  import functools
+
+  from acm_jax import losses
+  model = NNXNet(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (4, 5, 6))
+  dense_out = model(x)
+  acmized = any_flax.acmize_nnx(model, ["block_*"], num_learners=4, gate_hidden=8, rngs=nnx.Rngs(1))
+  assert [(b.path, b.activation, b.first, b.second) for b in acmized.blocks] == [
+      ("block_0", "gelu", "up", "down"), ("block_1", "gelu", "up", "down")]
+  params = acmized.params()
+  assert set(params["block_0"]) == {"w1", "b1", "w2", "b2", "gate"}
+  np.testing.assert_allclose(acmized.apply({"params": params}, x, mode="full"), dense_out, rtol=1e-5, atol=1e-5)
+  for mode, kwargs in (("fixed", {"fixed_k": 3}), ("argmax", {}), ("gumbel", {"rngs": {"gumbel": jax.random.key(2)}})):
+    _, aux = acmized.apply({"params": params}, x, mode=mode, mutable=["acm", "record"], **kwargs)
+    for block in acmized.blocks:
+      xb, yb = aux["record"][block.path]["io"]
+      k = np.argmax(aux["acm"][block.path]["choice"][0], -1)
+      assert mode != "fixed" or (k == 3).all()
+      np.testing.assert_allclose(yb, _reference_acm(params[block.path], xb, k, 4, _gelu), rtol=1e-4, atol=1e-4)
+
+  labels = jnp.arange(4) % 3
+  task = steps.Task(dense_model=acmized.dense(), acm_model=acmized, acm_specs=acmized.specs(),
+                    inputs=lambda b: b["x"], loss=lambda out, b, ls: losses.classification_loss(out, b["label"], ls),
+                    score=lambda out, b: {"examples": jnp.float32(4), "top1": jnp.sum(jnp.argmax(out, -1) == b["label"])})
+  batch = {"x": x, "label": labels}
+  teacher = params  # k = N of the freshly ACMized model is the dense model
+  student = jax.tree.map(lambda p: p * 0.5, params)
+  tx = optax.adam(1e-2)
+  state = {"step": jnp.zeros((), jnp.int32), "params": student, "opt_state": tx.init(student),
+           "rng": jax.random.key(3)}
+  distill = jax.jit(functools.partial(steps.distill_step, task, tx, "detach", teacher))
+  state, first = distill(state, batch)
+  for _ in range(20):
+    state, metrics = distill(state, batch)
+  assert metrics["loss"] < 0.5 * first["loss"]
+  state, metrics = jax.jit(functools.partial(steps.gate_step, task, tx, 1.2, "ours", teacher))(state, batch)
+  state, metrics = jax.jit(functools.partial(steps.finetune_step, task, tx, steps.FinetuneWeights()))(state, batch)
+  assert np.isfinite(metrics["loss"]) and 0 <= metrics["compute"] <= 1
+
+
+def test_nnx_bad_patterns_list_the_candidates():
+  model = NNXNet(nnx.Rngs(0))
+  with pytest.raises(ValueError, match="matches no module") as e:
+    any_flax.acmize_nnx(model, ["mlp_*"])
+  assert "block_0" in str(e.value) and "block_1" in str(e.value)
+  with pytest.raises(ValueError, match="not Linear-activation-Linear"):
+    any_flax.acmize_nnx(model, ["head"])
