@@ -268,3 +268,14 @@ def test_nnx_bad_patterns_list_the_candidates():
   assert "block_0" in str(e.value) and "block_1" in str(e.value)
   with pytest.raises(ValueError, match="not Linear-activation-Linear"):
     any_flax.acmize_nnx(model, ["head"])
+
+
+def _python_blocks(path: Path) -> str:
+  return "\n".join(re.findall(r"```python\n(.*?)```", path.read_text(), re.S))
+
+
+def test_docs_library_runs_as_written():
+  namespace = {}
+  exec(compile(_python_blocks(ROOT / "docs" / "library.md"), "docs/library.md", "exec"), namespace)
+  assert [b.path for b in namespace["blocks"]] == ["mlp_0", "mlp_1"]
+  assert np.isfinite(namespace["metrics"]["loss"])
