@@ -279,3 +279,8 @@ def test_docs_library_runs_as_written():
   exec(compile(_python_blocks(ROOT / "docs" / "library.md"), "docs/library.md", "exec"), namespace)
   assert [b.path for b in namespace["blocks"]] == ["mlp_0", "mlp_1"]
   assert np.isfinite(namespace["metrics"]["loss"])
+
+
+def test_readme_library_snippet_runs_as_written(capsys):
+  exec(compile(_python_blocks(ROOT / "README.md"), "README.md", "exec"), {})
+  assert capsys.readouterr().out.split("\n")[0] == "(2, 10, 32) (2, 10, 5)"
