@@ -26,8 +26,9 @@ EVAL_MODELS = ("dense", "acm", "static")
 
 
 def parse(family: registry.Family, argv: list[str] | None) -> tuple[argparse.Namespace, config_lib.ExperimentConfig]:
-  parser = config_lib.ArgumentParser(description=family.description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = config_lib.ArgumentParser(
+      description=family.description, formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog=f"--init reads these checkpoint formats: {', '.join(family.checkpoint_formats)}")
   phases_text = ", ".join((*config_lib.PHASES, "sweep"))
   parser.add_argument("--phase", default="all", type=config_lib.choice_parser((*config_lib.PHASES, "sweep")),
                       metavar="PHASE", help=f"what to run; allowed: {phases_text}; default: all")

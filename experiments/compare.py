@@ -22,7 +22,7 @@ import functools
 import sys
 import time
 
-from acm_jax.vit import baselines
+from acm_jax.vit.baselines import runs as baselines
 from acm_jax.train import config as config_lib
 from acm_jax.train import phases
 from acm_jax.vit import model as vit

@@ -7,7 +7,7 @@ Run directories under `config.workdir`:
   finetune_b{budget}/  end-to-end finetuning at a budget
   static_k{k}/         the static-width baseline
 Each holds config.json, metrics.jsonl, checkpoints/ and, once finished, params/
-and eval.json; `<workdir>/eval.json` holds the latest evaluation.
+and eval.json; `<workdir>/eval.json` sums up every evaluated model (`acm_jax.cli`).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from acm_jax.train import steps
 from acm_jax.train.config import ExperimentConfig
 from acm_jax.train.phases import Experiment
 from acm_jax.vit import flops as vit_flops
+from acm_jax.vit import formats
 from acm_jax.vit import model as vit
 
 
@@ -106,4 +107,4 @@ ImageNet with a pretrained ViT-B/16:  python -m experiments.vit_imagenet --phase
     config_class=ExperimentConfig, build=build, model_presets=tuple(vit.PRESETS),
     columns=(registry.Column("top-1", "top1", 100.0, "%", 8), registry.Column("GFLOPs/img", "gflops_per_image",
                                                                               width=11, digits=4)),
-    checkpoint_formats=("orbax", "acm_jax", "hf", "timm", "augreg")))
+    checkpoint_formats=formats.FORMATS))

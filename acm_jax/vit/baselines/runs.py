@@ -1,0 +1,188 @@
+"""Baselines that convert the same dense ViT as the ACM, for one accuracy-compute plot.
+
+Each `run_<method>(exp, bcfg, settings)` trains what the method needs through
+the shared loop (resumable), evaluates every setting on the shared test batches
+with the shared FLOP accounting, and returns curve records
+{method, setting, gflops_per_image, top1, budget_or_threshold, ...}. A finished
+setting's record is cached as JSON in its run directory and reused.
+Run directories under the experiment's workdir: moefication/, early_exit/,
+token_halting_d{depth}/ (the ACM and static width use `phases`' own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Callable
+
+from acm_jax.vit.baselines import calibration, common, early_exit, moefication, token_halting
+from acm_jax.train import loop, phases
+from acm_jax.train.config import flag
+from acm_jax.vit import task as vit_task
+from acm_jax.pytree import PyTree
+
+METHODS = ("acm", "static", "moefication", "early_exit", "token_halting")
+
+
+@dataclasses.dataclass
+class BaselineConfig:
+  """Flags of the baselines (the shared ones live in `ExperimentConfig`)."""
+  baseline_steps: int | None = flag(None, "training steps of each baseline run (default: --finetune_steps)")
+  num_experts: int = flag(16, "MoEfication experts per MLP (must divide the MLP width)")
+  router_hidden: int = flag(128, "hidden width of the MoEfication router")
+  router_lr: float = flag(3e-3, "learning rate of the MoEfication routers")
+  exit_lr: float = flag(1e-3, "learning rate of the early-exit heads")
+  halting_lr: float | None = flag(None, "learning rate of token halting, which finetunes the whole model "
+                                  "like the ACM (default: --finetune_lr)")
+  ponder_weight: float = flag(5e-3, "weight of token halting's ponder loss")
+  prior_weight: float = flag(0.1, "weight of token halting's depth-prior loss")
+  halting_eps: float = flag(0.01, "token halting's threshold slack, in (0, 1)")
+  calibration_examples: int = flag(256, "held-out train examples that calibrate any-budget shifts (>= 1)")
+
+  def steps(self, exp: phases.Experiment) -> int:
+    return self.baseline_steps or exp.config.finetune_steps
+
+  def validate(self, num_mlp_units: int) -> "BaselineConfig":
+    if self.baseline_steps is not None and self.baseline_steps < 1:
+      raise ValueError(f"--baseline_steps must be >= 1, got {self.baseline_steps}")
+    if self.num_experts < 1 or num_mlp_units % self.num_experts:
+      raise ValueError(f"--num_experts={self.num_experts} must divide the MLP width {num_mlp_units}")
+    if self.calibration_examples < 1:
+      raise ValueError(f"the calibration batch has no tokens: --calibration_examples={self.calibration_examples}")
+    if not 0.0 < self.halting_eps < 1.0:
+      raise ValueError(f"--halting_eps must be in (0, 1), got {self.halting_eps}")
+    return self
+
+
+def cached(path: Path, compute: Callable[[], dict]) -> dict:
+  if path.exists():
+    return json.loads(path.read_text())
+  record = compute()
+  phases.write_json(path, record)
+  return record
+
+
+def all_cached(paths: list[Path]) -> bool:
+  """Whether every evaluation of a run is on disk: the run need not even be loaded."""
+  return all(p.exists() for p in paths)
+
+
+def curve_record(method: str, setting: str, value: float, record: dict) -> dict:
+  return {"method": method, "setting": setting, "budget_or_threshold": value,
+          "gflops_per_image": record["gflops_per_image"], "top1": record["top1"],
+          **{k: v for k, v in record.items() if k not in ("gflops_per_image", "top1", "model")}}
+
+
+def _on_images(exp: phases.Experiment, forward, params, batch):
+  return forward(params, exp.task.inputs(batch))
+
+
+def run_moefication(exp: phases.Experiment, bcfg: BaselineConfig, dense: Callable[[], PyTree],
+                    top_ks: list[int]) -> list[dict]:
+  cfg = common.dense_config(exp)
+  run_dir = exp.workdir / "moefication"
+  evals = {k: run_dir / f"eval_k{k}.json" for k in top_ks}
+  if not all_cached(list(evals.values())):
+    params = moefication.init(cfg, dense(), bcfg.num_experts, bcfg.router_hidden, exp.config.seed)
+    num_steps = bcfg.steps(exp)
+    tx = common.optimizer(exp, params, bcfg.router_lr, num_steps, common.frozen_except(("routers/",)))
+    step = functools.partial(moefication.router_step, exp.task, bcfg.num_experts, bcfg.router_hidden, tx)
+    params = common.train(exp, run_dir, params, tx, step, num_steps)
+  records = []
+  for k in top_ks:
+    forward = functools.partial(_on_images, exp, functools.partial(
+        moefication.eval_forward, cfg, bcfg.num_experts, k, bcfg.router_hidden))
+    record = cached(evals[k], lambda: common.evaluate(exp, forward, params))
+    records.append(curve_record("moefication", f"top{k}/{bcfg.num_experts}", k / bcfg.num_experts, record))
+  return records
+
+
+def run_early_exit(exp: phases.Experiment, bcfg: BaselineConfig, dense: Callable[[], PyTree],
+                   thresholds: list[float]) -> list[dict]:
+  cfg = common.dense_config(exp)
+  run_dir = exp.workdir / "early_exit"
+  evals = {t: run_dir / f"eval_t{t:g}.json" for t in thresholds}
+  if not all_cached(list(evals.values())):
+    params = early_exit.init(cfg, dense())
+    num_steps = bcfg.steps(exp)
+    tx = common.optimizer(exp, params, bcfg.exit_lr, num_steps, common.frozen_except(("exits/",)))
+    step = functools.partial(early_exit.exit_step, exp.task, exp.config.label_smoothing, tx)
+    params = common.train(exp, run_dir, params, tx, step, num_steps)
+  records = []
+  for threshold in thresholds:
+    forward = functools.partial(_on_images, exp, functools.partial(early_exit.forward, cfg, threshold))
+    record = cached(evals[threshold], lambda: common.evaluate(exp, forward, params))
+    records.append(curve_record("early_exit", f"threshold {threshold:g}", threshold, record))
+  return records
+
+
+def run_token_halting(exp: phases.Experiment, bcfg: BaselineConfig, dense: Callable[[], PyTree],
+                      target_depths: list[float]) -> list[dict]:
+  cfg = common.dense_config(exp)
+  num_steps = bcfg.steps(exp)
+  lr = bcfg.halting_lr or exp.config.finetune_lr
+  records = []
+  for depth in target_depths:
+    run_dir = exp.workdir / f"token_halting_d{depth:g}"
+    halting = token_halting.Halting(bcfg.halting_eps, bcfg.ponder_weight, bcfg.prior_weight, depth)
+    if not all_cached([run_dir / "eval.json"]):
+      params = token_halting.init(dense())
+      tx = common.optimizer(exp, params, lr, num_steps)
+      step = functools.partial(token_halting.halting_step, exp.task, halting, exp.config.label_smoothing, tx)
+      params = common.train(exp, run_dir, params, tx, step, num_steps)
+    forward = functools.partial(_on_images, exp, functools.partial(token_halting.eval_forward, cfg, halting))
+    record = cached(run_dir / "eval.json", lambda: common.evaluate(exp, forward, params))
+    records.append(curve_record("token_halting", f"target depth {depth:g}/{cfg.depth}", depth / cfg.depth, record))
+  return records
+
+
+def has_dense_checkpoint(exp: phases.Experiment) -> bool:
+  return exp.config.init is not None or loop.params_dir(exp.run_dir("pretrain")).exists()
+
+
+def _unless_finished(exp: phases.Experiment, phase: str) -> None:
+  if not loop.params_dir(exp.run_dir(phase)).exists():
+    getattr(phases, phase)(exp)
+
+
+def run_acm(exp: phases.Experiment, bcfg: BaselineConfig, budgets: list[float], any_budgets: list[float],
+            any_model_budget: float) -> list[dict]:
+  """One ACM finetuned per budget, and one (at `any_model_budget`) calibrated to
+  each of `any_budgets` at inference (method "acm_any_budget")."""
+  records = []
+  for budget in sorted(set(budgets) | ({any_model_budget} if any_budgets else set())):
+    run = vit_task.build(dataclasses.replace(exp.config, budget=budget))
+    evals = [run.run_dir("finetune") / "eval.json"] if budget in budgets else []
+    calibrated = {t: run.run_dir("finetune") / f"any_budget_{t:.3f}.json"
+                  for t in (any_budgets if budget == any_model_budget else [])}
+    if not all_cached(evals + list(calibrated.values())):
+      _unless_finished(exp, "distill")
+      _unless_finished(exp, "gates")
+      params = phases.finetune(run)
+    if evals:
+      record = cached(evals[0], lambda: phases.evaluate(run, params, f"acm_b{budget:.2f}", "argmax"))
+      records.append(curve_record("acm", f"finetuned at budget {budget:g}", budget, record))
+    for target, path in calibrated.items():
+      record = cached(path, lambda: calibration.evaluate_at_budget(run, params, target, bcfg.calibration_examples))
+      records.append(curve_record("acm_any_budget", f"b{budget:g} model calibrated to {target:g}", target, record))
+  return records
+
+
+def run_static(exp: phases.Experiment, static_ks: list[int]) -> list[dict]:
+  records = []
+  for k in static_ks:
+    run = vit_task.build(dataclasses.replace(exp.config, static_k=k))
+    path = run.run_dir("static") / "eval.json"
+    if not path.exists():
+      _unless_finished(exp, "distill")
+      params = phases.static(run)
+    record = cached(path, lambda: phases.evaluate(run, params, f"static_k{k}", "fixed", fixed_k=k))
+    records.append(curve_record("static", f"k={k}/{exp.config.num_learners}", k / exp.config.num_learners, record))
+  return records
+
+
+def run_dense(exp: phases.Experiment, dense: Callable[[], PyTree]) -> list[dict]:
+  record = cached(exp.workdir / "dense_eval.json", lambda: phases.evaluate(exp, dense(), "dense", "dense"))
+  return [curve_record("dense", "dense", 1.0, record)]
