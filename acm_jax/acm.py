@@ -21,7 +21,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import einops
 import flax.linen as nn
@@ -29,13 +29,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from acm_jax import inference
+
 Params = Mapping[str, jax.Array]
 
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-    "identity": lambda x: x,
+
+@dataclasses.dataclass(frozen=True)
+class Activation:
+  fn: Callable[[jax.Array], jax.Array]
+  flops: int  # per element, roughly as XLA counts it (exact GELU's erf is a long polynomial)
+
+
+# the one table of activations: learners, dense blocks and FLOP counts all read it
+ACTIVATIONS: dict[str, Activation] = {
+    "gelu": Activation(functools.partial(jax.nn.gelu, approximate=False), 64),
+    "gelu_tanh": Activation(functools.partial(jax.nn.gelu, approximate=True), 16),
+    "relu": Activation(jax.nn.relu, 1),
+    "identity": Activation(lambda x: x, 0),
 }
 
 GRAD_MODES = ("detach", "no_detach")
@@ -53,7 +63,12 @@ def forcing() -> bool:
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
   if name not in ACTIVATIONS:
     raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
-  return ACTIVATIONS[name]
+  return ACTIVATIONS[name].fn
+
+
+def activation_flops(name: str) -> int:
+  get_activation(name)
+  return ACTIVATIONS[name].flops
 
 
 def num_learners_of(params: Params, learner_width: int) -> int:
@@ -152,6 +167,16 @@ def learner_flops(dim: int, learner_width: int, activation: str = "gelu") -> int
   return 4 * dim * learner_width + learner_width
 
 
+def compute_fraction(mean_k: Sequence, learner_costs: Sequence[float], num_learners: Sequence[int]):
+  """C: executed learner cost over the cost of running every learner, in [0, 1].
+
+  One entry per ACM: its mean chosen k (a number or an array, e.g. per example),
+  its learner cost and its N. ACMs are weighted by their learner cost.
+  """
+  spent = sum(k * c for k, c in zip(mean_k, learner_costs, strict=True))
+  return spent / sum(n * c for n, c in zip(num_learners, learner_costs, strict=True))
+
+
 class Gate(nn.Module):
   """Token -> N+1 choice logits: linear (depth 1) or an MLP of `depth` layers."""
   num_choices: int
@@ -214,13 +239,9 @@ class ACM(nn.Module):
     params = {name: value.astype(x.dtype) for name, value in params.items()}
     gate = Gate(n + 1, self.gate_depth, self.gate_hidden, name="gate")
     raw_logits = gate(x)  # unused (and removed by XLA) where the fused kernel computes the gate itself
-    relative_cost = jnp.arange(n + 1, dtype=jnp.float32) * (width / self.dim)
-    logits = mask_choices(raw_logits.astype(jnp.float32) - cost_shift * relative_cost, self.min_choice)
-    self.sow("acm", "logits", logits)
-    kwargs = dict(num_learners=n, activation=self.activation)
-
-    if mode == GROUP_INPUTS or (mode == "argmax" and self.fused()):
+    if mode == GROUP_INPUTS or (mode == "argmax" and fused_impl(self.impl)):
       # the gate, the choice and the learners in the fused kernels (`inference.acm_group_apply`)
+      self.sow("acm", "logits", shifted_logits(raw_logits, n, width / self.dim, cost_shift, self.min_choice))
       spec = dict(params)
       if self.gate_depth == 1:
         gate_params = gate.variables["params"]["out"]
@@ -229,32 +250,58 @@ class ACM(nn.Module):
         spec["logits"] = raw_logits
       if mode == GROUP_INPUTS:
         return spec
-      from acm_jax import inference  # the kernel path imports Pallas lazily
-      (out,), k = inference.acm_group_apply(x, [spec], min_choice=self.min_choice, cost_shift=cost_shift,
-                                            impl="pallas", **kwargs)
+      (y,), k = inference.acm_group_apply(x, [spec], num_learners=n, activation=self.activation,
+                                          min_choice=self.min_choice, cost_shift=cost_shift)
       self.sow("acm", "choice", jax.nn.one_hot(k[0], n + 1, dtype=jnp.float32))
-      return out
-    if mode == "gumbel":
-      choice = gumbel_softmax_st(self.make_rng("gumbel"), logits, temperature)
-      self.sow("acm", "choice", choice)
-      return acm_apply_soft(params, x, choice, **kwargs)
-    if mode == "full":
-      k = jnp.full(x.shape[:-1], n, jnp.int32)
-    elif mode == "fixed":
-      k = _fixed_choices(fixed_k, n, x.shape[:-1])
-    elif mode == "argmax":
-      k = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    else:
-      raise ValueError(f"unknown ACM mode {mode!r}; expected gumbel, full, fixed or argmax")
-    self.sow("acm", "choice", jax.nn.one_hot(k, n + 1, dtype=jnp.float32))
-    if self.impl == "xla" or mode != "argmax":
-      return acm_apply(params, x, k, **kwargs)
-    from acm_jax import inference  # the kernel path imports Pallas lazily
-    return inference.acm_apply_sorted_per_shard(params, x, k, impl=self.impl, **kwargs)
+      return y
+    rng = self.make_rng("gumbel") if mode == "gumbel" else None
+    y, logits, choice = gated_apply(params, x, raw_logits, num_learners=n, activation=self.activation,
+                                    min_choice=self.min_choice, mode=mode, fixed_k=fixed_k,
+                                    temperature=temperature, cost_shift=cost_shift, rng=rng, impl=self.impl)
+    self.sow("acm", "logits", logits)
+    self.sow("acm", "choice", choice)
+    return y
 
-  def fused(self) -> bool:
-    return fused_impl(self.impl)
 
+def shifted_logits(logits: jax.Array, num_learners: int, width_over_dim: float, cost_shift: float | jax.Array,
+                   min_choice: int) -> jax.Array:
+  """Raw gate logits (..., N+1) -> float32, choice k lowered by cost_shift * k * h / d, choices
+  below min_choice removed."""
+  relative_cost = jnp.arange(num_learners + 1, dtype=jnp.float32) * width_over_dim
+  return mask_choices(logits.astype(jnp.float32) - cost_shift * relative_cost, min_choice)
+
+
+def gated_apply(params: Params, x: jax.Array, logits: jax.Array, *, num_learners: int, activation: str,
+                min_choice: int = 0, mode: str = "argmax", fixed_k: int | jax.Array | None = None,
+                temperature: float = 1.0, cost_shift: float | jax.Array = 0.0, rng: jax.Array | None = None,
+                impl: str = "xla") -> tuple[jax.Array, jax.Array, jax.Array]:
+  """An ACM's output under its gate in one of `ACM`'s modes, as a pure function.
+
+  x: (..., dim); logits: the gate's raw (..., N+1) logits; rng: for mode="gumbel".
+  Returns (output (..., dim_out), the shifted and masked logits, one-hot choices (..., N+1)).
+  """
+  n = num_learners
+  width = params["w1"].shape[1] // n
+  logits = shifted_logits(logits, n, width / x.shape[-1], cost_shift, min_choice)
+  kwargs = dict(num_learners=n, activation=activation)
+  if mode == "gumbel":
+    if rng is None:
+      raise ValueError("mode='gumbel' needs an rng (a 'gumbel' rng stream in Flax)")
+    choice = gumbel_softmax_st(rng, logits, temperature)
+    return acm_apply_soft(params, x, choice, **kwargs), logits, choice
+  if mode == "full":
+    k = jnp.full(x.shape[:-1], n, jnp.int32)
+  elif mode == "fixed":
+    k = _fixed_choices(fixed_k, n, x.shape[:-1])
+  elif mode == "argmax":
+    k = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  else:
+    raise ValueError(f"unknown ACM mode {mode!r}; expected gumbel, full, fixed or argmax")
+  choice = jax.nn.one_hot(k, n + 1, dtype=jnp.float32)
+  if mode != "argmax" or inference.resolve_impl(impl) == "xla":
+    return acm_apply(params, x, k, **kwargs), logits, choice
+  y = inference.acm_apply_sorted_per_shard(params, x, k, choice_bias(params, n).astype(x.dtype), impl=impl, **kwargs)
+  return y, logits, choice
 
 def fused_impl(impl: str) -> bool:
   """Whether an ACM of this impl runs mode "argmax" on the fused Pallas path (gate inside

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-PyTree = Any
+from acm_jax.pytree import PyTree
 
 
 def flatten(params: PyTree) -> dict[str, Any]:

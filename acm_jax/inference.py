@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from acm_jax import acm
 from acm_jax import sharding
 
 IMPLS = ("auto", "xla", "pallas", "triton")
@@ -29,15 +28,18 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
-def acm_apply_sorted(params: acm.Params, x: jax.Array, k: jax.Array, *, num_learners: int,
+def acm_apply_sorted(params, x: jax.Array, k: jax.Array, bias_table: jax.Array, *, num_learners: int,
                      activation: str = "gelu", impl: str = "auto", **kernel_kwargs) -> jax.Array:
-  """Same function as `acm.acm_apply`, computed on tokens sorted by k.
+  """Same function as `acm.acm_apply`, computed by a kernel on tokens sorted by k.
 
-  x: (..., dim), k: (...,) int in 0..N. Returns (..., dim).
+  params: w1, b1, w2 as in `acm_jax.acm`; x: (..., dim), k: (...,) int in 0..N;
+  bias_table: (N+1, dim) cumulative output bias per choice (`acm.choice_bias`).
+  Returns (..., dim). The XLA path is `acm.acm_apply` itself (the `ACM` module
+  chooses between the two), so impl must resolve to a kernel.
   """
   impl = resolve_impl(impl)
   if impl == "xla":
-    return acm.acm_apply(params, x, k, num_learners=num_learners, activation=activation)
+    raise ValueError("acm_apply_sorted runs the kernels ('pallas', 'triton'); for 'xla' call acm.acm_apply")
   if impl == "pallas":
     from pallas_kernels.acm_mlp import acm_mlp as kernel
   else:
@@ -47,26 +49,21 @@ def acm_apply_sorted(params: acm.Params, x: jax.Array, k: jax.Array, *, num_lear
   flat_x, flat_k = x.reshape(-1, dim), k.reshape(-1).astype(jnp.int32)
   # the kernels gather x's rows and scatter the output rows through `order`
   # themselves: no sorted copy of x, no unsort pass over the output
-  out = kernel(flat_x, flat_k, params["w1"], params["b1"], params["w2"],
-               acm.choice_bias(params, num_learners).astype(x.dtype),
+  out = kernel(flat_x, flat_k, params["w1"], params["b1"], params["w2"], bias_table.astype(x.dtype),
                num_learners=num_learners, activation=activation,
                order=sort_order(flat_k, num_learners), **kernel_kwargs)
   return out.reshape(*lead_shape, dim)
 
 
 def acm_group_apply(x: jax.Array, groups: list[dict], *, num_learners: int, activation: str = "gelu",
-                    min_choice: int = 0, cost_shift: float | jax.Array = 0.0, impl: str = "auto",
-                    **kernel_kwargs) -> tuple[tuple[jax.Array, ...], jax.Array]:
+                    min_choice: int = 0, cost_shift: float | jax.Array = 0.0, **kernel_kwargs) -> tuple[tuple[jax.Array, ...], jax.Array]:
   """G ACMs reading the same x (..., d), gate included: (G outputs (..., d), k (G, ...)).
 
   groups: dicts of `pallas_kernels.acm_fused.acm_group` (learner parameters in
-  x.dtype plus gate = (kernel, bias) or logits (..., N+1)). impl "pallas" runs the
-  fused kernels; "xla" the reference semantics (`acm.acm_apply` at the argmax).
+  x.dtype plus gate = (kernel, bias) or logits (..., N+1)), run by its fused
+  kernels (`acm_fused.acm_group_reference` is the same function in plain jnp).
   Every device works on its own batch shard under a batch-splitting mesh.
   """
-  impl = resolve_impl(impl)
-  if impl not in ("pallas", "xla"):
-    raise ValueError(f"acm_group_apply runs impl 'pallas' or 'xla', got {impl!r}")
   if x.ndim < 2 or x.size == 0:
     raise ValueError(f"x must be (..., d) with at least one token, got shape {x.shape}")
   kwargs = dict(num_learners=num_learners, activation=activation, min_choice=min_choice)
@@ -74,19 +71,8 @@ def acm_group_apply(x: jax.Array, groups: list[dict], *, num_learners: int, acti
   def local(x, cost_shift, groups):
     lead, dim = x.shape[:-1], x.shape[-1]
     flat = [{**g, "logits": g["logits"].reshape(-1, num_learners + 1)} if "logits" in g else g for g in groups]
-    if impl == "xla":
-      from pallas_kernels.acm_fused import gate_logits_reference
-      ks, outs = [], []
-      for g in flat:
-        logits = gate_logits_reference(x.reshape(-1, dim), g, num_learners=num_learners, min_choice=min_choice,
-                                       cost_shift=cost_shift)
-        k = jnp.argmax(logits, -1)
-        outs.append(acm.acm_apply(g, x.reshape(-1, dim), k, num_learners=num_learners, activation=activation))
-        ks.append(k)
-      outs, k = tuple(outs), jnp.stack(ks)
-    else:
-      from pallas_kernels.acm_fused import acm_group
-      outs, k = acm_group(x.reshape(-1, dim), flat, cost_shift=cost_shift, **kwargs, **kernel_kwargs)
+    from pallas_kernels.acm_fused import acm_group
+    outs, k = acm_group(x.reshape(-1, dim), flat, cost_shift=cost_shift, **kwargs, **kernel_kwargs)
     return tuple(o.reshape(*lead, dim) for o in outs), k.reshape(len(groups), *lead).astype(jnp.int32)
 
   axes = sharding.current_batch_axes()
@@ -99,7 +85,7 @@ def acm_group_apply(x: jax.Array, groups: list[dict], *, num_learners: int, acti
                        check_vma=False)(x, jnp.asarray(cost_shift, jnp.float32), groups)
 
 
-def acm_apply_sorted_per_shard(params: acm.Params, x: jax.Array, k: jax.Array, **kwargs) -> jax.Array:
+def acm_apply_sorted_per_shard(params, x: jax.Array, k: jax.Array, bias_table: jax.Array, **kwargs) -> jax.Array:
   """`acm_apply_sorted` run by every device on its own batch shard when the
   current mesh (`jax.set_mesh`, as `sharding.Partitioner.jit` sets) splits the
   batch: a global sort would gather every token onto every device. x: (batch, ..., dim).
@@ -108,8 +94,8 @@ def acm_apply_sorted_per_shard(params: acm.Params, x: jax.Array, k: jax.Array, *
   mesh = jax.sharding.get_abstract_mesh()
   if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
     # no batch split, or a batch the mesh cannot split (e.g. the 1-example model.init)
-    return acm_apply_sorted(params, x, k, **kwargs)
+    return acm_apply_sorted(params, x, k, bias_table, **kwargs)
   rows = P(axes)
   # the Pallas kernels carry no varying-axis annotations, hence check_vma=False
-  return jax.shard_map(functools.partial(acm_apply_sorted, **kwargs), in_specs=(P(), rows, rows),
-                       out_specs=rows, check_vma=False)(params, x, k)
+  return jax.shard_map(functools.partial(acm_apply_sorted, **kwargs), in_specs=(P(), rows, rows, P()),
+                       out_specs=rows, check_vma=False)(params, x, k, bias_table)

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from acm_jax import acm as acm_lib
+
 LABEL_RULES = ("ours", "official")
 BUDGET_KINDS = ("l1", "l2", "l2_100")
 
@@ -78,12 +80,8 @@ def compute_fraction(choices: Sequence[jax.Array], learner_costs: Sequence[float
 
   Averaged over (real) tokens and samples; ACMs are weighted by their learner cost.
   """
-  spent = total = 0.0
-  for choice, cost in zip(choices, learner_costs, strict=True):
-    k = jnp.arange(choice.shape[-1], dtype=choice.dtype)
-    spent = spent + token_mean(choice @ k, mask, (0, 1)) * cost
-    total = total + (choice.shape[-1] - 1) * cost
-  return spent / total
+  mean_k = [token_mean(c @ jnp.arange(c.shape[-1], dtype=c.dtype), mask, (0, 1)) for c in choices]
+  return acm_lib.compute_fraction(mean_k, learner_costs, [c.shape[-1] - 1 for c in choices])
 
 
 def budget_loss(choices: Sequence[jax.Array], learner_costs: Sequence[float], budget: float,

@@ -28,7 +28,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-PyTree = Any
+from acm_jax.pytree import PyTree
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -55,20 +56,15 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(^|/)(ln\d+|\w*norm\w*)/(scale|bias)$", ("norm",)),
     (r"(^|/)head/kernel$", ("embed", "vocab")),
     (r"(^|/)head/bias$", ("vocab",)),
-    # ViT: patch embedding (p, p, 3, dim), class token, position table
-    (r"(^|/)embedding/kernel$", (None, None, None, "embed")),
-    (r"(^|/)embedding/bias$", ("embed",)),
-    (r"(^|/)cls$", (None, None, "embed")),
-    (r"(^|/)pos_embedding$", (None, None, "embed")),
-    # Wav2Vec2: feature encoder convs (width, in, out), projection, positional conv
-    (r"(^|/)feature_encoder/conv_\d+/kernel$", (None, None, "conv_out")),
-    (r"(^|/)feature_encoder/conv_\d+/bias$", ("conv_out",)),
-    (r"(^|/)projection/kernel$", (None, "embed")),
-    (r"(^|/)projection/bias$", ("embed",)),
-    (r"(^|/)pos_conv/conv/kernel$", (None, None, "embed")),
-    (r"(^|/)pos_conv/conv/bias$", ("embed",)),
-    (r"(^|/)masked_spec_embed$", ("embed",)),
 )
+# The model families' own parameters (patch embedding, feature encoder, ...), added by
+# `register_param_rules` when a family package is imported.
+FAMILY_RULES: list[tuple[str, tuple[str | None, ...]]] = []
+
+
+def register_param_rules(rules: Sequence[tuple[str, tuple[str | None, ...]]]) -> None:
+  """Adds a model family's (pattern, logical axes) rules, after the shared ones."""
+  FAMILY_RULES.extend(rule for rule in rules if rule not in FAMILY_RULES)
 
 # Logical axis -> mesh axis (or axes). Names absent from a table are replicated;
 # gates and norms are never sharded (a few thousand values per layer).
@@ -96,7 +92,7 @@ def path_string(path: Sequence[Any]) -> str:
 
 def logical_axes(path: str, ndim: int) -> tuple[str | None, ...] | None:
   """Logical axis names of the array at `path`, or None when no rule names it."""
-  for pattern, axes in PARAM_RULES:
+  for pattern, axes in (*PARAM_RULES, *FAMILY_RULES):
     if re.search(pattern, path):
       if len(axes) != ndim:
         raise ValueError(f"sharding rule {pattern!r} names {len(axes)} axes {axes} but {path!r} has {ndim}")

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from acm_jax.models import transformer
+from acm_jax import transformer
 
 
 def main():

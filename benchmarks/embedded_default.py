@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 
-from experiments import vit_imagenet
+from acm_jax import cli, registry
 
 HERE = Path(__file__).resolve().parent
 
@@ -28,8 +28,8 @@ def main(argv: list[str]) -> int:
   if Path(workdir).exists():
     shutil.rmtree(workdir)  # a timing must include every phase
   tic = time.time()
-  args, cfg = vit_imagenet.parse(["--phase=all", f"--workdir={workdir}", *extra])
-  dense, acm, static = vit_imagenet.run(args, cfg)
+  args, cfg = cli.parse(registry.get("vit"), ["--phase=all", f"--workdir={workdir}", *extra])
+  dense, acm, static = cli.run(registry.get("vit"), args, cfg)
   minutes = (time.time() - tic) / 60
   errors = json.loads((Path(workdir) / "distill" / "distill_errors.json").read_text())
   groups = acm.get("mean_k_per_group", {})

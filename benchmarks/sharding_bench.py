@@ -31,6 +31,7 @@ import numpy as np
 
 from acm_jax import sharding
 from acm_jax.train import phases, steps
+from acm_jax.vit import task as vit_task
 from acm_jax.train.config import ExperimentConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,7 +65,7 @@ class StepSetup:
     return self.parts.shard_batch(host, self.batch_size)
 
   def sharded_step(self):
-    return phases._keyed_step(self.step_fn, self.parts, self.state_shardings)
+    return phases.keyed_step(self.step_fn, self.parts, self.state_shardings)
 
   def plain_step(self):
     """The step as jitted before the sharding layer: no shardings given."""
@@ -90,12 +91,12 @@ def setup(*, batch_size: int, mesh: str | None = None, strategy: str = "dp", dev
                          eval_batch_size=batch_size, sharding=strategy, remat=remat, dtype=dtype, acm_attention=True,
                          gate_depth=3, gate_hidden=16, finetune_steps=1000)
   # built for all devices with a batch they divide, then given the requested devices and batch
-  exp = phases.build(dataclasses.replace(cfg, batch_size=jax.device_count(), eval_batch_size=jax.device_count()))
+  exp = vit_task.build(dataclasses.replace(cfg, batch_size=jax.device_count(), eval_batch_size=jax.device_count()))
   exp = dataclasses.replace(exp, config=dataclasses.replace(cfg, mesh=mesh),
                             partitioner=sharding.Partitioner.from_flags(mesh, strategy, devices))
   model_ = exp.task.acm_model if acm else exp.task.dense_model
   params = jax.eval_shape(lambda: model_.init(jax.random.key(0), exp.sample_input)["params"])
-  tx = phases._optimizer(exp, "finetune", params)
+  tx = phases.optimizer(exp, "finetune", params)
   if acm:
     step_fn = functools.partial(steps.finetune_step, exp.task, tx, steps.FinetuneWeights(budget=0.5))
   else:

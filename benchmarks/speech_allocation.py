@@ -29,9 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from acm_jax.speech import ctc
-from acm_jax.train import phases, speech
-from experiments import wav2vec2_commonvoice
+from acm_jax.wav2vec2 import ctc
+from acm_jax.train import phases
+from acm_jax.wav2vec2 import task as speech
+from acm_jax import cli, registry
 
 HERE = Path(__file__).resolve().parent
 _GOLDEN = 0.6180339887498949
@@ -64,7 +65,7 @@ def main(argv: list[str]) -> int:
   results_dir = Path(next((a.split("=", 1)[1] for a in argv if a.startswith("--results_dir=")), HERE))
   workdir = next((a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")), "runs/speech_bench")
   extra = [a for a in argv if not a.startswith(("--workdir=", "--results_dir="))]
-  args, cfg = wav2vec2_commonvoice.parse(["--phase=eval", f"--workdir={workdir}", *extra])
+  args, cfg = cli.parse(registry.get("wav2vec2"), ["--phase=eval", f"--workdir={workdir}", *extra])
   exp = speech.build_speech(cfg)
   if not exp.group_masks:
     raise ValueError(f"--dataset={cfg.dataset} has no speech/silence frame labels; the oracle needs the synthesised set")

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import jax
 
-from acm_jax.speech import ctc
-from experiments import wav2vec2_commonvoice
+from acm_jax.wav2vec2 import ctc
+from acm_jax import cli, registry
 
 HERE = Path(__file__).resolve().parent
 
@@ -46,8 +46,8 @@ def main(argv: list[str]) -> int:
   # synthesis is part of the timing: a fresh cache directory
   os.environ["ACM_JAX_CACHE"] = tempfile.mkdtemp(prefix="speech_synth_")
   tic = time.time()
-  args, cfg = wav2vec2_commonvoice.parse(["--phase=all", f"--workdir={workdir}", *extra])
-  dense, acm, static = wav2vec2_commonvoice.run(args, cfg)
+  args, cfg = cli.parse(registry.get("wav2vec2"), ["--phase=all", f"--workdir={workdir}", *extra])
+  dense, acm, static = cli.run(registry.get("wav2vec2"), args, cfg)
   minutes = (time.time() - tic) / 60
   groups = acm.get("mean_k_per_group", {})
   record = {

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from acm_jax import acm as acm_lib
-from acm_jax.models import vit
+from acm_jax.vit import model as vit
 
 
 def log(*args):

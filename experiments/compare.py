@@ -22,17 +22,20 @@ import functools
 import sys
 import time
 
-from acm_jax import baselines
+from acm_jax.vit.baselines import runs as baselines
 from acm_jax.train import config as config_lib
 from acm_jax.train import phases
+from acm_jax.vit import model as vit
+from acm_jax.vit import task as vit_task
 
 ANY_BUDGETS = "0.25,0.375,0.5,0.625,0.75"
 THRESHOLDS = "0.5,0.6,0.7,0.8,0.9,0.95,0.99,0.999"
 
 
 def parse(argv: list[str] | None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--methods", default=",".join(baselines.METHODS))
+  parser = config_lib.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--methods", default=",".join(baselines.METHODS),
+                      help=f"comma-separated subset of {', '.join(baselines.METHODS)}; default: all of them")
   parser.add_argument("--budgets", default="0.25,0.5,0.75", help="ACM finetuning budgets and halting depths")
   parser.add_argument("--any_budgets", default=ANY_BUDGETS, help="budgets the one any-budget ACM is calibrated to")
   parser.add_argument("--any_budget_model", type=float, default=0.5, help="budget of the ACM calibrated at inference")
@@ -40,9 +43,9 @@ def parse(argv: list[str] | None):
   parser.add_argument("--thresholds", default=THRESHOLDS, help="early-exit confidence thresholds")
   parser.add_argument("--moe_top_k", default=None, help="experts per token (default: E/8, E/4, ..., E)")
   parser.add_argument("--static_ks", default=None, help="static widths (default: 1..N-1)")
-  parser.add_argument("--pretrain", type=lambda v: v.lower() in ("1", "true"), default=True,
+  parser.add_argument("--pretrain", type=config_lib.bool_parser, default=True,
                       help="train the dense model when no --init or finished pretrain run exists")
-  config_lib.add_flags(parser)
+  config_lib.add_flags(parser, choices={"model": (*vit.PRESETS, "from_init")})
   config_lib.add_flags(parser, baselines.BaselineConfig)
   args = parser.parse_args(argv)
   cfg = config_lib.from_flags(args, config_lib.ExperimentConfig(workdir="runs/compare"))
@@ -85,7 +88,7 @@ def plan(args, cfg: config_lib.ExperimentConfig, bcfg: baselines.BaselineConfig)
     any_budgets = _numbers("eval_budget", str(args.eval_budget), float, 0.0, 1.0, low_open=True)
   _numbers("any_budget_model", str(args.any_budget_model), float, 0.0, 1.0, low_open=True)
   thresholds = _numbers("thresholds", args.thresholds, float, 0.0, 1.0)
-  exp = phases.build(cfg)
+  exp = vit_task.build(cfg)
   depth, mlp_dim = exp.task.dense_model.config.depth, exp.task.dense_model.config.mlp_dim
   bcfg.validate(mlp_dim)
   e = bcfg.num_experts
@@ -132,7 +135,10 @@ def run(args, cfg, bcfg) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args, cfg, bcfg = parse(argv)
+  try:
+    args, cfg, bcfg = parse(argv)
+  except SystemExit as e:  # --help, or a bad flag (argparse printed the one-line error)
+    return e.code if isinstance(e.code, int) else 2
   try:
     run(args, cfg, bcfg)
   except (ValueError, FileNotFoundError, KeyError) as e:

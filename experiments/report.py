@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from acm_jax import report as report_lib
+from experiments import plots as report_lib
 
 
 def main(argv: list[str] | None = None) -> int:

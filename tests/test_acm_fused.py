@@ -16,7 +16,7 @@ import pytest
 
 from acm_jax import acm as acm_lib
 from acm_jax import inference
-from acm_jax.models import vit
+from acm_jax.vit import model as vit
 from pallas_kernels import acm_fused as af
 
 LIMITS = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1.5e-2}
@@ -118,17 +118,16 @@ def test_given_logits_cost_shift_and_no_bias_under_jit():
   assert means[1] < means[0]
 
 
-def test_xla_and_pallas_group_apply_agree_on_batched_tokens():
+def test_group_apply_on_batched_tokens_equals_the_flat_reference():
   n = 4
   x, groups = make_group(2, 2 * 40, 64, n, 32, 3, jnp.float32)
-  x = x.reshape(2, 40, 64)
   kw = dict(num_learners=n, activation="identity", min_choice=1, cost_shift=0.5)
-  outs_x, k_x = inference.acm_group_apply(x, groups, impl="xla", **kw)
-  outs_p, k_p = inference.acm_group_apply(x, groups, impl="pallas", **kw)
-  assert k_p.shape == (3, 2, 40)
-  np.testing.assert_array_equal(k_x, k_p)
-  for a, b in zip(outs_x, outs_p):
-    assert rel_err(b, a) < 1e-5
+  outs, k = inference.acm_group_apply(x.reshape(2, 40, 64), groups, **kw)
+  refs, k_ref = af.acm_group_reference(x, groups, **kw)
+  assert k.shape == (3, 2, 40)
+  np.testing.assert_array_equal(k.reshape(3, 80), k_ref)
+  for out, ref in zip(outs, refs):
+    assert out.shape == (2, 40, 64) and rel_err(out.reshape(80, 64), ref) < 1e-5
 
 
 def test_vit_fused_path_equals_xla_path_at_its_choices(attention=True):
@@ -182,4 +181,4 @@ def test_bad_inputs_name_the_problem():
   with pytest.raises(ValueError, match="GPUs only"):
     af.acm_group(x, groups, num_learners=n, interpret=False)
   with pytest.raises(ValueError, match="at least one token"):
-    inference.acm_group_apply(jnp.zeros((0, 5, 64)), groups, num_learners=n, impl="pallas")
+    inference.acm_group_apply(jnp.zeros((0, 5, 64)), groups, num_learners=n)

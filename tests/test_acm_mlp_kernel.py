@@ -264,7 +264,7 @@ def test_acm_vit_pallas_path_matches_xla_and_exports():
   from jax import export
 
   from acm_jax import acm as acm_lib
-  from acm_jax.models import vit
+  from acm_jax.vit import model as vit
 
   base = vit.get_config("tiny")
   images = jax.random.normal(jax.random.key(0), (2, base.image_size, base.image_size, 3))

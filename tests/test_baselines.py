@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from acm_jax import flops
-from acm_jax.baselines import calibration, common, early_exit, moefication, token_halting
-from acm_jax.models import transformer, vit
+from acm_jax.vit import flops
+from acm_jax.vit.baselines import calibration, common, early_exit, moefication, token_halting
+from acm_jax import transformer
+from acm_jax.vit import model as vit
 from experiments import compare
 
 SMALL = dict(image_size=16, patch_size=4, dim=32, depth=3, num_heads=4, mlp_dim=64, num_classes=5)

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from acm_jax import acm
-from acm_jax import checkpoints
+from acm_jax.vit import checkpoints
 from acm_jax.acmize import flatten, unflatten
-from acm_jax.models import vit
+from acm_jax.vit import model as vit
 
 PEER = dict(image_size=32, patch_size=8, dim=192, depth=2, num_heads=3, mlp_dim=768, num_classes=10)
 TOL = 1e-4
@@ -388,7 +388,7 @@ def test_entry_point_evaluates_an_imported_model(hf_dir, tmp_path, capsys):
   argv = ["--phase=eval", "--eval_models=dense", f"--init={hf_dir}", "--model=from_init",
           f"--workdir={tmp_path}", "--eval_examples=64", "--eval_batch_size=64"]
   assert vit_imagenet.main(argv) == 0
-  record = json.loads((tmp_path / "eval.json").read_text())
+  record = json.loads((tmp_path / "eval.json").read_text())["dense"]  # the work dir's summary, keyed by model
   assert record["model"] == "dense" and record["examples"] == 64 and record["gflops_per_image"] > 0
   assert "top-1" in capsys.readouterr().out
   # a preset of another shape is refused with the fields that differ

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from acm_jax import report as report_lib
+from experiments import plots as report_lib
 from experiments import report as report_main
 from experiments import vit_imagenet
 

@@ -32,19 +32,20 @@ def _tiny_experiment(config, devices=None, mesh="data:1", strategy="fsdp"):
   import jax.numpy as jnp
   from acm_jax import acm as acm_lib
   from acm_jax import data as data_lib
-  from acm_jax import flops as flops_lib
+  from acm_jax.vit import flops as vit_flops
   from acm_jax import sharding
-  from acm_jax.models import vit
+  from acm_jax.vit import model as vit
   from acm_jax.train import phases
+  from acm_jax.vit import task as vit_task
   info = data_lib.get_dataset_info("synthetic", image_size=16)
   dense = vit.ViTConfig(image_size=16, patch_size=4, dim=32, depth=2, num_heads=2, mlp_dim=64,
                         num_classes=info.num_classes)
   acm = dataclasses.replace(dense, acm=acm_lib.ACMConfig(
       num_learners=4, gate_hidden=8, impl="xla")).validate()
   return phases.Experiment(
-      dataclasses.replace(config, image_size=16), phases.vision_task(dense, acm, jnp.float32), info,
+      dataclasses.replace(config, image_size=16), vit_task.vision_task(dense, acm, jnp.float32), info,
       sample_input=jnp.zeros((1, 16, 16, 3)), iterator=data_lib.make_iterator, group_masks=True,
-      flops=lambda mean_k, is_dense: flops_lib.vit_flops(dense if is_dense else acm, mean_k),
+      flops=lambda mean_k, is_dense: vit_flops.vit_flops(dense if is_dense else acm, mean_k),
       partitioner=sharding.Partitioner.from_flags(mesh, strategy, devices))
 
 
@@ -57,19 +58,19 @@ def _phase_input(exp, phase, done):
   paths = exp.task.paths
   if phase == "pretrain":
     params = phases.init_params(exp, "dense", 0)
-    tx = phases._optimizer(exp, phase, params)
+    tx = phases.optimizer(exp, phase, params)
     return params, tx, functools.partial(steps.pretrain_step, exp.task, tx, 0.0), None
   if phase == "distill":
     teacher = done["pretrain"]
     params = acmize(teacher, phases.init_params(exp, "acm", 0), paths, num_learners=4)
-    tx = phases._optimizer(exp, phase, params, functools.partial(phases._is_learner, paths))
+    tx = phases.optimizer(exp, phase, params, functools.partial(phases.is_learner, paths))
     return params, tx, functools.partial(steps.distill_step, exp.task, tx, "detach"), teacher
   if phase == "gates":
     teacher = done["pretrain"]
-    tx = phases._optimizer(exp, phase, done["distill"], functools.partial(phases._is_gate, paths))
+    tx = phases.optimizer(exp, phase, done["distill"], functools.partial(phases.is_gate, paths))
     return done["distill"], tx, functools.partial(steps.gate_step, exp.task, tx, 1.2, "ours"), teacher
   params = done.get("gates", phases.init_params(exp, "acm", 0))
-  tx = phases._optimizer(exp, phase, params)
+  tx = phases.optimizer(exp, phase, params)
   weights = steps.FinetuneWeights(temperature=exp.config.gate_temperature)
   return params, tx, functools.partial(steps.finetune_step, exp.task, tx, weights), None
 
@@ -83,7 +84,7 @@ def _run_phases(exp, ref):
   results = {}
   for phase in PHASES:
     done = ref or {p: r[1] for p, r in results.items()}
-    state, step, batches = phases._prepare(exp, phase, *_phase_input(exp, phase, done))
+    state, step, batches = phases.prepare(exp, phase, *_phase_input(exp, phase, done))
     losses = []
     for _, batch in zip(range(STEPS), batches(0)):
       state, metrics = step(state, batch)
@@ -142,7 +143,7 @@ def _checkpoint_across_meshes(cfg, devices, workdir):
                      ("straight", [(devices[:1], "data:1", 4)])):
     for devs, mesh, steps in runs:
       exp = _tiny_experiment(dataclasses.replace(cfg, workdir=str(workdir / name)), devs, mesh)
-      state, step, batches = phases._prepare(exp, "pretrain", *_phase_input(exp, "pretrain", {}))
+      state, step, batches = phases.prepare(exp, "pretrain", *_phase_input(exp, "pretrain", {}))
       final = loop.run(name="pretrain", run_dir=exp.run_dir("pretrain"), state=state, step_fn=step,
                        batches=batches, num_steps=steps, checkpoint_every=100, log_every=100)
     outs[name] = _flat_numpy(jax.device_get(final["params"]))
@@ -173,7 +174,7 @@ def _kernel_per_shard(devices):
             "w2": jax.random.normal(keys[1], (n * h, d)) / 8, "b2": jax.random.normal(keys[2], (n + 1, d))}
   x = jax.random.normal(keys[3], (8, 16, d))
   k = jax.random.randint(keys[4], (8, 16), 0, n + 1)
-  fn = lambda p, x, k: inference.acm_apply_sorted_per_shard(p, x, k, num_learners=n, impl="pallas",
+  fn = lambda p, x, k: inference.acm_apply_sorted_per_shard(p, x, k, acm.choice_bias(p, n), num_learners=n, impl="pallas",
                                                             block_rows=16)
   rows = parts.batch_sharding()
   jitted = parts.jit(fn, (parts.shardings(params), rows, rows), rows)
@@ -201,7 +202,7 @@ def worker_process(out_path, port, process_id):
   sharding.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
   import jax
   exp = _tiny_experiment(cfg, None, "data:2,fsdp:2")
-  state, step, batches = phases._prepare(exp, "finetune", *_phase_input(exp, "finetune", {}))
+  state, step, batches = phases.prepare(exp, "finetune", *_phase_input(exp, "finetune", {}))
   state, metrics = step(state, next(batches(0)))
   Path(out_path).write_text(json.dumps({"loss": float(metrics["loss"]), "processes": jax.process_count(),
                                         "devices": jax.device_count(), "main": loop.is_main_process()}))
@@ -213,7 +214,7 @@ def worker_single(out_path):
   from acm_jax.train import phases
   from acm_jax.train.config import ExperimentConfig
   exp = _tiny_experiment(ExperimentConfig(batch_size=16, eval_batch_size=32), jax.devices(), "data:2,fsdp:2")
-  state, step, batches = phases._prepare(exp, "finetune", *_phase_input(exp, "finetune", {}))
+  state, step, batches = phases.prepare(exp, "finetune", *_phase_input(exp, "finetune", {}))
   _, metrics = step(state, next(batches(0)))
   Path(out_path).write_text(json.dumps({"loss": float(metrics["loss"])}))
 
@@ -293,7 +294,8 @@ def test_every_parameter_of_vit_and_wav2vec2_has_logical_axes():
   import jax.numpy as jnp
   from acm_jax import acm as acm_lib
   from acm_jax import sharding
-  from acm_jax.models import vit, wav2vec2
+  from acm_jax.vit import model as vit
+  from acm_jax.wav2vec2 import model as wav2vec2
   acm = acm_lib.ACMConfig(attention=True, gate_depth=2)
   for model, sample in ((vit.ViT(vit.get_config("tiny", acm=acm)), jnp.zeros((1, 32, 32, 3))),
                         (vit.ViT(vit.get_config("tiny")), jnp.zeros((1, 32, 32, 3))),
@@ -359,7 +361,7 @@ def test_remat_gives_the_same_gradients():
   import jax
   import jax.numpy as jnp
   from acm_jax import acm as acm_lib
-  from acm_jax.models import vit
+  from acm_jax.vit import model as vit
   cfg = vit.get_config("tiny", depth=2, acm=acm_lib.ACMConfig(gate_hidden=8))
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   params = vit.ViT(cfg).init(jax.random.key(0), images)["params"]

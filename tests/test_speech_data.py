@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from acm_jax.data import commonvoice, speech as speech_data, speech_synth
-from acm_jax.speech import ctc
+from acm_jax.wav2vec2 import commonvoice, data as speech_data, synth as speech_synth
+from acm_jax.wav2vec2 import ctc
 
 GEOMETRY = speech_data.FrameGeometry(stride=320, field=400)
 
@@ -264,7 +264,7 @@ def test_common_voice_bad_directories(tmp_path):
 
 
 def test_synth_flags_reach_the_synthesizer():
-  from acm_jax.train import speech
+  from acm_jax.wav2vec2 import task as speech
   synth = speech.synth_config(speech.SpeechConfig(synth_min_snr_db=0.0, synth_words=70, synth_max_pad_seconds=0.8,
                                                   synth_train_utterances=50, synth_test_utterances=7, seed=4))
   assert (synth.snr_db, synth.num_words, synth.pad_seconds, synth.num_train, synth.num_test, synth.seed) == (

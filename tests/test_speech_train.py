@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from acm_jax.models import wav2vec2
+from acm_jax.wav2vec2 import model as wav2vec2
 from experiments import wav2vec2_commonvoice
 
 MICRO = wav2vec2.Wav2Vec2Config(conv_dim=(8, 8, 16), conv_kernel=(10, 4, 4), conv_stride=(5, 4, 4), conv_bias=True,
@@ -52,7 +52,7 @@ def test_every_phase_and_eval_fields(tmp_path, capsys):
 
 
 def test_untrained_dense_model_warning():
-  from acm_jax.train import speech
+  from acm_jax.wav2vec2 import task as speech
   cfg = speech.SpeechConfig(pretrain_steps=1500, seed=4)
   message = speech.untrained_warning({"wer": 1.0738}, cfg)
   assert message.startswith("warning: the dense model's test WER is 107.4% after 1500 pretraining steps (--seed=4)")
@@ -108,7 +108,8 @@ def test_padding_frames_count_for_nothing():
 
   from acm_jax import acm as acm_lib
   from acm_jax import losses
-  from acm_jax.train import speech, steps
+  from acm_jax.train import steps
+  from acm_jax.wav2vec2 import task as speech
 
   acm_config = dataclasses.replace(MICRO, acm=acm_lib.ACMConfig(num_learners=4, gate_hidden=8)).validate()
   task = speech.speech_task(MICRO, acm_config, jnp.float32)

@@ -16,6 +16,7 @@ from acm_jax import data as data_lib
 from acm_jax.acmize import flatten
 from acm_jax.train import config as config_lib
 from acm_jax.train import loop, phases
+from acm_jax.vit import task as vit_task
 from experiments import vit_imagenet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def test_eval_top1_matches_direct_computation(tmp_path):
   assert run_main(tmp_path, "--phase=pretrain") == 0
   cfg = config_lib.ExperimentConfig(workdir=str(tmp_path), eval_examples=64, eval_batch_size=32,
                                     gate_hidden=8)
-  exp = phases.build(cfg)
+  exp = vit_task.build(cfg)
   params = phases.dense_params(exp)
   record = phases.evaluate(exp, params, "dense", "dense")
   batches = list(data_lib.make_iterator("synthetic", "test", 64))
@@ -90,7 +91,7 @@ def test_resume_after_interrupt_gives_identical_params(tmp_path, monkeypatch):
   assert saved and int(saved[-1]) < 8
   assert run_main(tmp_path / "resumed", *args) == 0
   cfg = config_lib.ExperimentConfig(gate_hidden=8)
-  expected = phases.init_params(phases.build(cfg), "dense", 0)
+  expected = phases.init_params(vit_task.build(cfg), "dense", 0)
   a = flatten(loop.load_params(tmp_path / "straight" / "pretrain", expected, "pretrain"))
   b = flatten(loop.load_params(tmp_path / "resumed" / "pretrain", expected, "pretrain"))
   for key in a:

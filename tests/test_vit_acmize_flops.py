@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from acm_jax import acm, acmize, flops
-from acm_jax.models import transformer, vit
+from acm_jax.vit import flops as vit_flops
+from acm_jax import transformer
+from acm_jax.vit import model as vit
 
 SMALL = dict(image_size=16, patch_size=4, dim=32, depth=3, num_heads=4, mlp_dim=128, num_classes=7)
 
@@ -92,15 +94,15 @@ def xla_flops(cfg):
                                                ("vit_b16", {"depth": 1})])
 def test_dense_flops_match_xla_cost_analysis(preset, overrides):
   cfg = vit.get_config(preset, **overrides)
-  assert flops.vit_flops(cfg)["total"] == pytest.approx(xla_flops(cfg), rel=0.05)
+  assert vit_flops.vit_flops(cfg)["total"] == pytest.approx(xla_flops(cfg), rel=0.05)
 
 
 def test_acm_flops_scale_with_mean_k():
   dense_cfg = make()
   acm_cfg = make(acm.ACMConfig(num_learners=4, gate_depth=2, gate_hidden=16, impl="xla"))
-  full = flops.vit_flops(acm_cfg)
-  half = flops.vit_flops(acm_cfg, {p: 2.0 for p in acm_cfg.acm_paths()})
-  zero = flops.vit_flops(acm_cfg, {p: 0.0 for p in acm_cfg.acm_paths()})
+  full = vit_flops.vit_flops(acm_cfg)
+  half = vit_flops.vit_flops(acm_cfg, {p: 2.0 for p in acm_cfg.acm_paths()})
+  zero = vit_flops.vit_flops(acm_cfg, {p: 0.0 for p in acm_cfg.acm_paths()})
   t, d, h = acm_cfg.num_tokens, 32, 32
   learner = 4 * d * h + h + 64 * h  # matmuls, hidden bias, exact-GELU elementwise work
   per_layer_gate = t * (2 * d * 16 + 2 * 16 * 5)
@@ -108,8 +110,10 @@ def test_acm_flops_scale_with_mean_k():
   assert full["total"] - half["total"] == pytest.approx(3 * t * 2 * learner)
   assert half["total"] - zero["total"] == pytest.approx(3 * t * 2 * learner)
   # at full k the ACM costs the dense model plus gates (same hidden width)
-  assert full["total"] == pytest.approx(flops.vit_flops(dense_cfg)["total"] + full["gate"], rel=1e-3)
-  assert flops.mean_compute_fraction(acm_cfg, {p: 1.0 for p in acm_cfg.acm_paths()}) == pytest.approx(0.25)
+  assert full["total"] == pytest.approx(vit_flops.vit_flops(dense_cfg)["total"] + full["gate"], rel=1e-3)
+  paths = acm_cfg.acm_paths()
+  costs = flops.learner_costs(acm_cfg)
+  assert acm.compute_fraction([1.0] * len(paths), costs, [4] * len(paths)) == pytest.approx(0.25)
 
 
 def _attention_reference(q, k, v, mask):

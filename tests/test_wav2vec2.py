@@ -10,10 +10,10 @@ import pytest
 
 from acm_jax import acm as acm_lib
 from acm_jax.acmize import acmize
-from acm_jax.checkpoints import wav2vec2_hf
-from acm_jax.checkpoints.formats import CheckpointError
-from acm_jax.models import wav2vec2
-from acm_jax.speech import flops as speech_flops
+from acm_jax.wav2vec2 import hf as wav2vec2_hf
+from acm_jax.checkpoint_io import CheckpointError
+from acm_jax.wav2vec2 import model as wav2vec2
+from acm_jax.wav2vec2 import flops as speech_flops
 
 SMALL = wav2vec2.Wav2Vec2Config(conv_dim=(8, 8, 8), conv_kernel=(10, 3, 2), conv_stride=(5, 2, 2), conv_bias=True,
                                 feat_extract_norm="layer", stable_layer_norm=True, dim=16, depth=2, num_heads=2,

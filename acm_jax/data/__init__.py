@@ -69,7 +69,7 @@ def get_dataset_info(name: str, image_size: int | None = None, data_dir: str | N
     cfg = _synthetic_config(name, image_size)
     return DatasetInfo(name, cfg.num_classes, cfg.image_size, cfg.num_train, cfg.num_test)
   from acm_jax.data import tfds_data
-  return tfds_data.get_info(name[len(TFDS_PREFIX):], image_size, data_dir)
+  return DatasetInfo(name, *tfds_data.get_info(name[len(TFDS_PREFIX):], image_size, data_dir))
 
 
 def stream_indices(num_examples: int, start: int, count: int, seed: int, shuffle: bool) -> np.ndarray:

@@ -90,12 +90,12 @@ def _keys(b) -> tuple[str, str]:
   return keys
 
 
-def get_info(name: str, image_size: int | None, data_dir: str | None):
-  from acm_jax.data import DatasetInfo
+def get_info(name: str, image_size: int | None, data_dir: str | None) -> tuple[int, int, int, int]:
+  """(num_classes, image_size, num_train, num_test) of a prepared TFDS dataset."""
   b = builder(name, data_dir)
   splits = b.info.splits
-  return DatasetInfo(f"tfds:{name}", b.info.features[_keys(b)[1]].num_classes, image_size or DEFAULT_IMAGE_SIZE,
-                     splits[_split_name(b, "train")].num_examples, splits[_split_name(b, "test")].num_examples)
+  return (b.info.features[_keys(b)[1]].num_classes, image_size or DEFAULT_IMAGE_SIZE,
+          splits[_split_name(b, "train")].num_examples, splits[_split_name(b, "test")].num_examples)
 
 
 # --- the read schedule: plain Python, a pure function of (seed, epoch) --------------------------

@@ -1,47 +1,65 @@
-"""Experiment configuration: one dataclass, named presets, flags override fields.
+"""Experiment configuration: one dataclass per task, flags override fields.
 
-Every field is a flag of the same name (`--budget=0.5`, `--distill_steps=300`);
-a run writes the full config as JSON next to its checkpoints.
+Every field is a flag of the same name (`--budget=0.5`, `--distill_steps=300`)
+with a help line that lists its allowed values; a run writes the full config as
+JSON next to its checkpoints, and `load` rebuilds it as the class it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
+import sys
+import typing
 from pathlib import Path
+from typing import Any, Sequence
+
+from acm_jax import acm, inference, losses
+from acm_jax.sharding import STRATEGIES
 
 PHASES = ("pretrain", "distill", "gates", "finetune", "static", "eval", "all")
+BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def flag(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
+  """A config field with its flag's help text and, for strings, the allowed values."""
+  return dataclasses.field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None})
 
 
 @dataclasses.dataclass
 class ExperimentConfig:
   # data and model
-  dataset: str = "synthetic"
-  data_dir: str | None = None
-  model: str = "tiny"
-  image_size: int | None = None
-  num_classes: int | None = None
-  init: str | None = None  # a pretrained dense checkpoint; skips `pretrain`
-  workdir: str = "runs/embedded"
-  seed: int = 0
-  dtype: str = "float32"
+  dataset: str = flag("synthetic", "synthetic (glyphs), synthetic_shapes, or tfds:<name> (e.g. tfds:imagenet2012)")
+  data_dir: str | None = flag(None, "TFDS data dir (or the dataset folder of a speech corpus)")
+  model: str = flag("tiny", "model preset, or from_init to take the architecture from --init")
+  image_size: int | None = flag(None, "image side in pixels (default: the dataset's)")
+  num_classes: int | None = flag(None, "classes of the head (default: the dataset's)")
+  init: str | None = flag(None, "a pretrained dense checkpoint; skips pretrain")
+  workdir: str = flag("runs/embedded", "directory of the run directories and the eval.json summary")
+  seed: int = flag(0, "random seed of data order and initialisation")
+  dtype: str = flag("float32", "compute dtype", ("float32", "bfloat16"))
   # ACM
-  num_learners: int = 4
-  learner_width: int | None = None
-  width_factor: float = 1.0
-  acm_blocks: str = "all"  # "all" or comma-separated block indices
-  acm_attention: bool = False
-  gate_depth: int = 1
-  gate_hidden: int = 128
-  impl: str = "auto"
+  num_learners: int = flag(4, "learners N per ACM (>= 1)")
+  learner_width: int | None = flag(None, "hidden units per learner (default: width_factor x MLP width / N)")
+  width_factor: float = flag(1.0, "all learners' width over the replaced MLP's, in (0, 1]")
+  acm_blocks: str = flag("all", "blocks to ACMize: all, or comma-separated block indices")
+  acm_attention: bool = flag(False, "ACMize the q, k, v, o projections too")
+  gate_depth: int = flag(1, "gate layers (1: linear)")
+  gate_hidden: int = flag(128, "hidden width of a deep gate")
+  impl: str = flag("auto", "hard-choice inference path (auto: the Pallas kernel on GPU, XLA elsewhere)",
+                   inference.IMPLS)
   # losses
-  label_smoothing: float = 0.0
-  grad_mode: str = "detach"
-  gating_error_factor: float = 1.2
-  label_rule: str = "ours"
-  budget: float = 0.5
-  budget_loss: str = "l1"
+  label_smoothing: float = flag(0.0, "label smoothing of the classification loss, in [0, 1)")
+  grad_mode: str = flag("detach", "distillation gradient: detach (each prefix trains its last learner) "
+                        "or no_detach (plain cumulative sum)", acm.GRAD_MODES)
+  gating_error_factor: float = flag(1.2, "gate labels: smallest k after which a learner gains less than this "
+                                    "factor (> 1)")
+  label_rule: str = flag("ours", "gate label rule (official: the public code's, see losses.gate_labels)",
+                         losses.LABEL_RULES)
+  budget: float = flag(0.5, "target compute fraction of the finetuned ACM, in (0, 1]")
+  budget_loss: str = flag("l1", "distance of the compute fraction to the budget", losses.BUDGET_KINDS)
   # The official ImageNet recipe uses budget 0.1 / entropy 0.05 over 97 epochs. Over a few hundred steps
   # 0.1 is outvoted by the task and entropy losses: on the shapes set, --budget=0.25 still ran at
   # compute 0.49 after 400 of 600 steps. Budget 1.0 with entropy 0.05 reached 0.26 in 75 steps but
@@ -49,39 +67,40 @@ class ExperimentConfig:
   # more than one learner. On the glyph set (the default) the task loss separates tokens, and entropy 0.1
   # with gates at 30x the finetune learning rate gave 93.16% against 91.82% for 0.5 / 10x (400 steps at
   # 3e-4, compute 0.48 and 0.44).
-  budget_weight: float = 1.0
-  entropy_weight: float = 0.1
-  diversity_weight: float = 0.05
-  gate_temperature: float = 1.0
-  static_k: int | None = None  # static-width baseline's k; default N // 2
+  budget_weight: float = flag(1.0, "weight of the budget loss (>= 0)")
+  entropy_weight: float = flag(0.1, "weight of the per-image entropy-of-k loss (>= 0)")
+  diversity_weight: float = flag(0.05, "weight of the between-images diversity loss (>= 0)")
+  gate_temperature: float = flag(1.0, "Gumbel-Softmax temperature in finetuning (> 0)")
+  static_k: int | None = flag(None, "k of the static-width baseline, in 0..N")
   # optimisation, per phase
-  batch_size: int = 128
-  eval_batch_size: int = 256
-  pretrain_steps: int = 1400
-  pretrain_lr: float = 1e-3
-  distill_steps: int = 400
-  distill_lr: float = 1e-3
-  gates_steps: int = 200
-  gates_lr: float = 1e-2
-  finetune_steps: int = 400
+  batch_size: int = flag(128, "training batch size (>= 1, divisible by the batch-sharding devices)")
+  eval_batch_size: int = flag(256, "evaluation batch size (>= 1)")
+  pretrain_steps: int = flag(1400, "steps of dense pretraining (>= 1)")
+  pretrain_lr: float = flag(1e-3, "peak learning rate of pretrain")
+  distill_steps: int = flag(400, "steps of module-wise distillation (>= 1)")
+  distill_lr: float = flag(1e-3, "peak learning rate of distill")
+  gates_steps: int = flag(200, "steps of gate training on artificial labels (>= 1)")
+  gates_lr: float = flag(1e-2, "peak learning rate of gates")
+  finetune_steps: int = flag(400, "steps of end-to-end finetuning, also of the static baseline (>= 1)")
   # 5e-4 on the embedded default (same gates, budget 0.5): ACM / static k=2 top-1 93.16 / 87.76 at 3e-4,
   # 95.08 / 90.90 at 5e-4, 96.58 / 94.52 at 1e-3 (dense 95.92): the faster the finetuning, the more of
   # the glyph lookup half width relearns.
-  finetune_lr: float = 5e-4
-  finetune_gate_lr_scale: float = 30.0  # gates' learning rate in finetune = this x finetune_lr
-  warmup_fraction: float = 0.05
-  weight_decay: float = 1e-4
-  clip_norm: float = 1.0
-  log_every: int = 50
-  checkpoint_every: int = 200
-  eval_examples: int | None = None  # None: the whole test split
+  finetune_lr: float = flag(5e-4, "peak learning rate of finetune and static")
+  finetune_gate_lr_scale: float = flag(30.0, "gates' learning rate in finetune = this x finetune_lr")
+  warmup_fraction: float = flag(0.05, "share of each phase's steps in linear warm-up, in [0, 1)")
+  weight_decay: float = flag(1e-4, "AdamW weight decay (>= 0)")
+  clip_norm: float = flag(1.0, "global gradient-norm clipping (> 0)")
+  log_every: int = flag(50, "steps between metric lines (>= 1)")
+  checkpoint_every: int = flag(200, "steps between checkpoints (>= 1)")
+  eval_examples: int | None = flag(None, "test examples to evaluate (default: the whole test split)")
   # devices (see acm_jax/sharding.py and docs/cluster.md)
-  mesh: str | None = None  # e.g. "data:4,fsdp:2"; default: every device on the strategy's axis
-  sharding: str = "dp"  # dp | fsdp | tp
-  remat: bool = False  # recompute encoder blocks in the backward pass (less activation memory)
-  coordinator_address: str | None = None  # host:port of process 0, multi-process runs only
-  num_processes: int | None = None
-  process_id: int | None = None
+  mesh: str | None = flag(None, "device mesh, e.g. data:4,fsdp:2 (default: every device on the strategy's axis)")
+  sharding: str = flag("dp", "dp (data parallel), fsdp (parameters sharded) or tp (learners and heads split too)",
+                       tuple(STRATEGIES))
+  remat: bool = flag(False, "recompute encoder blocks in the backward pass (less activation memory)")
+  coordinator_address: str | None = flag(None, "host:port of process 0, multi-process runs only")
+  num_processes: int | None = flag(None, "number of processes of a multi-process run")
+  process_id: int | None = flag(None, "this process's index in a multi-process run")
 
   def phase_steps(self, phase: str) -> int:
     return getattr(self, f"{'finetune' if phase == 'static' else phase}_steps")
@@ -105,7 +124,6 @@ class ExperimentConfig:
       raise ValueError(f"--gating_error_factor must be > 1, got {self.gating_error_factor}")
     if self.gate_temperature <= 0:
       raise ValueError(f"--gate_temperature must be > 0, got {self.gate_temperature}")
-    from acm_jax.sharding import STRATEGIES  # the one table of strategies
     if self.sharding not in STRATEGIES:
       raise ValueError(f"--sharding must be {', '.join(list(STRATEGIES)[:-1])} or {list(STRATEGIES)[-1]}, "
                        f"got {self.sharding!r}")
@@ -126,20 +144,96 @@ class ExperimentConfig:
       raise ValueError(f"--acm_blocks must be 'all' or comma-separated integers, got {self.acm_blocks!r}") from None
 
   def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+    cls = type(self)
+    return json.dumps({**dataclasses.asdict(self), "config_class": f"{cls.__module__}.{cls.__qualname__}"},
+                      indent=2, sort_keys=True)
+
+  def non_default(self) -> dict[str, Any]:
+    """The fields that differ from the class's defaults."""
+    base = type(self)()
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(base, f.name)}
+
+  def resolved_defaults(self) -> dict[str, str]:
+    """What a None default resolves to, for --help."""
+    return {"static_k": f"{self.resolved_static_k} (num_learners // 2)"}
 
 
-def _flag_type(annotation: str):
-  base = annotation.replace(" | None", "")
-  if base == "bool":
-    return lambda v: {"true": True, "1": True, "false": False, "0": False}[v.lower()]
-  return {"int": int, "float": float, "str": str}[base]
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse with one-line errors (no usage block): `error: argument --x: why`."""
+
+  def error(self, message: str) -> typing.NoReturn:
+    self.exit(2, f"error: {message}\n")
 
 
-def add_flags(parser: argparse.ArgumentParser, config_cls=ExperimentConfig) -> None:
+def bool_parser(value: str) -> bool:
+  try:
+    return BOOLEANS[value.lower()]
+  except KeyError:
+    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean; expected one of {', '.join(BOOLEANS)}") from None
+
+
+def choice_parser(choices: Sequence[str]):
+  def parse(value: str) -> str:
+    if value not in choices:
+      raise argparse.ArgumentTypeError(f"{value!r} is not allowed; expected one of {', '.join(choices)}")
+    return value
+  return parse
+
+
+def _parse_number(kind: type):
+  def parse(value: str):
+    try:
+      return kind(value)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{value!r} is not {'an integer' if kind is int else 'a number'}") from None
+  return parse
+
+
+def _field_kind(config_cls: type, field: dataclasses.Field) -> tuple[type, bool]:
+  """(bool, int, float or str; whether None is allowed) from the field's annotation."""
+  hint = typing.get_type_hints(config_cls)[field.name]
+  args = [a for a in typing.get_args(hint) if a is not type(None)]
+  if args:
+    if len(args) != 1:
+      raise TypeError(f"config field {field.name}: union {hint} has no flag type")
+    return args[0], True
+  return hint, False
+
+
+def add_flags(parser: argparse.ArgumentParser, config_cls: type = ExperimentConfig,
+              choices: dict[str, Sequence[str]] | None = None) -> None:
+  """One flag per field of `config_cls`; `choices` adds allowed values known to the caller
+  (e.g. the family's model presets)."""
+  defaults = config_cls()
+  resolved = defaults.resolved_defaults() if hasattr(defaults, "resolved_defaults") else {}
   for field in dataclasses.fields(config_cls):
-    parser.add_argument(f"--{field.name}", type=_flag_type(str(field.type)), default=None,
-                        help=f"default: {field.default}")
+    kind, optional = _field_kind(config_cls, field)
+    allowed = (choices or {}).get(field.name) or field.metadata.get("choices")
+    if kind is bool:
+      parse, metavar = bool_parser, "{true,false,yes,no,1,0}"
+    elif allowed:
+      parse, metavar = choice_parser(tuple(allowed)), "{" + ",".join(allowed) + "}"
+    elif kind in (int, float):
+      parse, metavar = _parse_number(kind), "INT" if kind is int else "FLOAT"
+    else:
+      parse, metavar = str, "TEXT"
+    help_text = _field_help(config_cls, field.name)
+    default = resolved.get(field.name, getattr(defaults, field.name))
+    if default is not None or "default" not in help_text:
+      help_text = f"{help_text}; default: {default}" if help_text else f"default: {default}"
+    parser.add_argument(f"--{field.name}", type=parse, default=None, metavar=metavar,
+                        help=help_text.replace("%", "%%"))
+
+
+def _field_help(config_cls: type, name: str) -> str:
+  """The help of the nearest class in the MRO that documents the field (a subclass
+  may change only a default)."""
+  for cls in config_cls.__mro__:
+    field = getattr(cls, "__dataclass_fields__", {}).get(name)
+    if field is not None and field.metadata.get("help"):
+      return field.metadata["help"]
+  return ""
 
 
 def from_flags(args: argparse.Namespace, base: ExperimentConfig) -> ExperimentConfig:
@@ -149,7 +243,19 @@ def from_flags(args: argparse.Namespace, base: ExperimentConfig) -> ExperimentCo
 
 
 def load(path: str | Path) -> ExperimentConfig:
+  """A saved config.json as the config class that wrote it (`config_class`; files
+  from before that key load as ExperimentConfig). Unknown keys are ignored."""
   data = json.loads(Path(path).read_text())
-  known = {f.name for f in dataclasses.fields(ExperimentConfig)}
-  return ExperimentConfig(**{k: v for k, v in data.items() if k in known})
+  cls = _config_class(data.pop("config_class", f"{__name__}.ExperimentConfig"), path)
+  known = {f.name for f in dataclasses.fields(cls)}
+  return cls(**{k: v for k, v in data.items() if k in known})
 
+
+def _config_class(name: str, source) -> type:
+  module_name, _, class_name = name.rpartition(".")
+  if not module_name.startswith("acm_jax.") and module_name not in sys.modules:
+    raise ValueError(f"{source}: config_class {name!r} is outside acm_jax and not imported; import its module first")
+  cls = getattr(importlib.import_module(module_name), class_name, None)
+  if not (isinstance(cls, type) and issubclass(cls, ExperimentConfig)):
+    raise ValueError(f"{source}: config_class {name!r} is not an ExperimentConfig")
+  return cls

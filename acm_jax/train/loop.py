@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -24,8 +24,8 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from acm_jax.acmize import flatten
+from acm_jax.pytree import PyTree
 
-PyTree = Any
 StepFn = Callable[[PyTree, dict], tuple[PyTree, dict]]
 
 

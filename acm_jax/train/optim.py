@@ -3,12 +3,12 @@ only to the parameters a phase trains (the others get zero updates)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import optax
 from flax import traverse_util
 
-PyTree = Any
+from acm_jax.pytree import PyTree
 
 
 def make_optimizer(params: PyTree, *, lr: float, steps: int, warmup_fraction: float = 0.05,

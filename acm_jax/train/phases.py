@@ -7,7 +7,7 @@ Run directories under `config.workdir`:
   finetune_b{budget}/  end-to-end finetuning at a budget
   static_k{k}/         the static-width baseline
 Each holds config.json, metrics.jsonl, checkpoints/ and, once finished, params/
-and eval.json; `<workdir>/eval.json` holds the latest evaluation.
+and eval.json; `<workdir>/eval.json` sums up every evaluated model (`acm_jax.cli`).
 """
 
 from __future__ import annotations
@@ -18,21 +18,17 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from acm_jax import acm as acm_lib
-from acm_jax import data as data_lib
 from acm_jax import flops as flops_lib
 from acm_jax import losses
 from acm_jax import sharding as sharding_lib
-from acm_jax.models import vit
 from acm_jax.train import loop, optim, steps
 from acm_jax.train.config import ExperimentConfig
-
-PyTree = Any
+from acm_jax.pytree import PyTree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +44,7 @@ class Experiment:
   group_masks: bool = False  # ask the test iterator for masks of token groups (with_masks=True)
   # metrics computed on the host from [(task.host_outputs, batch), ...] of every eval batch (e.g. WER)
   host_metrics: Callable[[list[tuple[Any, dict]]], dict] | None = None
-  load_init: Callable[[str, PyTree], PyTree] | None = None  # reads --init; default: acm_jax.checkpoints.load_dense
+  load_init: Callable[[str, PyTree], PyTree] | None = None  # reads --init: (path, expected params) -> params
   partitioner: sharding_lib.Partitioner | None = None  # None: from config.mesh / config.sharding
 
   def __post_init__(self):
@@ -66,65 +62,6 @@ class Experiment:
     names = {"finetune": f"finetune_b{self.config.budget:.2f}",
              "static": f"static_k{self.config.resolved_static_k}"}
     return self.workdir / names.get(phase, phase)
-
-
-def _object_groups(patch_size: int, batch: dict) -> dict[str, jax.Array]:
-  if "object_mask" not in batch:
-    return {}
-  frac = einops.reduce(batch["object_mask"].astype(jnp.float32), "b (h p) (w q) -> b (h w)", "mean",
-                       p=patch_size, q=patch_size)
-  no_cls = jnp.zeros((frac.shape[0], 1), bool)
-  return {"object": jnp.concatenate([no_cls, frac >= 0.25], 1),
-          "background": jnp.concatenate([no_cls, frac == 0.0], 1)}
-
-
-def vision_task(dense_config: vit.ViTConfig, acm_config: vit.ViTConfig, dtype) -> steps.Task:
-  acm = acm_config.acm
-  specs = []
-  for path, cost in zip(acm_config.acm_paths(), flops_lib.learner_costs(acm_config)):
-    is_mlp = path.endswith("/mlp")
-    specs.append(steps.ACMSpec(path, acm_config.activation if is_mlp else "identity", 0 if is_mlp else 1,
-                               cost, acm.num_learners, acm.gate_depth, acm.gate_hidden))
-
-  def score(logits, batch):
-    valid = batch.get("valid", jnp.ones(logits.shape[0], bool)).astype(jnp.float32)
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    return {"examples": jnp.sum(valid), "top1": jnp.sum(correct * valid)}
-
-  return steps.Task(
-      dense_model=vit.ViT(dense_config), acm_model=vit.ViT(acm_config), acm_specs=tuple(specs),
-      inputs=lambda batch: batch["image"].astype(dtype),
-      loss=lambda logits, batch, ls: losses.classification_loss(logits.astype(jnp.float32), batch["label"], ls),
-      score=score, token_groups=functools.partial(_object_groups, dense_config.patch_size))
-
-
-def build(config: ExperimentConfig) -> Experiment:
-  """Validates the config against data and model before any work starts."""
-  config.validate()
-  sharding_lib.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
-  info = data_lib.get_dataset_info(config.dataset, image_size=config.image_size, data_dir=config.data_dir)
-  overrides = {"image_size": info.image_size, "num_classes": config.num_classes or info.num_classes,
-               "remat": config.remat}
-  if config.init is not None:  # the checkpoint's architecture ("--model=from_init") or a preset that agrees
-    from acm_jax import checkpoints
-    dense_config = checkpoints.vit_config_for_init(config.init, config.model, **overrides)
-  elif config.model == "from_init":
-    raise ValueError("--model=from_init needs --init=PATH")
-  else:
-    dense_config = vit.get_config(config.model, **overrides)
-  acm = acm_lib.ACMConfig(
-      num_learners=config.num_learners, learner_width=config.learner_width, width_factor=config.width_factor,
-      blocks=config.block_tuple(), attention=config.acm_attention, activation=dense_config.activation,
-      gate_depth=config.gate_depth, gate_hidden=config.gate_hidden, impl=config.impl)
-  acm_config = dataclasses.replace(dense_config, acm=acm).validate()
-  dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-
-  def count(mean_k, dense):
-    return flops_lib.vit_flops(dense_config if dense else acm_config, mean_k)
-
-  return Experiment(config, vision_task(dense_config, acm_config, dtype), info,
-                    sample_input=jnp.zeros((1, info.image_size, info.image_size, 3), dtype), flops=count,
-                    iterator=data_lib.make_iterator, group_masks=data_lib.is_synthetic(config.dataset))
 
 
 def init_params(exp: Experiment, model: str, seed: int) -> PyTree:
@@ -153,20 +90,20 @@ def new_state(params: PyTree, tx, seed: int) -> PyTree:
           "rng": jax.random.key_data(jax.random.key(seed))}
 
 
-def _batches(exp: Experiment, split: str = "train", with_masks: bool = False):
+def train_batches(exp: Experiment, split: str = "train", with_masks: bool = False):
   cfg = exp.config
   return lambda start: exp.iterator(cfg.dataset, split, cfg.batch_size, image_size=cfg.image_size,
                                     seed=cfg.seed, data_dir=cfg.data_dir, start_step=start, with_masks=with_masks)
 
 
-def _optimizer(exp: Experiment, phase: str, params: PyTree, trainable=lambda path: True, **fast):
+def optimizer(exp: Experiment, phase: str, params: PyTree, trainable=lambda path: True, **fast):
   cfg = exp.config
   return optim.make_optimizer(params, lr=cfg.phase_lr(phase), steps=cfg.phase_steps(phase),
                               warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay,
                               clip_norm=cfg.clip_norm, trainable=trainable, **fast)
 
 
-def _keyed_step(step_fn, parts: sharding_lib.Partitioner, state_shardings: PyTree, teacher: PyTree = None):
+def keyed_step(step_fn, parts: sharding_lib.Partitioner, state_shardings: PyTree, teacher: PyTree = None):
   """Adapts a step over a raw-key state to one the loop can checkpoint, jitted with
   explicit shardings and the state donated. A frozen `teacher` goes in as an
   argument (a closed-over one would be baked into the program as constants)."""
@@ -183,7 +120,7 @@ def _keyed_step(step_fn, parts: sharding_lib.Partitioner, state_shardings: PyTre
   return step
 
 
-def _prepare(exp: Experiment, phase: str, params: PyTree, tx, step_fn, teacher: PyTree = None):
+def prepare(exp: Experiment, phase: str, params: PyTree, tx, step_fn, teacher: PyTree = None):
   """A phase's initial state placed on the mesh, its jitted step and its sharded
   batches (`batches(start_step)`). `step_fn(state, batch)`, or
   `step_fn(teacher, state, batch)` with a teacher."""
@@ -192,13 +129,13 @@ def _prepare(exp: Experiment, phase: str, params: PyTree, tx, step_fn, teacher: 
   seed = cfg.seed + 17 * len(phase)
   state, shardings = parts.create(lambda p: new_state(p, tx, seed), parts.put(params))
   teacher = None if teacher is None else parts.put(teacher)
-  batches = lambda start: (parts.shard_batch(b, cfg.batch_size) for b in _batches(exp)(start))
-  return state, _keyed_step(step_fn, parts, shardings, teacher), batches
+  batches = lambda start: (parts.shard_batch(b, cfg.batch_size) for b in train_batches(exp)(start))
+  return state, keyed_step(step_fn, parts, shardings, teacher), batches
 
 
-def _train(exp: Experiment, phase: str, params: PyTree, tx, step_fn, teacher: PyTree = None) -> PyTree:
+def train(exp: Experiment, phase: str, params: PyTree, tx, step_fn, teacher: PyTree = None) -> PyTree:
   cfg = exp.config
-  state, step, batches = _prepare(exp, phase, params, tx, step_fn, teacher)
+  state, step, batches = prepare(exp, phase, params, tx, step_fn, teacher)
   final = loop.run(name=phase, run_dir=exp.run_dir(phase), state=state, step_fn=step,
                    batches=batches, num_steps=cfg.phase_steps(phase),
                    checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, config_json=cfg.to_json())
@@ -208,25 +145,24 @@ def _train(exp: Experiment, phase: str, params: PyTree, tx, step_fn, teacher: Py
 def dense_params(exp: Experiment) -> PyTree:
   if exp.config.init is not None:
     expected = init_params(exp, "dense", 0)
-    if exp.load_init is not None:
-      return exp.load_init(exp.config.init, expected)
-    from acm_jax import checkpoints
-    return checkpoints.load_dense(exp.config.init, expected)
+    if exp.load_init is None:
+      raise ValueError(f"--init={exp.config.init}: this task has no checkpoint reader (Experiment.load_init)")
+    return exp.load_init(exp.config.init, expected)
   return loop.load_params(exp.run_dir("pretrain"), abstract_params(exp, "dense"), "pretrain phase (or pass --init)")
 
 
 def pretrain(exp: Experiment) -> PyTree:
   params = init_params(exp, "dense", exp.config.seed)
-  tx = _optimizer(exp, "pretrain", params)
+  tx = optimizer(exp, "pretrain", params)
   step = functools.partial(steps.pretrain_step, exp.task, tx, exp.config.label_smoothing)
-  return _train(exp, "pretrain", params, tx, step)
+  return train(exp, "pretrain", params, tx, step)
 
 
-def _is_learner(paths: list[str], key: str) -> bool:
+def is_learner(paths: list[str], key: str) -> bool:
   return any(key.startswith(p + "/") and "/gate/" not in key[len(p):] for p in paths)
 
 
-def _is_gate(paths: list[str], key: str) -> bool:
+def is_gate(paths: list[str], key: str) -> bool:
   return any(key.startswith(p + "/gate/") for p in paths)
 
 
@@ -235,9 +171,9 @@ def distill(exp: Experiment) -> PyTree:
   teacher = dense_params(exp)
   params = acmize(teacher, init_params(exp, "acm", exp.config.seed), exp.task.paths,
                   num_learners=exp.config.num_learners)
-  tx = _optimizer(exp, "distill", params, functools.partial(_is_learner, exp.task.paths))
+  tx = optimizer(exp, "distill", params, functools.partial(is_learner, exp.task.paths))
   step = functools.partial(steps.distill_step, exp.task, tx, exp.config.grad_mode)
-  params = _train(exp, "distill", params, tx, step, teacher)
+  params = train(exp, "distill", params, tx, step, teacher)
   write_json(exp.run_dir("distill") / "distill_errors.json", distill_errors(exp, teacher, params))
   return params
 
@@ -245,10 +181,10 @@ def distill(exp: Experiment) -> PyTree:
 def gates(exp: Experiment) -> PyTree:
   teacher = dense_params(exp)
   params = loop.load_params(exp.run_dir("distill"), abstract_params(exp, "acm"), "distill phase")
-  tx = _optimizer(exp, "gates", params, functools.partial(_is_gate, exp.task.paths))
+  tx = optimizer(exp, "gates", params, functools.partial(is_gate, exp.task.paths))
   cfg = exp.config
   step = functools.partial(steps.gate_step, exp.task, tx, cfg.gating_error_factor, cfg.label_rule)
-  params = _train(exp, "gates", params, tx, step, teacher)
+  params = train(exp, "gates", params, tx, step, teacher)
   write_json(exp.run_dir("gates") / "label_distribution.json", label_distribution(exp, teacher, params))
   return params
 
@@ -256,26 +192,26 @@ def gates(exp: Experiment) -> PyTree:
 def finetune(exp: Experiment) -> PyTree:
   params = loop.load_params(exp.run_dir("gates"), abstract_params(exp, "acm"), "gates phase")
   cfg = exp.config
-  tx = _optimizer(exp, "finetune", params, fast=functools.partial(_is_gate, exp.task.paths),
+  tx = optimizer(exp, "finetune", params, fast=functools.partial(is_gate, exp.task.paths),
                   fast_lr_scale=cfg.finetune_gate_lr_scale)
   weights = steps.FinetuneWeights(cfg.budget, cfg.budget_loss, cfg.budget_weight, cfg.entropy_weight,
                                   cfg.diversity_weight, cfg.gate_temperature, cfg.label_smoothing)
-  return _train(exp, "finetune", params, tx, functools.partial(steps.finetune_step, exp.task, tx, weights))
+  return train(exp, "finetune", params, tx, functools.partial(steps.finetune_step, exp.task, tx, weights))
 
 
 def static(exp: Experiment) -> PyTree:
   """The static-width baseline, finetuned from the distilled learners like the ACM."""
   params = loop.load_params(exp.run_dir("distill"), abstract_params(exp, "acm"), "distill phase")
   cfg = exp.config
-  tx = _optimizer(exp, "static", params, lambda key: not _is_gate(exp.task.paths, key))
+  tx = optimizer(exp, "static", params, lambda key: not is_gate(exp.task.paths, key))
   step = functools.partial(steps.static_step, exp.task, tx, cfg.resolved_static_k, cfg.label_smoothing)
-  return _train(exp, "static", params, tx, step)
+  return train(exp, "static", params, tx, step)
 
 
 # --- evaluation ------------------------------------------------------------------
 
 
-def _eval_batches(exp: Experiment, with_masks: bool):
+def eval_batches(exp: Experiment, with_masks: bool):
   """Test batches padded to a fixed size (with a "valid" mask) so eval compiles once."""
   cfg = exp.config
   seen = 0
@@ -303,7 +239,7 @@ def evaluate(exp: Experiment, params: PyTree, model: str, mode: str, fixed_k: in
                                      forced_k=forced_k),
                    (parts.shardings(params), parts.batch_sharding()), parts.replicated)
   totals, host = None, []
-  for batch in _eval_batches(exp, with_masks=exp.group_masks):
+  for batch in eval_batches(exp, with_masks=exp.group_masks):
     out = jax.device_get(step(params, parts.shard_batch(batch, exp.config.eval_batch_size)))
     if "host" in out:
       host.append((out.pop("host"), batch))
@@ -325,8 +261,9 @@ def evaluate(exp: Experiment, params: PyTree, model: str, mode: str, fixed_k: in
   record.update(
       gflops_per_image=flops_lib.gflops(counts["total"]),
       gate_gflops_per_image=flops_lib.gflops(counts["gate"]),
-      compute_fraction=sum(mean_k[s.path] * s.learner_cost for s in specs)
-      / sum(s.num_learners * s.learner_cost for s in specs),
+      compute_fraction=float(acm_lib.compute_fraction([mean_k[s.path] for s in specs],
+                                                      [s.learner_cost for s in specs],
+                                                      [s.num_learners for s in specs])),
       mean_k_per_layer=mean_k,
       k_share_per_layer={path: (h / h.sum()).tolist() for path, h in hist.items()},
       distinct_k_per_layer={path: int(np.sum(h > 0)) for path, h in hist.items()})
@@ -357,7 +294,7 @@ def _per_acm_on_test(exp: Experiment, teacher: PyTree, params: PyTree, fn, max_b
       out[spec.path] = fn(spec, prefix, y, jnp.ones(y.shape[:2]) if real is None else real)
     return out
 
-  results = [jax.device_get(per_batch(b)) for _, b in zip(range(max_batches), _eval_batches(exp, False))]
+  results = [jax.device_get(per_batch(b)) for _, b in zip(range(max_batches), eval_batches(exp, False))]
   return {path: np.stack([r[path] for r in results]) for path in exp.task.paths}
 
 

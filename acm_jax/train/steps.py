@@ -19,8 +19,7 @@ import optax
 from acm_jax import acm as acm_lib
 from acm_jax import losses
 from acm_jax.acmize import flatten, subtree
-
-PyTree = Any
+from acm_jax.pytree import PyTree
 
 
 @dataclasses.dataclass(frozen=True)

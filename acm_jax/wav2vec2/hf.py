@@ -15,15 +15,14 @@ import dataclasses
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from acm_jax.acmize import flatten, unflatten
-from acm_jax.checkpoints.formats import CheckpointError, read_json, read_safetensors, read_torch
-from acm_jax.models import wav2vec2
+from acm_jax.checkpoint_io import CheckpointError, read_json, read_safetensors, read_torch
+from acm_jax.wav2vec2 import model as wav2vec2
+from acm_jax.pytree import PyTree
 
-PyTree = Any
 
 # pretraining heads and buffers that a CTC model has no use for
 IGNORED = ("masked_spec_embed", "quantizer.", "project_q.", "project_hid.", "dropout_features")

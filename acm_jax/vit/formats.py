@@ -1,7 +1,7 @@
 """Reading checkpoints of other ViT implementations and renaming them to ours.
 
 Every reader returns a `Converted`: flat parameters under our names (see
-`acm_jax.models.vit`), where each came from (for error messages), the source
+`acm_jax.vit.model`), where each came from (for error messages), the source
 names that have no counterpart in our ViT, and what the file says about the
 architecture beyond shapes (heads, LayerNorm epsilon, activation).
 
@@ -16,10 +16,13 @@ Naming conventions handled:
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
+
 import numpy as np
+
+from acm_jax.checkpoint_io import (CheckpointError, read_json, read_npz, read_orbax, read_safetensors,  # noqa: F401
+                                  read_torch)
 
 FORMATS = ("orbax", "acm_jax", "hf", "timm", "augreg")
 SAFETENSORS_MARKER = "acm_jax"  # `format` entry of our safetensors metadata and config.json
@@ -27,10 +30,6 @@ SAFETENSORS_MARKER = "acm_jax"  # `format` entry of our safetensors metadata and
 # ViT sizes whose head count the shapes do not reveal (timm and bare HF files carry no config);
 # all use 64-dimensional heads except ViT-H (80) and ViT-g (88).
 HEADS_BY_DIM = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot become our ViT's parameters; the message names file and key."""
 
 
 @dataclasses.dataclass
@@ -44,71 +43,6 @@ class Converted:
   layer_norm_eps: float | None = None
   activation: str = "gelu"
   vit_config: dict | None = None  # our own exports carry the whole ViTConfig
-
-
-# --- raw readers -------------------------------------------------------------------
-
-
-def _torch_to_numpy(tensor) -> np.ndarray:
-  import torch
-  tensor = tensor.detach().cpu()
-  if tensor.dtype == torch.bfloat16:
-    tensor = tensor.float()
-  return tensor.numpy()
-
-
-def read_torch(path: Path) -> dict[str, np.ndarray]:
-  try:
-    import torch
-  except ImportError:
-    raise CheckpointError(f"{path} is a PyTorch pickle; reading it needs torch, which is not installed "
-                          "(pip install torch, or convert the file to .safetensors)") from None
-  try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # pickles of arbitrary training state are refused by weights_only
-    raise CheckpointError(f"cannot read {path} as a PyTorch state dict: {e}") from None
-  # training checkpoints wrap the weights; DataParallel prefixes every name with "module."
-  for wrapper in ("state_dict_ema", "model_ema", "state_dict", "model", "module"):
-    if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-      state = state[wrapper]
-      break
-  if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
-    raise CheckpointError(f"{path} holds no state dict of tensors (found {type(state).__name__})")
-  return {k.removeprefix("module."): _torch_to_numpy(v) for k, v in state.items()}
-
-
-def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-  from safetensors import safe_open
-  try:
-    with safe_open(str(path), framework="numpy") as f:
-      return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-  except Exception as e:
-    raise CheckpointError(f"cannot read {path} as safetensors: {e}") from None
-
-
-def read_npz(path: Path) -> dict[str, np.ndarray]:
-  try:
-    with np.load(path, allow_pickle=False) as data:
-      return {k: data[k] for k in data.files}
-  except Exception as e:
-    raise CheckpointError(f"cannot read {path} as .npz: {e}") from None
-
-
-def read_orbax(path: Path) -> dict[str, np.ndarray]:
-  import orbax.checkpoint as ocp
-  from acm_jax.acmize import flatten
-  try:
-    restored = ocp.StandardCheckpointer().restore(path.absolute())
-  except Exception as e:
-    raise CheckpointError(f"cannot restore the orbax checkpoint {path}: {e}") from None
-  return {k: np.asarray(v) for k, v in flatten(restored).items()}
-
-
-def read_json(path: Path) -> dict:
-  try:
-    return json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f"cannot read {path} as JSON: {e}") from None
 
 
 # --- renaming ------------------------------------------------------------------------
@@ -316,7 +250,7 @@ def _ours(weights: Path, container: str, raw: dict, config: dict | None) -> Conv
     # a run directory's config.json names the preset the params were trained with
     run_config = weights.parent / "config.json"
     preset = read_json(run_config).get("model") if run_config.exists() else None
-    from acm_jax.models import vit
+    from acm_jax.vit import model as vit
     base = vit.PRESETS.get(preset)
     return Converted(str(weights), "orbax", raw, origin, [], base.num_heads if base else None,
                      base.layer_norm_eps if base else None)

@@ -24,12 +24,11 @@ import numpy as np
 import optax
 
 from acm_jax import acm as acm_lib
-from acm_jax import flops as flops_lib
-from acm_jax.baselines import common
-from acm_jax.models.vit import ViTConfig
+from acm_jax.vit import flops as flops_lib
+from acm_jax.vit.baselines import common
+from acm_jax.vit.model import ViTConfig
 from acm_jax.train import steps
-
-PyTree = dict
+from acm_jax.pytree import PyTree
 
 
 def balanced_kmeans(vectors: np.ndarray, num_clusters: int, iterations: int = 20, seed: int = 0) -> np.ndarray:

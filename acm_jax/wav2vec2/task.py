@@ -11,34 +11,36 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from acm_jax import acm as acm_lib
+from acm_jax import registry
 from acm_jax import flops as flops_lib
-from acm_jax.data import speech as speech_data, speech_synth
-from acm_jax.models import wav2vec2
-from acm_jax.speech import ctc
-from acm_jax.speech import flops as speech_flops
+from acm_jax.wav2vec2 import data as speech_data, synth as speech_synth
+from acm_jax.wav2vec2 import model as wav2vec2
+from acm_jax.wav2vec2 import ctc
+from acm_jax.wav2vec2 import flops as speech_flops
 from acm_jax.train import phases, steps
-from acm_jax.train.config import ExperimentConfig
+from acm_jax.train.config import ExperimentConfig, flag
 
 
 @dataclasses.dataclass
 class SpeechConfig(ExperimentConfig):
   """`ExperimentConfig` with speech defaults and the speech fields (language, audio length, synthesis)."""
-  dataset: str = "speech_synth"  # or "commonvoice" with --data_dir=<language folder>
+  dataset: str = flag("speech_synth", "speech_synth (offline eSpeak NG), or commonvoice with "
+                      "--data_dir=<language folder>", speech_data.DATASETS)
   workdir: str = "runs/speech_embedded"
-  language: str = "es"
-  max_audio_seconds: float = 3.0  # batch shape; longer clips are skipped and counted
+  language: str = flag("es", "language of the vocabulary and the synthesised sentences", tuple(ctc.ALPHABETS))
+  max_audio_seconds: float = flag(3.0, "batch shape in seconds (> 0); longer clips are skipped and counted")
   # 12,000 train utterances over a 100-word vocabulary, 600 test ones (benchmarks/RESULTS.md: on the earlier
   # 2,400 / 48 words / 240 the WER of one model moved by ~3 points between two syntheses of the test set)
-  synth_train_utterances: int = 12000
-  synth_test_utterances: int = 600
-  synth_max_pad_seconds: float = 0.5  # silence before and after each synthesised utterance: 0.05 s to this
-  synth_words: int = 100  # vocabulary of the synthesised sentences (first words of the built-in list)
-  synth_min_snr_db: float = 10.0  # white noise is mixed in at an SNR drawn from [this, 40] dB per utterance
+  synth_train_utterances: int = flag(12000, "synthesised train utterances (>= 1)")
+  synth_test_utterances: int = flag(600, "synthesised test utterances (>= 1)")
+  synth_max_pad_seconds: float = flag(0.5, "silence before and after each synthesised utterance: 0.05 s to "
+                                      "this, in [0.05, max_audio_seconds / 2)")
+  synth_words: int = flag(100, "vocabulary of the synthesised sentences (first words of the built-in list)")
+  synth_min_snr_db: float = flag(10.0, "white noise is mixed in at an SNR drawn from [this, 40] dB, in [-20, 40)")
   batch_size: int = 16
   eval_batch_size: int = 48
   pretrain_steps: int = 1500
@@ -83,7 +85,7 @@ def synth_config(config: SpeechConfig) -> speech_synth.SpeechSynthConfig:
 
 def _model_config(config: SpeechConfig, vocab_size: int) -> wav2vec2.Wav2Vec2Config:
   if config.init is not None:
-    from acm_jax.checkpoints import wav2vec2_hf
+    from acm_jax.wav2vec2 import hf as wav2vec2_hf
     return wav2vec2_hf.config_for_init(config.init, config.model, vocab_size=vocab_size)
   if config.model == "from_init":
     raise ValueError("--model=from_init needs --init=<Hugging Face Wav2Vec2 checkpoint directory>")
@@ -173,7 +175,7 @@ def build_speech(config: SpeechConfig) -> phases.Experiment:
     return out
 
   def load_init(path, expected):
-    from acm_jax.checkpoints import wav2vec2_hf
+    from acm_jax.wav2vec2 import hf as wav2vec2_hf
     return wav2vec2_hf.load(path, expected)
 
   info = {"dataset": config.dataset, "language": config.language, "vocab": vocab.symbols,
@@ -207,3 +209,26 @@ def evaluate(exp: phases.Experiment, params, model: str, mode: str, fixed_k: int
   if "gate_gflops_per_image" in record:
     record["gate_gflops_per_second_of_audio"] = record.pop("gate_gflops_per_image")
   return record
+
+
+def check_dense(dense_record: dict, config: SpeechConfig) -> str | None:
+  return untrained_warning(dense_record, config) if "wer" in dense_record else None
+
+
+FAMILY = registry.register(registry.Family(
+    name="wav2vec2",
+    description=__doc__ + """
+Embedded default (speech synthesised offline with eSpeak NG, CPU, no download):
+    python -m experiments.wav2vec2_commonvoice --phase=all
+Common Voice Spanish from a local release, starting from a Hugging Face XLS-R checkpoint directory:
+    python -m experiments.wav2vec2_commonvoice --phase=all --dataset=commonvoice \\
+        --data_dir=cv-corpus-17.0/es --language=es --model=xls_r_300m --init=path/to/wav2vec2-xls-r-300m \\
+        --max_audio_seconds=10 --batch_size=32 --dtype=bfloat16 ...
+--init takes the checkpoint directory (config.json + model.safetensors). eval.json per model holds
+wer, cer, gflops_per_second_of_audio, mean_k_per_layer, k_share_per_layer (and mean k on speech vs
+silence frames).
+""",
+    config_class=SpeechConfig, build=build_speech, model_presets=tuple(wav2vec2.PRESETS),
+    columns=(registry.Column("WER", "wer", 100.0, "%", 7), registry.Column("CER", "cer", 100.0, "%", 7),
+             registry.Column("GFLOPs/s audio", "gflops_per_second_of_audio", width=15, digits=4)),
+    token_word="frames", evaluate=evaluate, check_dense=check_dense, checkpoint_formats=("hf (config.json + model.safetensors or pytorch_model.bin)",)))

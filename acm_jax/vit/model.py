@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from acm_jax import acm as acm_lib
-from acm_jax.models import transformer
+from acm_jax import transformer
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,12 +20,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from acm_jax import flops as flops_lib
-from acm_jax.baselines import common
-from acm_jax.models.vit import ViTConfig
+from acm_jax.vit import flops as flops_lib
+from acm_jax.vit.baselines import common
+from acm_jax.vit.model import ViTConfig
 from acm_jax.train import steps
-
-PyTree = dict
+from acm_jax.pytree import PyTree
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,28 +15,31 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from acm_jax.baselines import common, early_exit, moefication, token_halting
+from acm_jax.vit.baselines import calibration, common, early_exit, moefication, token_halting
 from acm_jax.train import loop, phases
+from acm_jax.train.config import flag
+from acm_jax.vit import task as vit_task
+from acm_jax.pytree import PyTree
 
-PyTree = Any
 METHODS = ("acm", "static", "moefication", "early_exit", "token_halting")
 
 
 @dataclasses.dataclass
 class BaselineConfig:
   """Flags of the baselines (the shared ones live in `ExperimentConfig`)."""
-  baseline_steps: int | None = None  # training steps of each baseline run; None: --finetune_steps
-  num_experts: int = 16
-  router_hidden: int = 128
-  router_lr: float = 3e-3
-  exit_lr: float = 1e-3
-  halting_lr: float | None = None  # None: --finetune_lr (the whole model is finetuned, like the ACM)
-  ponder_weight: float = 5e-3
-  prior_weight: float = 0.1
-  halting_eps: float = 0.01
-  calibration_examples: int = 256
+  baseline_steps: int | None = flag(None, "training steps of each baseline run (default: --finetune_steps)")
+  num_experts: int = flag(16, "MoEfication experts per MLP (must divide the MLP width)")
+  router_hidden: int = flag(128, "hidden width of the MoEfication router")
+  router_lr: float = flag(3e-3, "learning rate of the MoEfication routers")
+  exit_lr: float = flag(1e-3, "learning rate of the early-exit heads")
+  halting_lr: float | None = flag(None, "learning rate of token halting, which finetunes the whole model "
+                                  "like the ACM (default: --finetune_lr)")
+  ponder_weight: float = flag(5e-3, "weight of token halting's ponder loss")
+  prior_weight: float = flag(0.1, "weight of token halting's depth-prior loss")
+  halting_eps: float = flag(0.01, "token halting's threshold slack, in (0, 1)")
+  calibration_examples: int = flag(256, "held-out train examples that calibrate any-budget shifts (>= 1)")
 
   def steps(self, exp: phases.Experiment) -> int:
     return self.baseline_steps or exp.config.finetune_steps
@@ -148,10 +151,9 @@ def run_acm(exp: phases.Experiment, bcfg: BaselineConfig, budgets: list[float], 
             any_model_budget: float) -> list[dict]:
   """One ACM finetuned per budget, and one (at `any_model_budget`) calibrated to
   each of `any_budgets` at inference (method "acm_any_budget")."""
-  from acm_jax.baselines import calibration
   records = []
   for budget in sorted(set(budgets) | ({any_model_budget} if any_budgets else set())):
-    run = phases.build(dataclasses.replace(exp.config, budget=budget))
+    run = vit_task.build(dataclasses.replace(exp.config, budget=budget))
     evals = [run.run_dir("finetune") / "eval.json"] if budget in budgets else []
     calibrated = {t: run.run_dir("finetune") / f"any_budget_{t:.3f}.json"
                   for t in (any_budgets if budget == any_model_budget else [])}
@@ -171,7 +173,7 @@ def run_acm(exp: phases.Experiment, bcfg: BaselineConfig, budgets: list[float], 
 def run_static(exp: phases.Experiment, static_ks: list[int]) -> list[dict]:
   records = []
   for k in static_ks:
-    run = phases.build(dataclasses.replace(exp.config, static_k=k))
+    run = vit_task.build(dataclasses.replace(exp.config, static_k=k))
     path = run.run_dir("static") / "eval.json"
     if not path.exists():
       _unless_finished(exp, "distill")

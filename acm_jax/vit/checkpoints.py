@@ -23,17 +23,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from acm_jax.acmize import flatten, unflatten
-from acm_jax.checkpoints.export import export_safetensors, load_safetensors
-from acm_jax.checkpoints.formats import HEADS_BY_DIM, CheckpointError, Converted, read
+from acm_jax.vit.export import export_safetensors, load_safetensors
+from acm_jax.vit.formats import HEADS_BY_DIM, CheckpointError, Converted, read
+from acm_jax.pytree import PyTree
 
-PyTree = Any
 
 __all__ = ["CheckpointError", "export_safetensors", "load_dense", "load_safetensors", "read_architecture",
            "resize_pos_embedding", "vit_config_for_init"]
@@ -157,7 +156,7 @@ def vit_config_for_init(path: str | Path, preset: str, **overrides):
   is used (transformers ViTs use 1e-12, the others 1e-6) and `overrides` (e.g. the
   data's image size) apply on top; the position table is resized to the image size.
   """
-  from acm_jax.models import vit
+  from acm_jax.vit import model as vit
   arch = read_architecture(path)
   if arch["acm"]:
     raise CheckpointError(f"checkpoint {path} holds an ACMized model; --init takes a dense ViT")

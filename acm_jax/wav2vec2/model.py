@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from acm_jax import acm as acm_lib
-from acm_jax.models import transformer
+from acm_jax import transformer
 
 NORMS = ("group", "layer")
 

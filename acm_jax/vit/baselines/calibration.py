@@ -15,9 +15,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from acm_jax import acm as acm_lib
 from acm_jax.train import phases, steps
+from acm_jax.pytree import PyTree
 
-PyTree = dict
 CALIBRATION_STEP = 10**7  # train-split batches this far out were never trained on
 
 
@@ -69,14 +70,12 @@ def compute_fraction_fn(exp: phases.Experiment, params: PyTree, batch: dict) -> 
   if images.size == 0 or images.shape[0] == 0:
     raise ValueError("the calibration batch has no tokens (empty batch)")
   specs = exp.task.acm_specs
-  costs = jnp.asarray([s.learner_cost for s in specs])
-  full = float(sum(s.num_learners * s.learner_cost for s in specs))
 
   @jax.jit
   def fraction(shift):
     _, aux = exp.task.acm_model.apply({"params": params}, images, mode="argmax", cost_shift=shift, mutable=["acm"])
-    mean_k = jnp.stack([jnp.mean(jnp.argmax(c, -1)) for c in steps.acm_choices(exp.task, aux)])
-    return jnp.sum(mean_k * costs) / full
+    mean_k = [jnp.mean(jnp.argmax(c, -1)) for c in steps.acm_choices(exp.task, aux)]
+    return acm_lib.compute_fraction(mean_k, [s.learner_cost for s in specs], [s.num_learners for s in specs])
 
   return lambda shift: float(fraction(jnp.float32(shift)))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from acm_jax.speech.ctc import Vocabulary
+from acm_jax.wav2vec2.ctc import Vocabulary
 
 SAMPLE_RATE = 16000
 SPLIT_FILES = {"train": "train.tsv", "test": "test.tsv", "dev": "dev.tsv"}

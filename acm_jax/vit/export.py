@@ -15,10 +15,9 @@ import numpy as np
 
 from acm_jax import acm as acm_lib
 from acm_jax.acmize import flatten, unflatten
-from acm_jax.checkpoints import formats
-from acm_jax.models import vit
-
-PyTree = Any
+from acm_jax.vit import formats
+from acm_jax.vit import model as vit
+from acm_jax.pytree import PyTree
 
 
 def config_to_dict(config: vit.ViTConfig) -> dict:

@@ -10,11 +10,10 @@ from typing import Mapping
 
 from acm_jax import acm as acm_lib
 from acm_jax import flops as flops_lib
-from acm_jax.models import transformer
-from acm_jax.models.wav2vec2 import Wav2Vec2Config
+from acm_jax.flops import LAYER_NORM
+from acm_jax.wav2vec2.model import Wav2Vec2Config
 
-_NORM = 7
-_GELU = 64
+_GELU = acm_lib.activation_flops("gelu")
 
 
 def feature_encoder_flops(config: Wav2Vec2Config, num_samples: int) -> float:
@@ -23,7 +22,7 @@ def feature_encoder_flops(config: Wav2Vec2Config, num_samples: int) -> float:
     length = (length - k) // s + 1
     total += 2 * length * k * channels * dim + config.conv_bias * length * dim + _GELU * length * dim
     if config.feat_extract_norm == "layer" or i == 0:
-      total += _NORM * length * dim
+      total += LAYER_NORM * length * dim
     channels = dim
   return float(total)
 
@@ -39,28 +38,8 @@ def wav2vec2_flops(config: Wav2Vec2Config, mean_k: Mapping[str, float] | None = 
   t, d = config.num_frames(samples), config.dim
   groups, kpos = config.num_conv_pos_embedding_groups, config.num_conv_pos_embeddings
   total = feature_encoder_flops(config, samples)
-  total += _NORM * t * config.conv_dim[-1] + 2 * t * config.conv_dim[-1] * d + t * d  # projection
+  total += LAYER_NORM * t * config.conv_dim[-1] + 2 * t * config.conv_dim[-1] * d + t * d  # projection
   total += 2 * t * kpos * d * d / groups + t * d + _GELU * t * d + t * d  # position conv, residual add
-  total += _NORM * t * d + 2 * t * d * config.vocab_size + t * config.vocab_size  # encoder norm, head
-  acm_total = gate_total = 0.0
-  acm_paths = set(config.acm_paths())
-  mean_k = dict(mean_k or {})
-  for b in range(config.depth):
-    parts = flops_lib.encoder_block_flops(t, d, config.mlp_dim, config.num_heads, config.activation)
-    total += parts["attention"] + parts["other"]
-    for name, paths in (("mlp", [f"block_{b}/mlp"]),
-                        ("projections", [f"block_{b}/attn/{p}" for p in transformer.PROJECTIONS])):
-      if not acm_paths.intersection(paths):
-        total += parts[name]
-        continue
-      acm = config.acm
-      width = acm.mlp_learner_width(config.mlp_dim) if name == "mlp" else acm.attention_learner_width(d)
-      activation = config.activation if name == "mlp" else "identity"
-      for path in paths:
-        n = acm.num_learners
-        cost = flops_lib._acm_block_flops(t, d, width, n, mean_k.get(path, n), activation,
-                                          acm.gate_depth, acm.gate_hidden)
-        total += cost
-        acm_total += cost
-        gate_total += t * acm_lib.gate_flops(d, n + 1, acm.gate_depth, acm.gate_hidden)
-  return {"total": float(total), "acm": float(acm_total), "gate": float(gate_total)}
+  total += LAYER_NORM * t * d + 2 * t * d * config.vocab_size + t * config.vocab_size  # encoder norm, head
+  blocks = flops_lib.encoder_flops(config, t, mean_k)
+  return {**blocks, "total": float(total + blocks["total"])}

@@ -15,12 +15,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from acm_jax import flops as flops_lib
-from acm_jax.baselines import common
-from acm_jax.models.vit import ViTConfig
+from acm_jax.vit import flops as flops_lib
+from acm_jax.vit.baselines import common
+from acm_jax.vit.model import ViTConfig
 from acm_jax.train import steps
-
-PyTree = dict
+from acm_jax.pytree import PyTree
 
 
 def init(cfg: ViTConfig, dense: PyTree) -> PyTree:

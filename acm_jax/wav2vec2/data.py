@@ -19,8 +19,8 @@ from typing import Iterator
 
 import numpy as np
 
-from acm_jax.data import commonvoice, speech_synth
-from acm_jax.speech.ctc import Vocabulary
+from acm_jax.wav2vec2 import commonvoice, synth as speech_synth
+from acm_jax.wav2vec2.ctc import Vocabulary
 
 DATASETS = ("speech_synth", "commonvoice")
 

@@ -25,6 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
+from acm_jax import acm as acm_lib  # noqa: E402
+
 DPI = 100
 CORRUPTIONS = ("noise", "blur", "contrast")
 # a layer whose most frequent k takes this share of its tokens counts as collapsed
@@ -545,13 +547,13 @@ def build_models(workdir: Path, reference: Run, batch_size: int) -> Models:
   import jax
 
   from acm_jax.train import config as config_lib
-  from acm_jax.train import phases
+  from acm_jax.vit import task as vit_task
 
   cfg = config_lib.load(reference.path / "config.json")
   # the dense model comes from pretrain/ or from the --init checkpoint, when that is still there
   cfg = dataclasses.replace(cfg, workdir=str(workdir), init=cfg.init if cfg.init and Path(cfg.init).exists() else None)
   try:
-    exp = phases.build(cfg)
+    exp = vit_task.build(cfg)
   except (ValueError, FileNotFoundError, ImportError) as e:
     raise Skip(f"cannot rebuild the model of {reference.name} from its config.json: {e}") from None
   compiled: dict = {}
@@ -630,9 +632,8 @@ def plot_token_maps(report: Report, models: Models, runs: list[Run], images: dic
 
 def _compute_fraction(k: np.ndarray, specs) -> float:
   """Mean executed learner cost over the full cost, from k per ACM (acms, batch, tokens)."""
-  costs = np.array([s.learner_cost for s in specs], np.float64)
-  full = np.array([s.num_learners * s.learner_cost for s in specs], np.float64)
-  return float(k.reshape(len(specs), -1).mean(1) @ costs / full.sum())
+  mean_k = k.reshape(len(specs), -1).mean(1)
+  return float(acm_lib.compute_fraction(mean_k, [s.learner_cost for s in specs], [s.num_learners for s in specs]))
 
 
 def _k_shares(k: np.ndarray, specs) -> dict[str, list[float]]:
@@ -733,7 +734,8 @@ def plot_shift(report: Report, results: list[dict], examples: int, severity: int
 def mlp_share(model: str) -> float | None:
   """Share of a dense ViT preset's FLOPs in its MLPs (what MLP-only ACMs scale), or None."""
   from acm_jax import flops as flops_lib
-  from acm_jax.models import vit
+  from acm_jax.vit import flops as vit_flops
+  from acm_jax.vit import model as vit
 
   try:
     cfg = vit.get_config(model)
@@ -741,7 +743,7 @@ def mlp_share(model: str) -> float | None:
     return None
   mlp = cfg.depth * flops_lib.encoder_block_flops(cfg.num_tokens, cfg.dim, cfg.mlp_dim, cfg.num_heads,
                                                   cfg.activation)["mlp"]
-  return mlp / flops_lib.vit_flops(cfg)["total"]
+  return mlp / vit_flops.vit_flops(cfg)["total"]
 
 
 # --- the report ---------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Pieces every baseline shares: the dense ViT as pure functions of its params,
 training through the shared loop, and evaluation on the shared test batches.
 
-The functions read the dense ViT's own parameter tree (`acm_jax.models.vit`
+The functions read the dense ViT's own parameter tree (`acm_jax.vit.model`
 names), so a baseline is the dense params plus a few extra parameters (routers,
 exit heads, halting scalars) and its own forward pass built from these pieces.
 """
@@ -9,18 +9,17 @@ exit heads, halting scalars) and its own forward pass built from these pieces.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from acm_jax.models import transformer
-from acm_jax.models.vit import ViTConfig
+from acm_jax import transformer
+from acm_jax.vit.model import ViTConfig
 from acm_jax.train import loop, optim, phases
-
-PyTree = Any
+from acm_jax.pytree import PyTree
 
 
 def embed(cfg: ViTConfig, params: PyTree, images: jax.Array) -> jax.Array:
@@ -74,9 +73,9 @@ def dense_config(exp: phases.Experiment) -> ViTConfig:
 
 
 def train(exp: phases.Experiment, run_dir: Path, params: PyTree, tx, step_fn, num_steps: int) -> PyTree:
-  """The shared loop (checkpoints, resume) on the train split, like `phases._train`."""
+  """The shared loop (checkpoints, resume) on the train split, like `phases.train`."""
   cfg = exp.config
-  state, step, batches = phases._prepare(exp, run_dir.name, params, tx, step_fn)
+  state, step, batches = phases.prepare(exp, run_dir.name, params, tx, step_fn)
   final = loop.run(name=run_dir.name, run_dir=run_dir, state=state, step_fn=step, batches=batches,
                    num_steps=num_steps, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
                    config_json=cfg.to_json())
@@ -98,7 +97,7 @@ def evaluate(exp: phases.Experiment, forward: Callable[[PyTree, dict], tuple], p
     return out
 
   totals = None
-  for batch in phases._eval_batches(exp, with_masks=False):
+  for batch in phases.eval_batches(exp, with_masks=False):
     out = jax.device_get(per_batch(params, batch))
     totals = out if totals is None else jax.tree.map(np.add, totals, out)
   if totals is None:

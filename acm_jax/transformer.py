@@ -148,7 +148,7 @@ class Attention(nn.Module):
       specs = [proj(x, **{**acm_args, "mode": acm_lib.GROUP_INPUTS}) for proj in qkv]
       (q, k, v), choices = inference.acm_group_apply(
           x, specs, num_learners=self.acm.num_learners, activation="identity", min_choice=qkv[0].min_choice,
-          cost_shift=acm_args.get("cost_shift", 0.0), impl="pallas")
+          cost_shift=acm_args.get("cost_shift", 0.0))
       for proj, choice in zip(qkv, choices):  # each ACM's statistics, as its own call would sow them
         proj.sow("acm", "choice", jax.nn.one_hot(choice, self.acm.num_learners + 1, dtype=jnp.float32))
     else:

@@ -1,0 +1,203 @@
+"""The one command-line driver of every model family: flags -> config -> phases -> eval.
+
+`python -m experiments.vit_imagenet` and `python -m experiments.wav2vec2_commonvoice`
+are `main("vit")` and `main("wav2vec2")`. Phases: pretrain (skipped with --init),
+distill, gates, finetune, static, eval, all, and sweep (one finetuning per
+--budgets from the same gates checkpoint). Every evaluated model's record goes to
+its run directory's eval.json and, keyed by model name, into the work dir's
+eval.json summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from acm_jax import registry
+from acm_jax.checkpoint_io import CheckpointError
+from acm_jax.train import config as config_lib
+from acm_jax.train import loop, phases
+
+EVAL_MODELS = ("dense", "acm", "static")
+
+
+def parse(family: registry.Family, argv: list[str] | None) -> tuple[argparse.Namespace, config_lib.ExperimentConfig]:
+  parser = config_lib.ArgumentParser(
+      description=family.description, formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog=f"--init reads these checkpoint formats: {', '.join(family.checkpoint_formats)}")
+  phases_text = ", ".join((*config_lib.PHASES, "sweep"))
+  parser.add_argument("--phase", default="all", type=config_lib.choice_parser((*config_lib.PHASES, "sweep")),
+                      metavar="PHASE", help=f"what to run; allowed: {phases_text}; default: all")
+  parser.add_argument("--budgets", default="0.25,0.5,0.75", metavar="B1,B2,...",
+                      help="comma-separated budgets in (0, 1] for --phase=sweep; default: %(default)s")
+  parser.add_argument("--eval_models", default=None, metavar="M1,M2,...",
+                      help=f"comma-separated subset of {', '.join(EVAL_MODELS)} for --phase=eval; "
+                           "default: every finished one")
+  models = (*family.model_presets, "from_init")
+  config_lib.add_flags(parser, family.config_class, choices={"model": models})
+  args = parser.parse_args(argv)
+  return args, config_lib.from_flags(args, family.config_class())
+
+
+def format_table(family: registry.Family, records: list[dict]) -> str:
+  cols = family.columns
+  lines = [f"{'model':<16} " + " ".join(f"{c.header:>{c.width}}" for c in cols)
+           + f" {'compute':>8}  mean k per layer / share of k"]
+  for r in records:
+    compute = f"{r['compute_fraction']:.3f}" if "compute_fraction" in r else "1.000"
+    cells = " ".join(f"{c.scale * r[c.key]:>{c.width - len(c.unit)}.{c.digits}f}{c.unit}" for c in cols)
+    lines.append(f"{r['model']:<16} {cells} {compute:>8}")
+    for path, mean_k in r.get("mean_k_per_layer", {}).items():
+      share = " ".join(f"{s:.2f}" for s in r["k_share_per_layer"][path])
+      lines.append(f"{'':<16}   {path:<24} k={mean_k:.2f}  [{share}]")
+    for name, value in r.get("mean_k_per_group", {}).items():
+      lines.append(f"{'':<16}   mean k on {name} {family.token_word}: {value:.2f}")
+  return "\n".join(lines)
+
+
+def write_summary(workdir: Path, records: list[dict]) -> None:
+  """Adds the records, keyed by model name, to <workdir>/eval.json (earlier models stay)."""
+  path = workdir / "eval.json"
+  summary = {}
+  if path.is_file():
+    try:
+      summary = json.loads(path.read_text())
+    except ValueError:
+      summary = {}
+    if not isinstance(summary, dict) or "model" in summary:  # a single record of an older run
+      summary = {}
+  summary.update({r["model"]: r for r in records})
+  phases.write_json(path, summary)
+
+
+def evaluate_models(family: registry.Family, exp: phases.Experiment, models: list[str]) -> list[dict]:
+  evaluate = family.evaluate or phases.evaluate
+  records = []
+  for model in models:
+    if model == "dense":
+      record = evaluate(exp, phases.dense_params(exp), "dense", "dense")
+      run_dir = exp.run_dir("pretrain")
+      if family.check_dense is not None and loop.is_main_process():
+        message = family.check_dense(record, exp.config)
+        if message:
+          print(message, file=sys.stderr, flush=True)
+    else:
+      phase = "finetune" if model == "acm" else "static"
+      params = loop.load_params(exp.run_dir(phase), phases.abstract_params(exp, "acm"), f"{phase} phase")
+      if model == "acm":
+        record = evaluate(exp, params, f"acm_b{exp.config.budget:.2f}", "argmax")
+      else:
+        k = exp.config.resolved_static_k
+        record = evaluate(exp, params, f"static_k{k}", "fixed", fixed_k=k)
+      run_dir = exp.run_dir(phase)
+    phases.write_json(run_dir / "eval.json", record)
+    records.append(record)
+  write_summary(exp.workdir, records)
+  return records
+
+
+def finished_models(exp: phases.Experiment) -> list[str]:
+  found = []
+  if exp.config.init is not None or loop.params_dir(exp.run_dir("pretrain")).exists():
+    found.append("dense")
+  if loop.params_dir(exp.run_dir("finetune")).exists():
+    found.append("acm")
+  if loop.params_dir(exp.run_dir("static")).exists():
+    found.append("static")
+  return found
+
+
+def parse_budgets(text: str) -> list[float]:
+  try:
+    budgets = [float(b) for b in text.split(",")]
+  except ValueError:
+    raise ValueError(f"--budgets must be comma-separated numbers in (0, 1], got {text!r}") from None
+  if not budgets or any(not 0.0 < b <= 1.0 for b in budgets):
+    raise ValueError(f"--budgets must be comma-separated numbers in (0, 1], got {text!r}")
+  return budgets
+
+
+def sweep(family: registry.Family, exp: phases.Experiment, budgets: list[float]) -> list[dict]:
+  """The accuracy-compute curve in one command: the shared phases (a finished one is
+  only restored), one finetuning per budget from the same gates checkpoint, the static
+  baseline, and the evaluation of each."""
+  per_budget = [family.build(dataclasses.replace(exp.config, budget=b)) for b in budgets]
+  if exp.config.init is None:
+    phases.pretrain(exp)
+  phases.distill(exp)
+  phases.gates(exp)
+  for acm_exp in per_budget:
+    phases.finetune(acm_exp)
+  phases.static(exp)
+  acm_records = [record for acm_exp in per_budget for record in evaluate_models(family, acm_exp, ["acm"])]
+  return evaluate_models(family, exp, ["dense"]) + acm_records + evaluate_models(family, exp, ["static"])
+
+
+def describe(cfg: config_lib.ExperimentConfig) -> str:
+  changed = cfg.non_default()
+  flags = " ".join(f"--{k}={v}" for k, v in sorted(changed.items()) if k != "workdir") or "(all defaults)"
+  return f"work dir: {Path(cfg.workdir).absolute()}\nconfig: {type(cfg).__name__} {flags}"
+
+
+def run(family: registry.Family, args: argparse.Namespace, cfg: config_lib.ExperimentConfig) -> list[dict]:
+  exp = family.build(cfg)  # validates config, checkpoint and data before any work
+  if args.eval_models is not None:
+    bad = [m for m in args.eval_models.split(",") if m not in EVAL_MODELS]
+    if bad:
+      raise ValueError(f"--eval_models: unknown {bad}; expected a subset of {EVAL_MODELS}")
+  budgets = parse_budgets(args.budgets) if args.phase == "sweep" else None
+  if loop.is_main_process():
+    print(describe(cfg), flush=True)
+  tic = time.time()
+  records: list[dict] = []
+  if args.phase == "all":
+    if cfg.init is None:
+      phases.pretrain(exp)
+    records = evaluate_models(family, exp, ["dense"])  # first: a model that has not learned is worth a warning now
+    for phase in (phases.distill, phases.gates, phases.finetune, phases.static):
+      phase(exp)
+    records += evaluate_models(family, exp, ["acm", "static"])
+  elif args.phase == "sweep":
+    records = sweep(family, exp, budgets)
+  elif args.phase == "eval":
+    models = args.eval_models.split(",") if args.eval_models else finished_models(exp)
+    if not models:
+      raise FileNotFoundError(f"nothing to evaluate in {exp.workdir}: no finished pretrain, finetune or "
+                              "static run (and no --init)")
+    records = evaluate_models(family, exp, models)
+  else:
+    if args.phase == "pretrain" and cfg.init is not None:
+      raise ValueError("--phase=pretrain trains a dense model from scratch; drop --init or start at distill")
+    getattr(phases, args.phase)(exp)
+  if records and loop.is_main_process():
+    print(format_table(family, records))
+    print(f"done in {(time.time() - tic) / 60:.1f} min; results in {exp.workdir}")
+  return records
+
+
+def main(family_name: str, argv: list[str] | None = None) -> int:
+  family = registry.get(family_name)
+  try:
+    args, cfg = parse(family, argv)
+  except SystemExit as e:  # --help, or a bad flag (argparse printed the one-line error)
+    return e.code if isinstance(e.code, int) else 2
+  try:
+    run(family, args, cfg)
+  except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    return 130
+  return 0
+
+
+def main_vit() -> int:  # the acm-jax-vit console script
+  return main("vit", sys.argv[1:])
+
+
+def main_wav2vec2() -> int:  # the acm-jax-wav2vec2 console script
+  return main("wav2vec2", sys.argv[1:])

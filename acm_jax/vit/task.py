@@ -1,0 +1,110 @@
+"""The image classification task of the ViT family, as a `phases.Experiment`.
+
+`build(config)` validates the config against data and model, then supplies the
+phases with the ViT (dense and ACMized), the classification loss and top-1 score,
+object/background token groups on the synthetic sets, the data iterator and the
+FLOP count per image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import einops
+import jax
+import jax.numpy as jnp
+
+from acm_jax import acm as acm_lib
+from acm_jax import data as data_lib
+from acm_jax import flops as flops_lib
+from acm_jax import losses, registry
+from acm_jax import sharding as sharding_lib
+from acm_jax.train import steps
+from acm_jax.train.config import ExperimentConfig
+from acm_jax.train.phases import Experiment
+from acm_jax.vit import flops as vit_flops
+from acm_jax.vit import formats
+from acm_jax.vit import model as vit
+
+
+def _object_groups(patch_size: int, batch: dict) -> dict[str, jax.Array]:
+  if "object_mask" not in batch:
+    return {}
+  frac = einops.reduce(batch["object_mask"].astype(jnp.float32), "b (h p) (w q) -> b (h w)", "mean",
+                       p=patch_size, q=patch_size)
+  no_cls = jnp.zeros((frac.shape[0], 1), bool)
+  return {"object": jnp.concatenate([no_cls, frac >= 0.25], 1),
+          "background": jnp.concatenate([no_cls, frac == 0.0], 1)}
+
+
+def vision_task(dense_config: vit.ViTConfig, acm_config: vit.ViTConfig, dtype) -> steps.Task:
+  acm = acm_config.acm
+  specs = []
+  for path, cost in zip(acm_config.acm_paths(), flops_lib.learner_costs(acm_config)):
+    is_mlp = path.endswith("/mlp")
+    specs.append(steps.ACMSpec(path, acm_config.activation if is_mlp else "identity", 0 if is_mlp else 1,
+                               cost, acm.num_learners, acm.gate_depth, acm.gate_hidden))
+
+  def score(logits, batch):
+    valid = batch.get("valid", jnp.ones(logits.shape[0], bool)).astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    return {"examples": jnp.sum(valid), "top1": jnp.sum(correct * valid)}
+
+  return steps.Task(
+      dense_model=vit.ViT(dense_config), acm_model=vit.ViT(acm_config), acm_specs=tuple(specs),
+      inputs=lambda batch: batch["image"].astype(dtype),
+      loss=lambda logits, batch, ls: losses.classification_loss(logits.astype(jnp.float32), batch["label"], ls),
+      score=score, token_groups=functools.partial(_object_groups, dense_config.patch_size))
+
+
+def build(config: ExperimentConfig) -> Experiment:
+  """Validates the config against data and model before any work starts."""
+  config.validate()
+  sharding_lib.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
+  info = data_lib.get_dataset_info(config.dataset, image_size=config.image_size, data_dir=config.data_dir)
+  overrides = {"image_size": info.image_size, "num_classes": config.num_classes or info.num_classes,
+               "remat": config.remat}
+  if config.init is not None:  # the checkpoint's architecture ("--model=from_init") or a preset that agrees
+    from acm_jax.vit import checkpoints
+    dense_config = checkpoints.vit_config_for_init(config.init, config.model, **overrides)
+  elif config.model == "from_init":
+    raise ValueError("--model=from_init needs --init=PATH")
+  else:
+    dense_config = vit.get_config(config.model, **overrides)
+  acm = acm_lib.ACMConfig(
+      num_learners=config.num_learners, learner_width=config.learner_width, width_factor=config.width_factor,
+      blocks=config.block_tuple(), attention=config.acm_attention, activation=dense_config.activation,
+      gate_depth=config.gate_depth, gate_hidden=config.gate_hidden, impl=config.impl)
+  acm_config = dataclasses.replace(dense_config, acm=acm).validate()
+  dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+
+  def count(mean_k, dense):
+    return vit_flops.vit_flops(dense_config if dense else acm_config, mean_k)
+
+  return Experiment(config, vision_task(dense_config, acm_config, dtype), info,
+                    sample_input=jnp.zeros((1, info.image_size, info.image_size, 3), dtype), flops=count,
+                    iterator=data_lib.make_iterator, group_masks=data_lib.is_synthetic(config.dataset),
+                    load_init=_load_dense)
+
+
+def _load_dense(path: str, expected):
+  from acm_jax.vit import checkpoints  # reading PyTorch files needs torch: only when --init is given
+  return checkpoints.load_dense(path, expected)
+
+
+
+
+FAMILY = registry.register(registry.Family(
+    name="vit",
+    description=__doc__ + """
+Embedded default (no download, CPU):  python -m experiments.vit_imagenet --phase=all
+Accuracy-compute curve (one ACM per budget from the same gates checkpoint):
+                                      python -m experiments.vit_imagenet --phase=sweep --budgets=0.25,0.5,0.75
+ImageNet with a pretrained ViT-B/16:  python -m experiments.vit_imagenet --phase=all \\
+    --dataset=tfds:imagenet2012 --data_dir=$TFDS_DIR --model=vit_b16 --init=ckpt.npz ...
+""",
+    config_class=ExperimentConfig, build=build, model_presets=tuple(vit.PRESETS),
+    columns=(registry.Column("top-1", "top1", 100.0, "%", 8), registry.Column("GFLOPs/img", "gflops_per_image",
+                                                                              width=11, digits=4)),
+    checkpoint_formats=formats.FORMATS))
