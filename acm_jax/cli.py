@@ -87,7 +87,7 @@ def evaluate_models(family: registry.Family, exp: phases.Experiment, models: lis
           print(message, file=sys.stderr, flush=True)
     else:
       phase = "finetune" if model == "acm" else "static"
-      params = loop.load_params(exp.run_dir(phase), phases.abstract_params(exp, "acm"), f"{phase} phase")
+      params = phases.load_phase_params(exp, phase)
       if model == "acm":
         record = evaluate(exp, params, f"acm_b{exp.config.budget:.2f}", "argmax")
       else:
@@ -186,7 +186,10 @@ def main(family_name: str, argv: list[str] | None = None) -> int:
   except SystemExit as e:  # --help, or a bad flag (argparse printed the one-line error)
     return e.code if isinstance(e.code, int) else 2
   try:
-    run(family, args, cfg)
+    with loop.stop_signals():  # SIGTERM or Ctrl-C: save the step, exit 75 or 130
+      run(family, args, cfg)
+  except loop.Stopped as stop:
+    return stop.status
   except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -140,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
   except SystemExit as e:  # --help, or a bad flag (argparse printed the one-line error)
     return e.code if isinstance(e.code, int) else 2
   try:
-    run(args, cfg, bcfg)
+    with phases.loop.stop_signals():  # SIGTERM or Ctrl-C: save the step, exit 75 or 130
+      run(args, cfg, bcfg)
+  except phases.loop.Stopped as stop:
+    return stop.status
   except (ValueError, FileNotFoundError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -27,6 +27,33 @@ def flag(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
   """A config field with its flag's help text and, for strings, the allowed values."""
   return dataclasses.field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None})
 
+# Which saved fields a run directory's state depends on, for `resume_fields`. Free to
+# change on resume: where things are (paths may move), how the same arithmetic is laid
+# out or run (mesh, sharding, remat, kernel impl), what is logged and how often state is
+# saved. Every other field must match: model shape, data and its stream (seed,
+# batch_size: another batch size feeds other examples at each step), dtype, the ACM,
+# losses and the optimizer, whose schedule spans the phase's step count (so a phase is
+# not extended in place: a longer run is another run, in another --workdir).
+RESUME_FREE = frozenset({"workdir", "data_dir", "init", "eval_batch_size", "eval_examples", "log_every",
+                         "checkpoint_every", "mesh", "sharding", "remat", "impl", "coordinator_address",
+                         "num_processes", "process_id"})
+ACM_FIELDS = frozenset({"num_learners", "learner_width", "width_factor", "acm_blocks", "acm_attention",
+                        "gate_depth", "gate_hidden"})
+# Fields only some phases read (the ACM ones: every phase but pretrain); the rest matter to every phase.
+PHASE_FIELDS = {
+    "pretrain": frozenset({"pretrain_steps", "pretrain_lr", "label_smoothing"}),
+    "distill": frozenset({"distill_steps", "distill_lr", "grad_mode"}) | ACM_FIELDS,
+    "gates": frozenset({"gates_steps", "gates_lr", "gating_error_factor", "label_rule"}) | ACM_FIELDS,
+    "finetune": frozenset({"finetune_steps", "finetune_lr", "finetune_gate_lr_scale", "label_smoothing", "budget",
+                           "budget_loss", "budget_weight", "entropy_weight", "diversity_weight",
+                           "gate_temperature"}) | ACM_FIELDS,
+    "static": frozenset({"finetune_steps", "finetune_lr", "label_smoothing", "static_k"}) | ACM_FIELDS,
+}
+# How a phase trains, not what its params are: a later phase or an evaluation may read
+# finished params that were trained otherwise (`model_fields`).
+TRAINING_FIELDS = frozenset({"seed", "dtype", "batch_size", "warmup_fraction", "weight_decay", "clip_norm"}) | frozenset(
+    f for phase, fields in PHASE_FIELDS.items() for f in fields - ACM_FIELDS)
+
 
 @dataclasses.dataclass
 class ExperimentConfig:
@@ -142,6 +169,18 @@ class ExperimentConfig:
       return tuple(int(b) for b in self.acm_blocks.split(","))
     except ValueError:
       raise ValueError(f"--acm_blocks must be 'all' or comma-separated integers, got {self.acm_blocks!r}") from None
+
+  def resume_fields(self, phase: str) -> list[str]:
+    """The fields that must equal the saved ones to resume (or reuse) a run of `phase`;
+    a run that is not one of the ACM phases (a baseline) checks the shared fields only."""
+    specific = frozenset().union(*PHASE_FIELDS.values())
+    own = PHASE_FIELDS.get(phase, frozenset())
+    return [f.name for f in dataclasses.fields(self)
+            if f.name not in RESUME_FREE and (f.name not in specific or f.name in own)]
+
+  def model_fields(self, phase: str) -> list[str]:
+    """The fields that must equal the saved ones to read the finished params of `phase`."""
+    return [f for f in self.resume_fields(phase) if f not in TRAINING_FIELDS]
 
   def to_json(self) -> str:
     cls = type(self)

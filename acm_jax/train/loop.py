@@ -4,19 +4,28 @@ A phase is a pure `step_fn(state, batch) -> (state, metrics)` over a state dict
 {"step", "params", "opt_state", "rng"}. The loop restores the latest checkpoint
 of the run directory if there is one, feeds the batches from that step on (so a
 resumed run sees exactly the batches an uninterrupted one would), saves every
-`checkpoint_every` steps, on Ctrl-C and at the end, and finally writes the
-parameters alone to `<run_dir>/params` for the next phase.
+`checkpoint_every` steps and at the end, and finally writes the parameters alone
+to `<run_dir>/params` for the next phase.
+
+Preemption: SIGTERM (a scheduler's notice) or SIGINT (Ctrl-C) lets the current
+step finish, saves that step, and raises `Stopped`; entry points exit with its
+`status`, PREEMPTED_STATUS (75) after SIGTERM, INTERRUPTED_STATUS (130) after
+Ctrl-C. The processes of a multi-process run agree on the step to save, so a
+signal to any one of them stops all at the same step. Restarting the command
+resumes there; saves that never committed (no orbax commit marker) are set aside.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -36,16 +45,32 @@ def is_main_process() -> bool:
 class MetricWriter:
   """JSON lines in `<run_dir>/metrics.jsonl`, and TensorBoard when tensorboardX is there."""
 
-  def __init__(self, run_dir: Path):
+  def __init__(self, run_dir: Path, resume_step: int = 0):
     self._enabled = is_main_process()
     self._path = run_dir / "metrics.jsonl"
     self._tb = None
+    if self._enabled and self._path.exists():
+      self._truncate(resume_step)
     if self._enabled:
       try:
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(str(run_dir / "tb"))
       except ImportError:
         pass
+
+  def _truncate(self, resume_step: int) -> None:
+    """Drops the records of steps after `resume_step` (written before a crash or a SIGKILL
+    cut the run short of its next checkpoint), which the resumed run writes again."""
+    kept = []
+    for line in self._path.read_text().splitlines():
+      try:
+        if json.loads(line)["step"] <= resume_step:
+          kept.append(line + "\n")
+      except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill
+        continue
+    tmp = self._path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(self._path)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self._enabled:
@@ -58,27 +83,96 @@ class MetricWriter:
       self._tb.flush()
 
 
-@contextlib.contextmanager
-def deferred_interrupt():
-  """Turns Ctrl-C into a flag checked between steps, so a step is never cut in half
-  (its input state is donated, so only a finished step's state can be saved)."""
-  requested = threading.Event()
-  if threading.current_thread() is not threading.main_thread():
-    yield requested
-    return
-  previous = signal.getsignal(signal.SIGINT)
+# Exit statuses of a run stopped by a signal after saving its state. 75 is EX_TEMPFAIL
+# (sysexits.h, "try again later"): a scheduler requeues on it (docs/cluster.md). A
+# process killed outright by SIGTERM reports 143 (or -15), which is never mistaken for it.
+PREEMPTED_STATUS = 75  # SIGTERM, or a peer process's signal in a multi-process run
+INTERRUPTED_STATUS = 130  # Ctrl-C (SIGINT): the user stopped it; nothing to requeue
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Steps between the checks where the processes of a multi-process run agree to stop: each
+# check waits for the step in flight (one collective), so not every step.
+STOP_CHECK_EVERY = 10
 
-  def handler(signum, frame):
-    if requested.is_set():  # a second Ctrl-C stops at once
-      signal.signal(signal.SIGINT, previous)
+
+class Stopped(KeyboardInterrupt):
+  """Raised when SIGTERM or SIGINT stops the program; `status` is its exit status."""
+
+  def __init__(self, signum: int, message: str = ""):
+    super().__init__(message or f"stopped by {signal.Signals(signum).name}")
+    self.signum = signum
+
+  @property
+  def status(self) -> int:
+    return INTERRUPTED_STATUS if self.signum == signal.SIGINT else PREEMPTED_STATUS
+
+
+class _StopRequest:
+  """The first stop signal received, and whether a training loop defers it to the end of a step."""
+
+  def __init__(self):
+    self.signum: int | None = None
+    self.deferring = 0
+    self.installed = 0
+    self.previous: dict[int, Any] = {}
+
+  def handle(self, signum, frame):
+    if self.signum is None:
+      self.signum = signum
+      if not self.deferring:  # nothing to save: stop now
+        raise Stopped(signum)
+    elif signum == signal.SIGINT:  # a second Ctrl-C stops at once; an unfinished save is never committed
       raise KeyboardInterrupt
-    requested.set()
+    # a second SIGTERM is ignored: the save under way finishes unless the scheduler's SIGKILL comes first
 
-  signal.signal(signal.SIGINT, handler)
+
+_request = _StopRequest()
+
+
+@contextlib.contextmanager
+def stop_signals():
+  """Handles SIGTERM and SIGINT while the block runs: inside `run` they stop the loop
+  after the current step and a checkpoint of it, elsewhere at once, raising `Stopped`.
+  Entry points wrap their whole work in it; `run` takes it too (nesting is fine).
+  Off the main thread (where Python cannot handle signals) it does nothing."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  if not _request.installed:
+    _request.signum = None
+    _request.previous = {s: signal.signal(s, _request.handle) for s in STOP_SIGNALS}
+  _request.installed += 1
   try:
-    yield requested
+    yield
   finally:
-    signal.signal(signal.SIGINT, previous)
+    _request.installed -= 1
+    if not _request.installed:
+      for s, handler in _request.previous.items():
+        signal.signal(s, handler)
+      _request.signum = None
+
+
+@contextlib.contextmanager
+def _deferred_stop():
+  _request.deferring += 1
+  try:
+    yield
+  finally:
+    _request.deferring -= 1
+
+
+def _agreed_stop(step: int, every: int = STOP_CHECK_EVERY) -> int | None:
+  """The signal that stops every process before `step`, or None to go on. Alone, a
+  process stops at the first step boundary after its signal; in a multi-process run
+  they all decide together every STOP_CHECK_EVERY steps, so that every process saves
+  the same step, even when only one of them received the signal."""
+  if jax.process_count() == 1:
+    return _request.signum
+  if step % every:
+    return None
+  from jax.experimental import multihost_utils
+  signums = multihost_utils.process_allgather(np.int32(_request.signum or 0))
+  received = [int(s) for s in np.ravel(signums) if s]
+  return received[0] if received else None
 
 
 def params_dir(run_dir: str | Path) -> Path:
@@ -128,57 +222,170 @@ def check_same_structure(found: PyTree, expected: PyTree, source: str) -> None:
                        f"the model expects {shape} (a checkpoint of another model shape?)")
 
 
+def check_config(run_dir: str | Path, config_json: str, fields: Iterable[str]) -> None:
+  """Stops with one message when `run_dir` holds state (checkpoints or params) of a run
+  whose saved config.json differs from `config_json` in one of `fields`: resuming
+  or reusing it would silently mix two configurations (or fail deep inside orbax)."""
+  run_dir = Path(run_dir)
+  saved_path = run_dir / "config.json"
+  has_state = params_dir(run_dir).exists() or any(checkpoint_steps(run_dir / "checkpoints"))
+  if not (saved_path.exists() and has_state):
+    return
+  try:
+    saved = json.loads(saved_path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{saved_path} is not valid JSON ({e}); pass another --workdir or delete {run_dir}") from None
+  requested = json.loads(config_json)
+  differ = [f for f in fields if f in saved and saved[f] != requested.get(f)]
+  if differ:
+    shown = ", ".join(f"{f} {saved[f]} saved, {requested.get(f)} requested" for f in differ)
+    flags = " ".join(f"--{f}={saved[f]}" for f in differ if saved[f] is not None)
+    raise ValueError(f"{run_dir} holds a run of another configuration: {shown}. Pass another --workdir "
+                     f"to start a new run, or the saved values to resume this one{f' ({flags})' if flags else ''}")
+
+
+# orbax writes this file into a step directory just before it commits the step (a rename
+# on local and network file systems; the file itself on object stores)
+COMMIT_MARKER = "commit_success.txt"
+
+
+def checkpoint_steps(directory: str | Path) -> tuple[list[int], list[Path]]:
+  """The complete steps under `directory`, ascending, and the step directories of saves
+  that never committed (orbax's `<step>.orbax-checkpoint-tmp*`, or a `<step>` without
+  the commit marker)."""
+  directory = Path(directory)
+  complete, incomplete = [], []
+  if directory.is_dir():
+    for path in directory.iterdir():
+      if path.name.isdigit() and (path / COMMIT_MARKER).exists():
+        complete.append(int(path.name))
+      elif path.name.split(".")[0].isdigit():
+        incomplete.append(path)
+  return sorted(complete), sorted(incomplete)
+
+
+def _newest_complete_step(run_dir: Path, name: str) -> int | None:
+  """The step to resume from. Incomplete saves move to `<run_dir>/incomplete_checkpoints/`,
+  out of orbax's way (it would take an uncommitted `<step>` for a finished one)."""
+  complete, incomplete = checkpoint_steps(run_dir / "checkpoints")
+  newest = complete[-1] if complete else None
+  if incomplete and is_main_process():
+    aside = run_dir / "incomplete_checkpoints"
+    aside.mkdir(exist_ok=True)
+    for path in incomplete:
+      target = aside / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+      path.rename(target)
+      step = int(path.name.split(".")[0])
+      if newest is None or step > newest:
+        resume = f"step {newest}" if newest is not None else "the start"
+        print(f"[{name}] skipped the checkpoint of step {step} in {path.parent}: incomplete (no commit "
+              f"marker, a save cut short); moved it to {target}; resuming from {resume}", file=sys.stderr)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"acm_jax set aside incomplete checkpoints of {run_dir}")
+  return newest
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """A failing orbax restore logs a traceback from each of its threads; the one-line error says it all."""
+  loggers = [logging.getLogger(n) for n in ("absl", "asyncio", "orbax")]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, state: PyTree) -> PyTree:
+  path = Path(manager.directory) / str(step)
+  try:
+    found = ocp.StandardCheckpointer().metadata(path / "default").item_metadata  # the optimizer state mirrors params
+    check_same_structure(jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(found["params"])),
+                         state["params"], str(path))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    with _quiet_orbax():
+      return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  except ValueError:
+    raise
+  except Exception as e:  # orbax's errors span screens; the first line names the cause
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"cannot restore the checkpoint of step {step} at {path}: {first}. Move that directory "
+                     "away to resume from an earlier step, or pass another --workdir") from None
+
+
 def run(*, name: str, run_dir: str | Path, state: PyTree, step_fn: StepFn,
         batches: Callable[[int], Iterator[dict]], num_steps: int, checkpoint_every: int = 200,
-        log_every: int = 50, config_json: str | None = None) -> PyTree:
+        log_every: int = 50, config_json: str | None = None, resume_fields: Iterable[str] = ()) -> PyTree:
   """Runs `step_fn` until `state["step"] == num_steps`, resuming if possible.
 
   `batches(start_step)` must yield the batches of steps start_step, start_step+1, ...
-  Returns the final state.
+  A run dir holding state of a config that differs from `config_json` in one of
+  `resume_fields` is refused (`check_config`). SIGTERM or SIGINT stops the loop
+  after the current step and a checkpoint of it, raising `Stopped`. Returns the final state.
   """
   run_dir = Path(run_dir).absolute()
+  if config_json is not None:
+    check_config(run_dir, config_json, resume_fields)
   run_dir.mkdir(parents=True, exist_ok=True)
   if config_json is not None and is_main_process():
     (run_dir / "config.json").write_text(config_json)
-  options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-  with ocp.CheckpointManager(run_dir / "checkpoints", options=options) as manager:
-    latest = manager.latest_step()
-    if latest is not None:
-      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-      state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-      if is_main_process():
-        print(f"[{name}] resuming from step {latest} in {run_dir}")
-    start = int(state["step"])
-    if start >= num_steps:
-      if not params_dir(run_dir).exists():
-        save_params(run_dir, state["params"])
-      return state
-    writer = MetricWriter(run_dir)
-    data = batches(start)
-    bar = tqdm(range(start, num_steps), desc=name, initial=start, total=num_steps,
-               disable=not is_main_process(), dynamic_ncols=True)
-    pending, tic = [], time.time()
-    with deferred_interrupt() as interrupted:
-      for step in bar:
-        if interrupted.is_set():
-          manager.save(step, args=ocp.args.StandardSave(state), force=True)
+  with stop_signals(), _deferred_stop():
+    latest = _newest_complete_step(run_dir, name)
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    with ocp.CheckpointManager(run_dir / "checkpoints", options=options) as manager:
+      if latest is not None:
+        state = _restore(manager, latest, state)
+        if is_main_process():
+          print(f"[{name}] resuming from step {latest} in {run_dir}")
+      start = int(state["step"])
+      if start >= num_steps:
+        if not params_dir(run_dir).exists():
+          save_params(run_dir, state["params"])
+        return state
+      writer = MetricWriter(run_dir, resume_step=start)
+      data = batches(start)
+      bar = tqdm(total=num_steps, desc=name, initial=start, disable=not is_main_process(), dynamic_ncols=True)
+      pending, tic, saved = [], time.time(), latest
+      for step in range(start, num_steps + 1):
+        signum = _agreed_stop(step, every=1 if step == num_steps else STOP_CHECK_EVERY)
+        if signum is not None or step == num_steps:
+          if pending:  # the steps since the last record, so that none goes unlogged
+            writer.write(step, _means(pending, tic))
+          if saved != step:
+            manager.save(step, args=ocp.args.StandardSave(state), force=True)
           manager.wait_until_finished()
           bar.close()
-          print(f"\n[{name}] interrupted: saved step {step} to {run_dir / 'checkpoints'}; "
-                "run the same command again to resume")
-          raise KeyboardInterrupt
+          if step == num_steps:
+            break
+          message = (f"[{name}] {signal.Signals(signum).name}: saved step {step} to {run_dir / 'checkpoints'}; "
+                     "run the same command again to resume")
+          if is_main_process():
+            print(f"\n{message}", file=sys.stderr, flush=True)
+          raise Stopped(signum, message)
         state, metrics = step_fn(state, next(data))
         pending.append(metrics)
+        bar.update()
         done = step + 1
-        if done % log_every == 0 or done == num_steps:
-          means = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-          means["steps_per_s"] = len(pending) / max(time.time() - tic, 1e-9)
+        if done % log_every == 0 and done < num_steps:
+          means = _means(pending, tic)
           writer.write(done, means)
           bar.set_postfix({k: f"{v:.4g}" for k, v in means.items() if k != "steps_per_s"})
           pending, tic = [], time.time()
         if done % checkpoint_every == 0 and done < num_steps:
           manager.save(done, args=ocp.args.StandardSave(state))
-    manager.save(num_steps, args=ocp.args.StandardSave(state), force=True)
-    manager.wait_until_finished()
-  save_params(run_dir, state["params"])
+          saved = done
+    save_params(run_dir, state["params"])
+  signum = _agreed_stop(num_steps, every=1)  # a signal during the final save stops before the next phase
+  if signum is not None:
+    raise Stopped(signum, f"[{name}] {signal.Signals(signum).name}: finished and saved")
   return state
+
+
+def _means(pending: list[dict], tic: float) -> dict[str, float]:
+  means = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+  means["steps_per_s"] = len(pending) / max(time.time() - tic, 1e-9)
+  return means

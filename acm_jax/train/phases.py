@@ -138,8 +138,18 @@ def train(exp: Experiment, phase: str, params: PyTree, tx, step_fn, teacher: PyT
   state, step, batches = prepare(exp, phase, params, tx, step_fn, teacher)
   final = loop.run(name=phase, run_dir=exp.run_dir(phase), state=state, step_fn=step,
                    batches=batches, num_steps=cfg.phase_steps(phase),
-                   checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, config_json=cfg.to_json())
+                   checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, config_json=cfg.to_json(),
+                   resume_fields=cfg.resume_fields(phase))
   return final["params"]
+
+
+def load_phase_params(exp: Experiment, phase: str, model: str = "acm") -> PyTree:
+  """The finished params of `phase` (host arrays), once its config.json agrees with this
+  config on what the params are (model, data, ACM; not how they were trained)."""
+  cfg = exp.config
+  loop.check_config(exp.run_dir(phase), cfg.to_json(), cfg.model_fields(phase))
+  hint = f"{phase} phase (or pass --init)" if phase == "pretrain" else f"{phase} phase"
+  return loop.load_params(exp.run_dir(phase), abstract_params(exp, model), hint)
 
 
 def dense_params(exp: Experiment) -> PyTree:
@@ -148,7 +158,7 @@ def dense_params(exp: Experiment) -> PyTree:
     if exp.load_init is None:
       raise ValueError(f"--init={exp.config.init}: this task has no checkpoint reader (Experiment.load_init)")
     return exp.load_init(exp.config.init, expected)
-  return loop.load_params(exp.run_dir("pretrain"), abstract_params(exp, "dense"), "pretrain phase (or pass --init)")
+  return load_phase_params(exp, "pretrain", "dense")
 
 
 def pretrain(exp: Experiment) -> PyTree:
@@ -180,7 +190,7 @@ def distill(exp: Experiment) -> PyTree:
 
 def gates(exp: Experiment) -> PyTree:
   teacher = dense_params(exp)
-  params = loop.load_params(exp.run_dir("distill"), abstract_params(exp, "acm"), "distill phase")
+  params = load_phase_params(exp, "distill")
   tx = optimizer(exp, "gates", params, functools.partial(is_gate, exp.task.paths))
   cfg = exp.config
   step = functools.partial(steps.gate_step, exp.task, tx, cfg.gating_error_factor, cfg.label_rule)
@@ -190,7 +200,7 @@ def gates(exp: Experiment) -> PyTree:
 
 
 def finetune(exp: Experiment) -> PyTree:
-  params = loop.load_params(exp.run_dir("gates"), abstract_params(exp, "acm"), "gates phase")
+  params = load_phase_params(exp, "gates")
   cfg = exp.config
   tx = optimizer(exp, "finetune", params, fast=functools.partial(is_gate, exp.task.paths),
                   fast_lr_scale=cfg.finetune_gate_lr_scale)
@@ -201,7 +211,7 @@ def finetune(exp: Experiment) -> PyTree:
 
 def static(exp: Experiment) -> PyTree:
   """The static-width baseline, finetuned from the distilled learners like the ACM."""
-  params = loop.load_params(exp.run_dir("distill"), abstract_params(exp, "acm"), "distill phase")
+  params = load_phase_params(exp, "distill")
   cfg = exp.config
   tx = optimizer(exp, "static", params, lambda key: not is_gate(exp.task.paths, key))
   step = functools.partial(steps.static_step, exp.task, tx, cfg.resolved_static_k, cfg.label_smoothing)
@@ -320,6 +330,9 @@ def label_distribution(exp: Experiment, teacher: PyTree, params: PyTree, max_bat
 
 
 def write_json(path: Path, payload: Any) -> None:
+  """Written whole or not at all: a stop signal may land while it writes, and a rerun reuses the file."""
   if loop.is_main_process():
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    tmp.replace(path)

@@ -78,7 +78,7 @@ def train(exp: phases.Experiment, run_dir: Path, params: PyTree, tx, step_fn, nu
   state, step, batches = phases.prepare(exp, run_dir.name, params, tx, step_fn)
   final = loop.run(name=run_dir.name, run_dir=run_dir, state=state, step_fn=step, batches=batches,
                    num_steps=num_steps, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
-                   config_json=cfg.to_json())
+                   config_json=cfg.to_json(), resume_fields=cfg.resume_fields(run_dir.name))
   return final["params"]
 
 
