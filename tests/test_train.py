@@ -109,7 +109,7 @@ def test_ctrl_c_in_a_real_process_leaves_a_restorable_checkpoint(tmp_path):
   proc.send_signal(signal.SIGINT)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 130, out
-  assert "interrupted: saved step" in out
+  assert "SIGINT: saved step" in out
   steps_saved = [int(p.name) for p in (tmp_path / "pretrain" / "checkpoints").iterdir() if p.name.isdigit()]
   assert steps_saved and max(steps_saved) >= 4
 
@@ -141,6 +141,10 @@ def test_bad_input_stops_before_work_with_a_clear_message(tmp_path, capsys, flag
 
 def test_checkpoint_of_another_model_shape_is_rejected(tmp_path, capsys):
   assert run_main(tmp_path, "--phase=pretrain") == 0
+  assert run_main(tmp_path, "--phase=distill", "--num_classes=7") == 2
+  err = capsys.readouterr().err  # config.json tells first
+  assert "num_classes unset saved, 7 requested" in err and "another --workdir" in err
+  (tmp_path / "pretrain" / "config.json").unlink()  # params alone: their shapes tell
   assert run_main(tmp_path, "--phase=distill", "--num_classes=7") == 2
   err = capsys.readouterr().err
   assert "head/" in err and "another model shape" in err and "(7,)" in err

@@ -238,7 +238,8 @@ def check_config(run_dir: str | Path, config_json: str, fields: Iterable[str]) -
   requested = json.loads(config_json)
   differ = [f for f in fields if f in saved and saved[f] != requested.get(f)]
   if differ:
-    shown = ", ".join(f"{f} {saved[f]} saved, {requested.get(f)} requested" for f in differ)
+    show = lambda v: "unset" if v is None else v
+    shown = ", ".join(f"{f} {show(saved[f])} saved, {show(requested.get(f))} requested" for f in differ)
     flags = " ".join(f"--{f}={saved[f]}" for f in differ if saved[f] is not None)
     raise ValueError(f"{run_dir} holds a run of another configuration: {shown}. Pass another --workdir "
                      f"to start a new run, or the saved values to resume this one{f' ({flags})' if flags else ''}")
@@ -363,8 +364,8 @@ def run(*, name: str, run_dir: str | Path, state: PyTree, step_fn: StepFn,
             break
           message = (f"[{name}] {signal.Signals(signum).name}: saved step {step} to {run_dir / 'checkpoints'}; "
                      "run the same command again to resume")
-          if is_main_process():
-            print(f"\n{message}", file=sys.stderr, flush=True)
+          print(f"\n{message}" if jax.process_count() == 1 else f"\nprocess {jax.process_index()}: {message}",
+                file=sys.stderr, flush=True)
           raise Stopped(signum, message)
         state, metrics = step_fn(state, next(data))
         pending.append(metrics)

@@ -1,0 +1,196 @@
+"""SIGTERM at any step of any phase: the step finishes and is saved, the run exits 75 and
+resumes exactly; saves cut short are skipped; two processes save the same step."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from acm_jax import data as data_lib  # noqa: E402
+from acm_jax.acmize import flatten  # noqa: E402
+from acm_jax.train import config as config_lib  # noqa: E402
+from acm_jax.train import loop, phases  # noqa: E402
+from experiments import vit_imagenet  # noqa: E402
+
+TINY = ["--model=tiny", "--batch_size=16", "--eval_batch_size=32", "--eval_examples=64",
+        "--pretrain_steps=6", "--distill_steps=4", "--gates_steps=4", "--finetune_steps=4",
+        "--log_every=1", "--checkpoint_every=3", "--gate_hidden=8"]
+RUNS = {"pretrain": 6, "distill": 4, "gates": 4, "finetune_b0.50": 4, "static_k2": 4}  # run dir: steps
+
+
+def run_main(workdir, *extra):
+  return vit_imagenet.main([f"--workdir={workdir}", *TINY, *extra])
+
+
+def final_params(run_dir: Path, model: str) -> dict:
+  exp = phases.build(config_lib.ExperimentConfig(gate_hidden=8))
+  return flatten(loop.load_params(run_dir, phases.abstract_params(exp, model), run_dir.name))
+
+
+def assert_same_params(a_dir: Path, b_dir: Path, model: str) -> None:
+  a, b = final_params(a_dir, model), final_params(b_dir, model)
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=f"{b_dir.name}: {key}")
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+  return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def complete_steps(run_dir: Path) -> list[int]:
+  return loop.checkpoint_steps(run_dir / "checkpoints")[0]
+
+
+def signal_at(batch_index: int, signum: int, start_step: int = 0, original=data_lib.make_iterator):
+  """`make_iterator` that sends `signum` to this process when the first train iterator
+  starting at `start_step` yields its `batch_index`-th batch (a resumed phase starts later)."""
+  fired = []
+
+  def iterator(*args, **kwargs):
+    fire = not fired and args[1] == "train" and kwargs.get("start_step", 0) == start_step
+    for i, batch in enumerate(original(*args, **kwargs)):
+      if fire and i == batch_index:
+        fired.append(i)
+        os.kill(os.getpid(), signum)
+      yield batch
+
+  return iterator
+
+
+def test_sigterm_in_every_phase_resumes_exactly(tmp_path, monkeypatch, capsys):
+  assert run_main(tmp_path / "straight", "--phase=all") == 0
+  rng = np.random.default_rng()
+  stops = {}
+  for run, steps in RUNS.items():  # each restart finishes the phase stopped before, then stops the next
+    at = int(rng.integers(0, steps - 1))  # the signal lands while step `at` is being prepared
+    monkeypatch.setattr(data_lib, "make_iterator", signal_at(at, signal.SIGTERM))
+    assert run_main(tmp_path / "resumed", "--phase=all") == loop.PREEMPTED_STATUS, (run, at)
+    stops[run] = at + 1
+    assert complete_steps(tmp_path / "resumed" / run)[-1] == at + 1, (run, at)
+    assert f"SIGTERM: saved step {at + 1}" in capsys.readouterr().err
+  monkeypatch.undo()
+  assert run_main(tmp_path / "resumed", "--phase=all") == 0, stops
+  for run, steps in RUNS.items():
+    assert_same_params(tmp_path / "straight" / run, tmp_path / "resumed" / run, "dense" if run == "pretrain" else "acm")
+    assert logged_steps(tmp_path / "resumed" / run) == list(range(1, steps + 1)), (run, stops)
+
+
+# --- a second signal during the save, a kill during the save, bad work dirs ----------
+
+
+def child(mode: str, workdir: str, start: str, at: str) -> None:
+  """Pretraining (from step `start`) that signals itself at batch `at` of its train iterator;
+  when orbax is about to commit a step, `second` sends SIGTERM again and `kill` SIGKILL."""
+  from orbax.checkpoint._src.path import atomicity
+  data_lib.make_iterator = signal_at(int(at), signal.SIGTERM, int(start))
+  commit = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def finalize(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM if mode == "second" else signal.SIGKILL)
+    time.sleep(0.5)  # the main thread handles the signal while the commit waits
+    return await commit(self, *args, **kwargs)
+
+  atomicity.AtomicRenameTemporaryPath.finalize = finalize
+  sys.exit(run_main(workdir, "--phase=pretrain", "--pretrain_steps=12", "--checkpoint_every=1000"))
+
+
+def _child(mode, workdir, start, at):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  return subprocess.run([sys.executable, __file__, mode, str(workdir), str(start), str(at)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_saves_survive_a_second_signal_and_a_kill(tmp_path, capsys):
+  args = ("--phase=pretrain", "--pretrain_steps=12", "--checkpoint_every=1000")
+  assert run_main(tmp_path / "straight", *args) == 0
+  work = tmp_path / "resumed"
+  first = _child("second", work, 0, 3)  # SIGTERM before step 3, SIGTERM again while step 4 commits
+  assert first.returncode == loop.PREEMPTED_STATUS, first.stderr[-3000:]
+  assert complete_steps(work / "pretrain") == [4] and loop.checkpoint_steps(work / "pretrain" / "checkpoints")[1] == []
+  killed = _child("kill", work, 4, 2)  # resumes at 4, SIGTERM before step 6, SIGKILL while step 7 commits
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert complete_steps(work / "pretrain") == [4] and loop.checkpoint_steps(work / "pretrain" / "checkpoints")[1]
+  shutil.copytree(work, tmp_path / "corrupt")
+  capsys.readouterr()
+  assert run_main(work, *args) == 0
+  err = capsys.readouterr().err
+  assert "skipped the checkpoint of step 7" in err and "resuming from step 4" in err, err
+  assert_same_params(tmp_path / "straight" / "pretrain", work / "pretrain", "dense")
+  assert logged_steps(work / "pretrain") == list(range(1, 13))
+
+  # a work dir of another configuration: one message, before any restore
+  assert run_main(work, *args, "--image_size=16", "--seed=3") == 2
+  err = capsys.readouterr().err
+  assert "image_size unset saved, 16 requested, seed 0 saved, 3 requested" in err, err
+  assert "another --workdir" in err and "--seed=0" in err
+  # a committed step whose files are damaged: one line, no orbax traceback
+  corrupt = tmp_path / "corrupt" / "pretrain" / "checkpoints" / "4" / "default"
+  for path in corrupt.rglob("*"):
+    if path.is_file() and path.parent.name == "d":
+      path.write_bytes(b"")
+  assert run_main(tmp_path / "corrupt", *args) == 2
+  err = capsys.readouterr().err
+  lines = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1 and "cannot restore the checkpoint of step 4" in lines[0], err
+  assert "Traceback" not in err
+
+
+# --- two processes: one is signalled, both save the same step ------------------------
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _pair(workdir: Path, steps: int) -> list[subprocess.Popen]:
+  port = _free_port()
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  logs = [open(workdir.parent / f"{workdir.name}_{i}.log", "w") for i in range(2)]
+  return [subprocess.Popen([sys.executable, "-m", "experiments.vit_imagenet", "--phase=pretrain", f"--workdir={workdir}",
+                            *TINY, f"--pretrain_steps={steps}", "--checkpoint_every=1000",
+                            "--coordinator_address=127.0.0.1:%d" % port, "--num_processes=2", f"--process_id={i}"],
+                           cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+          for i, log in enumerate(logs)]
+
+
+def _wait(procs, timeout=300) -> list[int]:
+  return [p.wait(timeout=timeout) for p in procs]
+
+
+def test_two_processes_save_the_same_step_when_one_is_signalled(tmp_path):
+  steps = 60
+  straight = _pair(tmp_path / "straight", steps)
+  resumed = _pair(tmp_path / "resumed", steps)
+  metrics = tmp_path / "resumed" / "pretrain" / "metrics.jsonl"
+  deadline = time.time() + 240
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+    time.sleep(0.05)
+  resumed[1].send_signal(signal.SIGTERM)  # process 1 only
+  codes = _wait(resumed)
+  logs = [(tmp_path / f"resumed_{i}.log").read_text() for i in range(2)]
+  assert codes == [loop.PREEMPTED_STATUS] * 2, logs[0][-3000:] + logs[1][-3000:]
+  saved = [int(log.split("SIGTERM: saved step ")[1].split()[0]) for log in logs]
+  assert saved[0] == saved[1] < steps and saved[0] % loop.STOP_CHECK_EVERY == 0, saved
+  assert complete_steps(tmp_path / "resumed" / "pretrain")[-1] == saved[0]
+  assert _wait(_pair(tmp_path / "resumed", steps)) == [0, 0]
+  assert _wait(straight) == [0, 0]
+  assert_same_params(tmp_path / "straight" / "pretrain", tmp_path / "resumed" / "pretrain", "dense")
+  assert logged_steps(tmp_path / "resumed" / "pretrain") == list(range(1, steps + 1))
+
+
+if __name__ == "__main__":
+  child(*sys.argv[1:])
