@@ -92,6 +92,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Steps between the checks where the processes of a multi-process run agree to stop: each
 # check waits for the step in flight (one collective), so not every step.
 STOP_CHECK_EVERY = 10
+# JAX's preemption service (on by default in jax.distributed) installs its own SIGTERM
+# handler, which would take the signal from `stop_signals`; the loop agrees on the step itself.
+jax.config.update("jax_enable_preemption_service", False)
 
 
 class Stopped(KeyboardInterrupt):

@@ -1,0 +1,121 @@
+"""How long a preemption checkpoint takes: the ACM finetune state of a ViT-B/16 saved with orbax.
+
+    python3 -m benchmarks.save_bench --dir=$SCRATCH/save_bench     # on the GPU node, the workdir's file system
+    python3 -m benchmarks.save_bench --model=tiny                  # a quick check anywhere (CPU)
+
+The state is the one `--phase=finetune` checkpoints (params, AdamW state, step, rng),
+of the official recipe's model: ViT-B/16 at 224x224, 1000 classes, every MLP and the
+q, k, v, o projections ACMized (N=4), laid out on the mesh by the same partitioner
+(`--sharding`). Each of `--repeats` saves is timed twice: until `save` returns (the
+training loop is blocked while orbax copies the arrays to the host) and until
+`wait_until_finished` (written and committed: what a SIGTERM grace period must cover).
+Then one restore is timed (the cost of resuming). Writes
+benchmarks/results/save_<device>.json (save_<device>_<model>.json for another model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from acm_jax.train import config as config_lib
+from acm_jax.train import phases
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = {  # the recipe's shapes; tiny for a check on a laptop or CI
+    "vit_b16": dict(model="vit_b16", image_size=224, num_classes=1000, acm_attention=True, gate_depth=3,
+                    gate_hidden=16),
+    "tiny": dict(model="tiny", acm_attention=True, gate_depth=3, gate_hidden=16),
+}
+
+
+def finetune_state(model: str, sharding: str):
+  cfg = config_lib.ExperimentConfig(dataset="synthetic", batch_size=jax.device_count(),
+                                    eval_batch_size=jax.device_count(), sharding=sharding, **MODELS[model])
+  exp = phases.build(cfg)
+  params = phases.init_params(exp, "acm", 0)
+  tx = phases._optimizer(exp, "finetune", params)
+  state, _ = exp.partitioner.create(lambda p: phases.new_state(p, tx, 0), exp.partitioner.put(params))
+  return state
+
+
+def directory_bytes(path: Path) -> int:
+  return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="vit_b16", choices=sorted(MODELS))
+  parser.add_argument("--sharding", default="dp", help="as the training flag (dp, fsdp, tp)")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--dir", default=None, help="where to save (default: a temporary directory, removed after)")
+  parser.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/save_<device>.json)")
+  args = parser.parse_args(argv)
+  if args.repeats < 1:
+    raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+  device = jax.devices()[0]
+  kind = re.sub(r"[^a-z0-9]+", "_", device.device_kind.lower()).strip("_")
+  tic = time.perf_counter()
+  state = finetune_state(args.model, args.sharding)
+  jax.block_until_ready(state)
+  setup_s = time.perf_counter() - tic
+  leaves = jax.tree.leaves(state)
+  state_bytes = int(sum(np.dtype(x.dtype).itemsize * x.size for x in leaves))
+  param_bytes = int(sum(np.dtype(x.dtype).itemsize * x.size for x in jax.tree.leaves(state["params"])))
+  root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="save_bench_"))
+  target = root / f"save_bench_{args.model}"
+  shutil.rmtree(target, ignore_errors=True)
+  blocked, committed = [], []
+  try:
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    with ocp.CheckpointManager(target, options=options) as manager:
+      for step in range(1, args.repeats + 1):
+        tic = time.perf_counter()
+        manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        blocked.append(time.perf_counter() - tic)
+        manager.wait_until_finished()
+        committed.append(time.perf_counter() - tic)
+        print(f"save {step}: loop blocked {blocked[-1]:.2f} s, committed after {committed[-1]:.2f} s", flush=True)
+      disk_bytes = directory_bytes(target / str(args.repeats))
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+      tic = time.perf_counter()
+      restored = manager.restore(args.repeats, args=ocp.args.StandardRestore(abstract))
+      jax.block_until_ready(restored)
+      restore_s = time.perf_counter() - tic
+  finally:
+    shutil.rmtree(target, ignore_errors=True)
+    if not args.dir:
+      shutil.rmtree(root, ignore_errors=True)
+  record = {
+      "model": args.model, "what": "ACM finetune state (params + AdamW state + step + rng), orbax StandardSave",
+      "device": device.device_kind, "devices": jax.device_count(), "processes": jax.process_count(),
+      "sharding": args.sharding, "directory": str(root), "state_bytes": state_bytes, "param_bytes": param_bytes,
+      "disk_bytes": disk_bytes, "num_arrays": len(leaves), "setup_s": setup_s,
+      "save_blocking_s": blocked, "save_committed_s": committed,
+      "median_save_committed_s": statistics.median(committed), "restore_s": restore_s,
+      "jax": jax.__version__, "orbax": ocp.__version__,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+  suffix = "" if args.model == "vit_b16" else f"_{args.model}"
+  out = Path(args.out) if args.out else RESULTS / f"save_{kind}{suffix}.json"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(record, indent=2) + "\n")
+  print(f"{args.model}: {state_bytes / 2**20:.1f} MiB of state, {disk_bytes / 2**20:.1f} MiB on disk; save committed "
+        f"in {record['median_save_committed_s']:.2f} s (median of {args.repeats}), loop blocked "
+        f"{statistics.median(blocked):.2f} s; restore {restore_s:.2f} s -> {out}")
+  return record
+
+
+if __name__ == "__main__":
+  main()
