@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -46,8 +47,15 @@ def finetune_state(model: str, sharding: str):
   exp = phases.build(cfg)
   params = phases.init_params(exp, "acm", 0)
   tx = phases._optimizer(exp, "finetune", params)
-  state, _ = exp.partitioner.create(lambda p: phases.new_state(p, tx, 0), exp.partitioner.put(params))
-  return state
+  state, shardings = exp.partitioner.create(lambda p: phases.new_state(p, tx, 0), exp.partitioner.put(params))
+
+  def busy(state):  # a fresh AdamW state is zeros, which compress to nothing on disk: fill it as training would
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return jax.tree.unflatten(tree, [x + 1e-3 * jax.random.normal(k, x.shape, x.dtype)
+                                     if jnp.issubdtype(x.dtype, jnp.floating) else x for x, k in zip(leaves, keys)])
+
+  return jax.jit(busy, in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)(state)
 
 
 def directory_bytes(path: Path) -> int:

@@ -20,6 +20,7 @@ from acm_jax import data as data_lib  # noqa: E402
 from acm_jax.acmize import flatten  # noqa: E402
 from acm_jax.train import config as config_lib  # noqa: E402
 from acm_jax.train import loop, phases  # noqa: E402
+from conftest import CACHE_ENV  # noqa: E402
 from experiments import vit_imagenet  # noqa: E402
 
 TINY = ["--model=tiny", "--batch_size=16", "--eval_batch_size=32", "--eval_examples=64",
@@ -106,7 +107,7 @@ def child(mode: str, workdir: str, start: str, at: str) -> None:
 
 
 def _child(mode, workdir, start, at):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  env = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
   return subprocess.run([sys.executable, __file__, mode, str(workdir), str(start), str(at)], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
 
@@ -157,7 +158,7 @@ def _free_port() -> int:
 
 def _pair(workdir: Path, steps: int) -> list[subprocess.Popen]:
   port = _free_port()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+  env = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
          "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   logs = [open(workdir.parent / f"{workdir.name}_{i}.log", "w") for i in range(2)]
   return [subprocess.Popen([sys.executable, "-m", "experiments.vit_imagenet", "--phase=pretrain", f"--workdir={workdir}",

@@ -123,7 +123,7 @@ class _StopRequest:
       self.signum = signum
       if not self.deferring:  # nothing to save: stop now
         raise Stopped(signum)
-    elif signum == signal.SIGINT:  # a second Ctrl-C stops at once; an unfinished save is never committed
+    elif signum == signal.SIGINT:  # a second Ctrl-C stops at once (orbax commits a save whole or not at all)
       raise KeyboardInterrupt
     # a second SIGTERM is ignored: the save under way finishes unless the scheduler's SIGKILL comes first
 
