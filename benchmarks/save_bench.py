@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 
 from acm_jax.train import config as config_lib
 from acm_jax.train import phases
+from acm_jax.vit import task as vit_task
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {  # the recipe's shapes; tiny for a check on a laptop or CI
@@ -44,9 +45,9 @@ MODELS = {  # the recipe's shapes; tiny for a check on a laptop or CI
 def finetune_state(model: str, sharding: str):
   cfg = config_lib.ExperimentConfig(dataset="synthetic", batch_size=jax.device_count(),
                                     eval_batch_size=jax.device_count(), sharding=sharding, **MODELS[model])
-  exp = phases.build(cfg)
+  exp = vit_task.build(cfg)
   params = phases.init_params(exp, "acm", 0)
-  tx = phases._optimizer(exp, "finetune", params)
+  tx = phases.optimizer(exp, "finetune", params)
   state, shardings = exp.partitioner.create(lambda p: phases.new_state(p, tx, 0), exp.partitioner.put(params))
 
   def busy(state):  # a fresh AdamW state is zeros, which compress to nothing on disk: fill it as training would

@@ -20,6 +20,7 @@ from acm_jax import data as data_lib  # noqa: E402
 from acm_jax.acmize import flatten  # noqa: E402
 from acm_jax.train import config as config_lib  # noqa: E402
 from acm_jax.train import loop, phases  # noqa: E402
+from acm_jax.vit import task as vit_task  # noqa: E402
 from conftest import CACHE_ENV  # noqa: E402
 from experiments import vit_imagenet  # noqa: E402
 
@@ -34,7 +35,7 @@ def run_main(workdir, *extra):
 
 
 def final_params(run_dir: Path, model: str) -> dict:
-  exp = phases.build(config_lib.ExperimentConfig(gate_hidden=8))
+  exp = vit_task.build(config_lib.ExperimentConfig(gate_hidden=8))
   return flatten(loop.load_params(run_dir, phases.abstract_params(exp, model), run_dir.name))
 
 
