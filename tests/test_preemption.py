@@ -54,13 +54,16 @@ def complete_steps(run_dir: Path) -> list[int]:
   return loop.checkpoint_steps(run_dir / "checkpoints")[0]
 
 
-def signal_at(batch_index: int, signum: int, start_step: int = 0, original=data_lib.make_iterator):
-  """`make_iterator` that sends `signum` to this process when the first train iterator
+def signal_at(batch_index: int, signum: int, start_step: int = 0, nth: int = 0, original=data_lib.make_iterator):
+  """`make_iterator` that sends `signum` to this process when the `nth` train iterator
   starting at `start_step` yields its `batch_index`-th batch (a resumed phase starts later)."""
-  fired = []
+  fired, started = [], []
 
   def iterator(*args, **kwargs):
     fire = not fired and args[1] == "train" and kwargs.get("start_step", 0) == start_step
+    if fire:
+      started.append(None)
+      fire = len(started) == nth + 1
     for i, batch in enumerate(original(*args, **kwargs)):
       if fire and i == batch_index:
         fired.append(i)
@@ -86,6 +89,26 @@ def test_sigterm_in_every_phase_resumes_exactly(tmp_path, monkeypatch, capsys):
   for run, steps in RUNS.items():
     assert_same_params(tmp_path / "straight" / run, tmp_path / "resumed" / run, "dense" if run == "pretrain" else "acm")
     assert logged_steps(tmp_path / "resumed" / run) == list(range(1, steps + 1)), (run, stops)
+
+
+def test_sigterm_in_a_baseline_of_the_sweep_resumes_exactly(tmp_path, monkeypatch):
+  from experiments import compare
+  import orbax.checkpoint as ocp
+  flags = ["--model=tiny", "--image_size=16", "--batch_size=8", "--eval_batch_size=32", "--eval_examples=32",
+           "--pretrain_steps=3", "--finetune_steps=3", "--log_every=1", "--checkpoint_every=100",
+           "--methods=early_exit", "--thresholds=0.5"]
+  assert compare.main([f"--workdir={tmp_path / 'straight'}", *flags]) == 0
+  monkeypatch.setattr(data_lib, "make_iterator", signal_at(1, signal.SIGTERM, nth=1))  # nth 0: pretrain
+  assert compare.main([f"--workdir={tmp_path / 'resumed'}", *flags]) == loop.PREEMPTED_STATUS
+  assert complete_steps(tmp_path / "resumed" / "early_exit") == [2]
+  monkeypatch.undo()
+  assert compare.main([f"--workdir={tmp_path / 'resumed'}", *flags]) == 0
+  a, b = (flatten(ocp.StandardCheckpointer().restore(loop.params_dir(tmp_path / run / "early_exit")))
+          for run in ("straight", "resumed"))
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  assert logged_steps(tmp_path / "resumed" / "early_exit") == [1, 2, 3]
 
 
 # --- a second signal during the save, a kill during the save, bad work dirs ----------
