@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 # the families of this repository, imported on first use
 BUILTIN = {"vit": "acm_jax.vit.task", "wav2vec2": "acm_jax.wav2vec2.task"}
@@ -33,7 +33,7 @@ class Family:
   description: str  # the CLI's --help text
   config_class: type  # an acm_jax.train.config.ExperimentConfig subclass with the family's defaults
   build: Callable[[Any], Any]  # config -> phases.Experiment, validating everything first
-  model_presets: Sequence[str]  # allowed --model values
+  model_presets: Collection[str]  # allowed --model values (read when the flags are parsed)
   columns: Sequence[Column]  # the eval table's columns after the model name
   token_word: str = "tokens"  # what the family's tokens are called in the eval table
   # (exp, params, model name, mode, fixed_k) -> eval record; None: phases.evaluate

@@ -345,7 +345,7 @@ def test_bad_mesh_flags(text, message):
 
 @pytest.mark.parametrize("flags, message", [
     (["--mesh=data:2"], "has 2 devices but 1"),
-    (["--sharding=zero3"], "--sharding must be dp, fsdp or tp"),
+    (["--sharding=zero3"], "--sharding: 'zero3' is not allowed; expected one of dp, fsdp, tp"),
     (["--num_processes=2", "--process_id=0"], "need all of --coordinator_address"),
     (["--coordinator_address=localhost", "--num_processes=2", "--process_id=0"], "must be host:port"),
     (["--coordinator_address=localhost:1", "--num_processes=2", "--process_id=2"], "--process_id must be in 0..1"),

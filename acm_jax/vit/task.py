@@ -104,7 +104,7 @@ Accuracy-compute curve (one ACM per budget from the same gates checkpoint):
 ImageNet with a pretrained ViT-B/16:  python -m experiments.vit_imagenet --phase=all \\
     --dataset=tfds:imagenet2012 --data_dir=$TFDS_DIR --model=vit_b16 --init=ckpt.npz ...
 """,
-    config_class=ExperimentConfig, build=build, model_presets=tuple(vit.PRESETS),
+    config_class=ExperimentConfig, build=build, model_presets=vit.PRESETS,
     columns=(registry.Column("top-1", "top1", 100.0, "%", 8), registry.Column("GFLOPs/img", "gflops_per_image",
                                                                               width=11, digits=4)),
     checkpoint_formats=formats.FORMATS))

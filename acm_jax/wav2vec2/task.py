@@ -228,7 +228,7 @@ Common Voice Spanish from a local release, starting from a Hugging Face XLS-R ch
 wer, cer, gflops_per_second_of_audio, mean_k_per_layer, k_share_per_layer (and mean k on speech vs
 silence frames).
 """,
-    config_class=SpeechConfig, build=build_speech, model_presets=tuple(wav2vec2.PRESETS),
+    config_class=SpeechConfig, build=build_speech, model_presets=wav2vec2.PRESETS,
     columns=(registry.Column("WER", "wer", 100.0, "%", 7), registry.Column("CER", "cer", 100.0, "%", 7),
              registry.Column("GFLOPs/s audio", "gflops_per_second_of_audio", width=15, digits=4)),
     token_word="frames", evaluate=evaluate, check_dense=check_dense, checkpoint_formats=("hf (config.json + model.safetensors or pytorch_model.bin)",)))
