@@ -71,6 +71,9 @@ class ExperimentConfig:
   entropy_weight: float = flag(0.1, "weight of the per-image entropy-of-k loss (>= 0)")
   diversity_weight: float = flag(0.05, "weight of the between-images diversity loss (>= 0)")
   gate_temperature: float = flag(1.0, "Gumbel-Softmax temperature in finetuning (> 0)")
+  gate_task_gradient: bool = flag(True, "false: the public code's phase 3, where the task loss sends no gradient "
+                                  "to the gates (its gated forward uses only the argmax); the budget, entropy "
+                                  "and diversity losses alone train them")
   static_k: int | None = flag(None, "k of the static-width baseline, in 0..N")
   # optimisation, per phase
   batch_size: int = flag(128, "training batch size (>= 1, divisible by the batch-sharding devices)")
@@ -122,6 +125,8 @@ class ExperimentConfig:
       raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
     if self.gating_error_factor <= 1.0:
       raise ValueError(f"--gating_error_factor must be > 1, got {self.gating_error_factor}")
+    if self.label_rule not in losses.LABEL_RULES:
+      raise ValueError(f"--label_rule must be one of {losses.LABEL_RULES}, got {self.label_rule!r}")
     if self.gate_temperature <= 0:
       raise ValueError(f"--gate_temperature must be > 0, got {self.gate_temperature}")
     if self.sharding not in STRATEGIES:

@@ -195,7 +195,8 @@ def finetune(exp: Experiment) -> PyTree:
   tx = optimizer(exp, "finetune", params, fast=functools.partial(is_gate, exp.task.paths),
                   fast_lr_scale=cfg.finetune_gate_lr_scale)
   weights = steps.FinetuneWeights(cfg.budget, cfg.budget_loss, cfg.budget_weight, cfg.entropy_weight,
-                                  cfg.diversity_weight, cfg.gate_temperature, cfg.label_smoothing)
+                                  cfg.diversity_weight, cfg.gate_temperature, cfg.label_smoothing,
+                                  cfg.gate_task_gradient)
   return train(exp, "finetune", params, tx, functools.partial(steps.finetune_step, exp.task, tx, weights))
 
 

@@ -165,6 +165,7 @@ class FinetuneWeights:
   diversity_weight: float = 0.05
   temperature: float = 1.0
   label_smoothing: float = 0.0
+  gate_task_gradient: bool = True  # False: the task loss does not train the gates (see ExperimentConfig)
 
 
 def finetune_step(task: Task, tx: optax.GradientTransformation, weights: FinetuneWeights,
@@ -176,7 +177,7 @@ def finetune_step(task: Task, tx: optax.GradientTransformation, weights: Finetun
 
   def loss_fn(params):
     outputs, aux = task.acm_model.apply(
-        {"params": params}, task.inputs(batch), mode="gumbel", temperature=weights.temperature,
+        {"params": params}, task.inputs(batch), mode="gumbel" if weights.gate_task_gradient else "gumbel_detached", temperature=weights.temperature,
         mutable=["acm"], rngs={"gumbel": rng})
     choices = acm_choices(task, aux)
     task_loss = task.loss(outputs, batch, weights.label_smoothing)
