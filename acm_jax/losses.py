@@ -120,6 +120,13 @@ def diversity_loss(choices: Sequence[jax.Array], mask: jax.Array | None = None) 
   return -2.0 * jnp.mean(jnp.abs(per_sample[:, None] - per_sample[None, :]))
 
 
-def classification_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+def classification_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0,
+                        mix_labels: jax.Array | None = None, mix_weight: jax.Array | None = None) -> jax.Array:
+  """Mean cross-entropy against smoothed one-hot labels: logits (batch, classes), labels (batch,).
+  For mixup / cutmix batches, the targets are mix_weight x labels + (1 - mix_weight) x mix_labels."""
+  targets = jax.nn.one_hot(labels, logits.shape[-1])
+  if mix_labels is not None:
+    weight = mix_weight[:, None].astype(targets.dtype)
+    targets = weight * targets + (1.0 - weight) * jax.nn.one_hot(mix_labels, logits.shape[-1])
+  targets = optax.smooth_labels(targets, label_smoothing)
   return jnp.mean(optax.softmax_cross_entropy(logits, targets))

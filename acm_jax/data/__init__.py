@@ -11,6 +11,10 @@ overridden (`shuffle`, `repeat`, `drop_remainder`). The stream is a pure
 function of (seed, position): `start_step=s` starts at the batch an iterator
 started at 0 would yield as its s-th (0-based), without producing the ones
 before it, so a resumed run sees exactly the batches an uninterrupted one would.
+
+Train augmentation (`augment`, `mixup`, `cutmix`: see `acm_jax.data.augment`)
+is drawn from (seed, position) too; mixed batches also carry "mix_label" and
+"mix_weight".
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Iterator
 
 import numpy as np
 
+from acm_jax.data import augment as augment_lib
 from acm_jax.data import synthetic
 
 SPLITS = ("train", "test")
@@ -107,14 +112,18 @@ def batch_bounds(num_examples: int, batch_size: int, start_step: int, repeat: bo
 
 
 def _synthetic_iterator(name: str, split: str, batch_size: int, image_size: int | None, seed: int, shuffle: bool,
-                        repeat: bool, drop_remainder: bool, start_step: int, with_masks: bool) -> Iterator[dict]:
+                        repeat: bool, drop_remainder: bool, start_step: int, with_masks: bool,
+                        augment: str) -> Iterator[dict]:
   arrays = synthetic.generate(_synthetic_config(name, image_size))[split]
   n = len(arrays["label"])
   for begin, size in batch_bounds(n, batch_size, start_step, repeat, drop_remainder):
     idx = stream_indices(n, begin, size, seed, shuffle)
     if not shuffle and idx[-1] - idx[0] == size - 1:
       idx = slice(idx[0], idx[-1] + 1)  # an ordered batch within one pass: a view, no gather
-    batch = {"image": synthetic.normalize(arrays["image"][idx]), "label": arrays["label"][idx]}
+    images = arrays["image"][idx]
+    if augment == "light":
+      images = augment_lib.light_numpy(images, *augment_lib.light_params(seed, begin, size, images.shape[1]))
+    batch = {"image": synthetic.normalize(images), "label": arrays["label"][idx]}
     if with_masks:
       batch["object_mask"] = arrays["object_mask"][idx]
     yield batch
@@ -122,12 +131,13 @@ def _synthetic_iterator(name: str, split: str, batch_size: int, image_size: int 
 
 def make_iterator(name: str, split: str, batch_size: int, *, image_size: int | None = None, seed: int = 0,
                   data_dir: str | None = None, shuffle: bool | None = None, repeat: bool | None = None,
-                  drop_remainder: bool | None = None, start_step: int = 0, with_masks: bool = False
-                  ) -> Iterator[dict]:
+                  drop_remainder: bool | None = None, start_step: int = 0, with_masks: bool = False,
+                  augment: str | None = None, mixup: float = 0.0, cutmix: float = 0.0) -> Iterator[dict]:
   """Batches of `split` ("train" or "test") of dataset `name`; see the module docstring.
 
-  `seed` drives the shuffling (and the random crops of TFDS train data), never the synthetic
-  images themselves. Arguments are checked here, before the first batch is asked for.
+  `seed` drives the shuffling and the augmentation, never the synthetic images themselves.
+  `augment` (None: the dataset's default preset), `mixup` and `cutmix` act on the train split
+  only. Arguments are checked here, before the first batch is asked for.
   """
   _check_name(name)
   if split not in SPLITS:
@@ -137,17 +147,23 @@ def make_iterator(name: str, split: str, batch_size: int, *, image_size: int | N
   if not isinstance(start_step, int) or start_step < 0:
     raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
   _check_image_size(image_size)
+  augment_lib.check(augment, mixup, cutmix, name)
   train = split == "train"
+  augment = (augment or augment_lib.default_preset(name)) if train else "none"
   shuffle = train if shuffle is None else bool(shuffle)
   repeat = train if repeat is None else bool(repeat)
   drop_remainder = train if drop_remainder is None else bool(drop_remainder)
   if is_synthetic(name):
     _synthetic_config(name, image_size)  # validates the size now rather than at the first batch
-    return _synthetic_iterator(name, split, batch_size, image_size, seed, shuffle, repeat, drop_remainder, start_step,
-                               with_masks)
-  if with_masks:
-    raise ValueError(f"{name} has no object masks; with_masks=True is only for the synthetic set")
-  from acm_jax.data import tfds_data
-  return tfds_data.make_iterator(name[len(TFDS_PREFIX):], split, batch_size, image_size=image_size, seed=seed,
-                                 data_dir=data_dir, shuffle=shuffle, repeat=repeat, drop_remainder=drop_remainder,
-                                 start_step=start_step)
+    batches = _synthetic_iterator(name, split, batch_size, image_size, seed, shuffle, repeat, drop_remainder,
+                                  start_step, with_masks, augment)
+  else:
+    if with_masks:
+      raise ValueError(f"{name} has no object masks; with_masks=True is only for the synthetic set")
+    from acm_jax.data import tfds_data
+    batches = tfds_data.make_iterator(name[len(TFDS_PREFIX):], split, batch_size, image_size=image_size, seed=seed,
+                                      data_dir=data_dir, shuffle=shuffle, repeat=repeat,
+                                      drop_remainder=drop_remainder, start_step=start_step, augment=augment)
+  if train and (mixup > 0 or cutmix > 0):
+    batches = augment_lib.mix_batches(batches, seed, start_step * batch_size, batch_size, mixup, cutmix)
+  return batches

@@ -93,7 +93,8 @@ def new_state(params: PyTree, tx, seed: int) -> PyTree:
 def train_batches(exp: Experiment, split: str = "train", with_masks: bool = False):
   cfg = exp.config
   return lambda start: exp.iterator(cfg.dataset, split, cfg.batch_size, image_size=cfg.image_size,
-                                    seed=cfg.seed, data_dir=cfg.data_dir, start_step=start, with_masks=with_masks)
+                                    seed=cfg.seed, data_dir=cfg.data_dir, start_step=start, with_masks=with_masks,
+                                    augment=cfg.augment, mixup=cfg.mixup, cutmix=cfg.cutmix)
 
 
 def optimizer(exp: Experiment, phase: str, params: PyTree, trainable=lambda path: True, **fast):
