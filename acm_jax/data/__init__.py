@@ -33,6 +33,11 @@ SPLITS = ("train", "test")
 TFDS_PREFIX = "tfds:"
 # the generated sets by name and task (acm_jax/data/synthetic.py): "synthetic" is the embedded default
 SYNTHETIC = {"synthetic": "glyphs", "synthetic_shapes": "shapes"}
+# Generated sets with larger images stream (acm_jax/data/synthetic_stream.py) from chunks of STREAM_CHUNK
+# examples, generated on demand: a 224 px set held whole took 407 s and 23 GB before the first step. Up to
+# this size they are generated whole (chunks of 1000) and shuffled globally, as the recorded results were.
+STREAM_ABOVE_PIXELS = 64
+STREAM_CHUNK = 64
 
 
 def is_synthetic(name: str) -> bool:
@@ -63,7 +68,12 @@ def _synthetic_config(name: str, image_size: int | None) -> synthetic.SyntheticC
   # the data never depends on the training seed: runs with different seeds see the same images
   if image_size is None:
     return synthetic.SyntheticConfig(task=SYNTHETIC[name])
-  return synthetic.SyntheticConfig(image_size=image_size, task=SYNTHETIC[name])
+  chunk = STREAM_CHUNK if image_size > STREAM_ABOVE_PIXELS else synthetic.CHUNK
+  return synthetic.SyntheticConfig(image_size=image_size, task=SYNTHETIC[name], chunk_size=chunk)
+
+
+def streams(config: synthetic.SyntheticConfig) -> bool:
+  return config.image_size > STREAM_ABOVE_PIXELS
 
 
 def get_dataset_info(name: str, image_size: int | None = None, data_dir: str | None = None) -> DatasetInfo:
@@ -114,19 +124,33 @@ def batch_bounds(num_examples: int, batch_size: int, start_step: int, repeat: bo
 def _synthetic_iterator(name: str, split: str, batch_size: int, image_size: int | None, seed: int, shuffle: bool,
                         repeat: bool, drop_remainder: bool, start_step: int, with_masks: bool,
                         augment: str) -> Iterator[dict]:
-  arrays = synthetic.generate(_synthetic_config(name, image_size))[split]
+  config = _synthetic_config(name, image_size)
+  n = synthetic.split_size(config, split)
+  bounds = batch_bounds(n, batch_size, start_step, repeat, drop_remainder)
+  if streams(config):
+    from acm_jax.data import synthetic_stream
+    raw = synthetic_stream.iterate(config, split, bounds, seed, shuffle, with_masks)
+  else:
+    raw = _held_batches(synthetic.generate(config)[split], bounds, seed, shuffle, with_masks)
+  for begin, batch in raw:
+    if augment == "light":
+      images = batch["image"]
+      batch["image"] = augment_lib.light_numpy(images, *augment_lib.light_params(seed, begin, len(images),
+                                                                                  images.shape[1]))
+    batch["image"] = synthetic.normalize(batch["image"])
+    yield batch
+
+
+def _held_batches(arrays: dict, bounds, seed: int, shuffle: bool, with_masks: bool):
   n = len(arrays["label"])
-  for begin, size in batch_bounds(n, batch_size, start_step, repeat, drop_remainder):
+  for begin, size in bounds:
     idx = stream_indices(n, begin, size, seed, shuffle)
     if not shuffle and idx[-1] - idx[0] == size - 1:
       idx = slice(idx[0], idx[-1] + 1)  # an ordered batch within one pass: a view, no gather
-    images = arrays["image"][idx]
-    if augment == "light":
-      images = augment_lib.light_numpy(images, *augment_lib.light_params(seed, begin, size, images.shape[1]))
-    batch = {"image": synthetic.normalize(images), "label": arrays["label"][idx]}
+    batch = {"image": arrays["image"][idx], "label": arrays["label"][idx]}
     if with_masks:
       batch["object_mask"] = arrays["object_mask"][idx]
-    yield batch
+    yield begin, batch
 
 
 def make_iterator(name: str, split: str, batch_size: int, *, image_size: int | None = None, seed: int = 0,
