@@ -1,4 +1,4 @@
-"""Data: the embedded synthetic set and TFDS datasets, as iterators of numpy batches.
+"""Data: the embedded synthetic set, TFDS datasets and image folders, as iterators of numpy batches.
 
 Batches are dicts: "image" float32 (batch, H, W, 3) in [-1, 1] (x / 127.5 - 1, the
 ViT convention), "label" int32 (batch,), and for the synthetic set with
@@ -31,6 +31,7 @@ from acm_jax.data import synthetic
 
 SPLITS = ("train", "test")
 TFDS_PREFIX = "tfds:"
+FOLDER_PREFIX = "folder:"  # acm_jax/data/folder.py
 # the generated sets by name and task (acm_jax/data/synthetic.py): "synthetic" is the embedded default
 SYNTHETIC = {"synthetic": "glyphs", "synthetic_shapes": "shapes"}
 # Generated sets with larger images stream (acm_jax/data/synthetic_stream.py) from chunks of STREAM_CHUNK
@@ -54,9 +55,11 @@ class DatasetInfo:
 
 
 def _check_name(name: str) -> None:
-  if not isinstance(name, str) or (name not in SYNTHETIC and not (name.startswith(TFDS_PREFIX) and name[5:])):
-    raise ValueError(f"unknown dataset {name!r}; expected one of {tuple(SYNTHETIC)} or 'tfds:<name>' "
-                     "(e.g. tfds:imagenet2012)")
+  prefixed = any(name.startswith(p) and name[len(p):] for p in (TFDS_PREFIX, FOLDER_PREFIX)) \
+      if isinstance(name, str) else False
+  if not isinstance(name, str) or (name not in SYNTHETIC and not prefixed):
+    raise ValueError(f"unknown dataset {name!r}; expected one of {tuple(SYNTHETIC)}, 'tfds:<name>' "
+                     "(e.g. tfds:imagenet2012) or 'folder:<path>' (train/ and val/ with a folder per class)")
 
 
 def _check_image_size(image_size: int | None) -> None:
@@ -83,6 +86,9 @@ def get_dataset_info(name: str, image_size: int | None = None, data_dir: str | N
   if is_synthetic(name):
     cfg = _synthetic_config(name, image_size)
     return DatasetInfo(name, cfg.num_classes, cfg.image_size, cfg.num_train, cfg.num_test)
+  if name.startswith(FOLDER_PREFIX):
+    from acm_jax.data import folder
+    return folder.get_info(name[len(FOLDER_PREFIX):], image_size)
   from acm_jax.data import tfds_data
   return DatasetInfo(name, *tfds_data.get_info(name[len(TFDS_PREFIX):], image_size, data_dir))
 
@@ -177,13 +183,18 @@ def make_iterator(name: str, split: str, batch_size: int, *, image_size: int | N
   shuffle = train if shuffle is None else bool(shuffle)
   repeat = train if repeat is None else bool(repeat)
   drop_remainder = train if drop_remainder is None else bool(drop_remainder)
+  if not is_synthetic(name) and with_masks:
+    raise ValueError(f"{name} has no object masks; with_masks=True is only for the synthetic set")
   if is_synthetic(name):
     _synthetic_config(name, image_size)  # validates the size now rather than at the first batch
     batches = _synthetic_iterator(name, split, batch_size, image_size, seed, shuffle, repeat, drop_remainder,
                                   start_step, with_masks, augment)
+  elif name.startswith(FOLDER_PREFIX):
+    from acm_jax.data import folder
+    batches = folder.make_iterator(name[len(FOLDER_PREFIX):], split, batch_size, image_size=image_size, seed=seed,
+                                   shuffle=shuffle, repeat=repeat, drop_remainder=drop_remainder,
+                                   start_step=start_step, augment=augment)
   else:
-    if with_masks:
-      raise ValueError(f"{name} has no object masks; with_masks=True is only for the synthetic set")
     from acm_jax.data import tfds_data
     batches = tfds_data.make_iterator(name[len(TFDS_PREFIX):], split, batch_size, image_size=image_size, seed=seed,
                                       data_dir=data_dir, shuffle=shuffle, repeat=repeat,

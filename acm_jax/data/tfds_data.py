@@ -38,7 +38,7 @@ WINDOW = 8192  # examples held (encoded) in memory per shuffle group: ~0.9 GB fo
 MAX_CYCLE = 64  # the most pieces of shards one group reads at once
 
 
-def _tf():
+def import_tf():
   try:
     import tensorflow as tf
     import tensorflow_datasets as tfds
@@ -56,7 +56,7 @@ def builder(name: str, data_dir: str | None):
                      "or downloads/manual/ with its source files)")
   if not os.path.isdir(data_dir):
     raise FileNotFoundError(f"--data_dir {data_dir!r} does not exist")
-  tf, tfds = _tf()
+  tf, tfds = import_tf()
   try:
     b = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # tfds raises its own DatasetNotFoundError and friends
@@ -165,7 +165,7 @@ def group_stream(parts: Sequence[Piece], seed: int, shuffle: bool, repeat: bool,
 # --- the TensorFlow pipeline ---------------------------------------------------------------------
 
 
-def _preprocess(tf, image, position, seed: int, size: int, train: bool, augment: str):
+def preprocess(tf, image, position, seed: int, size: int, train: bool, augment: str):
   """Encoded image -> float32 (size, size, 3) in [-1, 1]: train images augmented by the preset
   (`acm_jax.data.augment`) with draws seeded by (seed, position in the stream); eval images resized
   (short side to size / 0.875) and centre-cropped."""
@@ -182,7 +182,7 @@ def make_iterator(name: str, split: str, batch_size: int, *, image_size: int | N
                   data_dir: str | None, shuffle: bool, repeat: bool, drop_remainder: bool, start_step: int,
                   augment: str = "inception", window: int = WINDOW) -> Iterator[dict]:
   """See `acm_jax.data.make_iterator`; `window` sets the shuffle group size (see the module docstring)."""
-  tf, tfds = _tf()
+  tf, tfds = import_tf()
   b = builder(name, data_dir)
   if b.info.file_format is not None and b.info.file_format.value != "tfrecord":
     raise ValueError(f"tfds:{name} in {data_dir} is stored as {b.info.file_format.value}; this reader needs "
@@ -203,7 +203,7 @@ def make_iterator(name: str, split: str, batch_size: int, *, image_size: int | N
 
   def parse(position, record):
     example = features.deserialize_example(record, decoders={image_key: tfds.decode.SkipDecoding()})
-    return {"image": _preprocess(tf, example[image_key], position, seed, size, train, augment),
+    return {"image": preprocess(tf, example[image_key], position, seed, size, train, augment),
             "label": tf.cast(example[label_key], tf.int32)}
 
   spec = (tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int64),
