@@ -33,6 +33,9 @@ from acm_jax.data import augment as augment_lib
 
 SPLIT_NAMES = {"train": ("train",), "test": ("validation", "test")}  # the first that the dataset has
 CROP_FRACTION = 0.875  # eval: resize the short side to size / 0.875, then centre-crop size x size
+# sets whose images are already centre crops (ImageNet-C: 224 x 224 crops of the validation set) are only
+# resized to the image size
+PRECROPPED = "_corrupted/"
 DEFAULT_IMAGE_SIZE = 224
 WINDOW = 8192  # examples held (encoded) in memory per shuffle group: ~0.9 GB for ImageNet
 MAX_CYCLE = 64  # the most pieces of shards one group reads at once
@@ -165,7 +168,8 @@ def group_stream(parts: Sequence[Piece], seed: int, shuffle: bool, repeat: bool,
 # --- the TensorFlow pipeline ---------------------------------------------------------------------
 
 
-def preprocess(tf, image, position, seed: int, size: int, train: bool, augment: str):
+def preprocess(tf, image, position, seed: int, size: int, train: bool, augment: str,
+               crop_fraction: float = CROP_FRACTION):
   """Encoded image -> float32 (size, size, 3) in [-1, 1]: train images augmented by the preset
   (`acm_jax.data.augment`) with draws seeded by (seed, position in the stream); eval images resized
   (short side to size / 0.875) and centre-cropped."""
@@ -174,7 +178,7 @@ def preprocess(tf, image, position, seed: int, size: int, train: bool, augment: 
     key = tf.stack([tf.cast(seed, tf.int64), tf.cast(position, tf.int64)])
     image = augment_lib.train_image(tf, image, key, size, augment)
   else:
-    image = augment_lib.eval_image(tf, image, size, CROP_FRACTION)
+    image = augment_lib.eval_image(tf, image, size, crop_fraction)
   return tf.reshape(image / 127.5 - 1.0, (size, size, 3))
 
 
@@ -193,6 +197,7 @@ def make_iterator(name: str, split: str, batch_size: int, *, image_size: int | N
   parts = pieces(b.info.splits[_split_name(b, split)].file_instructions, window)
   start = start_step * batch_size
   features = b.info.features
+  crop_fraction = 1.0 if PRECROPPED in name else CROP_FRACTION
 
   def read_group(files, skips, takes, order, skip):
     records = tf.data.Dataset.from_tensor_slices((files, skips, takes)).interleave(
@@ -203,7 +208,7 @@ def make_iterator(name: str, split: str, batch_size: int, *, image_size: int | N
 
   def parse(position, record):
     example = features.deserialize_example(record, decoders={image_key: tfds.decode.SkipDecoding()})
-    return {"image": preprocess(tf, example[image_key], position, seed, size, train, augment),
+    return {"image": preprocess(tf, example[image_key], position, seed, size, train, augment, crop_fraction),
             "label": tf.cast(example[label_key], tf.int32)}
 
   spec = (tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int64),
