@@ -133,7 +133,7 @@ def test_bad_augmentation_flags(kwargs, match):
 def test_cli_refuses_bad_augmentation_before_training(tmp_path, capsys):
   from experiments import vit_imagenet
   assert vit_imagenet.main([f"--workdir={tmp_path}", "--augment=autoaugment"]) == 2
-  assert "unknown --augment preset 'autoaugment'" in capsys.readouterr().err
+  assert "--augment: 'autoaugment' is not allowed; expected one of inception" in capsys.readouterr().err
   assert vit_imagenet.main([f"--workdir={tmp_path}", "--cutmix=-1"]) == 2
   assert "--cutmix must be an alpha >= 0" in capsys.readouterr().err
   assert not any(tmp_path.iterdir())
