@@ -49,6 +49,7 @@ ACTIVATIONS: dict[str, Activation] = {
 }
 
 GRAD_MODES = ("detach", "no_detach")
+GUMBEL_MODES = ("gumbel", "gumbel_detached")  # training: hard straight-through Gumbel choices
 # internal ACM mode: return the parameters the fused kernels take instead of an output, so
 # that a caller can run several ACMs that read the same input in one group (`transformer.Attention`)
 GROUP_INPUTS = "group_inputs"
@@ -209,6 +210,9 @@ class ACM(nn.Module):
               kernels of `pallas_kernels.acm_fused`; "triton" runs the XLA gate
               and sort and the jax-triton learner kernel; "xla" masks a dense pass.
     "gumbel": hard straight-through Gumbel-Softmax (training; rng "gumbel").
+    "gumbel_detached": the same choices, but the output takes no gradient to
+              the gate (the public code's phase 3, where only the auxiliary
+              losses on the sown choices train the gates).
   The chosen one-hot choices (batch, tokens, N+1) are sown into the "acm"
   collection as "choice", and the gate logits as "logits", when mutable.
   `cost_shift` lowers the logit of choice k by cost_shift * k * learner_width / dim
@@ -254,7 +258,7 @@ class ACM(nn.Module):
                                           min_choice=self.min_choice, cost_shift=cost_shift)
       self.sow("acm", "choice", jax.nn.one_hot(k[0], n + 1, dtype=jnp.float32))
       return y
-    rng = self.make_rng("gumbel") if mode == "gumbel" else None
+    rng = self.make_rng("gumbel") if mode in GUMBEL_MODES else None
     y, logits, choice = gated_apply(params, x, raw_logits, num_learners=n, activation=self.activation,
                                     min_choice=self.min_choice, mode=mode, fixed_k=fixed_k,
                                     temperature=temperature, cost_shift=cost_shift, rng=rng, impl=self.impl)
@@ -284,11 +288,12 @@ def gated_apply(params: Params, x: jax.Array, logits: jax.Array, *, num_learners
   width = params["w1"].shape[1] // n
   logits = shifted_logits(logits, n, width / x.shape[-1], cost_shift, min_choice)
   kwargs = dict(num_learners=n, activation=activation)
-  if mode == "gumbel":
+  if mode in GUMBEL_MODES:
     if rng is None:
-      raise ValueError("mode='gumbel' needs an rng (a 'gumbel' rng stream in Flax)")
+      raise ValueError(f"mode={mode!r} needs an rng (a 'gumbel' rng stream in Flax)")
     choice = gumbel_softmax_st(rng, logits, temperature)
-    return acm_apply_soft(params, x, choice, **kwargs), logits, choice
+    applied = jax.lax.stop_gradient(choice) if mode == "gumbel_detached" else choice
+    return acm_apply_soft(params, x, applied, **kwargs), logits, choice
   if mode == "full":
     k = jnp.full(x.shape[:-1], n, jnp.int32)
   elif mode == "fixed":
@@ -296,7 +301,7 @@ def gated_apply(params: Params, x: jax.Array, logits: jax.Array, *, num_learners
   elif mode == "argmax":
     k = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   else:
-    raise ValueError(f"unknown ACM mode {mode!r}; expected gumbel, full, fixed or argmax")
+    raise ValueError(f"unknown ACM mode {mode!r}; expected gumbel, gumbel_detached, full, fixed or argmax")
   choice = jax.nn.one_hot(k, n + 1, dtype=jnp.float32)
   if mode != "argmax" or inference.resolve_impl(impl) == "xla":
     return acm_apply(params, x, k, **kwargs), logits, choice

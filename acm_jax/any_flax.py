@@ -230,7 +230,7 @@ class ACMized:
       learners = {k: params[k].astype(x.dtype) for k in ("w1", "b1", "w2", "b2") if k in params}
       logits = acm_lib.Gate(self.num_learners + 1, self.gate_depth, self.gate_hidden).apply(
           {"params": params["gate"]}, x)
-      rng = module.make_rng("gumbel") if mode == "gumbel" else None
+      rng = module.make_rng("gumbel") if mode in acm_lib.GUMBEL_MODES else None
       y, logits, choice = acm_lib.gated_apply(
           learners, x, logits, num_learners=self.num_learners, activation=block.activation,
           min_choice=1 if block.kind == "linear" else 0, mode=mode, fixed_k=fixed_k, temperature=temperature,
@@ -336,7 +336,7 @@ class NNXACM(nnx.Module):
     call = _NNX_CALL[-1] if _NNX_CALL else {"mode": "argmax"}
     learners = {k: getattr(self, k)[...].astype(x.dtype) for k in ("w1", "b1", "w2", "b2") if hasattr(self, k)}
     rng = None
-    if call["mode"] == "gumbel":
+    if call["mode"] in acm_lib.GUMBEL_MODES:
       rng = jax.random.fold_in(call["rng"], len(call["acm"]))
     y, _, choice = acm_lib.gated_apply(
         learners, x, self.gate(x), num_learners=self.num_learners, activation=self.block.activation,

@@ -37,6 +37,11 @@ def parse(family: registry.Family, argv: list[str] | None) -> tuple[argparse.Nam
   parser.add_argument("--eval_models", default=None, metavar="M1,M2,...",
                       help=f"comma-separated subset of {', '.join(EVAL_MODELS)} for --phase=eval; "
                            "default: every finished one")
+  parser.add_argument("--corruptions", default=None, metavar="all|C1,C2,...",
+                      help="with --phase=eval, image models: evaluate under these ImageNet-C corruptions "
+                           "(acm_jax/data/corruptions.py) into <workdir>/imagenet_c.json")
+  parser.add_argument("--severities", default="1,2,3,4,5", metavar="S1,S2,...",
+                      help="severities in 1..5 for --corruptions; default: %(default)s")
   models = (*family.model_presets, "from_init")
   config_lib.add_flags(parser, family.config_class, choices={"model": models})
   args = parser.parse_args(argv)
@@ -74,30 +79,53 @@ def write_summary(workdir: Path, records: list[dict]) -> None:
   phases.write_json(path, summary)
 
 
+def load_model(exp: phases.Experiment, model: str) -> tuple[str, object, str, int | None, Path]:
+  """(record name, params, eval mode, fixed k, run dir) of a finished "dense", "acm" or "static" run."""
+  if model == "dense":
+    return "dense", phases.dense_params(exp), "dense", None, exp.run_dir("pretrain")
+  phase = "finetune" if model == "acm" else "static"
+  params = phases.load_phase_params(exp, phase)
+  if model == "acm":
+    return f"acm_b{exp.config.budget:.2f}", params, "argmax", None, exp.run_dir(phase)
+  k = exp.config.resolved_static_k
+  return f"static_k{k}", params, "fixed", k, exp.run_dir(phase)
+
+
 def evaluate_models(family: registry.Family, exp: phases.Experiment, models: list[str]) -> list[dict]:
   evaluate = family.evaluate or phases.evaluate
   records = []
   for model in models:
-    if model == "dense":
-      record = evaluate(exp, phases.dense_params(exp), "dense", "dense")
-      run_dir = exp.run_dir("pretrain")
-      if family.check_dense is not None and loop.is_main_process():
-        message = family.check_dense(record, exp.config)
-        if message:
-          print(message, file=sys.stderr, flush=True)
-    else:
-      phase = "finetune" if model == "acm" else "static"
-      params = phases.load_phase_params(exp, phase)
-      if model == "acm":
-        record = evaluate(exp, params, f"acm_b{exp.config.budget:.2f}", "argmax")
-      else:
-        k = exp.config.resolved_static_k
-        record = evaluate(exp, params, f"static_k{k}", "fixed", fixed_k=k)
-      run_dir = exp.run_dir(phase)
+    name, params, mode, fixed_k, run_dir = load_model(exp, model)
+    record = evaluate(exp, params, name, mode, fixed_k=fixed_k)
+    if model == "dense" and family.check_dense is not None and loop.is_main_process():
+      message = family.check_dense(record, exp.config)
+      if message:
+        print(message, file=sys.stderr, flush=True)
     phases.write_json(run_dir / "eval.json", record)
     records.append(record)
   write_summary(exp.workdir, records)
   return records
+
+
+def evaluate_corruptions(family: registry.Family, exp: phases.Experiment, models: list[str], names,
+                         severities) -> dict:
+  """Top-1 per corruption and severity, mean and mCE of every model: <workdir>/imagenet_c.json."""
+  from acm_jax.train import robustness
+  loaded = [load_model(exp, m)[:4] for m in models]
+  result = robustness.evaluate(exp, loaded, names, severities, family.evaluate or phases.evaluate)
+  phases.write_json(exp.workdir / "imagenet_c.json", result)
+  return result
+
+
+def format_corruptions(result: dict) -> str:
+  names = result["corruptions"]
+  lines = [f"{'model':<16} {'mean':>6} {'mCE':>6}  " + " ".join(f"{c[:10]:>10}" for c in names)]
+  for model, per in result["top1"].items():
+    mce = result.get("ce", {}).get(model, {}).get("mCE")
+    means = " ".join(f"{100 * sum(per[c].values()) / len(per[c]):>9.1f}%" for c in names)
+    lines.append(f"{model:<16} {100 * result['mean_top1'][model]:>5.1f}% {'-' if mce is None else f'{100 * mce:.1f}':>6}"
+                 f"  {means}")
+  return "\n".join(lines)
 
 
 def finished_models(exp: phases.Experiment) -> list[str]:
@@ -144,7 +172,19 @@ def describe(cfg: config_lib.ExperimentConfig) -> str:
 
 
 def run(family: registry.Family, args: argparse.Namespace, cfg: config_lib.ExperimentConfig) -> list[dict]:
+  corrupted = None
+  if args.corruptions is not None:
+    if args.phase != "eval" or family.name != "vit":
+      raise ValueError(f"--corruptions goes with --phase=eval of an image model, got --phase={args.phase} "
+                       f"of {family.name}")
+    from acm_jax.data import corruptions
+    corrupted = corruptions.parse(args.corruptions, args.severities)
   exp = family.build(cfg)  # validates config, checkpoint and data before any work
+  if corrupted is not None:
+    from acm_jax.train import robustness
+    for name in corrupted[0]:  # every source is checked before any evaluation
+      for severity in corrupted[1]:
+        robustness.corrupted_experiment(exp, name, severity)
   if args.eval_models is not None:
     bad = [m for m in args.eval_models.split(",") if m not in EVAL_MODELS]
     if bad:
@@ -168,7 +208,12 @@ def run(family: registry.Family, args: argparse.Namespace, cfg: config_lib.Exper
     if not models:
       raise FileNotFoundError(f"nothing to evaluate in {exp.workdir}: no finished pretrain, finetune or "
                               "static run (and no --init)")
-    records = evaluate_models(family, exp, models)
+    if corrupted is not None:
+      result = evaluate_corruptions(family, exp, models, *corrupted)
+      if loop.is_main_process():
+        print(format_corruptions(result))
+    else:
+      records = evaluate_models(family, exp, models)
   else:
     if args.phase == "pretrain" and cfg.init is not None:
       raise ValueError("--phase=pretrain trains a dense model from scratch; drop --init or start at distill")

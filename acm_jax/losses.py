@@ -51,17 +51,18 @@ def gate_labels(errors: jax.Array, factor: float, rule: str = "ours") -> jax.Arr
     k = N is chosen when the last learner still helps.
   - "official": the public code's rule, for reproduction: the first i with
     r_i < factor gives label i + 1; no such i, or i = 0, gives N. Under it
-    k = 0 is never a label.
+    k = 0 is never a label. Its ratios are plain divisions: 0/0 is NaN, which
+    never counts as below the factor (and x/0 is inf), so errors [1, 0, 0, 0, 0]
+    and [2, 1, 0, 0, 0] both give N.
   """
   if rule not in LABEL_RULES:
     raise ValueError(f"unknown label rule {rule!r}; expected one of {LABEL_RULES}")
   num_learners = errors.shape[-1] - 1
-  tiny = jnp.finfo(errors.dtype).tiny
-  ratios = errors[..., :-1] / jnp.maximum(errors[..., 1:], tiny)
-  small_gain = ratios < factor
   if rule == "official":
-    first = jnp.argmax(small_gain, axis=-1)
+    first = jnp.argmax(errors[..., :-1] / errors[..., 1:] < factor, axis=-1)  # NaN < factor is False
     return jnp.where(first == 0, num_learners, first + 1).astype(jnp.int32)
+  tiny = jnp.finfo(errors.dtype).tiny
+  small_gain = errors[..., :-1] / jnp.maximum(errors[..., 1:], tiny) < factor
   # settled[k]: every step from k on gains less than the factor (vacuously true at k = N)
   settled = jnp.flip(jnp.cumprod(jnp.flip(small_gain, -1), axis=-1), -1).astype(bool)
   settled = jnp.concatenate([settled, jnp.ones_like(settled[..., :1])], axis=-1)
@@ -119,6 +120,13 @@ def diversity_loss(choices: Sequence[jax.Array], mask: jax.Array | None = None) 
   return -2.0 * jnp.mean(jnp.abs(per_sample[:, None] - per_sample[None, :]))
 
 
-def classification_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+def classification_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0,
+                        mix_labels: jax.Array | None = None, mix_weight: jax.Array | None = None) -> jax.Array:
+  """Mean cross-entropy against smoothed one-hot labels: logits (batch, classes), labels (batch,).
+  For mixup / cutmix batches, the targets are mix_weight x labels + (1 - mix_weight) x mix_labels."""
+  targets = jax.nn.one_hot(labels, logits.shape[-1])
+  if mix_labels is not None:
+    weight = mix_weight[:, None].astype(targets.dtype)
+    targets = weight * targets + (1.0 - weight) * jax.nn.one_hot(mix_labels, logits.shape[-1])
+  targets = optax.smooth_labels(targets, label_smoothing)
   return jnp.mean(optax.softmax_cross_entropy(logits, targets))

@@ -376,6 +376,33 @@ def _layer_colours(n: int):
   return plt.get_cmap("viridis")(np.linspace(0, 0.9, max(n, 1)))
 
 
+def plot_imagenet_c(report: Report, workdir: Path) -> None:
+  path = workdir / "imagenet_c.json"
+  if not path.is_file():
+    raise Skip("no imagenet_c.json: run --phase=eval --corruptions=all (acm_jax/train/robustness.py)")
+  result = _read_json(path, "ImageNet-C evaluation")
+  names, severities = result["corruptions"], [str(s) for s in result["severities"]]
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.0), gridspec_kw={"width_ratios": [2.2, 1]})
+  width = 0.8 / len(result["top1"])
+  for i, (model, per) in enumerate(result["top1"].items()):
+    mce = result.get("ce", {}).get(model, {}).get("mCE")
+    label = model if mce is None else f"{model} (mCE {100 * mce:.1f})"
+    means = [100 * np.mean([per[c][s] for s in severities]) for c in names]
+    left.bar(np.arange(len(names)) + i * width, means, width, label=label)
+    right.plot([int(s) for s in severities], [100 * np.mean([per[c][s] for c in names]) for s in severities],
+               marker="o", label=model)
+  left.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=45, ha="right", fontsize=7)
+  left.set_ylabel("top-1 (%), mean over severities")
+  left.legend(fontsize=7)
+  right.set_xlabel("severity")
+  right.set_ylabel("top-1 (%), mean over corruptions")
+  for ax in (left, right):
+    ax.grid(alpha=0.3, axis="y")
+  fig.suptitle("Corruption robustness (ImageNet-C corruptions)")
+  report.save(fig, "imagenet_c.png", "Top-1 under each corruption (mean over severities; mCE against the dense "
+              "model in the legend) and under each severity (mean over corruptions).")
+
+
 def plot_distillation(report: Report, workdir: Path) -> None:
   errors = _read_json(workdir / "distill" / "distill_errors.json", "distillation errors (written by the distill phase)")
   fig, ax = plt.subplots(figsize=(5.6, 4.0))
@@ -749,7 +776,7 @@ def mlp_share(model: str) -> float | None:
 # --- the report ---------------------------------------------------------------------------------
 
 FIGURES = ("accuracy_vs_gflops.png", "latency_vs_k.png", "token_compute_maps.png", "k_histograms.png",
-           "distillation_error.png", "gate_labels.png", "collapse.png", "shift.png")
+           "distillation_error.png", "gate_labels.png", "collapse.png", "shift.png", "imagenet_c.png")
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -798,6 +825,7 @@ def write_report(workdir: str | Path, out: str | Path | None = None, bench_dir: 
   report.draw("gate_labels.png", lambda: plot_gate_labels(report, workdir))
   report.draw("k_histograms.png", lambda: plot_k_histograms(report, runs))
   report.draw("collapse.png", lambda: plot_collapse(report, runs))
+  report.draw("imagenet_c.png", lambda: plot_imagenet_c(report, workdir))
   try:
     reference = by_name(runs, "gates") or runs[0]
     models = build_models(workdir, reference, batch_size=min(examples, 128))

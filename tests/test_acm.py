@@ -123,6 +123,29 @@ def test_module_modes_and_min_choice():
     module.apply(variables, x, mode="sometimes", mutable=["acm"])
 
 
+def test_gumbel_detached_gives_same_output_and_no_task_gradient_to_the_gate():
+  """The public code's phase 3: the output sends no gradient to the gate, the sown choices still do."""
+  module = acm.ACM(D, N, H, impl="xla")
+  x = jax.random.normal(jax.random.key(3), (2, 5, D))
+  params = module.init(jax.random.key(4), x)["params"]
+  rngs = {"gumbel": jax.random.key(5)}
+
+  def run(p, mode):
+    out, state = module.apply({"params": p}, x, mode=mode, mutable=["acm"], rngs=rngs)
+    return out, state["acm"]["choice"][0]
+
+  out, choice = run(params, "gumbel")
+  out_detached, choice_detached = run(params, "gumbel_detached")
+  np.testing.assert_array_equal(out, out_detached)
+  np.testing.assert_array_equal(choice, choice_detached)
+  task = lambda mode: jax.grad(lambda p: jnp.sum(run(p, mode)[0] ** 2))(params)
+  aux = jax.grad(lambda p: jnp.sum(run(p, "gumbel_detached")[1] * jnp.arange(N + 1.0)))(params)
+  gate_norm = lambda g: sum(float(jnp.abs(v).sum()) for v in jax.tree.leaves(g["gate"]))
+  assert gate_norm(task("gumbel")) > 0 and gate_norm(task("gumbel_detached")) == 0
+  assert gate_norm(aux) > 0
+  np.testing.assert_array_equal(task("gumbel")["w1"], task("gumbel_detached")["w1"])
+
+
 def test_per_token_fixed_k_and_force_k():
   """mode="fixed" with a (batch, tokens) map against the float64 reference; `force_k` given the
   gates' own argmax choices reproduces the argmax path; bad maps are refused by name."""

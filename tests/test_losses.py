@@ -1,6 +1,7 @@
 """Losses against hand-computed values, hand-made error tables and gradient signs."""
 
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -137,3 +138,34 @@ def test_masked_losses_equal_the_losses_of_the_unpadded_samples():
   ones = jnp.ones((3, tokens))
   for fn in (losses.entropy_loss, losses.diversity_loss):
     assert float(fn(choices, ones)) == pytest.approx(float(fn(choices)), rel=1e-6)
+
+
+def official_labels_reference(row, factor):
+  """The public rule in plain Python floats: 0/0 is NaN and x/0 is inf, neither below the factor."""
+  def ratio(a, b):
+    if b == 0.0:
+      return math.nan if a == 0.0 else math.inf
+    return a / b
+  n = len(row) - 1
+  below = [ratio(row[i], row[i + 1]) < factor for i in range(n)]
+  first = below.index(True) if any(below) else 0
+  return n if first == 0 else first + 1
+
+
+@pytest.mark.parametrize("errors, official", [
+    ([1.0, 0.0, 0.0, 0.0, 0.0], 4),  # ratios inf, 0/0, 0/0, 0/0: nothing below 1.2
+    ([2.0, 1.0, 0.0, 0.0, 0.0], 4),  # 2, inf, NaN, NaN
+    ([3.0, 3.0, 0.0, 0.0, 0.0], 4),  # first ratio 1 < 1.2: i = 0 collides with "none"
+    ([4.0, 2.0, 2.0, 0.0, 0.0], 2),  # 2, 1 (< 1.2 at i = 1: label i + 1), inf, NaN
+    ([0.0, 0.0, 0.0, 0.0, 0.0], 4),
+])
+def test_official_label_rule_on_zero_errors(errors, official):
+  assert official_labels_reference(errors, 1.2) == official
+  assert int(losses.gate_labels(jnp.asarray([errors]), 1.2, "official")[0]) == official
+
+
+def test_official_label_rule_matches_reference_on_random_tables_with_zeros():
+  rng = np.random.default_rng(1)
+  errors = rng.choice([0.0, 0.5, 1.0, 1.1, 2.0, 3.0], size=(400, 5))
+  got = np.asarray(losses.gate_labels(jnp.asarray(errors, jnp.float32), 1.2, "official"))
+  np.testing.assert_array_equal(got, [official_labels_reference(list(r), 1.2) for r in errors])

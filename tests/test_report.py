@@ -57,6 +57,22 @@ def test_sweep_finetunes_and_evaluates_every_budget(workdir):
   assert (workdir / "static_k2" / "eval.json").is_file() and (workdir / "pretrain" / "eval.json").is_file()
 
 
+def check_corruption_eval(workdir, capsys):
+  """--phase=eval --corruptions on the finished runs: top-1 per corruption and severity, mean, mCE."""
+  assert vit_imagenet.main([f"--workdir={workdir}", "--phase=eval", "--corruptions=contrast,gaussian_noise",
+                            "--severities=1,5", *TINY]) == 0
+  result = json.loads((workdir / "imagenet_c.json").read_text())
+  assert set(result["top1"]) == {"dense", "acm_b0.50", "static_k2"}
+  per = result["top1"]["acm_b0.50"]
+  assert set(per) == {"contrast", "gaussian_noise"} and set(per["contrast"]) == {"1", "5"}
+  assert result["mean_top1"]["acm_b0.50"] == pytest.approx(sum(v for c in per.values() for v in c.values()) / 4)
+  dense = result["top1"]["dense"]
+  ce = sum(1 - v for v in per["contrast"].values()) / sum(1 - v for v in dense["contrast"].values())
+  assert result["ce"]["acm_b0.50"]["contrast"] == pytest.approx(ce)
+  assert result["ce"]["dense"]["mCE"] == pytest.approx(1.0)
+  assert "mCE" in capsys.readouterr().out
+
+
 def test_report_writes_every_figure_and_the_eval_numbers(workdir, tmp_path, capsys):
   bench = write_benchmarks(tmp_path / "bench")
   curves = [{"method": "MoEfication", "setting": f"k={k}", "gflops_per_image": 0.02 + 0.002 * k, "top1": 0.05 * k,
@@ -64,6 +80,7 @@ def test_report_writes_every_figure_and_the_eval_numbers(workdir, tmp_path, caps
   curves.append({"method": "acm", "setting": "finetuned at budget 0.5", "gflops_per_image": 1.0, "top1": 0.99,
                  "budget_or_threshold": 0.5})  # the same run as finetune_b0.50: drawn once, from its eval.json
   (workdir / "curves.json").write_text(json.dumps(curves))
+  check_corruption_eval(workdir, capsys)
   out = tmp_path / "report"
   tic = time.time()
   assert report_main.main([f"--workdir={workdir}", f"--out={out}", f"--benchmarks={bench}", *REPORT]) == 0

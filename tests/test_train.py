@@ -1,5 +1,6 @@
 """Every phase end to end on tiny shapes, resume after Ctrl-C, and bad input."""
 
+import functools
 import json
 import os
 import signal
@@ -143,3 +144,23 @@ def test_checkpoint_of_another_model_shape_is_rejected(tmp_path, capsys):
   assert run_main(tmp_path, "--phase=distill", "--num_classes=7") == 2
   err = capsys.readouterr().err
   assert "head/" in err and "another model shape" in err and "(7,)" in err
+
+
+
+def test_mixed_batches_train_and_official_switches_reach_the_steps(tmp_path):
+  """Mixup / cutmix batches go through the sharded pretrain step (one step, tiny); the switches
+  of the public code reach the step functions."""
+  from acm_jax import cli, registry
+  args, cfg = cli.parse(registry.get("vit"), [f"--workdir={tmp_path}", *TINY, "--augment=light", "--mixup=0.8",
+                                              "--cutmix=1.0", "--label_smoothing=0.1", "--gate_task_gradient=false",
+                                              "--label_rule=official"])
+  exp = vit_task.build(cfg)
+  params = phases.init_params(exp, "dense", 0)
+  tx = phases.optimizer(exp, "pretrain", params)
+  step = functools.partial(phases.steps.pretrain_step, exp.task, tx, cfg.label_smoothing)
+  state, jitted, batches = phases.prepare(exp, "pretrain", params, tx, step)
+  batch = next(batches(0))
+  assert {"mix_label", "mix_weight"} <= set(batch)
+  _, metrics = jitted(state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  assert not cfg.gate_task_gradient and cfg.label_rule == "official"

@@ -19,9 +19,11 @@ images also a flat grey distractor object. Two tasks decide the class:
   class. Here the MLPs' width hardly matters (width 128: 62.6, width 256: 63.0
   after 1000 steps): the set of the 2026-11-24..26 embedded results.
 
-`generate` is deterministic given the config. Images are stored as uint8
-(30k 32x32 images: 92 MB) and turned into float32 in [-1, 1] per batch by
-`normalize`. `object_mask` marks the pixels of the class object only; the
+`generate` is deterministic given the config. Examples come in chunks of
+`chunk_size`, each drawn from its own child seed (`generate_chunk`), so a set
+can also be generated piece by piece on demand (`acm_jax.data.synthetic_stream`).
+Images are stored as uint8 (30k 32x32 images: 92 MB) and turned into float32 in
+[-1, 1] per batch by `normalize`. `object_mask` marks the pixels of the class object only; the
 distractor is marked separately in `distractor_mask`.
 """
 
@@ -39,7 +41,8 @@ TASKS = ("glyphs", "shapes")
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
 # hue intervals (fractions of the colour wheel); the first two are far apart on the wheel
 COLOUR_FAMILIES = {"warm": (-0.04, 0.12), "cool": (0.50, 0.68), "green": (0.24, 0.40), "purple": (0.76, 0.90)}
-CHUNK = 1000  # examples generated from one child seed: the data does not depend on how it is split into work
+CHUNK = 1000  # examples generated from one child seed by default (the data depends on the chunk size)
+SPLIT_INDEX = {"train": 0, "test": 1}
 # set ACM_JAX_CACHE to a folder to cache generated sets there as .npz, or to "" to keep them in memory only
 CACHE_DIR = os.environ.get("ACM_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "acm_jax"))
 
@@ -57,6 +60,7 @@ class SyntheticConfig:
   num_glyphs: int = 1000
   glyph_size: int = 4  # pixels; the tiny ViT's patch size
   glyph_contrast: float = 0.3  # amplitude of the glyph over the object's colour, on the [0, 1] scale
+  chunk_size: int = CHUNK  # examples drawn from one child seed
 
   def __post_init__(self):
     if self.task not in TASKS:
@@ -76,6 +80,8 @@ class SyntheticConfig:
         raise ValueError(f"glyph_contrast must be in (0, 0.5], got {self.glyph_contrast}")
     if self.image_size < 16:
       raise ValueError(f"synthetic image_size must be at least 16 pixels, got {self.image_size}")
+    if self.chunk_size < 1:
+      raise ValueError(f"synthetic chunk_size must be >= 1, got {self.chunk_size}")
     if self.num_train < 1 or self.num_test < 1:
       raise ValueError(f"synthetic num_train and num_test must be >= 1, got {self.num_train} / {self.num_test}")
     if not 0.0 <= self.distractor_probability <= 1.0:
@@ -206,13 +212,26 @@ def _generate_chunk(config: SyntheticConfig, seed_sequence: np.random.SeedSequen
           "object_mask": mask, "distractor_mask": d_mask & ~mask}
 
 
+def split_size(config: SyntheticConfig, split: str) -> int:
+  return config.num_train if split == "train" else config.num_test
+
+
+def num_chunks(config: SyntheticConfig, split: str) -> int:
+  return -(-split_size(config, split) // config.chunk_size)
+
+
+def generate_chunk(config: SyntheticConfig, split: str, index: int) -> dict[str, np.ndarray]:
+  """Examples [index * chunk_size, (index + 1) * chunk_size) of `split`, as `generate` holds them.
+  Train and test come from separate child seeds: the test set does not change with num_train."""
+  seed = np.random.SeedSequence([config.seed, 20261124], spawn_key=(SPLIT_INDEX[split], index))
+  start = index * config.chunk_size
+  return _generate_chunk(config, seed, min(config.chunk_size, split_size(config, split) - start))
+
+
 def _generate(config: SyntheticConfig) -> dict[str, dict[str, np.ndarray]]:
-  # train and test come from separate child seeds: the test set does not change with num_train
-  root = np.random.SeedSequence([config.seed, 20261124])
   out = {}
-  for split, count, child in zip(("train", "test"), (config.num_train, config.num_test), root.spawn(2)):
-    chunks = [_generate_chunk(config, seq, min(CHUNK, count - start))
-              for start, seq in zip(range(0, count, CHUNK), child.spawn(-(-count // CHUNK)))]
+  for split in ("train", "test"):
+    chunks = [generate_chunk(config, split, i) for i in range(num_chunks(config, split))]
     out[split] = {key: np.concatenate([c[key] for c in chunks]) for key in chunks[0]}
   return out
 

@@ -29,14 +29,19 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from acm_jax.data import augment as augment_lib
+
 SPLIT_NAMES = {"train": ("train",), "test": ("validation", "test")}  # the first that the dataset has
 CROP_FRACTION = 0.875  # eval: resize the short side to size / 0.875, then centre-crop size x size
+# sets whose images are already centre crops (ImageNet-C: 224 x 224 crops of the validation set) are only
+# resized to the image size
+PRECROPPED = "_corrupted/"
 DEFAULT_IMAGE_SIZE = 224
 WINDOW = 8192  # examples held (encoded) in memory per shuffle group: ~0.9 GB for ImageNet
 MAX_CYCLE = 64  # the most pieces of shards one group reads at once
 
 
-def _tf():
+def import_tf():
   try:
     import tensorflow as tf
     import tensorflow_datasets as tfds
@@ -54,7 +59,7 @@ def builder(name: str, data_dir: str | None):
                      "or downloads/manual/ with its source files)")
   if not os.path.isdir(data_dir):
     raise FileNotFoundError(f"--data_dir {data_dir!r} does not exist")
-  tf, tfds = _tf()
+  tf, tfds = import_tf()
   try:
     b = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # tfds raises its own DatasetNotFoundError and friends
@@ -163,37 +168,25 @@ def group_stream(parts: Sequence[Piece], seed: int, shuffle: bool, repeat: bool,
 # --- the TensorFlow pipeline ---------------------------------------------------------------------
 
 
-def _preprocess(tf, image, position, seed: int, size: int, train: bool):
-  """Encoded image -> float32 (size, size, 3) in [-1, 1]. Train: Inception-style random
-  resized crop (8%-100% of the area, aspect 3/4-4/3) and a random flip, seeded by
-  (seed, position in the stream). Eval: resize the short side to size / 0.875, centre crop."""
+def preprocess(tf, image, position, seed: int, size: int, train: bool, augment: str,
+               crop_fraction: float = CROP_FRACTION):
+  """Encoded image -> float32 (size, size, 3) in [-1, 1]: train images augmented by the preset
+  (`acm_jax.data.augment`) with draws seeded by (seed, position in the stream); eval images resized
+  (short side to size / 0.875) and centre-cropped."""
   image = tf.io.decode_image(image, channels=3, expand_animations=False)
   if train:
     key = tf.stack([tf.cast(seed, tf.int64), tf.cast(position, tf.int64)])
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(key, 2))
-    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=crop_seed, min_object_covered=0.1,
-        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
-        use_image_if_no_bounding_boxes=True)
-    image = tf.slice(image, begin, crop_size)
-    image = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
-    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    image = augment_lib.train_image(tf, image, key, size, augment)
   else:
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = (size / CROP_FRACTION) / tf.reduce_min(shape)
-    resized = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
-    image = tf.image.resize(image, resized, method="bilinear", antialias=True)
-    top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
-    image = image[top:top + size, left:left + size]
-  image = tf.clip_by_value(image, 0.0, 255.0)  # antialiased resizing overshoots slightly
+    image = augment_lib.eval_image(tf, image, size, crop_fraction)
   return tf.reshape(image / 127.5 - 1.0, (size, size, 3))
 
 
 def make_iterator(name: str, split: str, batch_size: int, *, image_size: int | None, seed: int,
                   data_dir: str | None, shuffle: bool, repeat: bool, drop_remainder: bool, start_step: int,
-                  window: int = WINDOW) -> Iterator[dict]:
+                  augment: str = "inception", window: int = WINDOW) -> Iterator[dict]:
   """See `acm_jax.data.make_iterator`; `window` sets the shuffle group size (see the module docstring)."""
-  tf, tfds = _tf()
+  tf, tfds = import_tf()
   b = builder(name, data_dir)
   if b.info.file_format is not None and b.info.file_format.value != "tfrecord":
     raise ValueError(f"tfds:{name} in {data_dir} is stored as {b.info.file_format.value}; this reader needs "
@@ -204,6 +197,7 @@ def make_iterator(name: str, split: str, batch_size: int, *, image_size: int | N
   parts = pieces(b.info.splits[_split_name(b, split)].file_instructions, window)
   start = start_step * batch_size
   features = b.info.features
+  crop_fraction = 1.0 if PRECROPPED in name else CROP_FRACTION
 
   def read_group(files, skips, takes, order, skip):
     records = tf.data.Dataset.from_tensor_slices((files, skips, takes)).interleave(
@@ -214,7 +208,7 @@ def make_iterator(name: str, split: str, batch_size: int, *, image_size: int | N
 
   def parse(position, record):
     example = features.deserialize_example(record, decoders={image_key: tfds.decode.SkipDecoding()})
-    return {"image": _preprocess(tf, example[image_key], position, seed, size, train),
+    return {"image": preprocess(tf, example[image_key], position, seed, size, train, augment, crop_fraction),
             "label": tf.cast(example[label_key], tf.int32)}
 
   spec = (tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int64),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from acm_jax import acm, inference, losses
+from acm_jax.data import augment as augment_lib
 from acm_jax.sharding import STRATEGIES
 
 PHASES = ("pretrain", "distill", "gates", "finetune", "static", "eval", "all")
@@ -67,6 +68,11 @@ class ExperimentConfig:
   workdir: str = flag("runs/embedded", "directory of the run directories and the eval.json summary")
   seed: int = flag(0, "random seed of data order and initialisation")
   dtype: str = flag("float32", "compute dtype", ("float32", "bfloat16"))
+  # train augmentation (acm_jax/data/augment.py, docs/recipe.md)
+  augment: str | None = flag(None, "train augmentation preset (default: none for the generated sets, inception "
+                             "for tfds: and folder:)", augment_lib.PRESETS)
+  mixup: float = flag(0.0, "mixup alpha (>= 0; 0: off)")
+  cutmix: float = flag(0.0, "cutmix alpha (>= 0; 0: off; with mixup, each batch picks one of the two)")
   # ACM
   num_learners: int = flag(4, "learners N per ACM (>= 1)")
   learner_width: int | None = flag(None, "hidden units per learner (default: width_factor x MLP width / N)")
@@ -98,6 +104,9 @@ class ExperimentConfig:
   entropy_weight: float = flag(0.1, "weight of the per-image entropy-of-k loss (>= 0)")
   diversity_weight: float = flag(0.05, "weight of the between-images diversity loss (>= 0)")
   gate_temperature: float = flag(1.0, "Gumbel-Softmax temperature in finetuning (> 0)")
+  gate_task_gradient: bool = flag(True, "false: the public code's phase 3, where the task loss sends no gradient "
+                                  "to the gates (its gated forward uses only the argmax); the budget, entropy "
+                                  "and diversity losses alone train them")
   static_k: int | None = flag(None, "k of the static-width baseline, in 0..N")
   # optimisation, per phase
   batch_size: int = flag(128, "training batch size (>= 1, divisible by the batch-sharding devices)")
@@ -149,6 +158,9 @@ class ExperimentConfig:
       raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
     if self.gating_error_factor <= 1.0:
       raise ValueError(f"--gating_error_factor must be > 1, got {self.gating_error_factor}")
+    augment_lib.check(self.augment, self.mixup, self.cutmix, self.dataset)
+    if self.label_rule not in losses.LABEL_RULES:
+      raise ValueError(f"--label_rule must be one of {losses.LABEL_RULES}, got {self.label_rule!r}")
     if self.gate_temperature <= 0:
       raise ValueError(f"--gate_temperature must be > 0, got {self.gate_temperature}")
     if self.sharding not in STRATEGIES:

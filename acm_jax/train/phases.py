@@ -93,7 +93,8 @@ def new_state(params: PyTree, tx, seed: int) -> PyTree:
 def train_batches(exp: Experiment, split: str = "train", with_masks: bool = False):
   cfg = exp.config
   return lambda start: exp.iterator(cfg.dataset, split, cfg.batch_size, image_size=cfg.image_size,
-                                    seed=cfg.seed, data_dir=cfg.data_dir, start_step=start, with_masks=with_masks)
+                                    seed=cfg.seed, data_dir=cfg.data_dir, start_step=start, with_masks=with_masks,
+                                    augment=cfg.augment, mixup=cfg.mixup, cutmix=cfg.cutmix)
 
 
 def optimizer(exp: Experiment, phase: str, params: PyTree, trainable=lambda path: True, **fast):
@@ -205,7 +206,8 @@ def finetune(exp: Experiment) -> PyTree:
   tx = optimizer(exp, "finetune", params, fast=functools.partial(is_gate, exp.task.paths),
                   fast_lr_scale=cfg.finetune_gate_lr_scale)
   weights = steps.FinetuneWeights(cfg.budget, cfg.budget_loss, cfg.budget_weight, cfg.entropy_weight,
-                                  cfg.diversity_weight, cfg.gate_temperature, cfg.label_smoothing)
+                                  cfg.diversity_weight, cfg.gate_temperature, cfg.label_smoothing,
+                                  cfg.gate_task_gradient)
   return train(exp, "finetune", params, tx, functools.partial(steps.finetune_step, exp.task, tx, weights))
 
 
@@ -239,15 +241,33 @@ def eval_batches(exp: Experiment, with_masks: bool):
       return
 
 
+_EVAL_STEPS: dict[tuple, tuple] = {}  # the last few jitted eval steps, with the objects they were built from
+
+
+def _eval_step(exp: Experiment, mode: str, fixed_k, cost_shift, forced_k, param_shardings):
+  """The jitted eval step, reused across calls with the same task, mesh and arguments (evaluating one
+  model on many data sets, e.g. the 75 ImageNet-C sets, would otherwise compile it each time)."""
+  parts = exp.partitioner
+  shift = float(cost_shift) if isinstance(cost_shift, (int, float)) else id(cost_shift)
+  key = (id(exp.task), id(parts), mode, fixed_k, shift, id(forced_k), str(param_shardings))
+  hit = _EVAL_STEPS.get(key)
+  if hit is None or hit[0] is not exp.task or hit[1] is not parts or hit[2] is not forced_k:
+    step = parts.jit(functools.partial(steps.eval_step, exp.task, mode, fixed_k, cost_shift=cost_shift,
+                                       forced_k=forced_k),
+                     (param_shardings, parts.batch_sharding()), parts.replicated)
+    while len(_EVAL_STEPS) >= 8:
+      _EVAL_STEPS.pop(next(iter(_EVAL_STEPS)))
+    hit = _EVAL_STEPS[key] = (exp.task, parts, forced_k, step)
+  return hit[3]
+
+
 def evaluate(exp: Experiment, params: PyTree, model: str, mode: str, fixed_k: int | None = None,
              cost_shift: float = 0.0, forced_k: Callable[[dict], jax.Array] | None = None) -> dict:
   """Top-1, GFLOPs/image, mean k and share of each k per ACM on the test split.
   `forced_k(batch)` -> per-token k overrides the gates (see `steps.eval_step`)."""
   parts = exp.partitioner
   params = parts.put(params)
-  step = parts.jit(functools.partial(steps.eval_step, exp.task, mode, fixed_k, cost_shift=cost_shift,
-                                     forced_k=forced_k),
-                   (parts.shardings(params), parts.batch_sharding()), parts.replicated)
+  step = _eval_step(exp, mode, fixed_k, cost_shift, forced_k, parts.shardings(params))
   totals, host = None, []
   for batch in eval_batches(exp, with_masks=exp.group_masks):
     out = jax.device_get(step(params, parts.shard_batch(batch, exp.config.eval_batch_size)))

@@ -165,6 +165,7 @@ class FinetuneWeights:
   diversity_weight: float = 0.05
   temperature: float = 1.0
   label_smoothing: float = 0.0
+  gate_task_gradient: bool = True  # False: the task loss does not train the gates (see ExperimentConfig)
 
 
 def finetune_step(task: Task, tx: optax.GradientTransformation, weights: FinetuneWeights,
@@ -174,9 +175,11 @@ def finetune_step(task: Task, tx: optax.GradientTransformation, weights: Finetun
   costs = [s.learner_cost for s in task.acm_specs]
   mask = real_tokens(task, batch)
 
+  mode = "gumbel" if weights.gate_task_gradient else "gumbel_detached"
+
   def loss_fn(params):
     outputs, aux = task.acm_model.apply(
-        {"params": params}, task.inputs(batch), mode="gumbel", temperature=weights.temperature,
+        {"params": params}, task.inputs(batch), mode=mode, temperature=weights.temperature,
         mutable=["acm"], rngs={"gumbel": rng})
     choices = acm_choices(task, aux)
     task_loss = task.loss(outputs, batch, weights.label_smoothing)

@@ -54,7 +54,8 @@ def vision_task(dense_config: vit.ViTConfig, acm_config: vit.ViTConfig, dtype) -
   return steps.Task(
       dense_model=vit.ViT(dense_config), acm_model=vit.ViT(acm_config), acm_specs=tuple(specs),
       inputs=lambda batch: batch["image"].astype(dtype),
-      loss=lambda logits, batch, ls: losses.classification_loss(logits.astype(jnp.float32), batch["label"], ls),
+      loss=lambda logits, batch, ls: losses.classification_loss(
+          logits.astype(jnp.float32), batch["label"], ls, batch.get("mix_label"), batch.get("mix_weight")),
       score=score, token_groups=functools.partial(_object_groups, dense_config.patch_size))
 
 

@@ -54,6 +54,9 @@ class SpeechConfig(ExperimentConfig):
 
   def validate(self) -> "SpeechConfig":
     super().validate()
+    if self.augment not in (None, "none") or self.mixup or self.cutmix:
+      raise ValueError(f"--augment, --mixup and --cutmix are for images; speech takes none of them "
+                       f"(got {self.augment!r}, {self.mixup}, {self.cutmix})")
     if self.max_audio_seconds <= 0:
       raise ValueError(f"--max_audio_seconds must be > 0, got {self.max_audio_seconds}")
     if self.synth_test_utterances < 1:
