@@ -29,7 +29,7 @@ from acm_jax.train import phases
 from acm_jax.vit import model as vit
 from acm_jax.vit import task as vit_task
 
-ANY_BUDGETS = "0.25,0.375,0.5,0.625,0.75"
+ANY_BUDGETS = "0.125,0.25,0.375,0.5,0.625,0.75,0.875"
 THRESHOLDS = "0.5,0.6,0.7,0.8,0.9,0.95,0.99,0.999"
 
 
