@@ -13,7 +13,8 @@ measures on the test split:
     token) carries: a ridge-regression linear probe trained on a held-out train
     batch, top-1 on the test split;
   where compute goes: the ACM's mean k per layer for the class, object and
-    background tokens, next to the halting model's blocks run per token group.
+    background tokens, next to the halting model's blocks run per token group;
+    and the ACM's GFLOPs with every token at k = 0..N, as a fraction of dense.
 Writes benchmarks/results/halting_analysis.json and docs/figures/halting_vs_acm.png.
 """
 
@@ -89,6 +90,11 @@ def analyse(exp: phases.Experiment, acm_budget: float, halting_depth: float, pro
   dense = phases.dense_params(exp)
   batches = test_batches(exp)
   out = {"dataset": exp.config.dataset, "depth": cfg.depth}
+  # what the ACM can remove at all: only its blocks' learners (every MLP by default), never attention
+  dense_flops = exp.flops(None, True)["total"]
+  out["acm_flops_fraction_of_dense"] = {
+      f"all_k_{k}": float(exp.flops({p: float(k) for p in exp.task.paths}, False)["total"] / dense_flops)
+      for k in range(exp.config.num_learners + 1)}
 
   # forced halting of one token group after block b, class token always running
   forced = jax.jit(lambda images, halted, after: forced_forward(cfg, dense, images, halted, after)[0],
