@@ -15,7 +15,9 @@ measures on the test split:
   where compute goes: the ACM's mean k per layer for the class, object and
     background tokens, next to the halting model's blocks run per token group;
     and the ACM's GFLOPs with every token at k = 0..N, as a fraction of dense.
-Writes benchmarks/results/halting_analysis.json and docs/figures/halting_vs_acm.png.
+--parts picks some of these (forced, probe, compute); a run updates its parts in the
+dataset's entry of benchmarks/results/halting_analysis.json and keeps the others.
+The compute maps go to docs/figures/halting_vs_acm.png.
 """
 
 from __future__ import annotations
@@ -82,21 +84,29 @@ def ridge_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, te
 
 
 def test_batches(exp: phases.Experiment):
-  return [b for b in phases.eval_batches(exp, with_masks=True)]
+  return list(phases.eval_batches(exp, with_masks=True))
 
 
-def analyse(exp: phases.Experiment, acm_budget: float, halting_depth: float, probe_examples: int) -> dict:
+PARTS = ("forced", "probe", "compute")
+
+
+def analyse(exp: phases.Experiment, acm_budget: float, halting_depth: float, probe_examples: int,
+            parts: tuple[str, ...] = PARTS) -> dict:
   cfg = common.dense_config(exp)
   dense = phases.dense_params(exp)
   batches = test_batches(exp)
   out = {"dataset": exp.config.dataset, "depth": cfg.depth}
-  # what the ACM can remove at all: only its blocks' learners (every MLP by default), never attention
-  dense_flops = exp.flops(None, True)["total"]
-  out["acm_flops_fraction_of_dense"] = {
-      f"all_k_{k}": float(exp.flops({p: float(k) for p in exp.task.paths}, False)["total"] / dense_flops)
-      for k in range(exp.config.num_learners + 1)}
+  if "forced" in parts:
+    forced_halting(exp, cfg, dense, batches, out)
+  if "probe" in parts:
+    probes(exp, cfg, dense, batches, probe_examples, out)
+  if "compute" in parts:
+    where_compute_goes(exp, cfg, batches, acm_budget, halting_depth, out)
+  return out
 
-  # forced halting of one token group after block b, class token always running
+
+def forced_halting(exp, cfg, dense, batches, out):
+  """Top-1 when one token group stops after block b, the class token running every block."""
   forced = jax.jit(lambda images, halted, after: forced_forward(cfg, dense, images, halted, after)[0],
                    static_argnums=2)
   table = {}
@@ -114,7 +124,9 @@ def analyse(exp: phases.Experiment, acm_budget: float, halting_depth: float, pro
     table[group] = row
   out["forced_halting_top1"] = {"halted_after_block": list(range(cfg.depth + 1)), **table}
 
-  # linear probes of the glyph from each block's class token and mean object token
+
+def probes(exp, cfg, dense, batches, probe_examples, out):
+  """Linear probes of the glyph from each block's class token and mean object token."""
   states = jax.jit(lambda images: block_states(cfg, dense, images))
 
   def features(batch):
@@ -145,7 +157,13 @@ def analyse(exp: phases.Experiment, acm_budget: float, halting_depth: float, pro
                             for l in range(cfg.depth + 1)],
       "probe_train_examples": probe_examples}
 
-  # where each method spends compute, per token group
+
+def where_compute_goes(exp, cfg, batches, acm_budget, halting_depth, out):
+  """Mean k of the ACM and blocks run under halting per token group; what the ACM can remove at all."""
+  dense_flops = exp.flops(None, True)["total"]
+  out["acm_flops_fraction_of_dense"] = {
+      f"all_k_{k}": float(exp.flops({p: float(k) for p in exp.task.paths}, False)["total"] / dense_flops)
+      for k in range(exp.config.num_learners + 1)}
   acm_run = vit_task.build(dataclasses.replace(exp.config, budget=acm_budget))
   if loop.params_dir(acm_run.run_dir("finetune")).exists():
     params = loop.load_params(acm_run.run_dir("finetune"), phases.abstract_params(acm_run, "acm"), "finetune")
@@ -194,7 +212,6 @@ def analyse(exp: phases.Experiment, acm_budget: float, halting_depth: float, pro
                             "mean_blocks_run": {g: sums[g] / counts[g] for g in sums}}
     out["_halting_maps"] = np.concatenate(maps)[:8]
   out["_images"] = np.concatenate([b["image"] for b in batches[:1]])[:8]
-  return out
 
 
 def figure(result: dict, path: Path) -> None:
@@ -233,17 +250,32 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--acm_budget", type=float, default=0.25)
   parser.add_argument("--halting_depth", type=float, default=1.0)
   parser.add_argument("--probe_examples", type=int, default=4096)
+  parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
   config_lib.add_flags(parser)
   args = parser.parse_args(argv)
   cfg = config_lib.from_flags(args, config_lib.ExperimentConfig(workdir="runs/baselines_bench"))
+  parts = tuple(p for p in args.parts.split(",") if p)
+  if not parts or set(parts) - set(PARTS):
+    print(f"error: --parts must be a comma-separated subset of {PARTS}, got {args.parts!r}", file=sys.stderr)
+    return 2
+  if args.probe_examples < 1:
+    print(f"error: --probe_examples must be >= 1, got {args.probe_examples}", file=sys.stderr)
+    return 2
   exp = vit_task.build(cfg)
-  result = analyse(exp, args.acm_budget, args.halting_depth, args.probe_examples)
-  figure(result, HERE.parent / "docs" / "figures" / "halting_vs_acm.png")
-  record = {k: v for k, v in result.items() if not k.startswith("_")}
-  record.update(date=datetime.date.today().isoformat(), command=" ".join(
-      ["python3 -m benchmarks.halting_analysis", *argv]))
-  (HERE / "results").mkdir(exist_ok=True)
-  (HERE / "results" / "halting_analysis.json").write_text(json.dumps(record, indent=2) + "\n")
+  result = analyse(exp, args.acm_budget, args.halting_depth, args.probe_examples, parts)
+  if "_acm_maps" in result or "_halting_maps" in result:
+    figure(result, HERE.parent / "docs" / "figures" / "halting_vs_acm.png")
+  # a run of some parts updates those in the dataset's record and keeps the others
+  path = HERE / "results" / "halting_analysis.json"
+  stored = json.loads(path.read_text()) if path.exists() else {}
+  record = stored.get(cfg.dataset, {})
+  record.update({k: v for k, v in result.items() if not k.startswith("_")})
+  record.setdefault("commands", {}).update({p: " ".join(["python3 -m benchmarks.halting_analysis", *argv])
+                                            for p in parts})
+  record["date"] = datetime.date.today().isoformat()
+  stored[cfg.dataset] = record
+  path.parent.mkdir(exist_ok=True)
+  path.write_text(json.dumps(stored, indent=2) + "\n")
   print(json.dumps(record, indent=2))
   return 0
 
