@@ -22,8 +22,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from acm_jax import report as report_lib
 from experiments import compare
+from experiments import plots as report_lib
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATASET = "synthetic"

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from acm_jax.baselines import common
-from acm_jax.models import vit
+from acm_jax.vit.baselines import common
+from acm_jax.vit import model as vit
 from benchmarks import halting_analysis
 
 CFG = vit.get_config("tiny", image_size=16, patch_size=4, dim=32, depth=3, num_heads=4, mlp_dim=64, num_classes=5)
