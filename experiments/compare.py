@@ -9,9 +9,9 @@ workdir (a killed sweep continues where it stopped), writes <workdir>/curves.jso
 (a list of {method, setting, gflops_per_image, top1, budget_or_threshold, ...})
 and prints the table sorted by GFLOPs.
 Settings per method: acm: one finetuning per --budgets, and the model finetuned at
---any_budget_model calibrated at inference to each --any_budgets (or only
---eval_budget); static: --static_ks; moefication: --moe_top_k experts out of
---num_experts; early_exit: --thresholds; token_halting: target depth budget x depth.
+--any_budget_model calibrated at inference (--calibration, saved with the model
+in its run directory) to each --any_budgets (or only --eval_budget); static:
+--static_ks; moefication: --moe_top_k experts out of --num_experts; early_exit: --thresholds; token_halting: target depth budget x depth.
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ import functools
 import sys
 import time
 
+from acm_jax.vit.baselines import calibration
 from acm_jax.vit.baselines import runs as baselines
 from acm_jax.train import config as config_lib
 from acm_jax.train import phases
 from acm_jax.vit import model as vit
 from acm_jax.vit import task as vit_task
 
-ANY_BUDGETS = "0.25,0.375,0.5,0.625,0.75"
+ANY_BUDGETS = "0.125,0.25,0.375,0.5,0.625,0.75,0.875"
 THRESHOLDS = "0.5,0.6,0.7,0.8,0.9,0.95,0.99,0.999"
 
 
@@ -40,6 +41,8 @@ def parse(argv: list[str] | None):
   parser.add_argument("--any_budgets", default=ANY_BUDGETS, help="budgets the one any-budget ACM is calibrated to")
   parser.add_argument("--any_budget_model", type=float, default=0.5, help="budget of the ACM calibrated at inference")
   parser.add_argument("--eval_budget", type=float, default=None, help="calibrate to this budget only")
+  parser.add_argument("--calibrate", type=lambda v: v.lower() in ("1", "true"), default=True,
+                      help="fit a calibration not yet saved with the any-budget model (false: serve saved ones only)")
   parser.add_argument("--thresholds", default=THRESHOLDS, help="early-exit confidence thresholds")
   parser.add_argument("--moe_top_k", default=None, help="experts per token (default: E/8, E/4, ..., E)")
   parser.add_argument("--static_ks", default=None, help="static widths (default: 1..N-1)")
@@ -96,6 +99,10 @@ def plan(args, cfg: config_lib.ExperimentConfig, bcfg: baselines.BaselineConfig)
   moe_top_k = sorted(set(_numbers("moe_top_k", args.moe_top_k or default_k, int, 1, e)))
   n = cfg.num_learners
   static_ks = _numbers("static_ks", args.static_ks or ",".join(map(str, range(1, n))), int, 0, n)
+  if "acm" in methods and any_budgets and not args.calibrate:
+    model = vit_task.build(dataclasses.replace(cfg, budget=args.any_budget_model))
+    calibration.check_servable(model.run_dir("finetune"), any_budgets, bcfg.calibration,
+                               bcfg.calibration_examples, fit=False)
   if not baselines.has_dense_checkpoint(exp) and not args.pretrain:
     raise FileNotFoundError(
         f"methods {methods} convert a dense ViT, but there is none: no --init and no finished pretrain run at "
@@ -117,7 +124,8 @@ def run(args, cfg, bcfg) -> list[dict]:
     phases.pretrain(exp)
   dense = functools.cache(lambda: phases.dense_params(exp))  # loaded once, only if a run needs it
   runners = {
-      "acm": lambda: baselines.run_acm(exp, bcfg, p.budgets, p.any_budgets, args.any_budget_model),
+      "acm": lambda: baselines.run_acm(exp, bcfg, p.budgets, p.any_budgets, args.any_budget_model,
+                                       args.calibrate),
       "static": lambda: baselines.run_static(exp, p.static_ks),
       "moefication": lambda: baselines.run_moefication(exp, bcfg, dense, p.moe_top_k),
       "early_exit": lambda: baselines.run_early_exit(exp, bcfg, dense, p.thresholds),

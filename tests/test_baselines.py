@@ -142,8 +142,13 @@ def test_short_sweep_end_to_end_and_resumed(tmp_path, capsys):
   lines = [l for l in out.splitlines() if "%" in l]
   printed = [float(l.split()[-2]) for l in lines]
   assert printed == sorted(printed)
-  # a second run reuses every finished run and evaluation
-  assert compare.main([f"--workdir={tmp_path}", *TINY]) == 0
+  # the calibration is saved with the any-budget model, one entry per budget
+  saved = json.loads((tmp_path / "finetune_b0.50" / "calibration.json").read_text())
+  assert sorted(saved["per_acm"]) == ["0.2500", "0.7500"]
+  for found in saved["per_acm"].values():
+    assert set(found["offsets"]) == set(found["targets"]) and found["calibration_examples"] == 64
+  # a second run reuses every finished run and evaluation, and serves the saved calibration only
+  assert compare.main([f"--workdir={tmp_path}", *TINY, "--calibrate=false"]) == 0
   assert json.loads((tmp_path / "curves.json").read_text()) == records
 
 
@@ -157,6 +162,9 @@ def test_short_sweep_end_to_end_and_resumed(tmp_path, capsys):
     (["--pretrain=false"], "convert a dense ViT, but there is none"),
     (["--init=/does/not/exist.npz"], "does not exist"),
     (["--calibration_examples=0"], "calibration batch has no tokens"),
+    (["--calibrate=false"], "no saved per_acm calibration"),
+    (["--calibration=median"], "--calibration='median': expected one of"),
+    (["--eval_budget=0"], "--eval_budget must be"),
     (["--num_experts=7"], "must divide the MLP width"),
 ])
 def test_bad_input_stops_before_work(tmp_path, capsys, flags, message):

@@ -40,6 +40,7 @@ class BaselineConfig:
   prior_weight: float = flag(0.1, "weight of token halting's depth-prior loss")
   halting_eps: float = flag(0.01, "token halting's threshold slack, in (0, 1)")
   calibration_examples: int = flag(256, "held-out train examples that calibrate any-budget shifts (>= 1)")
+  calibration: str = flag("per_acm", "any-budget calibration rule: per_acm or global (the single shift)")
 
   def steps(self, exp: phases.Experiment) -> int:
     return self.baseline_steps or exp.config.finetune_steps
@@ -49,6 +50,8 @@ class BaselineConfig:
       raise ValueError(f"--baseline_steps must be >= 1, got {self.baseline_steps}")
     if self.num_experts < 1 or num_mlp_units % self.num_experts:
       raise ValueError(f"--num_experts={self.num_experts} must divide the MLP width {num_mlp_units}")
+    if self.calibration not in calibration.RULES:
+      raise ValueError(f"--calibration={self.calibration!r}: expected one of {calibration.RULES}")
     if self.calibration_examples < 1:
       raise ValueError(f"the calibration batch has no tokens: --calibration_examples={self.calibration_examples}")
     if not 0.0 < self.halting_eps < 1.0:
@@ -148,14 +151,16 @@ def _unless_finished(exp: phases.Experiment, phase: str) -> None:
 
 
 def run_acm(exp: phases.Experiment, bcfg: BaselineConfig, budgets: list[float], any_budgets: list[float],
-            any_model_budget: float) -> list[dict]:
+            any_model_budget: float, fit: bool = True) -> list[dict]:
   """One ACM finetuned per budget, and one (at `any_model_budget`) calibrated to
-  each of `any_budgets` at inference (method "acm_any_budget")."""
+  each of `any_budgets` at inference (method "acm_any_budget"; `fit`: fit a
+  calibration that is not saved with the model yet)."""
   records = []
+  rule, examples = bcfg.calibration, bcfg.calibration_examples
   for budget in sorted(set(budgets) | ({any_model_budget} if any_budgets else set())):
     run = vit_task.build(dataclasses.replace(exp.config, budget=budget))
     evals = [run.run_dir("finetune") / "eval.json"] if budget in budgets else []
-    calibrated = {t: run.run_dir("finetune") / f"any_budget_{t:.3f}.json"
+    calibrated = {t: run.run_dir("finetune") / f"any_budget_{rule}_{t:.3f}.json"
                   for t in (any_budgets if budget == any_model_budget else [])}
     if not all_cached(evals + list(calibrated.values())):
       _unless_finished(exp, "distill")
@@ -165,7 +170,7 @@ def run_acm(exp: phases.Experiment, bcfg: BaselineConfig, budgets: list[float], 
       record = cached(evals[0], lambda: phases.evaluate(run, params, f"acm_b{budget:.2f}", "argmax"))
       records.append(curve_record("acm", f"finetuned at budget {budget:g}", budget, record))
     for target, path in calibrated.items():
-      record = cached(path, lambda: calibration.evaluate_at_budget(run, params, target, bcfg.calibration_examples))
+      record = cached(path, lambda: calibration.evaluate_at_budget(run, params, target, examples, rule, fit))
       records.append(curve_record("acm_any_budget", f"b{budget:g} model calibrated to {target:g}", target, record))
   return records
 
