@@ -20,6 +20,7 @@ import re
 from typing import Any, Mapping
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -320,10 +321,10 @@ def stack_blocks(tree: Mapping) -> dict:
     raise ValueError(f"no unrolled blocks (block_0, block_1, ...) to stack; found {sorted(tree)[:8]}")
   if indices != list(range(len(indices))):
     raise ValueError(f"blocks to stack must be block_0 .. block_{len(indices) - 1}, found indices {indices}")
-  from acm_jax.acmize import flatten
-  first = {k: np.shape(v) for k, v in flatten(tree["block_0"]).items()}
+  shapes = lambda sub: {k: np.shape(v) for k, v in traverse_util.flatten_dict(sub, sep="/").items()}
+  first = shapes(tree["block_0"])
   for i in indices[1:]:
-    other = {k: np.shape(v) for k, v in flatten(tree[f"block_{i}"]).items()}
+    other = shapes(tree[f"block_{i}"])
     if other != first:
       diff = sorted(set(first.items()) ^ set(other.items()))[:4]
       raise ValueError(f"block_{i} differs from block_0 ({diff}): only identical blocks can be stacked")
