@@ -22,4 +22,5 @@ def test_keeps_user_flags_and_warns_on_a_conflict():
   assert flags["--xla_gpu_enable_pipelined_all_gather"] is None  # bare flag: already true, untouched
   assert flags["--xla_force_host_platform_device_count"] == "8"
   assert len(added) == len(xla_flags.GPU_OVERLAP_FLAGS) - 2
-  assert xla_flags.overlap_flags(env) == []  # a second call changes nothing
+  with pytest.warns(UserWarning):  # a second call changes nothing, and still reports the conflict
+    assert xla_flags.overlap_flags(env) == []
