@@ -356,7 +356,9 @@ def force_k(k: int | jax.Array) -> Iterator[None]:
       if isinstance(k, Mapping):
         path = "/".join(context.module.scope.path)
         if path not in k:
-          raise KeyError(f"force_k got no choices for the ACM {path!r}; it has {sorted(k)[:8]}")
+          scanned = (" (an ACM of a scanned stack of blocks, shared by every layer: give force_k one k for all "
+                     "ACMs, or unroll the blocks for a per-layer mapping)") if path.startswith("blocks/") else ""
+          raise KeyError(f"force_k got no choices for the ACM {path!r}{scanned}; it has {sorted(k)[:8]}")
         chosen = k[path]
       kwargs = {**kwargs, "mode": "fixed", "fixed_k": chosen}
     return next_fun(*args, **kwargs)
