@@ -27,6 +27,7 @@ import numpy as np
 
 from acm_jax import acm as acm_lib
 from acm_jax import inference
+from acm_jax.sharding import current_batch_axes
 
 PROJECTIONS = ("query", "key", "value", "out")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
@@ -257,7 +258,16 @@ class _Block(EncoderBlock):
 
 class _ScanBlock(_Block):
   def __call__(self, x, layer, *args):
-    return super().__call__(x, layer, *args), None
+    return _batch_sharded(super().__call__(_batch_sharded(x), layer, *args)), None
+
+
+def _batch_sharded(x: jax.Array) -> jax.Array:
+  """x with its batch axis pinned to the mesh's batch axes (when traced under a mesh): the
+  loop carry of a scan otherwise lets the partitioner pick a layout from the stacked weights."""
+  axes = current_batch_axes()
+  if not axes:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes if len(axes) > 1 else axes[0]))
 
 
 def encoder_blocks(module: nn.Module, x: jax.Array, mask: jax.Array | None, *, depth: int, block: dict,
