@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import zlib
 from typing import Callable, Iterator, Mapping, Sequence
 
 import einops
@@ -218,6 +219,8 @@ class ACM(nn.Module):
   `cost_shift` lowers the logit of choice k by cost_shift * k * learner_width / dim
   (k learners' cost in units of a dim x dim matmul): one scalar moves every ACM
   of a model toward less (> 0) or more (< 0) compute without retraining.
+  `rng`, when given, replaces the "gumbel" rng stream: the Gumbel noise then comes from
+  `rng` and the module's name (a scanned stack of blocks passes each layer's key).
   """
   dim: int
   num_learners: int
@@ -231,7 +234,8 @@ class ACM(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mode: str = "argmax", fixed_k: int | None = None,
-               temperature: float = 1.0, cost_shift: float | jax.Array = 0.0) -> jax.Array:
+               temperature: float = 1.0, cost_shift: float | jax.Array = 0.0,
+               rng: jax.Array | None = None) -> jax.Array:
     n, width = self.num_learners, self.learner_width
     params = {
         "w1": self.param("w1", nn.initializers.lecun_normal(), (self.dim, n * width)),
@@ -258,7 +262,8 @@ class ACM(nn.Module):
                                           min_choice=self.min_choice, cost_shift=cost_shift)
       self.sow("acm", "choice", jax.nn.one_hot(k[0], n + 1, dtype=jnp.float32))
       return y
-    rng = self.make_rng("gumbel") if mode in GUMBEL_MODES else None
+    if mode in GUMBEL_MODES:
+      rng = self.make_rng("gumbel") if rng is None else jax.random.fold_in(rng, zlib.crc32(self.name.encode()) >> 1)
     y, logits, choice = gated_apply(params, x, raw_logits, num_learners=n, activation=self.activation,
                                     min_choice=self.min_choice, mode=mode, fixed_k=fixed_k,
                                     temperature=temperature, cost_shift=cost_shift, rng=rng, impl=self.impl)
@@ -351,7 +356,9 @@ def force_k(k: int | jax.Array) -> Iterator[None]:
       if isinstance(k, Mapping):
         path = "/".join(context.module.scope.path)
         if path not in k:
-          raise KeyError(f"force_k got no choices for the ACM {path!r}; it has {sorted(k)[:8]}")
+          scanned = (" (an ACM of a scanned stack of blocks, shared by every layer: give force_k one k for all "
+                     "ACMs, or unroll the blocks for a per-layer mapping)") if path.startswith("blocks/") else ""
+          raise KeyError(f"force_k got no choices for the ACM {path!r}{scanned}; it has {sorted(k)[:8]}")
         chosen = k[path]
       kwargs = {**kwargs, "mode": "fixed", "fixed_k": chosen}
     return next_fun(*args, **kwargs)

@@ -2,7 +2,8 @@
 
 Model-agnostic: it needs the dense params, freshly initialised params of the
 ACM model (which fix the tree structure, gates included) and the paths of the
-replaced blocks. Everything outside those paths is copied unchanged.
+replaced blocks. Everything outside those paths is copied unchanged. Scanned models (parameters
+stacked under `blocks`) are converted layer by layer (`transformer.unstack_blocks`).
 
 MLP learners are slices of the dense MLP: learner n takes hidden units
 [(n-1)*h, n*h) of fc1/fc2, and fc2's bias becomes choice 1's output bias, so
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from acm_jax import transformer
 from acm_jax.pytree import PyTree
 
 
@@ -78,6 +80,11 @@ def acmize(dense_params: PyTree, acm_init_params: PyTree, acm_paths: list[str], 
   """
   if init not in ("dense", "random"):
     raise ValueError(f"unknown learner init {init!r}; expected 'dense' or 'random'")
+  if transformer.is_stacked(acm_init_params) or transformer.is_stacked(dense_params):
+    # scanned blocks: ACMized layer by layer under their unrolled names, restacked as the ACM model's
+    out = acmize(transformer.unstack_blocks(dense_params), transformer.unstack_blocks(acm_init_params), acm_paths,
+                 num_learners=num_learners, init=init)
+    return transformer.stack_blocks(out) if transformer.is_stacked(acm_init_params) else out
   dense_flat = flatten(dense_params)
   out = {}
   for key, value in flatten(acm_init_params).items():

@@ -14,6 +14,10 @@ strategy is a table from logical names to mesh axes. Optimizer state follows
 the parameters: its leaves end in the parameter's path and get the same names.
 A dimension that a mesh axis does not divide stays replicated (e.g. a head of
 10 classes, or the N+1 per-choice biases).
+
+Scanned encoder blocks (`transformer.encoder_blocks`) stack each block parameter
+on a leading axis under `blocks/`: that axis is the logical axis `layers`, which
+no strategy shards, so under FSDP each scan iteration gathers one layer's slice.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(^|/)head/kernel$", ("embed", "vocab")),
     (r"(^|/)head/bias$", ("vocab",)),
 )
+# The leading axis of every parameter under a scanned stack of blocks; never sharded.
+LAYER_AXIS = "layers"
+_STACKED = re.compile(r"(^|/)blocks/")
 # The model families' own parameters (patch embedding, feature encoder, ...), added by
 # `register_param_rules` when a family package is imported.
 FAMILY_RULES: list[tuple[str, tuple[str | None, ...]]] = []
@@ -91,7 +98,11 @@ def path_string(path: Sequence[Any]) -> str:
 
 
 def logical_axes(path: str, ndim: int) -> tuple[str | None, ...] | None:
-  """Logical axis names of the array at `path`, or None when no rule names it."""
+  """Logical axis names of the array at `path`, or None when no rule names it. Under a
+  scanned stack (`blocks/`) the first axis is LAYER_AXIS and the rules name the rest."""
+  if _STACKED.search(path):
+    inner = logical_axes(_STACKED.sub(r"\1", path, count=1), ndim - 1)
+    return None if inner is None else (LAYER_AXIS, *inner)
   for pattern, axes in (*PARAM_RULES, *FAMILY_RULES):
     if re.search(pattern, path):
       if len(axes) != ndim:

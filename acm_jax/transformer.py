@@ -4,16 +4,30 @@ Each replaceable block (the MLP, and the q/k/v/o projections) is either a dense
 layer or an `acm.ACM`, chosen by the `acm` config. Dense replaceable blocks sow
 their (input, output) pair into the "record" collection when it is mutable: that
 is what module-wise distillation and gate labelling train on.
+
+`encoder_blocks` runs a model's stack of encoder blocks in one of two layouts:
+unrolled, each block its own module `block_{i}`, or scanned (`nn.scan`), one
+module `blocks` whose parameters and sown values carry a leading layer axis
+(depth, ...). XLA compiles the scanned block once, and under FSDP gathers one
+layer's weights per iteration. `stack_blocks` / `unstack_blocks` convert
+parameter trees (or sown collections) between the two layouts: checkpoint
+readers, `acmize` and the per-ACM statistics work on the unrolled names.
 """
 
 from __future__ import annotations
 
+import re
+from typing import Any, Mapping
+
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from acm_jax import acm as acm_lib
 from acm_jax import inference
+from acm_jax.sharding import current_batch_axes
 
 PROJECTIONS = ("query", "key", "value", "out")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
@@ -198,3 +212,150 @@ def replaceable_paths(depth: int, acm: acm_lib.ACMConfig | None, with_attention:
     if attention:
       paths.extend(f"{prefix}block_{b}/attn/{p}" for p in PROJECTIONS)
   return paths
+
+
+# --- the stack of blocks: unrolled or scanned, with rematerialisation -------------------
+
+STACKED = "blocks"  # the scanned stack's module name; its leaves have a leading layer axis
+_UNROLLED = re.compile(r"block_(\d+)$")
+# none: store every activation; full: recompute each block in the backward pass; dots: keep
+# the matmul outputs and recompute the rest (elementwise work, norms); dots_no_batch: keep only
+# matmuls without batch dimensions (the projections, not attention's q k^T and p v)
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+_CHECKPOINT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_saveable,
+                        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def remat_policy(value: bool | str) -> str:
+  """A remat setting as one of REMAT_POLICIES; booleans (the old flag) mean "full" / "none"."""
+  if isinstance(value, (bool, np.bool_)):
+    return "full" if value else "none"
+  if value not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {value!r}; expected one of {REMAT_POLICIES} (or a boolean: "
+                     "true = full, false = none)")
+  return value
+
+
+def check_scannable(depth: int, acm, scan_blocks: bool) -> None:
+  """Scanned blocks share one definition: every block dense, or every block ACMized alike."""
+  if scan_blocks and acm is not None and acm.block_indices(depth) != tuple(range(depth)):
+    raise ValueError(f"scan_blocks=True needs every block alike, but the ACM config makes only blocks "
+                     f"{list(acm.block_indices(depth))} of {depth} ACMs; ACMize every block or set scan_blocks=False")
+
+
+class _Block(EncoderBlock):
+  """An encoder block with positional arguments (what nn.remat and nn.scan lift), the
+  string `mode` and an int `fixed_k` held static as fields. Parameters as EncoderBlock's."""
+  mode: str = "argmax"
+  static_k: int | None = None
+
+  def __call__(self, x, layer, mask, fixed_k, temperature, cost_shift, gumbel_key):
+    # each layer's Gumbel noise from the layer index, so that both layouts draw the same noise
+    key = None if gumbel_key is None else jax.random.fold_in(gumbel_key, layer)
+    return super().__call__(x, mask, mode=self.mode, fixed_k=self.static_k if fixed_k is None else fixed_k,
+                            temperature=temperature, cost_shift=cost_shift, rng=key)
+
+
+class _ScanBlock(_Block):
+  def __call__(self, x, layer, *args):
+    return _batch_sharded(super().__call__(_batch_sharded(x), layer, *args)), None
+
+
+def _batch_sharded(x: jax.Array) -> jax.Array:
+  """x with its batch axis pinned to the mesh's batch axes (when traced under a mesh): the
+  loop carry of a scan otherwise lets the partitioner pick a layout from the stacked weights."""
+  axes = current_batch_axes()
+  if not axes:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes if len(axes) > 1 else axes[0]))
+
+
+def encoder_blocks(module: nn.Module, x: jax.Array, mask: jax.Array | None, *, depth: int, block: dict,
+                   acm, scan: bool, remat: bool | str, mode: str, fixed_k, temperature, cost_shift) -> jax.Array:
+  """`depth` encoder blocks over x (batch, tokens, dim), from inside `module`'s compact call.
+
+  block: EncoderBlock's fields other than `acm`; acm: the ACM config, or None; scan: one
+  scanned module `blocks` (see the module doc) instead of `block_{i}`; remat: a REMAT_POLICIES
+  name (or a boolean). The remaining arguments are the ACM arguments (see `acm.ACM`).
+  """
+  policy = remat_policy(remat)
+  static = fixed_k is None or isinstance(fixed_k, int)
+  fields = dict(block, mode=mode, static_k=fixed_k if static else None)
+  traced_k = None if static else fixed_k
+  gumbel_key = module.make_rng("gumbel") if mode in acm_lib.GUMBEL_MODES else None
+  args = (mask, traced_k, temperature, cost_shift, gumbel_key)
+  if scan:
+    check_scannable(depth, acm, True)
+    body = _ScanBlock if policy == "none" else nn.remat(_ScanBlock, policy=_CHECKPOINT_POLICIES[policy],
+                                                       prevent_cse=False)
+    stack = nn.scan(body, variable_axes={"params": 0, "acm": 0, "record": 0, "intermediates": 0},
+                    split_rngs={"params": True}, in_axes=(0, *[nn.broadcast] * len(args)), length=depth)
+    x, _ = stack(**fields, acm=acm, name=STACKED)(x, jnp.arange(depth), *args)
+    return x
+  cls = _Block if policy == "none" else nn.remat(_Block, policy=_CHECKPOINT_POLICIES[policy])
+  acm_blocks = set(acm.block_indices(depth)) if acm is not None else set()
+  for i in range(depth):
+    x = cls(**fields, acm=acm if i in acm_blocks else None, name=f"block_{i}")(x, i, *args)
+  return x
+
+
+def is_stacked(tree: Any) -> bool:
+  return isinstance(tree, Mapping) and STACKED in tree
+
+
+def unstack_blocks(tree: Any) -> Any:
+  """A tree with a scanned `blocks` entry (leaves (depth, ...)) -> `block_0` .. `block_{depth-1}`;
+  other entries unchanged, a tree without `blocks` returned as it is. Works on parameters,
+  optimizer-state-like trees and sown collections (their tuples are split leaf by leaf)."""
+  if not is_stacked(tree):
+    return tree
+  clash = sorted(k for k in tree if _UNROLLED.match(k))
+  if clash:
+    raise ValueError(f"tree has both a stacked {STACKED!r} entry and unrolled blocks {clash[:3]}")
+  leaves = jax.tree.leaves(tree[STACKED])
+  if not leaves:
+    return {k: v for k, v in tree.items() if k != STACKED}
+  depth = np.shape(leaves[0])[0]
+  out = {k: v for k, v in tree.items() if k != STACKED}
+  for i in range(depth):
+    out[f"block_{i}"] = jax.tree.map(lambda a, i=i: a[i], tree[STACKED])
+  return out
+
+
+def stack_blocks(tree: Mapping) -> dict:
+  """The inverse of `unstack_blocks`: `block_0` .. `block_{n-1}` -> one `blocks` entry whose leaves
+  gain a leading layer axis. Every block must have the same names and shapes (a model whose
+  ACMs sit in some blocks only cannot be scanned)."""
+  indices = sorted(int(_UNROLLED.match(k).group(1)) for k in tree if _UNROLLED.match(k))
+  if not indices:
+    raise ValueError(f"no unrolled blocks (block_0, block_1, ...) to stack; found {sorted(tree)[:8]}")
+  if indices != list(range(len(indices))):
+    raise ValueError(f"blocks to stack must be block_0 .. block_{len(indices) - 1}, found indices {indices}")
+  shapes = lambda sub: {k: np.shape(v) for k, v in traverse_util.flatten_dict(sub, sep="/").items()}
+  first = shapes(tree["block_0"])
+  for i in indices[1:]:
+    other = shapes(tree[f"block_{i}"])
+    if other != first:
+      diff = sorted(set(first.items()) ^ set(other.items()))[:4]
+      raise ValueError(f"block_{i} differs from block_0 ({diff}): only identical blocks can be stacked")
+  blocks = [tree[f"block_{i}"] for i in indices]
+  stack = lambda *xs: (np.stack(xs) if all(isinstance(a, np.ndarray) for a in xs) else jnp.stack(xs))
+  out = {k: v for k, v in tree.items() if not _UNROLLED.match(k)}
+  out[STACKED] = jax.tree.map(stack, *blocks)
+  return out
+
+
+def layout_mismatch(found_keys, expected_keys) -> str | None:
+  """When a checkpoint and a model differ only in block layout, what to do about it; else None."""
+  found_stacked = any(k.startswith(STACKED + "/") for k in found_keys)
+  expected_stacked = any(k.startswith(STACKED + "/") for k in expected_keys)
+  found_unrolled = any(k.startswith("block_") for k in found_keys)
+  expected_unrolled = any(k.startswith("block_") for k in expected_keys)
+  if expected_stacked and found_unrolled and not found_stacked:
+    return ("the checkpoint has unrolled blocks (block_0, block_1, ...) but the model scans its blocks "
+            "(scan_blocks=True): convert the params with acm_jax.transformer.stack_blocks, or run with "
+            "--scan_blocks=false")
+  if expected_unrolled and found_stacked and not found_unrolled:
+    return ("the checkpoint has scanned blocks ('blocks', one leading layer axis) but the model unrolls them: "
+            "convert the params with acm_jax.transformer.unstack_blocks, or run with --scan_blocks=true")
+  return None

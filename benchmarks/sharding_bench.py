@@ -1,6 +1,7 @@
 """What the sharding layer costs and saves, for the ACM ViT-B/16 finetune step (issue #8).
 
-    # memory from the compiled step's own accounting, 8 simulated CPU devices (no GPU needed)
+    # memory from the compiled step's own accounting, 8 simulated CPU devices (no GPU needed),
+    # for the unrolled and the scanned blocks (--layouts=unrolled,scanned)
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python3 -m benchmarks.sharding_bench memory
     # one GPU: sharded step on a 1-device mesh vs the plain jitted step, and the largest batch
     # that fits with and without rematerialisation (images/s at each)
@@ -85,11 +86,13 @@ class StepSetup:
 
 
 def setup(*, batch_size: int, mesh: str | None = None, strategy: str = "dp", devices=None, acm: bool = True,
-          remat: bool = False, model: str = "vit_b16", dtype: str = "bfloat16") -> StepSetup:
-  """The finetune step of the ACM ViT (or the dense ViT's supervised step with acm=False)."""
+          remat: bool | str = False, model: str = "vit_b16", dtype: str = "bfloat16",
+          scan: bool = False) -> StepSetup:
+  """The finetune step of the ACM ViT (or the dense ViT's supervised step with acm=False);
+  scan: the encoder blocks as one scanned block."""
   cfg = ExperimentConfig(model=model, dataset="synthetic", image_size=224, num_classes=1000, batch_size=batch_size,
                          eval_batch_size=batch_size, sharding=strategy, remat=remat, dtype=dtype, acm_attention=True,
-                         gate_depth=3, gate_hidden=16, finetune_steps=1000)
+                         gate_depth=3, gate_hidden=16, finetune_steps=1000, scan_blocks=scan)
   # built for all devices with a batch they divide, then given the requested devices and batch
   exp = vit_task.build(dataclasses.replace(cfg, batch_size=jax.device_count(), eval_batch_size=jax.device_count()))
   exp = dataclasses.replace(exp, config=dataclasses.replace(cfg, mesh=mesh),
@@ -126,40 +129,68 @@ def compiled_memory(s: StepSetup) -> dict:
           "params_plus_opt_bytes": state["params"] + state["opt_state"], "compile_s": round(time.time() - tic, 1)}
 
 
+def one_layer_bytes(s: StepSetup) -> int:
+  """Bytes of one encoder block's parameters, whole (what FSDP gathers for one layer)."""
+  params = s.abstract_state["params"]
+  if "blocks" in params:
+    return sum(math.prod(a.shape[1:]) * a.dtype.itemsize for a in jax.tree.leaves(params["blocks"]))
+  return sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(params["block_0"]))
+
+
 def run_memory(args) -> dict:
   devices = jax.devices()
   if len(devices) < 8:
     raise SystemExit("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu")
-  runs = {"single": compiled_memory(setup(batch_size=args.batch, mesh="data:1", devices=devices[:1])),
-          "dp8": compiled_memory(setup(batch_size=args.batch, mesh="data:8", strategy="dp")),
-          "fsdp8": compiled_memory(setup(batch_size=args.batch, mesh="fsdp:8", strategy="fsdp"))}
-  for name, r in runs.items():
-    print(name, json.dumps(r))
-  single, fsdp = runs["single"]["params_plus_opt_bytes"], runs["fsdp8"]["params_plus_opt_bytes"]
-  ratio = fsdp / single
+  runs, layer = {}, None
+  for layout in args.layouts:
+    scan, suffix = layout == "scanned", "_scanned" if layout == "scanned" else ""
+    if not scan and args.single:
+      runs["single"] = compiled_memory(setup(batch_size=args.batch, mesh="data:1", devices=devices[:1]))
+    for name, mesh, strategy in (("dp8", "data:8", "dp"), ("fsdp8", "fsdp:8", "fsdp")):
+      s = setup(batch_size=args.batch, mesh=mesh, strategy=strategy, scan=scan)
+      layer = one_layer_bytes(s)
+      runs[name + suffix] = {**compiled_memory(s), "scanned": scan}
+      print(name + suffix, json.dumps(runs[name + suffix]), flush=True)
   record = {"benchmark": "sharding_memory", "date": datetime.date.today().isoformat(), "jax_version": jax.__version__,
             "device": f"{len(devices)} simulated {jax.default_backend()} devices", "model": "ACM ViT-B/16 (MLP + q/k/v/o)",
-            "runs": runs, "fsdp8_over_single_params_plus_opt": ratio,
-            "target": "fsdp8 params+opt bytes per device <= 1/8 x single x 1.10",
-            "target_met": bool(fsdp <= single / 8 * 1.10)}
+            "runs": runs, "one_layer_param_bytes": layer}
+  if "single" in runs and "fsdp8" in runs:
+    single, fsdp = runs["single"]["params_plus_opt_bytes"], runs["fsdp8"]["params_plus_opt_bytes"]
+    record.update(fsdp8_over_single_params_plus_opt=fsdp / single,
+                  target="fsdp8 params+opt bytes per device <= 1/8 x single x 1.10",
+                  target_met=bool(fsdp <= single / 8 * 1.10))
+  gather_checks = {}
+  for suffix in ("", "_scanned"):
+    if f"fsdp8{suffix}" in runs:
+      fsdp, dp = runs[f"fsdp8{suffix}"]["temp_bytes"], runs[f"dp8{suffix}"]["temp_bytes"]
+      gather_checks["scanned" if suffix else "unrolled"] = {"fsdp8_temp": fsdp, "dp8_temp": dp,
+                                                             "met": bool(fsdp <= dp + layer)}
+  record["gather_target"] = "fsdp8 temp bytes per device <= dp8 temp + one layer's gathered parameters (issue #22)"
+  record["gather_checks"] = gather_checks
   _write("sharding.json", record)
   mib = lambda b: f"{b / 2**20:,.1f}"
   lines = [f"## Sharding memory: ACM ViT-B/16 finetune step, {record['device']}, {record['date']}, jax {jax.__version__}",
            "",
            "Command: `XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python3 -m "
-           f"benchmarks.sharding_bench memory --batch={args.batch}`. Per device, from "
-           "`jit(step).lower(...).compile().memory_analysis()` (XLA:CPU's accounting); params + opt state from the "
-           "shardings. The state is donated, so output bytes alias argument bytes.",
+           f"benchmarks.sharding_bench memory --batch={args.batch} --layouts={','.join(args.layouts)}`. Per device, "
+           "from `jit(step).lower(...).compile().memory_analysis()` (XLA:CPU's accounting); params + opt state from "
+           "the shardings. The state is donated, so output bytes alias argument bytes.",
            "",
-           "| run | mesh | global batch | params+opt MiB | argument MiB | output MiB | temp MiB |",
-           "|---|---|---|---|---|---|---|"]
+           "| run | blocks | mesh | global batch | params+opt MiB | argument MiB | output MiB | temp MiB |",
+           "|---|---|---|---|---|---|---|---|"]
   for name, r in runs.items():
     mesh = ",".join(f"{k}:{v}" for k, v in r["mesh"].items() if v > 1) or "1 device"
-    lines.append(f"| {name} | {mesh} | {r['global_batch']} | {mib(r['params_plus_opt_bytes'])} | "
-                 f"{mib(r['argument_bytes'])} | {mib(r['output_bytes'])} | {mib(r['temp_bytes'])} |")
-  lines += ["", f"FSDP over 8: params+opt per device = {ratio:.4f} of one device (target <= {1.1 / 8:.4f}): "
-            f"{'met' if record['target_met'] else 'NOT met'}.", ""]
-  _append_md(lines)
+    lines.append(f"| {name} | {'scanned' if r.get('scanned') else 'unrolled'} | {mesh} | {r['global_batch']} | "
+                 f"{mib(r['params_plus_opt_bytes'])} | {mib(r['argument_bytes'])} | {mib(r['output_bytes'])} | "
+                 f"{mib(r['temp_bytes'])} |")
+  lines.append("")
+  if "target_met" in record:
+    lines.append(f"FSDP over 8: params+opt per device = {record['fsdp8_over_single_params_plus_opt']:.4f} of one "
+                 f"device (target <= {1.1 / 8:.4f}): {'met' if record['target_met'] else 'NOT met'}.")
+  for layout, c in gather_checks.items():
+    lines.append(f"{layout} blocks: fsdp:8 temp {mib(c['fsdp8_temp'])} MiB vs dp:8 temp {mib(c['dp8_temp'])} MiB + one "
+                 f"layer's parameters {mib(layer)} MiB: {'met' if c['met'] else 'NOT met'}.")
+  _append_md(lines + [""])
   return record
 
 
@@ -313,6 +344,10 @@ def main(argv=None) -> None:
                       help="global batch (memory: default 32), or the batch of the overhead comparison and the "
                            "start of the largest-batch search (gpu: default 64)")
   parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--layouts", default="unrolled,scanned",
+                      help="memory: encoder block layouts to measure (unrolled, scanned)")
+  parser.add_argument("--single", action=argparse.BooleanOptionalAction, default=True,
+                      help="memory: also compile the one-device step (the slowest compile)")
   parser.add_argument("--parts", default="overhead,largest,largest_remat",
                       help="gpu: which measurements to run (a subset merges into the existing JSON)")
   args = parser.parse_args(argv)
@@ -320,6 +355,9 @@ def main(argv=None) -> None:
   unknown = set(args.parts) - {"overhead", "largest", "largest_remat"}
   if unknown:
     parser.error(f"unknown --parts {sorted(unknown)}; expected overhead, largest, largest_remat")
+  args.layouts = args.layouts.split(",")
+  if set(args.layouts) - {"unrolled", "scanned"}:
+    parser.error(f"unknown --layouts {sorted(set(args.layouts) - {'unrolled', 'scanned'})}; expected unrolled, scanned")
   if args.batch is None:
     args.batch = 32 if args.what == "memory" else 64
   (run_memory if args.what == "memory" else run_gpu)(args)

@@ -41,11 +41,11 @@ def test_every_flag_has_help_with_allowed_values(family, capsys):
                                              ("no", False), ("0", False)])
 def test_booleans_take_the_usual_spellings(value, expected):
   _, cfg = cli.parse(registry.get("vit"), [f"--acm_attention={value}", f"--remat={value}"])
-  assert cfg.acm_attention is expected and cfg.remat is expected
+  assert cfg.acm_attention is expected and cfg.remat == ("full" if expected else "none")
 
 
 @pytest.mark.parametrize("flag, value, allowed", [("acm_attention", "maybe", "true, yes, 1, false, no, 0"),
-                                                  ("remat", "yes please", "true, yes, 1, false, no, 0"),
+                                                  ("remat", "some", "none, full, dots, dots_no_batch (or true / false)"),
                                                   ("impl", "cuda", "auto, xla, pallas, triton"),
                                                   ("sharding", "zero3", "dp, fsdp, tp"),
                                                   ("model", "vit_h14", "tiny, vit_s16")])

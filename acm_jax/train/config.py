@@ -14,9 +14,9 @@ import json
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from acm_jax import acm, inference, losses
+from acm_jax import acm, inference, losses, transformer
 from acm_jax.data import augment as augment_lib
 from acm_jax.sharding import STRATEGIES
 
@@ -24,9 +24,12 @@ PHASES = ("pretrain", "distill", "gates", "finetune", "static", "eval", "all")
 BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
-def flag(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
-  """A config field with its flag's help text and, for strings, the allowed values."""
-  return dataclasses.field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None})
+def flag(default: Any, help: str, choices: Sequence[str] | None = None,
+         parse: Callable[[str], Any] | None = None) -> Any:
+  """A config field with its flag's help text and, for strings, the allowed values;
+  `parse` replaces the parser derived from the field's type."""
+  return dataclasses.field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None,
+                                                      "parse": parse})
 
 # Which saved fields a run directory's state depends on, for `resume_fields`. Free to
 # change on resume: where things are (paths may move), how the same arithmetic is laid
@@ -133,7 +136,13 @@ class ExperimentConfig:
   mesh: str | None = flag(None, "device mesh, e.g. data:4,fsdp:2 (default: every device on the strategy's axis)")
   sharding: str = flag("dp", "dp (data parallel), fsdp (parameters sharded) or tp (learners and heads split too)",
                        tuple(STRATEGIES))
-  remat: bool = flag(False, "recompute encoder blocks in the backward pass (less activation memory)")
+  remat: str = flag("none", "what encoder blocks keep for the backward pass: none (recompute nothing), full "
+                    "(recompute each block), dots (keep matmul outputs), dots_no_batch (keep weight matmuls only); "
+                    "true / false mean full / none", transformer.REMAT_POLICIES,
+                    parse=lambda value: remat_parser(value))
+  scan_blocks: bool = flag(False, "run the encoder blocks as one scanned block with parameters stacked on a "
+                           "leading layer axis (one compile per block, one layer's weights gathered at a time "
+                           "under fsdp); needs --acm_blocks=all")
   coordinator_address: str | None = flag(None, "host:port of process 0, multi-process runs only")
   num_processes: int | None = flag(None, "number of processes of a multi-process run")
   process_id: int | None = flag(None, "this process's index in a multi-process run")
@@ -166,6 +175,10 @@ class ExperimentConfig:
     if self.sharding not in STRATEGIES:
       raise ValueError(f"--sharding must be {', '.join(list(STRATEGIES)[:-1])} or {list(STRATEGIES)[-1]}, "
                        f"got {self.sharding!r}")
+    transformer.remat_policy(self.remat)
+    if self.scan_blocks and self.acm_blocks != "all":
+      raise ValueError(f"--scan_blocks=true needs every block alike, but --acm_blocks={self.acm_blocks!r} ACMizes "
+                       "some blocks only; use --acm_blocks=all or --scan_blocks=false")
     if self.init is not None and not Path(self.init).exists():
       raise FileNotFoundError(f"--init checkpoint {self.init!r} does not exist")
     return self
@@ -224,6 +237,16 @@ def bool_parser(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"{value!r} is not a boolean; expected one of {', '.join(BOOLEANS)}") from None
 
 
+def remat_parser(value: str) -> str:
+  """--remat: a policy name, or a boolean as the flag used to be (true = full, false = none)."""
+  if value.lower() in BOOLEANS:
+    return transformer.remat_policy(BOOLEANS[value.lower()])
+  if value not in transformer.REMAT_POLICIES:
+    raise argparse.ArgumentTypeError(f"{value!r} is not a remat policy; expected one of "
+                                     f"{', '.join(transformer.REMAT_POLICIES)} (or true / false)")
+  return value
+
+
 def choice_parser(choices: Sequence[str]):
   def parse(value: str) -> str:
     if value not in choices:
@@ -261,7 +284,9 @@ def add_flags(parser: argparse.ArgumentParser, config_cls: type = ExperimentConf
   for field in dataclasses.fields(config_cls):
     kind, optional = _field_kind(config_cls, field)
     allowed = (choices or {}).get(field.name) or field.metadata.get("choices")
-    if kind is bool:
+    if field.metadata.get("parse") is not None:
+      parse, metavar = field.metadata["parse"], "{" + ",".join(allowed) + "}" if allowed else "TEXT"
+    elif kind is bool:
       parse, metavar = bool_parser, "{true,false,yes,no,1,0}"
     elif allowed:
       parse, metavar = choice_parser(tuple(allowed)), "{" + ",".join(allowed) + "}"

@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from acm_jax import transformer
 from acm_jax.acmize import flatten
 from acm_jax.pytree import PyTree
 
@@ -215,6 +216,9 @@ def check_same_structure(found: PyTree, expected: PyTree, source: str) -> None:
   expected_flat = {k: np.shape(v) for k, v in flatten(expected).items()}
   missing = sorted(set(expected_flat) - set(found_flat))
   unexpected = sorted(set(found_flat) - set(expected_flat))
+  layout = transformer.layout_mismatch(found_flat, expected_flat) if missing or unexpected else None
+  if layout is not None:
+    raise ValueError(f"checkpoint {source} does not match the model: {layout}")
   if missing or unexpected:
     raise ValueError(f"checkpoint {source} does not match the model: missing {missing[:5]}"
                      f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"

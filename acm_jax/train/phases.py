@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -26,6 +27,7 @@ from acm_jax import acm as acm_lib
 from acm_jax import flops as flops_lib
 from acm_jax import losses
 from acm_jax import sharding as sharding_lib
+from acm_jax import transformer
 from acm_jax.train import loop, optim, steps
 from acm_jax.train.config import ExperimentConfig
 from acm_jax.pytree import PyTree
@@ -158,7 +160,10 @@ def dense_params(exp: Experiment) -> PyTree:
     expected = init_params(exp, "dense", 0)
     if exp.load_init is None:
       raise ValueError(f"--init={exp.config.init}: this task has no checkpoint reader (Experiment.load_init)")
-    return exp.load_init(exp.config.init, expected)
+    if not transformer.is_stacked(expected):
+      return exp.load_init(exp.config.init, expected)
+    # the readers know the unrolled block_{i} names of every published checkpoint
+    return transformer.stack_blocks(exp.load_init(exp.config.init, transformer.unstack_blocks(expected)))
   return load_phase_params(exp, "pretrain", "dense")
 
 
@@ -169,12 +174,20 @@ def pretrain(exp: Experiment) -> PyTree:
   return train(exp, "pretrain", params, tx, step)
 
 
+def _owners(paths: list[str], key: str) -> list[str]:
+  """The ACM paths that a flat parameter key can lie under; the key of a scanned model
+  ("blocks/mlp/w1") stands for every layer's ACM ("block_{i}/mlp")."""
+  if key.startswith(transformer.STACKED + "/"):
+    paths = {re.sub(r"^block_\d+/", transformer.STACKED + "/", p) for p in paths}
+  return [p for p in paths if key.startswith(p + "/")]
+
+
 def is_learner(paths: list[str], key: str) -> bool:
-  return any(key.startswith(p + "/") and "/gate/" not in key[len(p):] for p in paths)
+  return any("/gate/" not in key[len(p):] for p in _owners(paths, key))
 
 
 def is_gate(paths: list[str], key: str) -> bool:
-  return any(key.startswith(p + "/gate/") for p in paths)
+  return any(key.startswith(p + "/gate/") for p in _owners(paths, key))
 
 
 def distill(exp: Experiment) -> PyTree:
@@ -315,11 +328,12 @@ def _per_acm_on_test(exp: Experiment, teacher: PyTree, params: PyTree, fn, max_b
   @jax.jit
   def per_batch(batch):
     records = steps.teacher_records(exp.task, teacher, batch)
+    learners = transformer.unstack_blocks(params)
     real = steps.real_tokens(exp.task, batch)
     out = {}
     for spec in exp.task.acm_specs:
       x, y = records[spec.path]
-      prefix = acm_lib.prefix_outputs(steps.learner_params(params, spec.path), x,
+      prefix = acm_lib.prefix_outputs(steps.learner_params(learners, spec.path), x,
                                       num_learners=spec.num_learners, activation=spec.activation)
       out[spec.path] = fn(spec, prefix, y, jnp.ones(y.shape[:2]) if real is None else real)
     return out

@@ -18,6 +18,7 @@ import optax
 
 from acm_jax import acm as acm_lib
 from acm_jax import losses
+from acm_jax.transformer import unstack_blocks
 from acm_jax.acmize import flatten, subtree
 from acm_jax.pytree import PyTree
 
@@ -79,15 +80,18 @@ def apply_update(tx: optax.GradientTransformation, state: PyTree, grads: PyTree)
 def teacher_records(task: Task, teacher_params: PyTree, batch: dict) -> dict[str, tuple]:
   """Input and output of every replaceable dense block, {path: (x, y)}."""
   _, state = task.dense_model.apply({"params": teacher_params}, task.inputs(batch), mutable=["record"])
-  return {key[: -len("/io")]: value for key, value in flatten(state["record"]).items()}
+  return {key[: -len("/io")]: value for key, value in flatten(unstack_blocks(state["record"])).items()}
 
 
 def acm_choices(task: Task, acm_state: PyTree) -> list[jax.Array]:
-  flat = flatten(acm_state["acm"])
+  """Each ACM's sown one-hot choices, in `task.paths` order (a scanned model's per layer)."""
+  flat = flatten(unstack_blocks(acm_state["acm"]))
   return [flat[f"{path}/choice"][0] for path in task.paths]
 
 
 def learner_params(params: PyTree, path: str) -> dict[str, jax.Array]:
+  """The learners of the ACM at `path` (e.g. "block_3/mlp"); params of a scanned model
+  must be unstacked first (`transformer.unstack_blocks`, once per step)."""
   sub = subtree(params, path)
   return {name: sub[name] for name in ("w1", "b1", "w2", "b2") if name in sub}
 
@@ -116,6 +120,7 @@ def distill_step(task: Task, tx: optax.GradientTransformation, grad_mode: str,
   mask = real_tokens(task, batch)
 
   def loss_fn(params):
+    params = unstack_blocks(params)
     per_module = []
     for spec in task.acm_specs:
       x, y = records[spec.path]
@@ -133,7 +138,7 @@ def gate_step(task: Task, tx: optax.GradientTransformation, factor: float, label
   """Gates learn the artificial labels computed with the frozen learners."""
   records = teacher_records(task, teacher_params, batch)
   mask = real_tokens(task, batch)
-  frozen = jax.lax.stop_gradient(state["params"])
+  frozen = unstack_blocks(jax.lax.stop_gradient(state["params"]))
   targets = {}
   for spec in task.acm_specs:
     x, y = records[spec.path]
@@ -143,6 +148,7 @@ def gate_step(task: Task, tx: optax.GradientTransformation, factor: float, label
     targets[spec.path] = jnp.maximum(labels, spec.min_choice)
 
   def loss_fn(params):
+    params = unstack_blocks(params)
     per_module, accuracy = [], []
     for spec in task.acm_specs:
       logits = gate_logits(spec, params, records[spec.path][0])

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from acm_jax import transformer
+from acm_jax.acmize import flatten, unflatten
 from acm_jax.checkpoint_io import (CheckpointError, read_json, read_npz, read_orbax, read_safetensors,  # noqa: F401
                                   read_torch)
 
@@ -171,7 +173,7 @@ def naming_of(names: list[str]) -> str | None:
     return "timm"
   if any(re.match(r"(?:params/)?(?:img/)?Transformer/encoderblock_\d+/", n) for n in names):
     return "augreg"
-  if "embedding/kernel" in names and any(n.startswith("block_") for n in names):
+  if "embedding/kernel" in names and any(n.startswith(("block_", "blocks/")) for n in names):
     return "ours"
   return None
 
@@ -245,6 +247,8 @@ def read(path: str | Path) -> Converted:
 
 
 def _ours(weights: Path, container: str, raw: dict, config: dict | None) -> Converted:
+  if any(k.startswith(transformer.STACKED + "/") for k in raw):  # a scanned model's: to the unrolled names
+    raw = {k: np.asarray(v) for k, v in flatten(transformer.unstack_blocks(unflatten(raw))).items()}
   origin = {k: k for k in raw}
   if container == "orbax":
     # a run directory's config.json names the preset the params were trained with

@@ -5,6 +5,8 @@ Parameter names (used by `acmize`, the checkpoint loaders and sharding rules):
   cls, pos_embedding           (1, 1, dim), (1, 1 + num_patches, dim)
   block_{i}/ln1, attn/{query,key,value,out}, ln2, mlp/{fc1,fc2} or mlp/{w1,b1,w2,b2,gate}
   norm, head
+With scan_blocks=True the blocks are one scanned module: blocks/... with a leading
+layer axis on every leaf (see `transformer.stack_blocks`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ class ViTConfig:
   layer_norm_eps: float = 1e-6
   activation: str = "gelu"
   acm: acm_lib.ACMConfig | None = None
-  remat: bool = False  # recompute each encoder block in the backward pass instead of storing activations
+  # what each encoder block stores for the backward pass: one of transformer.REMAT_POLICIES
+  # ("none", "full", "dots", "dots_no_batch"); True / False mean "full" / "none"
+  remat: bool | str = False
+  scan_blocks: bool = False  # one scanned block with stacked parameters (every block must be alike)
   attention: str = "auto"  # "xla", "cudnn" (fused, GPU, bf16/f16) or "auto" (cudnn where it applies)
 
   @property
@@ -49,9 +54,11 @@ class ViTConfig:
       raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
     acm_lib.get_activation(self.activation)
     transformer.check_attention_impl(self.attention)
+    transformer.remat_policy(self.remat)
     if self.acm is not None:
       self.acm.mlp_learner_width(self.mlp_dim)
       self.acm.block_indices(self.depth)
+    transformer.check_scannable(self.depth, self.acm, self.scan_blocks)
     return self
 
   def acm_paths(self) -> list[str]:
@@ -76,17 +83,6 @@ def get_config(preset: str, **overrides) -> ViTConfig:
   return dataclasses.replace(PRESETS[preset], **overrides).validate()
 
 
-class _PositionalBlock(transformer.EncoderBlock):
-  """The encoder block with positional ACM arguments: nn.remat can then hold the
-  string `mode` and the int `fixed_k` static. Same parameters as EncoderBlock."""
-
-  def __call__(self, x, mode, fixed_k, temperature, cost_shift):
-    return super().__call__(x, None, mode=mode, fixed_k=fixed_k, temperature=temperature, cost_shift=cost_shift)
-
-
-_RematBlock = nn.remat(_PositionalBlock, static_argnums=(2, 3))  # argument 0 is the module itself
-
-
 class ViT(nn.Module):
   """images (batch, H, W, 3) -> logits (batch, num_classes).
 
@@ -108,14 +104,10 @@ class ViT(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.dim)), x], axis=1)
     pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, cfg.num_tokens, cfg.dim))
     x = x + pos.astype(x.dtype)
-    acm_blocks = set(cfg.acm.block_indices(cfg.depth)) if cfg.acm is not None else set()
-    for i in range(cfg.depth):
-      block = (_RematBlock if cfg.remat else transformer.EncoderBlock)(
-          cfg.num_heads, cfg.mlp_dim, cfg.activation, cfg.layer_norm_eps, pre_norm=True,
-          acm=cfg.acm if i in acm_blocks else None, attention=cfg.attention, name=f"block_{i}")
-      if cfg.remat:
-        x = block(x, mode, fixed_k, temperature, cost_shift)
-      else:
-        x = block(x, None, mode=mode, fixed_k=fixed_k, temperature=temperature, cost_shift=cost_shift)
+    block = dict(num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, activation=cfg.activation,
+                 layer_norm_eps=cfg.layer_norm_eps, pre_norm=True, attention=cfg.attention)
+    x = transformer.encoder_blocks(self, x, None, depth=cfg.depth, block=block, acm=cfg.acm, scan=cfg.scan_blocks,
+                                   remat=cfg.remat, mode=mode, fixed_k=fixed_k, temperature=temperature,
+                                   cost_shift=cost_shift)
     x = nn.LayerNorm(cfg.layer_norm_eps, name="norm", dtype=x.dtype)(x)
     return nn.Dense(cfg.num_classes, name="head", dtype=x.dtype)(x[:, 0])

@@ -19,6 +19,8 @@ Parameter names (used by `acmize`, the Hugging Face import and sharding rules):
   encoder_norm                                          see the layouts above
   block_{i}/ln1, attn/{query,key,value,out}, ln2, mlp/{fc1,fc2} or mlp/{w1,b1,w2,b2,gate}
   head                                                  CTC head, vocab_size outputs (blank = 0)
+With scan_blocks=True the blocks are one scanned module: blocks/... with a leading
+layer axis on every leaf (see `transformer.stack_blocks`).
 
 Padded batches: `lengths` (batch,) gives each utterance's number of samples;
 padded frames are zeroed before the encoder and masked out of attention. The
@@ -61,6 +63,8 @@ class Wav2Vec2Config:
   activation: str = "gelu"
   sample_rate: int = 16000
   acm: acm_lib.ACMConfig | None = None
+  remat: bool | str = False  # one of transformer.REMAT_POLICIES, see ViTConfig
+  scan_blocks: bool = False  # one scanned block with stacked parameters (every block must be alike)
 
   @property
   def receptive_field(self) -> int:
@@ -96,9 +100,11 @@ class Wav2Vec2Config:
     if self.vocab_size < 2:
       raise ValueError(f"vocab_size must be >= 2 (blank and one symbol), got {self.vocab_size}")
     acm_lib.get_activation(self.activation)
+    transformer.remat_policy(self.remat)
     if self.acm is not None:
       self.acm.mlp_learner_width(self.mlp_dim)
       self.acm.block_indices(self.depth)
+    transformer.check_scannable(self.depth, self.acm, self.scan_blocks)
     return self
 
   def acm_paths(self) -> list[str]:
@@ -178,12 +184,11 @@ class Wav2Vec2(nn.Module):
     encoder_norm = nn.LayerNorm(cfg.layer_norm_eps, name="encoder_norm", dtype=x.dtype)
     if not cfg.stable_layer_norm:
       x = encoder_norm(x)
-    acm_blocks = set(cfg.acm.block_indices(cfg.depth)) if cfg.acm is not None else set()
-    for i in range(cfg.depth):
-      block = transformer.EncoderBlock(
-          cfg.num_heads, cfg.mlp_dim, cfg.activation, cfg.layer_norm_eps, pre_norm=cfg.stable_layer_norm,
-          acm=cfg.acm if i in acm_blocks else None, name=f"block_{i}")
-      x = block(x, mask, mode=mode, fixed_k=fixed_k, temperature=temperature, cost_shift=cost_shift)
+    block = dict(num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, activation=cfg.activation,
+                 layer_norm_eps=cfg.layer_norm_eps, pre_norm=cfg.stable_layer_norm)
+    x = transformer.encoder_blocks(self, x, mask, depth=cfg.depth, block=block, acm=cfg.acm, scan=cfg.scan_blocks,
+                                   remat=cfg.remat, mode=mode, fixed_k=fixed_k, temperature=temperature,
+                                   cost_shift=cost_shift)
     if cfg.stable_layer_norm:
       x = encoder_norm(x)
     return nn.Dense(cfg.vocab_size, name="head", dtype=x.dtype)(x)

@@ -152,7 +152,8 @@ def build_speech(config: SpeechConfig) -> phases.Experiment:
   """Validates config, checkpoint and data before any work starts."""
   config.validate()
   vocab = ctc.Vocabulary.for_language(config.language)
-  dense = _model_config(config, vocab.size)
+  dense = dataclasses.replace(_model_config(config, vocab.size), remat=config.remat,
+                              scan_blocks=config.scan_blocks).validate()
   acm = acm_lib.ACMConfig(
       num_learners=config.num_learners, learner_width=config.learner_width, width_factor=config.width_factor,
       blocks=config.block_tuple(), attention=config.acm_attention, activation=dense.activation,

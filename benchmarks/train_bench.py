@@ -1,0 +1,208 @@
+"""Training-step cost of every phase, dense and ACM, unrolled and scanned blocks (issue #22).
+
+    python3 -m benchmarks.train_bench                                  # one H200, defaults below
+    python3 -m benchmarks.train_bench --acm=mlp,mlp_qkvo --phases=distill,gates --batches=64
+    python3 -m benchmarks.train_bench --model=tiny --steps=2 --out=/tmp/train.json   # CPU smoke run
+
+For each batch and block layout the dense ViT's supervised step ("pretrain") is measured
+first: it is the yardstick of `ratio_to_dense_step`. Then, for each ACMized configuration
+(mlp: every MLP; mlp_qkvo: every MLP and q/k/v/o projection; N=4, gates of 3 layers of
+width 16), each requested ACM phase's step (distill, gates, finetune, static). Per step:
+  init_s      host-side parameter initialisation (`phases.init_params`; ACM phases also acmize
+              from the dense params, as the distill phase does)
+  compile_s   lowering + compilation of the sharded, donated step (one device)
+  step_ms     median of --steps timed steps after 2 warm-up steps, state threaded through
+  peak_bytes  the compiled program's own footprint: arguments + temps + outputs - aliased
+Random device-resident batches; input loading is not measured. Records are appended to
+benchmarks/results/train_<gpu>.json (or --out). The defaults fit one 10-minute call on an
+H200; the whole matrix (both ACM configurations, every phase) takes several calls, each
+appending its records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from acm_jax import acmize as acmize_lib
+from acm_jax import transformer
+from acm_jax.train import phases, steps
+from acm_jax.train.config import ExperimentConfig
+from acm_jax.vit import task as vit_task
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ACM_PHASES = ("distill", "gates", "finetune", "static")
+ACM_KINDS = ("mlp", "mlp_qkvo")
+LAYOUTS = ("unrolled", "scanned")
+
+
+def experiment(model: str, acm: str, batch: int, scanned: bool, remat: str, dtype: str) -> phases.Experiment:
+  """The ViT experiment on one device; vit presets at 224 px and 1000 classes, tiny at its 32 px."""
+  sizes = {} if model == "tiny" else {"image_size": 224, "num_classes": 1000}
+  cfg = ExperimentConfig(model=model, dataset="synthetic", batch_size=batch, eval_batch_size=batch, remat=remat,
+                         dtype=dtype, acm_attention=acm == "mlp_qkvo", gate_depth=3, gate_hidden=16,
+                         scan_blocks=scanned, **sizes)
+  exp = vit_task.build(cfg)
+  return dataclasses.replace(exp, partitioner=type(exp.partitioner).from_flags("data:1", "dp", jax.devices()[:1]))
+
+
+def phase_step(exp: phases.Experiment, phase: str, params, teacher):
+  """(tx, step_fn(state, batch) or step_fn(teacher, state, batch)) as the phases build them."""
+  paths, cfg = exp.task.paths, exp.config
+  if phase == "pretrain":
+    tx = phases.optimizer(exp, phase, params)
+    return tx, functools.partial(steps.pretrain_step, exp.task, tx, 0.0)
+  if phase == "distill":
+    tx = phases.optimizer(exp, phase, params, functools.partial(phases.is_learner, paths))
+    return tx, functools.partial(steps.distill_step, exp.task, tx, cfg.grad_mode)
+  if phase == "gates":
+    tx = phases.optimizer(exp, phase, params, functools.partial(phases.is_gate, paths))
+    return tx, functools.partial(steps.gate_step, exp.task, tx, cfg.gating_error_factor, cfg.label_rule)
+  if phase == "finetune":
+    tx = phases.optimizer(exp, phase, params, fast=functools.partial(phases.is_gate, paths),
+                          fast_lr_scale=cfg.finetune_gate_lr_scale)
+    weights = steps.FinetuneWeights(cfg.budget, cfg.budget_loss, cfg.budget_weight, cfg.entropy_weight,
+                                    cfg.diversity_weight, cfg.gate_temperature, cfg.label_smoothing)
+    return tx, functools.partial(steps.finetune_step, exp.task, tx, weights)
+  tx = phases.optimizer(exp, phase, params, lambda key: not phases.is_gate(paths, key))
+  return tx, functools.partial(steps.static_step, exp.task, tx, cfg.resolved_static_k, cfg.label_smoothing)
+
+
+def random_batch(exp: phases.Experiment, batch: int) -> dict:
+  rng = np.random.default_rng(0)
+  size = exp.info.image_size
+  host = {"image": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
+          "label": rng.integers(0, exp.info.num_classes, batch).astype(np.int32)}
+  return exp.partitioner.shard_batch(host, batch)
+
+
+def measure(exp: phases.Experiment, phase: str, dense_params, steps_timed: int) -> dict:
+  """One phase's step: init, compile and step times and the compiled footprint."""
+  tic = time.perf_counter()
+  if phase == "pretrain":
+    params, teacher = dense_params, None
+  else:
+    params = acmize_lib.acmize(dense_params, phases.init_params(exp, "acm", 0), exp.task.paths,
+                               num_learners=exp.config.num_learners)
+    teacher = dense_params if phase in ("distill", "gates") else None
+  jax.block_until_ready(params)
+  init_s = time.perf_counter() - tic
+  tx, step_fn = phase_step(exp, phase, params, teacher)
+  state, step, _ = phases.prepare(exp, phase, params, tx, step_fn, teacher)
+  batch = random_batch(exp, exp.config.batch_size)
+  tic = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - tic
+  frozen = () if teacher is None else (exp.partitioner.put(teacher),)
+  run = lambda s: compiled(s, batch, *frozen)
+  for _ in range(2):
+    state, metrics = run(state)
+  jax.block_until_ready((state, metrics))
+  times = []
+  for _ in range(steps_timed):
+    tic = time.perf_counter()
+    state, metrics = run(state)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - tic)
+  stats = compiled.memory_analysis()
+  peak = None if stats is None else int(stats.argument_size_in_bytes + stats.temp_size_in_bytes
+                                        + stats.output_size_in_bytes - stats.alias_size_in_bytes)
+  step_s = float(np.median(times))
+  return {"init_s": round(init_s, 2), "compile_s": round(compile_s, 2), "step_ms": step_s * 1e3,
+          "images_per_s": exp.config.batch_size / step_s, "peak_bytes": peak}
+
+
+def run(args) -> list[dict]:
+  device = jax.devices()[0]
+  records = []
+  base = {"device": device.device_kind, "date": datetime.date.today().isoformat(), "jax_version": jax.__version__,
+          "model": args.model, "remat": args.remat}
+  for batch in args.batches:
+    for layout in args.layouts:
+      scanned = layout == "scanned"
+      exp = experiment(args.model, "none", batch, scanned, args.remat, args.dtype)
+      tic = time.perf_counter()
+      dense_params = phases.init_params(exp, "dense", 0)
+      jax.block_until_ready(dense_params)
+      dense_init_s = time.perf_counter() - tic
+      dense = {**measure(exp, "pretrain", dense_params, args.steps), "init_s": round(dense_init_s, 2)}
+      dense_step = dense["step_ms"]
+      todo = [("none", "pretrain")] * ("pretrain" in args.phases) + [
+          (acm, phase) for acm in args.acm for phase in args.phases if phase != "pretrain"]
+      for acm, phase in todo:
+        if phase == "pretrain":
+          result = dense
+        else:
+          acm_exp = experiment(args.model, acm, batch, scanned, args.remat, args.dtype)
+          result = measure(acm_exp, phase, dense_params, args.steps)
+        record = {**base, "acm": acm, "phase": phase, "batch": batch, "scanned": scanned, **result,
+                  "ratio_to_dense_step": result["step_ms"] / dense_step}
+        records.append(record)
+        print(json.dumps(record), flush=True)
+  return records
+
+
+def append(path: Path, records: list[dict]) -> None:
+  old = json.loads(path.read_text()) if path.exists() else []
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(old + records, indent=1) + "\n")
+  print(f"appended {len(records)} records to {path}")
+
+
+def _slug(kind: str) -> str:
+  return "".join(c if c.isalnum() else "_" for c in kind.lower()).strip("_")
+
+
+def _list(allowed):
+  def parse(text: str) -> list[str]:
+    items = [s for s in text.split(",") if s]
+    bad = [s for s in items if s not in allowed]
+    if bad or not items:
+      raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated subset of {', '.join(allowed)}")
+    return items
+  return parse
+
+
+def _batches(text: str) -> list[int]:
+  try:
+    values = [int(s) for s in text.split(",")]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated positive integers") from None
+  if min(values) < 1:
+    raise argparse.ArgumentTypeError(f"{text!r}: batches must be >= 1")
+  return values
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="vit_b16", choices=("tiny", "vit_s16", "vit_b16", "vit_l16"))
+  parser.add_argument("--acm", type=_list(ACM_KINDS), default=["mlp_qkvo"], help="ACM configurations: mlp, mlp_qkvo")
+  parser.add_argument("--phases", type=_list(("pretrain", *ACM_PHASES)), default=["pretrain", "finetune"],
+                      help="pretrain (dense), distill, gates, finetune, static")
+  parser.add_argument("--batches", type=_batches, default=[64, 256])
+  parser.add_argument("--layouts", type=_list(LAYOUTS), default=list(LAYOUTS), help="unrolled, scanned")
+  parser.add_argument("--remat", default="none", choices=transformer.REMAT_POLICIES)
+  parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+  parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration (median)")
+  parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/train_<gpu>.json")
+  args = parser.parse_args(argv)
+  if args.steps < 1:
+    parser.error(f"--steps must be >= 1, got {args.steps}")
+  if args.model != "tiny" and jax.default_backend() != "gpu":
+    print(f"warning: {args.model} on {jax.default_backend()}: this benchmark is meant for one GPU", file=sys.stderr)
+  out = args.out or RESULTS / f"train_{_slug(jax.devices()[0].device_kind)}.json"
+  append(out, run(args))
+
+
+if __name__ == "__main__":
+  main()
