@@ -143,40 +143,6 @@ def test_projections_become_acms_too(vit):
   np.testing.assert_allclose(full, model.apply(variables, images), rtol=1e-4, atol=1e-4)
 
 
-def test_library_steps_train_a_foreign_model(vit):
-  import functools
-
-  from acm_jax import losses
-  model, variables, images = vit
-  labels = jnp.arange(3) % 5
-  blocks = any_flax.find_blocks(model, variables, images, patterns=["Transformer/*/MlpBlock_0"])
-  acm_model = any_flax.ACMized(model, blocks, num_learners=4, gate_hidden=8)
-  task = steps.Task(
-      dense_model=acm_model.dense(), acm_model=acm_model, acm_specs=acm_model.specs(), inputs=lambda b: b["image"],
-      loss=lambda logits, b, ls: losses.classification_loss(logits, b["label"], ls),
-      score=lambda logits, b: {"examples": jnp.float32(len(b["label"])),
-                               "top1": jnp.sum(jnp.argmax(logits, -1) == b["label"])})
-  batch = {"image": images, "label": labels}
-  teacher = variables["params"]
-  params = acm_model.acmize(teacher, jax.random.key(4), init="random")
-  tx = optax.adam(3e-3)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": jax.random.key(5)}
-  distill = jax.jit(functools.partial(steps.distill_step, task, tx, "detach", teacher))
-  first = None
-  for _ in range(30):
-    state, metrics = distill(state, batch)
-    first = metrics["loss"] if first is None else first
-  assert metrics["loss"] < 0.5 * first
-  state, metrics = jax.jit(functools.partial(steps.gate_step, task, tx, 1.2, "ours", teacher))(state, batch)
-  assert 0 <= metrics["label_accuracy"] <= 1
-  weights = steps.FinetuneWeights(budget=0.5)
-  before = state["params"]
-  state, metrics = jax.jit(functools.partial(steps.finetune_step, task, tx, weights))(state, batch)
-  assert np.isfinite(metrics["loss"]) and 0 <= metrics["compute"] <= 1
-  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), before, state["params"])
-  assert _at(moved, "Transformer/encoderblock_0/MlpBlock_0")["gate"]["out"]["kernel"] > 0
-
-
 def test_bad_patterns_list_the_candidates(vit):
   model, variables, images = vit
   with pytest.raises(ValueError, match=re.escape("matches no module")) as e:
@@ -275,6 +241,7 @@ def _python_blocks(path: Path) -> str:
 
 
 def test_docs_library_runs_as_written():
+  """Also the Linen case of "the library's steps train a foreign model": distill, gates, finetune."""
   namespace = {}
   exec(compile(_python_blocks(ROOT / "docs" / "library.md"), "docs/library.md", "exec"), namespace)
   assert [b.path for b in namespace["blocks"]] == ["mlp_0", "mlp_1"]
