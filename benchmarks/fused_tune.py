@@ -18,25 +18,20 @@ import itertools
 import json
 import math
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import vit_bench
 from pallas_kernels import acm_fused as af
 
 TOKENS = (197, 1576, 6304, 50432)
 
 
-def timed(fn, *args, reps=40):
-  jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    samples.append(time.perf_counter() - t0)
-  return float(np.median(samples)) * 1e3
+def timed_ms(fn, *args):
+  """Median ms of 40 single calls, dispatch included (as `vit_bench.timed`)."""
+  return vit_bench.timed(fn, *args, reps=40) * 1e3
 
 
 def inputs(tokens, kind, rng):
@@ -88,14 +83,14 @@ def main(argv=None):
     for kind in ("mlp", "proj"):
       x, groups, dense = inputs(tokens, kind, rng)
       act, min_choice = ("gelu", 0) if kind == "mlp" else ("identity", 1)
-      dense_ms = timed(dense_fn(kind), x, dense)
+      dense_ms = timed_ms(dense_fn(kind), x, dense)
       default = jax.jit(lambda x, g: af.acm_group(x, g, num_learners=4, activation=act, min_choice=min_choice)[0])
-      default_ms = timed(default, x, groups)
+      default_ms = timed_ms(default, x, groups)
       best = (default_ms, None)
       for cand in candidates(tokens, kind):
         fn = jax.jit(lambda x, g, c=cand: af.acm_group(x, g, num_learners=4, activation=act, min_choice=min_choice, **c)[0])
         try:
-          ms = timed(fn, x, groups)
+          ms = timed_ms(fn, x, groups)
         except Exception as err:
           print(f"T={tokens} {kind} {cand}: FAILED {type(err).__name__}: {str(err)[:200]}", flush=True)
           continue
