@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from acm_jax import acm as acm_lib
+from acm_jax import flops as flops_lib
 from acm_jax import losses
 from acm_jax.transformer import unstack_blocks
 from acm_jax.acmize import flatten, subtree
@@ -33,6 +34,18 @@ class ACMSpec:
   num_learners: int
   gate_depth: int
   gate_hidden: int
+
+
+def acm_specs(model_config) -> list[ACMSpec]:
+  """One spec per ACM of a transformer config (ViT or Wav2Vec2): MLP ACMs use the model's
+  activation and may skip (min choice 0); attention projections are identity and never skip."""
+  acm = model_config.acm
+  specs = []
+  for path, cost in zip(model_config.acm_paths(), flops_lib.learner_costs(model_config)):
+    is_mlp = path.endswith("/mlp")
+    specs.append(ACMSpec(path, model_config.activation if is_mlp else "identity", 0 if is_mlp else 1,
+                         cost, acm.num_learners, acm.gate_depth, acm.gate_hidden))
+  return specs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 
 from acm_jax import acm as acm_lib
 from acm_jax import data as data_lib
-from acm_jax import flops as flops_lib
 from acm_jax import losses, registry
 from acm_jax import sharding as sharding_lib
 from acm_jax.train import steps
@@ -39,12 +38,7 @@ def _object_groups(patch_size: int, batch: dict) -> dict[str, jax.Array]:
 
 
 def vision_task(dense_config: vit.ViTConfig, acm_config: vit.ViTConfig, dtype) -> steps.Task:
-  acm = acm_config.acm
-  specs = []
-  for path, cost in zip(acm_config.acm_paths(), flops_lib.learner_costs(acm_config)):
-    is_mlp = path.endswith("/mlp")
-    specs.append(steps.ACMSpec(path, acm_config.activation if is_mlp else "identity", 0 if is_mlp else 1,
-                               cost, acm.num_learners, acm.gate_depth, acm.gate_hidden))
+  specs = steps.acm_specs(acm_config)
 
   def score(logits, batch):
     valid = batch.get("valid", jnp.ones(logits.shape[0], bool)).astype(jnp.float32)

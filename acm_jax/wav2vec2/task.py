@@ -16,7 +16,6 @@ import numpy as np
 
 from acm_jax import acm as acm_lib
 from acm_jax import registry
-from acm_jax import flops as flops_lib
 from acm_jax.wav2vec2 import data as speech_data, synth as speech_synth
 from acm_jax.wav2vec2 import model as wav2vec2
 from acm_jax.wav2vec2 import ctc
@@ -96,12 +95,7 @@ def _model_config(config: SpeechConfig, vocab_size: int) -> wav2vec2.Wav2Vec2Con
 
 
 def speech_task(dense: wav2vec2.Wav2Vec2Config, acm_config: wav2vec2.Wav2Vec2Config, dtype) -> steps.Task:
-  acm = acm_config.acm
-  specs = []
-  for path, cost in zip(acm_config.acm_paths(), flops_lib.learner_costs(acm_config)):
-    is_mlp = path.endswith("/mlp")
-    specs.append(steps.ACMSpec(path, acm_config.activation if is_mlp else "identity", 0 if is_mlp else 1,
-                               cost, acm.num_learners, acm.gate_depth, acm.gate_hidden))
+  specs = steps.acm_specs(acm_config)
 
   def per_utterance(logits, batch):
     frames = wav2vec2.frame_lengths(dense, batch["audio_length"])
