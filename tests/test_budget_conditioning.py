@@ -12,9 +12,10 @@ import optax
 import pytest
 
 from acm_jax import acm
-from acm_jax.acmize import flatten
+from acm_jax.acmize import flatten, unflatten
 from acm_jax.train import config as config_lib
 from acm_jax.train import phases, steps
+from acm_jax.vit import model as vit
 from acm_jax.vit import task as vit_task
 from acm_jax.vit.baselines import calibration
 from experiments import compare
@@ -170,3 +171,29 @@ def test_bad_input_stops_before_work(tmp_path, capsys, flags, message):
   assert compare.main([f"--workdir={tmp_path}", *TINY, *flags]) == 2
   assert message in capsys.readouterr().err
   assert not any(p.name == "checkpoints" for p in tmp_path.rglob("*"))
+
+
+def test_fused_path_reads_the_budget_like_the_xla_path():
+  """The fused kernels take each gate folded at the budget (`linear_gate_at_budget`); the XLA
+  path applies the FiLM layer: same choices, same logits (q/k/v grouped, MLP alone)."""
+  cfg = vit.get_config("tiny", depth=2, acm=acm.ACMConfig(num_learners=4, attention=True, impl="pallas",
+                                                           budget_conditioning=True))
+  images = jax.random.normal(jax.random.key(13), (2, 32, 32, 3))
+  model = vit.ViT(cfg)
+  flat = flatten(model.init(jax.random.key(14), images[:1])["params"])
+  rng = np.random.default_rng(15)
+  for name, value in flat.items():  # gates that spread over k, and a FiLM layer that matters
+    if name.endswith("gate/out/kernel") or acm.BUDGET_FILM in name:
+      flat[name] = jnp.asarray(rng.normal(size=value.shape) * 2 / np.sqrt(cfg.dim), jnp.float32)
+  params = unflatten(flat)
+  xla = vit.ViT(dataclasses.replace(cfg, acm=dataclasses.replace(cfg.acm, impl="xla")))
+  for budget in (0.2, 0.8):
+    with acm.with_budget(budget):
+      logits, state = model.apply({"params": params}, images, mutable=["acm"])
+      ref, ref_state = xla.apply({"params": params}, images, mutable=["acm"])
+    choices, ref_choices = flatten(state["acm"]), flatten(ref_state["acm"])
+    names = [n for n in choices if n.endswith("/choice")]
+    assert len(names) == 2 * 5
+    for name in names:
+      np.testing.assert_array_equal(np.argmax(choices[name][0], -1), np.argmax(ref_choices[name][0], -1))
+    np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
