@@ -18,7 +18,7 @@ from acm_jax.train import phases, steps
 from acm_jax.vit import model as vit
 from acm_jax.vit import task as vit_task
 from acm_jax.vit.baselines import calibration
-from experiments import compare
+from experiments import compare, vit_imagenet
 
 N, H, D = 4, 8, 16
 
@@ -197,3 +197,18 @@ def test_fused_path_reads_the_budget_like_the_xla_path():
     for name in names:
       np.testing.assert_array_equal(np.argmax(choices[name][0], -1), np.argmax(ref_choices[name][0], -1))
     np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_all_phases_with_conditioning(tmp_path, capsys):
+  """The single-model driver: distill and gates stay plain (shared with plain finetunings), the
+  conditioned finetuning evaluates at --budget, the static baseline has no FiLM layer to read."""
+  flags = ["--model=tiny", "--batch_size=16", "--eval_batch_size=32", "--eval_examples=64", "--pretrain_steps=3",
+           "--distill_steps=2", "--gates_steps=2", "--finetune_steps=2", "--log_every=1", "--checkpoint_every=100",
+           "--gate_hidden=8", "--budget_conditioning=true", "--budget=0.3"]
+  assert vit_imagenet.main([f"--workdir={tmp_path}", "--phase=all", *flags]) == 0
+  exp = vit_task.build(config_lib.load(tmp_path / "finetune_any_b0.125-0.875" / "config.json"))
+  assert not any(acm.BUDGET_FILM in k for k in flatten(phases.load_phase_params(exp, "gates")))
+  assert sum(acm.BUDGET_FILM in k for k in flatten(phases.load_phase_params(exp, "finetune"))) == 8
+  record = json.loads((tmp_path / "finetune_any_b0.125-0.875" / "eval.json").read_text())
+  assert record["model"] == "acm_b0.30" and 0 <= record["compute_fraction"] <= 1
+  assert (tmp_path / "static_k2" / "eval.json").exists()

@@ -305,11 +305,12 @@ def evaluate(exp: Experiment, params: PyTree, model: str, mode: str, fixed_k: in
              budget: float | None = None) -> dict:
   """Top-1, GFLOPs/image, mean k and share of each k per ACM on the test split.
   `forced_k(batch)` -> per-token k overrides the gates (see `steps.eval_step`). `budget`: the
-  target of budget-conditioned gates (default: --budget when the config conditions them)."""
+  target of budget-conditioned gates (default: --budget for params that have them, e.g. not
+  the static baseline's under a conditioned config)."""
+  if budget is None and exp.config.budget_conditioning and any(map(_is_film, flatten(params))):
+    budget = exp.config.budget
   parts = exp.partitioner
   params = parts.put(params)
-  if budget is None and exp.config.budget_conditioning:
-    budget = exp.config.budget
   step = _eval_step(exp, mode, fixed_k, cost_shift, forced_k, parts.shardings(params),
                     None if budget is None else float(budget))
   totals, host = None, []
