@@ -322,6 +322,13 @@ def unstack_blocks(tree: Any) -> Any:
   return out
 
 
+def block_params(tree: Mapping, index: int) -> Any:
+  """Block `index`'s subtree (EncoderBlock's names) of a tree in either layout."""
+  if is_stacked(tree):
+    return jax.tree.map(lambda a: a[index], tree[STACKED])
+  return tree[f"block_{index}"]
+
+
 def stack_blocks(tree: Mapping) -> dict:
   """The inverse of `unstack_blocks`: `block_0` .. `block_{n-1}` -> one `blocks` entry whose leaves
   gain a leading layer axis. Every block must have the same names and shapes (a model whose
