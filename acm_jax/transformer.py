@@ -257,8 +257,14 @@ class _Block(EncoderBlock):
 
 
 class _ScanBlock(_Block):
+  num_layers: int = 0
+
   def __call__(self, x, layer, *args):
-    return _batch_sharded(super().__call__(_batch_sharded(x), layer, *args)), None
+    # force_k's per-layer maps use the unrolled paths: tell the ACMs which layer this trace is
+    parent = self.scope.path[:-1]
+    layer_paths = ["/".join((*parent, f"block_{i}")) for i in range(self.num_layers)]
+    with acm_lib.scanned_layer("/".join(self.scope.path), layer, layer_paths):
+      return _batch_sharded(super().__call__(_batch_sharded(x), layer, *args)), None
 
 
 def _batch_sharded(x: jax.Array) -> jax.Array:
@@ -290,7 +296,7 @@ def encoder_blocks(module: nn.Module, x: jax.Array, mask: jax.Array | None, *, d
                                                        prevent_cse=False)
     stack = nn.scan(body, variable_axes={"params": 0, "acm": 0, "record": 0, "intermediates": 0},
                     split_rngs={"params": True}, in_axes=(0, *[nn.broadcast] * len(args)), length=depth)
-    x, _ = stack(**fields, acm=acm, name=STACKED)(x, jnp.arange(depth), *args)
+    x, _ = stack(**fields, acm=acm, num_layers=depth, name=STACKED)(x, jnp.arange(depth), *args)
     return x
   cls = _Block if policy == "none" else nn.remat(_Block, policy=_CHECKPOINT_POLICIES[policy])
   acm_blocks = set(acm.block_indices(depth)) if acm is not None else set()

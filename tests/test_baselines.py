@@ -198,7 +198,8 @@ def test_token_halting_forward_equals_the_reference(dense, layout):
 
 
 def _max_abs(a, b):
-  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in pairs)
 
 
 def test_balanced_kmeans_gives_equal_clusters():
