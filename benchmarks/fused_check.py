@@ -16,24 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import acm_fused as af
-
-
-def make_group(rng, tokens, dim, num_learners, width, size, dtype, gate="linear"):
-  x = jnp.asarray(rng.normal(size=(tokens, dim)), dtype)
-  groups = []
-  for _ in range(size):
-    total = num_learners * width
-    params = dict(w1=jnp.asarray(rng.normal(size=(dim, total)) / np.sqrt(dim), dtype),
-                  b1=jnp.asarray(0.5 * rng.normal(size=(total,)), dtype),
-                  w2=jnp.asarray(rng.normal(size=(total, dim)) / np.sqrt(width), dtype),
-                  b2=jnp.asarray(rng.normal(size=(num_learners + 1, dim)), dtype))
-    if gate == "linear":
-      params["gate"] = (jnp.asarray(3 * rng.normal(size=(dim, num_learners + 1)) / np.sqrt(dim), dtype),
-                        jnp.asarray(rng.normal(size=(num_learners + 1,)), jnp.float32))
-    else:
-      params["logits"] = jnp.asarray(rng.normal(size=(tokens, num_learners + 1)), jnp.float32)
-    groups.append(params)
-  return x, groups
+from pallas_kernels.fused_testing import random_group
 
 
 def main():
@@ -43,7 +26,7 @@ def main():
            (197, 768, 4, 96, 3, "identity", 1), (50432, 768, 4, 768, 1, "gelu", 0), (3000, 768, 4, 96, 1, "identity", 1)]
   for tokens, dim, n, width, size, act, min_choice in cases:
     for gate in ("linear", "logits"):
-      x, groups = make_group(rng, tokens, dim, n, width, size, jnp.bfloat16, gate)
+      x, groups = random_group(rng, tokens, dim, n, width, size, jnp.bfloat16, gate=gate)
       fn = jax.jit(lambda x, g: af.acm_group(x, g, num_learners=n, activation=act, min_choice=min_choice, cost_shift=0.1))
       outs, k = fn(x, groups)
       _, k_ref = af.acm_group_reference(x, groups, num_learners=n, min_choice=min_choice, cost_shift=0.1)

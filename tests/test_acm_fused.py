@@ -18,33 +18,9 @@ from acm_jax import acm as acm_lib
 from acm_jax import inference
 from acm_jax.vit import model as vit
 from pallas_kernels import acm_fused as af
+from pallas_kernels.fused_testing import random_group
 
 LIMITS = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1.5e-2}
-
-
-def make_group(seed, tokens, dim, num_learners, width, size, dtype, *, gate="linear", k_kind="random",
-               bias=True):
-  """x and `size` ACMs; k_kind "zeros"/"full" steers every gate to choice 0 / N."""
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.normal(size=(tokens, dim)), dtype)
-  groups = []
-  for _ in range(size):
-    total = num_learners * width
-    params = dict(w1=jnp.asarray(rng.normal(size=(dim, total)) / np.sqrt(dim), dtype),
-                  b1=jnp.asarray(0.5 * rng.normal(size=(total,)), dtype),
-                  w2=jnp.asarray(rng.normal(size=(total, dim)) / np.sqrt(width), dtype))
-    if bias:
-      params["b2"] = jnp.asarray(rng.normal(size=(num_learners + 1, dim)), dtype)
-    steer = np.zeros(num_learners + 1)
-    if k_kind != "random":
-      steer[0 if k_kind == "zeros" else num_learners] = 100.0
-    if gate == "linear":
-      params["gate"] = (jnp.asarray(2 * rng.normal(size=(dim, num_learners + 1)) / np.sqrt(dim), dtype),
-                        jnp.asarray(0.3 * rng.normal(size=(num_learners + 1,)) + steer, dtype))
-    else:
-      params["logits"] = jnp.asarray(rng.normal(size=(tokens, num_learners + 1)) + steer, jnp.float32)
-    groups.append(params)
-  return x, groups
 
 
 def rel_err(out, ref):
@@ -93,7 +69,7 @@ CASES = [
 def test_group_matches_reference(tokens, dim, n, width, size, act, min_choice, dtype, k_kind, tiles, sort):
   if tokens * dim > 200_000 and not sort:
     pytest.skip("the unsorted path at this size adds nothing the sorted one does not test")
-  x, groups = make_group(tokens + dim, tokens, dim, n, width, size, dtype, k_kind=k_kind)
+  x, groups = random_group(tokens + dim, tokens, dim, n, width, size, dtype, k_kind=k_kind)
   k = check_group(x, groups, n=n, act=act, min_choice=min_choice, sort=sort, **tiles)
   if k_kind == "full" or (k_kind == "zeros" and min_choice == 0):
     assert (np.asarray(k) == (0 if k_kind == "zeros" else n)).all()
@@ -104,7 +80,7 @@ def test_group_matches_reference(tokens, dim, n, width, size, act, min_choice, d
 def test_given_logits_cost_shift_and_no_bias_under_jit():
   """Deep gates hand in logits; a traced cost shift lowers k as the XLA gate's does."""
   n = 4
-  x, groups = make_group(1, 300, 64, n, 32, 2, jnp.float32, gate="logits", bias=False)
+  x, groups = random_group(1, 300, 64, n, 32, 2, jnp.float32, gate="logits", bias=False)
   fn = jax.jit(lambda x, g, shift: af.acm_group(x, g, num_learners=n, cost_shift=shift, interpret=True,
                                                  sort=True, **SMALL))
   means = []
@@ -120,7 +96,7 @@ def test_given_logits_cost_shift_and_no_bias_under_jit():
 
 def test_group_apply_on_batched_tokens_equals_the_flat_reference():
   n = 4
-  x, groups = make_group(2, 2 * 40, 64, n, 32, 3, jnp.float32)
+  x, groups = random_group(2, 2 * 40, 64, n, 32, 3, jnp.float32)
   kw = dict(num_learners=n, activation="identity", min_choice=1, cost_shift=0.5)
   outs, k = inference.acm_group_apply(x.reshape(2, 40, 64), groups, **kw)
   refs, k_ref = af.acm_group_reference(x, groups, **kw)
@@ -162,7 +138,7 @@ def test_vit_fused_path_equals_xla_path_at_its_choices(attention=True):
 
 def test_bad_inputs_name_the_problem():
   n = 4
-  x, groups = make_group(0, 20, 64, n, 32, 1, jnp.float32)
+  x, groups = random_group(0, 20, 64, n, 32, 1, jnp.float32)
   call = functools.partial(af.acm_group, num_learners=n, interpret=True)
   with pytest.raises(ValueError, match="at least one token"):
     call(x[:0], groups)
