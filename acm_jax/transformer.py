@@ -243,6 +243,19 @@ def check_scannable(depth: int, acm, scan_blocks: bool) -> None:
                      f"{list(acm.block_indices(depth))} of {depth} ACMs; ACMize every block or set scan_blocks=False")
 
 
+def check_encoder(cfg: Any) -> None:
+  """The checks every family's config shares, on its fields dim, num_heads, depth, mlp_dim,
+  activation, remat, acm and scan_blocks: each raises ValueError naming the bad value."""
+  if cfg.dim % cfg.num_heads:
+    raise ValueError(f"dim {cfg.dim} is not divisible by num_heads {cfg.num_heads}")
+  acm_lib.get_activation(cfg.activation)
+  remat_policy(cfg.remat)
+  if cfg.acm is not None:
+    cfg.acm.mlp_learner_width(cfg.mlp_dim)
+    cfg.acm.block_indices(cfg.depth)
+  check_scannable(cfg.depth, cfg.acm, cfg.scan_blocks)
+
+
 class _Block(EncoderBlock):
   """An encoder block with positional arguments (what nn.remat and nn.scan lift), the
   string `mode` and an int `fixed_k` held static as fields. Parameters as EncoderBlock's."""

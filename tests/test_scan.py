@@ -235,6 +235,11 @@ def test_sharding_rules_name_the_layer_axis():
     ({"remat": "sometimes"}, "unknown remat policy 'sometimes'; expected one of \\('none', 'full', 'dots'"),
     ({"scan_blocks": True, "acm": dataclasses.replace(ACM, blocks=(0, 2))},
      "scan_blocks=True needs every block alike, but the ACM config makes only blocks \\[0, 2\\] of 3"),
+    # the other checks both families share (`transformer.check_encoder`)
+    ({"num_heads": 3}, "dim 32 is not divisible by num_heads 3"),
+    ({"activation": "swish"}, "unknown activation 'swish'"),
+    ({"acm": dataclasses.replace(ACM, num_learners=3)}, "num_learners=3 does not divide the MLP width 64"),
+    ({"acm": dataclasses.replace(ACM, blocks=(0, 5))}, "ACM blocks \\[5\\] out of range for a model of depth 3"),
 ])
 def test_bad_model_configs(fields, message):
   with pytest.raises(ValueError, match=message):

@@ -50,15 +50,8 @@ class ViTConfig:
   def validate(self) -> "ViTConfig":
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
-    if self.dim % self.num_heads:
-      raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
-    acm_lib.get_activation(self.activation)
+    transformer.check_encoder(self)
     transformer.check_attention_impl(self.attention)
-    transformer.remat_policy(self.remat)
-    if self.acm is not None:
-      self.acm.mlp_learner_width(self.mlp_dim)
-      self.acm.block_indices(self.depth)
-    transformer.check_scannable(self.depth, self.acm, self.scan_blocks)
     return self
 
   def acm_paths(self) -> list[str]:
