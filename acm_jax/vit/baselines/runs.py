@@ -24,6 +24,15 @@ from acm_jax.vit import task as vit_task
 from acm_jax.pytree import PyTree
 
 METHODS = ("acm", "static", "moefication", "early_exit", "token_halting")
+# What each baseline's training reads beyond the fields every run shares (`ExperimentConfig.resume_fields`):
+# saved in its run's config.json, resolved (a None default as the value it stands for), and compared on
+# resume like the shared fields. The calibration flags act at evaluation only.
+RUN_FIELDS = {
+    "moefication": ("baseline_steps", "num_experts", "router_hidden", "router_lr"),
+    "early_exit": ("baseline_steps", "exit_lr", "label_smoothing"),
+    "token_halting": ("baseline_steps", "halting_lr", "ponder_weight", "prior_weight", "halting_eps",
+                      "label_smoothing"),
+}
 
 
 @dataclasses.dataclass
@@ -44,6 +53,13 @@ class BaselineConfig:
 
   def steps(self, exp: phases.Experiment) -> int:
     return self.baseline_steps or exp.config.finetune_steps
+
+  def settings(self, method: str, exp: phases.Experiment) -> dict:
+    """`RUN_FIELDS[method]` with their values in this run."""
+    resolved = {**dataclasses.asdict(self), "baseline_steps": self.steps(exp),
+                "halting_lr": self.halting_lr or exp.config.finetune_lr,
+                "label_smoothing": exp.config.label_smoothing}
+    return {f: resolved[f] for f in RUN_FIELDS[method]}
 
   def validate(self, num_mlp_units: int) -> "BaselineConfig":
     if self.baseline_steps is not None and self.baseline_steps < 1:
@@ -87,12 +103,14 @@ def run_moefication(exp: phases.Experiment, bcfg: BaselineConfig, dense: Callabl
   cfg = common.dense_config(exp)
   run_dir = exp.workdir / "moefication"
   evals = {k: run_dir / f"eval_k{k}.json" for k in top_ks}
+  settings = bcfg.settings("moefication", exp)
+  common.check_settings(exp, run_dir, settings)
   if not all_cached(list(evals.values())):
     params = moefication.init(cfg, dense(), bcfg.num_experts, bcfg.router_hidden, exp.config.seed)
     num_steps = bcfg.steps(exp)
     tx = common.optimizer(exp, params, bcfg.router_lr, num_steps, common.frozen_except(("routers/",)))
     step = functools.partial(moefication.router_step, exp.task, bcfg.num_experts, bcfg.router_hidden, tx)
-    params = common.train(exp, run_dir, params, tx, step, num_steps)
+    params = common.train(exp, run_dir, params, tx, step, num_steps, settings)
   records = []
   for k in top_ks:
     forward = functools.partial(_on_images, exp, functools.partial(
@@ -107,12 +125,14 @@ def run_early_exit(exp: phases.Experiment, bcfg: BaselineConfig, dense: Callable
   cfg = common.dense_config(exp)
   run_dir = exp.workdir / "early_exit"
   evals = {t: run_dir / f"eval_t{t:g}.json" for t in thresholds}
+  settings = bcfg.settings("early_exit", exp)
+  common.check_settings(exp, run_dir, settings)
   if not all_cached(list(evals.values())):
     params = early_exit.init(cfg, dense())
     num_steps = bcfg.steps(exp)
     tx = common.optimizer(exp, params, bcfg.exit_lr, num_steps, common.frozen_except(("exits/",)))
     step = functools.partial(early_exit.exit_step, exp.task, exp.config.label_smoothing, tx)
-    params = common.train(exp, run_dir, params, tx, step, num_steps)
+    params = common.train(exp, run_dir, params, tx, step, num_steps, settings)
   records = []
   for threshold in thresholds:
     forward = functools.partial(_on_images, exp, functools.partial(early_exit.forward, cfg, threshold))
@@ -126,15 +146,17 @@ def run_token_halting(exp: phases.Experiment, bcfg: BaselineConfig, dense: Calla
   cfg = common.dense_config(exp)
   num_steps = bcfg.steps(exp)
   lr = bcfg.halting_lr or exp.config.finetune_lr
+  settings = bcfg.settings("token_halting", exp)
   records = []
   for depth in target_depths:
     run_dir = exp.workdir / f"token_halting_d{depth:g}"
+    common.check_settings(exp, run_dir, settings)
     halting = token_halting.Halting(bcfg.halting_eps, bcfg.ponder_weight, bcfg.prior_weight, depth)
     if not all_cached([run_dir / "eval.json"]):
       params = token_halting.init(dense())
       tx = common.optimizer(exp, params, lr, num_steps)
       step = functools.partial(token_halting.halting_step, exp.task, halting, exp.config.label_smoothing, tx)
-      params = common.train(exp, run_dir, params, tx, step, num_steps)
+      params = common.train(exp, run_dir, params, tx, step, num_steps, settings)
     forward = functools.partial(_on_images, exp, functools.partial(token_halting.eval_forward, cfg, halting))
     record = cached(run_dir / "eval.json", lambda: common.evaluate(exp, forward, params))
     records.append(curve_record("token_halting", f"target depth {depth:g}/{cfg.depth}", depth / cfg.depth, record))
