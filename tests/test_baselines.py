@@ -320,6 +320,29 @@ def test_short_sweep_end_to_end_and_resumed(tmp_path, capsys):
   assert json.loads((tmp_path / "curves.json").read_text()) == records
 
 
+def test_baseline_flags_are_saved_and_must_match_on_resume(tmp_path, capsys):
+  flags = [f"--workdir={tmp_path}", *TINY, "--methods=early_exit,token_halting", "--exit_lr=0.0021",
+           "--ponder_weight=0.007", "--finetune_lr=0.0004"]
+  assert compare.main(flags) == 0
+  early = json.loads((tmp_path / "early_exit" / "config.json").read_text())
+  assert (early["exit_lr"], early["baseline_steps"], early["label_smoothing"]) == (0.0021, 2, 0.0)
+  (halting_dir,) = tmp_path.glob("token_halting_d*")
+  halting = json.loads((halting_dir / "config.json").read_text())
+  assert (halting["ponder_weight"], halting["halting_lr"], halting["baseline_steps"]) == (0.007, 0.0004, 2)
+  assert "router_lr" not in halting and "exit_lr" not in halting
+  records = json.loads((tmp_path / "curves.json").read_text())
+  for changed, message in (("--exit_lr=0.003", "exit_lr 0.0021 saved, 0.003 requested"),
+                           ("--baseline_steps=3", "baseline_steps 2 saved, 3 requested"),
+                           ("--label_smoothing=0.1", "label_smoothing 0.0 saved, 0.1 requested")):
+    assert compare.main([*flags, changed]) == 2
+    assert message in capsys.readouterr().err
+  assert compare.main([*flags, "--methods=token_halting", "--ponder_weight=0.008"]) == 2
+  assert f"{halting_dir} holds a run of another configuration: ponder_weight 0.007 saved" in capsys.readouterr().err
+  # the same flags, spelled as the resolved values, reuse the finished runs
+  assert compare.main([*flags, "--baseline_steps=2", "--halting_lr=0.0004"]) == 0
+  assert json.loads((tmp_path / "curves.json").read_text()) == records
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--methods=acm,pruning"], "unknown ['pruning']"),
     (["--budgets=0"], "--budgets must be"),

@@ -9,8 +9,9 @@ heads, halting scalars) and a forward that steps through the blocks itself.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -60,13 +61,29 @@ def dense_config(exp: phases.Experiment) -> ViTConfig:
   return exp.task.dense_model.config
 
 
-def train(exp: phases.Experiment, run_dir: Path, params: PyTree, tx, step_fn, num_steps: int) -> PyTree:
-  """The shared loop (checkpoints, resume) on the train split, like `phases.train`."""
+def run_config(exp: phases.Experiment, run_dir: Path, settings: dict[str, Any]) -> tuple[str, list[str]]:
+  """A baseline run's config.json, the experiment's config plus `settings` (what the baseline reads beyond
+  the fields every run shares: its own flags, resolved), and the fields a resume must match."""
+  cfg = exp.config
+  config_json = json.dumps({**json.loads(cfg.to_json()), **settings}, indent=2, sort_keys=True)
+  return config_json, [*cfg.resume_fields(run_dir.name), *settings]
+
+
+def check_settings(exp: phases.Experiment, run_dir: Path, settings: dict[str, Any]) -> None:
+  """Stops when `run_dir` holds a run of other settings, before its state or cached evaluations are reused."""
+  loop.check_config(run_dir, *run_config(exp, run_dir, settings))
+
+
+def train(exp: phases.Experiment, run_dir: Path, params: PyTree, tx, step_fn, num_steps: int,
+          settings: dict[str, Any]) -> PyTree:
+  """The shared loop (checkpoints, resume) on the train split, like `phases.train`; `settings` as in
+  `run_config`."""
   cfg = exp.config
   state, step, batches = phases.prepare(exp, run_dir.name, params, tx, step_fn)
+  config_json, resume_fields = run_config(exp, run_dir, settings)
   final = loop.run(name=run_dir.name, run_dir=run_dir, state=state, step_fn=step, batches=batches,
                    num_steps=num_steps, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
-                   config_json=cfg.to_json(), resume_fields=cfg.resume_fields(run_dir.name))
+                   config_json=config_json, resume_fields=resume_fields)
   return final["params"]
 
 
