@@ -5,8 +5,10 @@
 XLA reads XLA_FLAGS once per process, so every variant runs in a child process of its own
 (an unknown flag makes XLA abort at start-up: the child's exit status says so). Each child
 compiles the dense ViT-B/16 and the ACM ViT-B/16 (MLP, and MLP + q/k/v/o; r = 0.5, gates set
-as in `benchmarks.vit_bench`), counts the Triton custom calls of the optimised HLO and how many
-of them sit inside command buffers, and times images/s side by side. Writes
+as in `benchmarks.vit_bench`), counts the Triton custom calls of the optimised HLO, times
+images/s side by side, and compares each variant's logits with the default variant's.
+Whether a call was captured cannot be read from the HLO (XLA forms command buffers on its
+thunk sequence); the timing is the evidence. Writes
 `benchmarks/results/graph_probe_<gpu>.json` (one record per variant, batch and model).
 """
 
@@ -40,19 +42,10 @@ VARIANTS = {
 TRITON_TARGETS = ("triton_kernel_call_ffi", "triton_kernel_call", "__gpu$xla.gpu.triton")
 
 
-def custom_calls_by_computation(hlo_text: str) -> dict[str, int]:
-  """{computation name: number of Triton custom calls in it} from optimised HLO text."""
-  counts: dict[str, int] = {}
-  current = None
-  for line in hlo_text.splitlines():
-    header = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-    if header and not line.startswith(" "):
-      current = header.group(1)
-      continue
-    found = re.search(r'custom_call_target="([^"]+)"', line)
-    if found and found.group(1) in TRITON_TARGETS and current is not None:
-      counts[current] = counts.get(current, 0) + 1
-  return counts
+def triton_calls(hlo_text: str) -> int:
+  """Number of Triton custom calls in optimised HLO text. (Whether XLA records them into a
+  command buffer is decided later, on the thunk sequence, so the HLO cannot say.)"""
+  return sum(1 for target in re.findall(r'custom_call_target="([^"]+)"', hlo_text) if target in TRITON_TARGETS)
 
 
 def child(variant: str, batches: list[int]) -> list[dict]:
@@ -85,17 +78,14 @@ def child(variant: str, batches: list[int]) -> list[dict]:
     for name, (model, params) in models.items():
       fn = jax.jit(lambda p, x, model=model: model.apply({"params": p}, x))
       compiled = fn.lower(params, x).compile()
-      by_comp = custom_calls_by_computation(compiled.as_text())
-      in_graphs = sum(n for comp, n in by_comp.items() if "command_buffer" in comp)
-      text = compiled.as_text()
-      graphs = len(re.findall(r"^(?:ENTRY\s+)?%?command_buffer[\w.\-]*\s", text, re.M))
+      calls = triton_calls(compiled.as_text())
       out = np.asarray(compiled(params, x), np.float32)
       np.save(Path(os.environ.get("OUT", "."), f"logits_{variant}_{name}_b{batch}.npy"), out)
       ips = batch / timed(compiled, params, x)
       dense_ips = ips if name == "dense" else dense_ips
       rec = dict(variant=variant, xla_flags=VARIANTS[variant], batch=batch, model=name,
                  images_per_s=round(ips, 1), ratio_to_dense=round(ips / dense_ips, 4),
-                 triton_calls=sum(by_comp.values()), triton_calls_in_command_buffers=in_graphs, command_buffers=graphs)
+                 triton_calls=calls)
       print(json.dumps(rec), flush=True)
       records.append(rec)
   return records
@@ -135,8 +125,7 @@ def main(argv=None):
     got = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     for rec in got:
       print(f"  batch {rec['batch']:3d} {rec['model']:9s} {rec['images_per_s']:8.1f} images/s "
-            f"{rec['ratio_to_dense']:.3f} x dense; Triton calls {rec['triton_calls']}, "
-            f"in command buffers {rec['triton_calls_in_command_buffers']} (of {rec['command_buffers']} buffers)", flush=True)
+            f"{rec['ratio_to_dense']:.3f} x dense; Triton calls {rec['triton_calls']}", flush=True)
     if run is not None and run.returncode != 0:
       print(f"{variant}: exit status {run.returncode}; stderr tail:\n{run.stderr[-1500:]}", flush=True)
       records.append(dict(variant=variant, xla_flags=VARIANTS[variant], failed=run.returncode,
