@@ -128,6 +128,8 @@ def main(argv=None):
   parser.add_argument("--attention", default="auto", help="attention implementation (see transformer.attend)")
   parser.add_argument("--sort-min-tokens", type=int, default=None,
                       help="override pallas_kernels.acm_fused.SORT_MIN_TOKENS (tuning)")
+  parser.add_argument("--onepass-max-tokens", type=int, default=None,
+                      help="override pallas_kernels.acm_fused.ONEPASS_MAX_TOKENS (the one-launch path)")
   parser.add_argument("--tuned", default=None, help="JSON of benchmarks.fused_tune to load into acm_fused.TUNED")
   parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
   parser.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
@@ -143,6 +145,9 @@ def main(argv=None):
   if args.sort_min_tokens is not None:
     from pallas_kernels import acm_fused
     acm_fused.SORT_MIN_TOKENS = args.sort_min_tokens
+  if args.onepass_max_tokens is not None:
+    from pallas_kernels import acm_fused
+    acm_fused.ONEPASS_MAX_TOKENS = args.onepass_max_tokens
   if args.tuned:
     from benchmarks import fused_tune
     from pallas_kernels import acm_fused

@@ -64,25 +64,32 @@ CASES = [
 ]
 
 
+PATHS = {"unsorted": dict(sort=False, onepass=False), "sorted": dict(sort=True, onepass=False),
+         "onepass": dict(onepass=True)}
+
+
 @pytest.mark.parametrize("tokens,dim,n,width,size,act,min_choice,dtype,k_kind,tiles", CASES)
-@pytest.mark.parametrize("sort", [False, True])
-def test_group_matches_reference(tokens, dim, n, width, size, act, min_choice, dtype, k_kind, tiles, sort):
-  if tokens * dim > 200_000 and not sort:
-    pytest.skip("the unsorted path at this size adds nothing the sorted one does not test")
+@pytest.mark.parametrize("path", list(PATHS))
+def test_group_matches_reference(tokens, dim, n, width, size, act, min_choice, dtype, k_kind, tiles, path):
+  if tokens * dim > 200_000 and path != "sorted":
+    pytest.skip("the unsorted paths at this size add nothing the sorted one does not test")
+  if path == "onepass" and tokens * dim > 20_000 and dim > 64 and dtype == jnp.float32:
+    pytest.skip("the one-launch path's ViT-B width is covered in bfloat16")
   x, groups = random_group(tokens + dim, tokens, dim, n, width, size, dtype, k_kind=k_kind)
-  k = check_group(x, groups, n=n, act=act, min_choice=min_choice, sort=sort, **tiles)
+  k = check_group(x, groups, n=n, act=act, min_choice=min_choice, **PATHS[path], **tiles)
   if k_kind == "full" or (k_kind == "zeros" and min_choice == 0):
     assert (np.asarray(k) == (0 if k_kind == "zeros" else n)).all()
   elif tokens > 10:
     assert len(np.unique(np.asarray(k))) > 1
 
 
-def test_given_logits_cost_shift_and_no_bias_under_jit():
+@pytest.mark.parametrize("path", ["sorted", "onepass"])
+def test_given_logits_cost_shift_and_no_bias_under_jit(path):
   """Deep gates hand in logits; a traced cost shift lowers k as the XLA gate's does."""
   n = 4
   x, groups = random_group(1, 300, 64, n, 32, 2, jnp.float32, gate="logits", bias=False)
   fn = jax.jit(lambda x, g, shift: af.acm_group(x, g, num_learners=n, cost_shift=shift, interpret=True,
-                                                 sort=True, **SMALL))
+                                                 **PATHS[path], **SMALL))
   means = []
   for shift in (0.0, 4.0):
     outs, k = fn(x, groups, jnp.float32(shift))
@@ -106,9 +113,12 @@ def test_group_apply_on_batched_tokens_equals_the_flat_reference():
     assert out.shape == (2, 40, 64) and rel_err(out.reshape(80, 64), ref) < 1e-5
 
 
-def test_vit_fused_path_equals_xla_path_at_its_choices(attention=True):
+@pytest.mark.parametrize("onepass_max_tokens", [0, 1 << 20])
+def test_vit_fused_path_equals_xla_path_at_its_choices(onepass_max_tokens, monkeypatch, attention=True):
   """The whole model: fused kernels (q/k/v as one group) against the XLA path forced to
-  the same per-ACM choices, and the block-0 gates against the XLA gates."""
+  the same per-ACM choices, and the block-0 gates against the XLA gates; with the
+  default paths and with every ACM on the one-launch path."""
+  monkeypatch.setattr(af, "ONEPASS_MAX_TOKENS", onepass_max_tokens)
   cfg = vit.get_config("tiny", depth=2, acm=acm_lib.ACMConfig(num_learners=4, attention=attention, impl="pallas"))
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   model = vit.ViT(cfg)
@@ -154,6 +164,8 @@ def test_bad_inputs_name_the_problem():
     call(x, groups, block_out=128)
   with pytest.raises(ValueError, match="unknown kernel settings"):
     call(x, groups, block_cols=32)
+  with pytest.raises(ValueError, match="block_out=128 does not divide d=64"):
+    call(x, groups, onepass=True, block_out=128)
   with pytest.raises(ValueError, match="GPUs only"):
     af.acm_group(x, groups, num_learners=n, interpret=False)
   with pytest.raises(ValueError, match="at least one token"):
