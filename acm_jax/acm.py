@@ -182,14 +182,59 @@ def compute_fraction(mean_k: Sequence, learner_costs: Sequence[float], num_learn
   return spent / sum(n * c for n, c in zip(num_learners, learner_costs, strict=True))
 
 
+BUDGET_FILM = "budget_film"  # name of a budget-conditioned gate's FiLM layer
+BUDGET_HARMONICS = 3
+
+
+def budget_features(budget: float | jax.Array) -> jax.Array:
+  """A fixed embedding of a scalar budget: (b, sin(j pi b), cos(j pi b) for j = 1..3), shape (7,).
+  The sinusoids let a linear layer on top respond non-linearly across (0, 1]."""
+  b = jnp.asarray(budget, jnp.float32)
+  j = jnp.arange(1, BUDGET_HARMONICS + 1, dtype=jnp.float32) * jnp.pi * b
+  return jnp.concatenate([b[None], jnp.sin(j), jnp.cos(j)])
+
+
+def budget_film(film: Params, budget: float | jax.Array, dim: int) -> tuple[jax.Array, jax.Array]:
+  """(scale, shift), each (dim,) float32, that a budget-conditioned gate applies to its input:
+  x -> x * (1 + scale) + shift. film: the FiLM layer's {"kernel": (7, 2 dim), "bias": (2 dim,)}."""
+  out = budget_features(budget) @ film["kernel"].astype(jnp.float32) + film["bias"].astype(jnp.float32)
+  return out[:dim], out[dim:]
+
+
+def linear_gate_at_budget(gate: Params, budget: float | jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """A linear gate's (kernel (dim, N+1), bias (N+1,)) with its budget conditioning folded in:
+  (x (1 + s) + t) W + c = x ((1 + s)[:, None] W) + (t W + c), so one budget is a plain linear gate
+  (what the fused kernels take). gate: the Gate's params; budget None: the gate unconditioned."""
+  kernel, bias = gate["out"]["kernel"], gate["out"]["bias"]
+  if budget is None or BUDGET_FILM not in gate:
+    return kernel, bias
+  scale, shift = budget_film(gate[BUDGET_FILM], budget, kernel.shape[0])
+  folded = (1.0 + scale)[:, None] * kernel.astype(jnp.float32)
+  return folded.astype(kernel.dtype), (shift @ kernel.astype(jnp.float32) + bias).astype(bias.dtype)
+
+
 class Gate(nn.Module):
-  """Token -> N+1 choice logits: linear (depth 1) or an MLP of `depth` layers."""
+  """Token -> N+1 choice logits: linear (depth 1) or an MLP of `depth` layers.
+
+  budget_conditioning: the gate also reads the target budget, a scalar in (0, 1], through a
+  FiLM layer on its input (`budget_film`). The layer starts at zero, so a conditioned gate
+  begins as the plain one; called with budget None it skips the layer (the gate as phase 2
+  trained it, which needs no FiLM parameters outside `init`).
+  """
   num_choices: int
   depth: int = 1
   hidden: int = 128
+  budget_conditioning: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, budget: float | jax.Array | None = None) -> jax.Array:
+    if budget is not None and not self.budget_conditioning:
+      raise ValueError("a budget was given to a gate that is not budget-conditioned (budget_conditioning=False)")
+    if self.budget_conditioning and (budget is not None or self.is_initializing()):
+      film = nn.Dense(2 * x.shape[-1], kernel_init=nn.initializers.zeros, name=BUDGET_FILM)
+      scale, shift = jnp.split(film(budget_features(0.5 if budget is None else budget)), 2)
+      if budget is not None:
+        x = x * (1.0 + scale).astype(x.dtype) + shift.astype(x.dtype)
     for i in range(self.depth - 1):
       x = nn.relu(nn.Dense(self.hidden, name=f"hidden_{i}")(x))
     return nn.Dense(self.num_choices, name="out")(x)
@@ -224,6 +269,8 @@ class ACM(nn.Module):
   of a model toward less (> 0) or more (< 0) compute without retraining.
   `rng`, when given, replaces the "gumbel" rng stream: the Gumbel noise then comes from
   `rng` and the module's name (a scanned stack of blocks passes each layer's key).
+  `budget`: the target budget a budget-conditioned gate reads (see `Gate`; `with_budget`
+  passes it to every ACM of a model without changing the model's own call).
   """
   dim: int
   num_learners: int
@@ -234,11 +281,12 @@ class ACM(nn.Module):
   gate_hidden: int = 128
   min_choice: int = 0
   impl: str = "xla"
+  budget_conditioning: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mode: str = "argmax", fixed_k: int | None = None,
                temperature: float = 1.0, cost_shift: float | jax.Array = 0.0,
-               rng: jax.Array | None = None) -> jax.Array:
+               rng: jax.Array | None = None, budget: float | jax.Array | None = None) -> jax.Array:
     n, width = self.num_learners, self.learner_width
     forced = forced_choices("/".join(self.scope.path), n, x.shape[:-1])
     if forced is not None:
@@ -251,15 +299,14 @@ class ACM(nn.Module):
     if self.output_bias:
       params["b2"] = self.param("b2", nn.initializers.zeros, (n + 1, self.dim))
     params = {name: value.astype(x.dtype) for name, value in params.items()}
-    gate = Gate(n + 1, self.gate_depth, self.gate_hidden, name="gate")
-    raw_logits = gate(x)  # unused (and removed by XLA) where the fused kernel computes the gate itself
+    gate = Gate(n + 1, self.gate_depth, self.gate_hidden, self.budget_conditioning, name="gate")
+    raw_logits = gate(x, budget)  # unused (and removed by XLA) where the fused kernel computes the gate itself
     if mode == GROUP_INPUTS or (mode == "argmax" and fused_impl(self.impl)):
       # the gate, the choice and the learners in the fused kernels (`inference.acm_group_apply`)
       self.sow("acm", "logits", shifted_logits(raw_logits, n, width / self.dim, cost_shift, self.min_choice))
       spec = dict(params)
       if self.gate_depth == 1:
-        gate_params = gate.variables["params"]["out"]
-        spec["gate"] = (gate_params["kernel"], gate_params["bias"])
+        spec["gate"] = linear_gate_at_budget(gate.variables["params"], budget)
       else:
         spec["logits"] = raw_logits
       if mode == GROUP_INPUTS:
@@ -403,6 +450,19 @@ def _choice_of(k, path: str):
   return k(path) if callable(k) else k
 
 
+@contextlib.contextmanager
+def with_budget(budget: float | jax.Array) -> Iterator[None]:
+  """Within the context every `ACM` call gets `budget` (a scalar, traceable) for its gate.
+  Only budget-conditioned ACMs accept one (see `Gate`)."""
+  def intercept(next_fun, args, kwargs, context):
+    if isinstance(context.module, ACM) and context.method_name == "__call__":
+      kwargs = {**kwargs, "budget": budget}
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(intercept):
+    yield
+
+
 @dataclasses.dataclass(frozen=True)
 class ACMConfig:
   """Which blocks of a transformer become ACMs, and how.
@@ -422,6 +482,7 @@ class ACMConfig:
   gate_depth: int = 1
   gate_hidden: int = 128
   impl: str = "auto"
+  budget_conditioning: bool = False  # gates read the target budget (see `Gate`)
 
   def mlp_learner_width(self, mlp_dim: int) -> int:
     if self.num_learners < 1:

@@ -85,7 +85,7 @@ def compute_fraction(choices: Sequence[jax.Array], learner_costs: Sequence[float
   return acm_lib.compute_fraction(mean_k, learner_costs, [c.shape[-1] - 1 for c in choices])
 
 
-def budget_loss(choices: Sequence[jax.Array], learner_costs: Sequence[float], budget: float,
+def budget_loss(choices: Sequence[jax.Array], learner_costs: Sequence[float], budget: float | jax.Array,
                 kind: str = "l1", mask: jax.Array | None = None) -> jax.Array:
   """Distance of the compute fraction C to the target budget (L1, L2 or (100 x)^2)."""
   if kind not in BUDGET_KINDS:

@@ -134,7 +134,8 @@ def make_mlp(dim: int, mlp_dim: int, activation: str, acm: acm_lib.ACMConfig | N
   if acm is None:
     return Mlp(mlp_dim, activation, name=name)
   return acm_lib.ACM(dim, acm.num_learners, acm.mlp_learner_width(mlp_dim), activation,
-                     acm.output_bias, acm.gate_depth, acm.gate_hidden, 0, acm.impl, name=name)
+                     acm.output_bias, acm.gate_depth, acm.gate_hidden, 0, acm.impl, acm.budget_conditioning,
+                     name=name)
 
 
 def make_projection(dim: int, acm: acm_lib.ACMConfig | None, name: str) -> nn.Module:
@@ -142,7 +143,8 @@ def make_projection(dim: int, acm: acm_lib.ACMConfig | None, name: str) -> nn.Mo
     return Linear(dim, name=name)
   # attention projections are linear: identity learners, and they never skip (min choice 1)
   return acm_lib.ACM(dim, acm.num_learners, acm.attention_learner_width(dim), "identity",
-                     acm.output_bias, acm.gate_depth, acm.gate_hidden, 1, acm.impl, name=name)
+                     acm.output_bias, acm.gate_depth, acm.gate_hidden, 1, acm.impl, acm.budget_conditioning,
+                     name=name)
 
 
 class Attention(nn.Module):

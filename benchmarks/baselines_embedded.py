@@ -73,7 +73,7 @@ def any_budget_checks(records: list[dict]) -> dict:
   for b, r in sorted(calibrated.items()):
     entry = {"test_compute_fraction": r["compute_fraction"], "within_0.02": abs(r["compute_fraction"] - b) <= 0.02,
              "top1": r["top1"], "rule": r.get("rule", "global"),
-             **{k: r[k] for k in ("cost_shift", "offsets") if k in r}}
+             **{k: r[k] for k in ("cost_shift", "offsets", "budget_conditioning") if k in r}}
     if b in finetuned:
       entry["finetuned_top1"] = finetuned[b]["top1"]
       entry["finetuned_compute_fraction"] = finetuned[b]["compute_fraction"]
@@ -131,8 +131,11 @@ def main(argv: list[str]) -> int:
             "| GFLOPs/image | ACM | " + " | ".join(BASELINES) + " |", "|---|---|" + "---|" * len(BASELINES)]
   lines += [f"| {row['gflops_per_image']:.5f} | {pct(row['acm'])} | " + " | ".join(pct(row[m]) for m in BASELINES)
             + " |" for row in rows]
-  lines += ["", f"Any budget (the ACM finetuned at budget {args.any_budget_model:g}, gates recalibrated at "
-            f"inference, rule {bcfg.calibration}):", "",
+  source = (f"one ACM finetuned with budget-conditioned gates over [{cfg.budget_min:g}, {cfg.budget_max:g}], "
+            f"calibration on top: {bcfg.calibration}" if cfg.budget_conditioning else
+            f"the ACM finetuned at budget {args.any_budget_model:g}, gates recalibrated at inference, "
+            f"rule {bcfg.calibration}")
+  lines += ["", f"Any budget ({source}):", "",
             "| target | test compute | top-1 | finetuned at target: top-1 (compute) | finetuned curve at that compute |",
             "|---|---|---|---|---|"]
   for b, e in any_budget.items():

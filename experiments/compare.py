@@ -10,7 +10,10 @@ workdir (a killed sweep continues where it stopped), writes <workdir>/curves.jso
 and prints the table sorted by GFLOPs.
 Settings per method: acm: one finetuning per --budgets, and the model finetuned at
 --any_budget_model calibrated at inference (--calibration, saved with the model
-in its run directory) to each --any_budgets (or only --eval_budget); static:
+in its run directory) to each --any_budgets (or only --eval_budget); with
+--budget_conditioning=true the any-budget model is instead one finetuning whose gates
+read the budget (drawn per step in [--budget_min, --budget_max]), evaluated at each
+--any_budgets (--calibration=none: as it is; global / per_acm: fitted on top); static:
 --static_ks; moefication: --moe_top_k experts out of --num_experts; early_exit: --thresholds; token_halting: target depth budget x depth.
 """
 
@@ -99,10 +102,10 @@ def plan(args, cfg: config_lib.ExperimentConfig, bcfg: baselines.BaselineConfig)
   moe_top_k = sorted(set(_numbers("moe_top_k", args.moe_top_k or default_k, int, 1, e)))
   n = cfg.num_learners
   static_ks = _numbers("static_ks", args.static_ks or ",".join(map(str, range(1, n))), int, 0, n)
-  if "acm" in methods and any_budgets and not args.calibrate:
-    model = vit_task.build(dataclasses.replace(cfg, budget=args.any_budget_model))
+  if "acm" in methods and any_budgets:
+    model = exp if cfg.budget_conditioning else vit_task.build(dataclasses.replace(cfg, budget=args.any_budget_model))
     calibration.check_servable(model.run_dir("finetune"), any_budgets, bcfg.calibration,
-                               bcfg.calibration_examples, fit=False)
+                               bcfg.calibration_examples, fit=args.calibrate, conditioned=cfg.budget_range)
   if not baselines.has_dense_checkpoint(exp) and not args.pretrain:
     raise FileNotFoundError(
         f"methods {methods} convert a dense ViT, but there is none: no --init and no finished pretrain run at "

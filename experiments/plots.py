@@ -170,7 +170,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 # experiments/compare.py's method names -> the figure's
 METHOD_NAMES = {"acm": "ACM (ours)", "static": "static width", "dense": "dense",
-                "acm_any_budget": "ACM, calibrated budget", "moefication": "MoEfication",
+                "acm_any_budget": "ACM, one model for any budget", "moefication": "MoEfication",
                 "early_exit": "early exit (ZTW)", "token_halting": "token halting (A-ViT)"}
 
 

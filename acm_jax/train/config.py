@@ -50,7 +50,7 @@ PHASE_FIELDS = {
     "gates": frozenset({"gates_steps", "gates_lr", "gating_error_factor", "label_rule"}) | ACM_FIELDS,
     "finetune": frozenset({"finetune_steps", "finetune_lr", "finetune_gate_lr_scale", "label_smoothing", "budget",
                            "budget_loss", "budget_weight", "entropy_weight", "diversity_weight",
-                           "gate_temperature"}) | ACM_FIELDS,
+                           "gate_temperature", "budget_conditioning", "budget_min", "budget_max"}) | ACM_FIELDS,
     "static": frozenset({"finetune_steps", "finetune_lr", "label_smoothing", "static_k"}) | ACM_FIELDS,
 }
 # How a phase trains, not what its params are: a later phase or an evaluation may read
@@ -110,6 +110,12 @@ class ExperimentConfig:
   gate_task_gradient: bool = flag(True, "false: the public code's phase 3, where the task loss sends no gradient "
                                   "to the gates (its gated forward uses only the argmax); the budget, entropy "
                                   "and diversity losses alone train them")
+  budget_conditioning: bool = flag(False, "finetune one model for every budget: the gates read the target budget "
+                                   "(FiLM on the gate input), each finetuning step draws its budget uniformly from "
+                                   "[--budget_min, --budget_max] as its budget-loss target (--budget then only "
+                                   "picks the budget a plain evaluation runs at)")
+  budget_min: float = flag(0.125, "lowest budget a budget-conditioned finetuning draws, in (0, 1]")
+  budget_max: float = flag(0.875, "highest budget a budget-conditioned finetuning draws, in [--budget_min, 1]")
   static_k: int | None = flag(None, "k of the static-width baseline, in 0..N")
   # optimisation, per phase
   batch_size: int = flag(128, "training batch size (>= 1, divisible by the batch-sharding devices)")
@@ -156,6 +162,9 @@ class ExperimentConfig:
   def validate(self) -> "ExperimentConfig":
     if not 0.0 < self.budget <= 1.0:
       raise ValueError(f"--budget must be in (0, 1], got {self.budget}")
+    if not 0.0 < self.budget_min <= self.budget_max <= 1.0:
+      raise ValueError(f"--budget_min and --budget_max must satisfy 0 < min <= max <= 1, got "
+                       f"{self.budget_min} and {self.budget_max}")
     if self.batch_size < 1 or self.eval_batch_size < 1:
       raise ValueError(f"batch sizes must be positive, got {self.batch_size} / {self.eval_batch_size}")
     for phase in ("pretrain", "distill", "gates", "finetune"):
@@ -182,6 +191,11 @@ class ExperimentConfig:
     if self.init is not None and not Path(self.init).exists():
       raise FileNotFoundError(f"--init checkpoint {self.init!r} does not exist")
     return self
+
+  @property
+  def budget_range(self) -> tuple[float, float] | None:
+    """The range of budgets the finetuned gates are conditioned on, None when they are not."""
+    return (self.budget_min, self.budget_max) if self.budget_conditioning else None
 
   @property
   def resolved_static_k(self) -> int:

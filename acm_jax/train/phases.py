@@ -5,6 +5,7 @@ Run directories under `config.workdir`:
   distill/             learners distilled module-wise     (+ distill_errors.json)
   gates/               gates trained on artificial labels (+ label_distribution.json)
   finetune_b{budget}/  end-to-end finetuning at a budget
+  finetune_any_b{min}-{max}/  the same with budget-conditioned gates, over budgets drawn in [min, max]
   static_k{k}/         the static-width baseline
 Each holds config.json, metrics.jsonl, checkpoints/ and, once finished, params/
 and eval.json; `<workdir>/eval.json` sums up every evaluated model (`acm_jax.cli`).
@@ -28,6 +29,7 @@ from acm_jax import flops as flops_lib
 from acm_jax import losses
 from acm_jax import sharding as sharding_lib
 from acm_jax import transformer
+from acm_jax.acmize import flatten, unflatten
 from acm_jax.train import loop, optim, steps
 from acm_jax.train.config import ExperimentConfig
 from acm_jax.pytree import PyTree
@@ -61,7 +63,10 @@ class Experiment:
     return Path(self.config.workdir)
 
   def run_dir(self, phase: str) -> Path:
-    names = {"finetune": f"finetune_b{self.config.budget:.2f}",
+    cfg = self.config
+    finetune = (f"finetune_b{cfg.budget:.2f}" if not cfg.budget_conditioning
+                else f"finetune_any_b{cfg.budget_min:.3f}-{cfg.budget_max:.3f}")
+    names = {"finetune": finetune,
              "static": f"static_k{self.config.resolved_static_k}"}
     return self.workdir / names.get(phase, phase)
 
@@ -152,7 +157,26 @@ def load_phase_params(exp: Experiment, phase: str, model: str = "acm") -> PyTree
   cfg = exp.config
   loop.check_config(exp.run_dir(phase), cfg.to_json(), cfg.model_fields(phase))
   hint = f"{phase} phase (or pass --init)" if phase == "pretrain" else f"{phase} phase"
-  return loop.load_params(exp.run_dir(phase), abstract_params(exp, model), hint)
+  expected = abstract_params(exp, model)
+  if phase != "finetune":  # only a finetuning conditions the gates on the budget
+    expected = without_budget_film(expected)
+  return loop.load_params(exp.run_dir(phase), expected, hint)
+
+
+def _is_film(key: str) -> bool:
+  return f"/gate/{acm_lib.BUDGET_FILM}/" in "/" + key
+
+
+def without_budget_film(params: PyTree) -> PyTree:
+  """params without the gates' budget conditioning: distill and gates train and save the plain
+  model, so that their runs serve conditioned and plain finetunings alike."""
+  return unflatten({k: v for k, v in flatten(params).items() if not _is_film(k)})
+
+
+def with_budget_film(exp: Experiment, params: PyTree) -> PyTree:
+  """Plain params plus freshly initialised (zero: the gates unchanged) budget conditioning."""
+  fresh = {k: v for k, v in flatten(init_params(exp, "acm", exp.config.seed)).items() if _is_film(k)}
+  return unflatten({**flatten(params), **fresh})
 
 
 def dense_params(exp: Experiment) -> PyTree:
@@ -193,7 +217,7 @@ def is_gate(paths: list[str], key: str) -> bool:
 def distill(exp: Experiment) -> PyTree:
   from acm_jax.acmize import acmize
   teacher = dense_params(exp)
-  params = acmize(teacher, init_params(exp, "acm", exp.config.seed), exp.task.paths,
+  params = acmize(teacher, without_budget_film(init_params(exp, "acm", exp.config.seed)), exp.task.paths,
                   num_learners=exp.config.num_learners)
   tx = optimizer(exp, "distill", params, functools.partial(is_learner, exp.task.paths))
   step = functools.partial(steps.distill_step, exp.task, tx, exp.config.grad_mode)
@@ -216,11 +240,13 @@ def gates(exp: Experiment) -> PyTree:
 def finetune(exp: Experiment) -> PyTree:
   params = load_phase_params(exp, "gates")
   cfg = exp.config
+  if cfg.budget_conditioning:
+    params = with_budget_film(exp, params)
   tx = optimizer(exp, "finetune", params, fast=functools.partial(is_gate, exp.task.paths),
                   fast_lr_scale=cfg.finetune_gate_lr_scale)
   weights = steps.FinetuneWeights(cfg.budget, cfg.budget_loss, cfg.budget_weight, cfg.entropy_weight,
                                   cfg.diversity_weight, cfg.gate_temperature, cfg.label_smoothing,
-                                  cfg.gate_task_gradient)
+                                  cfg.gate_task_gradient, cfg.budget_range)
   return train(exp, "finetune", params, tx, functools.partial(steps.finetune_step, exp.task, tx, weights))
 
 
@@ -257,16 +283,16 @@ def eval_batches(exp: Experiment, with_masks: bool):
 _EVAL_STEPS: dict[tuple, tuple] = {}  # the last few jitted eval steps, with the objects they were built from
 
 
-def _eval_step(exp: Experiment, mode: str, fixed_k, cost_shift, forced_k, param_shardings):
+def _eval_step(exp: Experiment, mode: str, fixed_k, cost_shift, forced_k, param_shardings, budget=None):
   """The jitted eval step, reused across calls with the same task, mesh and arguments (evaluating one
   model on many data sets, e.g. the 75 ImageNet-C sets, would otherwise compile it each time)."""
   parts = exp.partitioner
   shift = float(cost_shift) if isinstance(cost_shift, (int, float)) else id(cost_shift)
-  key = (id(exp.task), id(parts), mode, fixed_k, shift, id(forced_k), str(param_shardings))
+  key = (id(exp.task), id(parts), mode, fixed_k, shift, id(forced_k), str(param_shardings), budget)
   hit = _EVAL_STEPS.get(key)
   if hit is None or hit[0] is not exp.task or hit[1] is not parts or hit[2] is not forced_k:
     step = parts.jit(functools.partial(steps.eval_step, exp.task, mode, fixed_k, cost_shift=cost_shift,
-                                       forced_k=forced_k),
+                                       forced_k=forced_k, budget=budget),
                      (param_shardings, parts.batch_sharding()), parts.replicated)
     while len(_EVAL_STEPS) >= 8:
       _EVAL_STEPS.pop(next(iter(_EVAL_STEPS)))
@@ -275,12 +301,17 @@ def _eval_step(exp: Experiment, mode: str, fixed_k, cost_shift, forced_k, param_
 
 
 def evaluate(exp: Experiment, params: PyTree, model: str, mode: str, fixed_k: int | None = None,
-             cost_shift: float = 0.0, forced_k: Callable[[dict], jax.Array] | None = None) -> dict:
+             cost_shift: float = 0.0, forced_k: Callable[[dict], jax.Array] | None = None,
+             budget: float | None = None) -> dict:
   """Top-1, GFLOPs/image, mean k and share of each k per ACM on the test split.
-  `forced_k(batch)` -> per-token k overrides the gates (see `steps.eval_step`)."""
+  `forced_k(batch)` -> per-token k overrides the gates (see `steps.eval_step`). `budget`: the
+  target of budget-conditioned gates (default: --budget when the config conditions them)."""
   parts = exp.partitioner
   params = parts.put(params)
-  step = _eval_step(exp, mode, fixed_k, cost_shift, forced_k, parts.shardings(params))
+  if budget is None and exp.config.budget_conditioning:
+    budget = exp.config.budget
+  step = _eval_step(exp, mode, fixed_k, cost_shift, forced_k, parts.shardings(params),
+                    None if budget is None else float(budget))
   totals, host = None, []
   for batch in eval_batches(exp, with_masks=exp.group_masks):
     out = jax.device_get(step(params, parts.shard_batch(batch, exp.config.eval_batch_size)))

@@ -109,9 +109,10 @@ def learner_params(params: PyTree, path: str) -> dict[str, jax.Array]:
   return {name: sub[name] for name in ("w1", "b1", "w2", "b2") if name in sub}
 
 
-def gate_logits(spec: ACMSpec, params: PyTree, x: jax.Array) -> jax.Array:
-  gate = acm_lib.Gate(spec.num_learners + 1, spec.gate_depth, spec.gate_hidden)
-  logits = gate.apply({"params": subtree(params, spec.path)["gate"]}, x).astype(jnp.float32)
+def gate_logits(spec: ACMSpec, params: PyTree, x: jax.Array, budget: float | jax.Array | None = None) -> jax.Array:
+  """The masked gate logits of one ACM; `budget` for a budget-conditioned gate (see `acm.Gate`)."""
+  gate = acm_lib.Gate(spec.num_learners + 1, spec.gate_depth, spec.gate_hidden, budget is not None)
+  logits = gate.apply({"params": subtree(params, spec.path)["gate"]}, x, budget).astype(jnp.float32)
   return acm_lib.mask_choices(logits, spec.min_choice)
 
 
@@ -185,6 +186,17 @@ class FinetuneWeights:
   temperature: float = 1.0
   label_smoothing: float = 0.0
   gate_task_gradient: bool = True  # False: the task loss does not train the gates (see ExperimentConfig)
+  # (low, high): budget-conditioned gates; each step draws its budget uniformly from this range, feeds
+  # it to the gates and uses it as the budget loss's target (`budget` is then unused)
+  budget_range: tuple[float, float] | None = None
+
+
+def draw_budget(weights: FinetuneWeights, rng: jax.Array) -> jax.Array:
+  """One step's target budget: `weights.budget`, or uniform over `weights.budget_range`."""
+  if weights.budget_range is None:
+    return jnp.float32(weights.budget)
+  low, high = weights.budget_range
+  return jax.random.uniform(rng, (), jnp.float32, low, high)
 
 
 def finetune_step(task: Task, tx: optax.GradientTransformation, weights: FinetuneWeights,
@@ -195,20 +207,24 @@ def finetune_step(task: Task, tx: optax.GradientTransformation, weights: Finetun
   mask = real_tokens(task, batch)
 
   mode = "gumbel" if weights.gate_task_gradient else "gumbel_detached"
+  target = draw_budget(weights, jax.random.fold_in(rng, 1))
+  conditioned = weights.budget_range is not None
 
   def loss_fn(params):
-    outputs, aux = task.acm_model.apply(
-        {"params": params}, task.inputs(batch), mode=mode, temperature=weights.temperature,
-        mutable=["acm"], rngs={"gumbel": rng})
+    with acm_lib.with_budget(target) if conditioned else contextlib.nullcontext():
+      outputs, aux = task.acm_model.apply(
+          {"params": params}, task.inputs(batch), mode=mode, temperature=weights.temperature,
+          mutable=["acm"], rngs={"gumbel": rng})
     choices = acm_choices(task, aux)
     task_loss = task.loss(outputs, batch, weights.label_smoothing)
-    budget = losses.budget_loss(choices, costs, weights.budget, weights.budget_kind, mask)
+    budget = losses.budget_loss(choices, costs, target, weights.budget_kind, mask)
     entropy = losses.entropy_loss(choices, mask)
     diversity = losses.diversity_loss(choices, mask)
     total = (task_loss + weights.budget_weight * budget + weights.entropy_weight * entropy
              + weights.diversity_weight * diversity)
     metrics = {"task_loss": task_loss, "budget_loss": budget, "entropy_loss": entropy,
-               "diversity_loss": diversity, "compute": losses.compute_fraction(choices, costs, mask)}
+               "diversity_loss": diversity, "compute": losses.compute_fraction(choices, costs, mask),
+               "budget": target}
     return total, (outputs, metrics)
 
   (loss, (outputs, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -228,16 +244,22 @@ def static_step(task: Task, tx: optax.GradientTransformation, fixed_k: int, labe
 
 
 def eval_step(task: Task, mode: str, fixed_k: int | None, params: PyTree, batch: dict,
-              cost_shift: float = 0.0, forced_k: Callable[[dict], jax.Array] | None = None) -> dict:
+              cost_shift: float = 0.0, forced_k: Callable[[dict], jax.Array] | None = None,
+              budget: float | None = None) -> dict:
   """Sums over one batch: task scores, and per ACM a histogram of k (N+1,) and,
   for each token group, the sum of k and the token count. `cost_shift` moves the
   gates toward less compute (see `acm.ACM`), e.g. as calibrated to a budget.
-  `forced_k(batch)`, when given, sets every ACM's per-token k (see `acm.force_k`)."""
+  `forced_k(batch)`, when given, sets every ACM's per-token k (see `acm.force_k`).
+  `budget`: the target a budget-conditioned model's gates read (see `acm.Gate`)."""
   keep = (lambda outputs: {"host": task.host_outputs(outputs, batch)}) if task.host_outputs else lambda _: {}
   if mode == "dense":
     outputs = task.dense_model.apply({"params": params}, task.inputs(batch))
     return {"scores": task.score(outputs, batch), **keep(outputs)}
-  with acm_lib.force_k(forced_k(batch)) if forced_k is not None else contextlib.nullcontext():
+  with contextlib.ExitStack() as stack:
+    if forced_k is not None:
+      stack.enter_context(acm_lib.force_k(forced_k(batch)))
+    if budget is not None:
+      stack.enter_context(acm_lib.with_budget(budget))
     outputs, aux = task.acm_model.apply({"params": params}, task.inputs(batch), mode=mode,
                                         fixed_k=fixed_k, cost_shift=cost_shift, mutable=["acm"])
   choices = acm_choices(task, aux)

@@ -24,6 +24,11 @@ mean of the f_m is B.
 
 The fitted offsets are saved with the model (`<finetune run>/calibration.json`,
 keyed by budget); `serve` applies them to any forward pass.
+
+A model finetuned with budget-conditioned gates (`--budget_conditioning`) reads the
+budget itself: rule "none" serves it as it is, and "global" / "per_acm" fit their
+shift or offsets on top of the gates conditioned on B (to land closer to B). Its
+range of trained budgets is saved with it (the run's config.json) and bounds what it serves.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from acm_jax.pytree import PyTree
 from acm_jax.train import phases, steps
 
 CALIBRATION_STEP = 10**7  # train-split batches this far out were never trained on
-RULES = ("per_acm", "global")
+RULES = ("per_acm", "global", "none")
 FILE = "calibration.json"
 
 
@@ -159,8 +164,10 @@ def allocate(base: np.ndarray, cost_share: np.ndarray, budget: float, iterations
 
 
 @contextlib.contextmanager
-def serve(params: PyTree, specs: tuple[steps.ACMSpec, ...], offsets: dict[str, float] | jax.Array) -> Iterator[None]:
-  """Within the context every ACM of `specs` runs the per-ACM rule with its offset.
+def serve(params: PyTree, specs: tuple[steps.ACMSpec, ...], offsets: dict[str, float] | jax.Array,
+          budget: float | None = None) -> Iterator[None]:
+  """Within the context every ACM of `specs` runs the per-ACM rule with its offset
+  (on the gates conditioned on `budget`, for a budget-conditioned model).
 
   offsets: {path: offset}, or an array (len(specs),) in the order of `specs`
   (traceable: one compiled forward serves every offset). Each ACM is called in
@@ -181,7 +188,7 @@ def serve(params: PyTree, specs: tuple[steps.ACMSpec, ...], offsets: dict[str, f
     if index is None:
       raise ValueError(f"ACM {path!r} is not one of the calibrated ACMs {sorted(by_path)}")
     spec = specs[index]
-    logits = steps.gate_logits(spec, params, args[0])
+    logits = steps.gate_logits(spec, params, args[0], budget)
     k = score_choices(compute_score(logits), offsets[index], spec.num_learners, spec.min_choice)
     return next_fun(*args, **{**kwargs, "mode": "fixed", "fixed_k": k})
 
@@ -208,14 +215,21 @@ def cost_shares(specs: tuple[steps.ACMSpec, ...]) -> np.ndarray:
   return full / full.sum()
 
 
-def scores_fn(exp: phases.Experiment, params: PyTree, batch: dict) -> Callable[[np.ndarray], list[np.ndarray]]:
-  """offsets (M,) -> every ACM's compute scores (batch, tokens) on `batch` under them."""
+def conditioning(budget: float | None):
+  """The context feeding `budget` to budget-conditioned gates (none for a plain model)."""
+  return contextlib.nullcontext() if budget is None else acm_lib.with_budget(budget)
+
+
+def scores_fn(exp: phases.Experiment, params: PyTree, batch: dict,
+              budget: float | None = None) -> Callable[[np.ndarray], list[np.ndarray]]:
+  """offsets (M,) -> every ACM's compute scores (batch, tokens) on `batch` under them
+  (gates conditioned on `budget` when given)."""
   images = exp.task.inputs(batch)
   specs = exp.task.acm_specs
 
   @jax.jit
   def scores(offsets):
-    with serve(params, specs, offsets):
+    with serve(params, specs, offsets, budget), conditioning(budget):
       _, aux = exp.task.acm_model.apply({"params": params}, images, mode="argmax", mutable=["acm"])
     flat = flatten(aux["acm"])
     return [compute_score(flat[f"{s.path}/logits"][0]) for s in specs]
@@ -269,12 +283,25 @@ def saved(run_dir: Path, budget: float, rule: str, examples: int) -> dict | None
   return found if found is not None and found["calibration_examples"] == examples else None
 
 
-def check_servable(run_dir: Path, budgets: list[float], rule: str, examples: int, fit: bool) -> None:
-  """Before any work: a model without saved calibration serves no other budget unless fitting is allowed."""
+def check_servable(run_dir: Path, budgets: list[float], rule: str, examples: int, fit: bool,
+                   conditioned: tuple[float, float] | None = None) -> None:
+  """Before any work: a model without saved calibration serves no other budget unless fitting is
+  allowed; a budget-conditioned model (`conditioned`: its trained range) serves budgets in its range."""
   if rule not in RULES:
     raise ValueError(f"unknown calibration rule {rule!r}; expected one of {RULES}")
   for b in budgets:
     check_budget(b)
+  if conditioned is None and rule == "none":
+    raise ValueError(f"--calibration=none serves budget-conditioned models only, and the model at {run_dir} was "
+                     "finetuned at one budget; finetune with --budget_conditioning=true or pick "
+                     f"--calibration={RULES[0]} or {RULES[1]}")
+  if conditioned is not None:
+    outside = [b for b in budgets if not conditioned[0] <= b <= conditioned[1]]
+    if outside:
+      raise ValueError(f"budgets {outside} lie outside the range the model at {run_dir} was finetuned for "
+                       f"([{conditioned[0]:g}, {conditioned[1]:g}], --budget_min / --budget_max)")
+    if rule == "none":
+      return
   missing = [b for b in budgets if saved(run_dir, b, rule, examples) is None]
   if missing and not fit:
     raise ValueError(
@@ -284,30 +311,35 @@ def check_servable(run_dir: Path, budgets: list[float], rule: str, examples: int
 
 def calibrate(exp: phases.Experiment, params: PyTree, budget: float, examples: int = 256,
               rule: str = "per_acm", tolerance: float = 0.02) -> dict:
-  """The calibration of `params` to `budget` on a held-out train batch."""
+  """The calibration of `params` to `budget` on a held-out train batch (on top of the gates
+  conditioned on `budget` when the model's are)."""
   check_budget(budget)
-  if rule not in RULES:
-    raise ValueError(f"unknown calibration rule {rule!r}; expected one of {RULES}")
+  if rule not in RULES or rule == "none":
+    raise ValueError(f"calibration rule {rule!r} fits nothing; expected one of {RULES[:2]}")
   batch = calibration_batch(exp, examples)
   found = {"rule": rule, "calibration_examples": examples}
+  condition = budget if exp.config.budget_conditioning else None
   if rule == "global":
-    fraction = compute_fraction_fn(exp, params, batch)
+    fraction = compute_fraction_fn(exp, params, batch, condition)
     shift, reached = bisect(fraction, budget, tolerance / 2)
     return {**found, "cost_shift": float(shift), "calibration_fraction": float(reached)}
   real = steps.real_tokens(exp.task, batch)
-  scores = scores_fn(exp, params, batch)
+  scores = scores_fn(exp, params, batch, condition)
   weight = np.ones(scores(np.zeros(len(exp.task.acm_specs)))[0].shape) if real is None else np.asarray(real)
   return {**found, **fit_offsets(scores, weight, exp.task.acm_specs, budget)}
 
 
-def compute_fraction_fn(exp: phases.Experiment, params: PyTree, batch: dict) -> Callable[[float], float]:
-  """lambda -> mean compute fraction of the ACM (argmax gates, global shift) on `batch`."""
+def compute_fraction_fn(exp: phases.Experiment, params: PyTree, batch: dict,
+                        budget: float | None = None) -> Callable[[float], float]:
+  """lambda -> mean compute fraction of the ACM (argmax gates, global shift, conditioned on
+  `budget` when given) on `batch`."""
   images = exp.task.inputs(batch)
   specs = exp.task.acm_specs
 
   @jax.jit
   def fraction(shift):
-    _, aux = exp.task.acm_model.apply({"params": params}, images, mode="argmax", cost_shift=shift, mutable=["acm"])
+    with conditioning(budget):
+      _, aux = exp.task.acm_model.apply({"params": params}, images, mode="argmax", cost_shift=shift, mutable=["acm"])
     mean_k = [jnp.mean(jnp.argmax(c, -1)) for c in steps.acm_choices(exp.task, aux)]
     return acm_lib.compute_fraction(mean_k, [s.learner_cost for s in specs], [s.num_learners for s in specs])
 
@@ -317,19 +349,25 @@ def compute_fraction_fn(exp: phases.Experiment, params: PyTree, batch: dict) -> 
 def evaluate_at_budget(exp: phases.Experiment, params: PyTree, budget: float, examples: int = 256,
                        rule: str = "per_acm", fit: bool = True) -> dict:
   """The ACM evaluated at `budget` with its saved calibration (fitted and saved first
-  when missing and `fit`), through the shared `phases.evaluate`."""
+  when missing and `fit`), through the shared `phases.evaluate`; a budget-conditioned
+  model's gates read `budget` (rule "none": nothing more)."""
   run_dir = exp.run_dir("finetune")
-  check_servable(run_dir, [budget], rule, examples, fit)
+  conditioned = exp.config.budget_range
+  check_servable(run_dir, [budget], rule, examples, fit, conditioned)
+  name = f"acm_any_b{budget:.3f}"
+  condition = {} if conditioned is None else {"budget": budget}
+  extra = {"eval_budget": budget, **({} if conditioned is None else {"budget_conditioning": list(conditioned)})}
+  if rule == "none":
+    return {**phases.evaluate(exp, params, name, "argmax", **condition), "rule": rule, **extra}
   found = saved(run_dir, budget, rule, examples)
   if found is None:
     found = calibrate(exp, params, budget, examples, rule)
     table = load(run_dir)
     table.setdefault(rule, {})[key(budget)] = found
     phases.write_json(run_dir / FILE, table)
-  name = f"acm_any_b{budget:.3f}"
   if rule == "global":
-    record = phases.evaluate(exp, params, name, "argmax", cost_shift=found["cost_shift"])
+    record = phases.evaluate(exp, params, name, "argmax", cost_shift=found["cost_shift"], **condition)
   else:
-    with serve(params, exp.task.acm_specs, found["offsets"]):  # traced inside evaluate's jit
-      record = phases.evaluate(exp, params, name, "argmax")
-  return {**record, **found, "eval_budget": budget}
+    with serve(params, exp.task.acm_specs, found["offsets"], condition.get("budget")):  # traced in evaluate's jit
+      record = phases.evaluate(exp, params, name, "argmax", **condition)
+  return {**record, **found, **extra}

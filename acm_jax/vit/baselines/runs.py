@@ -49,7 +49,9 @@ class BaselineConfig:
   prior_weight: float = flag(0.1, "weight of token halting's depth-prior loss")
   halting_eps: float = flag(0.01, "token halting's threshold slack, in (0, 1)")
   calibration_examples: int = flag(256, "held-out train examples that calibrate any-budget shifts (>= 1)")
-  calibration: str = flag("per_acm", "any-budget calibration rule: per_acm or global (the single shift)")
+  calibration: str = flag("per_acm", "any-budget calibration rule: per_acm, global (the single shift), or none "
+                          "(a budget-conditioned model as it is; with --budget_conditioning the other two fit on top "
+                          "of the conditioned gates)")
 
   def steps(self, exp: phases.Experiment) -> int:
     return self.baseline_steps or exp.config.finetune_steps
@@ -173,33 +175,42 @@ def _unless_finished(exp: phases.Experiment, phase: str) -> None:
 
 def run_acm(exp: phases.Experiment, bcfg: BaselineConfig, budgets: list[float], any_budgets: list[float],
             any_model_budget: float, fit: bool = True) -> list[dict]:
-  """One ACM finetuned per budget, and one (at `any_model_budget`) calibrated to
-  each of `any_budgets` at inference (method "acm_any_budget"; `fit`: fit a
-  calibration that is not saved with the model yet)."""
+  """One ACM finetuned per budget, and one any-budget model evaluated at each of
+  `any_budgets` (method "acm_any_budget"): with --budget_conditioning, the model whose
+  gates read the budget, finetuned once over drawn budgets; otherwise the model finetuned
+  at `any_model_budget`, calibrated at inference (`fit`: fit a calibration that is not
+  saved with the model yet)."""
   records = []
   rule, examples = bcfg.calibration, bcfg.calibration_examples
-  for budget in sorted(set(budgets) | ({any_model_budget} if any_budgets else set())):
-    run = vit_task.build(dataclasses.replace(exp.config, budget=budget))
-    evals = [run.run_dir("finetune") / "eval.json"] if budget in budgets else []
+  conditioned = exp.config.budget_conditioning
+  plain = dataclasses.replace(exp.config, budget_conditioning=False)
+  models = [(exp.config, False, True)] if conditioned and any_budgets else []
+  models += [(dataclasses.replace(plain, budget=b), b in budgets, not conditioned and b == any_model_budget)
+             for b in sorted(set(budgets) | ({any_model_budget} if any_budgets and not conditioned else set()))]
+  for config, reference, any_budget in models:
+    run = vit_task.build(config)
+    evals = [run.run_dir("finetune") / "eval.json"] if reference else []
     calibrated = {t: run.run_dir("finetune") / f"any_budget_{rule}_{t:.3f}.json"
-                  for t in (any_budgets if budget == any_model_budget else [])}
+                  for t in (any_budgets if any_budget else [])}
     if not all_cached(evals + list(calibrated.values())):
       _unless_finished(exp, "distill")
       _unless_finished(exp, "gates")
       params = phases.finetune(run)
     if evals:
-      record = cached(evals[0], lambda: phases.evaluate(run, params, f"acm_b{budget:.2f}", "argmax"))
-      records.append(curve_record("acm", f"finetuned at budget {budget:g}", budget, record))
+      record = cached(evals[0], lambda: phases.evaluate(run, params, f"acm_b{config.budget:.2f}", "argmax"))
+      records.append(curve_record("acm", f"finetuned at budget {config.budget:g}", config.budget, record))
+    source = ("budget-conditioned model" if config.budget_conditioning
+              else f"b{config.budget:g} model calibrated")
     for target, path in calibrated.items():
       record = cached(path, lambda: calibration.evaluate_at_budget(run, params, target, examples, rule, fit))
-      records.append(curve_record("acm_any_budget", f"b{budget:g} model calibrated to {target:g}", target, record))
+      records.append(curve_record("acm_any_budget", f"{source} at {target:g}", target, record))
   return records
 
 
 def run_static(exp: phases.Experiment, static_ks: list[int]) -> list[dict]:
   records = []
   for k in static_ks:
-    run = vit_task.build(dataclasses.replace(exp.config, static_k=k))
+    run = vit_task.build(dataclasses.replace(exp.config, static_k=k, budget_conditioning=False))
     path = run.run_dir("static") / "eval.json"
     if not path.exists():
       _unless_finished(exp, "distill")

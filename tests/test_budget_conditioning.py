@@ -1,0 +1,199 @@
+"""Budget-conditioned gates: the gate against plain-numpy references, the finetuning step's
+drawn budget, the conditioned model in the comparison sweep, and bad input."""
+
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from acm_jax import acm
+from acm_jax.acmize import flatten, unflatten
+from acm_jax.train import config as config_lib
+from acm_jax.train import phases, steps
+from acm_jax.vit import model as vit
+from acm_jax.vit import task as vit_task
+from acm_jax.vit.baselines import calibration
+from experiments import compare
+
+N, H, D = 4, 8, 16
+
+
+def numpy_features(b):
+  j = np.arange(1, 4) * np.pi * b
+  return np.concatenate([[b], np.sin(j), np.cos(j)])
+
+
+def numpy_gate(params, x, budget):
+  """The conditioned gate in float64: FiLM on the input, then the linear or ReLU-MLP gate."""
+  p = jax.tree.map(lambda v: np.asarray(v, np.float64), params)
+  x = np.asarray(x, np.float64)
+  film = numpy_features(budget) @ p["budget_film"]["kernel"] + p["budget_film"]["bias"]
+  x = x * (1 + film[:D]) + film[D:]
+  for i in range(sum(k.startswith("hidden_") for k in p)):
+    x = np.maximum(x @ p[f"hidden_{i}"]["kernel"] + p[f"hidden_{i}"]["bias"], 0)
+  return x @ p["out"]["kernel"] + p["out"]["bias"]
+
+
+def random_gate(seed, depth):
+  """A conditioned gate's params with every entry random (the FiLM layer's too: it starts at zero)."""
+  gate = acm.Gate(N + 1, depth, 6, budget_conditioning=True)
+  params = gate.init(jax.random.key(seed), jnp.ones((1, D)))["params"]
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return gate, jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, v.shape) for k, v in zip(keys, leaves)])
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("budget", [0.125, 0.37, 0.9])
+def test_conditioned_gate_is_film_then_the_gate(depth, budget):
+  gate, params = random_gate(depth, depth)
+  assert set(params) >= {acm.BUDGET_FILM, "out"} and params[acm.BUDGET_FILM]["kernel"].shape == (7, 2 * D)
+  x = jax.random.normal(jax.random.key(3), (2, 5, D))
+  got = gate.apply({"params": params}, x, budget)
+  np.testing.assert_allclose(got, numpy_gate(params, x, budget), rtol=1e-5, atol=1e-5)
+  # budget None: the gate without its conditioning, as phase 2 trained it
+  plain = {k: v for k, v in params.items() if k != acm.BUDGET_FILM}
+  np.testing.assert_allclose(gate.apply({"params": plain}, x), acm.Gate(N + 1, depth, 6).apply({"params": plain}, x),
+                             rtol=1e-6)
+  if depth == 1:  # one budget folds into a plain linear gate (what the fused kernels take)
+    kernel, bias = acm.linear_gate_at_budget(params, budget)
+    np.testing.assert_allclose(np.asarray(x) @ np.asarray(kernel) + np.asarray(bias), got, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(acm.linear_gate_at_budget(params, None)[0], params["out"]["kernel"])
+
+
+def test_fresh_conditioning_leaves_the_gate_unchanged_and_the_budget_moves_it():
+  gate = acm.Gate(N + 1, 1, budget_conditioning=True)
+  x = jax.random.normal(jax.random.key(4), (3, D))
+  params = gate.init(jax.random.key(5), x)["params"]
+  for budget in (0.2, 0.8):
+    np.testing.assert_array_equal(gate.apply({"params": params}, x, budget), gate.apply({"params": params}, x))
+  _, trained = random_gate(6, 1)
+  assert not np.allclose(gate.apply({"params": trained}, x, 0.2), gate.apply({"params": trained}, x, 0.8))
+
+
+def test_conditioned_acm_argmax_and_with_budget_match_the_reference():
+  module = acm.ACM(D, N, H, impl="xla", budget_conditioning=True)
+  x = jax.random.normal(jax.random.key(7), (2, 5, D))
+  params = module.init(jax.random.key(8), x)["params"]
+  _, gate = random_gate(9, 1)
+  params = {**params, "gate": gate, "b2": jax.random.normal(jax.random.key(10), (N + 1, D))}
+  learners = {k: v for k, v in params.items() if k != "gate"}
+  for budget in (0.2, 0.7):
+    k = np.argmax(numpy_gate(gate, x, budget), -1)
+    want = acm.acm_apply(learners, x, jnp.asarray(k), num_learners=N)
+    out, state = module.apply({"params": params}, x, budget=budget, mutable=["acm"])
+    np.testing.assert_array_equal(np.argmax(state["acm"]["choice"][0], -1), k)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    with acm.with_budget(budget):
+      np.testing.assert_array_equal(module.apply({"params": params}, x), out)
+  with pytest.raises(ValueError, match="not budget-conditioned"):
+    plain = acm.ACM(D, N, H, impl="xla")
+    plain.apply({"params": learners | {"gate": {"out": gate["out"]}}}, x, budget=0.5)
+
+
+def vit_experiment(tmp_path, **overrides):
+  cfg = dataclasses.replace(config_lib.ExperimentConfig(), model="tiny", image_size=16, batch_size=4,
+                            workdir=str(tmp_path), gate_hidden=8, **overrides)
+  return vit_task.build(cfg)
+
+
+def finetune_once(exp, params, weights, batch, step=0):
+  tx = optax.sgd(0.0)
+  state = {"step": jnp.int32(step), "params": params, "opt_state": tx.init(params), "rng": jax.random.key(11)}
+  return jax.jit(functools.partial(steps.finetune_step, exp.task, tx, weights))(state, batch)
+
+
+def test_finetune_step_draws_its_budget_and_targets_it(tmp_path):
+  plain = vit_experiment(tmp_path)
+  conditioned = vit_experiment(tmp_path, budget_conditioning=True)
+  gates = phases.without_budget_film(phases.init_params(plain, "acm", 0))
+  params = phases.with_budget_film(conditioned, gates)
+  film = [k for k in flatten(params) if acm.BUDGET_FILM in k]
+  assert len(film) == 8 and all(not np.any(flatten(params)[k]) for k in film)  # 4 ACMs x kernel, bias; zero
+  rng = np.random.default_rng(12)
+  batch = {"image": rng.normal(size=(4, 16, 16, 3)).astype(np.float32), "label": rng.integers(0, 10, 4)}
+  drawn = []
+  for step in range(3):
+    weights = steps.FinetuneWeights(budget_range=(0.2, 0.6))
+    _, m = finetune_once(conditioned, params, weights, batch, step)
+    assert 0.2 <= m["budget"] <= 0.6
+    np.testing.assert_allclose(m["budget_loss"], abs(float(m["compute"]) - float(m["budget"])), rtol=1e-5, atol=1e-7)
+    drawn.append(float(m["budget"]))
+    # the same step with the drawn budget as a fixed target: the zero FiLM leaves every choice alike
+    _, fixed = finetune_once(plain, gates, steps.FinetuneWeights(budget=drawn[-1]), batch, step)
+    for name in ("loss", "budget_loss", "compute", "task_loss"):
+      np.testing.assert_allclose(m[name], fixed[name], rtol=1e-5, atol=1e-6)
+  assert len(set(drawn)) == 3
+
+
+TINY = ["--model=tiny", "--image_size=16", "--batch_size=8", "--eval_batch_size=32", "--eval_examples=32",
+        "--pretrain_steps=3", "--distill_steps=2", "--gates_steps=2", "--finetune_steps=2", "--log_every=1",
+        "--checkpoint_every=100", "--gate_hidden=8", "--budgets=0.5", "--any_budgets=0.25,0.75",
+        "--calibration_examples=64", "--methods=acm", "--budget_conditioning=true"]
+
+
+def test_conditioned_model_in_the_sweep(tmp_path, capsys):
+  assert compare.main([f"--workdir={tmp_path}", *TINY, "--calibration=none"]) == 0
+  records = json.loads((tmp_path / "curves.json").read_text())
+  any_budget = [r for r in records if r["method"] == "acm_any_budget"]
+  assert [r["eval_budget"] for r in any_budget] == [0.25, 0.75]
+  assert all(r["rule"] == "none" and r["budget_conditioning"] == [0.125, 0.875] for r in any_budget)
+  run = tmp_path / "finetune_any_b0.125-0.875"
+  saved = config_lib.load(run / "config.json")
+  assert saved.budget_conditioning and (saved.budget_min, saved.budget_max) == (0.125, 0.875)
+  assert (tmp_path / "finetune_b0.50" / "eval.json").exists()  # the reference is a plain model
+  # global calibration on top of the conditioned gates, saved with the model; then served without fitting
+  assert compare.main([f"--workdir={tmp_path}", *TINY, "--calibration=global"]) == 0
+  assert sorted(calibration.load(run)["global"]) == ["0.2500", "0.7500"]
+  assert compare.main([f"--workdir={tmp_path}", *TINY, "--calibration=global", "--calibrate=false"]) == 0
+  capsys.readouterr()
+  # outside the trained range: refused before any work
+  assert compare.main([f"--workdir={tmp_path}", *TINY, "--calibration=none", "--eval_budget=0.95"]) == 2
+  assert "outside the range" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--budget_min=0"], "--budget_min and --budget_max must satisfy"),
+    (["--budget_min=0.6", "--budget_max=0.4"], "--budget_min and --budget_max must satisfy"),
+    (["--budget_max=1.5"], "--budget_min and --budget_max must satisfy"),
+    (["--eval_budget=1.2"], "--eval_budget must be"),
+    (["--eval_budget=0.9"], "outside the range"),
+    (["--budget_conditioning=false", "--calibration=none"], "serves budget-conditioned models only"),
+    (["--budget_conditioning=false", "--calibrate=false"], "no saved per_acm calibration"),
+    (["--calibration=per_acm", "--calibrate=false"], "no saved per_acm calibration"),
+])
+def test_bad_input_stops_before_work(tmp_path, capsys, flags, message):
+  assert compare.main([f"--workdir={tmp_path}", *TINY, *flags]) == 2
+  assert message in capsys.readouterr().err
+  assert not any(p.name == "checkpoints" for p in tmp_path.rglob("*"))
+
+
+def test_fused_path_reads_the_budget_like_the_xla_path():
+  """The fused kernels take each gate folded at the budget (`linear_gate_at_budget`); the XLA
+  path applies the FiLM layer: same choices, same logits (q/k/v grouped, MLP alone)."""
+  cfg = vit.get_config("tiny", depth=2, acm=acm.ACMConfig(num_learners=4, attention=True, impl="pallas",
+                                                           budget_conditioning=True))
+  images = jax.random.normal(jax.random.key(13), (2, 32, 32, 3))
+  model = vit.ViT(cfg)
+  flat = flatten(model.init(jax.random.key(14), images[:1])["params"])
+  rng = np.random.default_rng(15)
+  for name, value in flat.items():  # gates that spread over k, and a FiLM layer that matters
+    if name.endswith("gate/out/kernel") or acm.BUDGET_FILM in name:
+      flat[name] = jnp.asarray(rng.normal(size=value.shape) * 2 / np.sqrt(cfg.dim), jnp.float32)
+  params = unflatten(flat)
+  xla = vit.ViT(dataclasses.replace(cfg, acm=dataclasses.replace(cfg.acm, impl="xla")))
+  for budget in (0.2, 0.8):
+    with acm.with_budget(budget):
+      logits, state = model.apply({"params": params}, images, mutable=["acm"])
+      ref, ref_state = xla.apply({"params": params}, images, mutable=["acm"])
+    choices, ref_choices = flatten(state["acm"]), flatten(ref_state["acm"])
+    names = [n for n in choices if n.endswith("/choice")]
+    assert len(names) == 2 * 5
+    for name in names:
+      np.testing.assert_array_equal(np.argmax(choices[name][0], -1), np.argmax(ref_choices[name][0], -1))
+    np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
