@@ -54,12 +54,15 @@ GUMBEL_MODES = ("gumbel", "gumbel_detached")  # training: hard straight-through 
 # internal ACM mode: return the parameters the fused kernels take instead of an output, so
 # that a caller can run several ACMs that read the same input in one group (`transformer.Attention`)
 GROUP_INPUTS = "group_inputs"
-_forcing = contextvars.ContextVar("acm_force_k", default=False)
+# the k of the `force_k` in effect (None outside one), and inside a scanned stack of blocks the
+# layer being traced (see `scanned_layer`)
+_forced = contextvars.ContextVar("acm_force_k", default=None)
+_scanned = contextvars.ContextVar("acm_scanned_layer", default=None)
 
 
 def forcing() -> bool:
   """True inside `force_k` (grouped kernel calls must then not bypass the forced k)."""
-  return _forcing.get()
+  return _forced.get() is not None
 
 
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -285,6 +288,9 @@ class ACM(nn.Module):
                temperature: float = 1.0, cost_shift: float | jax.Array = 0.0,
                rng: jax.Array | None = None, budget: float | jax.Array | None = None) -> jax.Array:
     n, width = self.num_learners, self.learner_width
+    forced = forced_choices("/".join(self.scope.path), n, x.shape[:-1])
+    if forced is not None:
+      mode, fixed_k = "fixed", forced
     params = {
         "w1": self.param("w1", nn.initializers.lecun_normal(), (self.dim, n * width)),
         "b1": self.param("b1", nn.initializers.zeros, (n * width,)),
@@ -387,35 +393,61 @@ def _fixed_choices(fixed_k: int | jax.Array | None, num_learners: int, shape: tu
 
 
 @contextlib.contextmanager
-def force_k(k: int | jax.Array) -> Iterator[None]:
-  """Within the context every `ACM` runs with the given choices instead of its gate.
+def force_k(k: int | jax.Array | Mapping[str, int | jax.Array] | Callable[[str], int | jax.Array]) -> Iterator[None]:
+  """Within the context every ACM runs with the given choices instead of its gate.
 
   k: an int, or an int array broadcastable to each ACM's token shape (e.g.
-  (batch, tokens)), values in 0..N; or a mapping from each ACM's '/'-joined module
-  path (e.g. "block_0/mlp", as the keys of the sown "acm" collection) to its own. The calls keep their other arguments and sow
-  their choices as usual, so a model's eval statistics (k histograms, compute)
-  describe the forced allocation. For analysis, e.g. "the same learners with k
-  from a voice-activity oracle": a model's own `__call__` needs no change.
+  (batch, tokens)), values in 0..N; or each ACM's own, as a mapping from its '/'-joined
+  module path (e.g. "block_0/mlp", as the keys of the sown "acm" collection) or a function
+  of that path. Inside a scanned stack of blocks the paths are the unrolled ones
+  ("block_3/mlp", not "blocks/mlp"), so one per-layer map serves both layouts. Every ACM
+  obeys it: `ACM`, and those of `acm_jax.any_flax` (Linen and NNX). The calls keep their
+  other arguments and sow their choices as usual, so a model's eval statistics (k
+  histograms, compute) describe the forced allocation. For analysis, e.g. "the same
+  learners with k from a voice-activity oracle": a model's own `__call__` needs no change.
   """
-  def intercept(next_fun, args, kwargs, context):
-    if isinstance(context.module, ACM) and context.method_name == "__call__":
-      chosen = k
-      if isinstance(k, Mapping):
-        path = "/".join(context.module.scope.path)
-        if path not in k:
-          scanned = (" (an ACM of a scanned stack of blocks, shared by every layer: give force_k one k for all "
-                     "ACMs, or unroll the blocks for a per-layer mapping)") if path.startswith("blocks/") else ""
-          raise KeyError(f"force_k got no choices for the ACM {path!r}{scanned}; it has {sorted(k)[:8]}")
-        chosen = k[path]
-      kwargs = {**kwargs, "mode": "fixed", "fixed_k": chosen}
-    return next_fun(*args, **kwargs)
-
-  token = _forcing.set(True)
+  token = _forced.set(k)
   try:
-    with nn.intercept_methods(intercept):
-      yield
+    yield
   finally:
-    _forcing.reset(token)
+    _forced.reset(token)
+
+
+@contextlib.contextmanager
+def scanned_layer(stack_path: str, layer: jax.Array, layer_paths: Sequence[str]) -> Iterator[None]:
+  """Marks the trace of one layer of a scanned stack of blocks: the stack's module path,
+  the traced layer index and every layer's unrolled path, so that `force_k` finds the
+  per-layer choices of an ACM at `stack_path`/... under `layer_paths[i]`/..."""
+  token = _scanned.set((stack_path, layer, tuple(layer_paths)))
+  try:
+    yield
+  finally:
+    _scanned.reset(token)
+
+
+def forced_choices(path: str, num_learners: int, shape: tuple[int, ...]) -> jax.Array | None:
+  """The (shape) int32 choices that `force_k` sets for the ACM at module path `path`; None
+  outside `force_k`."""
+  k = _forced.get()
+  if k is None:
+    return None
+  scanned = _scanned.get()
+  per_path = isinstance(k, Mapping) or callable(k)
+  if per_path and scanned is not None and path.startswith(scanned[0] + "/"):
+    # one module serves every layer: each layer's choices under its unrolled path, picked by the traced index
+    stack_path, layer, layer_paths = scanned
+    rest = path[len(stack_path):]
+    per_layer = [_fixed_choices(_choice_of(k, prefix + rest), num_learners, shape) for prefix in layer_paths]
+    return jnp.stack(per_layer)[layer]
+  return _fixed_choices(_choice_of(k, path), num_learners, shape)
+
+
+def _choice_of(k, path: str):
+  if isinstance(k, Mapping):
+    if path not in k:
+      raise KeyError(f"force_k got no choices for the ACM {path!r}; it has {sorted(k)[:8]}")
+    return k[path]
+  return k(path) if callable(k) else k
 
 
 @contextlib.contextmanager

@@ -11,7 +11,8 @@ whose call runs exactly Dense -> activation -> Dense (dropout in between is
 allowed), or single `nn.Dense` projections (optional; identity learners from
 the SVD of the kernel). Nothing in the model's code changes: `ACMized.apply`
 intercepts the selected modules' calls and runs the ACM from the parameters
-stored at their paths (w1, b1, w2, b2 and gate/), with the modes of `acm.ACM`.
+stored at their paths (w1, b1, w2, b2 and gate/), with the modes of `acm.ACM`;
+`acm.force_k` sets their choices by these paths, as for this project's models.
 
 `ACMized.dense()` records every selected block's (input, output) and
 `ACMized.specs()` describes the ACMs, so `acm_jax.train.steps.Task` takes the
@@ -230,10 +231,12 @@ class ACMized:
       learners = {k: params[k].astype(x.dtype) for k in ("w1", "b1", "w2", "b2") if k in params}
       logits = acm_lib.Gate(self.num_learners + 1, self.gate_depth, self.gate_hidden).apply(
           {"params": params["gate"]}, x)
-      rng = module.make_rng("gumbel") if mode in acm_lib.GUMBEL_MODES else None
+      forced = acm_lib.forced_choices(block.path, self.num_learners, x.shape[:-1])
+      block_mode, block_k = ("fixed", forced) if forced is not None else (mode, fixed_k)
+      rng = module.make_rng("gumbel") if block_mode in acm_lib.GUMBEL_MODES else None
       y, logits, choice = acm_lib.gated_apply(
           learners, x, logits, num_learners=self.num_learners, activation=block.activation,
-          min_choice=1 if block.kind == "linear" else 0, mode=mode, fixed_k=fixed_k, temperature=temperature,
+          min_choice=1 if block.kind == "linear" else 0, mode=block_mode, fixed_k=block_k, temperature=temperature,
           cost_shift=cost_shift, rng=rng, impl=self.impl)
       module.sow("acm", "logits", logits)
       module.sow("acm", "choice", choice)
@@ -335,12 +338,15 @@ class NNXACM(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     call = _NNX_CALL[-1] if _NNX_CALL else {"mode": "argmax"}
     learners = {k: getattr(self, k)[...].astype(x.dtype) for k in ("w1", "b1", "w2", "b2") if hasattr(self, k)}
+    # the teacher (`NNXACMized.dense`) is the dense model, which force_k does not touch
+    forced = None if call.get("dense") else acm_lib.forced_choices(self.block.path, self.num_learners, x.shape[:-1])
+    mode, fixed_k = ("fixed", forced) if forced is not None else (call["mode"], call.get("fixed_k"))
     rng = None
-    if call["mode"] in acm_lib.GUMBEL_MODES:
+    if mode in acm_lib.GUMBEL_MODES:
       rng = jax.random.fold_in(call["rng"], len(call["acm"]))
     y, _, choice = acm_lib.gated_apply(
         learners, x, self.gate(x), num_learners=self.num_learners, activation=self.block.activation,
-        min_choice=1 if self.block.kind == "linear" else 0, mode=call["mode"], fixed_k=call.get("fixed_k"),
+        min_choice=1 if self.block.kind == "linear" else 0, mode=mode, fixed_k=fixed_k,
         temperature=call.get("temperature", 1.0), cost_shift=call.get("cost_shift", 0.0), rng=rng, impl=self.impl)
     if "acm" in call:
       call["acm"][self.block.path] = choice
@@ -421,7 +427,7 @@ class NNXACMized:
     template = nnx.to_pure_dict(state)
     nnx.replace_by_pure_dict(state, _keys_like(template, variables["params"]))
     model = nnx.merge(graphdef, state, rest)
-    call = {"mode": "full" if self.full else mode, "fixed_k": fixed_k, "temperature": temperature,
+    call = {"mode": "full" if self.full else mode, "dense": self.full, "fixed_k": fixed_k, "temperature": temperature,
             "cost_shift": cost_shift, "rng": (rngs or {}).get("gumbel"), "acm": {}, "record": {}}
     _NNX_CALL.append(call)
     try:

@@ -42,6 +42,9 @@ def parse(family: registry.Family, argv: list[str] | None) -> tuple[argparse.Nam
                            "(acm_jax/data/corruptions.py) into <workdir>/imagenet_c.json")
   parser.add_argument("--severities", default="1,2,3,4,5", metavar="S1,S2,...",
                       help="severities in 1..5 for --corruptions; default: %(default)s")
+  parser.add_argument("--frost_pictures", default=None, metavar="DIR",
+                      help="folder of ImageNet-C's frost pictures (frost1.png ... frost6.jpg) for frost on the "
+                           "fly; default: those of an installed imagecorruptions package")
   models = (*family.model_presets, "from_init")
   config_lib.add_flags(parser, family.config_class, choices={"model": models})
   args = parser.parse_args(argv)
@@ -108,11 +111,11 @@ def evaluate_models(family: registry.Family, exp: phases.Experiment, models: lis
 
 
 def evaluate_corruptions(family: registry.Family, exp: phases.Experiment, models: list[str], names,
-                         severities) -> dict:
+                         severities, frost_dir: str | None = None) -> dict:
   """Top-1 per corruption and severity, mean and mCE of every model: <workdir>/imagenet_c.json."""
   from acm_jax.train import robustness
   loaded = [load_model(exp, m)[:4] for m in models]
-  result = robustness.evaluate(exp, loaded, names, severities, family.evaluate or phases.evaluate)
+  result = robustness.evaluate(exp, loaded, names, severities, family.evaluate or phases.evaluate, frost_dir)
   phases.write_json(exp.workdir / "imagenet_c.json", result)
   return result
 
@@ -184,7 +187,7 @@ def run(family: registry.Family, args: argparse.Namespace, cfg: config_lib.Exper
     from acm_jax.train import robustness
     for name in corrupted[0]:  # every source is checked before any evaluation
       for severity in corrupted[1]:
-        robustness.corrupted_experiment(exp, name, severity)
+        robustness.corrupted_experiment(exp, name, severity, args.frost_pictures)
   if args.eval_models is not None:
     bad = [m for m in args.eval_models.split(",") if m not in EVAL_MODELS]
     if bad:
@@ -209,7 +212,7 @@ def run(family: registry.Family, args: argparse.Namespace, cfg: config_lib.Exper
       raise FileNotFoundError(f"nothing to evaluate in {exp.workdir}: no finished pretrain, finetune or "
                               "static run (and no --init)")
     if corrupted is not None:
-      result = evaluate_corruptions(family, exp, models, *corrupted)
+      result = evaluate_corruptions(family, exp, models, *corrupted, args.frost_pictures)
       if loop.is_main_process():
         print(format_corruptions(result))
     else:

@@ -245,6 +245,19 @@ def check_scannable(depth: int, acm, scan_blocks: bool) -> None:
                      f"{list(acm.block_indices(depth))} of {depth} ACMs; ACMize every block or set scan_blocks=False")
 
 
+def check_encoder(cfg: Any) -> None:
+  """The checks every family's config shares, on its fields dim, num_heads, depth, mlp_dim,
+  activation, remat, acm and scan_blocks: each raises ValueError naming the bad value."""
+  if cfg.dim % cfg.num_heads:
+    raise ValueError(f"dim {cfg.dim} is not divisible by num_heads {cfg.num_heads}")
+  acm_lib.get_activation(cfg.activation)
+  remat_policy(cfg.remat)
+  if cfg.acm is not None:
+    cfg.acm.mlp_learner_width(cfg.mlp_dim)
+    cfg.acm.block_indices(cfg.depth)
+  check_scannable(cfg.depth, cfg.acm, cfg.scan_blocks)
+
+
 class _Block(EncoderBlock):
   """An encoder block with positional arguments (what nn.remat and nn.scan lift), the
   string `mode` and an int `fixed_k` held static as fields. Parameters as EncoderBlock's."""
@@ -259,8 +272,14 @@ class _Block(EncoderBlock):
 
 
 class _ScanBlock(_Block):
+  num_layers: int = 0
+
   def __call__(self, x, layer, *args):
-    return _batch_sharded(super().__call__(_batch_sharded(x), layer, *args)), None
+    # force_k's per-layer maps use the unrolled paths: tell the ACMs which layer this trace is
+    parent = self.scope.path[:-1]
+    layer_paths = ["/".join((*parent, f"block_{i}")) for i in range(self.num_layers)]
+    with acm_lib.scanned_layer("/".join(self.scope.path), layer, layer_paths):
+      return _batch_sharded(super().__call__(_batch_sharded(x), layer, *args)), None
 
 
 def _batch_sharded(x: jax.Array) -> jax.Array:
@@ -292,7 +311,7 @@ def encoder_blocks(module: nn.Module, x: jax.Array, mask: jax.Array | None, *, d
                                                        prevent_cse=False)
     stack = nn.scan(body, variable_axes={"params": 0, "acm": 0, "record": 0, "intermediates": 0},
                     split_rngs={"params": True}, in_axes=(0, *[nn.broadcast] * len(args)), length=depth)
-    x, _ = stack(**fields, acm=acm, name=STACKED)(x, jnp.arange(depth), *args)
+    x, _ = stack(**fields, acm=acm, num_layers=depth, name=STACKED)(x, jnp.arange(depth), *args)
     return x
   cls = _Block if policy == "none" else nn.remat(_Block, policy=_CHECKPOINT_POLICIES[policy])
   acm_blocks = set(acm.block_indices(depth)) if acm is not None else set()
@@ -322,6 +341,13 @@ def unstack_blocks(tree: Any) -> Any:
   for i in range(depth):
     out[f"block_{i}"] = jax.tree.map(lambda a, i=i: a[i], tree[STACKED])
   return out
+
+
+def block_params(tree: Mapping, index: int) -> Any:
+  """Block `index`'s subtree (EncoderBlock's names) of a tree in either layout."""
+  if is_stacked(tree):
+    return jax.tree.map(lambda a: a[index], tree[STACKED])
+  return tree[f"block_{index}"]
 
 
 def stack_blocks(tree: Mapping) -> dict:

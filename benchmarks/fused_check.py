@@ -1,5 +1,6 @@
 """GPU check of the fused ACM kernels (`pallas_kernels.acm_fused`) against the float32
-reference: groups of 1 and 3, sorted and unsorted paths, linear gates and given logits.
+reference: groups of 1 and 3, the sorted, unsorted and one-launch paths, linear gates and
+given logits.
 
     python3 -m benchmarks.fused_check
 
@@ -16,24 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import acm_fused as af
-
-
-def make_group(rng, tokens, dim, num_learners, width, size, dtype, gate="linear"):
-  x = jnp.asarray(rng.normal(size=(tokens, dim)), dtype)
-  groups = []
-  for _ in range(size):
-    total = num_learners * width
-    params = dict(w1=jnp.asarray(rng.normal(size=(dim, total)) / np.sqrt(dim), dtype),
-                  b1=jnp.asarray(0.5 * rng.normal(size=(total,)), dtype),
-                  w2=jnp.asarray(rng.normal(size=(total, dim)) / np.sqrt(width), dtype),
-                  b2=jnp.asarray(rng.normal(size=(num_learners + 1, dim)), dtype))
-    if gate == "linear":
-      params["gate"] = (jnp.asarray(3 * rng.normal(size=(dim, num_learners + 1)) / np.sqrt(dim), dtype),
-                        jnp.asarray(rng.normal(size=(num_learners + 1,)), jnp.float32))
-    else:
-      params["logits"] = jnp.asarray(rng.normal(size=(tokens, num_learners + 1)), jnp.float32)
-    groups.append(params)
-  return x, groups
+from pallas_kernels.fused_testing import random_group
 
 
 def main():
@@ -41,21 +25,23 @@ def main():
   failures = 0
   cases = [(197, 768, 4, 768, 1, "gelu", 0), (1576, 768, 4, 768, 1, "gelu", 0), (6304, 768, 4, 96, 3, "identity", 1),
            (197, 768, 4, 96, 3, "identity", 1), (50432, 768, 4, 768, 1, "gelu", 0), (3000, 768, 4, 96, 1, "identity", 1)]
-  for tokens, dim, n, width, size, act, min_choice in cases:
-    for gate in ("linear", "logits"):
-      x, groups = make_group(rng, tokens, dim, n, width, size, jnp.bfloat16, gate)
-      fn = jax.jit(lambda x, g: af.acm_group(x, g, num_learners=n, activation=act, min_choice=min_choice, cost_shift=0.1))
-      outs, k = fn(x, groups)
-      _, k_ref = af.acm_group_reference(x, groups, num_learners=n, min_choice=min_choice, cost_shift=0.1)
-      refs, _ = af.acm_group_reference(x, groups, num_learners=n, activation=act, k=k)
-      agree = float(jnp.mean(k == k_ref))
-      errs = [float(jnp.linalg.norm((o.astype(jnp.float32) - r.astype(jnp.float32))) / jnp.linalg.norm(r.astype(jnp.float32)))
-              for o, r in zip(outs, refs)]
-      ok = agree > 0.99 and max(errs) < 2e-2 and all(bool(jnp.isfinite(o.astype(jnp.float32)).all()) for o in outs)
-      failures += not ok
-      print(f"T={tokens:6d} G={size} h={width} {act:8s} gate={gate:6s} k agrees {agree:.4f} "
-            f"rel err {max(errs):.2e} k hist {np.bincount(np.asarray(k).ravel(), minlength=n + 1)} "
-            f"{'ok' if ok else 'BAD'}", flush=True)
+  runs = [(case, gate, False) for case in cases for gate in ("linear", "logits")]
+  runs += [(case, "linear", True) for case in cases if case[0] <= 3000]  # the one-launch path
+  for (tokens, dim, n, width, size, act, min_choice), gate, onepass in runs:
+    x, groups = random_group(rng, tokens, dim, n, width, size, jnp.bfloat16, gate=gate)
+    fn = jax.jit(lambda x, g: af.acm_group(x, g, num_learners=n, activation=act, min_choice=min_choice,
+                                            cost_shift=0.1, **({"onepass": True} if onepass else {})))
+    outs, k = fn(x, groups)
+    _, k_ref = af.acm_group_reference(x, groups, num_learners=n, min_choice=min_choice, cost_shift=0.1)
+    refs, _ = af.acm_group_reference(x, groups, num_learners=n, activation=act, k=k)
+    agree = float(jnp.mean(k == k_ref))
+    errs = [float(jnp.linalg.norm((o.astype(jnp.float32) - r.astype(jnp.float32))) / jnp.linalg.norm(r.astype(jnp.float32)))
+            for o, r in zip(outs, refs)]
+    ok = agree > 0.99 and max(errs) < 2e-2 and all(bool(jnp.isfinite(o.astype(jnp.float32)).all()) for o in outs)
+    failures += not ok
+    print(f"T={tokens:6d} G={size} h={width} {act:8s} gate={gate:6s}{' onepass' if onepass else ''} k agrees {agree:.4f} "
+          f"rel err {max(errs):.2e} k hist {np.bincount(np.asarray(k).ravel(), minlength=n + 1)} "
+          f"{'ok' if ok else 'BAD'}", flush=True)
   sys.exit(1 if failures else 0)
 
 

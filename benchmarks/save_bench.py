@@ -50,13 +50,17 @@ def finetune_state(model: str, sharding: str):
   tx = phases.optimizer(exp, "finetune", params)
   state, shardings = exp.partitioner.create(lambda p: phases.new_state(p, tx, 0), exp.partitioner.put(params))
 
-  def busy(state):  # a fresh AdamW state is zeros, which compress to nothing on disk: fill it as training would
-    leaves, tree = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    return jax.tree.unflatten(tree, [x + 1e-3 * jax.random.normal(k, x.shape, x.dtype)
-                                     if jnp.issubdtype(x.dtype, jnp.floating) else x for x, k in zip(leaves, keys)])
-
-  return jax.jit(busy, in_shardings=(shardings,), out_shardings=shardings, donate_argnums=0)(state)
+  # A fresh AdamW state is zeros, which compress to nothing on disk: fill it as training would.
+  # The noise is drawn on the host: one jitted random draw per leaf took minutes to compile.
+  rng = np.random.default_rng(1)
+  leaves, tree = jax.tree.flatten(state)
+  filled = []
+  for x in leaves:
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      noise = (1e-3 * rng.standard_normal(x.shape, np.float32)).astype(x.dtype)
+      x = jax.device_put(np.asarray(x) + noise, x.sharding)
+    filled.append(x)
+  return jax.tree.unflatten(tree, filled)
 
 
 def directory_bytes(path: Path) -> int:
@@ -76,9 +80,11 @@ def main(argv=None) -> dict:
   device = jax.devices()[0]
   kind = re.sub(r"[^a-z0-9]+", "_", device.device_kind.lower()).strip("_")
   tic = time.perf_counter()
+  print(f"building the {args.model} finetune state ...", flush=True)
   state = finetune_state(args.model, args.sharding)
   jax.block_until_ready(state)
   setup_s = time.perf_counter() - tic
+  print(f"state ready after {setup_s:.1f} s; saving {args.repeats} time(s)", flush=True)
   leaves = jax.tree.leaves(state)
   state_bytes = int(sum(np.dtype(x.dtype).itemsize * x.size for x in leaves))
   param_bytes = int(sum(np.dtype(x.dtype).itemsize * x.size for x in jax.tree.leaves(state["params"])))

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from acm_jax import acm as acm_lib
+from acm_jax import transformer
 from acm_jax.vit import model as vit
 
 
@@ -51,16 +52,21 @@ def set_gates(params, num_learners, r, dim, seed):
       flat[name] = jnp.asarray(rng.normal(size=flat[name].shape) * (math.pi / math.sqrt(6)) / math.sqrt(dim),
                                flat[name].dtype)
     elif name.endswith("gate/out/bias"):
-      flat[name] = jnp.asarray(np.log(np.maximum(pmf, 1e-9)), flat[name].dtype)
+      flat[name] = jnp.asarray(np.broadcast_to(np.log(np.maximum(pmf, 1e-9)), flat[name].shape), flat[name].dtype)
   return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 
 ACM_KINDS = {"mlp": False, "mlp_qkvo": True}  # --acm value -> attention projections ACMized
 
 
+def acm_collection(state):
+  """The sown "acm" collection keyed by per-layer paths (`block_i/...`) in either block layout."""
+  return transformer.unstack_blocks(dict(flax.core.unfreeze(state["acm"])))
+
+
 def mean_k_by_kind(state):
   """Mean k of the MLP ACMs and of the attention-projection ACMs (None where there are none)."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(state["acm"]), sep="/")
+  flat = flax.traverse_util.flatten_dict(acm_collection(state), sep="/")
   kinds = {"mlp": [], "attn": []}
   for name, v in flat.items():
     if name.endswith("choice"):
@@ -76,7 +82,7 @@ def mean_k_ratio(mean_k):
 
 def choices_by_acm(state):
   """{ACM module path: (batch, tokens) k} from a sown "acm" collection (`acm.force_k`'s mapping)."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(state["acm"]), sep="/")
+  flat = flax.traverse_util.flatten_dict(acm_collection(state), sep="/")
   return {name[:-len("/choice")]: jnp.argmax(v[0], -1).astype(jnp.int32)
           for name, v in flat.items() if name.endswith("/choice")}
 
@@ -91,7 +97,7 @@ def forced_reference(model, params, images, kmap):
 def gate_agreement(kmap, ref_state):
   """Share of tokens where the kernel's k equals the XLA gate's argmax, over the ACMs of block 0
   (whose inputs are the same on both paths)."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(ref_state["acm"]), sep="/")
+  flat = flax.traverse_util.flatten_dict(acm_collection(ref_state), sep="/")
   same = [np.asarray(jnp.argmax(flat[f"{name}/logits"][0], -1) == k).mean()
           for name, k in kmap.items() if name.startswith("block_0/")]
   return float(np.mean(same))
@@ -126,8 +132,11 @@ def main(argv=None):
   parser.add_argument("--ratios", default="0.5,0.25")
   parser.add_argument("--impls", default="pallas", help="comma list of ACM impls: pallas, triton, xla")
   parser.add_argument("--attention", default="auto", help="attention implementation (see transformer.attend)")
+  parser.add_argument("--scan-blocks", action="store_true", help="dense and ACM models with scanned blocks")
   parser.add_argument("--sort-min-tokens", type=int, default=None,
                       help="override pallas_kernels.acm_fused.SORT_MIN_TOKENS (tuning)")
+  parser.add_argument("--onepass-max-tokens", type=int, default=None,
+                      help="override pallas_kernels.acm_fused.ONEPASS_MAX_TOKENS (the one-launch path)")
   parser.add_argument("--tuned", default=None, help="JSON of benchmarks.fused_tune to load into acm_fused.TUNED")
   parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
   parser.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
@@ -143,6 +152,9 @@ def main(argv=None):
   if args.sort_min_tokens is not None:
     from pallas_kernels import acm_fused
     acm_fused.SORT_MIN_TOKENS = args.sort_min_tokens
+  if args.onepass_max_tokens is not None:
+    from pallas_kernels import acm_fused
+    acm_fused.ONEPASS_MAX_TOKENS = args.onepass_max_tokens
   if args.tuned:
     from benchmarks import fused_tune
     from pallas_kernels import acm_fused
@@ -151,7 +163,7 @@ def main(argv=None):
   date = datetime.date.today().isoformat()
   to_bf16 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.bfloat16), tree)
   records = []
-  dense_cfg = vit.get_config("vit_b16", attention=args.attention)
+  dense_cfg = vit.get_config("vit_b16", attention=args.attention, scan_blocks=args.scan_blocks)
   dense = vit.ViT(dense_cfg)
   all_images = jax.random.normal(jax.random.key(0), (max(batches), 224, 224, 3), jnp.bfloat16)
   dense_params = to_bf16(dense.init(jax.random.key(1), all_images[:1])["params"])
@@ -171,7 +183,7 @@ def main(argv=None):
     log(f"batch {batch}: dense {dense_ips:.1f} images/s")
     records.append(dict(device=device, date=date, jax_version=jax.__version__, batch=batch, acm="none", r=1.0,
                         r_measured=1.0, impl="dense", attention=args.attention, images_per_s=round(dense_ips, 1),
-                        ratio_to_dense=1.0, ideal_ratio=1.0))
+                        ratio_to_dense=1.0, ideal_ratio=1.0, scanned=args.scan_blocks))
     for kind, acm_cfg, r, params, reference in setups:
       check = images[:min(batch, 32)]
       for impl in args.impls.split(","):
@@ -197,7 +209,8 @@ def main(argv=None):
         rec = dict(device=device, date=date, jax_version=jax.__version__, batch=batch, acm=kind, r=r,
                    r_measured=round(r_real, 4), impl=impl, attention=args.attention, images_per_s=round(ips, 1),
                    ratio_to_dense=round(ips / dense_ips, 4), ideal_ratio=round(ideal, 4), logits_rel_err=err,
-                   gate_agreement_block0=round(gate_agree, 5), check_passed=err <= 0.05 and gate_agree >= 0.99)
+                   gate_agreement_block0=round(gate_agree, 5), check_passed=err <= 0.05 and gate_agree >= 0.99,
+                   scanned=args.scan_blocks)
         records.append(rec)
         log(f"batch {batch:4d} acm={kind:8s} r={r} (measured {r_real:.3f}) impl={impl:6s} {ips:9.1f} images/s "
             f"{ips / dense_ips:.3f} x dense (ideal {ideal:.2f}; logits vs XLA at the same k {err:.1e}; "

@@ -30,6 +30,14 @@ below `SORT_MIN_TOKENS` tokens (a ViT-B/16 image or a few) its launch costs more
 than it saves, and the unsorted path (route, up, down) runs the row blocks in
 token order. Either way the result is the same function.
 
+The one-launch path (`onepass`, at most `ONEPASS_MAX_TOKENS` tokens; off by default
+until a GPU run shows where it pays) does everything in one program per (ACM, row
+block, hidden tile): the gate and k of its rows, its hidden tile (never written to
+memory), that tile's share of the down projection, added in float32 with atomic
+adds into zeroed outputs, and (for hidden tile 0) the output bias. One launch and no
+hidden buffer per group, at the price of summation order: the float32 sums are not
+bit-reproducible from run to run.
+
 The gate logits inside the route kernel are rounded where a Flax Dense gate of
 the same dtypes rounds (after the matmul and after the bias), so the argmax
 agrees with the XLA gate except where float32 accumulation order moves a logit
@@ -54,6 +62,9 @@ from pallas_kernels.acm_mlp import (ACTIVATIONS, _compiler_params, _kernel_activ
 GATE_COLS = 16  # gate logits padded to the smallest width of a Triton matmul
 ROUTE_CHUNK = 128  # tokens per route / scatter program
 SORT_MIN_TOKENS = 1024  # below this many tokens the unsorted path runs (see module docstring)
+# At most this many tokens take the one-launch path (see module docstring). 0 until a GPU run
+# (`benchmarks.vit_bench --onepass-max-tokens`) shows where it pays.
+ONEPASS_MAX_TOKENS = 0
 MAX_GROUP = 4
 
 
@@ -103,23 +114,25 @@ def default_settings(dtype, dim: int, total_hidden: int, tokens: int) -> dict:
   settings = dict(block_rows=rows, block_hidden=_largest_divisor(total_hidden, 128),
                   block_out=_largest_divisor(dim, 256 if (bf16 and tokens >= 8192) else 64 if tokens < 1024 else 128),
                   block_k_up=_largest_divisor(dim, 64 if bf16 else 32), num_warps=8 if rows == 128 else 4,
-                  num_stages=3, sort=tokens >= SORT_MIN_TOKENS)
+                  num_stages=3, sort=tokens >= SORT_MIN_TOKENS, onepass=tokens <= ONEPASS_MAX_TOKENS)
   if bf16 and gpu_family() == "hopper":
     settings.update(TUNED.get((token_bucket(tokens), shape_kind(dim, total_hidden)), {}))
   return settings
 
 
-def resolve_config(dtype, dim: int, total_hidden: int, tokens: int, **overrides) -> tuple[FusedConfig, bool]:
-  """(tile sizes, sort) for these shapes: defaults with user overrides, validated."""
+def resolve_config(dtype, dim: int, total_hidden: int, tokens: int,
+                   **overrides) -> tuple[FusedConfig, bool, bool]:
+  """(tile sizes, sort, onepass) for these shapes: defaults with user overrides, validated."""
   names = [f.name for f in dataclasses.fields(FusedConfig)]
-  unknown = set(overrides) - set(names) - {"sort"}
+  unknown = set(overrides) - set(names) - {"sort", "onepass"}
   if unknown:
-    raise ValueError(f"unknown kernel settings {sorted(unknown)}; expected some of {names + ['sort']}")
+    raise ValueError(f"unknown kernel settings {sorted(unknown)}; expected some of {names + ['sort', 'onepass']}")
   settings = default_settings(dtype, dim, total_hidden, tokens)
   settings.update({key: value for key, value in overrides.items() if value is not None})
   bf16 = jnp.dtype(dtype) != jnp.float32
   settings.setdefault("block_k_down", _largest_divisor(settings["block_hidden"], 64 if bf16 else 32))
   sort = bool(settings.pop("sort"))
+  onepass = bool(settings.pop("onepass"))
   cfg = FusedConfig(**settings)
   for name in ("block_rows", "block_hidden", "block_out", "block_k_up", "block_k_down"):
     v = getattr(cfg, name)
@@ -131,7 +144,7 @@ def resolve_config(dtype, dim: int, total_hidden: int, tokens: int, **overrides)
   for whole, part, name, what in checks:
     if whole % part:
       raise ValueError(f"{name}={part} does not divide {what}={whole}")
-  return cfg, sort
+  return cfg, sort and not onepass, onepass
 
 
 # ----------------------------------------------------------------------------
@@ -142,6 +155,38 @@ def resolve_config(dtype, dim: int, total_hidden: int, tokens: int, **overrides)
 def _for_group(g, num_groups, body):
   for gg in range(num_groups):
     pl.when(g == gg)(functools.partial(body, gg))
+
+
+def _gate_choice(shift_ref, x_ref, gate_refs, src, valid, *, rows, dim, block_k, num_learners, min_choice,
+                 relative_cost, gate_dtype):
+  """k of the given rows (0 where not valid): the gate's logits (a linear gate's matmul here,
+  or rows of precomputed logits), the cost shift, min_choice, and the first argmax."""
+  f32 = jnp.float32
+  cols = jnp.arange(GATE_COLS, dtype=jnp.int32)
+  gate_cols = jnp.minimum(cols, num_learners)  # padding columns repeat the last choice, masked below
+  if len(gate_refs) == 2:  # linear gate: x @ wg + bg inside the kernel
+    wg_ref, bg_ref = gate_refs
+
+    def step(s, acc):
+      red = s * block_k + jnp.arange(block_k, dtype=jnp.int32)
+      xs = x_ref[src[:, None], red[None, :]].astype(gate_dtype)
+      ws = wg_ref[red[:, None], gate_cols[None, :]].astype(gate_dtype)
+      return acc + jnp.dot(xs, ws, precision=_precision(gate_dtype), preferred_element_type=f32)
+
+    # rounded where a Flax Dense of this dtype rounds: after the matmul and after the bias
+    logits = jax.lax.fori_loop(0, dim // block_k, step, jnp.zeros((rows, GATE_COLS), f32))
+    logits = logits.astype(gate_dtype).astype(f32) + bg_ref[gate_cols].astype(f32)[None, :]
+    logits = logits.astype(gate_dtype).astype(f32)
+  else:  # precomputed (T, N+1) logits
+    (logits_ref,) = gate_refs
+    logits = logits_ref[src[:, None], gate_cols[None, :]].astype(f32)
+  logits = logits - shift_ref[0] * (cols.astype(f32) * relative_cost)[None, :]
+  allowed = (cols >= min_choice) & (cols <= num_learners)
+  logits = jnp.where(allowed[None, :], logits, -jnp.inf)
+  best = jnp.max(logits, axis=1)
+  # first index of the maximum, as jnp.argmax; a NaN row (no index equals the max) gets N
+  k = jnp.min(jnp.where(logits == best[:, None], cols[None, :], num_learners), axis=1)
+  return jnp.where(valid, k, 0).astype(jnp.int32)
 
 
 def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, tokens, padded, chunk, dim,
@@ -156,32 +201,11 @@ def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, toke
   valid = rows < tokens
   src = jnp.minimum(rows, tokens - 1)
   cols = jnp.arange(GATE_COLS, dtype=jnp.int32)
-  gate_cols = jnp.minimum(cols, num_learners)  # padding columns repeat the last choice, masked below
 
   def body(gg):
-    if gate_refs_per_group == 2:  # linear gate: x @ wg + bg inside the kernel
-      wg_ref, bg_ref = gates[gg]
-
-      def step(s, acc):
-        red = s * block_k + jnp.arange(block_k, dtype=jnp.int32)
-        xs = x_ref[src[:, None], red[None, :]].astype(gate_dtype)
-        ws = wg_ref[red[:, None], gate_cols[None, :]].astype(gate_dtype)
-        return acc + jnp.dot(xs, ws, precision=_precision(gate_dtype), preferred_element_type=f32)
-
-      # rounded where a Flax Dense of this dtype rounds: after the matmul and after the bias
-      logits = jax.lax.fori_loop(0, dim // block_k, step, jnp.zeros((chunk, GATE_COLS), f32))
-      logits = logits.astype(gate_dtype).astype(f32) + bg_ref[gate_cols].astype(f32)[None, :]
-      logits = logits.astype(gate_dtype).astype(f32)
-    else:  # precomputed (T, N+1) logits
-      (logits_ref,) = gates[gg]
-      logits = logits_ref[src[:, None], gate_cols[None, :]].astype(f32)
-    logits = logits - shift_ref[0] * (cols.astype(f32) * relative_cost)[None, :]
-    allowed = (cols >= min_choice) & (cols <= num_learners)
-    logits = jnp.where(allowed[None, :], logits, -jnp.inf)
-    best = jnp.max(logits, axis=1)
-    # first index of the maximum, as jnp.argmax; a NaN row (no index equals the max) gets N
-    k = jnp.min(jnp.where(logits == best[:, None], cols[None, :], num_learners), axis=1)
-    k = jnp.where(valid, k, 0).astype(jnp.int32)
+    k = _gate_choice(shift_ref, x_ref, gates[gg], src, valid, rows=chunk, dim=dim, block_k=block_k,
+                     num_learners=num_learners, min_choice=min_choice, relative_cost=relative_cost,
+                     gate_dtype=gate_dtype)
     k_ref[pl.ds(gg * padded + c * chunk, chunk)] = k
     if sort:
       rank_ref, counts_ref = sort_refs
@@ -312,6 +336,72 @@ def _down_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_rows, bl
   _for_group(g, num_groups, body)
 
 
+def _onepass_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, tiles, block_rows, block_hidden,
+                    block_out, block_k, dim, width, tokens, padded, num_learners, min_choice, relative_cost,
+                    gate_dtype, activation, fast_math, has_bias):
+  """Gate, k, both projections and the output bias of one (ACM, row block, hidden tile) in
+  one program. Partial outputs of the hidden tiles meet in float32 through atomic adds
+  into zeroed outputs of `padded` rows (rows past the end land in the padding, so no add
+  needs a mask); the hidden tile never leaves the program."""
+  from jax.experimental.pallas import triton as plgpu
+  per = 4 if has_bias else 3
+  n_gate = num_groups * gate_refs_per_group
+  gates = [refs[g * gate_refs_per_group:(g + 1) * gate_refs_per_group] for g in range(num_groups)]
+  w_refs = refs[n_gate:n_gate + per * num_groups]
+  k_ref, *out_refs = refs[n_gate + per * num_groups + num_groups:]  # the zeroed inputs are aliased outputs
+  p = pl.program_id(0)
+  row_blocks = padded // block_rows
+  g, rest = p // (row_blocks * tiles), p % (row_blocks * tiles)
+  i, j = rest // tiles, rest % tiles
+  rows = i * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
+  valid = rows < tokens
+  src = jnp.minimum(rows, tokens - 1)
+  f32 = jnp.float32
+
+  def body(gg):
+    w1_ref, b1_ref, w2_ref, *bias = w_refs[per * gg:per * (gg + 1)]
+    out_ref = out_refs[gg]
+    k_rows = _gate_choice(shift_ref, x_ref, gates[gg], src, valid, rows=block_rows, dim=dim, block_k=block_k,
+                          num_learners=num_learners, min_choice=min_choice, relative_cost=relative_cost,
+                          gate_dtype=gate_dtype)
+
+    def add(cb, part):
+      plgpu.atomic_add(out_ref, (pl.ds(i * block_rows, block_rows), pl.ds(cb * block_out, block_out)), part)
+
+    @pl.when(j == 0)
+    def _():
+      k_ref[pl.ds(gg * padded + i * block_rows, block_rows)] = k_rows
+      if has_bias:  # choice k carries b2[0] + ... + b2[k]
+        (b2_ref,) = bias
+        for cb in range(dim // block_out):
+          cols = pl.ds(cb * block_out, block_out)
+          acc = jnp.zeros((block_rows, block_out), f32)
+          for choice in range(num_learners + 1):
+            acc = acc + jnp.where((k_rows >= choice)[:, None], b2_ref[choice, cols].astype(f32)[None, :], 0.0)
+          add(cb, acc)
+
+    @pl.when(j * block_hidden < jnp.max(k_rows) * width)
+    def _():
+      cols = pl.ds(j * block_hidden, block_hidden)
+
+      def step(s, acc):
+        red = s * block_k + jnp.arange(block_k, dtype=jnp.int32)
+        xs = x_ref[src[:, None], red[None, :]]
+        ws = w1_ref[pl.ds(s * block_k, block_k), cols]
+        return acc + jnp.dot(xs, ws, precision=_precision(xs.dtype), preferred_element_type=f32)
+
+      acc = jax.lax.fori_loop(0, dim // block_k, step, jnp.zeros((block_rows, block_hidden), f32))
+      acc = _kernel_activation(activation, fast_math)(acc + b1_ref[cols].astype(f32)[None, :])
+      learner = (j * block_hidden + jnp.arange(block_hidden, dtype=jnp.int32)) // width
+      keep = (learner[None, :] < k_rows[:, None]) & valid[:, None]
+      h = jnp.where(keep, acc, 0.0).astype(x_ref.dtype)  # rounded as the two-launch path stores it
+      for cb in range(dim // block_out):
+        ws = w2_ref[cols, pl.ds(cb * block_out, block_out)]
+        add(cb, jnp.dot(h, ws, precision=_precision(h.dtype), preferred_element_type=f32))
+
+  _for_group(g, num_groups, body)
+
+
 # ----------------------------------------------------------------------------
 # Wrapper and reference
 
@@ -363,15 +453,15 @@ def _check_group(x, groups, num_learners, activation, min_choice):
 
 def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_learners: int,
               activation: str = "gelu", min_choice: int = 0, cost_shift: float | jax.Array = 0.0,
-              sort: bool | None = None, fast_math: bool | None = None, interpret: bool | None = None,
-              **tiles) -> tuple[tuple[jax.Array, ...], jax.Array]:
+              sort: bool | None = None, onepass: bool | None = None, fast_math: bool | None = None,
+              interpret: bool | None = None, **tiles) -> tuple[tuple[jax.Array, ...], jax.Array]:
   """Hard-choice outputs of G ACMs that read the same tokens.
 
   x: (T, d) bfloat16 or float32. groups: G dicts with w1 (d, N*h), b1 (N*h,),
   w2 (N*h, d), optionally b2 (N+1, d) (per-choice increments, as `acm.ACM`'s
   parameter), all in x.dtype, and either gate = (wg (d, N+1), bg (N+1,)) for a
   linear gate or logits (T, N+1) from a deeper one. cost_shift: a scalar (see
-  `acm.ACM`). sort: None picks by token count (`default_settings`). tiles:
+  `acm.ACM`). sort, onepass: None picks by token count (`default_settings`). tiles:
   overrides of `FusedConfig`. interpret: None means "when the backend is not a GPU".
 
   Returns (outputs: G arrays (T, d) in x.dtype, k: (G, T) int32 in token order).
@@ -384,10 +474,13 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   tokens, dim, width = _check_group(x, groups, num_learners, activation, min_choice)
   num_groups = len(groups)
   total = num_learners * width
-  cfg, sort = resolve_config(x.dtype, dim, total, tokens, sort=sort, **tiles)
+  cfg, sort, onepass = resolve_config(x.dtype, dim, total, tokens, sort=sort, onepass=onepass, **tiles)
   if fast_math is None:
     fast_math = x.dtype == jnp.bfloat16
   fast_math = fast_math and not interpret  # the interpreter cannot run PTX
+  if onepass:
+    return _acm_group_onepass(x, groups, cfg, num_learners=num_learners, activation=activation,
+                              min_choice=min_choice, cost_shift=cost_shift, fast_math=fast_math, interpret=interpret)
   padded = -(-tokens // max(ROUTE_CHUNK, cfg.block_rows)) * max(ROUTE_CHUNK, cfg.block_rows)
   num_chunks = padded // ROUTE_CHUNK
   linear_gate = "gate" in groups[0]
@@ -441,6 +534,40 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   )(order, k_rows, *down_inputs)
   k = k_tokens.reshape(num_groups, padded)[:, :tokens]
   return tuple(outs), k
+
+
+def _acm_group_onepass(x, groups, cfg, *, num_learners, activation, min_choice, cost_shift, fast_math, interpret):
+  """`acm_group` in one launch (`_onepass_kernel`); the outputs are summed in float32 and
+  rounded to x.dtype once, at the end."""
+  tokens, dim = x.shape
+  num_groups = len(groups)
+  width = groups[0]["w1"].shape[1] // num_learners
+  total = num_learners * width
+  padded = -(-tokens // cfg.block_rows) * cfg.block_rows
+  tiles = total // cfg.block_hidden
+  linear_gate = "gate" in groups[0]
+  has_bias = "b2" in groups[0]
+  gate_inputs = [a for grp in groups for a in (grp["gate"] if linear_gate else (grp["logits"],))]
+  weights = [a for grp in groups for a in (grp["w1"], grp["b1"], grp["w2"]) + ((grp["b2"],) if has_bias else ())]
+  zeros = [jnp.zeros((padded, dim), jnp.float32) for _ in groups]
+  inputs = [jnp.reshape(jnp.asarray(cost_shift, jnp.float32), (1,)), x, *gate_inputs, *weights, *zeros]
+  first_zero = len(inputs) - num_groups
+  k_flat, *outs = pl.pallas_call(
+      functools.partial(_onepass_kernel, num_groups=num_groups, gate_refs_per_group=2 if linear_gate else 1,
+                        tiles=tiles, block_rows=cfg.block_rows, block_hidden=cfg.block_hidden,
+                        block_out=cfg.block_out, block_k=cfg.block_k_up, dim=dim, width=width, tokens=tokens,
+                        padded=padded, num_learners=num_learners, min_choice=min_choice,
+                        relative_cost=width / dim, gate_dtype=gate_dtype(x, groups[0]), activation=activation,
+                        fast_math=fast_math, has_bias=has_bias),
+      out_shape=(jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),)
+      + (jax.ShapeDtypeStruct((padded, dim), jnp.float32),) * num_groups,
+      grid=(num_groups * (padded // cfg.block_rows) * tiles,),
+      input_output_aliases={first_zero + g: 1 + g for g in range(num_groups)},
+      compiler_params=None if interpret else _compiler_params(cfg.num_warps, cfg.num_stages),
+      interpret=interpret, name="acm_group_onepass",
+  )(*inputs)
+  k = k_flat.reshape(num_groups, padded)[:, :tokens]
+  return tuple(o[:tokens].astype(x.dtype) for o in outs), k
 
 
 def gate_dtype(x, params):

@@ -18,33 +18,9 @@ from acm_jax import acm as acm_lib
 from acm_jax import inference
 from acm_jax.vit import model as vit
 from pallas_kernels import acm_fused as af
+from pallas_kernels.fused_testing import random_group
 
 LIMITS = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1.5e-2}
-
-
-def make_group(seed, tokens, dim, num_learners, width, size, dtype, *, gate="linear", k_kind="random",
-               bias=True):
-  """x and `size` ACMs; k_kind "zeros"/"full" steers every gate to choice 0 / N."""
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.normal(size=(tokens, dim)), dtype)
-  groups = []
-  for _ in range(size):
-    total = num_learners * width
-    params = dict(w1=jnp.asarray(rng.normal(size=(dim, total)) / np.sqrt(dim), dtype),
-                  b1=jnp.asarray(0.5 * rng.normal(size=(total,)), dtype),
-                  w2=jnp.asarray(rng.normal(size=(total, dim)) / np.sqrt(width), dtype))
-    if bias:
-      params["b2"] = jnp.asarray(rng.normal(size=(num_learners + 1, dim)), dtype)
-    steer = np.zeros(num_learners + 1)
-    if k_kind != "random":
-      steer[0 if k_kind == "zeros" else num_learners] = 100.0
-    if gate == "linear":
-      params["gate"] = (jnp.asarray(2 * rng.normal(size=(dim, num_learners + 1)) / np.sqrt(dim), dtype),
-                        jnp.asarray(0.3 * rng.normal(size=(num_learners + 1,)) + steer, dtype))
-    else:
-      params["logits"] = jnp.asarray(rng.normal(size=(tokens, num_learners + 1)) + steer, jnp.float32)
-    groups.append(params)
-  return x, groups
 
 
 def rel_err(out, ref):
@@ -88,25 +64,32 @@ CASES = [
 ]
 
 
+PATHS = {"unsorted": dict(sort=False, onepass=False), "sorted": dict(sort=True, onepass=False),
+         "onepass": dict(onepass=True)}
+
+
 @pytest.mark.parametrize("tokens,dim,n,width,size,act,min_choice,dtype,k_kind,tiles", CASES)
-@pytest.mark.parametrize("sort", [False, True])
-def test_group_matches_reference(tokens, dim, n, width, size, act, min_choice, dtype, k_kind, tiles, sort):
-  if tokens * dim > 200_000 and not sort:
-    pytest.skip("the unsorted path at this size adds nothing the sorted one does not test")
-  x, groups = make_group(tokens + dim, tokens, dim, n, width, size, dtype, k_kind=k_kind)
-  k = check_group(x, groups, n=n, act=act, min_choice=min_choice, sort=sort, **tiles)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_group_matches_reference(tokens, dim, n, width, size, act, min_choice, dtype, k_kind, tiles, path):
+  if tokens * dim > 200_000 and path != "sorted":
+    pytest.skip("the unsorted paths at this size add nothing the sorted one does not test")
+  if path == "onepass" and tokens * dim > 20_000 and dim > 64 and dtype == jnp.float32:
+    pytest.skip("the one-launch path's ViT-B width is covered in bfloat16")
+  x, groups = random_group(tokens + dim, tokens, dim, n, width, size, dtype, k_kind=k_kind)
+  k = check_group(x, groups, n=n, act=act, min_choice=min_choice, **PATHS[path], **tiles)
   if k_kind == "full" or (k_kind == "zeros" and min_choice == 0):
     assert (np.asarray(k) == (0 if k_kind == "zeros" else n)).all()
   elif tokens > 10:
     assert len(np.unique(np.asarray(k))) > 1
 
 
-def test_given_logits_cost_shift_and_no_bias_under_jit():
+@pytest.mark.parametrize("path", ["sorted", "onepass"])
+def test_given_logits_cost_shift_and_no_bias_under_jit(path):
   """Deep gates hand in logits; a traced cost shift lowers k as the XLA gate's does."""
   n = 4
-  x, groups = make_group(1, 300, 64, n, 32, 2, jnp.float32, gate="logits", bias=False)
+  x, groups = random_group(1, 300, 64, n, 32, 2, jnp.float32, gate="logits", bias=False)
   fn = jax.jit(lambda x, g, shift: af.acm_group(x, g, num_learners=n, cost_shift=shift, interpret=True,
-                                                 sort=True, **SMALL))
+                                                 **PATHS[path], **SMALL))
   means = []
   for shift in (0.0, 4.0):
     outs, k = fn(x, groups, jnp.float32(shift))
@@ -120,7 +103,7 @@ def test_given_logits_cost_shift_and_no_bias_under_jit():
 
 def test_group_apply_on_batched_tokens_equals_the_flat_reference():
   n = 4
-  x, groups = make_group(2, 2 * 40, 64, n, 32, 3, jnp.float32)
+  x, groups = random_group(2, 2 * 40, 64, n, 32, 3, jnp.float32)
   kw = dict(num_learners=n, activation="identity", min_choice=1, cost_shift=0.5)
   outs, k = inference.acm_group_apply(x.reshape(2, 40, 64), groups, **kw)
   refs, k_ref = af.acm_group_reference(x, groups, **kw)
@@ -130,9 +113,12 @@ def test_group_apply_on_batched_tokens_equals_the_flat_reference():
     assert out.shape == (2, 40, 64) and rel_err(out.reshape(80, 64), ref) < 1e-5
 
 
-def test_vit_fused_path_equals_xla_path_at_its_choices(attention=True):
+@pytest.mark.parametrize("onepass_max_tokens", [0, 1 << 20])
+def test_vit_fused_path_equals_xla_path_at_its_choices(onepass_max_tokens, monkeypatch, attention=True):
   """The whole model: fused kernels (q/k/v as one group) against the XLA path forced to
-  the same per-ACM choices, and the block-0 gates against the XLA gates."""
+  the same per-ACM choices, and the block-0 gates against the XLA gates; with the
+  default paths and with every ACM on the one-launch path."""
+  monkeypatch.setattr(af, "ONEPASS_MAX_TOKENS", onepass_max_tokens)
   cfg = vit.get_config("tiny", depth=2, acm=acm_lib.ACMConfig(num_learners=4, attention=attention, impl="pallas"))
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   model = vit.ViT(cfg)
@@ -162,7 +148,7 @@ def test_vit_fused_path_equals_xla_path_at_its_choices(attention=True):
 
 def test_bad_inputs_name_the_problem():
   n = 4
-  x, groups = make_group(0, 20, 64, n, 32, 1, jnp.float32)
+  x, groups = random_group(0, 20, 64, n, 32, 1, jnp.float32)
   call = functools.partial(af.acm_group, num_learners=n, interpret=True)
   with pytest.raises(ValueError, match="at least one token"):
     call(x[:0], groups)
@@ -178,6 +164,8 @@ def test_bad_inputs_name_the_problem():
     call(x, groups, block_out=128)
   with pytest.raises(ValueError, match="unknown kernel settings"):
     call(x, groups, block_cols=32)
+  with pytest.raises(ValueError, match="block_out=128 does not divide d=64"):
+    call(x, groups, onepass=True, block_out=128)
   with pytest.raises(ValueError, match="GPUs only"):
     af.acm_group(x, groups, num_learners=n, interpret=False)
   with pytest.raises(ValueError, match="at least one token"):

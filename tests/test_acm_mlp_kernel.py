@@ -166,6 +166,17 @@ def test_kernel_gelu_matches_exact_erf_gelu():
   assert float(jnp.max(err)) < 2e-6
 
 
+def test_kernel_activations_are_the_library_table():
+  """The kernels keep Triton-lowerable forms of the activations (no erf in Triton); each must
+  be the function `acm.ACTIVATIONS` names, and the two tables must name the same ones."""
+  from acm_jax import acm as acm_lib
+  assert set(pk.ACTIVATIONS) == set(acm_lib.ACTIVATIONS)
+  z = jnp.asarray(np.random.default_rng(0).normal(scale=4.0, size=50_000), jnp.float32)
+  for name in pk.ACTIVATIONS:
+    err = jnp.abs(pk._kernel_activation(name)(z) - acm_lib.get_activation(name)(z))
+    assert float(jnp.max(err)) < 2e-6, name
+
+
 def test_interpreter_poisons_outputs():
   """Unwritten output elements come back as NaN in interpret mode (what the checks above rely on)."""
   def kernel(o_ref):

@@ -13,6 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
+from acm_jax import acm as acm_lib
 from acm_jax import any_flax
 from acm_jax.train import steps
 
@@ -155,6 +156,33 @@ def test_bad_patterns_list_the_candidates(vit):
     any_flax.find_blocks(model, variables, images, patterns=["head"])  # a Dense, without linear=True
 
 
+def test_force_k_reaches_linen_acms_by_path_or_function(vit):
+  model, variables, images = vit
+  blocks = any_flax.find_blocks(model, variables, images, linear=True,
+                                patterns=["Transformer/*/MlpBlock_0", "Transformer/*/proj"])
+  acm_model = any_flax.ACMized(model, blocks, num_learners=4)
+  params = acm_model.acmize(variables["params"], jax.random.key(2))
+  keys = jax.random.split(jax.random.key(4), len(blocks))
+  # per-token maps; projections never skip on their own, but a forced k = 0 is obeyed too
+  kmap = {b.path: np.asarray(jax.random.randint(key, (3, 16), 0, 5)) for b, key in zip(blocks, keys)}
+  for forced in (kmap, kmap.__getitem__):
+    with acm_lib.force_k(forced):
+      out, aux = jax.jit(lambda p: acm_model.apply({"params": p}, images, mode="argmax",
+                                                   mutable=["acm", "record"]))(params)
+    for block in blocks:
+      np.testing.assert_array_equal(np.argmax(_at(aux["acm"], block.path)["choice"][0], -1), kmap[block.path])
+      x, y = _at(aux["record"], block.path)["io"]
+      act = _gelu_tanh if block.kind == "mlp" else (lambda z: z)
+      np.testing.assert_allclose(y, _reference_acm(_at(params, block.path), x, kmap[block.path], 4, act),
+                                 rtol=1e-4, atol=1e-4, err_msg=block.path)
+  unforced = acm_model.apply({"params": params}, images, mode="argmax")  # outside the context, the gates again
+  assert float(jnp.max(jnp.abs(unforced - out))) > 1e-3
+  missing = {**kmap}
+  del missing[blocks[1].path]
+  with acm_lib.force_k(missing), pytest.raises(KeyError, match=re.escape(f"no choices for the ACM '{blocks[1].path}'")):
+    acm_model.apply({"params": params}, images)
+
+
 # --- a Flax NNX model ------------------------------------------------------------------------------
 
 
@@ -225,6 +253,59 @@ def test_nnx_mlps_become_exact_acms_that_the_library_trains():
   state, metrics = jax.jit(functools.partial(steps.gate_step, task, tx, 1.2, "ours", teacher))(state, batch)
   state, metrics = jax.jit(functools.partial(steps.finetune_step, task, tx, steps.FinetuneWeights()))(state, batch)
   assert np.isfinite(metrics["loss"]) and 0 <= metrics["compute"] <= 1
+
+
+def test_force_k_reaches_nnx_acms_but_not_their_dense_teacher():
+  model = NNXNet(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (4, 5, 6))
+  dense_out = model(x)
+  acmized = any_flax.acmize_nnx(model, ["block_*"], num_learners=4, gate_hidden=8, rngs=nnx.Rngs(1))
+  params = acmized.params()
+  kmap = {"block_0": np.asarray(jax.random.randint(jax.random.key(2), (4, 5), 0, 5)), "block_1": 1}
+  for forced in (kmap, kmap.__getitem__):
+    with acm_lib.force_k(forced):
+      _, aux = acmized.apply({"params": params}, x, mode="gumbel", mutable=["acm", "record"],
+                             rngs={"gumbel": jax.random.key(3)})
+      teacher = acmized.dense().apply({"params": params}, x)
+    for block in acmized.blocks:
+      want = np.broadcast_to(kmap[block.path], (4, 5))
+      np.testing.assert_array_equal(np.argmax(aux["acm"][block.path]["choice"][0], -1), want)
+      xb, yb = aux["record"][block.path]["io"]
+      np.testing.assert_allclose(yb, _reference_acm(params[block.path], xb, want, 4, _gelu), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(teacher, dense_out, rtol=1e-5, atol=1e-5)
+  with acm_lib.force_k({"block_0": 1}), pytest.raises(KeyError, match="no choices for the ACM 'block_1'"):
+    acmized.apply({"params": params}, x)
+
+
+def test_nnx_projection_becomes_an_acm_of_its_singular_directions():
+  """linear=True: a single nnx.Linear becomes identity learners; choice k keeps the top k
+  quarters of the kernel's singular directions (a NumPy SVD as the reference), plus the bias."""
+  model = NNXNet(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (4, 5, 6))
+  dense_out = model(x)
+  kernel, bias = (np.asarray(v[...], np.float64) for v in (model.embed.kernel, model.embed.bias))
+  acmized = any_flax.acmize_nnx(model, ["embed"], num_learners=2, gate_hidden=8, linear=True, rngs=nnx.Rngs(1))
+  assert [(b.path, b.kind, b.activation, b.hidden) for b in acmized.blocks] == [("embed", "linear", "identity", 6)]
+  params = acmized.params()
+  np.testing.assert_allclose(acmized.apply({"params": params}, x, mode="full"), dense_out, rtol=1e-5, atol=1e-5)
+  u, s, vt = np.linalg.svd(kernel, full_matrices=False)
+
+  def reference(z, k):
+    """(..., 6) inputs, (...) choices -> the rank-3k part of the projection (bias from k = 1 on)."""
+    z = np.asarray(z, np.float64)
+    out = np.zeros(z.shape[:-1] + (8,))
+    for choice in range(3):
+      rank = 3 * choice
+      part = z @ (u[:, :rank] * s[:rank]) @ vt[:rank] + (bias if choice else 0)
+      out = np.where((np.asarray(k) == choice)[..., None], part, out)
+    return out
+
+  for mode, kwargs in (("fixed", {"fixed_k": 1}), ("argmax", {}), ("gumbel", {"rngs": {"gumbel": jax.random.key(2)}})):
+    _, aux = acmized.apply({"params": params}, x, mode=mode, mutable=["acm", "record"], **kwargs)
+    xb, yb = aux["record"]["embed"]["io"]
+    k = np.argmax(aux["acm"]["embed"]["choice"][0], -1)
+    assert k.min() >= 1 and (mode != "fixed" or (k == 1).all())  # a projection never skips
+    np.testing.assert_allclose(yb, reference(xb, k), rtol=1e-4, atol=1e-4, err_msg=mode)
 
 
 def test_nnx_bad_patterns_list_the_candidates():

@@ -16,6 +16,7 @@ tf = pytest.importorskip("tensorflow")
 def test_mixup_and_cutmix_match_a_loop_reference():
   rng = np.random.default_rng(0)
   batch = {"image": rng.uniform(-1, 1, (6, 10, 12, 3)).astype(np.float32), "label": np.arange(6, dtype=np.int32)}
+  clean = batch["image"].copy()
   kinds = set()
   for position in range(0, 40, 4):
     params = augment.mix_params(3, position, 10, 12, mixup=0.8, cutmix=1.0)
@@ -37,6 +38,7 @@ def test_mixup_and_cutmix_match_a_loop_reference():
       np.testing.assert_array_equal(out["image"][i], expect)
       assert lam == pytest.approx(1 - (bottom - top) * (right - left) / 120)
   assert kinds == {"mixup", "cutmix"}
+  np.testing.assert_array_equal(batch["image"], clean)  # mixed into new arrays, the batch left as it was
   assert augment.mix_params(3, 0, 10, 12, 0.0, 0.0) is None
   assert augment.mix_params(3, 0, 10, 12, 0.0, 1.0)[0] == "cutmix"
   assert augment.mix_params(3, 0, 10, 12, 0.5, 0.0)[0] == "mixup"

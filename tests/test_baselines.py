@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy.special import erf
 
 from acm_jax.vit import flops
 from acm_jax.vit.baselines import calibration, common, early_exit, moefication, token_halting
@@ -30,8 +31,175 @@ def close(a, b, tol=1e-5):
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < tol
 
 
-def test_functional_dense_forward_is_the_vit(dense):
-  assert close(common.dense_forward(CFG, dense, IMAGES), vit.ViT(CFG).apply({"params": dense}, IMAGES))
+# --- an independent float64 NumPy ViT: what the baselines' forwards must equal in either block layout ---
+
+
+def _np(tree):
+  return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def _gelu(z):
+  return 0.5 * z * (1 + erf(z / np.sqrt(2)))
+
+
+def _layer_norm(p, x):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + CFG.layer_norm_eps) * p["scale"] + p["bias"]
+
+
+def _dense(p, x):
+  return x @ p["kernel"] + p["bias"]
+
+
+def _embed(params, images):
+  p, grid = CFG.patch_size, CFG.image_size // CFG.patch_size
+  patches = np.asarray(images, np.float64).reshape(-1, grid, p, grid, p, 3).transpose(0, 1, 3, 2, 4, 5)
+  x = patches.reshape(len(images), grid * grid, -1) @ params["embedding"]["kernel"].reshape(-1, CFG.dim)
+  x = x + params["embedding"]["bias"]
+  cls = np.broadcast_to(params["cls"], (len(images), 1, CFG.dim))
+  return np.concatenate([cls, x], 1) + params["pos_embedding"]
+
+
+def _mlp(p, x):
+  return _dense(p["fc2"], _gelu(_dense(p["fc1"], x)))
+
+
+def _block(b, x, alive=None, mlp=None):
+  """Pre-LN block; `alive` (batch, tokens) keeps only those tokens as keys."""
+  heads, head_dim = CFG.num_heads, CFG.dim // CFG.num_heads
+  h = _layer_norm(b["ln1"], x)
+  q, k, v = (_dense(b["attn"][n]["dense"], h).reshape(*h.shape[:2], heads, head_dim)
+             for n in ("query", "key", "value"))
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim)
+  if alive is not None:
+    logits = np.where(alive[:, None, None, :], logits, -1e30)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  context = np.einsum("bhqk,bkhd->bqhd", weights, v).reshape(x.shape)
+  x = x + _dense(b["attn"]["out"]["dense"], context)
+  h = _layer_norm(b["ln2"], x)
+  return x + (mlp(h) if mlp is not None else _mlp(b["mlp"], h))
+
+
+def _classify(norm, head, token):
+  return _dense(head, _layer_norm(norm, token))
+
+
+def _moe_mlp(mlp, router, x, num_experts, top_k):
+  scores = _dense(router["out"], np.maximum(_dense(router["hidden_0"], x), 0))
+  chosen = np.argsort(-scores, -1)[..., :top_k]
+  on = (np.arange(num_experts) == chosen[..., None]).any(-2)
+  hidden = _gelu(_dense(mlp["fc1"], x))
+  hidden = hidden * np.repeat(on, CFG.mlp_dim // num_experts, -1)
+  return _dense(mlp["fc2"], hidden)
+
+
+def _halting(dense, halting, scale, shift, eps):
+  """Token halting as its docstring states it, token by token state in NumPy."""
+  x = _embed(dense, IMAGES)
+  batch, tokens, _ = x.shape
+  total = np.zeros((batch, tokens))
+  alive = np.ones((batch, tokens), bool)
+  pooled = np.zeros_like(x)
+  active = []
+  for i in range(CFG.depth):
+    active.append(alive.sum(-1))
+    stepped = _block(dense[f"block_{i}"], x, alive if halting else None)
+    x = np.where(alive[..., None], stepped, x)
+    last = i == CFG.depth - 1
+    score = np.ones((batch, tokens)) if last else 1 / (1 + np.exp(-(scale * x[..., 0] + shift)))
+    score = score if halting or last else np.zeros_like(score)
+    for b in range(batch):
+      for t in range(tokens):
+        if not alive[b, t]:
+          continue
+        if total[b, t] + score[b, t] >= 1 - eps:  # halts here: the remainder weights this state
+          pooled[b, t] += (1 - total[b, t]) * x[b, t]
+          alive[b, t] = False
+        else:
+          pooled[b, t] += score[b, t] * x[b, t]
+        total[b, t] += score[b, t]
+  return _classify(dense["norm"], dense["head"], pooled[:, 0]), np.stack(active, -1)
+
+
+@pytest.fixture(scope="module", params=["unrolled", "scanned"])
+def layout(request, dense):
+  """(config, params of that layout) of the random dense ViT."""
+  if request.param == "unrolled":
+    return CFG, dense
+  return vit.get_config("tiny", **SMALL, scan_blocks=True), transformer.stack_blocks(dense)
+
+
+def _assert_close(got, want, tol=1e-4):
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+def test_dense_pieces_and_forward_equal_the_reference(dense, layout):
+  cfg, params = layout
+  ref = _np(dense)
+  x = common.embed(cfg, params, IMAGES)
+  _assert_close(x, _embed(ref, IMAGES))
+  want = _embed(ref, IMAGES)
+  for i in range(cfg.depth):
+    want = _block(ref[f"block_{i}"], want)
+    x = common.block(cfg, params, i, x)
+    _assert_close(x, want)
+  _assert_close(common.classify(cfg, params["norm"], params["head"], x[:, 0]),
+                _classify(ref["norm"], ref["head"], want[:, 0]))
+  _assert_close(common.dense_forward(cfg, params, IMAGES), _classify(ref["norm"], ref["head"], want[:, 0]))
+
+
+def test_early_exit_logits_equal_the_reference(dense, layout):
+  cfg, params = layout
+  model = early_exit.init(cfg, params)
+  # random exit heads, not the copies of the final one that training starts from
+  leaves, tree = jax.tree.flatten(model["exits"])
+  keys = jax.random.split(jax.random.key(6), len(leaves))
+  model["exits"] = jax.tree.unflatten(tree, [0.5 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+  ref, exits = _np(dense), _np(model["exits"])
+  x, want = _embed(ref, IMAGES), []
+  for i in range(CFG.depth):
+    x = _block(ref[f"block_{i}"], x)
+    head = exits[f"exit_{i}"] if i < CFG.depth - 1 else ref
+    want.append(_classify(head["norm"], head["head"], x[:, 0]))
+  _assert_close(early_exit.all_logits(cfg, model, IMAGES), np.stack(want))
+  threshold = float(np.median(jax.nn.softmax(np.stack(want[:-1])).max(-1)))  # some samples leave early
+  logits, _, extras = early_exit.forward(cfg, threshold, model, IMAGES)
+  exit_at = np.argmax(extras["exit_share"], -1)
+  assert 0 < exit_at.min() or exit_at.max() < CFG.depth - 1
+  _assert_close(logits, np.stack(want)[exit_at, np.arange(len(IMAGES))])
+
+
+def test_moefication_forward_equals_the_reference(dense, layout):
+  cfg, params = layout
+  model = moefication.init(cfg, params, num_experts=8, router_hidden=16, seed=0)
+  unrolled = moefication.init(CFG, dense, num_experts=8, router_hidden=16, seed=0)
+  assert _max_abs(transformer.unstack_blocks(model["dense"]), unrolled["dense"]) == 0  # same expert split
+  ref, routers = _np(unrolled["dense"]), _np(model["routers"])
+  x = _embed(ref, IMAGES)
+  for i in range(CFG.depth):
+    x = _block(ref[f"block_{i}"], x,
+               mlp=lambda h, i=i: _moe_mlp(ref[f"block_{i}"]["mlp"], routers[f"block_{i}"], h, 8, 3))
+  _assert_close(moefication.forward(cfg, 8, 3, 16, model, IMAGES), _classify(ref["norm"], ref["head"], x[:, 0]))
+
+
+def test_token_halting_forward_equals_the_reference(dense, layout):
+  cfg, params = layout
+  scale, shift = 1.0, -0.5  # scores that halt tokens at different blocks
+  model = token_halting.init(params, scale=scale, shift=shift)
+  for enabled in (True, False):
+    logits, aux = token_halting.forward(cfg, token_halting.Halting(enabled=enabled), model, IMAGES)
+    want, active = _halting(_np(dense), enabled, scale, shift, 0.01)
+    _assert_close(logits, want)
+    np.testing.assert_array_equal(aux["active"], active)
+    if enabled:
+      assert len(np.unique(active)) > 2, active  # tokens did halt at different blocks
+
+
+def _max_abs(a, b):
+  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in pairs)
 
 
 def test_balanced_kmeans_gives_equal_clusters():
@@ -149,6 +317,29 @@ def test_short_sweep_end_to_end_and_resumed(tmp_path, capsys):
     assert set(found["offsets"]) == set(found["targets"]) and found["calibration_examples"] == 64
   # a second run reuses every finished run and evaluation, and serves the saved calibration only
   assert compare.main([f"--workdir={tmp_path}", *TINY, "--calibrate=false"]) == 0
+  assert json.loads((tmp_path / "curves.json").read_text()) == records
+
+
+def test_baseline_flags_are_saved_and_must_match_on_resume(tmp_path, capsys):
+  flags = [f"--workdir={tmp_path}", *TINY, "--methods=early_exit,token_halting", "--exit_lr=0.0021",
+           "--ponder_weight=0.007", "--finetune_lr=0.0004"]
+  assert compare.main(flags) == 0
+  early = json.loads((tmp_path / "early_exit" / "config.json").read_text())
+  assert (early["exit_lr"], early["baseline_steps"], early["label_smoothing"]) == (0.0021, 2, 0.0)
+  (halting_dir,) = tmp_path.glob("token_halting_d*")
+  halting = json.loads((halting_dir / "config.json").read_text())
+  assert (halting["ponder_weight"], halting["halting_lr"], halting["baseline_steps"]) == (0.007, 0.0004, 2)
+  assert "router_lr" not in halting and "exit_lr" not in halting
+  records = json.loads((tmp_path / "curves.json").read_text())
+  for changed, message in (("--exit_lr=0.003", "exit_lr 0.0021 saved, 0.003 requested"),
+                           ("--baseline_steps=3", "baseline_steps 2 saved, 3 requested"),
+                           ("--label_smoothing=0.1", "label_smoothing 0.0 saved, 0.1 requested")):
+    assert compare.main([*flags, changed]) == 2
+    assert message in capsys.readouterr().err
+  assert compare.main([*flags, "--methods=token_halting", "--ponder_weight=0.008"]) == 2
+  assert f"{halting_dir} holds a run of another configuration: ponder_weight 0.007 saved" in capsys.readouterr().err
+  # the same flags, spelled as the resolved values, reuse the finished runs
+  assert compare.main([*flags, "--baseline_steps=2", "--halting_lr=0.0004"]) == 0
   assert json.loads((tmp_path / "curves.json").read_text()) == records
 
 

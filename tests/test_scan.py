@@ -169,6 +169,35 @@ def test_eval_step_statistics_per_layer():
   np.testing.assert_allclose(with_forced["k_hist"]["block_2/mlp"], 3 * np.array([4, 4, 3, 3, 3]))
 
 
+@pytest.mark.parametrize("family", ["vit", "wav2vec2"])
+def test_per_layer_force_k_map_reaches_each_layer_of_the_scan(family):
+  """One {unrolled path: (batch, tokens) k} map, different in every layer: the scanned model
+  gives the unrolled model's logits and sows each layer's forced choices."""
+  cls, config, sample = _inputs(family)
+  cfg = dataclasses.replace(config, acm=ACM)
+  unrolled, scanned = cls(cfg), cls(_scanned(cfg))
+  params = _init(unrolled, sample)
+  _, sown = unrolled.apply({"params": params}, sample, mutable=["acm"])
+  tokens = flatten(sown["acm"])["block_0/mlp/choice"][0].shape[:2]
+  paths = transformer.replaceable_paths(cfg.depth, ACM)
+  keys = jax.random.split(jax.random.key(9), len(paths))
+  kmap = {path: jax.random.randint(key, tokens, 0, 5) for path, key in zip(paths, keys)}
+  for forced in (kmap, kmap.__getitem__):
+    with acm_lib.force_k(forced):
+      want, _ = unrolled.apply({"params": params}, sample, mutable=["acm"])
+      got, got_sown = jax.jit(lambda p: scanned.apply({"params": p}, sample, mutable=["acm"]))(
+          transformer.stack_blocks(params))
+    assert float(jnp.max(jnp.abs(got - want))) < ATOL
+    choices = flatten(transformer.unstack_blocks(got_sown["acm"]))
+    for path, k in kmap.items():
+      np.testing.assert_array_equal(np.argmax(choices[f"{path}/choice"][0], -1), k, err_msg=path)
+  free, _ = unrolled.apply({"params": params}, sample, mutable=["acm"])
+  assert float(jnp.max(jnp.abs(free - want))) > 1e-3  # the map did change the computation
+  missing = {p: k for p, k in kmap.items() if p != "block_2/attn/key"}
+  with acm_lib.force_k(missing), pytest.raises(KeyError, match="no choices for the ACM 'block_2/attn/key'"):
+    scanned.apply({"params": transformer.stack_blocks(params)}, sample, mutable=["acm"])
+
+
 def test_acmize_stacked_equals_stacked_acmize():
   image = jnp.zeros((1, 16, 16, 3))
   task = _task(False)
@@ -206,6 +235,11 @@ def test_sharding_rules_name_the_layer_axis():
     ({"remat": "sometimes"}, "unknown remat policy 'sometimes'; expected one of \\('none', 'full', 'dots'"),
     ({"scan_blocks": True, "acm": dataclasses.replace(ACM, blocks=(0, 2))},
      "scan_blocks=True needs every block alike, but the ACM config makes only blocks \\[0, 2\\] of 3"),
+    # the other checks both families share (`transformer.check_encoder`)
+    ({"num_heads": 3}, "dim 32 is not divisible by num_heads 3"),
+    ({"activation": "swish"}, "unknown activation 'swish'"),
+    ({"acm": dataclasses.replace(ACM, num_learners=3)}, "num_learners=3 does not divide the MLP width 64"),
+    ({"acm": dataclasses.replace(ACM, blocks=(0, 5))}, "ACM blocks \\[5\\] out of range for a model of depth 3"),
 ])
 def test_bad_model_configs(fields, message):
   with pytest.raises(ValueError, match=message):

@@ -51,6 +51,43 @@ def test_every_phase_and_eval_fields(tmp_path, capsys):
   assert "| vad oracle, other=1 |" in (tmp_path / "bench" / "RESULTS.md").read_text()
 
 
+def test_sigterm_in_every_phase_resumes_exactly(tmp_path, monkeypatch, capsys):
+  """As tests/test_preemption.py for the ViT: SIGTERM at a random step of each phase exits 75 after saving
+  that step, each restart resumes there, and the final params equal an uninterrupted run's bit for bit."""
+  import numpy as np
+  import orbax.checkpoint as ocp
+  import signal
+
+  from acm_jax.acmize import flatten
+  from acm_jax.train import loop
+  from acm_jax.wav2vec2 import data as speech_data
+  from test_preemption import complete_steps, logged_steps, signal_at
+
+  steps = {"pretrain": 3, "distill": 3, "gates": 3, "finetune_b0.50": 3, "static_k2": 3}  # run dir: steps
+  flags = [*FLAGS, "--phase=all", *(f"--{run.split('_')[0]}_steps={n}" for run, n in steps.items() if "_k" not in run)]
+  main = lambda workdir: wav2vec2_commonvoice.main([f"--workdir={workdir}", *flags])
+  assert main(tmp_path / "straight") == 0
+  rng = np.random.default_rng()
+  stops = {}
+  clean = speech_data.SpeechData.iterator
+  for run, n in steps.items():  # each restart finishes the phase stopped before, then stops the next
+    at = int(rng.integers(0, n - 1))  # the signal lands while step `at` is being prepared
+    monkeypatch.setattr(speech_data.SpeechData, "iterator", signal_at(at, signal.SIGTERM, original=clean))
+    assert main(tmp_path / "resumed") == loop.PREEMPTED_STATUS, (run, at)
+    stops[run] = at + 1
+    assert complete_steps(tmp_path / "resumed" / run) == [at + 1], (run, at)
+    assert f"SIGTERM: saved step {at + 1}" in capsys.readouterr().err
+  monkeypatch.setattr(speech_data.SpeechData, "iterator", clean)
+  assert main(tmp_path / "resumed") == 0, stops
+  for run, n in steps.items():
+    a, b = (flatten(ocp.StandardCheckpointer().restore(loop.params_dir(tmp_path / work / run)))
+            for work in ("straight", "resumed"))
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=f"{run}: {key} (stops {stops})")
+    assert logged_steps(tmp_path / "resumed" / run) == list(range(1, n + 1)), (run, stops)
+
+
 def test_untrained_dense_model_warning():
   from acm_jax.wav2vec2 import task as speech
   cfg = speech.SpeechConfig(pretrain_steps=1500, seed=4)

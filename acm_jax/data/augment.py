@@ -84,15 +84,16 @@ def mix_params(seed: int, position: int, height: int, width: int, mixup: float, 
 
 
 def apply_mix(batch: dict, params) -> dict:
-  """Mixes "image" (batch, H, W, C) with its reverse by `params` (from `mix_params`) and adds
+  """Mixes the float "image" (batch, H, W, C) with its reverse by `params` (from `mix_params`) and adds
   "mix_label" and "mix_weight"; other keys pass through."""
   if params is None:
     return batch
   kind, lam, box = params
   images = batch["image"]
   partner = images[::-1]
-  if kind == "mixup":
-    mixed = (lam * images + (1.0 - lam) * partner).astype(images.dtype)
+  if kind == "mixup":  # in place after the first product: two passes over the batch fewer, same float32 values
+    mixed = images * images.dtype.type(lam)
+    mixed += images.dtype.type(1.0 - lam) * partner
   else:
     top, bottom, left, right = box
     mixed = images.copy()

@@ -50,15 +50,8 @@ class ViTConfig:
   def validate(self) -> "ViTConfig":
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
-    if self.dim % self.num_heads:
-      raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
-    acm_lib.get_activation(self.activation)
+    transformer.check_encoder(self)
     transformer.check_attention_impl(self.attention)
-    transformer.remat_policy(self.remat)
-    if self.acm is not None:
-      self.acm.mlp_learner_width(self.mlp_dim)
-      self.acm.block_indices(self.depth)
-    transformer.check_scannable(self.depth, self.acm, self.scan_blocks)
     return self
 
   def acm_paths(self) -> list[str]:
@@ -83,6 +76,54 @@ def get_config(preset: str, **overrides) -> ViTConfig:
   return dataclasses.replace(PRESETS[preset], **overrides).validate()
 
 
+def block_fields(cfg: ViTConfig) -> dict:
+  """`transformer.EncoderBlock`'s fields (other than `acm`) for the ViT's blocks."""
+  return dict(num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, activation=cfg.activation,
+              layer_norm_eps=cfg.layer_norm_eps, pre_norm=True, attention=cfg.attention)
+
+
+def embed(module: nn.Module, cfg: ViTConfig, images: jax.Array) -> jax.Array:
+  """images (batch, H, W, 3) -> tokens (batch, 1 + patches, dim), class token first.
+
+  Runs inside a compact call of `module`, whose scope holds `embedding`, `cls` and
+  `pos_embedding` (the ViT's own, or `Embedding`'s when the pieces run alone).
+  """
+  if images.shape[1:3] != (cfg.image_size, cfg.image_size):
+    raise ValueError(f"expected images of {cfg.image_size}x{cfg.image_size}, got shape {images.shape}")
+  p = cfg.patch_size
+  x = nn.Conv(cfg.dim, (p, p), strides=(p, p), padding="VALID", name="embedding", dtype=images.dtype)(images)
+  x = x.reshape(x.shape[0], -1, cfg.dim)
+  cls = module.param("cls", nn.initializers.zeros, (1, 1, cfg.dim)).astype(x.dtype)
+  x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.dim)), x], axis=1)
+  pos = module.param("pos_embedding", nn.initializers.normal(0.02), (1, cfg.num_tokens, cfg.dim))
+  return x + pos.astype(x.dtype)
+
+
+def classify(cfg: ViTConfig, token: jax.Array) -> jax.Array:
+  """The class token (batch, dim) -> logits (batch, num_classes), inside a compact call whose
+  scope holds `norm` and `head` (as `embed`)."""
+  token = nn.LayerNorm(cfg.layer_norm_eps, name="norm", dtype=token.dtype)(token)
+  return nn.Dense(cfg.num_classes, name="head", dtype=token.dtype)(token)
+
+
+class Embedding(nn.Module):
+  """`embed` on its own, over the ViT's top-level params (for forwards built block by block)."""
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    return embed(self, self.config, images)
+
+
+class Head(nn.Module):
+  """`classify` on its own, over params {"norm", "head"}."""
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, token: jax.Array) -> jax.Array:
+    return classify(self.config, token)
+
+
 class ViT(nn.Module):
   """images (batch, H, W, 3) -> logits (batch, num_classes).
 
@@ -94,20 +135,8 @@ class ViT(nn.Module):
   def __call__(self, images: jax.Array, *, mode: str = "argmax", fixed_k: int | None = None,
                temperature: float = 1.0, cost_shift: float | jax.Array = 0.0) -> jax.Array:
     cfg = self.config
-    if images.shape[1:3] != (cfg.image_size, cfg.image_size):
-      raise ValueError(f"expected images of {cfg.image_size}x{cfg.image_size}, got shape {images.shape}")
-    p = cfg.patch_size
-    x = nn.Conv(cfg.dim, (p, p), strides=(p, p), padding="VALID", name="embedding",
-                dtype=images.dtype)(images)
-    x = x.reshape(x.shape[0], -1, cfg.dim)
-    cls = self.param("cls", nn.initializers.zeros, (1, 1, cfg.dim)).astype(x.dtype)
-    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.dim)), x], axis=1)
-    pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, cfg.num_tokens, cfg.dim))
-    x = x + pos.astype(x.dtype)
-    block = dict(num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, activation=cfg.activation,
-                 layer_norm_eps=cfg.layer_norm_eps, pre_norm=True, attention=cfg.attention)
-    x = transformer.encoder_blocks(self, x, None, depth=cfg.depth, block=block, acm=cfg.acm, scan=cfg.scan_blocks,
-                                   remat=cfg.remat, mode=mode, fixed_k=fixed_k, temperature=temperature,
-                                   cost_shift=cost_shift)
-    x = nn.LayerNorm(cfg.layer_norm_eps, name="norm", dtype=x.dtype)(x)
-    return nn.Dense(cfg.num_classes, name="head", dtype=x.dtype)(x[:, 0])
+    x = embed(self, cfg, images)
+    x = transformer.encoder_blocks(self, x, None, depth=cfg.depth, block=block_fields(cfg), acm=cfg.acm,
+                                   scan=cfg.scan_blocks, remat=cfg.remat, mode=mode, fixed_k=fixed_k,
+                                   temperature=temperature, cost_shift=cost_shift)
+    return classify(cfg, x[:, 0])

@@ -92,19 +92,12 @@ class Wav2Vec2Config:
                        f"{len(self.conv_dim)}, {len(self.conv_kernel)}, {len(self.conv_stride)}")
     if self.feat_extract_norm not in NORMS:
       raise ValueError(f"feat_extract_norm must be one of {NORMS}, got {self.feat_extract_norm!r}")
-    if self.dim % self.num_heads:
-      raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
     if self.dim % self.num_conv_pos_embedding_groups:
       raise ValueError(f"dim {self.dim} is not divisible by num_conv_pos_embedding_groups "
                        f"{self.num_conv_pos_embedding_groups}")
     if self.vocab_size < 2:
       raise ValueError(f"vocab_size must be >= 2 (blank and one symbol), got {self.vocab_size}")
-    acm_lib.get_activation(self.activation)
-    transformer.remat_policy(self.remat)
-    if self.acm is not None:
-      self.acm.mlp_learner_width(self.mlp_dim)
-      self.acm.block_indices(self.depth)
-    transformer.check_scannable(self.depth, self.acm, self.scan_blocks)
+    transformer.check_encoder(self)
     return self
 
   def acm_paths(self) -> list[str]:

@@ -78,8 +78,16 @@ def bisect(fraction: Callable[[float], float], target: float, tolerance: float =
       break
     hi *= 4
     f_hi = fraction(hi)
-  best = min(((lo, f_lo), (hi, f_hi)), key=lambda p: abs(p[1] - target))
-  for _ in range(max_iterations):
+  return _closest((lo, f_lo), (hi, f_hi), fraction, target, tolerance, max_iterations)
+
+
+def _closest(low: tuple[float, float], high: tuple[float, float], fraction: Callable[[float], float],
+             target: float, tolerance: float, iterations: int) -> tuple[float, float]:
+  """Bisection of a non-increasing `fraction` between the points low = (lo, fraction(lo)) and
+  high: the point met closest to `target`, stopping once it is within `tolerance`."""
+  (lo, _), (hi, _) = low, high
+  best = min(low, high, key=lambda p: abs(p[1] - target))
+  for _ in range(iterations):
     if abs(best[1] - target) <= tolerance:
       break
     mid = 0.5 * (lo + hi)
@@ -126,16 +134,8 @@ def offset_for_fraction(score: np.ndarray, weight: np.ndarray, target: float, nu
     return float(weight @ k / weight.sum() / num_learners)
 
   lo, hi = -num_learners - 1.0, num_learners + 1.0
-  best = min(((lo, fraction(lo)), (hi, fraction(hi))), key=lambda p: abs(p[1] - target))
-  for _ in range(iterations):
-    mid = 0.5 * (lo + hi)
-    f_mid = fraction(mid)
-    best = min(best, (mid, f_mid), key=lambda p: abs(p[1] - target))
-    if f_mid > target:
-      lo = mid
-    else:
-      hi = mid
-  return best
+  # tolerance 0: stops only on an exact hit, which no later point could beat
+  return _closest((lo, fraction(lo)), (hi, fraction(hi)), fraction, target, 0.0, iterations)
 
 
 def allocate(base: np.ndarray, cost_share: np.ndarray, budget: float, iterations: int = 100) -> np.ndarray:

@@ -1,15 +1,17 @@
-"""Pieces every baseline shares: the dense ViT as pure functions of its params,
-training through the shared loop, and evaluation on the shared test batches.
+"""Pieces every baseline shares: the dense ViT's own forward cut into embedding, blocks
+and head, training through the shared loop, and evaluation on the shared test batches.
 
-The functions read the dense ViT's own parameter tree (`acm_jax.vit.model`
-names), so a baseline is the dense params plus a few extra parameters (routers,
-exit heads, halting scalars) and its own forward pass built from these pieces.
+The pieces run `acm_jax.vit.model`'s and `acm_jax.transformer`'s modules on the dense
+ViT's parameter tree, unrolled (`block_{i}`) or scanned (`blocks`, one leading layer
+axis), so a baseline is the dense params plus a few extra parameters (routers, exit
+heads, halting scalars) and a forward that steps through the blocks itself.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from acm_jax import transformer
+from acm_jax.vit import model as vit
 from acm_jax.vit.model import ViTConfig
 from acm_jax.train import loop, optim, phases
 from acm_jax.pytree import PyTree
@@ -24,61 +27,63 @@ from acm_jax.pytree import PyTree
 
 def embed(cfg: ViTConfig, params: PyTree, images: jax.Array) -> jax.Array:
   """(batch, H, W, 3) -> tokens (batch, 1 + patches, dim), class token first."""
-  p = cfg.patch_size
-  x = nn.Conv(cfg.dim, (p, p), strides=(p, p), padding="VALID", dtype=images.dtype).apply(
-      {"params": params["embedding"]}, images)
-  x = x.reshape(x.shape[0], -1, cfg.dim)
-  cls = jnp.broadcast_to(params["cls"].astype(x.dtype), (x.shape[0], 1, cfg.dim))
-  return jnp.concatenate([cls, x], axis=1) + params["pos_embedding"].astype(x.dtype)
-
-
-def layer_norm(cfg: ViTConfig, params: PyTree, x: jax.Array) -> jax.Array:
-  return nn.LayerNorm(cfg.layer_norm_eps, dtype=x.dtype).apply({"params": params}, x)
-
-
-def attention(cfg: ViTConfig, block: PyTree, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-  """The residual branch x -> attn(ln1(x)); `mask` (batch, 1, q, k) drops keys."""
-  return transformer.Attention(cfg.num_heads).apply({"params": block["attn"]}, layer_norm(cfg, block["ln1"], x), mask)
-
-
-def mlp(cfg: ViTConfig, block: PyTree, x: jax.Array) -> jax.Array:
-  """The dense residual branch x -> mlp(ln2(x))."""
-  return transformer.Mlp(cfg.mlp_dim, cfg.activation).apply({"params": block["mlp"]}, layer_norm(cfg, block["ln2"], x))
+  return vit.Embedding(cfg).apply({"params": params}, images)
 
 
 def block(cfg: ViTConfig, params: PyTree, i: int, x: jax.Array, mask: jax.Array | None = None,
           mlp_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
-  """Pre-LN block `i`; `mlp_fn(ln2(x))` replaces the dense MLP when given."""
-  b = params[f"block_{i}"]
-  x = x + attention(cfg, b, x, mask)
+  """The dense model's block `i` (either layout); `mask` (batch, 1, q, k) drops keys;
+  `mlp_fn(ln2(x))`, when given, replaces the dense MLP."""
+  module = transformer.EncoderBlock(**vit.block_fields(cfg))
+  variables = {"params": transformer.block_params(params, i)}
   if mlp_fn is None:
-    return x + mlp(cfg, b, x)
-  return x + mlp_fn(layer_norm(cfg, b["ln2"], x))
+    return module.apply(variables, x, mask)
+
+  def swap_mlp(next_fun, args, kwargs, context):
+    if isinstance(context.module, transformer.Mlp) and context.method_name == "__call__":
+      return mlp_fn(args[0])
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(swap_mlp):
+    return module.apply(variables, x, mask)
 
 
 def classify(cfg: ViTConfig, norm: PyTree, head: PyTree, token: jax.Array) -> jax.Array:
   """A class token (batch, dim) -> logits, with the given norm and head params."""
-  return nn.Dense(cfg.num_classes, dtype=token.dtype).apply({"params": head}, layer_norm(cfg, norm, token))
+  return vit.Head(cfg).apply({"params": {"norm": norm, "head": head}}, token)
 
 
 def dense_forward(cfg: ViTConfig, params: PyTree, images: jax.Array) -> jax.Array:
-  x = embed(cfg, params, images)
-  for i in range(cfg.depth):
-    x = block(cfg, params, i, x)
-  return classify(cfg, params["norm"], params["head"], x[:, 0])
+  return vit.ViT(cfg).apply({"params": params}, images)
 
 
 def dense_config(exp: phases.Experiment) -> ViTConfig:
   return exp.task.dense_model.config
 
 
-def train(exp: phases.Experiment, run_dir: Path, params: PyTree, tx, step_fn, num_steps: int) -> PyTree:
-  """The shared loop (checkpoints, resume) on the train split, like `phases.train`."""
+def run_config(exp: phases.Experiment, run_dir: Path, settings: dict[str, Any]) -> tuple[str, list[str]]:
+  """A baseline run's config.json, the experiment's config plus `settings` (what the baseline reads beyond
+  the fields every run shares: its own flags, resolved), and the fields a resume must match."""
+  cfg = exp.config
+  config_json = json.dumps({**json.loads(cfg.to_json()), **settings}, indent=2, sort_keys=True)
+  return config_json, [*cfg.resume_fields(run_dir.name), *settings]
+
+
+def check_settings(exp: phases.Experiment, run_dir: Path, settings: dict[str, Any]) -> None:
+  """Stops when `run_dir` holds a run of other settings, before its state or cached evaluations are reused."""
+  loop.check_config(run_dir, *run_config(exp, run_dir, settings))
+
+
+def train(exp: phases.Experiment, run_dir: Path, params: PyTree, tx, step_fn, num_steps: int,
+          settings: dict[str, Any]) -> PyTree:
+  """The shared loop (checkpoints, resume) on the train split, like `phases.train`; `settings` as in
+  `run_config`."""
   cfg = exp.config
   state, step, batches = phases.prepare(exp, run_dir.name, params, tx, step_fn)
+  config_json, resume_fields = run_config(exp, run_dir, settings)
   final = loop.run(name=run_dir.name, run_dir=run_dir, state=state, step_fn=step, batches=batches,
                    num_steps=num_steps, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
-                   config_json=cfg.to_json(), resume_fields=cfg.resume_fields(run_dir.name))
+                   config_json=config_json, resume_fields=resume_fields)
   return final["params"]
 
 

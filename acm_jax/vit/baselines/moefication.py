@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from acm_jax import acm as acm_lib
+from acm_jax import transformer
 from acm_jax.vit import flops as flops_lib
 from acm_jax.vit.baselines import common
 from acm_jax.vit.model import ViTConfig
@@ -63,7 +64,10 @@ def balanced_kmeans(vectors: np.ndarray, num_clusters: int, iterations: int = 20
 
 
 def split_experts(dense: PyTree, depth: int, num_experts: int, seed: int = 0) -> PyTree:
-  """Permutes every MLP's hidden units so that expert e owns a contiguous slice."""
+  """Permutes every MLP's hidden units so that expert e owns a contiguous slice (params in
+  either block layout, returned in the same)."""
+  if transformer.is_stacked(dense):
+    return transformer.stack_blocks(split_experts(transformer.unstack_blocks(dense), depth, num_experts, seed))
   out = jax.tree.map(np.asarray, dense)
   for i in range(depth):
     mlp = out[f"block_{i}"]["mlp"]
@@ -107,8 +111,9 @@ def forward(cfg: ViTConfig, num_experts: int, top_k: int, router_hidden: int, pa
   dense = params["dense"]
   x = common.embed(cfg, dense, images)
   for i in range(cfg.depth):
-    mlp_fn = functools.partial(moe_mlp, cfg, dense[f"block_{i}"]["mlp"], params["routers"][f"block_{i}"],
-                               num_experts=num_experts, top_k=top_k, router_hidden=router_hidden)
+    mlp_fn = functools.partial(moe_mlp, cfg, transformer.block_params(dense, i)["mlp"],
+                               params["routers"][f"block_{i}"], num_experts=num_experts, top_k=top_k,
+                               router_hidden=router_hidden)
     x = common.block(cfg, dense, i, x, mlp_fn=mlp_fn)
   return common.classify(cfg, dense["norm"], dense["head"], x[:, 0])
 
@@ -129,7 +134,7 @@ def router_step(task: steps.Task, num_experts: int, router_hidden: int, tx, stat
   inputs, shares = [], []
   for i in range(cfg.depth):
     x = records[f"block_{i}/mlp"][0]
-    importance = expert_importance(cfg, dense[f"block_{i}"]["mlp"], x, num_experts)
+    importance = expert_importance(cfg, transformer.block_params(dense, i)["mlp"], x, num_experts)
     inputs.append(x)
     shares.append(importance / jnp.maximum(importance.sum(-1, keepdims=True), 1e-12))
 

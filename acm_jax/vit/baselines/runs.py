@@ -24,6 +24,15 @@ from acm_jax.vit import task as vit_task
 from acm_jax.pytree import PyTree
 
 METHODS = ("acm", "static", "moefication", "early_exit", "token_halting")
+# What each baseline's training reads beyond the fields every run shares (`ExperimentConfig.resume_fields`):
+# saved in its run's config.json, resolved (a None default as the value it stands for), and compared on
+# resume like the shared fields. The calibration flags act at evaluation only.
+RUN_FIELDS = {
+    "moefication": ("baseline_steps", "num_experts", "router_hidden", "router_lr"),
+    "early_exit": ("baseline_steps", "exit_lr", "label_smoothing"),
+    "token_halting": ("baseline_steps", "halting_lr", "ponder_weight", "prior_weight", "halting_eps",
+                      "label_smoothing"),
+}
 
 
 @dataclasses.dataclass
@@ -46,6 +55,13 @@ class BaselineConfig:
 
   def steps(self, exp: phases.Experiment) -> int:
     return self.baseline_steps or exp.config.finetune_steps
+
+  def settings(self, method: str, exp: phases.Experiment) -> dict:
+    """`RUN_FIELDS[method]` with their values in this run."""
+    resolved = {**dataclasses.asdict(self), "baseline_steps": self.steps(exp),
+                "halting_lr": self.halting_lr or exp.config.finetune_lr,
+                "label_smoothing": exp.config.label_smoothing}
+    return {f: resolved[f] for f in RUN_FIELDS[method]}
 
   def validate(self, num_mlp_units: int) -> "BaselineConfig":
     if self.baseline_steps is not None and self.baseline_steps < 1:
@@ -80,8 +96,26 @@ def curve_record(method: str, setting: str, value: float, record: dict) -> dict:
           **{k: v for k, v in record.items() if k not in ("gflops_per_image", "top1", "model")}}
 
 
-def _on_images(exp: phases.Experiment, forward, params, batch):
-  return forward(params, exp.task.inputs(batch))
+def _trained(exp: phases.Experiment, run_dir: Path, settings: dict, evals: list[Path], init: Callable[[], PyTree],
+             lr: float, make_step: Callable, num_steps: int, trainable=lambda path: True) -> PyTree | None:
+  """A baseline's params trained in `run_dir` through the shared loop (resumable); None
+  when every evaluation in `evals` is on disk already, so that nothing need be loaded.
+  make_step(tx) -> the step function. `settings` (`BaselineConfig.settings`) must match
+  those of a run already in `run_dir` before its state or evaluations are reused."""
+  common.check_settings(exp, run_dir, settings)
+  if all_cached(evals):
+    return None
+  params = init()
+  tx = common.optimizer(exp, params, lr, num_steps, trainable)
+  return common.train(exp, run_dir, params, tx, make_step(tx), num_steps, settings)
+
+
+def _evaluated(exp: phases.Experiment, path: Path, forward: Callable, params: PyTree | None, method: str,
+               setting: str, value: float) -> dict:
+  """The curve record of `forward(params, images)` on the test batches, cached at `path`."""
+  on_images = lambda p, batch: forward(p, exp.task.inputs(batch))
+  record = cached(path, lambda: common.evaluate(exp, on_images, params))
+  return curve_record(method, setting, value, record)
 
 
 def run_moefication(exp: phases.Experiment, bcfg: BaselineConfig, dense: Callable[[], PyTree],
@@ -89,19 +123,14 @@ def run_moefication(exp: phases.Experiment, bcfg: BaselineConfig, dense: Callabl
   cfg = common.dense_config(exp)
   run_dir = exp.workdir / "moefication"
   evals = {k: run_dir / f"eval_k{k}.json" for k in top_ks}
-  if not all_cached(list(evals.values())):
-    params = moefication.init(cfg, dense(), bcfg.num_experts, bcfg.router_hidden, exp.config.seed)
-    num_steps = bcfg.steps(exp)
-    tx = common.optimizer(exp, params, bcfg.router_lr, num_steps, common.frozen_except(("routers/",)))
-    step = functools.partial(moefication.router_step, exp.task, bcfg.num_experts, bcfg.router_hidden, tx)
-    params = common.train(exp, run_dir, params, tx, step, num_steps)
-  records = []
-  for k in top_ks:
-    forward = functools.partial(_on_images, exp, functools.partial(
-        moefication.eval_forward, cfg, bcfg.num_experts, k, bcfg.router_hidden))
-    record = cached(evals[k], lambda: common.evaluate(exp, forward, params))
-    records.append(curve_record("moefication", f"top{k}/{bcfg.num_experts}", k / bcfg.num_experts, record))
-  return records
+  params = _trained(
+      exp, run_dir, bcfg.settings("moefication", exp), list(evals.values()),
+      lambda: moefication.init(cfg, dense(), bcfg.num_experts, bcfg.router_hidden, exp.config.seed), bcfg.router_lr,
+      lambda tx: functools.partial(moefication.router_step, exp.task, bcfg.num_experts, bcfg.router_hidden, tx),
+      bcfg.steps(exp), common.frozen_except(("routers/",)))
+  return [_evaluated(exp, evals[k], functools.partial(moefication.eval_forward, cfg, bcfg.num_experts, k,
+                                                      bcfg.router_hidden),
+                     params, "moefication", f"top{k}/{bcfg.num_experts}", k / bcfg.num_experts) for k in top_ks]
 
 
 def run_early_exit(exp: phases.Experiment, bcfg: BaselineConfig, dense: Callable[[], PyTree],
@@ -109,37 +138,29 @@ def run_early_exit(exp: phases.Experiment, bcfg: BaselineConfig, dense: Callable
   cfg = common.dense_config(exp)
   run_dir = exp.workdir / "early_exit"
   evals = {t: run_dir / f"eval_t{t:g}.json" for t in thresholds}
-  if not all_cached(list(evals.values())):
-    params = early_exit.init(cfg, dense())
-    num_steps = bcfg.steps(exp)
-    tx = common.optimizer(exp, params, bcfg.exit_lr, num_steps, common.frozen_except(("exits/",)))
-    step = functools.partial(early_exit.exit_step, exp.task, exp.config.label_smoothing, tx)
-    params = common.train(exp, run_dir, params, tx, step, num_steps)
-  records = []
-  for threshold in thresholds:
-    forward = functools.partial(_on_images, exp, functools.partial(early_exit.forward, cfg, threshold))
-    record = cached(evals[threshold], lambda: common.evaluate(exp, forward, params))
-    records.append(curve_record("early_exit", f"threshold {threshold:g}", threshold, record))
-  return records
+  params = _trained(exp, run_dir, bcfg.settings("early_exit", exp), list(evals.values()),
+                    lambda: early_exit.init(cfg, dense()), bcfg.exit_lr,
+                    lambda tx: functools.partial(early_exit.exit_step, exp.task, exp.config.label_smoothing, tx),
+                    bcfg.steps(exp), common.frozen_except(("exits/",)))
+  return [_evaluated(exp, evals[t], functools.partial(early_exit.forward, cfg, t), params, "early_exit",
+                     f"threshold {t:g}", t) for t in thresholds]
 
 
 def run_token_halting(exp: phases.Experiment, bcfg: BaselineConfig, dense: Callable[[], PyTree],
                       target_depths: list[float]) -> list[dict]:
   cfg = common.dense_config(exp)
-  num_steps = bcfg.steps(exp)
   lr = bcfg.halting_lr or exp.config.finetune_lr
+  settings = bcfg.settings("token_halting", exp)
   records = []
   for depth in target_depths:
     run_dir = exp.workdir / f"token_halting_d{depth:g}"
     halting = token_halting.Halting(bcfg.halting_eps, bcfg.ponder_weight, bcfg.prior_weight, depth)
-    if not all_cached([run_dir / "eval.json"]):
-      params = token_halting.init(dense())
-      tx = common.optimizer(exp, params, lr, num_steps)
-      step = functools.partial(token_halting.halting_step, exp.task, halting, exp.config.label_smoothing, tx)
-      params = common.train(exp, run_dir, params, tx, step, num_steps)
-    forward = functools.partial(_on_images, exp, functools.partial(token_halting.eval_forward, cfg, halting))
-    record = cached(run_dir / "eval.json", lambda: common.evaluate(exp, forward, params))
-    records.append(curve_record("token_halting", f"target depth {depth:g}/{cfg.depth}", depth / cfg.depth, record))
+    params = _trained(
+        exp, run_dir, settings, [run_dir / "eval.json"], lambda: token_halting.init(dense()), lr,
+        lambda tx: functools.partial(token_halting.halting_step, exp.task, halting, exp.config.label_smoothing, tx),
+        bcfg.steps(exp))
+    records.append(_evaluated(exp, run_dir / "eval.json", functools.partial(token_halting.eval_forward, cfg, halting),
+                              params, "token_halting", f"target depth {depth:g}/{cfg.depth}", depth / cfg.depth))
   return records
 
 
