@@ -69,7 +69,7 @@ def candidates(tokens, kind):
   for r, o, hd, srt in itertools.product(rows, outs, hidden, sorts):
     yield dict(block_rows=r, block_out=o, block_hidden=hd, num_warps=8 if r == 128 else 4, sort=srt)
   if tokens < 4096:  # the one-launch path (float32 atomic adds of the hidden tiles' partial outputs)
-    for r, o, hd in itertools.product((32, 64), (128, 256), (128, 256)):
+    for r, o, hd in itertools.product((32, 64), (128, 256), (128, 256) if kind == "mlp" else (128,)):
       yield dict(block_rows=r, block_out=o, block_hidden=hd, num_warps=4, onepass=True)
 
 
