@@ -257,6 +257,14 @@ def _scatter_kernel(k_ref, rank_ref, counts_ref, order_ref, sorted_k_ref, *, num
   _for_group(g, num_groups, body)
 
 
+def _choice_bias(b2_ref, k_rows, cols, num_learners):
+  """(rows, len(cols)) float32 output bias of each row's choice k: b2[0] + ... + b2[k]."""
+  acc = jnp.zeros((k_rows.shape[0], cols.size), jnp.float32)
+  for choice in range(num_learners + 1):
+    acc = acc + jnp.where((k_rows >= choice)[:, None], b2_ref[choice, cols].astype(jnp.float32)[None, :], 0.0)
+  return acc
+
+
 def _row_block(order_ref, k_ref, gg, i, *, block_rows, tokens, padded, sort):
   """Positions, validity, token and k of the rows of block i. Rows past the end
   keep their own position (>= T) as token: masked stores then never alias a real row."""
@@ -325,10 +333,9 @@ def _down_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_rows, bl
 
     trips = (max_k * width + block_k - 1) // block_k
     acc = jax.lax.fori_loop(0, trips, step, jnp.zeros((block_rows, block_out), jnp.float32))
-    if has_bias:  # choice k carries b2[0] + ... + b2[k]
+    if has_bias:
       (b2_ref,) = bias
-      for choice in range(num_learners + 1):
-        acc = acc + jnp.where((k_rows >= choice)[:, None], b2_ref[choice, cols].astype(jnp.float32)[None, :], 0.0)
+      acc = acc + _choice_bias(b2_ref, k_rows, cols, num_learners)
     col_ids = cb * block_out + jnp.arange(block_out, dtype=jnp.int32)
     plgpu.store(out_refs[gg].at[token[:, None], col_ids[None, :]], acc.astype(out_refs[gg].dtype),
                 mask=valid[:, None])
@@ -371,14 +378,10 @@ def _onepass_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, ti
     @pl.when(j == 0)
     def _():
       k_ref[pl.ds(gg * padded + i * block_rows, block_rows)] = k_rows
-      if has_bias:  # choice k carries b2[0] + ... + b2[k]
+      if has_bias:
         (b2_ref,) = bias
         for cb in range(dim // block_out):
-          cols = pl.ds(cb * block_out, block_out)
-          acc = jnp.zeros((block_rows, block_out), f32)
-          for choice in range(num_learners + 1):
-            acc = acc + jnp.where((k_rows >= choice)[:, None], b2_ref[choice, cols].astype(f32)[None, :], 0.0)
-          add(cb, acc)
+          add(cb, _choice_bias(b2_ref, k_rows, pl.ds(cb * block_out, block_out), num_learners))
 
     @pl.when(j * block_hidden < jnp.max(k_rows) * width)
     def _():
