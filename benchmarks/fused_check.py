@@ -1,6 +1,6 @@
 """GPU check of the fused ACM kernels (`pallas_kernels.acm_fused`) against the float32
-reference: groups of 1 and 3, the sorted, unsorted and one-launch paths, linear gates and
-given logits.
+reference: groups of 1 and 3, the sorted, unsorted, one-launch and dense XLA paths, linear
+gates and given logits.
 
     python3 -m benchmarks.fused_check
 
@@ -25,12 +25,13 @@ def main():
   failures = 0
   cases = [(197, 768, 4, 768, 1, "gelu", 0), (1576, 768, 4, 768, 1, "gelu", 0), (6304, 768, 4, 96, 3, "identity", 1),
            (197, 768, 4, 96, 3, "identity", 1), (50432, 768, 4, 768, 1, "gelu", 0), (3000, 768, 4, 96, 1, "identity", 1)]
-  runs = [(case, gate, False) for case in cases for gate in ("linear", "logits")]
-  runs += [(case, "linear", True) for case in cases if case[0] <= 3000]  # the one-launch path
-  for (tokens, dim, n, width, size, act, min_choice), gate, onepass in runs:
+  runs = [(case, gate, None) for case in cases for gate in ("linear", "logits")]  # the default path
+  runs += [(case, "linear", "onepass") for case in cases if case[0] <= 3000]  # the one-launch path
+  runs += [(case, "linear", "xla") for case in cases[2:4]]  # the dense XLA path
+  for (tokens, dim, n, width, size, act, min_choice), gate, path in runs:
     x, groups = random_group(rng, tokens, dim, n, width, size, jnp.bfloat16, gate=gate)
     fn = jax.jit(lambda x, g: af.acm_group(x, g, num_learners=n, activation=act, min_choice=min_choice,
-                                            cost_shift=0.1, **({"onepass": True} if onepass else {})))
+                                            cost_shift=0.1, **({path: True} if path else {})))
     outs, k = fn(x, groups)
     _, k_ref = af.acm_group_reference(x, groups, num_learners=n, min_choice=min_choice, cost_shift=0.1)
     refs, _ = af.acm_group_reference(x, groups, num_learners=n, activation=act, k=k)
@@ -39,7 +40,7 @@ def main():
             for o, r in zip(outs, refs)]
     ok = agree > 0.99 and max(errs) < 2e-2 and all(bool(jnp.isfinite(o.astype(jnp.float32)).all()) for o in outs)
     failures += not ok
-    print(f"T={tokens:6d} G={size} h={width} {act:8s} gate={gate:6s}{' onepass' if onepass else ''} k agrees {agree:.4f} "
+    print(f"T={tokens:6d} G={size} h={width} {act:8s} gate={gate:6s}{' ' + path if path else ''} k agrees {agree:.4f} "
           f"rel err {max(errs):.2e} k hist {np.bincount(np.asarray(k).ravel(), minlength=n + 1)} "
           f"{'ok' if ok else 'BAD'}", flush=True)
   sys.exit(1 if failures else 0)

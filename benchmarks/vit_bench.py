@@ -177,6 +177,15 @@ def main(argv=None):
     for r in (float(v) for v in args.ratios.split(",")):
       setups.append((kind, acm_cfg, r, set_gates(base, 4, r, acm_cfg.dim, seed=2), reference))
 
+  jitted = {}  # (kind, impl) -> (forward, forward with the sown statistics): one compile per shape
+
+  def compiled(kind, acm_cfg, impl):
+    if (kind, impl) not in jitted:
+      model = vit.ViT(dataclasses.replace(acm_cfg, acm=dataclasses.replace(acm_cfg.acm, impl=impl)))
+      jitted[kind, impl] = (jax.jit(lambda p, x: model.apply({"params": p}, x)),
+                            jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["acm"])))
+    return jitted[kind, impl]
+
   for batch in batches:
     images = all_images[:batch]
     dense_ips = batch / timed(dense_fn, dense_params, images)
@@ -187,10 +196,9 @@ def main(argv=None):
     for kind, acm_cfg, r, params, reference in setups:
       check = images[:min(batch, 32)]
       for impl in args.impls.split(","):
-        model = vit.ViT(dataclasses.replace(acm_cfg, acm=dataclasses.replace(acm_cfg.acm, impl=impl)))
-        fn = jax.jit(lambda p, x, model=model: model.apply({"params": p}, x))
+        fn, with_stats = compiled(kind, acm_cfg, impl)
         try:
-          logits, state = jax.jit(lambda p, x, model=model: model.apply({"params": p}, x, mutable=["acm"]))(params, check)
+          logits, state = with_stats(params, check)
           kmap = choices_by_acm(state)
           ref_logits, ref_state = reference(params, check, kmap)
           mean_k = mean_k_by_kind(state)

@@ -38,6 +38,13 @@ adds into zeroed outputs, and (for hidden tile 0) the output bias. One launch an
 hidden buffer per group, at the price of summation order: the float32 sums are not
 bit-reproducible from run to run.
 
+The dense XLA path (`xla`, picked per token bucket and shape by the tuned table) is the
+same function without kernels: one cuBLAS matmul for the gates of the whole group, one
+for the up projections of all its learners, the hidden units past each token's k masked
+to zero, one matmul per ACM for the down projection. It saves no arithmetic; it is there
+for the shapes where the learner kernels lose to cuBLAS by more than the skipped
+learners gain (the low-rank q/k/v projections, whose learners of 96 make short kernels).
+
 The gate logits inside the route kernel are rounded where a Flax Dense gate of
 the same dtypes rounds (after the matmul and after the bias), so the argmax
 agrees with the XLA gate except where float32 accumulation order moves a logit
@@ -56,8 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels.acm_mlp import (ACTIVATIONS, _compiler_params, _kernel_activation, _largest_divisor,
-                                    _precision, acm_mlp_reference, gpu_family)
+from pallas_kernels.acm_mlp import (ACTIVATIONS, _activation_reference, _compiler_params, _kernel_activation,
+                                    _largest_divisor, _precision, acm_mlp_reference, gpu_family)
 
 GATE_COLS = 16  # gate logits padded to the smallest width of a Triton matmul
 ROUTE_CHUNK = 128  # tokens per route / scatter program
@@ -114,25 +121,32 @@ def default_settings(dtype, dim: int, total_hidden: int, tokens: int) -> dict:
   settings = dict(block_rows=rows, block_hidden=_largest_divisor(total_hidden, 128),
                   block_out=_largest_divisor(dim, 256 if (bf16 and tokens >= 8192) else 64 if tokens < 1024 else 128),
                   block_k_up=_largest_divisor(dim, 64 if bf16 else 32), num_warps=8 if rows == 128 else 4,
-                  num_stages=3, sort=tokens >= SORT_MIN_TOKENS, onepass=tokens <= ONEPASS_MAX_TOKENS)
+                  num_stages=3, sort=tokens >= SORT_MIN_TOKENS, onepass=tokens <= ONEPASS_MAX_TOKENS, xla=False)
   if bf16 and gpu_family() == "hopper":
     settings.update(TUNED.get((token_bucket(tokens), shape_kind(dim, total_hidden)), {}))
   return settings
 
 
-def resolve_config(dtype, dim: int, total_hidden: int, tokens: int,
-                   **overrides) -> tuple[FusedConfig, bool, bool]:
-  """(tile sizes, sort, onepass) for these shapes: defaults with user overrides, validated."""
+PATHS = ("xla", "onepass", "sorted", "unsorted")
+PATH_SWITCHES = ("xla", "onepass", "sort")  # settings that pick the path, in this precedence
+
+
+def resolve_config(dtype, dim: int, total_hidden: int, tokens: int, **overrides) -> tuple[FusedConfig, str]:
+  """(tile sizes, path: one of `PATHS`) for these shapes: defaults with user overrides, validated."""
   names = [f.name for f in dataclasses.fields(FusedConfig)]
-  unknown = set(overrides) - set(names) - {"sort", "onepass"}
+  unknown = set(overrides) - set(names) - set(PATH_SWITCHES)
   if unknown:
-    raise ValueError(f"unknown kernel settings {sorted(unknown)}; expected some of {names + ['sort', 'onepass']}")
+    raise ValueError(f"unknown kernel settings {sorted(unknown)}; expected some of {names + list(PATH_SWITCHES)}")
   settings = default_settings(dtype, dim, total_hidden, tokens)
+  if any(overrides.get(name) is not None for name in PATH_SWITCHES):
+    # a path asked for by name: the switches not given are off, whatever the table says
+    settings.update({name: bool(overrides.get(name)) for name in PATH_SWITCHES})
   settings.update({key: value for key, value in overrides.items() if value is not None})
   bf16 = jnp.dtype(dtype) != jnp.float32
   settings.setdefault("block_k_down", _largest_divisor(settings["block_hidden"], 64 if bf16 else 32))
-  sort = bool(settings.pop("sort"))
-  onepass = bool(settings.pop("onepass"))
+  switches = {name: bool(settings.pop(name, False)) for name in PATH_SWITCHES}
+  path = ("xla" if switches["xla"] else "onepass" if switches["onepass"] else
+          "sorted" if switches["sort"] else "unsorted")
   cfg = FusedConfig(**settings)
   for name in ("block_rows", "block_hidden", "block_out", "block_k_up", "block_k_down"):
     v = getattr(cfg, name)
@@ -144,7 +158,7 @@ def resolve_config(dtype, dim: int, total_hidden: int, tokens: int,
   for whole, part, name, what in checks:
     if whole % part:
       raise ValueError(f"{name}={part} does not divide {what}={whole}")
-  return cfg, sort and not onepass, onepass
+  return cfg, path
 
 
 # ----------------------------------------------------------------------------
@@ -456,32 +470,37 @@ def _check_group(x, groups, num_learners, activation, min_choice):
 
 def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_learners: int,
               activation: str = "gelu", min_choice: int = 0, cost_shift: float | jax.Array = 0.0,
-              sort: bool | None = None, onepass: bool | None = None, fast_math: bool | None = None,
-              interpret: bool | None = None, **tiles) -> tuple[tuple[jax.Array, ...], jax.Array]:
+              sort: bool | None = None, onepass: bool | None = None, xla: bool | None = None,
+              fast_math: bool | None = None, interpret: bool | None = None, **tiles) -> tuple[tuple[jax.Array, ...], jax.Array]:
   """Hard-choice outputs of G ACMs that read the same tokens.
 
   x: (T, d) bfloat16 or float32. groups: G dicts with w1 (d, N*h), b1 (N*h,),
   w2 (N*h, d), optionally b2 (N+1, d) (per-choice increments, as `acm.ACM`'s
   parameter), all in x.dtype, and either gate = (wg (d, N+1), bg (N+1,)) for a
   linear gate or logits (T, N+1) from a deeper one. cost_shift: a scalar (see
-  `acm.ACM`). sort, onepass: None picks by token count (`default_settings`). tiles:
-  overrides of `FusedConfig`. interpret: None means "when the backend is not a GPU".
+  `acm.ACM`). sort, onepass, xla: the path (module docstring); None picks by token count
+  and shape (`default_settings`). tiles: overrides of `FusedConfig`. interpret: None means
+  "when the backend is not a GPU" (the xla path runs on any backend).
 
   Returns (outputs: G arrays (T, d) in x.dtype, k: (G, T) int32 in token order).
   """
+  tokens, dim, width = _check_group(x, groups, num_learners, activation, min_choice)
+  num_groups = len(groups)
+  total = num_learners * width
+  cfg, path = resolve_config(x.dtype, dim, total, tokens, sort=sort, onepass=onepass, xla=xla, **tiles)
+  if path == "xla":
+    return _acm_group_xla(x, groups, num_learners=num_learners, activation=activation, min_choice=min_choice,
+                          cost_shift=cost_shift)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   if not interpret and jax.default_backend() != "gpu":
     raise ValueError(f"the fused ACM kernels compile for GPUs only; on backend {jax.default_backend()!r} "
-                     "pass interpret=True (slow, for tests) or use impl='xla'")
-  tokens, dim, width = _check_group(x, groups, num_learners, activation, min_choice)
-  num_groups = len(groups)
-  total = num_learners * width
-  cfg, sort, onepass = resolve_config(x.dtype, dim, total, tokens, sort=sort, onepass=onepass, **tiles)
+                     "pass interpret=True (slow, for tests), xla=True, or use impl='xla'")
+  sort = path == "sorted"
   if fast_math is None:
     fast_math = x.dtype == jnp.bfloat16
   fast_math = fast_math and not interpret  # the interpreter cannot run PTX
-  if onepass:
+  if path == "onepass":
     return _acm_group_onepass(x, groups, cfg, num_learners=num_learners, activation=activation,
                               min_choice=min_choice, cost_shift=cost_shift, fast_math=fast_math, interpret=interpret)
   padded = -(-tokens // max(ROUTE_CHUNK, cfg.block_rows)) * max(ROUTE_CHUNK, cfg.block_rows)
@@ -571,6 +590,41 @@ def _acm_group_onepass(x, groups, cfg, *, num_learners, activation, min_choice, 
   )(*inputs)
   k = k_flat.reshape(num_groups, padded)[:, :tokens]
   return tuple(o[:tokens].astype(x.dtype) for o in outs), k
+
+
+def _acm_group_xla(x, groups, *, num_learners, activation, min_choice, cost_shift):
+  """`acm_group` as dense XLA matmuls in x.dtype with float32 accumulation: the gates and the
+  up projections of the whole group as one matmul each, hidden units past k set to zero."""
+  f32 = jnp.float32
+  n, dim = num_learners, x.shape[1]
+  total = groups[0]["w1"].shape[1]
+  width = total // n
+  if "gate" in groups[0]:
+    dtype = gate_dtype(x, groups[0])
+    wg = jnp.concatenate([g["gate"][0].astype(dtype) for g in groups], axis=1)
+    bg = jnp.concatenate([g["gate"][1].astype(dtype) for g in groups])
+    # rounded where a Flax Dense of this dtype rounds: after the matmul and after the bias
+    raw = (jnp.dot(x.astype(dtype), wg, preferred_element_type=f32).astype(dtype) + bg).astype(f32)
+    raw = raw.reshape(x.shape[0], len(groups), n + 1)
+  else:
+    raw = jnp.stack([g["logits"].astype(f32) for g in groups], axis=1)
+  choices = jnp.arange(n + 1)
+  logits = raw - jnp.asarray(cost_shift, f32) * (choices * (width / dim)).astype(f32)
+  logits = jnp.where(choices >= min_choice, logits, -jnp.inf)
+  k = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # (T, G)
+  w1 = jnp.concatenate([g["w1"] for g in groups], axis=1)
+  b1 = jnp.concatenate([g["b1"] for g in groups])
+  pre = jnp.dot(x, w1, preferred_element_type=f32) + b1.astype(f32)
+  hidden = _activation_reference(activation)(pre).reshape(x.shape[0], len(groups), total)
+  learner = jnp.arange(total) // width
+  hidden = jnp.where(learner < k[..., None], hidden, 0.0).astype(x.dtype)
+  outs = []
+  for g, grp in enumerate(groups):
+    out = jnp.dot(hidden[:, g], grp["w2"], preferred_element_type=f32)
+    if "b2" in grp:
+      out = out + jnp.cumsum(grp["b2"].astype(f32), axis=0)[k[:, g]]
+    outs.append(out.astype(x.dtype))
+  return tuple(outs), k.T
 
 
 def gate_dtype(x, params):

@@ -64,8 +64,8 @@ CASES = [
 ]
 
 
-PATHS = {"unsorted": dict(sort=False, onepass=False), "sorted": dict(sort=True, onepass=False),
-         "onepass": dict(onepass=True)}
+PATHS = {"unsorted": dict(sort=False), "sorted": dict(sort=True), "onepass": dict(onepass=True),
+         "xla": dict(xla=True)}
 
 
 @pytest.mark.parametrize("tokens,dim,n,width,size,act,min_choice,dtype,k_kind,tiles", CASES)
@@ -83,7 +83,7 @@ def test_group_matches_reference(tokens, dim, n, width, size, act, min_choice, d
     assert len(np.unique(np.asarray(k))) > 1
 
 
-@pytest.mark.parametrize("path", ["sorted", "onepass"])
+@pytest.mark.parametrize("path", ["sorted", "onepass", "xla"])
 def test_given_logits_cost_shift_and_no_bias_under_jit(path):
   """Deep gates hand in logits; a traced cost shift lowers k as the XLA gate's does."""
   n = 4
@@ -113,12 +113,27 @@ def test_group_apply_on_batched_tokens_equals_the_flat_reference():
     assert out.shape == (2, 40, 64) and rel_err(out.reshape(80, 64), ref) < 1e-5
 
 
-@pytest.mark.parametrize("onepass_max_tokens", [0, 1 << 20])
-def test_vit_fused_path_equals_xla_path_at_its_choices(onepass_max_tokens, monkeypatch, attention=True):
+def test_a_tuned_path_is_followed_unless_a_path_is_asked_for(monkeypatch):
+  monkeypatch.setattr(af, "gpu_family", lambda: "hopper")
+  monkeypatch.setattr(af, "TUNED", {(af.token_bucket(197), "proj"): dict(xla=True)})
+  assert af.resolve_config(jnp.bfloat16, 768, 384, 197)[1] == "xla"
+  assert af.resolve_config(jnp.bfloat16, 768, 384, 197, sort=True)[1] == "sorted"
+  assert af.resolve_config(jnp.bfloat16, 768, 384, 197, onepass=True)[1] == "onepass"
+  assert af.resolve_config(jnp.bfloat16, 768, 3072, 197)[1] == "unsorted"  # the MLP's entry is not tuned
+  assert af.resolve_config(jnp.float32, 768, 384, 197)[1] == "unsorted"  # the table is for bf16
+
+
+@pytest.mark.parametrize("path", ["default", "onepass", "xla"])
+def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attention=True):
   """The whole model: fused kernels (q/k/v as one group) against the XLA path forced to
   the same per-ACM choices, and the block-0 gates against the XLA gates; with the
-  default paths and with every ACM on the one-launch path."""
-  monkeypatch.setattr(af, "ONEPASS_MAX_TOKENS", onepass_max_tokens)
+  default paths, with every ACM on the one-launch path, and with every group on the
+  dense XLA path of `acm_group` (as the tuned table may pick it)."""
+  if path == "onepass":
+    monkeypatch.setattr(af, "ONEPASS_MAX_TOKENS", 1 << 20)
+  if path == "xla":
+    real = af.default_settings
+    monkeypatch.setattr(af, "default_settings", lambda *a: {**real(*a), "xla": True})
   cfg = vit.get_config("tiny", depth=2, acm=acm_lib.ACMConfig(num_learners=4, attention=attention, impl="pallas"))
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   model = vit.ViT(cfg)
