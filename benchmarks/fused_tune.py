@@ -20,20 +20,30 @@ import itertools
 import json
 import math
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import vit_bench
 from pallas_kernels import acm_fused as af
 
 TOKENS = (197, 1576, 6304, 50432)
 
 
-def timed_ms(fn, *args):
-  """Median ms of 40 single calls, dispatch included (as `vit_bench.timed`)."""
-  return vit_bench.timed(fn, *args, reps=40) * 1e3
+def timed_ms(fn, *args, calls=50, rounds=5):
+  """Median over `rounds` of the mean ms per call of `calls` calls queued back to back (one
+  wait at the end): device time, the host's dispatch overlapped. Single waited calls (as
+  `vit_bench.timed`) carry the host's dispatch jitter, which at 0.1-0.4 ms per call moved a
+  candidate's ratio by up to 1.7x between two runs of the same inputs."""
+  jax.block_until_ready(fn(*args))
+  samples = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    out = [fn(*args) for _ in range(calls)]
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - t0) / calls)
+  return float(np.median(samples)) * 1e3
 
 
 def inputs(tokens, kind, rng):
@@ -63,7 +73,7 @@ def dense_fn(kind):
   return jax.jit(lambda x, w: [x @ wi for wi, _ in w])
 
 
-def candidates(tokens, kind):
+def candidates(tokens, kind, onepass=False):
   rows = (32, 64) if tokens < 4096 else (64, 128)
   outs = (64, 128) if tokens < 4096 else (128, 256)
   hidden = (128,)
@@ -71,7 +81,7 @@ def candidates(tokens, kind):
   for r, o, hd, srt in itertools.product(rows, outs, hidden, sorts):
     yield dict(block_rows=r, block_out=o, block_hidden=hd, num_warps=8 if r == 128 else 4, sort=srt)
   yield dict(xla=True)  # the dense XLA path: no kernels, no skipped arithmetic
-  if tokens < 4096:  # the one-launch path (float32 atomic adds of the hidden tiles' partial outputs)
+  if onepass and tokens < 4096:  # the one-launch path (float32 atomic adds of the hidden tiles' partial outputs)
     for r, o, hd in itertools.product((32, 64), (128, 256), (128, 256) if kind == "mlp" else (128,)):
       yield dict(block_rows=r, block_out=o, block_hidden=hd, num_warps=4, onepass=True)
 
@@ -80,6 +90,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="tuned.json")
   parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+  parser.add_argument("--onepass", action="store_true",
+                      help="also the one-launch path (2-5x slower than the dense block on an H200, 2026-12-01)")
   args = parser.parse_args(argv)
   if jax.default_backend() != "gpu":
     sys.exit("fused_tune needs a GPU")
@@ -93,7 +105,7 @@ def main(argv=None):
       default = jax.jit(lambda x, g: af.acm_group(x, g, num_learners=4, activation=act, min_choice=min_choice)[0])
       default_ms = timed_ms(default, x, groups)
       best = (default_ms, None)
-      for cand in candidates(tokens, kind):
+      for cand in candidates(tokens, kind, args.onepass):
         fn = jax.jit(lambda x, g, c=cand: af.acm_group(x, g, num_learners=4, activation=act, min_choice=min_choice, **c)[0])
         try:
           ms = timed_ms(fn, x, groups)
