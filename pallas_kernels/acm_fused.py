@@ -92,13 +92,15 @@ class FusedConfig:
 TOKEN_BUCKETS = (512, 2048, 8192, None)
 # (token bucket, "mlp" | "proj") -> settings that differ from the heuristic below, for bf16 on
 # Hopper; measured by `python3 -m benchmarks.fused_tune` (see benchmarks/RESULTS.md). "sort"
-# picks the sorted or the unsorted path.
+# picks the sorted or the unsorted path, "xla" the dense XLA path (`_acm_group_xla`).
 TUNED: dict[tuple[int | None, str], dict] = {
-    # H200, jax 0.11.2, 2026-12-01 (benchmarks/results/fused_tune_h200.json)
+    # H200, jax 0.11.2, 2026-12-01, device time of queued calls (benchmarks/results/fused_tune_h200.json)
     (512, "mlp"): dict(block_rows=64, block_out=128, block_hidden=128, num_warps=4, sort=False),
-    (512, "proj"): dict(block_rows=32, block_out=64, block_hidden=128, num_warps=4, sort=False),
-    (2048, "mlp"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=False),
-    (8192, "proj"): dict(block_rows=128, block_out=128, block_hidden=128, num_warps=8, sort=True),
+    (512, "proj"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=True),
+    (2048, "mlp"): dict(block_rows=32, block_out=128, block_hidden=128, num_warps=4, sort=False),
+    (2048, "proj"): dict(block_rows=32, block_out=64, block_hidden=128, num_warps=4, sort=True),
+    (8192, "mlp"): dict(block_rows=128, block_out=128, block_hidden=128, num_warps=8, sort=False),
+    (8192, "proj"): dict(block_rows=64, block_out=256, block_hidden=128, num_warps=4, sort=False),
     (None, "proj"): dict(block_rows=128, block_out=128, block_hidden=128, num_warps=8, sort=True),
 }
 
