@@ -94,13 +94,13 @@ TOKEN_BUCKETS = (512, 2048, 8192, None)
 # Hopper; measured by `python3 -m benchmarks.fused_tune` (see benchmarks/RESULTS.md). "sort"
 # picks the sorted or the unsorted path, "xla" the dense XLA path (`_acm_group_xla`).
 TUNED: dict[tuple[int | None, str], dict] = {
-    # H200, jax 0.11.2, 2026-12-01, device time of queued calls (benchmarks/results/fused_tune_h200.json)
+    # H200, jax 0.11.2, 2026-12-01. Batch 1 (<= 512 tokens): the queued-call tuning run
+    # (benchmarks/results/fused_tune_h200.json); 2048 and 8192: the earlier run's choices, which
+    # the whole model ran faster with at batch 8 and 32 (benchmarks/RESULTS.md, "tile tables").
     (512, "mlp"): dict(block_rows=64, block_out=128, block_hidden=128, num_warps=4, sort=False),
     (512, "proj"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=True),
-    (2048, "mlp"): dict(block_rows=32, block_out=128, block_hidden=128, num_warps=4, sort=False),
-    (2048, "proj"): dict(block_rows=32, block_out=64, block_hidden=128, num_warps=4, sort=True),
-    (8192, "mlp"): dict(block_rows=128, block_out=128, block_hidden=128, num_warps=8, sort=False),
-    (8192, "proj"): dict(block_rows=64, block_out=256, block_hidden=128, num_warps=4, sort=False),
+    (2048, "mlp"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=False),
+    (8192, "proj"): dict(block_rows=128, block_out=128, block_hidden=128, num_warps=8, sort=True),
     (None, "proj"): dict(block_rows=128, block_out=128, block_hidden=128, num_warps=8, sort=True),
 }
 
