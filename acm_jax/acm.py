@@ -425,20 +425,27 @@ def scanned_layer(stack_path: str, layer: jax.Array, layer_paths: Sequence[str])
     _scanned.reset(token)
 
 
+def unrolled_paths(path: str) -> tuple[tuple[str, ...], jax.Array | None]:
+  """The unrolled module paths that the ACM at module path `path` stands for, and the traced
+  layer index: ((path,), None) outside a scanned stack of blocks; inside one (`scanned_layer`),
+  one module serves every layer, so every layer's path ("blocks/mlp" -> "block_0/mlp", ...)."""
+  scanned = _scanned.get()
+  if scanned is None or not path.startswith(scanned[0] + "/"):
+    return (path,), None
+  stack_path, layer, layer_paths = scanned
+  return tuple(prefix + path[len(stack_path):] for prefix in layer_paths), layer
+
+
 def forced_choices(path: str, num_learners: int, shape: tuple[int, ...]) -> jax.Array | None:
   """The (shape) int32 choices that `force_k` sets for the ACM at module path `path`; None
   outside `force_k`."""
   k = _forced.get()
   if k is None:
     return None
-  scanned = _scanned.get()
-  per_path = isinstance(k, Mapping) or callable(k)
-  if per_path and scanned is not None and path.startswith(scanned[0] + "/"):
-    # one module serves every layer: each layer's choices under its unrolled path, picked by the traced index
-    stack_path, layer, layer_paths = scanned
-    rest = path[len(stack_path):]
-    per_layer = [_fixed_choices(_choice_of(k, prefix + rest), num_learners, shape) for prefix in layer_paths]
-    return jnp.stack(per_layer)[layer]
+  paths, layer = unrolled_paths(path)
+  if (isinstance(k, Mapping) or callable(k)) and layer is not None:
+    # each layer's choices under its unrolled path, picked by the traced index
+    return jnp.stack([_fixed_choices(_choice_of(k, p), num_learners, shape) for p in paths])[layer]
   return _fixed_choices(_choice_of(k, path), num_learners, shape)
 
 

@@ -9,7 +9,8 @@
     # (a subset of --parts re-measures only those and merges into the existing JSON,
     # e.g. when one call's time limit cannot hold every compile)
 
-Both write benchmarks/results/sharding*.json and append a section to benchmarks/RESULTS.md.
+Both write benchmarks/results/sharding*.json and append a section to benchmarks/RESULTS.md; memory
+keeps the runs it does not measure again (each run carries its date).
 The model is the paper's configuration: ViT-B/16, 224px, 1000 classes, every MLP and
 every q/k/v/o projection ACMized (N=4), gates of 3 layers of width 16; bf16 activations.
 """
@@ -141,17 +142,22 @@ def run_memory(args) -> dict:
   devices = jax.devices()
   if len(devices) < 8:
     raise SystemExit("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu")
-  runs, layer = {}, None
+  today = datetime.date.today().isoformat()
+  old = json.loads((RESULTS / "sharding.json").read_text()) if (RESULTS / "sharding.json").exists() else {}
+  # runs of layouts not measured now are kept (each with its date), so one call may measure one layout
+  runs = {name: {"date": old.get("date"), **r} for name, r in old.get("runs", {}).items()}
+  layer = old.get("one_layer_param_bytes")
   for layout in args.layouts:
     scan, suffix = layout == "scanned", "_scanned" if layout == "scanned" else ""
     if not scan and args.single:
-      runs["single"] = compiled_memory(setup(batch_size=args.batch, mesh="data:1", devices=devices[:1]))
+      runs["single"] = {"date": today, **compiled_memory(setup(batch_size=args.batch, mesh="data:1",
+                                                                  devices=devices[:1]))}
     for name, mesh, strategy in (("dp8", "data:8", "dp"), ("fsdp8", "fsdp:8", "fsdp")):
       s = setup(batch_size=args.batch, mesh=mesh, strategy=strategy, scan=scan)
       layer = one_layer_bytes(s)
-      runs[name + suffix] = {**compiled_memory(s), "scanned": scan}
+      runs[name + suffix] = {"date": today, **compiled_memory(s), "scanned": scan}
       print(name + suffix, json.dumps(runs[name + suffix]), flush=True)
-  record = {"benchmark": "sharding_memory", "date": datetime.date.today().isoformat(), "jax_version": jax.__version__,
+  record = {"benchmark": "sharding_memory", "date": today, "jax_version": jax.__version__,
             "device": f"{len(devices)} simulated {jax.default_backend()} devices", "model": "ACM ViT-B/16 (MLP + q/k/v/o)",
             "runs": runs, "one_layer_param_bytes": layer}
   if "single" in runs and "fsdp8" in runs:
@@ -176,11 +182,12 @@ def run_memory(args) -> dict:
            "from `jit(step).lower(...).compile().memory_analysis()` (XLA:CPU's accounting); params + opt state from "
            "the shardings. The state is donated, so output bytes alias argument bytes.",
            "",
-           "| run | blocks | mesh | global batch | params+opt MiB | argument MiB | output MiB | temp MiB |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| run | measured | blocks | mesh | global batch | params+opt MiB | argument MiB | output MiB | temp MiB |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for name, r in runs.items():
     mesh = ",".join(f"{k}:{v}" for k, v in r["mesh"].items() if v > 1) or "1 device"
-    lines.append(f"| {name} | {'scanned' if r.get('scanned') else 'unrolled'} | {mesh} | {r['global_batch']} | "
+    lines.append(f"| {name} | {r['date']} | {'scanned' if r.get('scanned') else 'unrolled'} | {mesh} | "
+                 f"{r['global_batch']} | "
                  f"{mib(r['params_plus_opt_bytes'])} | {mib(r['argument_bytes'])} | {mib(r['output_bytes'])} | "
                  f"{mib(r['temp_bytes'])} |")
   lines.append("")

@@ -8,8 +8,8 @@ For each batch and block layout the dense ViT's supervised step ("pretrain") is 
 first: it is the yardstick of `ratio_to_dense_step`. Then, for each ACMized configuration
 (mlp: every MLP; mlp_qkvo: every MLP and q/k/v/o projection; N=4, gates of 3 layers of
 width 16), each requested ACM phase's step (distill, gates, finetune, static). Per step:
-  init_s      host-side parameter initialisation (`phases.init_params`; ACM phases also acmize
-              from the dense params, as the distill phase does)
+  init_s      host-side parameter initialisation (`phases.init_params` for the dense model; ACM
+              phases time `phases.acm_params` from the dense params, as the distill phase runs it)
   compile_s   lowering + compilation of the sharded, donated step (one device)
   step_ms     median of --steps timed steps after 2 warm-up steps, state threaded through
   peak_bytes  the compiled program's own footprint: arguments + temps + outputs - aliased
@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from acm_jax import acmize as acmize_lib
 from acm_jax import transformer
 from acm_jax.train import phases, steps
 from acm_jax.train.config import ExperimentConfig
@@ -92,8 +91,7 @@ def measure(exp: phases.Experiment, phase: str, dense_params, steps_timed: int) 
   if phase == "pretrain":
     params, teacher = dense_params, None
   else:
-    params = acmize_lib.acmize(dense_params, phases.init_params(exp, "acm", 0), exp.task.paths,
-                               num_learners=exp.config.num_learners)
+    params = phases.acm_params(exp, dense_params, 0)
     teacher = dense_params if phase in ("distill", "gates") else None
   jax.block_until_ready(params)
   init_s = time.perf_counter() - tic

@@ -7,8 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from acm_jax import transformer
+from acm_jax.train import phases, steps
+from acm_jax.train.config import ExperimentConfig
+from acm_jax.vit import task as vit_task
 from acm_jax.vit.baselines import calibration
-from acm_jax.train import steps
 
 N = 4
 
@@ -133,3 +136,30 @@ def test_bad_budgets_and_empty_batches_are_refused_with_the_value(tmp_path):
   calibration.check_servable(tmp_path, [0.3], "per_acm", 256, fit=True)
   with pytest.raises(ValueError, match="unknown calibration rule"):
     calibration.check_servable(tmp_path, [0.3], "median", 256, fit=True)
+
+
+@pytest.mark.parametrize("rule", ["per_acm", "global"])
+def test_scanned_blocks_calibrate_and_serve_like_the_unrolled_model(rule):
+  """The same params, unrolled and stacked: the same fitted calibration, and under `serve`
+  the same logits and per-layer choices."""
+  exps = {scan: vit_task.build(ExperimentConfig(model="tiny", dataset="synthetic", acm_attention=True, gate_depth=2,
+                                                batch_size=8, eval_batch_size=8, scan_blocks=scan))
+          for scan in (False, True)}
+  unrolled = phases.init_params(exps[False], "acm", 0)
+  params = {False: unrolled, True: transformer.stack_blocks(unrolled)}
+  found = {scan: calibration.calibrate(exp, params[scan], 0.4, examples=16, rule=rule) for scan, exp in exps.items()}
+  if rule == "global":
+    assert found[True]["cost_shift"] == pytest.approx(found[False]["cost_shift"], abs=1e-6)
+    return
+  assert found[True]["offsets"] == pytest.approx(found[False]["offsets"], abs=1e-6)
+  assert found[True]["calibration_fraction"] == pytest.approx(found[False]["calibration_fraction"])
+  images = exps[False].task.inputs(calibration.calibration_batch(exps[False], 16))
+  out = {}
+  for scan, exp in exps.items():
+    with calibration.serve(exp.task.acm_specs, found[False]["offsets"]):
+      logits, aux = exp.task.acm_model.apply({"params": params[scan]}, images, mode="argmax", mutable=["acm"])
+    out[scan] = logits, steps.acm_choices(exp.task, aux)
+  np.testing.assert_allclose(out[True][0], out[False][0], atol=1e-5)
+  for got, want in zip(out[True][1], out[False][1], strict=True):
+    np.testing.assert_array_equal(got, want)
+  assert 0.3 < found[False]["calibration_fraction"] < 0.5

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from acm_jax import data as data_lib
-from acm_jax.acmize import flatten
+from acm_jax import transformer
+from acm_jax.acmize import acmize, flatten, unflatten
 from acm_jax.train import config as config_lib
 from acm_jax.train import loop, phases
 from acm_jax.vit import task as vit_task
@@ -164,3 +165,44 @@ def test_mixed_batches_train_and_official_switches_reach_the_steps(tmp_path):
   _, metrics = jitted(state, batch)
   assert np.isfinite(float(metrics["loss"]))
   assert not cfg.gate_task_gradient and cfg.label_rule == "official"
+
+
+def test_acm_params_equal_acmize_of_the_old_init_up_to_the_gates_draws():
+  """`phases.acm_params` against the definition it replaces, acmize(dense, init_params(acm)):
+  the same tree, shapes and dtypes, the same values everywhere but the gate kernels (random
+  draws from other keys, of the same scale); scanned blocks get the unrolled model's params."""
+  def experiment(scan):
+    return vit_task.build(config_lib.ExperimentConfig(
+        model="tiny", dataset="synthetic", acm_attention=True, gate_depth=3, gate_hidden=8, batch_size=8,
+        eval_batch_size=8, budget_conditioning=True, scan_blocks=scan))
+
+  exp = experiment(False)
+  dense = phases.init_params(exp, "dense", 0)
+  old = flatten(acmize(dense, phases.init_params(exp, "acm", 3), exp.task.paths, num_learners=4))
+  new = flatten(phases.acm_params(exp, dense, 3))
+  assert sorted(new) == sorted(old)
+  drawn = [k for k in old if "/gate/" in k and k.endswith("kernel") and "budget_film" not in k]
+  assert len(drawn) == 3 * len(exp.task.paths)
+  for k in old:
+    assert (new[k].shape, new[k].dtype) == (old[k].shape, old[k].dtype), k
+    if k not in drawn:
+      np.testing.assert_array_equal(new[k], old[k], err_msg=k)
+  assert all(not np.array_equal(new[k], old[k]) for k in drawn)
+  assert len({np.asarray(new[k]).tobytes() for k in drawn}) == len(drawn)  # every gate its own draw
+  for layer in ("hidden_0", "hidden_1", "out"):
+    std = lambda params: np.std(np.concatenate([np.ravel(params[k]) for k in drawn if f"/{layer}/" in k]))
+    assert std(new) == pytest.approx(std(old), rel=0.1), layer
+
+  scanned = experiment(True)
+  stacked = phases.acm_params(scanned, transformer.stack_blocks(dense), 3)
+  got = flatten(stacked)
+  want = flatten(transformer.stack_blocks(unflatten(new)))
+  assert sorted(got) == sorted(want)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  # the budget conditioning added to plain stacked params: zeros, where the ACM model has it
+  plain = phases.without_budget_film(stacked)
+  again = flatten(phases.with_budget_film(scanned, plain))
+  assert sorted(again) == sorted(want)
+  for k in want:
+    np.testing.assert_array_equal(again[k], want[k], err_msg=k)

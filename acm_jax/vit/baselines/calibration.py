@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from acm_jax import acm as acm_lib
+from acm_jax import transformer
 from acm_jax.acmize import flatten
 from acm_jax.pytree import PyTree
 from acm_jax.train import phases, steps
@@ -164,14 +165,15 @@ def allocate(base: np.ndarray, cost_share: np.ndarray, budget: float, iterations
 
 
 @contextlib.contextmanager
-def serve(params: PyTree, specs: tuple[steps.ACMSpec, ...], offsets: dict[str, float] | jax.Array,
+def serve(specs: tuple[steps.ACMSpec, ...], offsets: dict[str, float] | jax.Array,
           budget: float | None = None) -> Iterator[None]:
   """Within the context every ACM of `specs` runs the per-ACM rule with its offset
   (on the gates conditioned on `budget`, for a budget-conditioned model).
 
   offsets: {path: offset}, or an array (len(specs),) in the order of `specs`
-  (traceable: one compiled forward serves every offset). Each ACM is called in
-  mode "fixed" with the rule's k, so it sows its choices as usual and eval's
+  (traceable: one compiled forward serves every offset); paths are the unrolled ones
+  ("block_3/mlp") for scanned blocks too. Each ACM is called in mode "fixed" with the
+  rule's k, computed by its own gate, so it sows its choices as usual and eval's
   statistics (k histograms, compute) describe the calibrated allocation."""
   by_path = {s.path: i for i, s in enumerate(specs)}
   if isinstance(offsets, dict):
@@ -183,13 +185,15 @@ def serve(params: PyTree, specs: tuple[steps.ACMSpec, ...], offsets: dict[str, f
   def intercept(next_fun, args, kwargs, context):
     if not (isinstance(context.module, acm_lib.ACM) and context.method_name == "__call__"):
       return next_fun(*args, **kwargs)
-    path = "/".join(context.module.path)
-    index = next((i for p, i in by_path.items() if path.endswith(p)), None)
-    if index is None:
-      raise ValueError(f"ACM {path!r} is not one of the calibrated ACMs {sorted(by_path)}")
-    spec = specs[index]
-    logits = steps.gate_logits(spec, params, args[0], budget)
-    k = score_choices(compute_score(logits), offsets[index], spec.num_learners, spec.min_choice)
+    # a scanned stack's ACM serves every layer: each layer's offset under its unrolled path
+    paths, layer = acm_lib.unrolled_paths("/".join(context.module.path))
+    indices = [next((i for p, i in by_path.items() if path.endswith(p)), None) for path in paths]
+    if None in indices:
+      raise ValueError(f"ACM {paths[indices.index(None)]!r} is not one of the calibrated ACMs {sorted(by_path)}")
+    spec = specs[indices[0]]  # the layers of a stack differ in offset only
+    offset = offsets[indices[0]] if layer is None else offsets[jnp.asarray(indices)][layer]
+    logits = steps.apply_gate(spec, context.module.variables["params"]["gate"], args[0], budget)
+    k = score_choices(compute_score(logits), offset, spec.num_learners, spec.min_choice)
     return next_fun(*args, **{**kwargs, "mode": "fixed", "fixed_k": k})
 
   with nn.intercept_methods(intercept):
@@ -229,9 +233,9 @@ def scores_fn(exp: phases.Experiment, params: PyTree, batch: dict,
 
   @jax.jit
   def scores(offsets):
-    with serve(params, specs, offsets, budget), conditioning(budget):
+    with serve(specs, offsets, budget), conditioning(budget):
       _, aux = exp.task.acm_model.apply({"params": params}, images, mode="argmax", mutable=["acm"])
-    flat = flatten(aux["acm"])
+    flat = flatten(transformer.unstack_blocks(aux["acm"]))
     return [compute_score(flat[f"{s.path}/logits"][0]) for s in specs]
 
   return lambda offsets: [np.asarray(s) for s in scores(jnp.asarray(offsets, jnp.float32))]
@@ -368,6 +372,6 @@ def evaluate_at_budget(exp: phases.Experiment, params: PyTree, budget: float, ex
   if rule == "global":
     record = phases.evaluate(exp, params, name, "argmax", cost_shift=found["cost_shift"], **condition)
   else:
-    with serve(params, exp.task.acm_specs, found["offsets"], condition.get("budget")):  # traced in evaluate's jit
+    with serve(exp.task.acm_specs, found["offsets"], condition.get("budget")):  # traced in evaluate's jit
       record = phases.evaluate(exp, params, name, "argmax", **condition)
   return {**record, **found, **extra}
