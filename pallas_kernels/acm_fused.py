@@ -43,7 +43,9 @@ same function without kernels: one cuBLAS matmul for the gates of the whole grou
 for the up projections of all its learners, the hidden units past each token's k masked
 to zero, one matmul per ACM for the down projection. It saves no arithmetic; it is there
 for the shapes where the learner kernels lose to cuBLAS by more than the skipped
-learners gain (the low-rank q/k/v projections, whose learners of 96 make short kernels).
+learners gain (the low-rank q/k/v projections, whose learners of 96 make short kernels),
+and it runs every group whose d or total learner width is not a multiple of 16 (no Triton
+tile fits) unless a kernel path or tiles are asked for by name.
 
 The gate logits inside the route kernel are rounded where a Flax Dense gate of
 the same dtypes rounds (after the matmul and after the bias), so the argmax
@@ -134,11 +136,18 @@ PATH_SWITCHES = ("xla", "onepass", "sort")  # settings that pick the path, in th
 
 
 def resolve_config(dtype, dim: int, total_hidden: int, tokens: int, **overrides) -> tuple[FusedConfig, str]:
-  """(tile sizes, path: one of `PATHS`) for these shapes: defaults with user overrides, validated."""
+  """(tile sizes, path: one of `PATHS`) for these shapes: defaults with user overrides, validated.
+
+  Shapes the kernels cannot tile (d or the learners' total width N*h not a multiple of 16)
+  take the dense XLA path when nothing was asked for; asked-for tiles or kernel paths on
+  such shapes raise."""
   names = [f.name for f in dataclasses.fields(FusedConfig)]
   unknown = set(overrides) - set(names) - set(PATH_SWITCHES)
   if unknown:
     raise ValueError(f"unknown kernel settings {sorted(unknown)}; expected some of {names + list(PATH_SWITCHES)}")
+  asked = {key: value for key, value in overrides.items() if value is not None}
+  if (dim % 16 or total_hidden % 16) and not asked:
+    return FusedConfig(16, 16, 16, 16, 16, 4, 3), "xla"  # tiles unused on this path
   settings = default_settings(dtype, dim, total_hidden, tokens)
   if any(overrides.get(name) is not None for name in PATH_SWITCHES):
     # a path asked for by name: the switches not given are off, whatever the table says

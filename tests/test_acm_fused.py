@@ -161,6 +161,18 @@ def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attent
                              rtol=1e-6, atol=1e-6)
 
 
+def test_shapes_the_kernels_cannot_tile_take_the_xla_path_unless_a_kernel_is_asked_for():
+  n = 4
+  x, groups = random_group(3, 50, 40, n, 6, 2, jnp.float32)  # d = 40, N*h = 24: no 16-wide tiles
+  outs, k = af.acm_group(x, groups, num_learners=n, activation="gelu", interpret=True)
+  refs, k_ref = af.acm_group_reference(x, groups, num_learners=n, activation="gelu")
+  np.testing.assert_array_equal(k, k_ref)
+  for out, ref in zip(outs, refs):
+    assert rel_err(out, ref) < 1e-5
+  with pytest.raises(ValueError, match="must be a power of two >= 16"):
+    af.acm_group(x, groups, num_learners=n, sort=True, interpret=True)
+
+
 def test_bad_inputs_name_the_problem():
   n = 4
   x, groups = random_group(0, 20, 64, n, 32, 1, jnp.float32)
