@@ -6,6 +6,8 @@ compute, and recorded in benchmarks/results/baselines_embedded.json and RESULTS.
 The workdir is kept (a killed run continues); the minutes recorded are those of
 this invocation. The default dataset's record is the file's top level; another
 --dataset (e.g. synthetic_shapes) goes to its "datasets" entry, the rest kept.
+--variant=NAME records a recipe variant (e.g. other finetuning flags) under
+"any_budget_variants"/NAME of its dataset's record instead, the record untouched.
 The accuracy-vs-GFLOPs figure goes to docs/figures/baselines_<dataset>/.
 """
 
@@ -93,7 +95,8 @@ def figure(records: list[dict], dataset: str) -> Path:
 
 def main(argv: list[str]) -> int:
   workdir = next((a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")), "runs/baselines_bench")
-  extra = [a for a in argv if not a.startswith("--workdir=")]
+  variant = next((a.split("=", 1)[1] for a in argv if a.startswith("--variant=")), None)
+  extra = [a for a in argv if not a.startswith(("--workdir=", "--variant="))]
   tic = time.time()
   args, cfg, bcfg = compare.parse([f"--workdir={workdir}", *extra])
   records = compare.run(args, cfg, bcfg)
@@ -106,12 +109,18 @@ def main(argv: list[str]) -> int:
       "date": datetime.date.today().isoformat(), "minutes": round(minutes, 2),
       "command": " ".join(["python3 -m benchmarks.baselines_embedded", *argv]),
       "curves": records, "matched_compute": rows, "any_budget": any_budget,
-      "figure": str(figure(records, cfg.dataset).relative_to(HERE.parent)),
   }
+  if variant is None:  # a variant's curves would replace the record's figure
+    record["figure"] = str(figure(records, cfg.dataset).relative_to(HERE.parent))
   (HERE / "results").mkdir(exist_ok=True)
   path = HERE / "results" / "baselines_embedded.json"
   stored = json.loads(path.read_text()) if path.exists() else {}
-  if cfg.dataset != DEFAULT_DATASET:
+  if variant is not None:
+    # a recipe variant beside the record: its any-budget entry and run, the record itself untouched
+    target = stored if cfg.dataset == DEFAULT_DATASET else stored.setdefault("datasets", {}).setdefault(cfg.dataset, {})
+    target.setdefault("any_budget_variants", {})[variant] = {
+        "any_budget": any_budget, **{k: record[k] for k in ("device", "date", "minutes", "command", "curves")}}
+  elif cfg.dataset != DEFAULT_DATASET:
     stored.setdefault("datasets", {})[cfg.dataset] = record
   elif set(args.methods.split(",")) == {"acm"} and "curves" in stored:
     # an ACM-only run renews the any-budget entry and keeps the full comparison it was not part of

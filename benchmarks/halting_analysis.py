@@ -14,7 +14,9 @@ measures on the test split:
     batch, top-1 on the test split;
   where compute goes: the ACM's mean k per layer for the class, object and
     background tokens, next to the halting model's blocks run per token group;
-    and the ACM's GFLOPs with every token at k = 0..N, as a fraction of dense.
+    and the ACM's GFLOPs with every token at k = 0..N, as a fraction of dense; and a figure
+    of per-token maps: the ACM's k in every layer next to the blocks each token runs
+    under halting, for a few test images.
 --parts picks some of these (forced, probe, compute); a run updates its parts in the
 dataset's entry of benchmarks/results/halting_analysis.json and keeps the others.
 The compute maps go to docs/figures/halting_vs_acm.png.
@@ -183,11 +185,11 @@ def where_compute_goes(exp, cfg, batches, acm_budget, halting_depth, out):
         mask = groups[g] & valid
         sums[g] += np.einsum("abt,bt->a", k, mask)
         counts[g] += mask.sum()
-      maps.append(k.mean(0)[:, 1:])
+      maps.append(k[:, :, 1:])  # (acms, batch, patches)
     out["acm"] = {"budget": acm_budget, "paths": acm_run.task.paths,
                   "mean_k_per_layer": {g: (sums[g] / counts[g]).tolist() for g in sums},
                   "num_learners": acm_run.config.num_learners}
-    out["_acm_maps"] = np.concatenate(maps)[:8]
+    out["_acm_maps"] = np.concatenate(maps, 1)[:, :8]
   halting_dir = exp.workdir / f"token_halting_d{halting_depth:g}"
   if loop.params_dir(halting_dir).exists():
     abstract = {"dense": phases.abstract_params(exp, "dense"),
@@ -212,21 +214,25 @@ def where_compute_goes(exp, cfg, batches, acm_budget, halting_depth, out):
                             "mean_blocks_run": {g: sums[g] / counts[g] for g in sums}}
     out["_halting_maps"] = np.concatenate(maps)[:8]
   out["_images"] = np.concatenate([b["image"] for b in batches[:1]])[:8]
+  out["_objects"] = np.asarray(token_groups(exp, batches[0])["object"])[:8, 1:]
 
 
 def figure(result: dict, path: Path) -> None:
+  """Per image (columns): the image, its object tokens, the ACM's k in every layer and the blocks
+  each token runs under token halting."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  rows = [("image", result["_images"], None)]
+  rows = [("image", result["_images"], None), ("object tokens", result["_objects"], 1)]
   if "_acm_maps" in result:
-    rows.append((f"ACM b{result['acm']['budget']:g}: mean k over layers", result["_acm_maps"],
-                 result["acm"]["num_learners"]))
+    acm = result["acm"]
+    rows += [(f"ACM b{acm['budget']:g}: k, {acm_path.split('/')[0]}", layer, acm["num_learners"])
+             for acm_path, layer in zip(acm["paths"], result["_acm_maps"])]
   if "_halting_maps" in result:
     rows.append((f"halting d{result['token_halting']['target_depth']:g}: blocks run", result["_halting_maps"],
                  result["depth"]))
   cols = 6
-  fig, axes = plt.subplots(len(rows), cols, figsize=(1.6 * cols, 1.7 * len(rows)))
+  fig, axes = plt.subplots(len(rows), cols, figsize=(1.5 * cols + 0.6, 1.5 * len(rows)), squeeze=False)
   for r, (title, data, vmax) in enumerate(rows):
     for c in range(cols):
       ax = axes[r, c]
@@ -235,14 +241,17 @@ def figure(result: dict, path: Path) -> None:
       if vmax is None:
         img = np.asarray(data[c], np.float32)
         ax.imshow((img - img.min()) / (img.max() - img.min() + 1e-6))
-      else:
-        side = int(round(np.sqrt(data.shape[1])))
-        ax.imshow(data[c].reshape(side, side), vmin=0, vmax=vmax, cmap="viridis")
+        continue
+      side = int(round(np.sqrt(data.shape[1])))
+      shown = ax.imshow(np.asarray(data[c], np.float32).reshape(side, side), vmin=0, vmax=vmax,
+                        cmap="gray" if vmax == 1 else "viridis")
       if c == 0:
         ax.set_ylabel(title, fontsize=6)
-  fig.tight_layout()
+    if vmax not in (None, 1):
+      fig.colorbar(shown, ax=axes[r, :].tolist(), fraction=0.02, pad=0.01, ticks=range(vmax + 1))
+  axes[0, 0].set_ylabel("image", fontsize=6)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def main(argv: list[str]) -> int:

@@ -102,8 +102,8 @@ def vit_experiment(tmp_path, **overrides):
   return vit_task.build(cfg)
 
 
-def finetune_once(exp, params, weights, batch, step=0):
-  tx = optax.sgd(0.0)
+def finetune_once(exp, params, weights, batch, step=0, lr=0.0):
+  tx = optax.sgd(lr)
   state = {"step": jnp.int32(step), "params": params, "opt_state": tx.init(params), "rng": jax.random.key(11)}
   return jax.jit(functools.partial(steps.finetune_step, exp.task, tx, weights))(state, batch)
 
@@ -129,6 +129,34 @@ def test_finetune_step_draws_its_budget_and_targets_it(tmp_path):
     for name in ("loss", "budget_loss", "compute", "task_loss"):
       np.testing.assert_allclose(m[name], fixed[name], rtol=1e-5, atol=1e-6)
   assert len(set(drawn)) == 3
+
+
+def test_budget_weight_rises_as_the_budget_falls(tmp_path):
+  """--budget_weight_power: the step's total loss against one summed in float64 from its parts at the
+  drawn budget; at a fixed budget b, weight w and power p train exactly as weight w / b ** p with none."""
+  plain = vit_experiment(tmp_path)
+  conditioned = vit_experiment(tmp_path, budget_conditioning=True)
+  gates = phases.without_budget_film(phases.init_params(plain, "acm", 0))
+  params = phases.with_budget_film(conditioned, gates)
+  rng = np.random.default_rng(16)
+  batch = {"image": rng.normal(size=(4, 16, 16, 3)).astype(np.float32), "label": rng.integers(0, 10, 4)}
+  for power in (0.0, 1.5):
+    weights = steps.FinetuneWeights(budget_weight=2.0, entropy_weight=0.1, diversity_weight=0.05,
+                                    budget_range=(0.125, 0.6), budget_weight_power=power)
+    for step in range(2):
+      _, m = finetune_once(conditioned, params, weights, batch, step)
+      m = {k: np.float64(v) for k, v in m.items()}
+      want = (m["task_loss"] + 2.0 * m["budget"] ** -power * m["budget_loss"] + 0.1 * m["entropy_loss"]
+              + 0.05 * m["diversity_loss"])
+      np.testing.assert_allclose(m["loss"], want, rtol=1e-5)
+  rising, _ = finetune_once(plain, gates, steps.FinetuneWeights(budget=0.25, budget_weight_power=1.0), batch,
+                            lr=0.5)
+  constant, _ = finetune_once(plain, gates, steps.FinetuneWeights(budget=0.25, budget_weight=4.0), batch, lr=0.5)
+  flat, ref = flatten(rising["params"]), flatten(constant["params"])
+  for name in flat:
+    np.testing.assert_allclose(flat[name], ref[name], rtol=1e-5, atol=1e-6)
+  moved = flatten(finetune_once(plain, gates, steps.FinetuneWeights(budget=0.25), batch, lr=0.5)[0]["params"])
+  assert any(not np.allclose(moved[n], ref[n], atol=1e-6) for n in ref if "/gate/" in n)
 
 
 TINY = ["--model=tiny", "--image_size=16", "--batch_size=8", "--eval_batch_size=32", "--eval_examples=32",
@@ -166,6 +194,7 @@ def test_conditioned_model_in_the_sweep(tmp_path, capsys):
     (["--budget_conditioning=false", "--calibration=none"], "serves budget-conditioned models only"),
     (["--budget_conditioning=false", "--calibrate=false"], "no saved per_acm calibration"),
     (["--calibration=per_acm", "--calibrate=false"], "no saved per_acm calibration"),
+    (["--budget_weight_power=-1"], "--budget_weight_power must be >= 0"),
 ])
 def test_bad_input_stops_before_work(tmp_path, capsys, flags, message):
   assert compare.main([f"--workdir={tmp_path}", *TINY, *flags]) == 2

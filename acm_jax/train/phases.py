@@ -293,7 +293,7 @@ def finetune(exp: Experiment) -> PyTree:
                   fast_lr_scale=cfg.finetune_gate_lr_scale)
   weights = steps.FinetuneWeights(cfg.budget, cfg.budget_loss, cfg.budget_weight, cfg.entropy_weight,
                                   cfg.diversity_weight, cfg.gate_temperature, cfg.label_smoothing,
-                                  cfg.gate_task_gradient, cfg.budget_range)
+                                  cfg.gate_task_gradient, cfg.budget_range, cfg.budget_weight_power)
   return train(exp, "finetune", params, tx, functools.partial(steps.finetune_step, exp.task, tx, weights))
 
 

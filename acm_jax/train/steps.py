@@ -194,6 +194,12 @@ class FinetuneWeights:
   # (low, high): budget-conditioned gates; each step draws its budget uniformly from this range, feeds
   # it to the gates and uses it as the budget loss's target (`budget` is then unused)
   budget_range: tuple[float, float] | None = None
+  budget_weight_power: float = 0.0  # the budget loss weight is budget_weight / target ** this
+
+
+def budget_loss_weight(weights: FinetuneWeights, target: jax.Array) -> jax.Array:
+  """The budget loss's weight at one step's target budget: `budget_weight / target ** budget_weight_power`."""
+  return weights.budget_weight * jnp.power(target, -weights.budget_weight_power)
 
 
 def draw_budget(weights: FinetuneWeights, rng: jax.Array) -> jax.Array:
@@ -225,7 +231,7 @@ def finetune_step(task: Task, tx: optax.GradientTransformation, weights: Finetun
     budget = losses.budget_loss(choices, costs, target, weights.budget_kind, mask)
     entropy = losses.entropy_loss(choices, mask)
     diversity = losses.diversity_loss(choices, mask)
-    total = (task_loss + weights.budget_weight * budget + weights.entropy_weight * entropy
+    total = (task_loss + budget_loss_weight(weights, target) * budget + weights.entropy_weight * entropy
              + weights.diversity_weight * diversity)
     metrics = {"task_loss": task_loss, "budget_loss": budget, "entropy_loss": entropy,
                "diversity_loss": diversity, "compute": losses.compute_fraction(choices, costs, mask),

@@ -1,0 +1,44 @@
+"""The comparison record's writer: a --variant run lands beside the record, which it leaves as it was."""
+
+import json
+
+import numpy as np
+
+from benchmarks import baselines_embedded
+from experiments import compare
+
+
+def record(method, budget, compute, top1):
+  return {"method": method, "setting": f"{method} {budget:g}", "budget_or_threshold": budget,
+          "gflops_per_image": 0.01 + 0.02 * compute, "top1": top1, "compute_fraction": compute}
+
+
+RECORDS = [record("dense", 1.0, 1.0, 0.96), record("acm", 0.25, 0.26, 0.92), record("acm", 0.5, 0.49, 0.94),
+           record("acm", 0.75, 0.77, 0.95), record("acm_any_budget", 0.25, 0.24, 0.90),
+           record("acm_any_budget", 0.5, 0.51, 0.935)]
+
+
+def test_variant_is_recorded_beside_the_record(tmp_path, monkeypatch):
+  monkeypatch.setattr(baselines_embedded, "HERE", tmp_path)
+  monkeypatch.setattr(compare, "run", lambda args, cfg, bcfg: RECORDS)
+
+  def no_figure(*_):
+    raise AssertionError("a variant must not redraw the record's figure")
+
+  monkeypatch.setattr(baselines_embedded, "figure", no_figure)
+  (tmp_path / "results").mkdir()
+  stored = {"any_budget": {"0.25": {"top1": 0.5}}, "curves": [], "figure": "kept.png"}
+  path = tmp_path / "results" / "baselines_embedded.json"
+  path.write_text(json.dumps(stored))
+  assert baselines_embedded.main(["--methods=acm", "--budget_conditioning=true", "--variant=low"]) == 0
+  saved = json.loads(path.read_text())
+  assert {k: saved[k] for k in stored} == stored
+  variant = saved["any_budget_variants"]["low"]
+  assert variant["command"].endswith("--variant=low") and variant["curves"] == RECORDS
+  low, mid = variant["any_budget"]["0.25"], variant["any_budget"]["0.5"]
+  assert low["within_0.02"] and mid["within_0.02"]
+  assert low["finetuned_top1"] == 0.92 and not low["within_1.0_points"] and mid["within_1.0_points"]
+  np.testing.assert_allclose(mid["finetuned_interpolated_top1"], np.interp(0.51, [0.26, 0.49, 0.77],
+                                                                           [0.92, 0.94, 0.95]))
+  assert "finetuned_interpolated_top1" not in low  # cheaper than every reference
+  assert "## ACM vs baselines, synthetic" in (tmp_path / "RESULTS.md").read_text()
