@@ -1,6 +1,7 @@
 """SIGTERM at any step of any phase: the step finishes and is saved, the run exits 75 and
 resumes exactly; saves cut short are skipped; two processes save the same step."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -219,3 +221,20 @@ def test_two_processes_save_the_same_step_when_one_is_signalled(tmp_path):
 
 if __name__ == "__main__":
   child(*sys.argv[1:])
+
+
+def test_a_saved_config_without_a_newer_field_counts_as_its_default(tmp_path):
+  """A run saved before a field existed ran with the field's default: asking for another value
+  is refused, asking for the default resumes."""
+  from acm_jax.train.config import ExperimentConfig
+  default = ExperimentConfig()
+  saved = json.loads(default.to_json())
+  del saved["budget_weight_power"]  # as written before the flag existed
+  run_dir = tmp_path / "finetune"
+  loop.params_dir(run_dir).mkdir(parents=True)
+  (run_dir / "config.json").write_text(json.dumps(saved))
+  fields = ["budget_weight_power", "seed"]
+  loop.check_config(run_dir, default.to_json(), fields)  # the default: no complaint
+  other = dataclasses.replace(default, budget_weight_power=1.5)
+  with pytest.raises(ValueError, match=r"budget_weight_power 0(\.0)? saved, 1\.5 requested"):
+    loop.check_config(run_dir, other.to_json(), fields)

@@ -18,6 +18,8 @@ resumes there; saves that never committed (no orbax commit marker) are set aside
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
 import json
 import logging
 import signal
@@ -243,6 +245,7 @@ def check_config(run_dir: str | Path, config_json: str, fields: Iterable[str]) -
   except json.JSONDecodeError as e:
     raise ValueError(f"{saved_path} is not valid JSON ({e}); pass another --workdir or delete {run_dir}") from None
   requested = json.loads(config_json)
+  saved = {**_class_defaults(saved.get("config_class"), fields), **saved}
   differ = [f for f in fields if f in saved and saved[f] != requested.get(f)]
   if differ:
     show = lambda v: "unset" if v is None else v
@@ -250,6 +253,21 @@ def check_config(run_dir: str | Path, config_json: str, fields: Iterable[str]) -
     flags = " ".join(f"--{f}={saved[f]}" for f in differ if saved[f] is not None)
     raise ValueError(f"{run_dir} holds a run of another configuration: {shown}. Pass another --workdir "
                      f"to start a new run, or the saved values to resume this one{f' ({flags})' if flags else ''}")
+
+
+def _class_defaults(config_class: str | None, fields: Iterable[str]) -> dict[str, Any]:
+  """JSON values of the defaults of `fields` in the dataclass named `config_class`
+  ("module.Name", as `ExperimentConfig.to_json` writes it): a config.json written before a
+  field existed was run with its default. Empty when the class cannot be imported."""
+  if not config_class:
+    return {}
+  module, _, name = config_class.rpartition(".")
+  try:
+    cls = getattr(importlib.import_module(module), name)
+    defaults = json.loads(json.dumps(dataclasses.asdict(cls())))
+  except (ImportError, AttributeError, TypeError, ValueError):
+    return {}
+  return {f: defaults[f] for f in fields if f in defaults}
 
 
 # orbax writes this file into a step directory just before it commits the step (a rename
