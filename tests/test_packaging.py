@@ -1,6 +1,8 @@
 """The package: the wheel holds acm_jax and pallas_kernels and imports outside the repository;
-requirements.txt and pyproject.toml name the same dependencies."""
+requirements.txt and pyproject.toml name the same dependencies; no module imports one that
+imports it back."""
 
+import ast
 import re
 import shutil
 import subprocess
@@ -60,3 +62,44 @@ def test_wheel_holds_both_packages_and_imports_outside_the_repository(tmp_path):
                        env={"PYTHONPATH": str(installed), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
   assert ran.returncode == 0, ran.stderr[-2000:]
   assert all(Path(line).is_relative_to(installed) for line in ran.stdout.split())
+
+
+def _module_imports() -> dict[str, set[str]]:
+  """{module: the package modules it imports anywhere in its body (deferred imports too)}.
+  `from a.b import c` counts a.b.c where that is a module, else a.b."""
+  modules = {}
+  for package in ("acm_jax", "pallas_kernels"):
+    for path in (ROOT / package).rglob("*.py"):
+      name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+      modules[name.removesuffix(".__init__")] = path
+  graph = {}
+  for name, path in modules.items():
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        found |= {alias.name for alias in node.names}
+      elif isinstance(node, ast.ImportFrom) and node.module:
+        assert not node.level, f"{name}: relative import (the package uses absolute ones)"
+        subs = [f"{node.module}.{alias.name}" for alias in node.names]
+        found |= {s for s in subs if s in modules}
+        if any(s not in modules for s in subs):
+          found.add(node.module)
+    graph[name] = {m for m in found if m in modules and m != name}
+  return graph
+
+
+def test_no_module_imports_one_that_imports_it_back():
+  graph = _module_imports()
+  assert {"acm_jax.acm", "acm_jax.inference", "acm_jax.data", "pallas_kernels.acm_fused"} <= set(graph)
+  assert "acm_jax.inference" in graph["acm_jax.acm"]  # the scan sees deferred and module-level imports
+
+  def reachable(start):
+    seen, todo = set(), [start]
+    while todo:
+      for nxt in graph[todo.pop()] - seen:
+        seen.add(nxt)
+        todo.append(nxt)
+    return seen
+
+  cycles = sorted((a, b) for a in graph for b in graph[a] if a in reachable(b))
+  assert not cycles, f"import cycles (module, an import that leads back to it): {cycles}"

@@ -19,39 +19,21 @@ is drawn from (seed, position) too; mixed batches also carry "mix_label" and
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import itertools
 from typing import Iterator
-
-import numpy as np
 
 from acm_jax.data import augment as augment_lib
 from acm_jax.data import synthetic
+from acm_jax.data.base import (SYNTHETIC, DatasetInfo, batch_bounds, is_synthetic,  # noqa: F401 (re-exported)
+                               stream_indices)
 
 SPLITS = ("train", "test")
 TFDS_PREFIX = "tfds:"
 FOLDER_PREFIX = "folder:"  # acm_jax/data/folder.py
-# the generated sets by name and task (acm_jax/data/synthetic.py): "synthetic" is the embedded default
-SYNTHETIC = {"synthetic": "glyphs", "synthetic_shapes": "shapes"}
 # Generated sets with larger images stream (acm_jax/data/synthetic_stream.py) from chunks of STREAM_CHUNK
 # examples, generated on demand: a 224 px set held whole took 407 s and 23 GB before the first step. Up to
 # this size they are generated whole (chunks of 1000) and shuffled globally, as the recorded results were.
 STREAM_ABOVE_PIXELS = 64
 STREAM_CHUNK = 64
-
-
-def is_synthetic(name: str) -> bool:
-  return name in SYNTHETIC
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  name: str
-  num_classes: int
-  image_size: int
-  num_train: int
-  num_test: int
 
 
 def _check_name(name: str) -> None:
@@ -91,40 +73,6 @@ def get_dataset_info(name: str, image_size: int | None = None, data_dir: str | N
     return folder.get_info(name[len(FOLDER_PREFIX):], image_size)
   from acm_jax.data import tfds_data
   return DatasetInfo(name, *tfds_data.get_info(name[len(TFDS_PREFIX):], image_size, data_dir))
-
-
-def stream_indices(num_examples: int, start: int, count: int, seed: int, shuffle: bool) -> np.ndarray:
-  """Example indices at stream positions [start, start + count): position p is the (p mod n)-th
-  entry of epoch p // n, each epoch a fresh permutation drawn from (seed, epoch) when shuffling."""
-  positions = np.arange(start, start + count, dtype=np.int64)
-  epochs, offsets = np.divmod(positions, num_examples)
-  if not shuffle:
-    return offsets
-  out = np.empty(count, np.int64)
-  for epoch in np.unique(epochs):
-    sel = epochs == epoch
-    out[sel] = _permutation(num_examples, seed, int(epoch))[offsets[sel]]
-  return out
-
-
-@functools.lru_cache(maxsize=4)
-def _permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(num_examples)
-
-
-def batch_bounds(num_examples: int, batch_size: int, start_step: int, repeat: bool,
-                 drop_remainder: bool) -> Iterator[tuple[int, int]]:
-  """(first stream position, size) of each batch from `start_step` on."""
-  steps = itertools.count(start_step)
-  for step in steps:
-    begin = step * batch_size
-    if repeat:
-      yield begin, batch_size
-      continue
-    size = min(batch_size, num_examples - begin)
-    if size <= 0 or (drop_remainder and size < batch_size):
-      return
-    yield begin, size
 
 
 def _synthetic_iterator(name: str, split: str, batch_size: int, image_size: int | None, seed: int, shuffle: bool,

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from acm_jax.data.base import is_synthetic
+
 PRESETS = ("inception", "three_augment", "light", "none")
 NUMPY_PRESETS = ("light", "none")  # what the generated sets (numpy images) support
 MIX_SALT = 20261201  # keeps the mixing draws apart from other uses of the seed
@@ -43,7 +45,6 @@ LIGHT_SALT = 20261202
 
 
 def default_preset(dataset: str) -> str:
-  from acm_jax.data import is_synthetic
   return "none" if is_synthetic(dataset) else "inception"
 
 
@@ -55,7 +56,6 @@ def check(augment: str | None, mixup: float, cutmix: float, dataset: str | None 
     if not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or alpha < 0:
       raise ValueError(f"--{name} must be an alpha >= 0 (0: off), got {alpha!r}")
   if dataset is not None and augment is not None and augment not in NUMPY_PRESETS:
-    from acm_jax.data import is_synthetic
     if is_synthetic(dataset):
       raise ValueError(f"--augment={augment} needs decoded photos (tfds: or folder: datasets); "
                        f"the generated set {dataset!r} takes one of {NUMPY_PRESETS}")

@@ -122,7 +122,7 @@ def scan(root: str, workers: int = 16) -> Folder:
 
 
 def get_info(root: str, image_size: int | None):
-  from acm_jax.data import DatasetInfo
+  from acm_jax.data.base import DatasetInfo
   from acm_jax.data.tfds_data import DEFAULT_IMAGE_SIZE
   folder = scan(root)
   return DatasetInfo(f"{PREFIX}{root}", len(folder.classes), image_size or DEFAULT_IMAGE_SIZE,
@@ -133,7 +133,7 @@ def make_iterator(root: str, split: str, batch_size: int, *, image_size: int | N
                   shuffle: bool, repeat: bool, drop_remainder: bool, start_step: int,
                   augment: str) -> Iterator[dict]:
   """See `acm_jax.data.make_iterator`."""
-  from acm_jax.data import batch_bounds, stream_indices
+  from acm_jax.data.base import batch_bounds, stream_indices
   from acm_jax.data import tfds_data
   tf, _ = tfds_data.import_tf()
   part = scan(root).splits[split]
