@@ -1,5 +1,5 @@
 """GPU check of the fused ACM kernels (`pallas_kernels.acm_fused`) against the float32
-reference: groups of 1 and 3, the sorted, unsorted, one-launch and dense XLA paths, linear
+reference: groups of 1 and 3, the sorted, unsorted, one-launch, two-launch and dense XLA paths, linear
 gates and given logits.
 
     python3 -m benchmarks.fused_check
@@ -27,6 +27,7 @@ def main():
            (197, 768, 4, 96, 3, "identity", 1), (50432, 768, 4, 768, 1, "gelu", 0), (3000, 768, 4, 96, 1, "identity", 1)]
   runs = [(case, gate, None) for case in cases for gate in ("linear", "logits")]  # the default path
   runs += [(case, "linear", "onepass") for case in cases if case[0] <= 3000]  # the one-launch path
+  runs += [(case, gate, "twolaunch") for case in cases if case[0] <= 3000 for gate in ("linear", "logits")]
   runs += [(case, "linear", "xla") for case in cases[2:4]]  # the dense XLA path
   for (tokens, dim, n, width, size, act, min_choice), gate, path in runs:
     x, groups = random_group(rng, tokens, dim, n, width, size, jnp.bfloat16, gate=gate)

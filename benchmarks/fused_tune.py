@@ -7,7 +7,8 @@ the two shapes the whole model runs (an MLP ACM, G=1, N=4 learners of 768, GELU;
 q/k/v group, G=3, N=4 learners of 96, identity, min choice 1), each candidate is timed
 end to end (gate, sort, learners) with gates picking k ~ Binomial(4, 0.5), against the
 dense XLA block it replaces in the same process (MLP, or the three projections). The
-candidates are the sorted, unsorted and one-launch kernel paths at several tile sizes and
+candidates are the sorted, unsorted, two-launch (and with --onepass one-launch) kernel paths
+at several tile sizes and
 the group's dense XLA path (`acm_group(..., xla=True)`). The
 best settings per (bucket, shape) are written as JSON that `pallas_kernels.acm_fused.TUNED`
 takes (and `benchmarks.vit_bench --tuned` loads).
@@ -80,6 +81,9 @@ def candidates(tokens, kind, onepass=False):
   sorts = (False, True) if tokens < 20000 else (True,)
   for r, o, hd, srt in itertools.product(rows, outs, hidden, sorts):
     yield dict(block_rows=r, block_out=o, block_hidden=hd, num_warps=8 if r == 128 else 4, sort=srt)
+  if tokens < 4096:  # the two-launch path (gate inside the up kernel): the unsorted tiles
+    for r, o in itertools.product(rows, outs):
+      yield dict(block_rows=r, block_out=o, block_hidden=128, num_warps=4, twolaunch=True)
   yield dict(xla=True)  # the dense XLA path: no kernels, no skipped arithmetic
   if onepass and tokens < 4096:  # the one-launch path (float32 atomic adds of the hidden tiles' partial outputs)
     for r, o, hd in itertools.product((32, 64), (128, 256), (128, 256) if kind == "mlp" else (128,)):

@@ -139,6 +139,8 @@ def main(argv=None):
   parser.add_argument("--scan-blocks", action="store_true", help="dense and ACM models with scanned blocks")
   parser.add_argument("--sort-min-tokens", type=int, default=None,
                       help="override pallas_kernels.acm_fused.SORT_MIN_TOKENS (tuning)")
+  parser.add_argument("--twolaunch-max-tokens", type=int, default=None,
+                      help="acm_fused.TWOLAUNCH_MAX_TOKENS for this run (the gate inside the up kernel)")
   parser.add_argument("--onepass-max-tokens", type=int, default=None,
                       help="override pallas_kernels.acm_fused.ONEPASS_MAX_TOKENS (the one-launch path)")
   parser.add_argument("--tuned", default=None, help="JSON of benchmarks.fused_tune to load into acm_fused.TUNED")
@@ -159,6 +161,9 @@ def main(argv=None):
   if args.onepass_max_tokens is not None:
     from pallas_kernels import acm_fused
     acm_fused.ONEPASS_MAX_TOKENS = args.onepass_max_tokens
+  if args.twolaunch_max_tokens is not None:
+    from pallas_kernels import acm_fused
+    acm_fused.TWOLAUNCH_MAX_TOKENS = args.twolaunch_max_tokens
   if args.tuned:
     from benchmarks import fused_tune
     from pallas_kernels import acm_fused

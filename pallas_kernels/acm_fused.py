@@ -38,6 +38,12 @@ adds into zeroed outputs, and (for hidden tile 0) the output bias. One launch an
 hidden buffer per group, at the price of summation order: the float32 sums are not
 bit-reproducible from run to run.
 
+The two-launch path (`twolaunch`, at most `TWOLAUNCH_MAX_TOKENS` tokens; off by default
+until a GPU run shows where it pays) is the unsorted path without the route launch: every
+up program computes the gate and k of its row block itself (a (rows, d) x (d, 16) matmul
+beside its (rows, d) x (d, block_hidden) one), and the programs of hidden tile 0 store k
+for the down launch. At batch 1-8 a launch costs about what the kernels' work does.
+
 The dense XLA path (`xla`, picked per token bucket and shape by the tuned table) is the
 same function without kernels: one cuBLAS matmul for the gates of the whole group, one
 for the up projections of all its learners, the hidden units past each token's k masked
@@ -74,6 +80,10 @@ SORT_MIN_TOKENS = 1024  # below this many tokens the unsorted path runs (see mod
 # At most this many tokens take the one-launch path (see module docstring). 0 until a GPU run
 # (`benchmarks.vit_bench --onepass-max-tokens`) shows where it pays.
 ONEPASS_MAX_TOKENS = 0
+# At most this many tokens take the two-launch path (the unsorted path with the gate computed
+# inside the up kernel, see module docstring). 0 until a GPU run (`benchmarks.vit_bench
+# --twolaunch-max-tokens`) shows that one launch fewer per group pays for recomputing the gate.
+TWOLAUNCH_MAX_TOKENS = 0
 MAX_GROUP = 4
 
 
@@ -125,14 +135,15 @@ def default_settings(dtype, dim: int, total_hidden: int, tokens: int) -> dict:
   settings = dict(block_rows=rows, block_hidden=_largest_divisor(total_hidden, 128),
                   block_out=_largest_divisor(dim, 256 if (bf16 and tokens >= 8192) else 64 if tokens < 1024 else 128),
                   block_k_up=_largest_divisor(dim, 64 if bf16 else 32), num_warps=8 if rows == 128 else 4,
-                  num_stages=3, sort=tokens >= SORT_MIN_TOKENS, onepass=tokens <= ONEPASS_MAX_TOKENS, xla=False)
+                  num_stages=3, sort=tokens >= SORT_MIN_TOKENS, onepass=tokens <= ONEPASS_MAX_TOKENS, xla=False,
+                  twolaunch=tokens <= TWOLAUNCH_MAX_TOKENS)
   if bf16 and gpu_family() == "hopper":
     settings.update(TUNED.get((token_bucket(tokens), shape_kind(dim, total_hidden)), {}))
   return settings
 
 
-PATHS = ("xla", "onepass", "sorted", "unsorted")
-PATH_SWITCHES = ("xla", "onepass", "sort")  # settings that pick the path, in this precedence
+PATHS = ("xla", "onepass", "twolaunch", "sorted", "unsorted")
+PATH_SWITCHES = ("xla", "onepass", "twolaunch", "sort")  # settings that pick the path, in this precedence
 
 
 def resolve_config(dtype, dim: int, total_hidden: int, tokens: int, **overrides) -> tuple[FusedConfig, str]:
@@ -156,8 +167,8 @@ def resolve_config(dtype, dim: int, total_hidden: int, tokens: int, **overrides)
   bf16 = jnp.dtype(dtype) != jnp.float32
   settings.setdefault("block_k_down", _largest_divisor(settings["block_hidden"], 64 if bf16 else 32))
   switches = {name: bool(settings.pop(name, False)) for name in PATH_SWITCHES}
-  path = ("xla" if switches["xla"] else "onepass" if switches["onepass"] else
-          "sorted" if switches["sort"] else "unsorted")
+  path = next((name for name in ("xla", "onepass", "twolaunch") if switches[name]),
+              "sorted" if switches["sort"] else "unsorted")
   cfg = FusedConfig(**settings)
   for name in ("block_rows", "block_hidden", "block_out", "block_k_up", "block_k_down"):
     v = getattr(cfg, name)
@@ -302,9 +313,20 @@ def _row_block(order_ref, k_ref, gg, i, *, block_rows, tokens, padded, sort):
   return valid, token, k_rows, jnp.max(k_rows)
 
 
-def _up_kernel(order_ref, k_ref, x_ref, *refs, num_groups, tiles, block_rows, block_hidden, block_k, dim,
-               width, tokens, padded, sort, activation, fast_math):
-  w_refs, h_refs = refs[:2 * num_groups], refs[2 * num_groups:]
+def _up_kernel(*refs, num_groups, tiles, block_rows, block_hidden, block_k, dim, width, tokens, padded, sort,
+               activation, fast_math, gate=None):
+  """Refs: order, k, x, (w1, b1) per ACM, hidden per ACM. With `gate` (the two-launch path: a
+  dict of `_gate_choice` settings plus gate_refs_per_group) the rows' k is computed here
+  instead: refs shift, x, the gate refs per ACM, (w1, b1) per ACM, hidden per ACM, k out
+  (written by the programs of hidden tile 0)."""
+  if gate is None:
+    order_ref, k_ref, x_ref, *refs = refs
+  else:
+    gate = dict(gate)
+    per_group = gate.pop("gate_refs_per_group")
+    shift_ref, x_ref, *refs = refs
+    gate_refs, refs = refs[:num_groups * per_group], refs[num_groups * per_group:]
+  w_refs, h_refs = refs[:2 * num_groups], refs[2 * num_groups:3 * num_groups]
   p = pl.program_id(0)
   row_blocks = padded // block_rows
   g, rest = p // (row_blocks * tiles), p % (row_blocks * tiles)
@@ -312,8 +334,19 @@ def _up_kernel(order_ref, k_ref, x_ref, *refs, num_groups, tiles, block_rows, bl
 
   def body(gg):
     w1_ref, b1_ref = w_refs[2 * gg:2 * gg + 2]
-    valid, token, k_rows, max_k = _row_block(order_ref, k_ref, gg, i, block_rows=block_rows, tokens=tokens,
-                                             padded=padded, sort=sort)
+    if gate is None:
+      valid, token, k_rows, max_k = _row_block(order_ref, k_ref, gg, i, block_rows=block_rows, tokens=tokens,
+                                               padded=padded, sort=sort)
+    else:  # token order; every program of the row block computes its k, tile 0 stores it
+      token = i * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
+      valid = token < tokens
+      k_rows = _gate_choice(shift_ref, x_ref, gate_refs[gg * per_group:(gg + 1) * per_group],
+                            jnp.minimum(token, tokens - 1), valid, rows=block_rows, dim=dim, **gate)
+      max_k = jnp.max(k_rows)
+
+      @pl.when(j == 0)
+      def _():
+        refs[3 * num_groups][pl.ds(gg * padded + i * block_rows, block_rows)] = k_rows
 
     @pl.when(j * block_hidden < max_k * width)
     def _():
@@ -521,39 +554,45 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   shift = jnp.reshape(jnp.asarray(cost_shift, jnp.float32), (1,))
 
   gate_inputs = [a for grp in groups for a in (grp["gate"] if linear_gate else (grp["logits"],))]
-  route_out = [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32)]
-  if sort:
-    route_out += [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),
-                  jax.ShapeDtypeStruct((num_groups * num_chunks * GATE_COLS,), jnp.int32)]
-  routed = pl.pallas_call(
-      functools.partial(_route_kernel, num_groups=num_groups, gate_refs_per_group=2 if linear_gate else 1,
-                        tokens=tokens, padded=padded, chunk=ROUTE_CHUNK, dim=dim,
-                        block_k=_largest_divisor(dim, 64), num_learners=num_learners, min_choice=min_choice,
-                        relative_cost=width / dim, sort=sort, gate_dtype=gate_dtype(x, groups[0])),
-      out_shape=tuple(route_out), grid=(num_groups * num_chunks,), compiler_params=params(4),
-      interpret=interpret, name="acm_route",
-  )(shift, x, *gate_inputs)
-  k_tokens = routed[0]
-  if sort:
-    order, k_rows = pl.pallas_call(
-        functools.partial(_scatter_kernel, num_groups=num_groups, tokens=tokens, padded=padded,
-                          chunk=ROUTE_CHUNK, num_learners=num_learners),
-        out_shape=(jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),) * 2,
-        grid=(num_groups * num_chunks,), compiler_params=params(4), interpret=interpret, name="acm_scatter",
-    )(*routed)
-  else:
-    order, k_rows = k_tokens, k_tokens  # order is not read on the unsorted path
-
+  gate_settings = dict(block_k=_largest_divisor(dim, 64), num_learners=num_learners, min_choice=min_choice,
+                       relative_cost=width / dim, gate_dtype=gate_dtype(x, groups[0]))
   row_blocks = padded // cfg.block_rows
   tiles_per_block = total // cfg.block_hidden
-  hidden = pl.pallas_call(
-      functools.partial(_up_kernel, num_groups=num_groups, tiles=tiles_per_block, block_rows=cfg.block_rows,
-                        block_hidden=cfg.block_hidden, block_k=cfg.block_k_up, dim=dim, width=width,
-                        tokens=tokens, padded=padded, sort=sort, activation=activation, fast_math=fast_math),
-      out_shape=(jax.ShapeDtypeStruct((padded, total), x.dtype),) * num_groups,
-      grid=(num_groups * row_blocks * tiles_per_block,), compiler_params=params(cfg.num_warps),
-      interpret=interpret, name="acm_group_up",
-  )(order, k_rows, x, *[a for grp in groups for a in (grp["w1"], grp["b1"])])
+  up = functools.partial(_up_kernel, num_groups=num_groups, tiles=tiles_per_block, block_rows=cfg.block_rows,
+                         block_hidden=cfg.block_hidden, block_k=cfg.block_k_up, dim=dim, width=width,
+                         tokens=tokens, padded=padded, sort=sort, activation=activation, fast_math=fast_math)
+  hidden_shapes = (jax.ShapeDtypeStruct((padded, total), x.dtype),) * num_groups
+  up_call = functools.partial(pl.pallas_call, grid=(num_groups * row_blocks * tiles_per_block,),
+                              compiler_params=params(cfg.num_warps), interpret=interpret)
+  weights_up = [a for grp in groups for a in (grp["w1"], grp["b1"])]
+  if path == "twolaunch":  # the gate inside the up kernel: no route launch
+    *hidden, k_tokens = up_call(
+        functools.partial(up, gate=dict(gate_settings, gate_refs_per_group=2 if linear_gate else 1)),
+        out_shape=hidden_shapes + (jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),),
+        name="acm_group_gated_up")(shift, x, *gate_inputs, *weights_up)
+    order = k_rows = k_tokens  # order is not read on the unsorted paths
+  else:
+    route_out = [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32)]
+    if sort:
+      route_out += [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),
+                    jax.ShapeDtypeStruct((num_groups * num_chunks * GATE_COLS,), jnp.int32)]
+    routed = pl.pallas_call(
+        functools.partial(_route_kernel, num_groups=num_groups, gate_refs_per_group=2 if linear_gate else 1,
+                          tokens=tokens, padded=padded, chunk=ROUTE_CHUNK, dim=dim, sort=sort, **gate_settings),
+        out_shape=tuple(route_out), grid=(num_groups * num_chunks,), compiler_params=params(4),
+        interpret=interpret, name="acm_route",
+    )(shift, x, *gate_inputs)
+    k_tokens = routed[0]
+    if sort:
+      order, k_rows = pl.pallas_call(
+          functools.partial(_scatter_kernel, num_groups=num_groups, tokens=tokens, padded=padded,
+                            chunk=ROUTE_CHUNK, num_learners=num_learners),
+          out_shape=(jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),) * 2,
+          grid=(num_groups * num_chunks,), compiler_params=params(4), interpret=interpret, name="acm_scatter",
+      )(*routed)
+    else:
+      order, k_rows = k_tokens, k_tokens  # order is not read on the unsorted path
+    hidden = up_call(up, out_shape=hidden_shapes, name="acm_group_up")(order, k_rows, x, *weights_up)
   has_bias = "b2" in groups[0]
   col_blocks = dim // cfg.block_out
   down_inputs = [a for h, grp in zip(hidden, groups) for a in (h, grp["w2"]) + ((grp["b2"],) if has_bias else ())]

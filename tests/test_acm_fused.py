@@ -65,7 +65,7 @@ CASES = [
 
 
 PATHS = {"unsorted": dict(sort=False), "sorted": dict(sort=True), "onepass": dict(onepass=True),
-         "xla": dict(xla=True)}
+         "twolaunch": dict(twolaunch=True), "xla": dict(xla=True)}
 
 
 @pytest.mark.parametrize("tokens,dim,n,width,size,act,min_choice,dtype,k_kind,tiles", CASES)
@@ -73,8 +73,8 @@ PATHS = {"unsorted": dict(sort=False), "sorted": dict(sort=True), "onepass": dic
 def test_group_matches_reference(tokens, dim, n, width, size, act, min_choice, dtype, k_kind, tiles, path):
   if tokens * dim > 200_000 and path != "sorted":
     pytest.skip("the unsorted paths at this size add nothing the sorted one does not test")
-  if path == "onepass" and tokens * dim > 20_000 and dim > 64 and dtype == jnp.float32:
-    pytest.skip("the one-launch path's ViT-B width is covered in bfloat16")
+  if path in ("onepass", "twolaunch") and tokens * dim > 20_000 and dim > 64 and dtype == jnp.float32:
+    pytest.skip("this path's ViT-B width is covered in bfloat16")
   x, groups = random_group(tokens + dim, tokens, dim, n, width, size, dtype, k_kind=k_kind)
   k = check_group(x, groups, n=n, act=act, min_choice=min_choice, **PATHS[path], **tiles)
   if k_kind == "full" or (k_kind == "zeros" and min_choice == 0):
@@ -83,7 +83,7 @@ def test_group_matches_reference(tokens, dim, n, width, size, act, min_choice, d
     assert len(np.unique(np.asarray(k))) > 1
 
 
-@pytest.mark.parametrize("path", ["sorted", "onepass", "xla"])
+@pytest.mark.parametrize("path", ["sorted", "onepass", "twolaunch", "xla"])
 def test_given_logits_cost_shift_and_no_bias_under_jit(path):
   """Deep gates hand in logits; a traced cost shift lowers k as the XLA gate's does."""
   n = 4
@@ -123,7 +123,7 @@ def test_a_tuned_path_is_followed_unless_a_path_is_asked_for(monkeypatch):
   assert af.resolve_config(jnp.float32, 768, 384, 197)[1] == "unsorted"  # the table is for bf16
 
 
-@pytest.mark.parametrize("path", ["default", "onepass", "xla"])
+@pytest.mark.parametrize("path", ["default", "onepass", "twolaunch", "xla"])
 def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attention=True):
   """The whole model: fused kernels (q/k/v as one group) against the XLA path forced to
   the same per-ACM choices, and the block-0 gates against the XLA gates; with the
@@ -131,6 +131,8 @@ def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attent
   dense XLA path of `acm_group` (as the tuned table may pick it)."""
   if path == "onepass":
     monkeypatch.setattr(af, "ONEPASS_MAX_TOKENS", 1 << 20)
+  if path == "twolaunch":
+    monkeypatch.setattr(af, "TWOLAUNCH_MAX_TOKENS", 1 << 20)
   if path == "xla":
     real = af.default_settings
     monkeypatch.setattr(af, "default_settings", lambda *a: {**real(*a), "xla": True})
