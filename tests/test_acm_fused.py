@@ -199,3 +199,12 @@ def test_bad_inputs_name_the_problem():
     af.acm_group(x, groups, num_learners=n, interpret=False)
   with pytest.raises(ValueError, match="at least one token"):
     inference.acm_group_apply(jnp.zeros((0, 5, 64)), groups, num_learners=n)
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_a_batch_of_no_images_is_refused_with_its_shape(impl):
+  cfg = vit.get_config("tiny", depth=1, acm=acm_lib.ACMConfig(num_learners=4, attention=True, impl=impl))
+  model = vit.ViT(cfg)
+  params = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))["params"]
+  with pytest.raises(ValueError, match=r"at least one image.*got shape \(0, 32, 32, 3\)"):
+    model.apply({"params": params}, jnp.ones((0, 32, 32, 3)))

@@ -88,6 +88,9 @@ def embed(module: nn.Module, cfg: ViTConfig, images: jax.Array) -> jax.Array:
   Runs inside a compact call of `module`, whose scope holds `embedding`, `cls` and
   `pos_embedding` (the ViT's own, or `Embedding`'s when the pieces run alone).
   """
+  if images.ndim != 4 or images.shape[0] == 0:
+    raise ValueError(f"expected a batch of at least one image, (batch >= 1, {cfg.image_size}, {cfg.image_size}, 3), "
+                     f"got shape {images.shape}")
   if images.shape[1:3] != (cfg.image_size, cfg.image_size):
     raise ValueError(f"expected images of {cfg.image_size}x{cfg.image_size}, got shape {images.shape}")
   p = cfg.patch_size
