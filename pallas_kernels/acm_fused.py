@@ -514,15 +514,15 @@ def _check_group(x, groups, num_learners, activation, min_choice):
 
 def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_learners: int,
               activation: str = "gelu", min_choice: int = 0, cost_shift: float | jax.Array = 0.0,
-              sort: bool | None = None, onepass: bool | None = None, xla: bool | None = None,
-              fast_math: bool | None = None, interpret: bool | None = None, **tiles) -> tuple[tuple[jax.Array, ...], jax.Array]:
+              sort: bool | None = None, onepass: bool | None = None, twolaunch: bool | None = None,
+              xla: bool | None = None, fast_math: bool | None = None, interpret: bool | None = None, **tiles) -> tuple[tuple[jax.Array, ...], jax.Array]:
   """Hard-choice outputs of G ACMs that read the same tokens.
 
   x: (T, d) bfloat16 or float32. groups: G dicts with w1 (d, N*h), b1 (N*h,),
   w2 (N*h, d), optionally b2 (N+1, d) (per-choice increments, as `acm.ACM`'s
   parameter), all in x.dtype, and either gate = (wg (d, N+1), bg (N+1,)) for a
   linear gate or logits (T, N+1) from a deeper one. cost_shift: a scalar (see
-  `acm.ACM`). sort, onepass, xla: the path (module docstring); None picks by token count
+  `acm.ACM`). sort, onepass, twolaunch, xla: the path (module docstring); None picks by token count
   and shape (`default_settings`). tiles: overrides of `FusedConfig`. interpret: None means
   "when the backend is not a GPU" (the xla path runs on any backend).
 
@@ -531,7 +531,8 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   tokens, dim, width = _check_group(x, groups, num_learners, activation, min_choice)
   num_groups = len(groups)
   total = num_learners * width
-  cfg, path = resolve_config(x.dtype, dim, total, tokens, sort=sort, onepass=onepass, xla=xla, **tiles)
+  cfg, path = resolve_config(x.dtype, dim, total, tokens, sort=sort, onepass=onepass, twolaunch=twolaunch,
+                             xla=xla, **tiles)
   if path == "xla":
     return _acm_group_xla(x, groups, num_learners=num_learners, activation=activation, min_choice=min_choice,
                           cost_shift=cost_shift)
@@ -658,10 +659,7 @@ def _acm_group_xla(x, groups, *, num_learners, activation, min_choice, cost_shif
     raw = raw.reshape(x.shape[0], len(groups), n + 1)
   else:
     raw = jnp.stack([g["logits"].astype(f32) for g in groups], axis=1)
-  choices = jnp.arange(n + 1)
-  logits = raw - jnp.asarray(cost_shift, f32) * (choices * (width / dim)).astype(f32)
-  logits = jnp.where(choices >= min_choice, logits, -jnp.inf)
-  k = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # (T, G)
+  k = jnp.argmax(_shifted(raw, n, width / dim, cost_shift, min_choice), axis=-1).astype(jnp.int32)  # (T, G)
   w1 = jnp.concatenate([g["w1"] for g in groups], axis=1)
   b1 = jnp.concatenate([g["b1"] for g in groups])
   pre = jnp.dot(x, w1, preferred_element_type=f32) + b1.astype(f32)
@@ -695,8 +693,15 @@ def gate_logits_reference(x, params, *, num_learners: int, min_choice: int = 0, 
   else:
     logits = params["logits"].astype(f32)
   width = params["w1"].shape[1] // num_learners
-  logits = logits - jnp.asarray(cost_shift, f32) * jnp.arange(num_learners + 1, dtype=f32) * (width / x.shape[1])
-  return jnp.where(jnp.arange(num_learners + 1) >= min_choice, logits, -jnp.inf)
+  return _shifted(logits, num_learners, width / x.shape[1], cost_shift, min_choice)
+
+
+def _shifted(logits, num_learners, relative_cost, cost_shift, min_choice):
+  """Float32 logits (..., N+1) with choice j lowered by cost_shift * j * h / d and the
+  choices below min_choice removed (-inf), as the route kernel does."""
+  choices = jnp.arange(num_learners + 1, dtype=jnp.float32)
+  logits = logits - jnp.asarray(cost_shift, jnp.float32) * choices * relative_cost
+  return jnp.where(choices >= min_choice, logits, -jnp.inf)
 
 
 def acm_group_reference(x, groups, *, num_learners: int, activation: str = "gelu", min_choice: int = 0,
