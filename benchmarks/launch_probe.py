@@ -22,13 +22,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+
+from benchmarks import fused_tune, vit_bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {"default": "", "command_buffers_off": "--xla_gpu_enable_command_buffer="}
@@ -62,26 +63,6 @@ def chain(step, length: int, interpret: bool = False):
   return jax.jit(fn)
 
 
-def waited_ms(fn, x, reps=50):
-  jax.block_until_ready(fn(x))
-  samples = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(x))
-    samples.append(time.perf_counter() - t0)
-  return float(np.median(samples)) * 1e3
-
-
-def queued_ms(fn, x, calls=50, rounds=5):
-  jax.block_until_ready(fn(x))
-  samples = []
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    jax.block_until_ready([fn(x) for _ in range(calls)])
-    samples.append((time.perf_counter() - t0) / calls)
-  return float(np.median(samples)) * 1e3
-
-
 def slope(lengths, values):
   """Least-squares ms per extra step."""
   return float(np.polyfit(np.asarray(lengths, float), np.asarray(values, float), 1)[0])
@@ -97,8 +78,8 @@ def measure(lengths, tokens_list) -> list[dict]:
         fn = chain(step, length)
         np.testing.assert_allclose(np.asarray(fn(x), np.float32),
                                    np.asarray(chain(xla_step, length)(x), np.float32), rtol=2e-2, atol=2e-2)
-        waited.append(waited_ms(fn, x))
-        queued.append(queued_ms(fn, x))
+        waited.append(vit_bench.timed(fn, x, reps=50) * 1e3)
+        queued.append(fused_tune.timed_ms(fn, x))
       rows.append(dict(tokens=tokens, kind=kind, lengths=list(lengths), waited_ms=waited, queued_ms=queued,
                        waited_ms_per_step=slope(lengths, waited), queued_ms_per_step=slope(lengths, queued)))
       print(f"T={tokens:5d} {kind:6s} waited {[round(v, 3) for v in waited]} ms -> "

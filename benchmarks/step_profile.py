@@ -28,10 +28,8 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from benchmarks import train_bench as tb
-from acm_jax import acmize as acmize_lib
 from acm_jax import transformer
 from acm_jax.train import phases
 
@@ -90,29 +88,19 @@ def load_trace(log_dir: str) -> dict:
 
 
 def profile_phase(exp, phase: str, dense_params, steps: int) -> dict:
-  if phase == "pretrain":
-    params, teacher = dense_params, None
-  else:
-    params = acmize_lib.acmize(dense_params, phases.init_params(exp, "acm", 0), exp.task.paths,
-                               num_learners=exp.config.num_learners)
-    teacher = dense_params if phase in ("distill", "gates") else None
-  tx, step_fn = tb.phase_step(exp, phase, params, teacher)
-  state, step, _ = phases.prepare(exp, phase, params, tx, step_fn, teacher)
-  batch = tb.random_batch(exp, exp.config.batch_size)
-  compiled = step.lower(state, batch).compile()
-  frozen = () if teacher is None else (exp.partitioner.put(teacher),)
+  run, state, _, _, _ = tb.compiled_step(exp, phase, dense_params)
   for _ in range(3):
-    state, metrics = compiled(state, batch, *frozen)
+    state, metrics = run(state)
   jax.block_until_ready((state, metrics))
   tic = time.perf_counter()
   for _ in range(steps):
-    state, metrics = compiled(state, batch, *frozen)
+    state, metrics = run(state)
   jax.block_until_ready((state, metrics))
   step_ms = (time.perf_counter() - tic) / steps * 1e3
   with tempfile.TemporaryDirectory() as log_dir:
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
       for _ in range(steps):
-        state, metrics = compiled(state, batch, *frozen)
+        state, metrics = run(state)
       jax.block_until_ready((state, metrics))
     trace = load_trace(log_dir)
   return {"step_ms": round(step_ms, 3), **summarize(device_events(trace), steps)}

@@ -85,8 +85,9 @@ def random_batch(exp: phases.Experiment, batch: int) -> dict:
   return exp.partitioner.shard_batch(host, batch)
 
 
-def measure(exp: phases.Experiment, phase: str, dense_params, steps_timed: int) -> dict:
-  """One phase's step: init, compile and step times and the compiled footprint."""
+def compiled_step(exp: phases.Experiment, phase: str, dense_params):
+  """One phase's step as the phases build it, compiled for a random batch: (run: state ->
+  (state, metrics), initial state, compiled executable, init seconds, compile seconds)."""
   tic = time.perf_counter()
   if phase == "pretrain":
     params, teacher = dense_params, None
@@ -102,7 +103,12 @@ def measure(exp: phases.Experiment, phase: str, dense_params, steps_timed: int) 
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - tic
   frozen = () if teacher is None else (exp.partitioner.put(teacher),)
-  run = lambda s: compiled(s, batch, *frozen)
+  return lambda s: compiled(s, batch, *frozen), state, compiled, init_s, compile_s
+
+
+def measure(exp: phases.Experiment, phase: str, dense_params, steps_timed: int) -> dict:
+  """One phase's step: init, compile and step times and the compiled footprint."""
+  run, state, compiled, init_s, compile_s = compiled_step(exp, phase, dense_params)
   for _ in range(2):
     state, metrics = run(state)
   jax.block_until_ready((state, metrics))
