@@ -98,8 +98,7 @@ def setup(*, batch_size: int, mesh: str | None = None, strategy: str = "dp", dev
   exp = vit_task.build(dataclasses.replace(cfg, batch_size=jax.device_count(), eval_batch_size=jax.device_count()))
   exp = dataclasses.replace(exp, config=dataclasses.replace(cfg, mesh=mesh),
                             partitioner=sharding.Partitioner.from_flags(mesh, strategy, devices))
-  model_ = exp.task.acm_model if acm else exp.task.dense_model
-  params = jax.eval_shape(lambda: model_.init(jax.random.key(0), exp.sample_input)["params"])
+  params = phases.abstract_params(exp, "acm" if acm else "dense")
   tx = phases.optimizer(exp, "finetune", params)
   if acm:
     step_fn = functools.partial(steps.finetune_step, exp.task, tx, steps.FinetuneWeights(budget=0.5))

@@ -519,11 +519,10 @@ class Models:
 
   def shapes(self, model: str):
     """The parameter tree's shapes and dtypes, without running (or compiling) an init."""
-    import jax
+    from acm_jax.train import phases
 
     if model not in self._shapes:
-      module = self.exp.task.dense_model if model == "dense" else self.exp.task.acm_model
-      self._shapes[model] = jax.eval_shape(lambda: module.init(jax.random.key(0), self.exp.sample_input))["params"]
+      self._shapes[model] = phases.abstract_params(self.exp, model)
     return self._shapes[model]
 
   def load(self, run: Run):

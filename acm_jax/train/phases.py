@@ -76,10 +76,17 @@ def init_params(exp: Experiment, model: str, seed: int) -> PyTree:
   random init of a ViT-B (about 220 s on an H100, against seconds on the CPU);
   the phases then place them on the mesh. Traced in gumbel mode (same params as
   any mode) so that no GPU inference kernel is lowered for the CPU."""
-  module = exp.task.dense_model if model == "dense" else exp.task.acm_model
-  init = lambda rng: module.init({"params": rng, "gumbel": rng}, exp.sample_input, mode="gumbel")["params"]
   with jax.default_device(_host()):
-    return jax.jit(init)(jax.random.key(seed))
+    return jax.jit(lambda rng: init_variables(exp, model, rng)["params"])(jax.random.key(seed))
+
+
+def init_variables(exp: Experiment, model: str, rng: jax.Array) -> PyTree:
+  """`model.init` ("dense" or "acm") on the sample input, traced in gumbel mode: the same params
+  as any mode, and no inference kernel in the trace. (Traced in argmax mode on a GPU, the scanned
+  ACM model's init runs the fused kernels inside the scan, and flax 0.12.10 with jax 0.11.2 rejects
+  that trace: "broadcasted variable has a data dependency on the scan body".)"""
+  module = exp.task.dense_model if model == "dense" else exp.task.acm_model
+  return module.init({"params": rng, "gumbel": rng}, exp.sample_input, mode="gumbel")
 
 
 def _host() -> jax.Device | None:
@@ -132,8 +139,7 @@ def fresh_gates(exp: Experiment, seed: int, shapes: Mapping[str, jax.ShapeDtypeS
 
 def abstract_params(exp: Experiment, model: str) -> PyTree:
   """Shapes and dtypes of the params, without running (or compiling) an init."""
-  module = exp.task.dense_model if model == "dense" else exp.task.acm_model
-  return jax.eval_shape(lambda: module.init(jax.random.key(0), exp.sample_input)["params"])
+  return jax.eval_shape(lambda: init_variables(exp, model, jax.random.key(0))["params"])
 
 
 def new_state(params: PyTree, tx, seed: int) -> PyTree:
