@@ -6,7 +6,7 @@ At batch 1-8 the fused ACM kernels' device time is at or below the dense layers'
 `benchmarks.fused_tune`), yet the whole ACM ViT runs slower than the dense one. This probe
 isolates the per-launch cost: one jitted function runs a chain of C dependent steps on a
 (tokens, 768) bf16 array, each step either a trivial Pallas kernel (x * 0.5 + 1, one
-program per 64 rows) or the same arithmetic as an XLA fusion kept apart by an
+program per 64 x 256 block) or the same arithmetic as an XLA fusion kept apart by an
 optimization barrier. Per chain length it prints the median time of single waited calls
 (dispatch included, as `vit_bench` times a forward) and of queued calls (device time), and
 the slope per extra step: the per-launch cost of each kind, with and without XLA's command
@@ -34,6 +34,7 @@ from benchmarks import fused_tune, vit_bench
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {"default": "", "command_buffers_off": "--xla_gpu_enable_command_buffer="}
 ROWS = 64
+COLS = 256  # Triton blocks need power-of-two sides: 768 columns are three blocks
 
 
 def _step_kernel(x_ref, o_ref):
@@ -43,9 +44,9 @@ def _step_kernel(x_ref, o_ref):
 def pallas_step(x: jax.Array, interpret: bool = False) -> jax.Array:
   tokens, dim = x.shape
   return pl.pallas_call(_step_kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-                        grid=(pl.cdiv(tokens, ROWS),),
-                        in_specs=[pl.BlockSpec((ROWS, dim), lambda i: (i, 0))],
-                        out_specs=pl.BlockSpec((ROWS, dim), lambda i: (i, 0)),
+                        grid=(pl.cdiv(tokens, ROWS), pl.cdiv(dim, COLS)),
+                        in_specs=[pl.BlockSpec((ROWS, COLS), lambda i, j: (i, j))],
+                        out_specs=pl.BlockSpec((ROWS, COLS), lambda i, j: (i, j)),
                         interpret=interpret, name="probe_step")(x)
 
 
