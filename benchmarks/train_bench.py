@@ -11,7 +11,11 @@ width 16), each requested ACM phase's step (distill, gates, finetune, static). P
   init_s      host-side parameter initialisation (`phases.init_params` for the dense model; ACM
               phases time `phases.acm_params` from the dense params, as the distill phase runs it)
   compile_s   lowering + compilation of the sharded, donated step (one device)
-  step_ms     median of --steps timed steps after 2 warm-up steps, state threaded through
+  step_ms     mean step of --steps steps queued back to back (one wait at the end, as the
+              training loop waits only every log_every steps), median of 3 such runs, after 2
+              warm-up steps, state threaded through (until 2026-12-02: median of single waited
+              steps, which adds the host's dispatch of each step: 44.8 against 36.0 ms for the
+              ViT-B/16 mlp_qkvo finetune step on an H200)
   peak_bytes  the compiled program's own footprint: arguments + temps + outputs - aliased
 Random device-resident batches; input loading is not measured. Records are appended to
 benchmarks/results/train_<gpu>.json (or --out). The defaults fit one 10-minute call on an
@@ -106,6 +110,9 @@ def compiled_step(exp: phases.Experiment, phase: str, dense_params):
   return lambda s: compiled(s, batch, *frozen), state, compiled, init_s, compile_s
 
 
+REPEATS = 3  # timed runs of --steps queued steps; the median run's mean step is reported
+
+
 def measure(exp: phases.Experiment, phase: str, dense_params, steps_timed: int) -> dict:
   """One phase's step: init, compile and step times and the compiled footprint."""
   run, state, compiled, init_s, compile_s = compiled_step(exp, phase, dense_params)
@@ -113,11 +120,12 @@ def measure(exp: phases.Experiment, phase: str, dense_params, steps_timed: int) 
     state, metrics = run(state)
   jax.block_until_ready((state, metrics))
   times = []
-  for _ in range(steps_timed):
-    tic = time.perf_counter()
-    state, metrics = run(state)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - tic)
+  for _ in range(REPEATS):  # steps queued back to back, as the training loop runs them (it waits
+    tic = time.perf_counter()  # only every log_every steps): device time once dispatch runs ahead
+    for _ in range(steps_timed):
+      state, metrics = run(state)
+    jax.block_until_ready((state, metrics))
+    times.append((time.perf_counter() - tic) / steps_timed)
   stats = compiled.memory_analysis()
   peak = None if stats is None else int(stats.argument_size_in_bytes + stats.temp_size_in_bytes
                                         + stats.output_size_in_bytes - stats.alias_size_in_bytes)
@@ -197,7 +205,7 @@ def main(argv=None) -> None:
   parser.add_argument("--layouts", type=_list(LAYOUTS), default=list(LAYOUTS), help="unrolled, scanned")
   parser.add_argument("--remat", default="none", choices=transformer.REMAT_POLICIES)
   parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-  parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration (median)")
+  parser.add_argument("--steps", type=int, default=20, help="steps per timed run (3 runs of queued steps; the median run's mean step)")
   parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/train_<gpu>.json")
   args = parser.parse_args(argv)
   if args.steps < 1:
