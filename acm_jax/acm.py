@@ -136,6 +136,19 @@ def acm_apply(params: Params, x: jax.Array, k: jax.Array, *, num_learners: int,
   return hidden @ params["w2"] + choice_bias(params, num_learners)[k]
 
 
+@functools.partial(jax.checkpoint, static_argnums=(2,), prevent_cse=False)
+def _weighted_activation(pre: jax.Array, weight: jax.Array, activation: str) -> jax.Array:
+  """act(pre) with learner n's hidden units scaled by weight[..., n]: pre (..., N * width),
+  weight (..., N) -> (..., N * width).
+
+  Checkpointed, so that the backward pass keeps only `pre` and recomputes the activation's
+  elementwise intermediates (what XLA's fusions do in an unrolled model on their own). A
+  scanned stack of blocks would otherwise store each of them, stacked over the layers.
+  """
+  hidden = einops.rearrange(get_activation(activation)(pre), "... (n h) -> ... n h", n=weight.shape[-1])
+  return einops.rearrange(hidden * weight[..., None], "... n h -> ... (n h)")
+
+
 def acm_apply_soft(params: Params, x: jax.Array, choice: jax.Array, *, num_learners: int,
                    activation: str = "gelu") -> jax.Array:
   """Output under a (relaxed or one-hot) choice distribution: choice (..., N+1).
@@ -143,10 +156,9 @@ def acm_apply_soft(params: Params, x: jax.Array, choice: jax.Array, *, num_learn
   Equals sum_k choice_k * h(x, k) in one pass: learner n is weighted by
   P(k >= n) = sum_{k>=n} choice_k, which carries the gate's gradient.
   """
-  width = params["w1"].shape[1] // num_learners
   # reverse cumulative sum over choices 1..N: weight of learner n is P(k >= n)
-  weight = jnp.flip(jnp.cumsum(jnp.flip(choice[..., 1:], -1), -1), -1)
-  hidden = _hidden(params, x, activation) * jnp.repeat(weight, width, axis=-1).astype(x.dtype)
+  weight = jnp.flip(jnp.cumsum(jnp.flip(choice[..., 1:], -1), -1), -1).astype(x.dtype)
+  hidden = _weighted_activation(x @ params["w1"] + params["b1"], weight, activation)
   return hidden @ params["w2"] + choice.astype(x.dtype) @ choice_bias(params, num_learners)
 
 
@@ -299,7 +311,10 @@ class ACM(nn.Module):
     if self.output_bias:
       params["b2"] = self.param("b2", nn.initializers.zeros, (n + 1, self.dim))
     params = {name: value.astype(x.dtype) for name, value in params.items()}
-    gate = Gate(n + 1, self.gate_depth, self.gate_hidden, self.budget_conditioning, name="gate")
+    # rematerialised: the gate is small next to the learners, and recomputing it in the backward
+    # pass spares storing its float32 copy of x and its hidden activations (per layer, when scanned)
+    gate = nn.remat(Gate, prevent_cse=False)(n + 1, self.gate_depth, self.gate_hidden, self.budget_conditioning,
+                                             name="gate")
     raw_logits = gate(x, budget)  # unused (and removed by XLA) where the fused kernel computes the gate itself
     if mode == GROUP_INPUTS or (mode == "argmax" and fused_impl(self.impl)):
       # the gate, the choice and the learners in the fused kernels (`inference.acm_group_apply`)

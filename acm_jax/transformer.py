@@ -192,7 +192,7 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, **acm_args) -> jax.Array:
-    norm = lambda name: nn.LayerNorm(self.layer_norm_eps, name=name, dtype=x.dtype)
+    norm = lambda name: nn.remat(nn.LayerNorm, prevent_cse=False)(self.layer_norm_eps, name=name, dtype=x.dtype)
     attn = Attention(self.num_heads, self.acm, self.attention, name="attn")
     mlp = make_mlp(x.shape[-1], self.mlp_dim, self.activation, self.acm, "mlp")
     if self.pre_norm:

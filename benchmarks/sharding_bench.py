@@ -10,7 +10,8 @@
     # e.g. when one call's time limit cannot hold every compile)
 
 Both write benchmarks/results/sharding*.json and append a section to benchmarks/RESULTS.md; memory
-keeps the runs it does not measure again (each run carries its date).
+keeps the runs it does not measure again (each run carries its date), and those it does under
+"replaced_runs".
 The model is the paper's configuration: ViT-B/16, 224px, 1000 classes, every MLP and
 every q/k/v/o projection ACMized (N=4), gates of 3 layers of width 16; bf16 activations.
 """
@@ -145,20 +146,28 @@ def run_memory(args) -> dict:
   old = json.loads((RESULTS / "sharding.json").read_text()) if (RESULTS / "sharding.json").exists() else {}
   # runs of layouts not measured now are kept (each with its date), so one call may measure one layout
   runs = {name: {"date": old.get("date"), **r} for name, r in old.get("runs", {}).items()}
+  # a run measured again replaces its entry in `runs`; the replaced one moves here, named
+  replaced = list(old.get("replaced_runs", []))
   layer = old.get("one_layer_param_bytes")
+
+  def measured(name: str, run: dict) -> None:
+    if name in runs:
+      replaced.append({"name": name, **runs[name]})
+    runs[name] = run
+    print(name, json.dumps(run), flush=True)
+
   for layout in args.layouts:
     scan, suffix = layout == "scanned", "_scanned" if layout == "scanned" else ""
     if not scan and args.single:
-      runs["single"] = {"date": today, **compiled_memory(setup(batch_size=args.batch, mesh="data:1",
-                                                                  devices=devices[:1]))}
+      measured("single", {"date": today, **compiled_memory(setup(batch_size=args.batch, mesh="data:1",
+                                                                    devices=devices[:1]))})
     for name, mesh, strategy in (("dp8", "data:8", "dp"), ("fsdp8", "fsdp:8", "fsdp")):
       s = setup(batch_size=args.batch, mesh=mesh, strategy=strategy, scan=scan)
       layer = one_layer_bytes(s)
-      runs[name + suffix] = {"date": today, **compiled_memory(s), "scanned": scan}
-      print(name + suffix, json.dumps(runs[name + suffix]), flush=True)
+      measured(name + suffix, {"date": today, **compiled_memory(s), "scanned": scan})
   record = {"benchmark": "sharding_memory", "date": today, "jax_version": jax.__version__,
             "device": f"{len(devices)} simulated {jax.default_backend()} devices", "model": "ACM ViT-B/16 (MLP + q/k/v/o)",
-            "runs": runs, "one_layer_param_bytes": layer}
+            "runs": runs, "one_layer_param_bytes": layer, "replaced_runs": replaced}
   if "single" in runs and "fsdp8" in runs:
     single, fsdp = runs["single"]["params_plus_opt_bytes"], runs["fsdp8"]["params_plus_opt_bytes"]
     record.update(fsdp8_over_single_params_plus_opt=fsdp / single,
