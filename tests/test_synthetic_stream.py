@@ -64,3 +64,35 @@ def test_large_generated_sets_stream_through_make_iterator():
   again = next(data.make_iterator("synthetic", "train", 4, image_size=72, seed=1))
   assert first["image"].shape == (4, 72, 72, 3) and first["image"].dtype == np.float32
   np.testing.assert_array_equal(first["image"], again["image"])
+
+
+# sha256 over the sorted keys and bytes of train chunk 1, computed with the generator of 2026-12-01
+# (whole-chunk arrays), before it composited images block by block: the data must not move
+GOLDEN_CHUNKS = [
+    (dict(image_size=16, task="glyphs", chunk_size=70), "1505ed169963e78c97366fa376d18a6ea453d8b906f77a890130a76e3239c533"),
+    (dict(image_size=40, task="shapes", num_classes=20, chunk_size=70),
+     "0d040249d75c4641e801547919f6b3e58ad154321d2b64cacbed942fee8e8ae2"),
+    (dict(image_size=32, task="glyphs", chunk_size=1000), "728dc3ba608d19ac05d21a3bd0bb1ea40debfbc607fb39470643001c13b0b7cf"),
+]
+
+
+@pytest.mark.parametrize("fields,digest", GOLDEN_CHUNKS)
+def test_block_compositing_keeps_the_generated_data_bit_for_bit(fields, digest):
+  import hashlib
+  chunk = synthetic.generate_chunk(synthetic.SyntheticConfig(**fields), "train", 1)
+  h = hashlib.sha256()
+  for key in sorted(chunk):
+    h.update(key.encode())
+    h.update(np.ascontiguousarray(chunk[key]).tobytes())
+  assert h.hexdigest() == digest
+
+
+def test_blas_limit_is_lifted_when_the_last_generator_leaves():
+  threadpoolctl = pytest.importorskip("threadpoolctl")
+  blas = lambda: [info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
+  before = blas()
+  with synthetic.single_threaded_blas():
+    with synthetic.single_threaded_blas():  # a second generator thread
+      assert all(n == 1 for n in blas())
+    assert all(n == 1 for n in blas())  # the first is still inside
+  assert blas() == before

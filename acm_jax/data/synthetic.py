@@ -29,19 +29,28 @@ distractor is marked separately in `distractor_mask`.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import functools
 import hashlib
 import os
 import tempfile
+import threading
 
 import numpy as np
+
+try:  # a core dependency; optional here so that a machine without it (an offline GPU host) still generates
+  import threadpoolctl
+except ImportError:  # pragma: no cover
+  threadpoolctl = None
 
 TASKS = ("glyphs", "shapes")
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
 # hue intervals (fractions of the colour wheel); the first two are far apart on the wheel
 COLOUR_FAMILIES = {"warm": (-0.04, 0.12), "cool": (0.50, 0.68), "green": (0.24, 0.40), "purple": (0.76, 0.90)}
 CHUNK = 1000  # examples generated from one child seed by default (the data depends on the chunk size)
+BLOCK = 32  # images composited at once within a chunk (the data do not depend on it)
 SPLIT_INDEX = {"train": 0, "test": 1}
 # set ACM_JAX_CACHE to a folder to cache generated sets there as .npz, or to "" to keep them in memory only
 CACHE_DIR = os.environ.get("ACM_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "acm_jax"))
@@ -133,23 +142,41 @@ def _upsampler(cells: int, size: int) -> np.ndarray:
   return weights
 
 
-def _backgrounds(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
-  """Dull random colours + linear gradients + smooth and fine low-contrast noise: (n, size, size, 3)."""
+def _background_params(rng: np.random.Generator, n: int, size: int) -> dict:
+  """The background draws of n images, in the generator's order: dull random colours, linear
+  gradients, a coarse noise grid (blobs a few patches wide) and the state from which the fine noise
+  is drawn. The fine noise itself, (n, size, size, 3) float32, is drawn block by block only to move
+  `rng` past it, and drawn again from that state when the images are composited
+  (`_background_block`): the same numbers, without holding the whole chunk's noise (600 MB for a
+  chunk of 1,000 images at 224 px)."""
   f32 = np.float32
   base = _hsv_to_rgb(rng.uniform(0, 1, n).astype(f32), rng.uniform(0.0, 0.35, n).astype(f32),
                      rng.uniform(0.2, 0.8, n).astype(f32))
-  coords = np.linspace(-1, 1, size, dtype=f32)
   angle = rng.uniform(0, 2 * np.pi, n).astype(f32)
   slope = rng.uniform(0.0, 0.25, n).astype(f32)
-  ramp = ((slope * np.cos(angle))[:, None, None] * coords[None, None, :]
-          + (slope * np.sin(angle))[:, None, None] * coords[None, :, None])
   amplitude = rng.uniform(0.02, 0.1, (2, n)).astype(f32)
-  # blobs a few patches wide: a coarse random grid, bilinearly upsampled (channels first for the matmuls)
   up = _upsampler(-(-size // 8) + 1, size)
   coarse = rng.standard_normal((n, 3, up.shape[1], up.shape[1]), dtype=f32) * amplitude[0, :, None, None, None]
-  noise = (up @ coarse @ up.T).transpose(0, 2, 3, 1)
-  noise += rng.standard_normal((n, size, size, 3), dtype=f32) * amplitude[1, :, None, None, None]
-  noise += (ramp[..., None] + base[:, None, None, :])
+  fine_state = copy.deepcopy(rng.bit_generator.state)
+  for start in range(0, n, BLOCK):
+    rng.standard_normal((min(BLOCK, n - start), size, size, 3), dtype=f32)
+  return {"base": base, "angle": angle, "slope": slope, "fine_amplitude": amplitude[1], "up": up, "coarse": coarse,
+          "fine_state": fine_state}
+
+
+def _background_block(params: dict, block: slice, fine: np.random.Generator, size: int) -> np.ndarray:
+  """Images `block` of the backgrounds (count, size, size, 3): gradient + base colour + smooth and fine
+  low-contrast noise. `fine` continues the fine-noise draws where the previous block stopped."""
+  f32 = np.float32
+  coords = np.linspace(-1, 1, size, dtype=f32)
+  angle, slope = params["angle"][block], params["slope"][block]
+  ramp = ((slope * np.cos(angle))[:, None, None] * coords[None, None, :]
+          + (slope * np.sin(angle))[:, None, None] * coords[None, :, None])
+  up = params["up"]
+  noise = (up @ params["coarse"][block] @ up.T).transpose(0, 2, 3, 1)  # channels first for the matmuls
+  noise += (fine.standard_normal((len(angle), size, size, 3), dtype=f32)
+            * params["fine_amplitude"][block, None, None, None])
+  noise += (ramp[..., None] + params["base"][block, None, None, :])
   return noise
 
 
@@ -170,46 +197,60 @@ def glyph_bank(config: SyntheticConfig) -> np.ndarray:
   return bank / np.abs(bank).max(axis=(1, 2), keepdims=True)
 
 
-def _glyph_object(rng: np.random.Generator, config: SyntheticConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
-  """(n, H, W, 3) glyph-textured object colours and (n,) labels."""
-  size, g, f32 = config.image_size, config.glyph_size, np.float32
-  glyph = rng.integers(0, config.num_glyphs, n)
-  colour = _hsv_to_rgb(rng.uniform(0, 1, n).astype(f32), rng.uniform(0.3, 0.6, n).astype(f32),
-                       rng.uniform(0.5, 0.7, n).astype(f32))
-  rows = np.arange(size) % g  # tiled from the top-left corner: aligned with the patches of a g-pixel ViT
-  texture = glyph_bank(config)[glyph][:, rows][:, :, rows]
-  return colour[:, None, None, :] + config.glyph_contrast * texture[..., None], glyph % config.num_classes
-
-
 def _generate_chunk(config: SyntheticConfig, seed_sequence: np.random.SeedSequence, n: int) -> dict[str, np.ndarray]:
+  """n examples from one seed. Every random draw is made for the whole chunk, in a fixed order (the
+  data depend on it); the images are then composited BLOCK at a time into the uint8 output, which
+  keeps the float32 intermediates to a few MB whatever the chunk and image size."""
   rng = np.random.default_rng(seed_sequence)
   size, f32 = config.image_size, np.float32
-  images = _backgrounds(rng, n, size)
+  background = _background_params(rng, n, size)
   shape = rng.integers(0, len(SHAPES), n)
   family = rng.integers(0, max(config.num_families, 1), n)  # unused by the glyph task
 
   # the distractor first, so that the class object is drawn over it where they overlap
   distract = rng.uniform(0, 1, n) < config.distractor_probability
-  d_mask = shape_masks(rng.integers(0, len(SHAPES), n), *_place(rng, n, size, (0.10, 0.17)), size)
-  d_mask &= distract[:, None, None]
-  grey = rng.uniform(0.3, 0.95, n).astype(f32)[:, None, None, None]
-  images = np.where(d_mask[..., None], grey, images)
+  distractor_shape = rng.integers(0, len(SHAPES), n)
+  distractor_place = _place(rng, n, size, (0.10, 0.17))
+  grey = rng.uniform(0.3, 0.95, n).astype(f32)
 
   # the shapes branch draws its colour before placing the object, as the old generator did: same images
   if config.task == "shapes":
     lo, hi = np.array(list(COLOUR_FAMILIES.values()), f32)[family].T
     hue = lo + (hi - lo) * rng.uniform(0, 1, n).astype(f32)
     colour = _hsv_to_rgb(hue, rng.uniform(0.55, 1.0, n).astype(f32), rng.uniform(0.6, 1.0, n).astype(f32))
-    mask = shape_masks(shape, *_place(rng, n, size, config.object_scale), size)
-    shade = 1.0 + 0.05 * rng.standard_normal((n, size, size, 1), dtype=f32)
-    fill, label = colour[:, None, None, :] * shade, shape * config.num_families + family
+    place = _place(rng, n, size, config.object_scale)
+    label = shape * config.num_families + family
   else:
-    mask = shape_masks(shape, *_place(rng, n, size, config.object_scale), size)
-    fill, label = _glyph_object(rng, config, n)
-  images = np.where(mask[..., None], fill, images)
-  return {"image": np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8),
-          "label": label.astype(np.int32),
-          "object_mask": mask, "distractor_mask": d_mask & ~mask}
+    place = _place(rng, n, size, config.object_scale)
+    glyph = rng.integers(0, config.num_glyphs, n)
+    colour = _hsv_to_rgb(rng.uniform(0, 1, n).astype(f32), rng.uniform(0.3, 0.6, n).astype(f32),
+                         rng.uniform(0.5, 0.7, n).astype(f32))
+    bank = glyph_bank(config)
+    rows = np.arange(size) % config.glyph_size  # tiled from the top-left corner: aligned with a g-pixel ViT's patches
+    label = glyph % config.num_classes
+
+  fine = np.random.Generator(type(rng.bit_generator)())
+  fine.bit_generator.state = background["fine_state"]
+  out = {"image": np.empty((n, size, size, 3), np.uint8), "label": label.astype(np.int32),
+         "object_mask": np.empty((n, size, size), bool), "distractor_mask": np.empty((n, size, size), bool)}
+  for start in range(0, n, BLOCK):
+    block = slice(start, min(start + BLOCK, n))
+    images = _background_block(background, block, fine, size)
+    d_mask = shape_masks(distractor_shape[block], *(a[block] for a in distractor_place), size)
+    d_mask &= distract[block, None, None]
+    images = np.where(d_mask[..., None], grey[block, None, None, None], images)
+    mask = shape_masks(shape[block], *(a[block] for a in place), size)
+    if config.task == "shapes":  # the shading noise is the chunk's last draw: drawn block by block, in order
+      shade = 1.0 + 0.05 * rng.standard_normal((len(grey[block]), size, size, 1), dtype=f32)
+      fill = colour[block, None, None, :] * shade
+    else:
+      texture = bank[glyph[block]][:, rows][:, :, rows]
+      fill = colour[block, None, None, :] + config.glyph_contrast * texture[..., None]
+    images = np.where(mask[..., None], fill, images)
+    out["image"][block] = np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+    out["object_mask"][block] = mask
+    out["distractor_mask"][block] = d_mask & ~mask
+  return out
 
 
 def split_size(config: SyntheticConfig, split: str) -> int:
@@ -225,7 +266,35 @@ def generate_chunk(config: SyntheticConfig, split: str, index: int) -> dict[str,
   Train and test come from separate child seeds: the test set does not change with num_train."""
   seed = np.random.SeedSequence([config.seed, 20261124], spawn_key=(SPLIT_INDEX[split], index))
   start = index * config.chunk_size
-  return _generate_chunk(config, seed, min(config.chunk_size, split_size(config, split) - start))
+  with single_threaded_blas():
+    return _generate_chunk(config, seed, min(config.chunk_size, split_size(config, split) - start))
+
+
+_blas_lock = threading.Lock()
+_blas_users = [0, None]  # chunks being generated, the threadpoolctl limiter while any is
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+  """numpy's BLAS on one thread while any chunk is generated (the limit is process-wide: set by the
+  first generator thread in, lifted by the last one out). The background upsampling's matmuls are
+  tiny, and a multi-threaded OpenBLAS called from several generator threads at once oversubscribes
+  the cores: on a loaded 2-core machine one (32, 3, 224, 29) x (29, 224) product took 3.5 ms on one
+  BLAS thread and up to 800 ms on two. Same results either way (one thread per product)."""
+  if threadpoolctl is None:
+    yield
+    return
+  with _blas_lock:
+    if _blas_users[0] == 0:
+      _blas_users[1] = threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+    _blas_users[0] += 1
+  try:
+    yield
+  finally:
+    with _blas_lock:
+      _blas_users[0] -= 1
+      if _blas_users[0] == 0:
+        _blas_users[1].restore_original_limits()
 
 
 def _generate(config: SyntheticConfig) -> dict[str, dict[str, np.ndarray]]:
