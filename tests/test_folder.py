@@ -49,7 +49,7 @@ def test_info_labels_and_ordered_eval_stream(tmp_path):
   np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), [0, 0, 1, 1, 2, 2])
 
 
-@pytest.mark.parametrize("augment", ["none", "light"])
+@pytest.mark.parametrize("augment", ["none", "light", "inception"])
 def test_train_stream_is_seeded_covers_each_epoch_and_resumes(tmp_path, augment):
   root = make_folder(tmp_path)
   name = f"folder:{root}"

@@ -3,6 +3,8 @@
 Presets (`--augment`), applied to each train image:
 - "inception": random resized crop (8-100% of the area, aspect 3/4-4/3) and a
   horizontal flip; the ImageNet default, the only train augmentation before.
+  The crop window is drawn from the image's shape alone (`inception_window`), so
+  the data pipeline decodes only that window of a JPEG (`tfds_data.decode_window`).
 - "three_augment": DeiT-III's 3-augment, the official recipe's: the Inception
   crop and flip, then one of grayscale, solarize (pixels >= 128 inverted) or a
   Gaussian blur (sigma uniform in [0.1, 2] pixels), picked uniformly, then a
@@ -40,6 +42,7 @@ from acm_jax.data.base import is_synthetic
 
 PRESETS = ("inception", "three_augment", "light", "none")
 NUMPY_PRESETS = ("light", "none")  # what the generated sets (numpy images) support
+CROP_FIRST = ("inception", "three_augment")  # presets whose first step is a crop of the decoded image
 MIX_SALT = 20261201  # keeps the mixing draws apart from other uses of the seed
 LIGHT_SALT = 20261202
 
@@ -148,13 +151,19 @@ def eval_image(tf, image, size: int, crop_fraction: float = 0.875):
   return tf.clip_by_value(_resize_short_side_center_crop(tf, image, size, crop_fraction), 0.0, 255.0)
 
 
-def _inception_crop(tf, image, seed, size: int):
+def _seeds(tf, key):
+  """(crop seed, flip seed) of an image's (seed, position) `key`; the 3-augment's draws split the crop seed."""
+  return tf.unstack(tf.random.experimental.stateless_split(key, 2))
+
+
+def inception_window(tf, shape, key):
+  """(begin, crop size), int32 (3,) each as `tf.slice` takes them, of the Inception crop drawn for `key`
+  in an image of `shape` (H, W, 3): 8-100% of the area, aspect 3/4-4/3."""
   begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=seed, min_object_covered=0.1,
+      shape, tf.zeros([0, 0, 4], tf.float32), seed=_seeds(tf, key)[0], min_object_covered=0.1,
       aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
       use_image_if_no_bounding_boxes=True)
-  image = tf.slice(image, begin, crop_size)
-  return tf.image.resize(image, (size, size), method="bilinear", antialias=True)
+  return begin, crop_size
 
 
 def gray(tf, image):
@@ -211,13 +220,22 @@ def train_image(tf, image, key, size: int, preset: str):
   seeded by `key` (the (seed, position) int64 pair)."""
   if preset == "none":
     return eval_image(tf, image, size)
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(key, 2))
   if preset == "light":
+    crop_seed, flip_seed = _seeds(tf, key)
     image = _resize_short_side_center_crop(tf, image, size, 1.0)
     offsets = tf.random.stateless_uniform([2], crop_seed, 0, 2 * (size // 8) + 1, tf.int32)
     flip = tf.random.stateless_uniform([], flip_seed) < 0.5
     return tf.clip_by_value(light_crop(tf, image, offsets, flip, size), 0.0, 255.0)
-  image = _inception_crop(tf, image, crop_seed, size)
+  begin, crop_size = inception_window(tf, tf.shape(image), key)
+  return train_crop(tf, tf.slice(image, begin, crop_size), key, size, preset)
+
+
+def train_crop(tf, crop, key, size: int, preset: str):
+  """The rest of a crop-first preset (CROP_FIRST) after its crop: the uint8 window (h, w, 3) that
+  `inception_window` drew for `key` -> float32 (size, size, 3) in [0, 255]. Apart so that the data
+  pipeline can decode only the window."""
+  crop_seed, flip_seed = _seeds(tf, key)
+  image = tf.image.resize(crop, (size, size), method="bilinear", antialias=True)
   image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   image = tf.clip_by_value(image, 0.0, 255.0)  # antialiased resizing overshoots slightly
   if preset == "three_augment":

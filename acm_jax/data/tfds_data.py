@@ -15,7 +15,8 @@ examples) with (seed, epoch), packs consecutive ones into groups of up to
 The stream is thus a pure function of (seed, position), and resuming at step s
 reads only the one group that holds position s * batch_size: no earlier epoch or
 group is touched. Images stay encoded until they are drawn, and the random crop
-and flip of each example are seeded by (seed, its position in the stream).
+and flip of each example are seeded by (seed, its position in the stream); a JPEG
+is decoded only around its Inception crop (`decode_window`), to the same pixels.
 Shuffling quality: a batch mixes `window` examples from several random shards;
 TFDS shuffles examples across shards when it prepares a dataset, so this is
 close to a global shuffle.
@@ -39,6 +40,7 @@ PRECROPPED = "_corrupted/"
 DEFAULT_IMAGE_SIZE = 224
 WINDOW = 8192  # examples held (encoded) in memory per shuffle group: ~0.9 GB for ImageNet
 MAX_CYCLE = 64  # the most pieces of shards one group reads at once
+JPEG_MARGIN = 16  # pixels decoded around a JPEG crop window (`decode_window`); 4 or more are needed
 
 
 def import_tf():
@@ -168,17 +170,52 @@ def group_stream(parts: Sequence[Piece], seed: int, shuffle: bool, repeat: bool,
 # --- the TensorFlow pipeline ---------------------------------------------------------------------
 
 
+def decode(tf, encoded):
+  """uint8 (H, W, 3) of an encoded JPEG, PNG, GIF (its first frame) or BMP."""
+  return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+
+def decode_window(tf, encoded, window):
+  """uint8 (h, w, 3) window of an encoded image, chosen from its shape (H, W, 3) by `window(shape) ->
+  (begin, size)` (int32 (3,) each, as `tf.slice` takes them): the pixels of `decode` cut to the window.
+  A JPEG is decoded only around the window (`tf.image.decode_and_crop_jpeg`). libjpeg-turbo upsamples
+  the chroma of a cropped region as at an image edge, without the neighbouring sample, so the region's
+  last column, and its first when it starts on the 16-pixel iMCU grid, differ from the whole decode (by
+  up to 16 levels), and a region under 5 pixels wide gets a plainer upsampling. The fancy upsampling
+  reads one chroma sample (2 pixels) beyond a pixel, so the region is the window widened by JPEG_MARGIN
+  pixels per side (2 for the edges, 4 for the width), clipped to the image, where the whole decode has
+  the same edge. Other formats are decoded whole."""
+  def jpeg():
+    shape = tf.image.extract_jpeg_shape(encoded)[:2]
+    begin, size = window(tf.concat([shape, [3]], 0))
+    top_left = tf.maximum(begin[:2] - JPEG_MARGIN, 0)
+    bottom_right = tf.minimum(begin[:2] + size[:2] + JPEG_MARGIN, shape)
+    region = tf.image.decode_and_crop_jpeg(encoded, tf.concat([top_left, bottom_right - top_left], 0), channels=3)
+    return tf.slice(region, tf.concat([begin[:2] - top_left, [0]], 0), size)
+
+  def whole():
+    image = decode(tf, encoded)
+    begin, size = window(tf.shape(image))
+    return tf.slice(image, begin, size)
+
+  return tf.cond(tf.io.is_jpeg(encoded), jpeg, whole)
+
+
 def preprocess(tf, image, position, seed: int, size: int, train: bool, augment: str,
                crop_fraction: float = CROP_FRACTION):
   """Encoded image -> float32 (size, size, 3) in [-1, 1]: train images augmented by the preset
   (`acm_jax.data.augment`) with draws seeded by (seed, position in the stream); eval images resized
-  (short side to size / 0.875) and centre-cropped."""
-  image = tf.io.decode_image(image, channels=3, expand_animations=False)
-  if train:
-    key = tf.stack([tf.cast(seed, tf.int64), tf.cast(position, tf.int64)])
-    image = augment_lib.train_image(tf, image, key, size, augment)
+  (short side to size / 0.875) and centre-cropped. The crop-first presets decode only their crop
+  window of a JPEG (`decode_window`)."""
+  if not train:
+    image = augment_lib.eval_image(tf, decode(tf, image), size, crop_fraction)
   else:
-    image = augment_lib.eval_image(tf, image, size, crop_fraction)
+    key = tf.stack([tf.cast(seed, tf.int64), tf.cast(position, tf.int64)])
+    if augment in augment_lib.CROP_FIRST:
+      crop = decode_window(tf, image, lambda shape: augment_lib.inception_window(tf, shape, key))
+      image = augment_lib.train_crop(tf, crop, key, size, augment)
+    else:
+      image = augment_lib.train_image(tf, decode(tf, image), key, size, augment)
   return tf.reshape(image / 127.5 - 1.0, (size, size, 3))
 
 
