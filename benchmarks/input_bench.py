@@ -1,9 +1,9 @@
 """Decoded, augmented 224 px train images per second of the image input pipeline (tf.data: read,
 decode, augment; then mixup / cutmix on the host), per augment preset, with and without mixing,
-on 1 core and on all cores of this machine. Records benchmarks/results/input_<host>.json.
+on 1 core and on all cores of this machine. Adds its records to benchmarks/results/input_<host>.json.
 
 The images are generated ImageNet-like JPEGs (500x375, quality 90, smooth colour fields with
-texture: ~100 KB each, about ImageNet's mean) in a `folder:` dataset; the TFDS path runs the same
+texture: ~75 KB each; ImageNet's mean is ~110 KB) in a `folder:` dataset; the TFDS path runs the same
 decode and augmentation (`tfds_data.preprocess`) on records instead of files. Each core count runs
 in its own process pinned to those cores (os.sched_setaffinity), which TensorFlow's thread pools follow.
 
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "images_per_s_per_core": round(row["images_per_s"] / cores, 1)})
         print(json.dumps(records[-1]))
   out = HERE / "results" / f"input_{platform.node() or 'host'}.json"
-  out.write_text(json.dumps(records, indent=2) + "\n")
+  earlier = json.loads(out.read_text()) if out.exists() else []
+  out.write_text(json.dumps(earlier + records, indent=2) + "\n")
   return records
 
 
