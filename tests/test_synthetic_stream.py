@@ -96,3 +96,15 @@ def test_blas_limit_is_lifted_when_the_last_generator_leaves():
       assert all(n == 1 for n in blas())
     assert all(n == 1 for n in blas())  # the first is still inside
   assert blas() == before
+
+
+def test_chunk_stream_keeps_only_the_arrays_asked_for():
+  full = synthetic.generate_chunk(CONFIG, "train", 2)
+  stream = synthetic_stream.ChunkStream(CONFIG, "train", seed=0, shuffle=False, workers=1, keys=("image", "label"))
+  try:
+    kept = stream.chunk(2)
+  finally:
+    stream.close()
+  assert sorted(kept) == ["image", "label"]
+  for key in kept:
+    np.testing.assert_array_equal(kept[key], full[key])
