@@ -170,6 +170,14 @@ def mask_choices(logits: jax.Array, min_choice: int) -> jax.Array:
   return jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
 
 
+def init_without_kernels(module, rng: jax.Array, *inputs, **kwargs):
+  """`module.init` traced in gumbel mode: the params of any mode, and no inference kernel in the trace.
+  Shape-only and host-side inits use it: traced in argmax mode on a GPU, a scanned ACM model's init runs
+  the fused kernels inside the scan, and flax 0.12.10 with jax 0.11.2 rejects that trace ("broadcasted
+  variable has a data dependency on the scan body")."""
+  return module.init({"params": rng, "gumbel": rng}, *inputs, mode="gumbel", **kwargs)
+
+
 def gumbel_softmax_st(rng: jax.Array, logits: jax.Array, temperature: float | jax.Array) -> jax.Array:
   """Hard Gumbel-Softmax, straight-through: one-hot forward, softmax gradient."""
   gumbel = jax.random.gumbel(rng, logits.shape, logits.dtype)

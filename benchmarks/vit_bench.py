@@ -180,9 +180,7 @@ def main(argv=None):
   setups = []
   for kind in kinds:
     acm_cfg = dataclasses.replace(dense_cfg, acm=acm_lib.ACMConfig(num_learners=4, attention=ACM_KINDS[kind])).validate()
-    # traced in gumbel mode: no kernel in the trace (a scanned model's argmax init fails, see phases.init_variables)
-    base = to_bf16(vit.ViT(acm_cfg).init({"params": jax.random.key(1), "gumbel": jax.random.key(1)}, all_images[:1],
-                                         mode="gumbel")["params"])
+    base = to_bf16(acm_lib.init_without_kernels(vit.ViT(acm_cfg), jax.random.key(1), all_images[:1])["params"])
     xla_model = vit.ViT(dataclasses.replace(acm_cfg, acm=dataclasses.replace(acm_cfg.acm, impl="xla")))
     reference = jax.jit(functools.partial(forced_reference, xla_model))
     for r in (float(v) for v in args.ratios.split(",")):

@@ -81,12 +81,9 @@ def init_params(exp: Experiment, model: str, seed: int) -> PyTree:
 
 
 def init_variables(exp: Experiment, model: str, rng: jax.Array) -> PyTree:
-  """`model.init` ("dense" or "acm") on the sample input, traced in gumbel mode: the same params
-  as any mode, and no inference kernel in the trace. (Traced in argmax mode on a GPU, the scanned
-  ACM model's init runs the fused kernels inside the scan, and flax 0.12.10 with jax 0.11.2 rejects
-  that trace: "broadcasted variable has a data dependency on the scan body".)"""
+  """`model.init` ("dense" or "acm") on the sample input, without kernels (`acm.init_without_kernels`)."""
   module = exp.task.dense_model if model == "dense" else exp.task.acm_model
-  return module.init({"params": rng, "gumbel": rng}, exp.sample_input, mode="gumbel")
+  return acm_lib.init_without_kernels(module, rng, exp.sample_input)
 
 
 def _host() -> jax.Device | None:

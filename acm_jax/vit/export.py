@@ -36,8 +36,8 @@ def config_from_dict(data: dict) -> vit.ViTConfig:
 def expected_shapes(config: vit.ViTConfig) -> dict[str, jax.ShapeDtypeStruct]:
   """The parameter shapes of `ViT(config)`, without computing anything."""
   images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
-  shapes = jax.eval_shape(lambda x: vit.ViT(config).init(
-      {"params": jax.random.key(0), "gumbel": jax.random.key(0)}, x, mode="gumbel")["params"], images)  # no kernels traced
+  shapes = jax.eval_shape(lambda x: acm_lib.init_without_kernels(vit.ViT(config), jax.random.key(0), x)["params"],
+                          images)
   return flatten(shapes)
 
 
