@@ -91,17 +91,25 @@ def _hidden(params: Params, x: jax.Array, activation: str) -> jax.Array:
   return get_activation(activation)(x @ params["w1"] + params["b1"])
 
 
+def in_input_dtype(params: Params, x: jax.Array) -> Params:
+  """The learner parameters cast to x's dtype, as `ACM` computes: float32 master weights with
+  bfloat16 activations run bfloat16 matmuls, not float32 ones."""
+  return {name: value.astype(x.dtype) for name, value in params.items()}
+
+
 def learner_outputs(params: Params, x: jax.Array, *, num_learners: int,
                     activation: str = "gelu") -> jax.Array:
-  """Every learner's output without output bias: (..., dim) -> (..., N, dim)."""
+  """Every learner's output without output bias, in float32: (..., dim) -> (..., N, dim).
+  The matmuls run in x's dtype (`in_input_dtype`) with float32 accumulation."""
+  params = in_input_dtype(params, x)
   hidden = einops.rearrange(_hidden(params, x, activation), "... (n h) -> ... n h", n=num_learners)
   w2 = einops.rearrange(params["w2"], "(n h) d -> n h d", n=num_learners)
-  return jnp.einsum("...nh,nhd->...nd", hidden, w2)
+  return jnp.einsum("...nh,nhd->...nd", hidden, w2, preferred_element_type=jnp.float32)
 
 
 def prefix_outputs(params: Params, x: jax.Array, *, num_learners: int, activation: str = "gelu",
                    grad_mode: str = "detach") -> jax.Array:
-  """Outputs for every choice k = 0..N: (..., dim) -> (..., N+1, dim).
+  """Outputs for every choice k = 0..N in float32: (..., dim) -> (..., N+1, dim).
 
   grad_mode="detach": the value is the cumulative sum, but the gradient of choice
   k flows only into learner k (c_k = o_k + stop_gradient(c_k - o_k)), so learner
@@ -115,7 +123,7 @@ def prefix_outputs(params: Params, x: jax.Array, *, num_learners: int, activatio
   cum = jnp.cumsum(outs, axis=-2)
   if grad_mode == "detach":
     cum = outs + jax.lax.stop_gradient(cum - outs)
-  return cum + choice_bias(params, num_learners)
+  return cum + choice_bias(in_input_dtype(params, x), num_learners).astype(jnp.float32)
 
 
 def learner_mask(k: jax.Array, num_learners: int, learner_width: int) -> jax.Array:

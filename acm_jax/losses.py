@@ -36,6 +36,37 @@ def distillation_loss(prefix: jax.Array, target: jax.Array, mask: jax.Array | No
   return token_mean(jnp.square(prefix[..., 1:, :] - target[..., None, :]), mask, tuple(range(prefix.ndim)))
 
 
+def learner_distillation_loss(params: dict, x: jax.Array, target: jax.Array, mask: jax.Array | None = None, *,
+                              num_learners: int, activation: str = "gelu", grad_mode: str = "detach") -> jax.Array:
+  """`distillation_loss(acm.prefix_outputs(params, x, ...), target, mask)` with the same value and
+  gradients, computed with the choice axis leading: x (..., dim) -> scalar.
+
+  The learners' outputs come out of one batched matmul as (N, ..., dim), so the running sum
+  over learners, the per-choice bias and the squared error are elementwise over N slices that
+  XLA fuses into one pass, instead of (..., N+1, dim) arrays built by a concatenate, a cumsum
+  along an inner axis and the transposes the batched matmul needs around them (one ViT-B/16
+  distillation step holds 60 such ACMs). Choice 0, which the loss skips, is never formed."""
+  if grad_mode not in acm_lib.GRAD_MODES:
+    raise ValueError(f"unknown grad_mode {grad_mode!r}; expected one of {acm_lib.GRAD_MODES}")
+  params = acm_lib.in_input_dtype(params, x)  # matmuls in x's dtype, float32 accumulation and error
+  hidden = acm_lib.get_activation(activation)(x @ params["w1"] + params["b1"])
+  hidden = jnp.reshape(hidden, hidden.shape[:-1] + (num_learners, -1))
+  w2 = jnp.reshape(params["w2"], (num_learners, -1, params["w2"].shape[-1]))
+  outs = jnp.einsum("...nh,nhd->n...d", hidden, w2, preferred_element_type=jnp.float32)  # (N, ..., dim)
+  cum = jnp.cumsum(outs, axis=0)
+  if grad_mode == "detach":  # the gradient of choice k reaches learner k only
+    cum = outs + jax.lax.stop_gradient(cum - outs)
+  bias = acm_lib.choice_bias(params, num_learners)[1:].astype(jnp.float32)
+  error = (cum + jnp.reshape(bias, (num_learners,) + (1,) * (x.ndim - 1) + bias.shape[-1:])
+           - target[None].astype(jnp.float32))
+  squared = jnp.square(error)
+  if mask is None:
+    return jnp.mean(squared)
+  weight = jnp.broadcast_to(jnp.reshape(mask.astype(squared.dtype), (1,) + mask.shape + (1,) * (x.ndim - mask.ndim)),
+                            squared.shape)
+  return jnp.sum(squared * weight) / jnp.maximum(jnp.sum(weight), 1e-9)
+
+
 def choice_errors(prefix: jax.Array, target: jax.Array) -> jax.Array:
   """L2 error of every choice: (..., N+1, dim), (..., dim) -> (..., N+1)."""
   return jnp.linalg.norm(prefix - target[..., None, :], axis=-1)

@@ -169,3 +169,59 @@ def test_official_label_rule_matches_reference_on_random_tables_with_zeros():
   errors = rng.choice([0.0, 0.5, 1.0, 1.1, 2.0, 3.0], size=(400, 5))
   got = np.asarray(losses.gate_labels(jnp.asarray(errors, jnp.float32), 1.2, "official"))
   np.testing.assert_array_equal(got, [official_labels_reference(list(r), 1.2) for r in errors])
+
+
+def _learners(rng, dim, num_learners, width, with_bias):
+  params = {"w1": rng.normal(size=(dim, num_learners * width)), "b1": rng.normal(size=(num_learners * width,)),
+            "w2": 0.3 * rng.normal(size=(num_learners * width, dim))}
+  if with_bias:
+    params["b2"] = rng.normal(size=(num_learners + 1, dim))
+  return {name: jnp.asarray(value, jnp.float32) for name, value in params.items()}
+
+
+@pytest.mark.parametrize("activation, grad_mode, with_bias, with_mask", [
+    ("gelu", "detach", True, True), ("gelu", "no_detach", False, True),
+    ("identity", "detach", False, False), ("identity", "no_detach", True, False)])
+def test_learner_distillation_loss_equals_the_prefix_route(activation, grad_mode, with_bias, with_mask):
+  """The fused loss (choice axis leading) against distillation_loss(prefix_outputs(...)): value
+  and gradients of every parameter, in float32 on random inputs, with and without a token mask."""
+  from acm_jax import acm
+  rng = np.random.default_rng(7)
+  dim, n, width = 6, 3, 8
+  params = _learners(rng, dim, n, width, with_bias)
+  x, y = (jnp.asarray(rng.normal(size=(2, 5, dim)), jnp.float32) for _ in range(2))
+  mask = jnp.asarray(rng.integers(0, 2, (2, 5)), jnp.float32).at[0, 0].set(1.0) if with_mask else None
+  settings = dict(num_learners=n, activation=activation, grad_mode=grad_mode)
+  reference = lambda p: losses.distillation_loss(acm.prefix_outputs(p, x, **settings), y, mask)
+  fused = lambda p: losses.learner_distillation_loss(p, x, y, mask, **settings)
+  (want, want_grads), (got, got_grads) = jax.value_and_grad(reference)(params), jax.value_and_grad(fused)(params)
+  assert float(got) == pytest.approx(float(want), rel=1e-5)
+  for name in params:
+    np.testing.assert_allclose(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-5, err_msg=name)
+  # by hand: mean over k = 1..N and over real tokens of |sum_{n<=k} s_n(x) + b2[0] + ... + b2[k] - y|^2
+  hidden = np.asarray(acm.get_activation(activation)(x @ params["w1"] + params["b1"]))
+  outs = [hidden[..., i * width:(i + 1) * width] @ np.asarray(params["w2"])[i * width:(i + 1) * width]
+          for i in range(n)]
+  bias = np.cumsum(np.asarray(params.get("b2", np.zeros((n + 1, dim)))), axis=0)
+  weight = np.ones((2, 5)) if mask is None else np.asarray(mask)
+  squares = [np.sum((sum(outs[:k]) + bias[k] - np.asarray(y)) ** 2, axis=-1) for k in range(1, n + 1)]
+  expected = sum(np.sum(sq * weight) for sq in squares) / (n * dim * weight.sum())
+  assert float(got) == pytest.approx(expected, rel=1e-4)
+
+
+def test_learner_distillation_loss_runs_the_matmuls_in_the_input_dtype():
+  """bfloat16 activations with float32 master weights: the learners run in bfloat16 (as acm.ACM
+  does), accumulate and compare in float32. Reference: float32 math on the weights and inputs
+  rounded to bfloat16."""
+  rng = np.random.default_rng(3)
+  params = _learners(rng, 16, 2, 16, True)
+  x = jnp.asarray(rng.normal(size=(4, 16)), jnp.bfloat16)
+  y = jnp.asarray(rng.normal(size=(4, 16)), jnp.bfloat16)
+  got = losses.learner_distillation_loss(params, x, y, num_learners=2, activation="identity")
+  rounded = {k: v.astype(jnp.bfloat16).astype(jnp.float32) for k, v in params.items()}
+  want = losses.learner_distillation_loss(rounded, x.astype(jnp.float32), y.astype(jnp.float32), num_learners=2,
+                                          activation="identity")
+  assert got.dtype == jnp.float32
+  assert float(got) == pytest.approx(float(want), rel=2e-2)
+  with pytest.raises(ValueError, match="unknown grad_mode 'half'"):
+    losses.learner_distillation_loss(params, x, y, num_learners=2, grad_mode="half")

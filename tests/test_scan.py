@@ -118,6 +118,7 @@ def test_one_step_of_every_phase_equals_the_unrolled_step():
   from acm_jax.train import phases
   batch = {"image": jax.random.normal(jax.random.key(1), (4, 16, 16, 3)), "label": jnp.array([0, 1, 2, 3])}
   tasks = {scan: _task(scan) for scan in (False, True)}
+  assert steps._kinds_per_layer(tasks[True]) is not None  # the scanned distill step runs its vmapped path
   teacher = _init(tasks[False].dense_model, batch["image"])
   acm_params = acmize(teacher, _init(tasks[False].acm_model, batch["image"]), tasks[False].paths, num_learners=4)
   paths = tasks[False].paths

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -19,7 +20,7 @@ import optax
 from acm_jax import acm as acm_lib
 from acm_jax import flops as flops_lib
 from acm_jax import losses
-from acm_jax.transformer import unstack_blocks
+from acm_jax.transformer import STACKED, is_stacked, unstack_blocks
 from acm_jax.acmize import flatten, subtree
 from acm_jax.pytree import PyTree
 
@@ -90,10 +91,56 @@ def apply_update(tx: optax.GradientTransformation, state: PyTree, grads: PyTree)
           "opt_state": opt_state, "step": state["step"] + 1}
 
 
+def record_state(task: Task, teacher_params: PyTree, batch: dict) -> PyTree:
+  """The dense teacher's sown "record" collection: each replaceable block's (input, output),
+  stacked on a leading layer axis under `blocks` when the model scans its blocks."""
+  _, state = task.dense_model.apply({"params": teacher_params}, task.inputs(batch), mutable=["record"])
+  return state["record"]
+
+
+def records_by_path(records: PyTree) -> dict[str, tuple]:
+  """{path: (x, y)} per ACM path of a `record_state` (unstacked)."""
+  return {key[: -len("/io")]: value for key, value in flatten(unstack_blocks(records)).items()}
+
+
 def teacher_records(task: Task, teacher_params: PyTree, batch: dict) -> dict[str, tuple]:
   """Input and output of every replaceable dense block, {path: (x, y)}."""
-  _, state = task.dense_model.apply({"params": teacher_params}, task.inputs(batch), mutable=["record"])
-  return {key[: -len("/io")]: value for key, value in flatten(unstack_blocks(state["record"])).items()}
+  return records_by_path(record_state(task, teacher_params, batch))
+
+
+_IN_BLOCK = re.compile(r"block_(\d+)/(.+)$")
+
+
+def _kinds_per_layer(task: Task) -> dict[str, ACMSpec] | None:
+  """{path inside a block: spec} when every ACM sits in an encoder block and every block has the
+  same ACMs (as a scanned model's must), else None."""
+  kinds, layers = {}, set()
+  for spec in task.acm_specs:
+    match = _IN_BLOCK.match(spec.path)
+    if match is None:
+      return None
+    layers.add(int(match.group(1)))
+    kinds.setdefault(match.group(2), spec)
+  return kinds if len(kinds) * len(layers) == len(task.acm_specs) else None
+
+
+def per_acm(task: Task, params: PyTree, records: PyTree, fn: Callable) -> jax.Array:
+  """fn(spec, learner params, x, y) -> array, for every ACM, stacked: (number of ACMs, ...).
+
+  A scanned model (params and records stacked on the layer axis) runs each kind of ACM (its
+  path inside a block) once, vmapped over the layers: 5 traced calls instead of 60 for a
+  ViT-B/16 with its attention projections ACMized, and matmuls batched over the 12 layers.
+  The order of the rows is then kind by kind, not `task.acm_specs`'; every caller reduces
+  over them."""
+  kinds = _kinds_per_layer(task) if is_stacked(params) and is_stacked(records) else None
+  if kinds is not None:
+    flat = flatten(records[STACKED])
+    return jnp.concatenate([
+        jax.vmap(lambda p, x, y, spec=spec: fn(spec, p, x, y))(learner_params(params[STACKED], kind),
+                                                                 *flat[f"{kind}/io"])
+        for kind, spec in kinds.items()])
+  params, by_path = unstack_blocks(params), records_by_path(records)
+  return jnp.stack([fn(spec, learner_params(params, spec.path), *by_path[spec.path]) for spec in task.acm_specs])
 
 
 def acm_choices(task: Task, acm_state: PyTree) -> list[jax.Array]:
@@ -135,18 +182,15 @@ def pretrain_step(task: Task, tx: optax.GradientTransformation, label_smoothing:
 def distill_step(task: Task, tx: optax.GradientTransformation, grad_mode: str,
                  teacher_params: PyTree, state: PyTree, batch: dict) -> tuple[PyTree, dict]:
   """Module-wise distillation of every ACM from the dense teacher's activations."""
-  records = teacher_records(task, teacher_params, batch)
+  records = record_state(task, teacher_params, batch)
   mask = real_tokens(task, batch)
 
+  def module_loss(spec, learners, x, y):
+    return losses.learner_distillation_loss(learners, x, y, mask, num_learners=spec.num_learners,
+                                            activation=spec.activation, grad_mode=grad_mode)
+
   def loss_fn(params):
-    params = unstack_blocks(params)
-    per_module = []
-    for spec in task.acm_specs:
-      x, y = records[spec.path]
-      prefix = acm_lib.prefix_outputs(learner_params(params, spec.path), x, num_learners=spec.num_learners,
-                                      activation=spec.activation, grad_mode=grad_mode)
-      per_module.append(losses.distillation_loss(prefix, y, mask))
-    return jnp.mean(jnp.stack(per_module))
+    return jnp.mean(per_acm(task, params, records, module_loss))
 
   loss, grads = jax.value_and_grad(loss_fn)(state["params"])
   return apply_update(tx, state, grads), {"loss": loss}
