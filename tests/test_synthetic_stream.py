@@ -1,5 +1,7 @@
 """The streamed generated sets: the same examples as the whole-set generator, exact resume, bounded chunks."""
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -76,9 +78,10 @@ GOLDEN_CHUNKS = [
 ]
 
 
+@pytest.mark.parametrize("kept_bytes", [0, synthetic.FINE_NOISE_KEPT_BYTES], ids=["fine-noise-drawn-twice", "kept"])
 @pytest.mark.parametrize("fields,digest", GOLDEN_CHUNKS)
-def test_block_compositing_keeps_the_generated_data_bit_for_bit(fields, digest):
-  import hashlib
+def test_block_compositing_keeps_the_generated_data_bit_for_bit(fields, digest, kept_bytes, monkeypatch):
+  monkeypatch.setattr(synthetic, "FINE_NOISE_KEPT_BYTES", kept_bytes)
   chunk = synthetic.generate_chunk(synthetic.SyntheticConfig(**fields), "train", 1)
   h = hashlib.sha256()
   for key in sorted(chunk):
@@ -108,3 +111,23 @@ def test_chunk_stream_keeps_only_the_arrays_asked_for():
   assert sorted(kept) == ["image", "label"]
   for key in kept:
     np.testing.assert_array_equal(kept[key], full[key])
+
+
+def test_kept_fine_noise_gives_the_chunks_of_the_two_pass_generator(monkeypatch):
+  rng = np.random.default_rng(0)
+  for _ in range(6):
+    config = synthetic.SyntheticConfig(
+        image_size=int(rng.integers(16, 41)), chunk_size=int(rng.integers(1, 3 * synthetic.BLOCK)),
+        task=str(rng.choice(synthetic.TASKS)), seed=int(rng.integers(100)),
+        distractor_probability=float(rng.uniform()))
+    n, size = config.chunk_size, config.image_size
+    drawn = synthetic._background_params(np.random.default_rng(1), n, size)
+    assert drawn["fine"] is not None and sum(len(b) for b in drawn["fine"]) == n  # the kept path is the one tested
+    kept = synthetic.generate_chunk(config, "test", 0)
+    monkeypatch.setattr(synthetic, "FINE_NOISE_KEPT_BYTES", n * size * size * 12 - 1)  # one byte short: two passes
+    assert synthetic._background_params(np.random.default_rng(1), n, size)["fine"] is None
+    twice = synthetic.generate_chunk(config, "test", 0)
+    monkeypatch.undo()
+    assert sorted(kept) == sorted(twice)
+    for key in twice:
+      np.testing.assert_array_equal(kept[key], twice[key], err_msg=f"{key} of {config}")
