@@ -1,4 +1,17 @@
-"""The streamed generated sets: the same examples as the whole-set generator, exact resume, bounded chunks."""
+"""The streamed generated sets: the same examples as the whole-set generator, exact resume, bounded chunks,
+worker processes that import no JAX and leave nothing behind."""
+
+import concurrent.futures
+import gc
+import hashlib
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,9 +89,10 @@ GOLDEN_CHUNKS = [
 ]
 
 
+@pytest.mark.parametrize("kept_bytes", [0, synthetic.FINE_NOISE_KEPT_BYTES], ids=["fine-noise-drawn-twice", "kept"])
 @pytest.mark.parametrize("fields,digest", GOLDEN_CHUNKS)
-def test_block_compositing_keeps_the_generated_data_bit_for_bit(fields, digest):
-  import hashlib
+def test_block_compositing_keeps_the_generated_data_bit_for_bit(fields, digest, kept_bytes, monkeypatch):
+  monkeypatch.setattr(synthetic, "FINE_NOISE_KEPT_BYTES", kept_bytes)
   chunk = synthetic.generate_chunk(synthetic.SyntheticConfig(**fields), "train", 1)
   h = hashlib.sha256()
   for key in sorted(chunk):
@@ -108,3 +122,163 @@ def test_chunk_stream_keeps_only_the_arrays_asked_for():
   assert sorted(kept) == ["image", "label"]
   for key in kept:
     np.testing.assert_array_equal(kept[key], full[key])
+
+
+def test_kept_fine_noise_gives_the_chunks_of_the_two_pass_generator(monkeypatch):
+  rng = np.random.default_rng(0)
+  for _ in range(6):
+    config = synthetic.SyntheticConfig(
+        image_size=int(rng.integers(16, 41)), chunk_size=int(rng.integers(1, 3 * synthetic.BLOCK)),
+        task=str(rng.choice(synthetic.TASKS)), seed=int(rng.integers(100)),
+        distractor_probability=float(rng.uniform()))
+    n, size = config.chunk_size, config.image_size
+    drawn = synthetic._background_params(np.random.default_rng(1), n, size)
+    assert drawn["fine"] is not None and sum(len(b) for b in drawn["fine"]) == n  # the kept path is the one tested
+    kept = synthetic.generate_chunk(config, "test", 0)
+    monkeypatch.setattr(synthetic, "FINE_NOISE_KEPT_BYTES", n * size * size * 12 - 1)  # one byte short: two passes
+    assert synthetic._background_params(np.random.default_rng(1), n, size)["fine"] is None
+    twice = synthetic.generate_chunk(config, "test", 0)
+    monkeypatch.undo()
+    assert sorted(kept) == sorted(twice)
+    for key in twice:
+      np.testing.assert_array_equal(kept[key], twice[key], err_msg=f"{key} of {config}")
+
+
+@pytest.mark.parametrize("cores,workers", [(1, 1), (2, 1), (16, 15), (200, synthetic_stream.MAX_WORKERS)])
+def test_default_workers_leave_a_core_to_the_consumer(cores, workers, monkeypatch):
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+  assert synthetic_stream.default_workers() == workers
+
+
+def in_worker(pool, expression):
+  """`expression` evaluated in a worker (eval, a builtin, pickles by name: this file stays unimported there)."""
+  return pool.submit(eval, expression).result()
+
+
+def test_workers_are_processes_that_import_no_jax_and_use_one_blas_thread():
+  assert "jax" in sys.modules  # the parent has it (conftest), so its absence below means something
+  stream = synthetic_stream.ChunkStream(CONFIG, "train", seed=0, shuffle=False, workers=2)
+  try:
+    assert isinstance(stream._pool, concurrent.futures.ProcessPoolExecutor)
+    pool = stream._pool
+    pids = {in_worker(pool, "__import__('os').getpid()") for _ in range(8)}
+    assert os.getpid() not in pids and len(pids) <= 2
+    assert not in_worker(pool, "'jax' in __import__('sys').modules")
+    assert in_worker(pool, "__import__('signal').getsignal(2) == __import__('signal').SIG_IGN")
+    if synthetic.threadpoolctl is not None:
+      blas = in_worker(pool, "[i['num_threads'] for i in __import__('threadpoolctl').threadpool_info() "
+                             "if i['user_api'] == 'blas']")
+      assert blas and all(n == 1 for n in blas)
+  finally:
+    stream.close()
+
+
+def children():
+  return {p.pid for p in multiprocessing.active_children()}
+
+
+@pytest.mark.parametrize("how", ["close", "garbage-collected"])
+def test_no_worker_outlives_the_stream(how):
+  before = children()
+  n = synthetic.split_size(CONFIG, "train")
+  batches = synthetic_stream.iterate(CONFIG, "train", data.batch_bounds(n, 16, 0, True, False), seed=0, shuffle=True,
+                                     with_masks=False, workers=2)
+  next(batches)
+  next(batches)
+  assert len(children() - before) == 2
+  if how == "close":
+    batches.close()
+  else:
+    del batches
+    gc.collect()
+  assert children() == before
+
+
+@pytest.mark.parametrize("run_as", ["path", "module"])  # python3 train_like.py, python3 -m train_like
+def test_workers_do_not_import_the_parents_main_module(tmp_path, run_as):
+  """spawn would run the main script again in each worker; a script that imports JAX shows whether it did."""
+  script = tmp_path / "train_like.py"
+  script.write_text(textwrap.dedent("""
+      import sys
+      import jax  # a training script's main module: the workers must not import it
+      from acm_jax.data import synthetic_stream
+      if __name__ == "__main__":
+        main, spec = sys.modules["__main__"], __spec__
+        pool = synthetic_stream.start_pool(1)
+        ran_main = "'synthetic_stream' in vars(__import__('sys').modules['__main__'])"  # a name this script defines
+        print(pool.submit(eval, f"('jax' in __import__('sys').modules, {ran_main})").result())
+        pool.shutdown()
+        print(sys.modules["__main__"] is main and __spec__ is spec and __file__.endswith("train_like.py"))
+  """))
+  root = str(Path(__file__).resolve().parents[1])
+  command = [sys.executable, str(script)] if run_as == "path" else [sys.executable, "-m", "train_like"]
+  out = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=root,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([root, str(tmp_path)]), "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.splitlines() == ["(False, False)", "True"], out.stdout
+
+
+def test_stream_falls_back_to_threads_where_processes_cannot_start(monkeypatch):
+  class NoProcesses(synthetic_stream._SpawnContext):
+    class Process(synthetic_stream._WorkerProcess):
+      @staticmethod
+      def _Popen(process_obj):
+        raise PermissionError("processes are not allowed here")
+
+  monkeypatch.setattr(synthetic_stream, "_SpawnContext", NoProcesses)
+  with pytest.warns(RuntimeWarning, match="threads"):
+    stream = synthetic_stream.ChunkStream(CONFIG, "train", seed=0, shuffle=False, workers=2)
+  try:
+    assert isinstance(stream._pool, concurrent.futures.ThreadPoolExecutor)
+    got, expect = stream.chunk(1), synthetic.generate_chunk(CONFIG, "train", 1)
+    for key in expect:
+      np.testing.assert_array_equal(got[key], expect[key])
+  finally:
+    stream.close()
+
+
+def running(pid):
+  """Whether `pid` is a live process (not gone, not a zombie waiting to be reaped)."""
+  try:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+@pytest.mark.parametrize("stop", ["ctrl-c", "parent-killed"])
+def test_workers_end_with_the_interrupted_or_killed_parent(tmp_path, stop):
+  script = tmp_path / "endless.py"
+  script.write_text(textwrap.dedent("""
+      import multiprocessing
+      from acm_jax import data
+      from acm_jax.data import synthetic, synthetic_stream
+      config = synthetic.SyntheticConfig(image_size=16, num_train=150, num_test=70, chunk_size=32)
+      bounds = data.batch_bounds(150, 16, 0, True, False)  # repeats forever
+      for step, _ in enumerate(synthetic_stream.iterate(config, "train", bounds, 0, True, False, workers=2)):
+        if step == 1:
+          print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+  """))
+  root = str(Path(__file__).resolve().parents[1])
+  child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           cwd=root, env={**os.environ, "PYTHONPATH": root}, start_new_session=True)
+  try:
+    workers = [int(pid) for pid in child.stdout.readline().split()]
+    assert len(workers) == 2 and all(running(pid) for pid in workers)
+    if stop == "ctrl-c":
+      os.killpg(child.pid, signal.SIGINT)  # what a terminal does: the whole process group
+    else:
+      os.kill(child.pid, signal.SIGKILL)  # the parent alone, with no chance to stop its pool
+    child.wait(timeout=60)
+  finally:
+    if child.poll() is None:
+      os.killpg(child.pid, signal.SIGKILL)
+  if stop == "ctrl-c":
+    assert "KeyboardInterrupt" in child.stderr.read()
+  deadline = time.monotonic() + 10
+  while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  left = [pid for pid in workers if running(pid)]
+  for pid in left:
+    os.kill(pid, signal.SIGKILL)
+  assert not left

@@ -37,6 +37,7 @@ import hashlib
 import os
 import tempfile
 import threading
+from typing import Iterator
 
 import numpy as np
 
@@ -51,6 +52,9 @@ SHAPES = ("circle", "square", "triangle", "cross", "ring")
 COLOUR_FAMILIES = {"warm": (-0.04, 0.12), "cool": (0.50, 0.68), "green": (0.24, 0.40), "purple": (0.76, 0.90)}
 CHUNK = 1000  # examples generated from one child seed by default (the data depends on the chunk size)
 BLOCK = 32  # images composited at once within a chunk (the data do not depend on it)
+# a chunk's fine background noise up to this size is kept from its first draw (a stream chunk of 64 images at
+# 224 px: 38.5 MB); larger chunks draw it twice rather than hold it (1,000 images at 224 px: 600 MB)
+FINE_NOISE_KEPT_BYTES = 64 * 2**20
 SPLIT_INDEX = {"train": 0, "test": 1}
 # set ACM_JAX_CACHE to a folder to cache generated sets there as .npz, or to "" to keep them in memory only
 CACHE_DIR = os.environ.get("ACM_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "acm_jax"))
@@ -144,11 +148,11 @@ def _upsampler(cells: int, size: int) -> np.ndarray:
 
 def _background_params(rng: np.random.Generator, n: int, size: int) -> dict:
   """The background draws of n images, in the generator's order: dull random colours, linear
-  gradients, a coarse noise grid (blobs a few patches wide) and the state from which the fine noise
-  is drawn. The fine noise itself, (n, size, size, 3) float32, is drawn block by block only to move
-  `rng` past it, and drawn again from that state when the images are composited
-  (`_background_block`): the same numbers, without holding the whole chunk's noise (600 MB for a
-  chunk of 1,000 images at 224 px)."""
+  gradients, a coarse noise grid (blobs a few patches wide) and the fine noise, (n, size, size, 3)
+  float32, drawn block by block. Up to FINE_NOISE_KEPT_BYTES the fine noise is kept ("fine": one
+  array per BLOCK of images); above, it is drawn only to move `rng` past it and drawn again from the
+  saved "fine_state" when the images are composited (`_fine_noise_blocks`): the same numbers, without
+  holding the whole chunk's noise."""
   f32 = np.float32
   base = _hsv_to_rgb(rng.uniform(0, 1, n).astype(f32), rng.uniform(0.0, 0.35, n).astype(f32),
                      rng.uniform(0.2, 0.8, n).astype(f32))
@@ -158,15 +162,31 @@ def _background_params(rng: np.random.Generator, n: int, size: int) -> dict:
   up = _upsampler(-(-size // 8) + 1, size)
   coarse = rng.standard_normal((n, 3, up.shape[1], up.shape[1]), dtype=f32) * amplitude[0, :, None, None, None]
   fine_state = copy.deepcopy(rng.bit_generator.state)
+  keep = n * size * size * 3 * np.dtype(f32).itemsize <= FINE_NOISE_KEPT_BYTES
+  fine = []
   for start in range(0, n, BLOCK):
-    rng.standard_normal((min(BLOCK, n - start), size, size, 3), dtype=f32)
+    block = rng.standard_normal((min(BLOCK, n - start), size, size, 3), dtype=f32)
+    if keep:
+      fine.append(block)
   return {"base": base, "angle": angle, "slope": slope, "fine_amplitude": amplitude[1], "up": up, "coarse": coarse,
-          "fine_state": fine_state}
+          "fine": fine if keep else None, "fine_state": fine_state}
 
 
-def _background_block(params: dict, block: slice, fine: np.random.Generator, size: int) -> np.ndarray:
+def _fine_noise_blocks(params: dict, n: int, size: int) -> Iterator[np.ndarray]:
+  """The fine noise of each BLOCK of the n images, in order: the kept arrays, or the same numbers
+  drawn again from the saved generator state."""
+  if params["fine"] is not None:
+    yield from params["fine"]
+    return
+  fine = np.random.default_rng()
+  fine.bit_generator.state = params["fine_state"]
+  for start in range(0, n, BLOCK):
+    yield fine.standard_normal((min(BLOCK, n - start), size, size, 3), dtype=np.float32)
+
+
+def _background_block(params: dict, block: slice, fine_noise: np.ndarray, size: int) -> np.ndarray:
   """Images `block` of the backgrounds (count, size, size, 3): gradient + base colour + smooth and fine
-  low-contrast noise. `fine` continues the fine-noise draws where the previous block stopped."""
+  low-contrast noise. `fine_noise` is the block's (count, size, size, 3), scaled here in place."""
   f32 = np.float32
   coords = np.linspace(-1, 1, size, dtype=f32)
   angle, slope = params["angle"][block], params["slope"][block]
@@ -174,8 +194,7 @@ def _background_block(params: dict, block: slice, fine: np.random.Generator, siz
           + (slope * np.sin(angle))[:, None, None] * coords[None, :, None])
   up = params["up"]
   noise = (up @ params["coarse"][block] @ up.T).transpose(0, 2, 3, 1)  # channels first for the matmuls
-  noise += (fine.standard_normal((len(angle), size, size, 3), dtype=f32)
-            * params["fine_amplitude"][block, None, None, None])
+  noise += np.multiply(fine_noise, params["fine_amplitude"][block, None, None, None], out=fine_noise)
   noise += (ramp[..., None] + params["base"][block, None, None, :])
   return noise
 
@@ -229,13 +248,12 @@ def _generate_chunk(config: SyntheticConfig, seed_sequence: np.random.SeedSequen
     rows = np.arange(size) % config.glyph_size  # tiled from the top-left corner: aligned with a g-pixel ViT's patches
     label = glyph % config.num_classes
 
-  fine = np.random.Generator(type(rng.bit_generator)())
-  fine.bit_generator.state = background["fine_state"]
+  fine_noise = _fine_noise_blocks(background, n, size)
   out = {"image": np.empty((n, size, size, 3), np.uint8), "label": label.astype(np.int32),
          "object_mask": np.empty((n, size, size), bool), "distractor_mask": np.empty((n, size, size), bool)}
   for start in range(0, n, BLOCK):
     block = slice(start, min(start + BLOCK, n))
-    images = _background_block(background, block, fine, size)
+    images = _background_block(background, block, next(fine_noise), size)
     d_mask = shape_masks(distractor_shape[block], *(a[block] for a in distractor_place), size)
     d_mask &= distract[block, None, None]
     images = np.where(d_mask[..., None], grey[block, None, None, None], images)
