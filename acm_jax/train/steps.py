@@ -124,23 +124,28 @@ def _kinds_per_layer(task: Task) -> dict[str, ACMSpec] | None:
   return kinds if len(kinds) * len(layers) == len(task.acm_specs) else None
 
 
-def per_acm(task: Task, params: PyTree, records: PyTree, fn: Callable) -> jax.Array:
-  """fn(spec, learner params, x, y) -> array, for every ACM, stacked: (number of ACMs, ...).
+def per_acm(task: Task, params: PyTree, records: PyTree, fn: Callable, extra: jax.Array | None = None) -> jax.Array:
+  """fn(spec, the ACM's params (learners and gate), x, y[, its row of extra]) -> array, for every
+  ACM, stacked: (number of ACMs, ...). `extra`: an array with one row per ACM in this function's
+  order (e.g. an earlier call's result), handed to fn row by row.
 
   A scanned model (params and records stacked on the layer axis) runs each kind of ACM (its
   path inside a block) once, vmapped over the layers: 5 traced calls instead of 60 for a
   ViT-B/16 with its attention projections ACMized, and matmuls batched over the 12 layers.
-  The order of the rows is then kind by kind, not `task.acm_specs`'; every caller reduces
-  over them."""
+  The order of the rows is then kind by kind, not `task.acm_specs`'; callers reduce over them
+  or pass them back as `extra`."""
+  rows = (lambda start, count: ()) if extra is None else (lambda start, count: (extra[start:start + count],))
   kinds = _kinds_per_layer(task) if is_stacked(params) and is_stacked(records) else None
   if kinds is not None:
-    flat = flatten(records[STACKED])
-    return jnp.concatenate([
-        jax.vmap(lambda p, x, y, spec=spec: fn(spec, p, x, y))(learner_params(params[STACKED], kind),
-                                                                 *flat[f"{kind}/io"])
-        for kind, spec in kinds.items()])
+    flat, out = flatten(records[STACKED]), []
+    layers = len(task.acm_specs) // len(kinds)
+    for i, (kind, spec) in enumerate(kinds.items()):
+      one = lambda p, x, y, *more, spec=spec: fn(spec, p, x, y, *more)
+      out.append(jax.vmap(one)(subtree(params[STACKED], kind), *flat[f"{kind}/io"], *rows(i * layers, layers)))
+    return jnp.concatenate(out)
   params, by_path = unstack_blocks(params), records_by_path(records)
-  return jnp.stack([fn(spec, learner_params(params, spec.path), *by_path[spec.path]) for spec in task.acm_specs])
+  return jnp.stack([fn(spec, subtree(params, spec.path), *by_path[spec.path], *(r[0] for r in rows(i, 1)))
+                    for i, spec in enumerate(task.acm_specs)])
 
 
 def acm_choices(task: Task, acm_state: PyTree) -> list[jax.Array]:
@@ -152,8 +157,12 @@ def acm_choices(task: Task, acm_state: PyTree) -> list[jax.Array]:
 def learner_params(params: PyTree, path: str) -> dict[str, jax.Array]:
   """The learners of the ACM at `path` (e.g. "block_3/mlp"); params of a scanned model
   must be unstacked first (`transformer.unstack_blocks`, once per step)."""
-  sub = subtree(params, path)
-  return {name: sub[name] for name in ("w1", "b1", "w2", "b2") if name in sub}
+  return learners_of(subtree(params, path))
+
+
+def learners_of(acm_params: PyTree) -> dict[str, jax.Array]:
+  """The learner weights (w1, b1, w2, b2) of one ACM's parameter subtree, without its gate."""
+  return {name: acm_params[name] for name in ("w1", "b1", "w2", "b2") if name in acm_params}
 
 
 def gate_logits(spec: ACMSpec, params: PyTree, x: jax.Array, budget: float | jax.Array | None = None) -> jax.Array:
@@ -185,8 +194,8 @@ def distill_step(task: Task, tx: optax.GradientTransformation, grad_mode: str,
   records = record_state(task, teacher_params, batch)
   mask = real_tokens(task, batch)
 
-  def module_loss(spec, learners, x, y):
-    return losses.learner_distillation_loss(learners, x, y, mask, num_learners=spec.num_learners,
+  def module_loss(spec, acm, x, y):
+    return losses.learner_distillation_loss(learners_of(acm), x, y, mask, num_learners=spec.num_learners,
                                             activation=spec.activation, grad_mode=grad_mode)
 
   def loss_fn(params):
@@ -199,29 +208,26 @@ def distill_step(task: Task, tx: optax.GradientTransformation, grad_mode: str,
 def gate_step(task: Task, tx: optax.GradientTransformation, factor: float, label_rule: str,
               teacher_params: PyTree, state: PyTree, batch: dict) -> tuple[PyTree, dict]:
   """Gates learn the artificial labels computed with the frozen learners."""
-  records = teacher_records(task, teacher_params, batch)
+  records = record_state(task, teacher_params, batch)
   mask = real_tokens(task, batch)
-  frozen = unstack_blocks(jax.lax.stop_gradient(state["params"]))
-  targets = {}
-  for spec in task.acm_specs:
-    x, y = records[spec.path]
-    prefix = acm_lib.prefix_outputs(learner_params(frozen, spec.path), x, num_learners=spec.num_learners,
-                                    activation=spec.activation)
-    labels = losses.gate_labels(losses.choice_errors(prefix, y), factor, label_rule)
-    targets[spec.path] = jnp.maximum(labels, spec.min_choice)
+
+  def labels(spec, acm, x, y):
+    prefix = acm_lib.prefix_outputs(learners_of(acm), x, num_learners=spec.num_learners, activation=spec.activation)
+    return jnp.maximum(losses.gate_labels(losses.choice_errors(prefix, y), factor, label_rule), spec.min_choice)
+
+  targets = per_acm(task, jax.lax.stop_gradient(state["params"]), records, labels)  # (ACMs, batch, tokens)
 
   def loss_fn(params):
-    params = unstack_blocks(params)
-    per_module, accuracy = [], []
-    for spec in task.acm_specs:
-      logits = gate_logits(spec, params, records[spec.path][0])
-      per_module.append(losses.gate_loss(logits, targets[spec.path], mask))
-      hit = (jnp.argmax(logits, -1) == targets[spec.path]).astype(jnp.float32)
-      accuracy.append(losses.token_mean(hit, mask, (0, 1)))
-    return jnp.mean(jnp.stack(per_module)), jnp.mean(jnp.stack(accuracy))
+    def loss_and_hits(spec, acm, x, y, target):
+      logits = apply_gate(spec, acm["gate"], x)
+      hit = (jnp.argmax(logits, -1) == target).astype(jnp.float32)
+      return jnp.stack([losses.gate_loss(logits, target, mask), losses.token_mean(hit, mask, (0, 1))])
+
+    per_module = per_acm(task, params, records, loss_and_hits, targets)
+    return jnp.mean(per_module[:, 0]), jnp.mean(per_module[:, 1])
 
   (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-  mean_label = jnp.mean(jnp.stack([jnp.mean(t) for t in targets.values()]))
+  mean_label = jnp.mean(targets.astype(jnp.float32))  # every ACM labels the same number of tokens
   return apply_update(tx, state, grads), {"loss": loss, "label_accuracy": accuracy, "mean_label": mean_label}
 
 
