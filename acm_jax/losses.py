@@ -38,8 +38,9 @@ def distillation_loss(prefix: jax.Array, target: jax.Array, mask: jax.Array | No
 
 def learner_distillation_loss(params: dict, x: jax.Array, target: jax.Array, mask: jax.Array | None = None, *,
                               num_learners: int, activation: str = "gelu", grad_mode: str = "detach") -> jax.Array:
-  """`distillation_loss(acm.prefix_outputs(params, x, ...), target, mask)` with the same value and
-  gradients, computed with the choice axis leading: x (..., dim) -> scalar.
+  """`distillation_loss(acm.prefix_outputs(params, x, ...), target, mask)` computed with the choice
+  axis leading: x (..., dim) -> scalar. Equal in float32; with bfloat16 x each learner's output is
+  rounded to bfloat16 (as the ACM's learners output it) before the float32 running sums.
 
   The learners' outputs come out of one batched matmul as (N, ..., dim), so the running sum
   over learners, the per-choice bias and the squared error are elementwise over N slices that
@@ -48,11 +49,13 @@ def learner_distillation_loss(params: dict, x: jax.Array, target: jax.Array, mas
   distillation step holds 60 such ACMs). Choice 0, which the loss skips, is never formed."""
   if grad_mode not in acm_lib.GRAD_MODES:
     raise ValueError(f"unknown grad_mode {grad_mode!r}; expected one of {acm_lib.GRAD_MODES}")
-  params = acm_lib.in_input_dtype(params, x)  # matmuls in x's dtype, float32 accumulation and error
+  params = acm_lib.in_input_dtype(params, x)  # matmuls in x's dtype, the running sums and errors in float32
   hidden = acm_lib.get_activation(activation)(x @ params["w1"] + params["b1"])
   hidden = jnp.reshape(hidden, hidden.shape[:-1] + (num_learners, -1))
   w2 = jnp.reshape(params["w2"], (num_learners, -1, params["w2"].shape[-1]))
-  outs = jnp.einsum("...nh,nhd->n...d", hidden, w2, preferred_element_type=jnp.float32)  # (N, ..., dim)
+  # (N, ..., dim) in x's dtype, as the ACM's learners output them: half the bytes of float32 for the
+  # largest arrays of the distillation step (4 x tokens x dim per ACM, written once each way)
+  outs = jnp.einsum("...nh,nhd->n...d", hidden, w2).astype(jnp.float32)
   cum = jnp.cumsum(outs, axis=0)
   if grad_mode == "detach":  # the gradient of choice k reaches learner k only
     cum = outs + jax.lax.stop_gradient(cum - outs)
