@@ -34,6 +34,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 import tempfile
 import threading
@@ -51,7 +52,7 @@ SHAPES = ("circle", "square", "triangle", "cross", "ring")
 # hue intervals (fractions of the colour wheel); the first two are far apart on the wheel
 COLOUR_FAMILIES = {"warm": (-0.04, 0.12), "cool": (0.50, 0.68), "green": (0.24, 0.40), "purple": (0.76, 0.90)}
 CHUNK = 1000  # examples generated from one child seed by default (the data depends on the chunk size)
-BLOCK = 32  # images composited at once within a chunk (the data do not depend on it)
+BLOCK = 32  # images whose noise is drawn, or drawn again, at once within a chunk (the data do not depend on it)
 # a chunk's fine background noise up to this size is kept from its first draw (a stream chunk of 64 images at
 # 224 px: 38.5 MB); larger chunks draw it twice rather than hold it (1,000 images at 224 px: 600 MB)
 FINE_NOISE_KEPT_BYTES = 64 * 2**20
@@ -111,29 +112,41 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
   return v[..., None] - v[..., None] * s[..., None] * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
-_SHAPE_TESTS = (  # (u, w): pixel coordinates in the object's rotated frame in units of its radius; r = |(u, w)|
-    lambda u, w, r: r <= 1.0,                                                               # circle
-    lambda u, w, r: np.maximum(np.abs(u), np.abs(w)) <= 0.85,                               # square
-    lambda u, w, r: (w <= 0.7) & (w >= -1.0) & (np.abs(u) <= (w + 1.0) * 0.6),              # triangle
-    lambda u, w, r: (np.minimum(np.abs(u), np.abs(w)) <= 0.33) & (np.maximum(np.abs(u), np.abs(w)) <= 1.0),  # cross
-    lambda u, w, r: (r <= 1.0) & (r >= 0.5),                                                # ring
+def _ring(u: np.ndarray, w: np.ndarray) -> np.ndarray:
+  r = np.hypot(u, w)
+  return (r <= 1.0) & (r >= 0.5)
+
+
+# (u, w): pixel coordinates in the object's rotated frame in units of its radius; |(u, w)| only where needed
+# (hypot is the costliest operation of a mask)
+_SHAPE_TESTS = (
+    lambda u, w: np.hypot(u, w) <= 1.0,                                                     # circle
+    lambda u, w: np.maximum(np.abs(u), np.abs(w)) <= 0.85,                                  # square
+    lambda u, w: (w <= 0.7) & (w >= -1.0) & (np.abs(u) <= (w + 1.0) * 0.6),                 # triangle
+    lambda u, w: (np.minimum(np.abs(u), np.abs(w)) <= 0.33) & (np.maximum(np.abs(u), np.abs(w)) <= 1.0),  # cross
+    _ring,                                                                                  # ring
 )
+# no shape reaches further from its centre than this many radii (the triangle's corners: |(1.02, 0.7)| = 1.237)
+SHAPE_REACH = 1.25
 
 
-def shape_masks(shape: np.ndarray, cx: np.ndarray, cy: np.ndarray, radius: np.ndarray, angle: np.ndarray,
-                size: int) -> np.ndarray:
-  """(n,) shape ids, centres, radii (pixels) and angles -> (n, size, size) boolean masks."""
-  coords = np.arange(size, dtype=np.float32) + 0.5
-  cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
-  dx = coords[None, None, :] - cx[:, None, None]
-  dy = coords[None, :, None] - cy[:, None, None]
-  u = (cos * dx + sin * dy) / radius[:, None, None]
-  w = (cos * dy - sin * dx) / radius[:, None, None]
-  masks = np.empty(u.shape, bool)
-  for i, test in enumerate(_SHAPE_TESTS):
-    sel = shape == i
-    masks[sel] = test(u[sel], w[sel], np.hypot(u[sel], w[sel]))
-  return masks
+def shape_mask(shape: int, cx: np.float32, cy: np.float32, radius: np.float32, cos: np.float32, sin: np.float32,
+               size: int) -> tuple[tuple[slice, slice], np.ndarray]:
+  """Shape id `shape` in a size x size image (centre and radius in pixels, float32 like the rotation's
+  cos and sin) -> its box, the rows and columns that can hold its pixels, and its (rows, cols) boolean
+  mask over the box; the shape has no pixel outside it. Pixel x has its centre at x + 0.5: those left
+  out lie more than SHAPE_REACH * radius + 0.5 pixels from the centre, a margin far above the float32
+  rounding of the rotated coordinates. Each pixel's test is the float32 arithmetic of the whole-image
+  masks before, so the box changes no bit."""
+  reach = SHAPE_REACH * float(radius) + 1.0
+  ends = [(max(0, math.floor(float(c) - reach)), min(size, math.ceil(float(c) + reach))) for c in (cy, cx)]
+  box = tuple(slice(start, max(start, stop)) for start, stop in ends)  # empty, not negative, off the image
+  rows, cols = (np.arange(b.start, b.stop, dtype=np.float32) + 0.5 for b in box)  # pixel centres
+  dx = cols - cx
+  dy = (rows - cy)[:, None]
+  u = (cos * dx + sin * dy) / radius
+  w = (cos * dy - sin * dx) / radius
+  return box, _SHAPE_TESTS[shape](u, w)
 
 
 def _upsampler(cells: int, size: int) -> np.ndarray:
@@ -169,7 +182,7 @@ def _background_params(rng: np.random.Generator, n: int, size: int) -> dict:
     if keep:
       fine.append(block)
   return {"base": base, "angle": angle, "slope": slope, "fine_amplitude": amplitude[1], "up": up, "coarse": coarse,
-          "fine": fine if keep else None, "fine_state": fine_state}
+          "fine": fine if keep else None, "fine_state": fine_state, "coords": np.linspace(-1, 1, size, dtype=f32)}
 
 
 def _fine_noise_blocks(params: dict, n: int, size: int) -> Iterator[np.ndarray]:
@@ -184,19 +197,23 @@ def _fine_noise_blocks(params: dict, n: int, size: int) -> Iterator[np.ndarray]:
     yield fine.standard_normal((min(BLOCK, n - start), size, size, 3), dtype=np.float32)
 
 
-def _background_block(params: dict, block: slice, fine_noise: np.ndarray, size: int) -> np.ndarray:
-  """Images `block` of the backgrounds (count, size, size, 3): gradient + base colour + smooth and fine
-  low-contrast noise. `fine_noise` is the block's (count, size, size, 3), scaled here in place."""
-  f32 = np.float32
-  coords = np.linspace(-1, 1, size, dtype=f32)
+def _gradients(params: dict, block: slice) -> tuple[np.ndarray, np.ndarray]:
+  """The horizontal and vertical slopes of the linear gradients of images `block`, (count,) each."""
   angle, slope = params["angle"][block], params["slope"][block]
-  ramp = ((slope * np.cos(angle))[:, None, None] * coords[None, None, :]
-          + (slope * np.sin(angle))[:, None, None] * coords[None, :, None])
-  up = params["up"]
-  noise = (up @ params["coarse"][block] @ up.T).transpose(0, 2, 3, 1)  # channels first for the matmuls
-  noise += np.multiply(fine_noise, params["fine_amplitude"][block, None, None, None], out=fine_noise)
-  noise += (ramp[..., None] + params["base"][block, None, None, :])
-  return noise
+  return slope * np.cos(angle), slope * np.sin(angle)
+
+
+def _paint_background(canvas: np.ndarray, scratch: np.ndarray, params: dict, index: int, gradient: tuple,
+                      fine_noise: np.ndarray) -> None:
+  """Image `index`'s background into canvas (3, size, size), channels first as the upsampling matmuls give
+  it: (smooth noise + fine noise) + (gradient + base colour). gradient: the image's two slopes
+  (`_gradients`); fine_noise (size, size, 3); scratch: a second (3, size, size) float32 buffer. Each
+  image on its own, so that its few float buffers stay in the cache."""
+  up, coords = params["up"], params["coords"]
+  np.matmul(up @ params["coarse"][index], up.T, out=canvas)
+  canvas += np.multiply(fine_noise.transpose(2, 0, 1), params["fine_amplitude"][index], out=scratch)
+  ramp = gradient[0] * coords + (gradient[1] * coords)[:, None]
+  canvas += np.add(ramp, params["base"][index, :, None, None], out=scratch)
 
 
 def _place(rng: np.random.Generator, n: int, size: int, scale: tuple[float, float]):
@@ -218,8 +235,10 @@ def glyph_bank(config: SyntheticConfig) -> np.ndarray:
 
 def _generate_chunk(config: SyntheticConfig, seed_sequence: np.random.SeedSequence, n: int) -> dict[str, np.ndarray]:
   """n examples from one seed. Every random draw is made for the whole chunk, in a fixed order (the
-  data depend on it); the images are then composited BLOCK at a time into the uint8 output, which
-  keeps the float32 intermediates to a few MB whatever the chunk and image size."""
+  data depend on it); the images are then composited one at a time into the uint8 output, channels
+  first in two float32 buffers of one image that stay in the cache, each shape's mask computed over its
+  box only. Each element sees the float operations of the generator before (whole blocks of images at
+  a time; frozen in tests/test_synthetic.py) in the same order on the same dtypes: the same bits."""
   rng = np.random.default_rng(seed_sequence)
   size, f32 = config.image_size, np.float32
   background = _background_params(rng, n, size)
@@ -244,30 +263,40 @@ def _generate_chunk(config: SyntheticConfig, seed_sequence: np.random.SeedSequen
     glyph = rng.integers(0, config.num_glyphs, n)
     colour = _hsv_to_rgb(rng.uniform(0, 1, n).astype(f32), rng.uniform(0.3, 0.6, n).astype(f32),
                          rng.uniform(0.5, 0.7, n).astype(f32))
-    bank = glyph_bank(config)
+    # each object's fill, colour + contrast x glyph, over one glyph cell (n, 3, g, g), channels first
+    tiles = colour[:, :, None, None] + config.glyph_contrast * glyph_bank(config)[glyph][:, None]
     rows = np.arange(size) % config.glyph_size  # tiled from the top-left corner: aligned with a g-pixel ViT's patches
     label = glyph % config.num_classes
 
   fine_noise = _fine_noise_blocks(background, n, size)
   out = {"image": np.empty((n, size, size, 3), np.uint8), "label": label.astype(np.int32),
-         "object_mask": np.empty((n, size, size), bool), "distractor_mask": np.empty((n, size, size), bool)}
+         "object_mask": np.zeros((n, size, size), bool), "distractor_mask": np.zeros((n, size, size), bool)}
+  canvas, scratch = np.empty((2, 3, size, size), f32)  # one image, channels first
   for start in range(0, n, BLOCK):
     block = slice(start, min(start + BLOCK, n))
-    images = _background_block(background, block, next(fine_noise), size)
-    d_mask = shape_masks(distractor_shape[block], *(a[block] for a in distractor_place), size)
-    d_mask &= distract[block, None, None]
-    images = np.where(d_mask[..., None], grey[block, None, None, None], images)
-    mask = shape_masks(shape[block], *(a[block] for a in place), size)
+    gradients = _gradients(background, block)
+    fine = next(fine_noise)
+    d_rotation, rotation = ((np.cos(p[3][block]), np.sin(p[3][block])) for p in (distractor_place, place))
     if config.task == "shapes":  # the shading noise is the chunk's last draw: drawn block by block, in order
-      shade = 1.0 + 0.05 * rng.standard_normal((len(grey[block]), size, size, 1), dtype=f32)
-      fill = colour[block, None, None, :] * shade
-    else:
-      texture = bank[glyph[block]][:, rows][:, :, rows]
-      fill = colour[block, None, None, :] + config.glyph_contrast * texture[..., None]
-    images = np.where(mask[..., None], fill, images)
-    out["image"][block] = np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
-    out["object_mask"][block] = mask
-    out["distractor_mask"][block] = d_mask & ~mask
+      shade_noise = rng.standard_normal((block.stop - start, size, size, 1), dtype=f32)
+    for j, i in enumerate(range(start, block.stop)):
+      _paint_background(canvas, scratch, background, i, (gradients[0][j], gradients[1][j]), fine[j])
+      if distract[i]:
+        d_box, d_mask = shape_mask(distractor_shape[i], *(p[i] for p in distractor_place[:3]),
+                                   *(r[j] for r in d_rotation), size)
+        np.copyto(canvas[:, d_box[0], d_box[1]], grey[i], where=d_mask)
+      box, mask = shape_mask(shape[i], *(p[i] for p in place[:3]), *(r[j] for r in rotation), size)
+      if config.task == "shapes":
+        fill = colour[i, :, None, None] * (1.0 + 0.05 * shade_noise[j, box[0], box[1], 0])
+      else:
+        fill = tiles[i][:, rows[box[0]]][:, :, rows[box[1]]]
+      np.copyto(canvas[:, box[0], box[1]], fill, where=mask)
+      out["object_mask"][i][box] = mask
+      if distract[i]:
+        out["distractor_mask"][i][d_box] = d_mask & ~out["object_mask"][i][d_box]
+      np.clip(canvas, 0.0, 1.0, out=canvas)
+      np.multiply(canvas, 255.0, out=canvas)
+      np.rint(canvas, out=out["image"][i].transpose(2, 0, 1), casting="unsafe")  # np.round's rounding
   return out
 
 
