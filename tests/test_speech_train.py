@@ -70,6 +70,7 @@ def test_sigterm_in_every_phase_resumes_exactly(tmp_path, monkeypatch, capsys):
   rng = np.random.default_rng()
   stops = {}
   clean = speech_data.SpeechData.iterator
+  monkeypatch.setattr(loop, "PREFETCH_DEPTH", 0)  # batch `at` made while step `at` is prepared: exact stops
   for run, n in steps.items():  # each restart finishes the phase stopped before, then stops the next
     at = int(rng.integers(0, n - 1))  # the signal lands while step `at` is being prepared
     monkeypatch.setattr(speech_data.SpeechData, "iterator", signal_at(at, signal.SIGTERM, original=clean))

@@ -37,6 +37,11 @@ from tqdm.auto import tqdm
 from acm_jax import transformer
 from acm_jax.acmize import flatten
 from acm_jax.pytree import PyTree
+from acm_jax.train.prefetch import Prefetch
+
+# Batches the loop's background thread prepares ahead of the step (`acm_jax.train.prefetch`); 0: none,
+# each batch is made when its step asks for it.
+PREFETCH_DEPTH = 2
 
 StepFn = Callable[[PyTree, dict], tuple[PyTree, dict]]
 
@@ -359,7 +364,7 @@ def run(*, name: str, run_dir: str | Path, state: PyTree, step_fn: StepFn,
   run_dir.mkdir(parents=True, exist_ok=True)
   if config_json is not None and is_main_process():
     (run_dir / "config.json").write_text(config_json)
-  with stop_signals(), _deferred_stop():
+  with stop_signals(), _deferred_stop(), contextlib.ExitStack() as stack:
     latest = _newest_complete_step(run_dir, name)
     options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
     with ocp.CheckpointManager(run_dir / "checkpoints", options=options) as manager:
@@ -374,6 +379,8 @@ def run(*, name: str, run_dir: str | Path, state: PyTree, step_fn: StepFn,
         return state
       writer = MetricWriter(run_dir, resume_step=start)
       data = batches(start)
+      if PREFETCH_DEPTH > 0:  # host batches assembled ahead, in a thread
+        data = stack.enter_context(Prefetch(data, PREFETCH_DEPTH))
       bar = tqdm(total=num_steps, desc=name, initial=start, disable=not is_main_process(), dynamic_ncols=True)
       pending, tic, saved = [], time.time(), latest
       for step in range(start, num_steps + 1):
