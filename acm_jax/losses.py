@@ -62,12 +62,8 @@ def learner_distillation_loss(params: dict, x: jax.Array, target: jax.Array, mas
   bias = acm_lib.choice_bias(params, num_learners)[1:].astype(jnp.float32)
   error = (cum + jnp.reshape(bias, (num_learners,) + (1,) * (x.ndim - 1) + bias.shape[-1:])
            - target[None].astype(jnp.float32))
-  squared = jnp.square(error)
-  if mask is None:
-    return jnp.mean(squared)
-  weight = jnp.broadcast_to(jnp.reshape(mask.astype(squared.dtype), (1,) + mask.shape + (1,) * (x.ndim - mask.ndim)),
-                            squared.shape)
-  return jnp.sum(squared * weight) / jnp.maximum(jnp.sum(weight), 1e-9)
+  per_token = jnp.sum(jnp.square(error), axis=(0, -1)) / (num_learners * error.shape[-1])
+  return token_mean(per_token, mask, tuple(range(per_token.ndim)))
 
 
 def choice_errors(prefix: jax.Array, target: jax.Array) -> jax.Array:

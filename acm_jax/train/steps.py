@@ -165,13 +165,9 @@ def learners_of(acm_params: PyTree) -> dict[str, jax.Array]:
   return {name: acm_params[name] for name in ("w1", "b1", "w2", "b2") if name in acm_params}
 
 
-def gate_logits(spec: ACMSpec, params: PyTree, x: jax.Array, budget: float | jax.Array | None = None) -> jax.Array:
-  """The masked gate logits of one ACM; `budget` for a budget-conditioned gate (see `acm.Gate`)."""
-  return apply_gate(spec, subtree(params, spec.path)["gate"], x, budget)
-
-
 def apply_gate(spec: ACMSpec, gate_params: PyTree, x: jax.Array, budget: float | jax.Array | None = None) -> jax.Array:
-  """`gate_logits` from the gate's own params (e.g. one layer's, inside a scanned stack of blocks)."""
+  """The masked float32 gate logits of one ACM from its gate's params (e.g. one layer's, inside a
+  scanned stack of blocks); `budget` for a budget-conditioned gate (see `acm.Gate`)."""
   gate = acm_lib.Gate(spec.num_learners + 1, spec.gate_depth, spec.gate_hidden, budget is not None)
   logits = gate.apply({"params": gate_params}, x, budget).astype(jnp.float32)
   return acm_lib.mask_choices(logits, spec.min_choice)
