@@ -76,24 +76,42 @@ def signal_at(batch_index: int, signum: int, start_step: int = 0, nth: int = 0, 
 
 
 def test_sigterm_in_every_phase_resumes_exactly(tmp_path, monkeypatch, capsys):
+  # batches made when their step asks for them, so that the signal at batch `at` lands in step `at` of
+  # the phase under test (with the prefetch thread a phase may stop at step 0, and the next restart's
+  # resumed iterator of that phase would then take the signal meant for the next phase)
+  monkeypatch.setattr(loop, "PREFETCH_DEPTH", 0)
   assert run_main(tmp_path / "straight", "--phase=all") == 0
   rng = np.random.default_rng()
   stops = {}
   for run, steps in RUNS.items():  # each restart finishes the phase stopped before, then stops the next
-    at = int(rng.integers(0, steps - 1))  # the signal lands while batch `at` is being prepared
+    at = int(rng.integers(0, steps - 1))  # the signal lands while step `at` is being prepared
     monkeypatch.setattr(data_lib, "make_iterator", signal_at(at, signal.SIGTERM))
     assert run_main(tmp_path / "resumed", "--phase=all") == loop.PREEMPTED_STATUS, (run, at)
-    # the loop's prefetch thread makes batch `at` while the loop runs one of the PREFETCH_DEPTH + 1
-    # steps before it, and the loop stops after the step it is at
-    saved = complete_steps(tmp_path / "resumed" / run)[-1]
-    assert max(0, at - loop.PREFETCH_DEPTH) <= saved <= at + 1, (run, at, saved)
-    stops[run] = saved
-    assert f"SIGTERM: saved step {saved}" in capsys.readouterr().err
+    stops[run] = at + 1
+    assert complete_steps(tmp_path / "resumed" / run)[-1] == at + 1, (run, at)
+    assert f"SIGTERM: saved step {at + 1}" in capsys.readouterr().err
   monkeypatch.undo()
   assert run_main(tmp_path / "resumed", "--phase=all") == 0, stops
   for run, steps in RUNS.items():
     assert_same_params(tmp_path / "straight" / run, tmp_path / "resumed" / run, "dense" if run == "pretrain" else "acm")
     assert logged_steps(tmp_path / "resumed" / run) == list(range(1, steps + 1)), (run, stops)
+
+
+def test_sigterm_with_the_prefetch_thread_resumes_exactly(tmp_path, monkeypatch, capsys):
+  """The loop's prefetch thread makes batch `at` while the loop runs one of the PREFETCH_DEPTH + 1
+  steps before it; the loop stops after the step it is at, and the resumed run equals the straight one."""
+  assert loop.PREFETCH_DEPTH > 0
+  assert run_main(tmp_path / "straight", "--phase=pretrain") == 0
+  at = 4
+  monkeypatch.setattr(data_lib, "make_iterator", signal_at(at, signal.SIGTERM))
+  assert run_main(tmp_path / "resumed", "--phase=pretrain") == loop.PREEMPTED_STATUS
+  saved = complete_steps(tmp_path / "resumed" / "pretrain")[-1]
+  assert at - loop.PREFETCH_DEPTH <= saved <= at + 1, saved
+  assert f"SIGTERM: saved step {saved}" in capsys.readouterr().err
+  monkeypatch.undo()
+  assert run_main(tmp_path / "resumed", "--phase=pretrain") == 0
+  assert_same_params(tmp_path / "straight" / "pretrain", tmp_path / "resumed" / "pretrain", "dense")
+  assert logged_steps(tmp_path / "resumed" / "pretrain") == list(range(1, RUNS["pretrain"] + 1))
 
 
 def test_sigterm_in_a_baseline_of_the_sweep_resumes_exactly(tmp_path, monkeypatch):
