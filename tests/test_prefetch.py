@@ -30,7 +30,10 @@ def test_runs_ahead_by_its_depth_and_no_further():
 
   with Prefetch(source(), depth=2) as stream:
     assert next(stream) == 0
-    time.sleep(0.3)  # the producer fills the queue, then waits
+    deadline = time.time() + 10  # the producer fills the queue, then waits (polled: CI machines are loaded)
+    while len(produced) < 4 and time.time() < deadline:
+      time.sleep(0.01)
+    time.sleep(0.2)  # room for a wrong fifth item to appear
     # item 0 consumed, items 1 and 2 queued, item 3 produced and waiting for room
     assert produced == [0, 1, 2, 3]
     assert [next(stream) for _ in range(3)] == [1, 2, 3]
