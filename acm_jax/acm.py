@@ -118,12 +118,13 @@ def prefix_outputs(params: Params, x: jax.Array, *, num_learners: int, activatio
   """
   if grad_mode not in GRAD_MODES:
     raise ValueError(f"unknown grad_mode {grad_mode!r}; expected one of {GRAD_MODES}")
+  params = in_input_dtype(params, x)
   outs = learner_outputs(params, x, num_learners=num_learners, activation=activation)
   outs = jnp.concatenate([jnp.zeros_like(outs[..., :1, :]), outs], axis=-2)
   cum = jnp.cumsum(outs, axis=-2)
   if grad_mode == "detach":
     cum = outs + jax.lax.stop_gradient(cum - outs)
-  return cum + choice_bias(in_input_dtype(params, x), num_learners).astype(jnp.float32)
+  return cum + choice_bias(params, num_learners).astype(jnp.float32)
 
 
 def learner_mask(k: jax.Array, num_learners: int, learner_width: int) -> jax.Array:
