@@ -22,12 +22,13 @@ import contextvars
 import dataclasses
 import functools
 import zlib
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg  # noqa: F401  (block_diag)
 import numpy as np
 
 from acm_jax import inference
@@ -97,14 +98,16 @@ def in_input_dtype(params: Params, x: jax.Array) -> Params:
   return {name: value.astype(x.dtype) for name, value in params.items()}
 
 
-def learner_outputs(params: Params, x: jax.Array, *, num_learners: int,
-                    activation: str = "gelu") -> jax.Array:
-  """Every learner's output without output bias, in float32: (..., dim) -> (..., N, dim).
-  The matmuls run in x's dtype (`in_input_dtype`) with float32 accumulation."""
+def learner_outputs(params: Params, x: jax.Array, *, num_learners: int, activation: str = "gelu",
+                    learners_first: bool = False, out_dtype=jnp.float32) -> jax.Array:
+  """Every learner's output without output bias: (..., dim) -> (..., N, dim), or (N, ..., dim)
+  with learners_first. The matmuls run in x's dtype (`in_input_dtype`) with float32
+  accumulation; results in out_dtype (float32 by default)."""
   params = in_input_dtype(params, x)
   hidden = einops.rearrange(_hidden(params, x, activation), "... (n h) -> ... n h", n=num_learners)
   w2 = einops.rearrange(params["w2"], "(n h) d -> n h d", n=num_learners)
-  return jnp.einsum("...nh,nhd->...nd", hidden, w2, preferred_element_type=jnp.float32)
+  spec = "...nh,nhd->n...d" if learners_first else "...nh,nhd->...nd"
+  return jnp.einsum(spec, hidden, w2, preferred_element_type=out_dtype)
 
 
 def prefix_outputs(params: Params, x: jax.Array, *, num_learners: int, activation: str = "gelu",
@@ -145,17 +148,60 @@ def acm_apply(params: Params, x: jax.Array, k: jax.Array, *, num_learners: int,
   return hidden @ params["w2"] + choice_bias(params, num_learners)[k]
 
 
-@functools.partial(jax.checkpoint, static_argnums=(2,), prevent_cse=False)
-def _weighted_activation(pre: jax.Array, weight: jax.Array, activation: str) -> jax.Array:
+def _scaled_by_learner(hidden: jax.Array, weight: jax.Array) -> jax.Array:
+  """hidden (..., N * width) with learner n's units multiplied by weight[..., n]."""
+  split = einops.rearrange(hidden, "... (n h) -> ... n h", n=weight.shape[-1])
+  return einops.rearrange(split * weight[..., None], "... n h -> ... (n h)")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def weighted_activation(pre: jax.Array, weight: jax.Array, activation: str) -> jax.Array:
   """act(pre) with learner n's hidden units scaled by weight[..., n]: pre (..., N * width),
   weight (..., N) -> (..., N * width).
 
-  Checkpointed, so that the backward pass keeps only `pre` and recomputes the activation's
-  elementwise intermediates (what XLA's fusions do in an unrolled model on their own). A
-  scanned stack of blocks would otherwise store each of them, stacked over the layers.
+  Its own VJP keeps only `pre` and `weight` and computes the activation and its derivative from
+  one evaluation in the backward pass (XLA's VJP of the checkpointed formula evaluated exact
+  GELU's erfc once more per ACM). The matmul that consumes the result keeps the result for its
+  weight gradient, as the dense MLP keeps its activations.
   """
-  hidden = einops.rearrange(get_activation(activation)(pre), "... (n h) -> ... n h", n=weight.shape[-1])
-  return einops.rearrange(hidden * weight[..., None], "... n h -> ... (n h)")
+  return _scaled_by_learner(get_activation(activation)(pre), weight)
+
+
+def _weighted_activation_fwd(pre, weight, activation):
+  return weighted_activation(pre, weight, activation), (pre, weight)
+
+
+def _weighted_activation_bwd(activation, residuals, grad):
+  pre, weight = residuals
+  hidden, act_vjp = jax.vjp(get_activation(activation), pre)
+  split = lambda t: einops.rearrange(t, "... (n h) -> ... n h", n=weight.shape[-1])
+  d_weight = jnp.einsum("...nh,...nh->...n", split(grad), split(hidden),
+                        preferred_element_type=jnp.promote_types(weight.dtype, jnp.float32))
+  (d_pre,) = act_vjp(_scaled_by_learner(grad, weight))
+  return d_pre, d_weight.astype(weight.dtype)
+
+
+weighted_activation.defvjp(_weighted_activation_fwd, _weighted_activation_bwd)
+
+
+def reverse_cumsum(choice: jax.Array) -> jax.Array:
+  """P(k >= j) for j = 0..N from a choice distribution (..., N+1); entry 0 is its total (1)."""
+  return jnp.flip(jnp.cumsum(jnp.flip(choice, -1), -1), -1)
+
+
+def soft_choice_bias(b2: jax.Array, at_least: jax.Array) -> jax.Array:
+  """sum_k choice_k * cumsum(b2)_k written as sum_j P(k >= j) * b2_j: b2 (N+1, dim),
+  at_least (..., N+1) from `reverse_cumsum`.
+
+  N+1 broadcast multiply-adds instead of a product with a contraction of N+1, which XLA runs as
+  a skinny matmul, and two more in the backward pass. (Measured on an H200, 2026-12-02: appending
+  at_least to the hidden units so that the second matmul adds the bias was faster at batch 64 but
+  6 ms slower per step at 256, the concatenation being a slow fusion.)
+  """
+  total = at_least[..., :1] * b2[0]
+  for j in range(1, b2.shape[0]):
+    total = total + at_least[..., j:j + 1] * b2[j]
+  return total
 
 
 def acm_apply_soft(params: Params, x: jax.Array, choice: jax.Array, *, num_learners: int,
@@ -165,10 +211,12 @@ def acm_apply_soft(params: Params, x: jax.Array, choice: jax.Array, *, num_learn
   Equals sum_k choice_k * h(x, k) in one pass: learner n is weighted by
   P(k >= n) = sum_{k>=n} choice_k, which carries the gate's gradient.
   """
-  # reverse cumulative sum over choices 1..N: weight of learner n is P(k >= n)
-  weight = jnp.flip(jnp.cumsum(jnp.flip(choice[..., 1:], -1), -1), -1).astype(x.dtype)
-  hidden = _weighted_activation(x @ params["w1"] + params["b1"], weight, activation)
-  return hidden @ params["w2"] + choice.astype(x.dtype) @ choice_bias(params, num_learners)
+  at_least = reverse_cumsum(choice).astype(x.dtype)
+  hidden = weighted_activation(x @ params["w1"] + params["b1"], at_least[..., 1:], activation)
+  out = hidden @ params["w2"]
+  if "b2" in params:
+    out = out + soft_choice_bias(params["b2"], at_least)
+  return out
 
 
 def mask_choices(logits: jax.Array, min_choice: int) -> jax.Array:
@@ -254,6 +302,7 @@ class Gate(nn.Module):
   depth: int = 1
   hidden: int = 128
   budget_conditioning: bool = False
+  dtype: Any = None  # computation dtype of the layers (None: promote input and float32 params)
 
   @nn.compact
   def __call__(self, x: jax.Array, budget: float | jax.Array | None = None) -> jax.Array:
@@ -265,8 +314,8 @@ class Gate(nn.Module):
       if budget is not None:
         x = x * (1.0 + scale).astype(x.dtype) + shift.astype(x.dtype)
     for i in range(self.depth - 1):
-      x = nn.relu(nn.Dense(self.hidden, name=f"hidden_{i}")(x))
-    return nn.Dense(self.num_choices, name="out")(x)
+      x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name=f"hidden_{i}")(x))
+    return nn.Dense(self.num_choices, dtype=self.dtype, name="out")(x)
 
 
 def gate_flops(dim: int, num_choices: int, depth: int, hidden: int) -> int:
@@ -315,7 +364,8 @@ class ACM(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, mode: str = "argmax", fixed_k: int | None = None,
                temperature: float = 1.0, cost_shift: float | jax.Array = 0.0,
-               rng: jax.Array | None = None, budget: float | jax.Array | None = None) -> jax.Array:
+               rng: jax.Array | None = None, budget: float | jax.Array | None = None,
+               group: bool = False) -> jax.Array | dict:
     n, width = self.num_learners, self.learner_width
     forced = forced_choices("/".join(self.scope.path), n, x.shape[:-1])
     if forced is not None:
@@ -328,10 +378,17 @@ class ACM(nn.Module):
     if self.output_bias:
       params["b2"] = self.param("b2", nn.initializers.zeros, (n + 1, self.dim))
     params = {name: value.astype(x.dtype) for name, value in params.items()}
-    # rematerialised: the gate is small next to the learners, and recomputing it in the backward
-    # pass spares storing its float32 copy of x and its hidden activations (per layer, when scanned)
-    gate = nn.remat(Gate, prevent_cse=False)(n + 1, self.gate_depth, self.gate_hidden, self.budget_conditioning,
-                                             name="gate")
+    if mode in GUMBEL_MODES:
+      # training: the gate computes in the activations' dtype, as the learners do (a float32 gate
+      # over bfloat16 activations writes a float32 copy of x and its float32 input gradient,
+      # per ACM), and keeps its few hidden activations for the backward pass
+      gate = Gate(n + 1, self.gate_depth, self.gate_hidden, self.budget_conditioning, x.dtype, name="gate")
+    else:
+      # inference and the other modes: float32 logits, the precision the fused kernels' own gate
+      # and the phase-2 gate training use; rematerialised, which spares storing the float32 copy
+      # of x where a forward is differentiated (per layer, when scanned)
+      gate = nn.remat(Gate, prevent_cse=False)(n + 1, self.gate_depth, self.gate_hidden, self.budget_conditioning,
+                                               name="gate")
     raw_logits = gate(x, budget)  # unused (and removed by XLA) where the fused kernel computes the gate itself
     if mode == GROUP_INPUTS or (mode == "argmax" and fused_impl(self.impl)):
       # the gate, the choice and the learners in the fused kernels (`inference.acm_group_apply`)
@@ -349,12 +406,42 @@ class ACM(nn.Module):
       return y
     if mode in GUMBEL_MODES:
       rng = self.make_rng("gumbel") if rng is None else jax.random.fold_in(rng, zlib.crc32(self.name.encode()) >> 1)
+    if group:
+      # what a caller running several ACMs that read x as one group needs (`transformer.Attention`):
+      # the learners, the gate's parameters and this ACM's Gumbel key; its logits and choices are
+      # sown by the caller
+      if mode not in GUMBEL_MODES or self.budget_conditioning:
+        raise ValueError(f"group=True serves the Gumbel modes of gates without budget conditioning, not "
+                         f"mode={mode!r} (budget_conditioning={self.budget_conditioning})")
+      return {"params": params, "gate": gate.variables["params"], "rng": rng}
     y, logits, choice = gated_apply(params, x, raw_logits, num_learners=n, activation=self.activation,
                                     min_choice=self.min_choice, mode=mode, fixed_k=fixed_k,
                                     temperature=temperature, cost_shift=cost_shift, rng=rng, impl=self.impl)
     self.sow("acm", "logits", logits)
     self.sow("acm", "choice", choice)
     return y
+
+
+def group_gate_logits(gates: Sequence[Params], x: jax.Array) -> list[jax.Array]:
+  """The raw logits of several `Gate`s (same depth, no budget conditioning) that read the same x,
+  computed as one gate in x's dtype: first layers side by side, deeper layers block-diagonal.
+
+  Equal to calling each gate with dtype=x.dtype (zero blocks add exact zeros), in a third of the
+  kernels for three gates, forward and backward: one (dim, 3 hidden) matmul and one input gradient
+  instead of three of each, and a third of the small ones after them.
+  """
+  layers = [f"hidden_{i}" for i in range(len(gates[0]) - 1)] + ["out"]
+  if any(sorted(g) != sorted(layers) for g in gates):
+    raise ValueError(f"grouped gates need the same layers without budget conditioning; got "
+                     f"{[sorted(g) for g in gates]}")
+  h = x
+  for i, name in enumerate(layers):
+    kernels = [g[name]["kernel"].astype(x.dtype) for g in gates]
+    kernel = jnp.concatenate(kernels, axis=1) if i == 0 else jax.scipy.linalg.block_diag(*kernels)
+    h = h @ kernel + jnp.concatenate([g[name]["bias"] for g in gates]).astype(x.dtype)
+    if name != "out":
+      h = nn.relu(h)
+  return jnp.split(h, len(gates), axis=-1)
 
 
 def shifted_logits(logits: jax.Array, num_learners: int, width_over_dim: float, cost_shift: float | jax.Array,
@@ -522,6 +609,11 @@ class ACMConfig:
   gate_hidden: int = 128
   impl: str = "auto"
   budget_conditioning: bool = False  # gates read the target budget (see `Gate`)
+  # in the Gumbel (training) modes, the q/k/v ACMs' gates run as one gate (`group_gate_logits`).
+  # Measured on an H200 (ViT-B/16, MLP + q/k/v/o, 2026-12-02): finetune step 42.87 -> 40.32 ms at
+  # batch 64 and 129.1 -> 125.5 ms at 256 with scanned blocks, but 36.9 -> 43.1 ms with unrolled
+  # ones (not yet explained), so the tasks turn it on for scanned blocks only
+  group_qkv_gates: bool = False
 
   def mlp_learner_width(self, mlp_dim: int) -> int:
     if self.num_learners < 1:

@@ -50,12 +50,10 @@ def learner_distillation_loss(params: dict, x: jax.Array, target: jax.Array, mas
   if grad_mode not in acm_lib.GRAD_MODES:
     raise ValueError(f"unknown grad_mode {grad_mode!r}; expected one of {acm_lib.GRAD_MODES}")
   params = acm_lib.in_input_dtype(params, x)  # matmuls in x's dtype, the running sums and errors in float32
-  hidden = acm_lib.get_activation(activation)(x @ params["w1"] + params["b1"])
-  hidden = jnp.reshape(hidden, hidden.shape[:-1] + (num_learners, -1))
-  w2 = jnp.reshape(params["w2"], (num_learners, -1, params["w2"].shape[-1]))
   # (N, ..., dim) in x's dtype, as the ACM's learners output them: half the bytes of float32 for the
   # largest arrays of the distillation step (4 x tokens x dim per ACM, written once each way)
-  outs = jnp.einsum("...nh,nhd->n...d", hidden, w2).astype(jnp.float32)
+  outs = acm_lib.learner_outputs(params, x, num_learners=num_learners, activation=activation, learners_first=True,
+                                 out_dtype=x.dtype).astype(jnp.float32)
   cum = jnp.cumsum(outs, axis=0)
   if grad_mode == "detach":  # the gradient of choice k reaches learner k only
     cum = outs + jax.lax.stop_gradient(cum - outs)

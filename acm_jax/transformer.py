@@ -167,12 +167,38 @@ class Attention(nn.Module):
           cost_shift=acm_args.get("cost_shift", 0.0))
       for proj, choice in zip(qkv, choices):  # each ACM's statistics, as its own call would sow them
         proj.sow("acm", "choice", jax.nn.one_hot(choice, self.acm.num_learners + 1, dtype=jnp.float32))
+    elif self._grouped_gumbel(qkv, acm_args):
+      q, k, v = self._gumbel_group(qkv, x, acm_args)
     else:
       q, k, v = (proj(x, **acm_args) for proj in qkv)
     split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, dim // self.num_heads)
     context = attend(split(q), split(k), split(v), mask, self.impl)
     context = context.reshape(*x.shape[:-1], dim)
     return make_projection(dim, self.acm, "out")(context, **acm_args)
+
+  def _grouped_gumbel(self, projections: list[nn.Module], acm_args: dict) -> bool:
+    """q/k/v gates run as one gate in training (Gumbel modes) when the config asks for it
+    (`ACMConfig.group_qkv_gates`): every projection an ACM, no forced k, no budget conditioning."""
+    return (all(isinstance(p, acm_lib.ACM) for p in projections) and self.acm.group_qkv_gates
+            and not self.acm.budget_conditioning
+            and acm_args.get("mode", "argmax") in acm_lib.GUMBEL_MODES and not acm_lib.forcing()
+            and not self.is_initializing())
+
+  def _gumbel_group(self, projections: list[nn.Module], x: jax.Array, acm_args: dict) -> list[jax.Array]:
+    """The q/k/v ACMs in a Gumbel mode with their three gates computed as one
+    (`acm.group_gate_logits`); each ACM's output, logits and choices as its own call gives them."""
+    specs = [proj(x, **acm_args, group=True) for proj in projections]
+    raw = acm_lib.group_gate_logits([spec["gate"] for spec in specs], x)
+    outputs = []
+    for proj, spec, logits in zip(projections, specs, raw):
+      y, logits, choice = acm_lib.gated_apply(
+          spec["params"], x, logits, num_learners=proj.num_learners, activation=proj.activation,
+          min_choice=proj.min_choice, mode=acm_args["mode"], temperature=acm_args.get("temperature", 1.0),
+          cost_shift=acm_args.get("cost_shift", 0.0), rng=spec["rng"], impl=proj.impl)
+      proj.sow("acm", "logits", logits)
+      proj.sow("acm", "choice", choice)
+      outputs.append(y)
+    return outputs
 
   def _grouped(self, projections: list[nn.Module], acm_args: dict) -> bool:
     """q/k/v run as one group at inference: ACMs on the fused path, gate argmax, no forced k."""

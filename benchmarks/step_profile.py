@@ -87,7 +87,7 @@ def load_trace(log_dir: str) -> dict:
     return json.load(f)
 
 
-def profile_phase(exp, phase: str, dense_params, steps: int) -> dict:
+def profile_phase(exp, phase: str, dense_params, steps: int, top: int = 25) -> dict:
   run, state, _, _, _ = tb.compiled_step(exp, phase, dense_params)
   for _ in range(3):
     state, metrics = run(state)
@@ -103,7 +103,7 @@ def profile_phase(exp, phase: str, dense_params, steps: int) -> dict:
         state, metrics = run(state)
       jax.block_until_ready((state, metrics))
     trace = load_trace(log_dir)
-  return {"step_ms": round(step_ms, 3), **summarize(device_events(trace), steps)}
+  return {"step_ms": round(step_ms, 3), **summarize(device_events(trace), steps, max(top, 25))}
 
 
 def main(argv=None) -> dict:
@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--remat", default="none", choices=transformer.REMAT_POLICIES)
   parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
   parser.add_argument("--steps", type=int, default=5, help="profiled steps per phase")
-  parser.add_argument("--top", type=int, default=15, help="kernels printed per phase")
+  parser.add_argument("--top", type=int, default=15, help="kernels printed per phase (and recorded, at least 25)")
   parser.add_argument("--out", type=Path, default=None)
   args = parser.parse_args(argv)
   if args.batch < 1 or args.steps < 1:
@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
   results = {}
   for phase in args.phases:
     exp = dense_exp if phase == "pretrain" else acm_exp
-    results[phase] = profile_phase(exp, phase, dense_params, args.steps)
+    results[phase] = profile_phase(exp, phase, dense_params, args.steps, args.top)
     res = results[phase]
     print(f"\n{phase}: step {res['step_ms']:.2f} ms, device busy {res['device_ms_per_step']:.2f} ms in "
           f"{res['count_per_step']:.0f} kernels per step", flush=True)

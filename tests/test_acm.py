@@ -76,6 +76,49 @@ def test_soft_apply_with_one_hot_equals_hard_apply_and_passes_gate_gradients():
                              jnp.einsum("btk,btkd->btd", probs, prefix), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "relu", "identity"])
+def test_weighted_activation_vjp_equals_autodiff_of_the_plain_formula(activation):
+  """The hand-written VJP of `weighted_activation` against JAX's autodiff of the same formula
+  written out by hand, in float64 on random inputs, for the value and both gradients."""
+  with jax.enable_x64():
+    pre = jax.random.normal(jax.random.key(10), (3, 5, N * H), jnp.float64) * 2.0
+    weight = jax.random.uniform(jax.random.key(11), (3, 5, N), jnp.float64)
+    cotangent = jax.random.normal(jax.random.key(12), (3, 5, N * H), jnp.float64)
+    act = acm.get_activation(activation)
+    plain = lambda p, w: act(p) * jnp.repeat(w, H, axis=-1)
+    got, got_vjp = jax.vjp(lambda p, w: acm.weighted_activation(p, w, activation), pre, weight)
+    want, want_vjp = jax.vjp(plain, pre, weight)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got_vjp(cotangent), want_vjp(cotangent)):
+      assert np.abs(np.asarray(w)).max() > 0
+      np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_soft_apply_gradients_equal_autodiff_of_the_choice_expectation():
+  """acm_apply_soft's gradients (learners, biases, choice) against autodiff of
+  sum_k choice_k * h(x, k) written with `prefix_outputs` (no detach), float64, random inputs."""
+  with jax.enable_x64():
+    params = {k: v.astype(jnp.float64) for k, v in random_params(13).items()}
+    x = jax.random.normal(jax.random.key(14), (6, 7, D), jnp.float64)
+    choice = jax.nn.softmax(jax.random.normal(jax.random.key(15), (6, 7, N + 1), jnp.float64))
+    soft = lambda p, c: acm.acm_apply_soft(p, x, c, num_learners=N)
+
+    def expect(p, c):  # sum_k c_k h(x, k), h written out learner by learner
+      learners = [jax.nn.gelu(x @ p["w1"][:, n * H:(n + 1) * H] + p["b1"][n * H:(n + 1) * H], approximate=False)
+                  @ p["w2"][n * H:(n + 1) * H] for n in range(N)]
+      prefix = [sum(learners[:k], jnp.zeros_like(x)) + p["b2"][:k + 1].sum(0) for k in range(N + 1)]
+      return sum(c[..., k:k + 1] * prefix[k] for k in range(N + 1))
+
+    got, got_vjp = jax.vjp(soft, params, choice)
+    want, want_vjp = jax.vjp(expect, params, choice)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    cotangent = jax.random.normal(jax.random.key(16), got.shape, jnp.float64)
+    (gp, gc), (wp, wc) = got_vjp(cotangent), want_vjp(cotangent)
+    np.testing.assert_allclose(gc, wc, rtol=1e-9, atol=1e-10)
+    for name in params:
+      np.testing.assert_allclose(gp[name], wp[name], rtol=1e-9, atol=1e-10, err_msg=name)
+
+
 def test_gumbel_straight_through_is_one_hot_and_differentiable():
   logits = jax.random.normal(jax.random.key(0), (64, N + 1))
   choice = acm.gumbel_softmax_st(jax.random.key(1), logits, 0.8)
@@ -194,3 +237,54 @@ def test_config_widths_and_bad_values():
     acm.ACMConfig(blocks=(0, 7)).block_indices(4)
   with pytest.raises(ValueError, match="unknown activation"):
     acm.get_activation("swish2")
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_group_gate_logits_equal_each_gate_on_its_own(depth):
+  x = jax.random.normal(jax.random.key(20), (2, 9, D))
+  gates, want = [], []
+  for seed in range(3):
+    gate = acm.Gate(N + 1, depth, 8, dtype=jnp.float32)
+    params = gate.init(jax.random.key(21 + seed), x)["params"]
+    params = jax.tree.map(lambda p, s=seed: p + 0.1 * jax.random.normal(jax.random.key(30 + s), p.shape), params)
+    gates.append(params)
+    want.append(gate.apply({"params": params}, x))
+  for got, w in zip(acm.group_gate_logits(gates, x), want):
+    assert got.shape == (2, 9, N + 1)
+    np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["gumbel", "gumbel_detached"])
+def test_grouped_qkv_gates_in_training_equal_three_separate_acms(mode, monkeypatch):
+  """Attention's q/k/v ACMs with one grouped gate (training modes) against the same ACMs called one
+  by one: outputs, sown logits and choices, and gradients of every parameter."""
+  from acm_jax import transformer
+  cfg = acm.ACMConfig(num_learners=N, attention=True, gate_depth=3, gate_hidden=8, impl="xla", group_qkv_gates=True)
+  attn = transformer.Attention(num_heads=2, acm=cfg, impl="xla")
+  x = jax.random.normal(jax.random.key(40), (2, 7, D))
+  variables = attn.init({"params": jax.random.key(41), "gumbel": jax.random.key(42)}, x, mode="gumbel")
+  params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(43), p.shape), variables["params"])
+
+  def run(p):
+    out, state = attn.apply({"params": p}, x, mode=mode, temperature=0.7, cost_shift=0.3,
+                            rngs={"gumbel": jax.random.key(44)}, mutable=["acm"])
+    return jnp.sum(out * jnp.cos(out)), (out, state["acm"])
+
+  calls = []
+  group_gate_logits = acm.group_gate_logits
+  monkeypatch.setattr(acm, "group_gate_logits", lambda *a: calls.append(1) or group_gate_logits(*a))
+  (grouped_loss, (grouped_out, grouped_acm)), grouped_grads = jax.value_and_grad(run, has_aux=True)(params)
+  assert calls, "the training path did not group the q/k/v gates"
+  monkeypatch.setattr(transformer.Attention, "_grouped_gumbel", lambda self, projections, acm_args: False)
+  calls.clear()
+  (loss, (out, sown)), grads = jax.value_and_grad(run, has_aux=True)(params)
+  assert not calls
+  np.testing.assert_allclose(grouped_loss, loss, rtol=1e-5)
+  np.testing.assert_allclose(grouped_out, out, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grouped_acm), jax.tree.leaves(sown), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert set(sown) == {"query", "key", "value", "out"}
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grouped_grads), jax.tree.leaves(grads), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  gate_grad = grads["query"]["gate"]["hidden_0"]["kernel"]
+  assert (np.abs(np.asarray(gate_grad)).max() > 0) == (mode == "gumbel")
