@@ -29,7 +29,7 @@ from experiments import plots as report_lib
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATASET = "synthetic"
-BASELINES = ("static", "moefication", "early_exit", "token_halting")
+BASELINES = ("static", "moefication", "early_exit", "token_halting", "acm_halting")
 
 
 def pareto(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
