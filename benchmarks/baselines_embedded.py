@@ -29,7 +29,7 @@ from experiments import plots as report_lib
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATASET = "synthetic"
-BASELINES = ("static", "moefication", "early_exit", "token_halting")
+BASELINES = ("static", "moefication", "early_exit", "token_halting", "acm_halting")
 
 
 def pareto(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -140,7 +140,8 @@ def main(argv: list[str]) -> int:
             "| GFLOPs/image | ACM | " + " | ".join(BASELINES) + " |", "|---|---|" + "---|" * len(BASELINES)]
   lines += [f"| {row['gflops_per_image']:.5f} | {pct(row['acm'])} | " + " | ".join(pct(row[m]) for m in BASELINES)
             + " |" for row in rows]
-  source = (f"one ACM finetuned with budget-conditioned gates over [{cfg.budget_min:g}, {cfg.budget_max:g}], "
+  source = (f"one ACM finetuned with budget-conditioned gates over [{cfg.budget_min:g}, {cfg.budget_max:g}] "
+            f"(drawn {cfg.budget_draw.replace('_', '-')}), "
             f"calibration on top: {bcfg.calibration}" if cfg.budget_conditioning else
             f"the ACM finetuned at budget {args.any_budget_model:g}, gates recalibrated at inference, "
             f"rule {bcfg.calibration}")

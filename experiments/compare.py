@@ -14,7 +14,8 @@ in its run directory) to each --any_budgets (or only --eval_budget); with
 --budget_conditioning=true the any-budget model is instead one finetuning whose gates
 read the budget (drawn per step in [--budget_min, --budget_max]), evaluated at each
 --any_budgets (--calibration=none: as it is; global / per_acm: fitted on top); static:
---static_ks; moefication: --moe_top_k experts out of --num_experts; early_exit: --thresholds; token_halting: target depth budget x depth.
+--static_ks; moefication: --moe_top_k experts out of --num_experts; early_exit: --thresholds; token_halting: target depth budget x depth;
+acm_halting: token halting at those depths added to the ACM finetuned at --halting_acm_budget.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import functools
 import sys
 import time
 
-from acm_jax.vit.baselines import calibration
+from acm_jax.vit.baselines import acm_halting, calibration
 from acm_jax.vit.baselines import runs as baselines
 from acm_jax.train import config as config_lib
 from acm_jax.train import phases
@@ -106,6 +107,8 @@ def plan(args, cfg: config_lib.ExperimentConfig, bcfg: baselines.BaselineConfig)
     model = exp if cfg.budget_conditioning else vit_task.build(dataclasses.replace(cfg, budget=args.any_budget_model))
     calibration.check_servable(model.run_dir("finetune"), any_budgets, bcfg.calibration,
                                bcfg.calibration_examples, fit=args.calibrate, conditioned=cfg.budget_range)
+  if "acm_halting" in methods:
+    acm_halting.check(exp.task.acm_model.config)
   if not baselines.has_dense_checkpoint(exp) and not args.pretrain:
     raise FileNotFoundError(
         f"methods {methods} convert a dense ViT, but there is none: no --init and no finished pretrain run at "
@@ -133,6 +136,7 @@ def run(args, cfg, bcfg) -> list[dict]:
       "moefication": lambda: baselines.run_moefication(exp, bcfg, dense, p.moe_top_k),
       "early_exit": lambda: baselines.run_early_exit(exp, bcfg, dense, p.thresholds),
       "token_halting": lambda: baselines.run_token_halting(exp, bcfg, dense, p.halting_depths),
+      "acm_halting": lambda: baselines.run_acm_halting(exp, bcfg, p.halting_depths),
   }
   records = baselines.run_dense(exp, dense)
   for method in p.methods:

@@ -171,7 +171,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 # experiments/compare.py's method names -> the figure's
 METHOD_NAMES = {"acm": "ACM (ours)", "static": "static width", "dense": "dense",
                 "acm_any_budget": "ACM, one model for any budget", "moefication": "MoEfication",
-                "early_exit": "early exit (ZTW)", "token_halting": "token halting (A-ViT)"}
+                "early_exit": "early exit (ZTW)", "token_halting": "token halting (A-ViT)",
+                "acm_halting": "ACM + token halting"}
 
 
 def accuracy_points(runs: list[Run], curves: list[dict]) -> list[dict]:

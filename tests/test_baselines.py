@@ -1,5 +1,6 @@
 """Baselines, any-budget calibration and the comparison sweep, on tiny shapes."""
 
+import dataclasses
 import json
 
 import jax
@@ -9,8 +10,12 @@ import pytest
 from scipy.special import erf
 
 from acm_jax.vit import flops
-from acm_jax.vit.baselines import calibration, common, early_exit, moefication, token_halting
+from acm_jax.vit.baselines import acm_halting, calibration, common, early_exit, moefication, token_halting
+from acm_jax import acm as acm_lib
 from acm_jax import transformer
+from acm_jax.acmize import flatten
+from acm_jax.train import config as config_lib
+from acm_jax.vit import task as vit_task
 from acm_jax.vit import model as vit
 from experiments import compare
 
@@ -95,17 +100,21 @@ def _moe_mlp(mlp, router, x, num_experts, top_k):
   return _dense(mlp["fc2"], hidden)
 
 
-def _halting(dense, halting, scale, shift, eps):
-  """Token halting as its docstring states it, token by token state in NumPy."""
+def _halting(dense, halting, scale, shift, eps, mlp=None):
+  """Token halting as its docstring states it, token by token state in NumPy; `mlp(i, h)`, when
+  given, replaces block i's MLP. Returns the logits, the tokens entering each block (batch, depth)
+  and which they were (batch, depth, tokens)."""
   x = _embed(dense, IMAGES)
   batch, tokens, _ = x.shape
   total = np.zeros((batch, tokens))
   alive = np.ones((batch, tokens), bool)
   pooled = np.zeros_like(x)
-  active = []
+  active, entering = [], []
   for i in range(CFG.depth):
     active.append(alive.sum(-1))
-    stepped = _block(dense[f"block_{i}"], x, alive if halting else None)
+    entering.append(alive.copy())
+    stepped = _block(dense[f"block_{i}"], x, alive if halting else None,
+                     None if mlp is None else lambda h, i=i: mlp(i, h))
     x = np.where(alive[..., None], stepped, x)
     last = i == CFG.depth - 1
     score = np.ones((batch, tokens)) if last else 1 / (1 + np.exp(-(scale * x[..., 0] + shift)))
@@ -120,7 +129,7 @@ def _halting(dense, halting, scale, shift, eps):
         else:
           pooled[b, t] += score[b, t] * x[b, t]
         total[b, t] += score[b, t]
-  return _classify(dense["norm"], dense["head"], pooled[:, 0]), np.stack(active, -1)
+  return _classify(dense["norm"], dense["head"], pooled[:, 0]), np.stack(active, -1), np.stack(entering, 1)
 
 
 @pytest.fixture(scope="module", params=["unrolled", "scanned"])
@@ -190,11 +199,104 @@ def test_token_halting_forward_equals_the_reference(dense, layout):
   model = token_halting.init(params, scale=scale, shift=shift)
   for enabled in (True, False):
     logits, aux = token_halting.forward(cfg, token_halting.Halting(enabled=enabled), model, IMAGES)
-    want, active = _halting(_np(dense), enabled, scale, shift, 0.01)
+    want, active, _ = _halting(_np(dense), enabled, scale, shift, 0.01)
     _assert_close(logits, want)
     np.testing.assert_array_equal(aux["active"], active)
     if enabled:
       assert len(np.unique(active)) > 2, active  # tokens did halt at different blocks
+
+
+def _acm_mlp(p, h, num_learners):
+  """An ACM in NumPy from the spec: linear gate, argmax k, learners 1..k summed, output bias b2_0..b2_k."""
+  k = np.argmax(_dense(p["gate"]["out"], h), -1)
+  width = p["w1"].shape[1] // num_learners
+  hidden = _gelu(h @ p["w1"] + p["b1"]) * (np.arange(p["w1"].shape[1]) // width < k[..., None])
+  return hidden @ p["w2"] + np.cumsum(p["b2"], 0)[k], k
+
+
+@pytest.fixture(scope="module", params=["every block", "blocks 0 and 2", "scanned"])
+def acm_model(request):
+  """(config, params of its layout, the same params unrolled) of a random MLP-ACM ViT."""
+  blocks = (0, 2) if request.param == "blocks 0 and 2" else None
+  acm = acm_lib.ACMConfig(num_learners=4, blocks=blocks, impl="xla")
+  cfg = vit.get_config("tiny", **SMALL, acm=acm)
+  params = vit.ViT(cfg).init(jax.random.key(7), IMAGES[:1])["params"]
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(8), len(leaves))
+  params = jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+  if request.param == "scanned":
+    return vit.get_config("tiny", **SMALL, acm=acm, scan_blocks=True), transformer.stack_blocks(params), params
+  return cfg, params, params
+
+
+def test_acm_halting_forward_and_flops_equal_the_reference(acm_model):
+  """Logits, tokens per block and FLOPs against the NumPy halting loop over NumPy ACMs; without
+  halting the FLOPs must equal the ACM ViT's own count at each image's mean k."""
+  cfg, params, unrolled = acm_model
+  ref, n = _np(unrolled), cfg.acm.num_learners
+  acm_blocks = cfg.acm.block_indices(cfg.depth)
+  scale, shift = 1.0, -0.5
+  model = {"acm": params, "halting": {"scale": jnp.float32(scale), "shift": jnp.float32(shift)}}
+  width = cfg.acm.mlp_learner_width(cfg.mlp_dim)
+  for enabled in (True, False):
+    ks = {}
+
+    def mlp(i, h):
+      if i not in acm_blocks:
+        ks[i] = np.full(h.shape[:2], n)
+        return _mlp(ref[f"block_{i}"]["mlp"], h)
+      out, ks[i] = _acm_mlp(ref[f"block_{i}"]["mlp"], h, n)
+      return out
+
+    want, active, entering = _halting(ref, enabled, scale, shift, 0.01, mlp)
+    logits, cost, extras = acm_halting.eval_forward(cfg, token_halting.Halting(enabled=enabled), model, IMAGES)
+    _assert_close(logits, want)
+    k = np.stack([ks[i] for i in range(cfg.depth)], 1)  # (batch, depth, tokens)
+    k_sum = (k * entering).sum(-1)
+    np.testing.assert_allclose(extras["mean_k"], k_sum.sum(-1) / active.sum(-1), rtol=1e-6)
+    np.testing.assert_allclose(extras["blocks_per_token"], active.sum(-1) / cfg.num_tokens, rtol=1e-6)
+    assert len(np.unique(k[:, acm_blocks])) >= 3  # the random gates pick several widths
+    if not enabled:
+      for b in range(len(IMAGES)):
+        mean_k = {f"block_{i}/mlp": k[b, i].mean() for i in acm_blocks}
+        np.testing.assert_allclose(cost[b], flops.vit_flops(cfg, mean_k)["total"], rtol=1e-6)
+      continue
+    assert len(np.unique(active)) > 2, active  # tokens did halt at different blocks
+    # by hand: a running token pays its attention share, its gate, its k learners and its halting score
+    d, t = cfg.dim, active
+    hand = 2 * 16 * 4 * 4 * 3 * d + 16 * d + cfg.num_tokens * d + 7 * d + 2 * d * cfg.num_classes + cfg.num_classes
+    attention = 4 * (2 * t * d * d + t * d) + 4 * t * t * d + 4 * cfg.num_heads * t * t + 2 * 7 * t * d + 2 * t * d
+    dense_mlp = 4 * t * d * cfg.mlp_dim + t * (cfg.mlp_dim + d) + 64 * t * cfg.mlp_dim
+    acm_mlp = k_sum * (4 * d * width + width + 64 * width) + t * (2 * d * (n + 1) + d)
+    is_acm = np.isin(np.arange(cfg.depth), acm_blocks)
+    hand = hand + (attention + np.where(is_acm, acm_mlp, dense_mlp) + t * (4 + 2 * d)).sum(-1)
+    np.testing.assert_allclose(cost, hand, rtol=1e-6)
+
+
+def test_acm_halting_step_trains_all_but_the_gates(tmp_path):
+  """Two steps through the optimizer the sweep uses: the gates stay, everything else moves, and the
+  loss is the sum of its parts at the recipe's weights."""
+  cfg = dataclasses.replace(config_lib.ExperimentConfig(), model="tiny", image_size=16, batch_size=4,
+                            workdir=str(tmp_path), gate_hidden=8, warmup_fraction=0.0)
+  exp = vit_task.build(cfg)
+  acm = exp.task.acm_model.config
+  params = acm_halting.init(vit.ViT(acm).init(jax.random.key(2), IMAGES[:1])["params"])
+  params["halting"] = {"scale": jnp.float32(1.0), "shift": jnp.float32(-0.5)}
+  tx = common.optimizer(exp, params, 1e-2, 10, lambda path: not acm_halting.is_gate(path))
+  state = {"step": jnp.int32(5), "params": params, "opt_state": tx.init(params), "rng": jax.random.key(0)}
+  rng = np.random.default_rng(3)
+  batch = {"image": rng.normal(size=(4, 16, 16, 3)).astype(np.float32), "label": rng.integers(0, 10, 4)}
+  halting = token_halting.Halting(ponder_weight=0.01, prior_weight=0.2, target_depth=2.0)
+  step = jax.jit(lambda s, b: acm_halting.halting_step(exp.task, halting, 0.0, tx, s, b))
+  new, m = step(*step(state, batch)[:1], batch)  # the schedule's first step has learning rate 0
+  m = {k: np.float64(v) for k, v in m.items()}
+  np.testing.assert_allclose(m["loss"], m["task_loss"] + 0.01 * m["ponder"] + 0.2 * m["prior_loss"], rtol=1e-5)
+  before, after = flatten(params), flatten(new["params"])
+  gates = [name for name in before if acm_halting.is_gate(name)]
+  assert len(gates) == 2 * acm.depth  # a linear gate per block: kernel and bias
+  for name in before:
+    moved = not np.array_equal(before[name], after[name])
+    assert moved != (name in gates), name
 
 
 def _max_abs(a, b):
@@ -300,7 +402,8 @@ def test_short_sweep_end_to_end_and_resumed(tmp_path, capsys):
   out = capsys.readouterr().out
   records = json.loads((tmp_path / "curves.json").read_text())
   methods = {r["method"] for r in records}
-  assert methods == {"dense", "acm", "acm_any_budget", "static", "moefication", "early_exit", "token_halting"}
+  assert methods == {"dense", "acm", "acm_any_budget", "static", "moefication", "early_exit", "token_halting",
+                     "acm_halting"}
   for r in records:
     assert {"method", "setting", "gflops_per_image", "top1", "budget_or_threshold"} <= set(r)
     assert r["setting"] in out
@@ -357,6 +460,8 @@ def test_baseline_flags_are_saved_and_must_match_on_resume(tmp_path, capsys):
     (["--calibration=median"], "--calibration='median': expected one of"),
     (["--eval_budget=0"], "--eval_budget must be"),
     (["--num_experts=7"], "must divide the MLP width"),
+    (["--methods=acm_halting", "--acm_attention=true"], "acm_halting composes token halting with MLP ACMs only"),
+    (["--halting_acm_budget=0"], "--halting_acm_budget must be in (0, 1]"),
 ])
 def test_bad_input_stops_before_work(tmp_path, capsys, flags, message):
   assert compare.main([f"--workdir={tmp_path}", *TINY, *flags]) == 2

@@ -131,6 +131,35 @@ def test_finetune_step_draws_its_budget_and_targets_it(tmp_path):
   assert len(set(drawn)) == 3
 
 
+@pytest.mark.parametrize("draw", steps.BUDGET_DRAWS)
+def test_budget_draws_follow_their_distributions(draw):
+  """20000 drawn budgets against the closed-form CDF of each draw (Kolmogorov-Smirnov distance; its
+  0.1% critical value at this sample size is about 0.014), and against the other draw's, which they
+  must fail: the test tells the two apart."""
+  low, high = 0.0625, 0.875
+  weights = steps.FinetuneWeights(budget_range=(low, high), budget_draw=draw)
+  keys = jax.random.split(jax.random.key(5), 20000)
+  drawn = np.sort(np.asarray(jax.jit(jax.vmap(functools.partial(steps.draw_budget, weights)))(keys), np.float64))
+  assert low <= drawn[0] and drawn[-1] <= high
+  cdfs = {"uniform": lambda b: (b - low) / (high - low), "log_uniform": lambda b: np.log(b / low) / np.log(high / low)}
+  empirical_hi = np.arange(1, len(drawn) + 1) / len(drawn)
+  distance = {name: max(np.max(empirical_hi - cdf(drawn)), np.max(cdf(drawn) - empirical_hi + 1 / len(drawn)))
+              for name, cdf in cdfs.items()}
+  assert distance[draw] < 0.02
+  assert min(d for name, d in distance.items() if name != draw) > 0.1
+  # a fixed budget is not drawn
+  assert float(steps.draw_budget(steps.FinetuneWeights(budget=0.3, budget_draw=draw), keys[0])) == np.float32(0.3)
+
+
+def test_log_uniform_draw_is_its_own_run(tmp_path):
+  """A log-uniform conditioned finetuning gets its own run directory: a uniform one is not reused for it."""
+  uniform = vit_experiment(tmp_path, budget_conditioning=True, budget_min=0.0625)
+  log = vit_experiment(tmp_path, budget_conditioning=True, budget_min=0.0625, budget_draw="log_uniform")
+  assert uniform.run_dir("finetune").name == "finetune_any_b0.062-0.875"
+  assert log.run_dir("finetune").name == "finetune_any_b0.062-0.875_log"
+  assert vit_experiment(tmp_path, budget_draw="log_uniform").run_dir("finetune").name == "finetune_b0.50"
+
+
 def test_budget_weight_rises_as_the_budget_falls(tmp_path):
   """--budget_weight_power: the step's total loss against one summed in float64 from its parts at the
   drawn budget; at a fixed budget b, weight w and power p train exactly as weight w / b ** p with none."""
@@ -195,6 +224,7 @@ def test_conditioned_model_in_the_sweep(tmp_path, capsys):
     (["--budget_conditioning=false", "--calibrate=false"], "no saved per_acm calibration"),
     (["--calibration=per_acm", "--calibrate=false"], "no saved per_acm calibration"),
     (["--budget_weight_power=-1"], "--budget_weight_power must be >= 0"),
+    (["--budget_draw=normal"], "--budget_draw must be one of"),
 ])
 def test_bad_input_stops_before_work(tmp_path, capsys, flags, message):
   assert compare.main([f"--workdir={tmp_path}", *TINY, *flags]) == 2

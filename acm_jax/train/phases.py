@@ -6,6 +6,7 @@ Run directories under `config.workdir`:
   gates/               gates trained on artificial labels (+ label_distribution.json)
   finetune_b{budget}/  end-to-end finetuning at a budget
   finetune_any_b{min}-{max}/  the same with budget-conditioned gates, over budgets drawn in [min, max]
+                       (suffix _log: drawn log-uniformly)
   static_k{k}/         the static-width baseline
 Each holds config.json, metrics.jsonl, checkpoints/ and, once finished, params/
 and eval.json; `<workdir>/eval.json` sums up every evaluated model (`acm_jax.cli`).
@@ -65,7 +66,8 @@ class Experiment:
   def run_dir(self, phase: str) -> Path:
     cfg = self.config
     finetune = (f"finetune_b{cfg.budget:.2f}" if not cfg.budget_conditioning
-                else f"finetune_any_b{cfg.budget_min:.3f}-{cfg.budget_max:.3f}")
+                else f"finetune_any_b{cfg.budget_min:.3f}-{cfg.budget_max:.3f}"
+                + ("_log" if cfg.budget_draw == "log_uniform" else ""))
     names = {"finetune": finetune,
              "static": f"static_k{self.config.resolved_static_k}"}
     return self.workdir / names.get(phase, phase)
@@ -296,7 +298,8 @@ def finetune(exp: Experiment) -> PyTree:
                   fast_lr_scale=cfg.finetune_gate_lr_scale)
   weights = steps.FinetuneWeights(cfg.budget, cfg.budget_loss, cfg.budget_weight, cfg.entropy_weight,
                                   cfg.diversity_weight, cfg.gate_temperature, cfg.label_smoothing,
-                                  cfg.gate_task_gradient, cfg.budget_range, cfg.budget_weight_power)
+                                  cfg.gate_task_gradient, cfg.budget_range, cfg.budget_weight_power,
+                                  cfg.budget_draw)
   return train(exp, "finetune", params, tx, functools.partial(steps.finetune_step, exp.task, tx, weights))
 
 

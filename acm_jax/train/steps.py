@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 from typing import Any, Callable
 
@@ -237,10 +238,14 @@ class FinetuneWeights:
   temperature: float = 1.0
   label_smoothing: float = 0.0
   gate_task_gradient: bool = True  # False: the task loss does not train the gates (see ExperimentConfig)
-  # (low, high): budget-conditioned gates; each step draws its budget uniformly from this range, feeds
+  # (low, high): budget-conditioned gates; each step draws its budget from this range (`budget_draw`), feeds
   # it to the gates and uses it as the budget loss's target (`budget` is then unused)
   budget_range: tuple[float, float] | None = None
   budget_weight_power: float = 0.0  # the budget loss weight is budget_weight / target ** this
+  budget_draw: str = "uniform"  # one of BUDGET_DRAWS: how `budget_range` is sampled
+
+
+BUDGET_DRAWS = ("uniform", "log_uniform")
 
 
 def budget_loss_weight(weights: FinetuneWeights, target: jax.Array) -> jax.Array:
@@ -249,10 +254,14 @@ def budget_loss_weight(weights: FinetuneWeights, target: jax.Array) -> jax.Array
 
 
 def draw_budget(weights: FinetuneWeights, rng: jax.Array) -> jax.Array:
-  """One step's target budget: `weights.budget`, or uniform over `weights.budget_range`."""
+  """One step's target budget: `weights.budget`, or a draw from `weights.budget_range`, uniform
+  in the budget or (log_uniform) in its logarithm."""
   if weights.budget_range is None:
     return jnp.float32(weights.budget)
   low, high = weights.budget_range
+  if weights.budget_draw == "log_uniform":
+    # clipped because exp(log(high)) can round a float32 ulp past high
+    return jnp.clip(jnp.exp(jax.random.uniform(rng, (), jnp.float32, math.log(low), math.log(high))), low, high)
   return jax.random.uniform(rng, (), jnp.float32, low, high)
 
 

@@ -67,11 +67,17 @@ def early_exit_flops(config: ViTConfig, exit_block, heads_run):
 _HALTING = 4  # per token and block: scale, shift, sigmoid
 
 
+def halting_overhead_flops(config: ViTConfig, active_tokens):
+  """Per block, from the tokens entering it: each running token's halting score and its
+  share of the ponder-weighted output."""
+  return active_tokens * (_HALTING + 2 * config.dim)
+
+
 def token_halting_flops(config: ViTConfig, active_tokens, halting: bool = True):
   """Per example, from the number of tokens entering each block, (..., depth):
   halted tokens leave attention (as queries and keys) and the MLP; a running token
   pays its halting score and its share of the ponder-weighted output."""
   per_block = dense_block_flops(config, active_tokens)
   if halting:
-    per_block = per_block + active_tokens * (_HALTING + 2 * config.dim)
+    per_block = per_block + halting_overhead_flops(config, active_tokens)
   return embedding_flops(config) + head_flops(config) + per_block.sum(-1)

@@ -6,7 +6,7 @@ with the shared FLOP accounting, and returns curve records
 {method, setting, gflops_per_image, top1, budget_or_threshold, ...}. A finished
 setting's record is cached as JSON in its run directory and reused.
 Run directories under the experiment's workdir: moefication/, early_exit/,
-token_halting_d{depth}/ (the ACM and static width use `phases`' own).
+token_halting_d{depth}/, acm_halting_b{budget}_d{depth}/ (the ACM and static width use `phases`' own).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from acm_jax.vit.baselines import calibration, common, early_exit, moefication, token_halting
+from acm_jax.vit.baselines import acm_halting, calibration, common, early_exit, moefication, token_halting
 from acm_jax.train import loop, phases
 from acm_jax.train.config import flag
 from acm_jax.vit import task as vit_task
 from acm_jax.pytree import PyTree
 
-METHODS = ("acm", "static", "moefication", "early_exit", "token_halting")
+METHODS = ("acm", "static", "moefication", "early_exit", "token_halting", "acm_halting")
 # What each baseline's training reads beyond the fields every run shares (`ExperimentConfig.resume_fields`):
 # saved in its run's config.json, resolved (a None default as the value it stands for), and compared on
 # resume like the shared fields. The calibration flags act at evaluation only.
@@ -32,6 +32,8 @@ RUN_FIELDS = {
     "early_exit": ("baseline_steps", "exit_lr", "label_smoothing"),
     "token_halting": ("baseline_steps", "halting_lr", "ponder_weight", "prior_weight", "halting_eps",
                       "label_smoothing"),
+    "acm_halting": ("baseline_steps", "halting_lr", "ponder_weight", "prior_weight", "halting_eps",
+                    "label_smoothing", "halting_acm_budget"),
 }
 
 
@@ -48,6 +50,8 @@ class BaselineConfig:
   ponder_weight: float = flag(5e-3, "weight of token halting's ponder loss")
   prior_weight: float = flag(0.1, "weight of token halting's depth-prior loss")
   halting_eps: float = flag(0.01, "token halting's threshold slack, in (0, 1)")
+  halting_acm_budget: float = flag(0.5, "acm_halting: budget of the finetuned ACM that token halting is added to, "
+                                   "in (0, 1]")
   calibration_examples: int = flag(256, "held-out train examples that calibrate any-budget shifts (>= 1)")
   calibration: str = flag("per_acm", "any-budget calibration rule: per_acm, global (the single shift), or none "
                           "(a budget-conditioned model as it is; with --budget_conditioning the other two fit on top "
@@ -74,6 +78,8 @@ class BaselineConfig:
       raise ValueError(f"the calibration batch has no tokens: --calibration_examples={self.calibration_examples}")
     if not 0.0 < self.halting_eps < 1.0:
       raise ValueError(f"--halting_eps must be in (0, 1), got {self.halting_eps}")
+    if not 0.0 < self.halting_acm_budget <= 1.0:
+      raise ValueError(f"--halting_acm_budget must be in (0, 1], got {self.halting_acm_budget}")
     return self
 
 
@@ -162,6 +168,35 @@ def run_token_halting(exp: phases.Experiment, bcfg: BaselineConfig, dense: Calla
     records.append(_evaluated(exp, run_dir / "eval.json", functools.partial(token_halting.eval_forward, cfg, halting),
                               params, "token_halting", f"target depth {depth:g}/{cfg.depth}", depth / cfg.depth))
   return records
+
+
+def run_acm_halting(exp: phases.Experiment, bcfg: BaselineConfig, target_depths: list[float]) -> list[dict]:
+  """Token halting added to the ACM finetuned at --halting_acm_budget (finetuned first if it is not
+  on disk yet), one run per target depth; the gates stay as that finetuning left them."""
+  budget = bcfg.halting_acm_budget
+  acm_run = vit_task.build(dataclasses.replace(exp.config, budget=budget, budget_conditioning=False))
+  cfg = acm_halting.check(acm_run.task.acm_model.config)
+  lr = bcfg.halting_lr or exp.config.finetune_lr
+  settings = bcfg.settings("acm_halting", exp)
+  records = []
+  for depth in target_depths:
+    run_dir = exp.workdir / f"acm_halting_b{budget:.2f}_d{depth:g}"
+    halting = token_halting.Halting(bcfg.halting_eps, bcfg.ponder_weight, bcfg.prior_weight, depth)
+    params = _trained(
+        exp, run_dir, settings, [run_dir / "eval.json"], lambda: acm_halting.init(_finetuned_acm(acm_run)), lr,
+        lambda tx: functools.partial(acm_halting.halting_step, acm_run.task, halting, exp.config.label_smoothing, tx),
+        bcfg.steps(exp), lambda path: not acm_halting.is_gate(path))
+    records.append(_evaluated(exp, run_dir / "eval.json", functools.partial(acm_halting.eval_forward, cfg, halting),
+                              params, "acm_halting", f"ACM b{budget:g}, target depth {depth:g}/{cfg.depth}",
+                              depth / cfg.depth))
+  return records
+
+
+def _finetuned_acm(run: phases.Experiment) -> PyTree:
+  _unless_finished(run, "distill")
+  _unless_finished(run, "gates")
+  _unless_finished(run, "finetune")
+  return phases.load_phase_params(run, "finetune")
 
 
 def has_dense_checkpoint(exp: phases.Experiment) -> bool:

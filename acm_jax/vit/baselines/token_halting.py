@@ -16,6 +16,8 @@ swept over target depths. Params: {"dense": ViT params, "halting": {"scale", "sh
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +50,16 @@ def forward(cfg: ViTConfig, halting: Halting, params: PyTree, images: jax.Array)
   each block, "ponder" (batch, tokens) blocks run + remainder, "halt_share" (depth,)
   the mean halting weight of each block."""
   dense = params["dense"]
-  x = common.embed(cfg, dense, images)
+  return halting_loop(cfg, halting, params["halting"], dense, common.embed(cfg, dense, images),
+                      lambda i, x, mask, alive: common.block(cfg, dense, i, x, mask))
+
+
+def halting_loop(cfg: ViTConfig, halting: Halting, scores: PyTree, trunk: PyTree, x: jax.Array,
+                 run_block: Callable) -> tuple[jax.Array, dict]:
+  """The halting rule over the blocks of any ViT whose tree `trunk` holds "norm" and "head":
+  x (batch, tokens, dim) the embedded tokens, scores {"scale", "shift"}, and
+  run_block(i, x, mask, alive) -> block i's output (mask (batch, 1, 1, tokens) of the keys,
+  None without halting; alive (batch, tokens) the tokens entering it). Returns `forward`'s pair."""
   batch, tokens, _ = x.shape
   cumulative = jnp.zeros((batch, tokens), jnp.float32)
   alive = jnp.ones((batch, tokens), bool)
@@ -58,11 +69,11 @@ def forward(cfg: ViTConfig, halting: Halting, params: PyTree, images: jax.Array)
   for i in range(cfg.depth):
     active.append(alive.sum(-1))
     mask = None if not halting.enabled else alive[:, None, None, :]
-    x = jnp.where(alive[..., None], common.block(cfg, dense, i, x, mask), x)
+    x = jnp.where(alive[..., None], run_block(i, x, mask, alive), x)
     if i == cfg.depth - 1:
       score = jnp.ones((batch, tokens), jnp.float32)
     elif halting.enabled:
-      score = jax.nn.sigmoid(params["halting"]["scale"] * x[..., 0].astype(jnp.float32) + params["halting"]["shift"])
+      score = jax.nn.sigmoid(scores["scale"] * x[..., 0].astype(jnp.float32) + scores["shift"])
     else:
       score = jnp.zeros((batch, tokens), jnp.float32)
     score = score * alive
@@ -73,7 +84,7 @@ def forward(cfg: ViTConfig, halting: Halting, params: PyTree, images: jax.Array)
     share.append(jnp.mean(weight))
     cumulative = cumulative + score
     alive = alive & ~stops
-  logits = common.classify(cfg, dense["norm"], dense["head"], out[:, 0])
+  logits = common.classify(cfg, trunk["norm"], trunk["head"], out[:, 0])
   return logits, {"active": jnp.stack(active, -1), "ponder": ponder, "halt_share": jnp.stack(share)}
 
 
@@ -87,17 +98,25 @@ def depth_prior(depth: int, target: float) -> jax.Array:
 def halting_step(task: steps.Task, halting: Halting, label_smoothing: float, tx, state: PyTree,
                  batch: dict) -> tuple[PyTree, dict]:
   cfg = task.dense_model.config
-  prior = depth_prior(cfg.depth, halting.target_depth)
+  return train_step(functools.partial(forward, cfg, halting), cfg.depth, task, halting, label_smoothing, tx, state,
+                    batch)
+
+
+def train_step(forward_fn: Callable, depth: int, task: steps.Task, halting: Halting, label_smoothing: float, tx,
+               state: PyTree, batch: dict) -> tuple[PyTree, dict]:
+  """One step of the halting recipe for any `forward_fn(params, images) -> (logits, aux)` with
+  `forward`'s aux: task loss + ponder loss + depth-prior loss."""
+  prior = depth_prior(depth, halting.target_depth)
 
   def loss_fn(params):
-    logits, aux = forward(cfg, halting, params, task.inputs(batch))
+    logits, aux = forward_fn(params, task.inputs(batch))
     task_loss = task.loss(logits, batch, label_smoothing)
     ponder = jnp.mean(aux["ponder"])
     share = jnp.maximum(aux["halt_share"] / jnp.sum(aux["halt_share"]), 1e-8)
     prior_loss = jnp.sum(prior * (jnp.log(prior) - jnp.log(share)))
     total = task_loss + halting.ponder_weight * ponder + halting.prior_weight * prior_loss
     return total, (logits, {"task_loss": task_loss, "ponder": ponder, "prior_loss": prior_loss,
-                            "mean_depth": jnp.mean(aux["active"]) * cfg.depth / aux["ponder"].shape[1]})
+                            "mean_depth": jnp.mean(aux["active"]) * depth / aux["ponder"].shape[1]})
 
   (loss, (logits, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
   top1 = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
