@@ -349,6 +349,9 @@ class ACM(nn.Module):
   `rng` and the module's name (a scanned stack of blocks passes each layer's key).
   `budget`: the target budget a budget-conditioned gate reads (see `Gate`; `with_budget`
   passes it to every ACM of a model without changing the model's own call).
+  `group=True` (Gumbel modes): return {params, gate, rng} instead of an output, for a caller that
+  runs the gates of several ACMs reading the same x as one (`group_gate_logits`,
+  `transformer.Attention` under `ACMConfig.group_qkv_gates`); that caller sows logits and choices.
   """
   dim: int
   num_learners: int
