@@ -615,7 +615,7 @@ class ACMConfig:
   # in the Gumbel (training) modes, the q/k/v ACMs' gates run as one gate (`group_gate_logits`).
   # Measured on an H200 (ViT-B/16, MLP + q/k/v/o, 2026-12-02): finetune step 42.87 -> 40.32 ms at
   # batch 64 and 129.1 -> 125.5 ms at 256 with scanned blocks, but 36.9 -> 43.1 ms with unrolled
-  # ones (not yet explained), so the tasks turn it on for scanned blocks only
+  # ones (not yet explained), so the tasks' --group_qkv_gates=auto turns it on for scanned blocks only
   group_qkv_gates: bool = False
 
   def mlp_learner_width(self, mlp_dim: int) -> int:

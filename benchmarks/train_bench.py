@@ -49,12 +49,13 @@ ACM_KINDS = ("mlp", "mlp_qkvo")
 LAYOUTS = ("unrolled", "scanned")
 
 
-def experiment(model: str, acm: str, batch: int, scanned: bool, remat: str, dtype: str) -> phases.Experiment:
+def experiment(model: str, acm: str, batch: int, scanned: bool, remat: str, dtype: str,
+               group_qkv_gates: str = "auto") -> phases.Experiment:
   """The ViT experiment on one device; vit presets at 224 px and 1000 classes, tiny at its 32 px."""
   sizes = {} if model == "tiny" else {"image_size": 224, "num_classes": 1000}
   cfg = ExperimentConfig(model=model, dataset="synthetic", batch_size=batch, eval_batch_size=batch, remat=remat,
                          dtype=dtype, acm_attention=acm == "mlp_qkvo", gate_depth=3, gate_hidden=16,
-                         scan_blocks=scanned, **sizes)
+                         scan_blocks=scanned, group_qkv_gates=group_qkv_gates, **sizes)
   exp = vit_task.build(cfg)
   return dataclasses.replace(exp, partitioner=type(exp.partitioner).from_flags("data:1", "dp", jax.devices()[:1]))
 
@@ -155,10 +156,12 @@ def run(args) -> list[dict]:
         if phase == "pretrain":
           result = dense
         else:
-          acm_exp = experiment(args.model, acm, batch, scanned, args.remat, args.dtype)
+          acm_exp = experiment(args.model, acm, batch, scanned, args.remat, args.dtype, args.group_qkv_gates)
           result = measure(acm_exp, phase, dense_params, args.steps)
         record = {**base, "acm": acm, "phase": phase, "batch": batch, "scanned": scanned, **result,
                   "ratio_to_dense_step": result["step_ms"] / dense_step}
+        if args.group_qkv_gates != "auto" and phase != "pretrain":
+          record["note"] = f"--group_qkv_gates={args.group_qkv_gates}"
         records.append(record)
         print(json.dumps(record), flush=True)
   return records
@@ -205,6 +208,8 @@ def main(argv=None) -> None:
   parser.add_argument("--layouts", type=_list(LAYOUTS), default=list(LAYOUTS), help="unrolled, scanned")
   parser.add_argument("--remat", default="none", choices=transformer.REMAT_POLICIES)
   parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+  parser.add_argument("--group_qkv_gates", default="auto", choices=("auto", "true", "false"),
+                      help="the q/k/v gates as one gate in finetuning (auto: with scanned blocks), as the experiments' flag")
   parser.add_argument("--steps", type=int, default=20, help="steps per timed run (3 runs of queued steps; the median run's mean step)")
   parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/train_<gpu>.json")
   args = parser.parse_args(argv)

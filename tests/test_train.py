@@ -206,3 +206,13 @@ def test_acm_params_equal_acmize_of_the_old_init_up_to_the_gates_draws():
   assert sorted(again) == sorted(want)
   for k in want:
     np.testing.assert_array_equal(again[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize("flag, scan, grouped", [("auto", False, False), ("auto", True, True),
+                                                 ("true", False, True), ("false", True, False)])
+def test_group_qkv_gates_flag_reaches_the_acm_config(flag, scan, grouped):
+  exp = vit_task.build(config_lib.ExperimentConfig(model="tiny", dataset="synthetic", acm_attention=True,
+                                                   scan_blocks=scan, group_qkv_gates=flag))
+  assert exp.task.acm_model.config.acm.group_qkv_gates is grouped
+  with pytest.raises(ValueError, match="group_qkv_gates must be one of"):
+    config_lib.ExperimentConfig(group_qkv_gates="sometimes").validate()

@@ -71,7 +71,7 @@ def build(config: ExperimentConfig) -> Experiment:
       num_learners=config.num_learners, learner_width=config.learner_width, width_factor=config.width_factor,
       blocks=config.block_tuple(), attention=config.acm_attention, activation=dense_config.activation,
       gate_depth=config.gate_depth, gate_hidden=config.gate_hidden, impl=config.impl,
-      budget_conditioning=config.budget_conditioning, group_qkv_gates=config.scan_blocks)
+      budget_conditioning=config.budget_conditioning, group_qkv_gates=config.resolved_group_qkv_gates)
   acm_config = dataclasses.replace(dense_config, acm=acm).validate()
   dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
 

@@ -152,7 +152,7 @@ def build_speech(config: SpeechConfig) -> phases.Experiment:
       num_learners=config.num_learners, learner_width=config.learner_width, width_factor=config.width_factor,
       blocks=config.block_tuple(), attention=config.acm_attention, activation=dense.activation,
       gate_depth=config.gate_depth, gate_hidden=config.gate_hidden, impl=config.impl,
-      budget_conditioning=config.budget_conditioning, group_qkv_gates=config.scan_blocks)
+      budget_conditioning=config.budget_conditioning, group_qkv_gates=config.resolved_group_qkv_gates)
   acm_config = dataclasses.replace(dense, acm=acm).validate()
   synth = synth_config(config) if config.dataset == "speech_synth" else None
   data = speech_data.load(config.dataset, language=config.language, data_dir=config.data_dir,
