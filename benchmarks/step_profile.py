@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--scanned", action="store_true", help="scanned blocks (default: unrolled)")
   parser.add_argument("--remat", default="none", choices=transformer.REMAT_POLICIES)
-  parser.add_argument("--group_qkv_gates", default="auto", choices=("auto", "true", "false"))
+  parser.add_argument("--group_qkv_gates", default="auto", choices=tb.config_lib.GROUP_QKV_GATES)
   parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
   parser.add_argument("--steps", type=int, default=5, help="profiled steps per phase")
   parser.add_argument("--top", type=int, default=15, help="kernels printed per phase (and recorded, at least 25)")

@@ -40,6 +40,7 @@ import numpy as np
 
 from acm_jax import transformer
 from acm_jax.train import phases, steps
+from acm_jax.train import config as config_lib
 from acm_jax.train.config import ExperimentConfig
 from acm_jax.vit import task as vit_task
 
@@ -208,7 +209,7 @@ def main(argv=None) -> None:
   parser.add_argument("--layouts", type=_list(LAYOUTS), default=list(LAYOUTS), help="unrolled, scanned")
   parser.add_argument("--remat", default="none", choices=transformer.REMAT_POLICIES)
   parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-  parser.add_argument("--group_qkv_gates", default="auto", choices=("auto", "true", "false"),
+  parser.add_argument("--group_qkv_gates", default="auto", choices=config_lib.GROUP_QKV_GATES,
                       help="the q/k/v gates as one gate in finetuning (auto: with scanned blocks), as the experiments' flag")
   parser.add_argument("--steps", type=int, default=20, help="steps per timed run (3 runs of queued steps; the median run's mean step)")
   parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/train_<gpu>.json")
