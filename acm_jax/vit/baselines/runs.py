@@ -155,19 +155,9 @@ def run_early_exit(exp: phases.Experiment, bcfg: BaselineConfig, dense: Callable
 def run_token_halting(exp: phases.Experiment, bcfg: BaselineConfig, dense: Callable[[], PyTree],
                       target_depths: list[float]) -> list[dict]:
   cfg = common.dense_config(exp)
-  lr = bcfg.halting_lr or exp.config.finetune_lr
-  settings = bcfg.settings("token_halting", exp)
-  records = []
-  for depth in target_depths:
-    run_dir = exp.workdir / f"token_halting_d{depth:g}"
-    halting = token_halting.Halting(bcfg.halting_eps, bcfg.ponder_weight, bcfg.prior_weight, depth)
-    params = _trained(
-        exp, run_dir, settings, [run_dir / "eval.json"], lambda: token_halting.init(dense()), lr,
-        lambda tx: functools.partial(token_halting.halting_step, exp.task, halting, exp.config.label_smoothing, tx),
-        bcfg.steps(exp))
-    records.append(_evaluated(exp, run_dir / "eval.json", functools.partial(token_halting.eval_forward, cfg, halting),
-                              params, "token_halting", f"target depth {depth:g}/{cfg.depth}", depth / cfg.depth))
-  return records
+  return _halting_runs(exp, bcfg, "token_halting", target_depths, cfg.depth, token_halting, exp.task,
+                       lambda: token_halting.init(dense()), lambda depth: (f"token_halting_d{depth:g}", ""),
+                       functools.partial(token_halting.eval_forward, cfg))
 
 
 def run_acm_halting(exp: phases.Experiment, bcfg: BaselineConfig, target_depths: list[float]) -> list[dict]:
@@ -176,19 +166,30 @@ def run_acm_halting(exp: phases.Experiment, bcfg: BaselineConfig, target_depths:
   budget = bcfg.halting_acm_budget
   acm_run = vit_task.build(dataclasses.replace(exp.config, budget=budget, budget_conditioning=False))
   cfg = acm_halting.check(acm_run.task.acm_model.config)
+  return _halting_runs(exp, bcfg, "acm_halting", target_depths, cfg.depth, acm_halting, acm_run.task,
+                       lambda: acm_halting.init(_finetuned_acm(acm_run)),
+                       lambda depth: (f"acm_halting_b{budget:.2f}_d{depth:g}", f"ACM b{budget:g}, "),
+                       functools.partial(acm_halting.eval_forward, cfg), lambda path: not acm_halting.is_gate(path))
+
+
+def _halting_runs(exp: phases.Experiment, bcfg: BaselineConfig, method: str, target_depths: list[float], depth_of: int,
+                  module, task, init: Callable[[], PyTree], names: Callable[[float], tuple[str, str]],
+                  eval_forward: Callable, trainable=lambda path: True) -> list[dict]:
+  """One halting model per target depth, trained and evaluated alike for both halting methods:
+  `module` provides halting_step, `names(depth)` the run directory and the setting's prefix."""
   lr = bcfg.halting_lr or exp.config.finetune_lr
-  settings = bcfg.settings("acm_halting", exp)
+  settings = bcfg.settings(method, exp)
   records = []
   for depth in target_depths:
-    run_dir = exp.workdir / f"acm_halting_b{budget:.2f}_d{depth:g}"
+    run_name, prefix = names(depth)
+    run_dir = exp.workdir / run_name
     halting = token_halting.Halting(bcfg.halting_eps, bcfg.ponder_weight, bcfg.prior_weight, depth)
     params = _trained(
-        exp, run_dir, settings, [run_dir / "eval.json"], lambda: acm_halting.init(_finetuned_acm(acm_run)), lr,
-        lambda tx: functools.partial(acm_halting.halting_step, acm_run.task, halting, exp.config.label_smoothing, tx),
-        bcfg.steps(exp), lambda path: not acm_halting.is_gate(path))
-    records.append(_evaluated(exp, run_dir / "eval.json", functools.partial(acm_halting.eval_forward, cfg, halting),
-                              params, "acm_halting", f"ACM b{budget:g}, target depth {depth:g}/{cfg.depth}",
-                              depth / cfg.depth))
+        exp, run_dir, settings, [run_dir / "eval.json"], init, lr,
+        lambda tx: functools.partial(module.halting_step, task, halting, exp.config.label_smoothing, tx),
+        bcfg.steps(exp), trainable)
+    records.append(_evaluated(exp, run_dir / "eval.json", functools.partial(eval_forward, halting), params, method,
+                              f"{prefix}target depth {depth:g}/{depth_of}", depth / depth_of))
   return records
 
 
