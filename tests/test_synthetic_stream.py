@@ -86,6 +86,11 @@ GOLDEN_CHUNKS = [
     (dict(image_size=40, task="shapes", num_classes=20, chunk_size=70),
      "0d040249d75c4641e801547919f6b3e58ad154321d2b64cacbed942fee8e8ae2"),
     (dict(image_size=32, task="glyphs", chunk_size=1000), "728dc3ba608d19ac05d21a3bd0bb1ea40debfbc607fb39470643001c13b0b7cf"),
+] + [  # above synthetic.QUANTILE_NOISE_ABOVE pixels: the images since the noise became 16-bit quantile draws (2026-12-02)
+    (dict(image_size=224, task="glyphs", chunk_size=64), "1b49fa5c38fa5f5168213def426debce7a5f8ba489889b9e923e9be0f02abf5f"),
+    (dict(image_size=224, task="shapes", chunk_size=64), "9955eb9e1903a8d05b082691dc8d653f776f1cc7e37e325700e54ee125897685"),
+    (dict(image_size=97, task="shapes", num_classes=15, chunk_size=37),
+     "9de17df6e6c3e8e045ac8ec8d098f5ff2949fd04becb2d79a7c56b2a06f5877d"),
 ]
 
 
