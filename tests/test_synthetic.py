@@ -86,12 +86,13 @@ def _generate_chunk(config: SyntheticConfig, seed_sequence: np.random.SeedSequen
     rows = np.arange(size) % config.glyph_size  # tiled from the top-left corner: aligned with a g-pixel ViT's patches
     label = glyph % config.num_classes
 
-  fine_noise = synthetic._fine_noise_blocks(background, n, size)
+  fine_noise = synthetic._fine_noise_images(background, n, size)  # one image at a time since 2026-12-02
   out = {"image": np.empty((n, size, size, 3), np.uint8), "label": label.astype(np.int32),
          "object_mask": np.empty((n, size, size), bool), "distractor_mask": np.empty((n, size, size), bool)}
   for start in range(0, n, BLOCK):
     block = slice(start, min(start + BLOCK, n))
-    images = _background_block(background, block, next(fine_noise), size)
+    block_noise = np.stack([next(fine_noise) for _ in range(start, block.stop)])
+    images = _background_block(background, block, block_noise, size)
     d_mask = shape_masks(distractor_shape[block], *(a[block] for a in distractor_place), size)
     d_mask &= distract[block, None, None]
     images = np.where(d_mask[..., None], grey[block, None, None, None], images)

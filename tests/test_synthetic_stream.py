@@ -87,10 +87,10 @@ GOLDEN_CHUNKS = [
      "0d040249d75c4641e801547919f6b3e58ad154321d2b64cacbed942fee8e8ae2"),
     (dict(image_size=32, task="glyphs", chunk_size=1000), "728dc3ba608d19ac05d21a3bd0bb1ea40debfbc607fb39470643001c13b0b7cf"),
 ] + [  # above synthetic.QUANTILE_NOISE_ABOVE pixels: the images since the noise became 16-bit quantile draws (2026-12-02)
-    (dict(image_size=224, task="glyphs", chunk_size=64), "1b49fa5c38fa5f5168213def426debce7a5f8ba489889b9e923e9be0f02abf5f"),
-    (dict(image_size=224, task="shapes", chunk_size=64), "9955eb9e1903a8d05b082691dc8d653f776f1cc7e37e325700e54ee125897685"),
+    (dict(image_size=224, task="glyphs", chunk_size=64), "0e054e8fd79c66260f32b2e7de5df5a4221663f31b76b5c7200a621e665c80e4"),
+    (dict(image_size=224, task="shapes", chunk_size=64), "8c832ce6d611d7d8053f6a3168aca26c2280b0e17a12fd93a97dd5d0c2a8d3c9"),
     (dict(image_size=97, task="shapes", num_classes=15, chunk_size=37),
-     "9de17df6e6c3e8e045ac8ec8d098f5ff2949fd04becb2d79a7c56b2a06f5877d"),
+     "b098e41423eb6190e999f213fee8cd50c5cc8c2d0bb919186f669b07c576f6ec"),
 ]
 
 
