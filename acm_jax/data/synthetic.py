@@ -198,9 +198,9 @@ def _background_params(rng: np.random.Generator, n: int, size: int) -> dict:
   float32 normals per image, or above QUANTILE_NOISE_ABOVE pixels (3, size, size) uint16 quantile
   indices ("quantiles": true), channels first as the images are composited. The normals are drawn
   block by block, and up to FINE_NOISE_KEPT_BYTES kept ("fine": one array per BLOCK of images); above,
-  and always for the quantile indices, `rng` only moves past them, and each image's are drawn again
-  from the saved "fine_state" when it is composited (`_fine_noise_images`): the same numbers, without
-  holding the whole chunk's noise (the normals' count of raw draws is known only by drawing them)."""
+  and always for the quantile indices, `rng` only moves past them (the indices' count of raw draws is
+  known, the normals' only by drawing them), and each image's are drawn from the saved "fine_state"
+  when it is composited (`_fine_noise_images`): the same numbers, without holding the chunk's noise."""
   f32 = np.float32
   base = _hsv_to_rgb(rng.uniform(0, 1, n).astype(f32), rng.uniform(0.0, 0.35, n).astype(f32),
                      rng.uniform(0.2, 0.8, n).astype(f32))
