@@ -1,7 +1,8 @@
 """The generated set's compositing against a frozen copy of the generator it replaced (acm_jax/data/synthetic.py
 at main 5bae19b, 2026-12-02: whole blocks of images, masks over the whole image): the same arrays, bit for bit,
-on random configs. The random draws themselves (`_background_params`, `_place`, ...) are shared, and pinned by
-the golden digests in test_synthetic_stream.py."""
+on random configs. The random draws themselves (`_background_params`, `_place`, `_normal_noise`, ...) are shared,
+and pinned by the golden digests in test_synthetic_stream.py; above QUANTILE_NOISE_ABOVE pixels the frozen copy
+looks the noise up in `normal_quantiles()` where it took numpy's normals (marked "quantile noise")."""
 
 import numpy as np
 import pytest
@@ -39,6 +40,8 @@ def shape_masks(shape: np.ndarray, cx: np.ndarray, cy: np.ndarray, radius: np.nd
 def _background_block(params: dict, block: slice, fine_noise: np.ndarray, size: int) -> np.ndarray:
   """Images `block` of the backgrounds (count, size, size, 3): gradient + base colour + smooth and fine
   low-contrast noise. `fine_noise` is the block's (count, size, size, 3), scaled here in place."""
+  if params["quantiles"]:  # quantile noise: (count, 3, size, size) indices
+    fine_noise = synthetic.normal_quantiles()[fine_noise].transpose(0, 2, 3, 1)
   f32 = np.float32
   coords = np.linspace(-1, 1, size, dtype=f32)
   angle, slope = params["angle"][block], params["slope"][block]
@@ -83,18 +86,22 @@ def _generate_chunk(config: SyntheticConfig, seed_sequence: np.random.SeedSequen
     rows = np.arange(size) % config.glyph_size  # tiled from the top-left corner: aligned with a g-pixel ViT's patches
     label = glyph % config.num_classes
 
-  fine_noise = synthetic._fine_noise_blocks(background, n, size)
+  fine_noise = synthetic._fine_noise_images(background, n, size)  # one image at a time since 2026-12-02
   out = {"image": np.empty((n, size, size, 3), np.uint8), "label": label.astype(np.int32),
          "object_mask": np.empty((n, size, size), bool), "distractor_mask": np.empty((n, size, size), bool)}
   for start in range(0, n, BLOCK):
     block = slice(start, min(start + BLOCK, n))
-    images = _background_block(background, block, next(fine_noise), size)
+    block_noise = np.stack([next(fine_noise) for _ in range(start, block.stop)])
+    images = _background_block(background, block, block_noise, size)
     d_mask = shape_masks(distractor_shape[block], *(a[block] for a in distractor_place), size)
     d_mask &= distract[block, None, None]
     images = np.where(d_mask[..., None], grey[block, None, None, None], images)
     mask = shape_masks(shape[block], *(a[block] for a in place), size)
     if config.task == "shapes":  # the shading noise is the chunk's last draw: drawn block by block, in order
-      shade = 1.0 + 0.05 * rng.standard_normal((len(grey[block]), size, size, 1), dtype=f32)
+      shade = synthetic._normal_noise(rng, (len(grey[block]), size, size, 1), background["quantiles"])
+      if background["quantiles"]:  # quantile noise
+        shade = synthetic.normal_quantiles()[shade]
+      shade = 1.0 + 0.05 * shade
       fill = colour[block, None, None, :] * shade
     else:
       texture = bank[glyph[block]][:, rows][:, :, rows]
@@ -126,7 +133,7 @@ def random_config(rng: np.random.Generator, size: int) -> SyntheticConfig:
 def test_chunks_equal_the_reference_generator_bit_for_bit(kept_bytes, monkeypatch):
   monkeypatch.setattr(synthetic, "FINE_NOISE_KEPT_BYTES", kept_bytes)
   rng = np.random.default_rng(26 + kept_bytes)
-  sizes = [16, 17, 23, 32, 40, 57, 64, 96]
+  sizes = [16, 17, 23, 32, 40, 57, 64, 65, 96]  # quantile noise above 64
   configs = [random_config(rng, int(size)) for size in sizes]
   configs += [SyntheticConfig(image_size=224, task=task, chunk_size=BLOCK + 3) for task in synthetic.TASKS]
   for config in configs:
@@ -163,3 +170,29 @@ def test_shape_boxes_are_tight_enough_to_pay():
   box, mask = synthetic.shape_mask(2, np.float32(112), np.float32(112), np.float32(50), np.float32(1), np.float32(0),
                                    224)
   assert box == (slice(48, 176), slice(48, 176)) and mask.shape == (128, 128)  # 112 -+ (1.25 x 50 + 1), of 224
+
+
+
+def test_normal_quantiles_are_a_symmetric_16_bit_standard_normal():
+  from statistics import NormalDist
+  table = synthetic.normal_quantiles()
+  assert table.shape == (65536,) and table.dtype == np.float32
+  assert np.all(np.diff(table) > 0) and np.array_equal(table, -table[::-1])
+  for k in (0, 1, 1000, 32767, 40000, 65535):
+    assert table[k] == np.float32(NormalDist().inv_cdf((k + 0.5) / 65536))
+  assert abs(float(table.astype(np.float64).std()) - 1.0) < 1e-4 and 4.3 < table[-1] < 4.35
+
+
+@pytest.mark.parametrize("shape", [(1000, 1001), (3, 7, 1)], ids=["a-million", "count-not-a-multiple-of-four"])
+def test_quantile_noise_is_standard_normal_and_a_prefix_of_the_raw_draws(shape):
+  rng = np.random.default_rng(7)
+  indices = synthetic._normal_noise(rng, shape, quantiles=True)
+  assert indices.shape == shape and indices.dtype == np.uint16
+  count = indices.size
+  raw = np.random.default_rng(7).bit_generator.random_raw(-(-count // 4))
+  expect = [(int(word) >> (16 * j)) & 0xFFFF for word in raw.tolist() for j in range(4)][:count]  # low bits first
+  np.testing.assert_array_equal(indices.ravel(), expect)
+  if count > 10**6:
+    noise = synthetic.normal_quantiles()[indices].astype(np.float64)
+    assert abs(noise.mean()) < 0.005 and abs(noise.std() - 1.0) < 0.005
+    assert abs((np.abs(noise) > 2.0).mean() - 0.0455) < 0.002  # two-sided tail of N(0, 1) beyond 2 sd

@@ -36,6 +36,7 @@ import functools
 import hashlib
 import math
 import os
+import statistics
 import tempfile
 import threading
 from typing import Iterator
@@ -52,10 +53,17 @@ SHAPES = ("circle", "square", "triangle", "cross", "ring")
 # hue intervals (fractions of the colour wheel); the first two are far apart on the wheel
 COLOUR_FAMILIES = {"warm": (-0.04, 0.12), "cool": (0.50, 0.68), "green": (0.24, 0.40), "purple": (0.76, 0.90)}
 CHUNK = 1000  # examples generated from one child seed by default (the data depends on the chunk size)
-BLOCK = 32  # images whose noise is drawn, or drawn again, at once within a chunk (the data do not depend on it)
-# a chunk's fine background noise up to this size is kept from its first draw (a stream chunk of 64 images at
-# 224 px: 38.5 MB); larger chunks draw it twice rather than hold it (1,000 images at 224 px: 600 MB)
+BLOCK = 32  # images whose noise is drawn at once within a chunk (the data do not depend on it)
+# a chunk's fine background noise of float32 normals up to this size is kept from its first draw (1,000 images
+# at 32 px: 12 MB); larger chunks draw it twice rather than hold it (1,000 images at 224 px: 600 MB)
 FINE_NOISE_KEPT_BYTES = 64 * 2**20
+# Images larger than this many pixels a side take their fine background noise and shading noise as 16-bit
+# draws mapped through a table of normal quantiles (`normal_quantiles`) instead of numpy's float32 normals:
+# at 224 px those normals were two thirds of a chunk's cost (~11 ns each, 9.6 M of them per 64 images), the
+# 16-bit draws and the lookup cost ~2 ns, and since their count is known each image's are drawn only when it
+# is composited. Other numbers, so other images above this size; up to it (the embedded default's 32 px, every
+# recorded result, every set held whole: data.STREAM_ABOVE_PIXELS) the normals of before, bit for bit.
+QUANTILE_NOISE_ABOVE = 64
 SPLIT_INDEX = {"train": 0, "test": 1}
 # set ACM_JAX_CACHE to a folder to cache generated sets there as .npz, or to "" to keep them in memory only
 CACHE_DIR = os.environ.get("ACM_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "acm_jax"))
@@ -149,6 +157,31 @@ def shape_mask(shape: int, cx: np.float32, cy: np.float32, radius: np.float32, c
   return box, _SHAPE_TESTS[shape](u, w)
 
 
+@functools.lru_cache(maxsize=1)
+def normal_quantiles() -> np.ndarray:
+  """(65536,) float32: the standard normal's quantiles at (k + 0.5) / 65536, k = 0..65535, so that a
+  uniform 16-bit draw k gives a normal number to 16 bits (cut off beyond 4.32 standard deviations; mean
+  0 exactly, standard deviation 0.99999). The lower half computed, the upper half its mirror."""
+  lower = [statistics.NormalDist().inv_cdf((k + 0.5) / 65536) for k in range(32768)]
+  return np.concatenate([lower, np.negative(lower[::-1])]).astype(np.float32)
+
+
+def _normal_noise(rng: np.random.Generator, shape: tuple[int, ...], quantiles: bool) -> np.ndarray:
+  """Standard normal noise of `shape`: float32 normals, or with `quantiles` uint16 indices into
+  `normal_quantiles()` (see QUANTILE_NOISE_ABOVE), four from each 64-bit output of the bit generator
+  (half the time of `rng.integers`), low bits first on any machine."""
+  if not quantiles:
+    return rng.standard_normal(shape, dtype=np.float32)
+  count = math.prod(shape)
+  raw = rng.bit_generator.random_raw(_raw_outputs(count)).astype("<u8", copy=False)
+  return raw.view("<u2")[:count].reshape(shape)
+
+
+def _raw_outputs(count: int) -> int:
+  """The bit generator's 64-bit outputs that `_normal_noise` takes for `count` quantile indices."""
+  return -(-count // 4)
+
+
 def _upsampler(cells: int, size: int) -> np.ndarray:
   """(size, cells) matrix of bilinear interpolation weights from a coarse grid to the image."""
   pos = np.linspace(0, cells - 1, size)
@@ -161,11 +194,13 @@ def _upsampler(cells: int, size: int) -> np.ndarray:
 
 def _background_params(rng: np.random.Generator, n: int, size: int) -> dict:
   """The background draws of n images, in the generator's order: dull random colours, linear
-  gradients, a coarse noise grid (blobs a few patches wide) and the fine noise, (n, size, size, 3)
-  float32, drawn block by block. Up to FINE_NOISE_KEPT_BYTES the fine noise is kept ("fine": one
-  array per BLOCK of images); above, it is drawn only to move `rng` past it and drawn again from the
-  saved "fine_state" when the images are composited (`_fine_noise_blocks`): the same numbers, without
-  holding the whole chunk's noise."""
+  gradients, a coarse noise grid (blobs a few patches wide) and the fine noise: (size, size, 3)
+  float32 normals per image, or above QUANTILE_NOISE_ABOVE pixels (3, size, size) uint16 quantile
+  indices ("quantiles": true), channels first as the images are composited. The normals are drawn
+  block by block, and up to FINE_NOISE_KEPT_BYTES kept ("fine": one array per BLOCK of images); above,
+  and always for the quantile indices, `rng` only moves past them (the indices' count of raw draws is
+  known, the normals' only by drawing them), and each image's are drawn from the saved "fine_state"
+  when it is composited (`_fine_noise_images`): the same numbers, without holding the chunk's noise."""
   f32 = np.float32
   base = _hsv_to_rgb(rng.uniform(0, 1, n).astype(f32), rng.uniform(0.0, 0.35, n).astype(f32),
                      rng.uniform(0.2, 0.8, n).astype(f32))
@@ -175,26 +210,34 @@ def _background_params(rng: np.random.Generator, n: int, size: int) -> dict:
   up = _upsampler(-(-size // 8) + 1, size)
   coarse = rng.standard_normal((n, 3, up.shape[1], up.shape[1]), dtype=f32) * amplitude[0, :, None, None, None]
   fine_state = copy.deepcopy(rng.bit_generator.state)
-  keep = n * size * size * 3 * np.dtype(f32).itemsize <= FINE_NOISE_KEPT_BYTES
+  quantiles = size > QUANTILE_NOISE_ABOVE
+  keep = not quantiles and n * size * size * 3 * 4 <= FINE_NOISE_KEPT_BYTES
   fine = []
-  for start in range(0, n, BLOCK):
-    block = rng.standard_normal((min(BLOCK, n - start), size, size, 3), dtype=f32)
-    if keep:
-      fine.append(block)
+  if quantiles:
+    rng.bit_generator.advance(n * _raw_outputs(3 * size * size))
+  else:
+    for start in range(0, n, BLOCK):
+      block = rng.standard_normal((min(BLOCK, n - start), size, size, 3), dtype=f32)
+      if keep:
+        fine.append(block)
   return {"base": base, "angle": angle, "slope": slope, "fine_amplitude": amplitude[1], "up": up, "coarse": coarse,
-          "fine": fine if keep else None, "fine_state": fine_state, "coords": np.linspace(-1, 1, size, dtype=f32)}
+          "fine": fine if keep else None, "fine_state": fine_state, "quantiles": quantiles,
+          "coords": np.linspace(-1, 1, size, dtype=f32)}
 
 
-def _fine_noise_blocks(params: dict, n: int, size: int) -> Iterator[np.ndarray]:
-  """The fine noise of each BLOCK of the n images, in order: the kept arrays, or the same numbers
-  drawn again from the saved generator state."""
+def _fine_noise_images(params: dict, n: int, size: int) -> Iterator[np.ndarray]:
+  """The fine noise of each of the n images, in order: the kept arrays' images, or the same numbers
+  drawn again from the saved generator state, one image at a time (a generator's normals come out the
+  same whether drawn in blocks or one by one)."""
   if params["fine"] is not None:
-    yield from params["fine"]
+    for block in params["fine"]:
+      yield from block
     return
   fine = np.random.default_rng()
   fine.bit_generator.state = params["fine_state"]
-  for start in range(0, n, BLOCK):
-    yield fine.standard_normal((min(BLOCK, n - start), size, size, 3), dtype=np.float32)
+  quantiles = params["quantiles"]
+  for _ in range(n):
+    yield _normal_noise(fine, (3, size, size) if quantiles else (size, size, 3), quantiles)
 
 
 def _gradients(params: dict, block: slice) -> tuple[np.ndarray, np.ndarray]:
@@ -207,11 +250,15 @@ def _paint_background(canvas: np.ndarray, scratch: np.ndarray, params: dict, ind
                       fine_noise: np.ndarray) -> None:
   """Image `index`'s background into canvas (3, size, size), channels first as the upsampling matmuls give
   it: (smooth noise + fine noise) + (gradient + base colour). gradient: the image's two slopes
-  (`_gradients`); fine_noise (size, size, 3); scratch: a second (3, size, size) float32 buffer. Each
-  image on its own, so that its few float buffers stay in the cache."""
-  up, coords = params["up"], params["coords"]
+  (`_gradients`); fine_noise: the image's (`_background_params`); scratch: a second (3, size, size)
+  float32 buffer. Each image on its own, so that its few float buffers stay in the cache."""
+  up, coords, amplitude = params["up"], params["coords"], params["fine_amplitude"][index]
   np.matmul(up @ params["coarse"][index], up.T, out=canvas)
-  canvas += np.multiply(fine_noise.transpose(2, 0, 1), params["fine_amplitude"][index], out=scratch)
+  if params["quantiles"]:  # the table scaled, then looked up: the same numbers as the looked-up normals scaled
+    # mode="wrap": 16-bit indices are always in range, and numpy's bounds checks cost a third of the lookup
+    canvas += np.take(normal_quantiles() * amplitude, fine_noise, out=scratch, mode="wrap")
+  else:
+    canvas += np.multiply(fine_noise.transpose(2, 0, 1), amplitude, out=scratch)
   ramp = gradient[0] * coords + (gradient[1] * coords)[:, None]
   canvas += np.add(ramp, params["base"][index, :, None, None], out=scratch)
 
@@ -238,7 +285,9 @@ def _generate_chunk(config: SyntheticConfig, seed_sequence: np.random.SeedSequen
   data depend on it); the images are then composited one at a time into the uint8 output, channels
   first in two float32 buffers of one image that stay in the cache, each shape's mask computed over its
   box only. Each element sees the float operations of the generator before (whole blocks of images at
-  a time; frozen in tests/test_synthetic.py) in the same order on the same dtypes: the same bits."""
+  a time; frozen in tests/test_synthetic.py) in the same order on the same dtypes: the same bits. Above
+  QUANTILE_NOISE_ABOVE pixels the noise is drawn as quantile indices, and the same operations see the
+  looked-up normals."""
   rng = np.random.default_rng(seed_sequence)
   size, f32 = config.image_size, np.float32
   background = _background_params(rng, n, size)
@@ -268,26 +317,28 @@ def _generate_chunk(config: SyntheticConfig, seed_sequence: np.random.SeedSequen
     rows = np.arange(size) % config.glyph_size  # tiled from the top-left corner: aligned with a g-pixel ViT's patches
     label = glyph % config.num_classes
 
-  fine_noise = _fine_noise_blocks(background, n, size)
+  fine_noise = _fine_noise_images(background, n, size)
   out = {"image": np.empty((n, size, size, 3), np.uint8), "label": label.astype(np.int32),
          "object_mask": np.zeros((n, size, size), bool), "distractor_mask": np.zeros((n, size, size), bool)}
   canvas, scratch = np.empty((2, 3, size, size), f32)  # one image, channels first
   for start in range(0, n, BLOCK):
     block = slice(start, min(start + BLOCK, n))
     gradients = _gradients(background, block)
-    fine = next(fine_noise)
     d_rotation, rotation = ((np.cos(p[3][block]), np.sin(p[3][block])) for p in (distractor_place, place))
     if config.task == "shapes":  # the shading noise is the chunk's last draw: drawn block by block, in order
-      shade_noise = rng.standard_normal((block.stop - start, size, size, 1), dtype=f32)
+      shade_noise = _normal_noise(rng, (block.stop - start, size, size, 1), background["quantiles"])
     for j, i in enumerate(range(start, block.stop)):
-      _paint_background(canvas, scratch, background, i, (gradients[0][j], gradients[1][j]), fine[j])
+      _paint_background(canvas, scratch, background, i, (gradients[0][j], gradients[1][j]), next(fine_noise))
       if distract[i]:
         d_box, d_mask = shape_mask(distractor_shape[i], *(p[i] for p in distractor_place[:3]),
                                    *(r[j] for r in d_rotation), size)
         np.copyto(canvas[:, d_box[0], d_box[1]], grey[i], where=d_mask)
       box, mask = shape_mask(shape[i], *(p[i] for p in place[:3]), *(r[j] for r in rotation), size)
       if config.task == "shapes":
-        fill = colour[i, :, None, None] * (1.0 + 0.05 * shade_noise[j, box[0], box[1], 0])
+        shade = shade_noise[j, box[0], box[1], 0]
+        if background["quantiles"]:
+          shade = normal_quantiles()[shade]
+        fill = colour[i, :, None, None] * (1.0 + 0.05 * shade)
       else:
         fill = tiles[i][:, rows[box[0]]][:, :, rows[box[1]]]
       np.copyto(canvas[:, box[0], box[1]], fill, where=mask)
