@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from acm_jax import registry
+from acm_jax import registry, xla_flags
 from acm_jax.checkpoint_io import CheckpointError
 from acm_jax.train import config as config_lib
 from acm_jax.train import loop, phases
@@ -228,6 +228,7 @@ def run(family: registry.Family, args: argparse.Namespace, cfg: config_lib.Exper
 
 
 def main(family_name: str, argv: list[str] | None = None) -> int:
+  xla_flags.host_memory_defaults()  # before JAX starts its GPU client
   family = registry.get(family_name)
   try:
     args, cfg = parse(family, argv)

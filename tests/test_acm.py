@@ -1,6 +1,7 @@
 """ACM functional core and Flax shell against plain-numpy float64 references."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +77,58 @@ def test_soft_apply_with_one_hot_equals_hard_apply_and_passes_gate_gradients():
                              jnp.einsum("btk,btkd->btd", probs, prefix), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("activation", ["gelu", "relu", "identity"])
+# the activations as jax.nn writes them, differentiated by JAX's autodiff
+PLAIN_ACTIVATIONS = {"gelu": functools.partial(jax.nn.gelu, approximate=False),
+                     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+                     "relu": jax.nn.relu, "identity": lambda x: x}
+
+
+@pytest.mark.parametrize("activation", sorted(PLAIN_ACTIVATIONS))
+def test_activation_values_and_gradients_equal_jax_nn(activation):
+  """The table's activations, as served outside and inside a scanned stack of blocks: forward
+  bit for bit jax.nn's in float32, gradient equal to autodiff of jax.nn's formula in float64,
+  value_and_slope equal to both; the scan variants of the GELUs keep one activation-sized
+  residual (autodiff keeps x and the erfc / tanh terms)."""
+  plain = PLAIN_ACTIVATIONS[activation]
+  outside = acm.get_activation(activation)
+  with acm.scanned_layer("blocks", jnp.int32(0), ["block_0"]):
+    inside = acm.get_activation(activation)
+  assert (inside is not outside) == activation.startswith("gelu")
+  assert inside is (acm.ACTIVATIONS[activation].in_scan or outside)
+  x32 = jax.random.normal(jax.random.key(30), (4, 6, 32)) * 3.0
+  x16 = x32.astype(jnp.bfloat16)
+  exact = np.asarray(plain(x16.astype(jnp.float32)))
+  for fn in (outside, inside):
+    np.testing.assert_array_equal(fn(x32), plain(x32))
+    # bfloat16: within half a bfloat16 step of the float32 value at the same inputs where the
+    # activation is evaluated in float32 and rounded once (the scan variants), never further
+    # from it than jax.nn's bfloat16 result
+    ours, theirs = (np.abs(np.asarray(f(x16), np.float32) - exact) for f in (fn, plain))
+    assert np.all(ours <= theirs)
+    if fn is inside:
+      assert np.all(ours <= np.abs(exact) * 2 ** -8 + 1e-30)
+    with jax.enable_x64():
+      x = jax.random.normal(jax.random.key(31), (4, 6, 32), jnp.float64) * 3.0
+      g = jax.random.normal(jax.random.key(32), x.shape, jnp.float64)
+      (got,) = jax.vjp(fn, x)[1](g)
+      (want,) = jax.vjp(plain, x)[1](g)
+      assert np.abs(np.asarray(want)).max() > 0
+      np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # bfloat16 gradient: within bfloat16 rounding of the float32 one
+    (g16,) = jax.vjp(fn, x16)[1](jnp.ones(x16.shape, jnp.bfloat16))
+    (g32,) = jax.vjp(plain, x32)[1](jnp.ones(x32.shape))
+    np.testing.assert_allclose(np.asarray(g16, np.float32), g32, rtol=2e-2, atol=2e-2)
+  with jax.enable_x64():
+    value, slope = acm.ACTIVATIONS[activation].value_and_slope(x)
+    np.testing.assert_allclose(value, plain(x), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(slope, jax.vmap(jax.grad(plain))(x.ravel()).reshape(x.shape), rtol=1e-12, atol=1e-12)
+  if activation.startswith("gelu"):
+    big = lambda f: [leaf for leaf in jax.tree_util.tree_leaves(jax.vjp(f, x32)[1])
+                     if getattr(leaf, "shape", ()) == x32.shape]
+    assert len(big(inside)) == 1 and len(big(plain)) > 1
+
+
+@pytest.mark.parametrize("activation", sorted(PLAIN_ACTIVATIONS))
 def test_weighted_activation_vjp_equals_autodiff_of_the_plain_formula(activation):
   """The hand-written VJP of `weighted_activation` against JAX's autodiff of the same formula
   written out by hand, in float64 on random inputs, for the value and both gradients."""
@@ -84,7 +136,7 @@ def test_weighted_activation_vjp_equals_autodiff_of_the_plain_formula(activation
     pre = jax.random.normal(jax.random.key(10), (3, 5, N * H), jnp.float64) * 2.0
     weight = jax.random.uniform(jax.random.key(11), (3, 5, N), jnp.float64)
     cotangent = jax.random.normal(jax.random.key(12), (3, 5, N * H), jnp.float64)
-    act = acm.get_activation(activation)
+    act = PLAIN_ACTIVATIONS[activation]
     plain = lambda p, w: act(p) * jnp.repeat(w, H, axis=-1)
     got, got_vjp = jax.vjp(lambda p, w: acm.weighted_activation(p, w, activation), pre, weight)
     want, want_vjp = jax.vjp(plain, pre, weight)

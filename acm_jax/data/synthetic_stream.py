@@ -8,7 +8,7 @@ their order. Position p of the stream is thus found without touching any other
 chunk, and a batch needs at most two chunks (batch size <= chunk size).
 
 A pool of worker processes generates the next `workers` chunks ahead of the
-consumer (default: one per core less one for the consumer, two on two cores, `default_workers`).
+consumer (default: half the cores, two on two or three cores, `default_workers`).
 Processes, not threads: the generator's many small numpy operations hold the GIL,
 and 8 threads on a 16-core host gave 517 images/s at 224 px, what 2 cores give.
 The workers are spawned, never forked (the parent runs JAX's threads), import
@@ -47,11 +47,15 @@ MAX_WORKERS = 32
 
 
 def default_workers() -> int:
-  """The cores this process may run on, less one for the consumer (the training loop), but two on a
-  two-core machine (the consumer mostly waits there: 294-334 images/s at 224 px against 155-174 with
-  one worker on the 2-core VM): 1..MAX_WORKERS."""
+  """Half the cores this process may run on, but two on two or three cores: 1..MAX_WORKERS.
+
+  Measured at 224 px on the 16-core H200 host (2026-12-02, `benchmarks.synthetic_stream_bench`,
+  the affinity set with taskset): 4 workers 2,187 images/s, 8 workers 3,357, 15 workers 2,747.
+  Past half the cores the workers crowd out the consumer (the training loop, which receives
+  and unpickles every chunk and normalises the batch). On the 2-core VM two workers beat one
+  (294-334 images/s at 224 px against 155-174): the consumer mostly waits there."""
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-  return min(MAX_WORKERS, max(min(2, cores), cores - 1))
+  return min(MAX_WORKERS, max(min(2, cores), cores // 2))
 
 
 def generate(config: synthetic.SyntheticConfig, split: str, index: int,
