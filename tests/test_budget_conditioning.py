@@ -218,6 +218,10 @@ def test_conditioned_model_in_the_sweep(tmp_path, capsys):
   nested_records = [r for r in records if r["method"] == "acm_any_budget"]
   assert [r["rule"] for r in nested_records] == ["nested", "nested"]
   assert nested_records[0]["compute_fraction"] <= nested_records[1]["compute_fraction"]
+  # the second level runs every gate twice: its GFLOPs count the second pass
+  assert nested_records[0]["nested_extra_gate_gflops_per_image"] == 0
+  extra = nested_records[1]["nested_extra_gate_gflops_per_image"]
+  assert extra > 0 and extra == pytest.approx(nested_records[1]["gate_gflops_per_image"] / 2)
   assert compare.main([f"--workdir={tmp_path}", *TINY, "--calibration=nested", "--calibrate=false"]) == 0
   capsys.readouterr()
   # another chain of budgets is not the saved one

@@ -488,6 +488,11 @@ def evaluate_at_budget(exp: phases.Experiment, params: PyTree, budget: float, ex
     levels = [b if conditioned is not None else None for b in found["budgets"]]
     with serve_levels(exp.task.acm_specs, found["level_offsets"], levels):  # traced in evaluate's jit
       record = phases.evaluate(exp, params, name, "argmax", **condition)
+    if conditioned is not None:  # the gates run once per level (a plain model's once in all)
+      extra_gates = (len(levels) - 1) * record["gate_gflops_per_image"]
+      record = {**record, "gflops_per_image": record["gflops_per_image"] + extra_gates,
+                "gate_gflops_per_image": record["gate_gflops_per_image"] + extra_gates,
+                "nested_extra_gate_gflops_per_image": extra_gates}
   else:
     with serve(exp.task.acm_specs, found["offsets"], condition.get("budget")):  # traced in evaluate's jit
       record = phases.evaluate(exp, params, name, "argmax", **condition)
