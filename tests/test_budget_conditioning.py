@@ -228,6 +228,13 @@ def test_conditioned_model_in_the_sweep(tmp_path, capsys):
   assert compare.main([f"--workdir={tmp_path}", *TINY, "--calibration=nested", "--calibrate=false",
                        "--any_budgets=0.25,0.5,0.75"]) == 2
   assert "no saved nested calibration" in capsys.readouterr().err
+  # empty --budgets: the any-budget model alone (halting methods need the budgets as depths)
+  assert compare.main([f"--workdir={tmp_path}", *TINY, "--calibration=none", "--budgets="]) == 0
+  records = json.loads((tmp_path / "curves.json").read_text())
+  assert sorted({r["method"] for r in records}) == ["acm_any_budget", "dense"]
+  assert compare.main([f"--workdir={tmp_path}", *TINY, "--calibration=none", "--budgets=",
+                       "--methods=acm,token_halting"]) == 2
+  assert "--budgets must be" in capsys.readouterr().err
   # outside the trained range: refused before any work
   assert compare.main([f"--workdir={tmp_path}", *TINY, "--calibration=none", "--eval_budget=0.95"]) == 2
   assert "outside the range" in capsys.readouterr().err
