@@ -58,6 +58,8 @@ def at_gflops(records: list[dict], level: float) -> float | None:
 
 def matched(records: list[dict]) -> list[dict]:
   acm = [r for r in records if r["method"] == "acm"]
+  if not acm:  # the any-budget model alone (--budgets=): no ACM curve to match the baselines at
+    return []
   g = sorted(r["gflops_per_image"] for r in acm)
   levels = [g[0], 0.5 * (g[0] + g[-1]), g[-1]]
   rows = []

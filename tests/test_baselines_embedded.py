@@ -65,3 +65,15 @@ def test_any_budget_figure_is_a_png_from_hand_made_records(tmp_path, monkeypatch
     baselines_embedded.any_budget_figure(stored, "synthetic_shapes", ["absent"], tmp_path / "out2")
   with pytest.raises(report_lib.Skip, match="no any-budget curve"):  # the shapes record itself has none
     baselines_embedded.any_budget_figure(stored, "synthetic_shapes", ["record"], tmp_path / "out2")
+
+
+def test_any_budget_model_alone_is_recorded(tmp_path, monkeypatch):
+  """--budgets= (no ACM finetuned per budget): no matched-compute rows, the any-budget entry without references."""
+  monkeypatch.setattr(baselines_embedded, "HERE", tmp_path)
+  alone = [r for r in RECORDS if r["method"] != "acm"]
+  monkeypatch.setattr(compare, "run", lambda args, cfg, bcfg: alone)
+  (tmp_path / "results").mkdir()
+  assert baselines_embedded.main(["--methods=acm", "--budgets=", "--budget_conditioning=true", "--variant=alone"]) == 0
+  variant = json.loads((tmp_path / "results" / "baselines_embedded.json").read_text())["any_budget_variants"]["alone"]
+  assert sorted(variant["any_budget"]) == ["0.25", "0.5"]
+  assert all("finetuned_top1" not in e for e in variant["any_budget"].values())
