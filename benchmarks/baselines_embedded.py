@@ -9,6 +9,11 @@ this invocation. The default dataset's record is the file's top level; another
 --variant=NAME records a recipe variant (e.g. other finetuning flags) under
 "any_budget_variants"/NAME of its dataset's record instead, the record untouched.
 The accuracy-vs-GFLOPs figure goes to docs/figures/baselines_<dataset>/.
+
+  python3 -m benchmarks.baselines_embedded --any_budget_figure=NAME,NAME [--dataset=...]
+
+draws (and runs nothing) the any-budget curves of the dataset's recorded variants NAME
+("record": the record itself) into docs/figures/baselines_<dataset>/any_budget_vs_gflops.png.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ def at_gflops(records: list[dict], level: float) -> float | None:
 
 def matched(records: list[dict]) -> list[dict]:
   acm = [r for r in records if r["method"] == "acm"]
+  if not acm:  # the any-budget model alone (--budgets=): no ACM curve to match the baselines at
+    return []
   g = sorted(r["gflops_per_image"] for r in acm)
   levels = [g[0], 0.5 * (g[0] + g[-1]), g[-1]]
   rows = []
@@ -93,7 +100,28 @@ def figure(records: list[dict], dataset: str) -> Path:
   return out / report.written[0][0]
 
 
+def any_budget_figure(stored: dict, dataset: str, names: list[str], out: Path | None = None) -> Path:
+  """The any-budget curves of `names` (variants of `dataset`'s record in `stored`, the contents of
+  baselines_embedded.json; "record" is the record itself) in one accuracy-vs-GFLOPs figure."""
+  record = stored if dataset == DEFAULT_DATASET else stored.get("datasets", {}).get(dataset, {})
+  variants = {"record": record, **record.get("any_budget_variants", {})}
+  unknown = [n for n in names if n not in variants or "curves" not in variants[n]]
+  if unknown or not names:
+    raise ValueError(f"--any_budget_figure: no recorded curves for {unknown or names} on {dataset}; "
+                     f"recorded: {sorted(n for n, v in variants.items() if 'curves' in v)}")
+  out = out or HERE.parent / "docs" / "figures" / f"baselines_{dataset}"
+  report = report_lib.Report(out)
+  report_lib.plot_any_budget(report, {n: variants[n]["curves"] for n in names}, f"One model for any budget, {dataset}")
+  return out / report.written[0][0]
+
+
 def main(argv: list[str]) -> int:
+  names = next((a.split("=", 1)[1] for a in argv if a.startswith("--any_budget_figure=")), None)
+  if names is not None:
+    dataset = next((a.split("=", 1)[1] for a in argv if a.startswith("--dataset=")), DEFAULT_DATASET)
+    stored = json.loads((HERE / "results" / "baselines_embedded.json").read_text())
+    print(any_budget_figure(stored, dataset, [n for n in names.split(",") if n]))
+    return 0
   workdir = next((a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")), "runs/baselines_bench")
   variant = next((a.split("=", 1)[1] for a in argv if a.startswith("--variant=")), None)
   extra = [a for a in argv if not a.startswith(("--workdir=", "--variant="))]

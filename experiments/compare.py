@@ -41,7 +41,9 @@ def parse(argv: list[str] | None):
   parser = config_lib.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--methods", default=",".join(baselines.METHODS),
                       help=f"comma-separated subset of {', '.join(baselines.METHODS)}; default: all of them")
-  parser.add_argument("--budgets", default="0.25,0.5,0.75", help="ACM finetuning budgets and halting depths")
+  parser.add_argument("--budgets", default="0.25,0.5,0.75",
+                      help="ACM finetuning budgets and halting depths (empty, without halting methods: no ACM "
+                      "finetuned per budget, only the any-budget model)")
   parser.add_argument("--any_budgets", default=ANY_BUDGETS, help="budgets the one any-budget ACM is calibrated to")
   parser.add_argument("--any_budget_model", type=float, default=0.5, help="budget of the ACM calibrated at inference")
   parser.add_argument("--eval_budget", type=float, default=None, help="calibrate to this budget only")
@@ -89,7 +91,11 @@ def plan(args, cfg: config_lib.ExperimentConfig, bcfg: baselines.BaselineConfig)
   unknown = [m for m in methods if m not in baselines.METHODS]
   if unknown or not methods:
     raise ValueError(f"--methods: unknown {unknown or args.methods!r}; expected a subset of {baselines.METHODS}")
-  budgets = _numbers("budgets", args.budgets, float, 0.0, 1.0, low_open=True)
+  halting = [m for m in methods if m in ("token_halting", "acm_halting")]
+  if args.budgets.strip() == "" and "acm" in methods and not halting:
+    budgets = []  # the any-budget model alone, no ACM finetuned per budget
+  else:
+    budgets = _numbers("budgets", args.budgets, float, 0.0, 1.0, low_open=True)
   any_budgets = _numbers("any_budgets", args.any_budgets, float, 0.0, 1.0, low_open=True)
   if args.eval_budget is not None:
     any_budgets = _numbers("eval_budget", str(args.eval_budget), float, 0.0, 1.0, low_open=True)

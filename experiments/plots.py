@@ -253,6 +253,43 @@ def plot_accuracy(report: Report, runs: list[Run], curves: list[dict]) -> None:
               "points form the Pareto front.")
 
 
+def plot_any_budget(report: Report, curves_by_name: dict[str, list[dict]], title: str) -> None:
+  """The any-budget curves of several recipes (each a list of compare records, e.g. the "curves"
+  of the records in benchmarks/results/baselines_embedded.json): per recipe, its one model's
+  points ("acm_any_budget") joined in order of target budget, so a fall in accuracy as compute
+  rises shows as a dip, and its separately finetuned references ("acm") as open squares."""
+  drawn = {name: curves for name, curves in curves_by_name.items()
+           if any(c["method"] == "acm_any_budget" for c in curves)}
+  if not drawn:
+    raise Skip("no any-budget curve (method acm_any_budget) in the records given")
+  fig, ax = plt.subplots(figsize=(7.2, 4.8))
+  colours = plt.get_cmap("tab10")
+  for i, (name, curves) in enumerate(drawn.items()):
+    colour = colours(i % 10)
+    any_budget = sorted((c for c in curves if c["method"] == "acm_any_budget"), key=lambda c: c["budget_or_threshold"])
+    ax.plot([c["gflops_per_image"] for c in any_budget], [100 * c["top1"] for c in any_budget], marker="o", ms=5,
+            color=colour, lw=1.5, label=name)
+    references = sorted((c for c in curves if c["method"] == "acm"), key=lambda c: c["gflops_per_image"])
+    ax.plot([c["gflops_per_image"] for c in references], [100 * c["top1"] for c in references], marker="s", ms=8,
+            mfc="none", mec=colour, color=colour, ls=":", lw=1)
+  first = next(iter(drawn.values()))
+  for c in (c for c in first if c["method"] == "acm_any_budget"):  # the target budgets, on the first recipe
+    ax.annotate(f"{c['budget_or_threshold']:g}", (c["gflops_per_image"], 100 * c["top1"]),
+                textcoords="offset points", xytext=(4, -11), fontsize=8)
+  dense = [c for c in first if c["method"] == "dense"]
+  if dense:
+    ax.plot([dense[0]["gflops_per_image"]], [100 * dense[0]["top1"]], label="dense", **_STYLE["dense"])
+  ax.set_xlabel("GFLOPs per image")
+  ax.set_ylabel("top-1 accuracy (%)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="lower right", title="one model, any budget (open squares: finetuned per budget)",
+            title_fontsize=7)
+  report.save(fig, "any_budget_vs_gflops.png", "Top-1 vs GFLOPs of one model served at budgets 0.125 to 0.875 "
+              "(points joined in order of budget), per recipe, beside that recipe's models finetuned at one "
+              "budget each (open squares).")
+
+
 # --- latency ------------------------------------------------------------------------------
 
 

@@ -3,9 +3,11 @@
 import json
 
 import numpy as np
+import pytest
 
 from benchmarks import baselines_embedded
 from experiments import compare
+from experiments import plots as report_lib
 
 
 def record(method, budget, compute, top1):
@@ -42,3 +44,36 @@ def test_variant_is_recorded_beside_the_record(tmp_path, monkeypatch):
                                                                            [0.92, 0.94, 0.95]))
   assert "finetuned_interpolated_top1" not in low  # cheaper than every reference
   assert "## ACM vs baselines, synthetic" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_any_budget_figure_is_a_png_from_hand_made_records(tmp_path, monkeypatch):
+  """Two recipes' any-budget curves, one of them a variant of another data set's record, drawn from
+  the JSON file alone; unknown names and records without an any-budget curve are refused."""
+  monkeypatch.setattr(baselines_embedded, "HERE", tmp_path / "bench")
+  shifted = [dict(r, top1=r["top1"] - 0.01) for r in RECORDS]
+  stored = {"curves": RECORDS, "datasets": {"synthetic_shapes": {
+      "curves": [record("dense", 1.0, 1.0, 0.7)], "any_budget_variants": {"nested": {"curves": shifted}}}}}
+  (tmp_path / "bench" / "results").mkdir(parents=True)
+  (tmp_path / "bench" / "results" / "baselines_embedded.json").write_text(json.dumps(stored))
+  path = baselines_embedded.any_budget_figure(stored, "synthetic", ["record"], tmp_path / "out")
+  assert path.name == "any_budget_vs_gflops.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert path.stat().st_size > 5000
+  assert baselines_embedded.main(["--dataset=synthetic_shapes", "--any_budget_figure=nested"]) == 0
+  drawn = tmp_path / "docs" / "figures" / "baselines_synthetic_shapes" / "any_budget_vs_gflops.png"
+  assert drawn.stat().st_size > 5000
+  with pytest.raises(ValueError, match=r"no recorded curves for \['absent'\]"):
+    baselines_embedded.any_budget_figure(stored, "synthetic_shapes", ["absent"], tmp_path / "out2")
+  with pytest.raises(report_lib.Skip, match="no any-budget curve"):  # the shapes record itself has none
+    baselines_embedded.any_budget_figure(stored, "synthetic_shapes", ["record"], tmp_path / "out2")
+
+
+def test_any_budget_model_alone_is_recorded(tmp_path, monkeypatch):
+  """--budgets= (no ACM finetuned per budget): no matched-compute rows, the any-budget entry without references."""
+  monkeypatch.setattr(baselines_embedded, "HERE", tmp_path)
+  alone = [r for r in RECORDS if r["method"] != "acm"]
+  monkeypatch.setattr(compare, "run", lambda args, cfg, bcfg: alone)
+  (tmp_path / "results").mkdir()
+  assert baselines_embedded.main(["--methods=acm", "--budgets=", "--budget_conditioning=true", "--variant=alone"]) == 0
+  variant = json.loads((tmp_path / "results" / "baselines_embedded.json").read_text())["any_budget_variants"]["alone"]
+  assert sorted(variant["any_budget"]) == ["0.25", "0.5"]
+  assert all("finetuned_top1" not in e for e in variant["any_budget"].values())

@@ -209,6 +209,32 @@ def test_conditioned_model_in_the_sweep(tmp_path, capsys):
   assert sorted(calibration.load(run)["global"]) == ["0.2500", "0.7500"]
   assert compare.main([f"--workdir={tmp_path}", *TINY, "--calibration=global", "--calibrate=false"]) == 0
   capsys.readouterr()
+  # nested: one chain over both budgets, saved with the model, each level holding the ones below
+  assert compare.main([f"--workdir={tmp_path}", *TINY, "--calibration=nested"]) == 0
+  nested = calibration.load(run)["nested"]
+  assert nested["0.7500"]["budgets"] == [0.25, 0.75] and nested["0.2500"]["chain"] == [0.25, 0.75]
+  assert nested["0.7500"]["level_offsets"][0] == nested["0.2500"]["offsets"]
+  records = json.loads((tmp_path / "curves.json").read_text())
+  nested_records = [r for r in records if r["method"] == "acm_any_budget"]
+  assert [r["rule"] for r in nested_records] == ["nested", "nested"]
+  assert nested_records[0]["compute_fraction"] <= nested_records[1]["compute_fraction"]
+  # the second level runs every gate twice: its GFLOPs count the second pass
+  assert nested_records[0]["nested_extra_gate_gflops_per_image"] == 0
+  extra = nested_records[1]["nested_extra_gate_gflops_per_image"]
+  assert extra > 0 and extra == pytest.approx(nested_records[1]["gate_gflops_per_image"] / 2)
+  assert compare.main([f"--workdir={tmp_path}", *TINY, "--calibration=nested", "--calibrate=false"]) == 0
+  capsys.readouterr()
+  # another chain of budgets is not the saved one
+  assert compare.main([f"--workdir={tmp_path}", *TINY, "--calibration=nested", "--calibrate=false",
+                       "--any_budgets=0.25,0.5,0.75"]) == 2
+  assert "no saved nested calibration" in capsys.readouterr().err
+  # empty --budgets: the any-budget model alone (halting methods need the budgets as depths)
+  assert compare.main([f"--workdir={tmp_path}", *TINY, "--calibration=none", "--budgets="]) == 0
+  records = json.loads((tmp_path / "curves.json").read_text())
+  assert sorted({r["method"] for r in records}) == ["acm_any_budget", "dense"]
+  assert compare.main([f"--workdir={tmp_path}", *TINY, "--calibration=none", "--budgets=",
+                       "--methods=acm,token_halting"]) == 2
+  assert "--budgets must be" in capsys.readouterr().err
   # outside the trained range: refused before any work
   assert compare.main([f"--workdir={tmp_path}", *TINY, "--calibration=none", "--eval_budget=0.95"]) == 2
   assert "outside the range" in capsys.readouterr().err

@@ -22,6 +22,15 @@ model's own split of compute over ACMs (`allocate`): f_m = min(1, alpha * g_m)
 with g_m the ACM's fraction at offset 0, alpha set so that the cost-weighted
 mean of the f_m is B.
 
+"nested": the per-ACM rule fitted over a grid of budgets B_1 < ... < B_L at once, so
+that no token runs fewer learners at a higher budget. Level i has its own offsets
+o_{m,i}; at B_i ACM m runs k = max over j <= i of the per-ACM rule at level j (the
+gate's score conditioned on B_j, offset o_{m,j}). The levels are fitted in increasing
+budget, each ACM's offset at B_i with the k of the lower levels as its floor, so on the
+same input a token's k is non-decreasing in the budget by construction. With one
+budget it is the per-ACM rule. Serving B_i evaluates the gate at the i budgets <= B_i
+for a budget-conditioned model (its gate cost times i; once for a plain model).
+
 The fitted offsets are saved with the model (`<finetune run>/calibration.json`,
 keyed by budget); `serve` applies them to any forward pass.
 
@@ -50,7 +59,8 @@ from acm_jax.pytree import PyTree
 from acm_jax.train import phases, steps
 
 CALIBRATION_STEP = 10**7  # train-split batches this far out were never trained on
-RULES = ("per_acm", "global", "none")
+RULES = ("per_acm", "global", "none", "nested")
+INACTIVE = 1e6  # the offset of a level not yet fitted: its k is min_choice, below every floor
 FILE = "calibration.json"
 
 
@@ -118,20 +128,30 @@ def score_choices(score: jax.Array, offset: float | jax.Array, num_learners: int
   return jnp.clip(k, min_choice, num_learners).astype(jnp.int32)
 
 
+def nested_choices(scores: jax.Array, offsets: jax.Array, num_learners: int, min_choice: int = 0) -> jax.Array:
+  """The nested rule: scores (levels, ...) and offsets (levels,) -> the max over levels of
+  `score_choices` (int32, shape ...). Non-decreasing as levels are added."""
+  offsets = jnp.reshape(offsets, offsets.shape + (1,) * (scores.ndim - 1))
+  return jnp.max(score_choices(scores, offsets, num_learners, min_choice), axis=0)
+
+
 def offset_for_fraction(score: np.ndarray, weight: np.ndarray, target: float, num_learners: int,
-                        min_choice: int = 0, iterations: int = 60) -> tuple[float, float]:
+                        min_choice: int = 0, iterations: int = 60,
+                        floor: np.ndarray | None = None) -> tuple[float, float]:
   """(offset, fraction reached) putting the weighted mean of k / N on `target`.
 
-  score, weight: flat arrays over tokens (weight 0 for padding). The fraction is
+  score, weight: flat arrays over tokens (weight 0 for padding). floor: each token's
+  least k (the nested rule's lower levels), k = max(floor, rule). The fraction is
   a non-increasing step function of the offset; bisection over
-  [-N - 1, N + 1] (every token at N at the left end, at `min_choice` at the
-  right) returns the offset whose fraction is closest to the target."""
+  [-N - 1, N + 1] (every token at N at the left end, at `min_choice` or its floor at
+  the right) returns the offset whose fraction is closest to the target."""
   score, weight = np.asarray(score, np.float64), np.asarray(weight, np.float64)
   if weight.sum() <= 0:
     raise ValueError("the calibration batch has no tokens (all token weights are zero)")
+  floor = np.full(score.shape, min_choice, np.float64) if floor is None else np.asarray(floor, np.float64)
 
   def fraction(offset):
-    k = np.clip(np.floor(score - offset + 0.5), min_choice, num_learners)
+    k = np.maximum(floor, np.clip(np.floor(score - offset + 0.5), min_choice, num_learners))
     return float(weight @ k / weight.sum() / num_learners)
 
   lo, hi = -num_learners - 1.0, num_learners + 1.0
@@ -175,12 +195,35 @@ def serve(specs: tuple[steps.ACMSpec, ...], offsets: dict[str, float] | jax.Arra
   ("block_3/mlp") for scanned blocks too. Each ACM is called in mode "fixed" with the
   rule's k, computed by its own gate, so it sows its choices as usual and eval's
   statistics (k histograms, compute) describe the calibrated allocation."""
+  offsets = offsets_array(specs, offsets) if isinstance(offsets, dict) else jnp.asarray(offsets)
+  with serve_levels(specs, offsets[None], [budget]):
+    yield
+
+
+def offsets_array(specs: tuple[steps.ACMSpec, ...], offsets: dict[str, float]) -> jax.Array:
+  """{path: offset} -> (len(specs),) float32 in the order of `specs`."""
+  missing = sorted({s.path for s in specs} - set(offsets))
+  if missing:
+    raise ValueError(f"the calibration has no offsets for ACMs {missing}; it was fitted on another model")
+  return jnp.asarray([offsets[s.path] for s in specs], jnp.float32)
+
+
+@contextlib.contextmanager
+def serve_levels(specs: tuple[steps.ACMSpec, ...], offsets: list[dict[str, float]] | jax.Array,
+                 budgets: list[float | None], sow_scores: bool = False) -> Iterator[None]:
+  """Within the context every ACM of `specs` runs the nested rule over the levels given:
+  k = max over levels j of the per-ACM rule with offsets[j] on the gate conditioned on
+  budgets[j] (None: a plain gate, evaluated once for every level). One level is `serve`.
+
+  offsets: one {path: offset} per level, or an array (levels, len(specs)) (traceable).
+  sow_scores: also sow each ACM's per-level scores (levels, batch, tokens) as "level_scores"
+  in the "acm" collection (what the fitting reads)."""
+  if not isinstance(offsets, jax.Array) and not isinstance(offsets, np.ndarray):
+    offsets = jnp.stack([offsets_array(specs, o) for o in offsets])
+  offsets = jnp.asarray(offsets, jnp.float32)
+  if offsets.shape != (len(budgets), len(specs)):
+    raise ValueError(f"offsets of shape {offsets.shape} for {len(budgets)} levels of {len(specs)} ACMs")
   by_path = {s.path: i for i, s in enumerate(specs)}
-  if isinstance(offsets, dict):
-    missing = sorted(set(by_path) - set(offsets))
-    if missing:
-      raise ValueError(f"the calibration has no offsets for ACMs {missing}; it was fitted on another model")
-    offsets = jnp.asarray([offsets[s.path] for s in specs], jnp.float32)
 
   def intercept(next_fun, args, kwargs, context):
     if not (isinstance(context.module, acm_lib.ACM) and context.method_name == "__call__"):
@@ -191,9 +234,16 @@ def serve(specs: tuple[steps.ACMSpec, ...], offsets: dict[str, float] | jax.Arra
     if None in indices:
       raise ValueError(f"ACM {paths[indices.index(None)]!r} is not one of the calibrated ACMs {sorted(by_path)}")
     spec = specs[indices[0]]  # the layers of a stack differ in offset only
-    offset = offsets[indices[0]] if layer is None else offsets[jnp.asarray(indices)][layer]
-    logits = steps.apply_gate(spec, context.module.variables["params"]["gate"], args[0], budget)
-    k = score_choices(compute_score(logits), offset, spec.num_learners, spec.min_choice)
+    offset = offsets[:, indices[0]] if layer is None else offsets[:, jnp.asarray(indices)][:, layer]
+    gate = context.module.variables["params"]["gate"]
+    if all(b is None for b in budgets):
+      scores = jnp.broadcast_to(compute_score(steps.apply_gate(spec, gate, args[0])),
+                                (len(budgets),) + args[0].shape[:-1])
+    else:
+      scores = jnp.stack([compute_score(steps.apply_gate(spec, gate, args[0], b)) for b in budgets])
+    if sow_scores:
+      context.module.sow("acm", "level_scores", scores)
+    k = nested_choices(scores, offset, spec.num_learners, spec.min_choice)
     return next_fun(*args, **{**kwargs, "mode": "fixed", "fixed_k": k})
 
   with nn.intercept_methods(intercept):
@@ -225,48 +275,76 @@ def conditioning(budget: float | None):
 
 
 def scores_fn(exp: phases.Experiment, params: PyTree, batch: dict,
-              budget: float | None = None) -> Callable[[np.ndarray], list[np.ndarray]]:
-  """offsets (M,) -> every ACM's compute scores (batch, tokens) on `batch` under them
-  (gates conditioned on `budget` when given)."""
+              budgets: list[float | None]) -> Callable[[np.ndarray], list[np.ndarray]]:
+  """offsets (levels, M) -> every ACM's per-level compute scores (levels, batch, tokens) on
+  `batch`, served by the nested rule under those offsets (level j's gates conditioned on
+  budgets[j] when given)."""
   images = exp.task.inputs(batch)
   specs = exp.task.acm_specs
 
   @jax.jit
   def scores(offsets):
-    with serve(specs, offsets, budget), conditioning(budget):
+    with serve_levels(specs, offsets, budgets, sow_scores=True):
       _, aux = exp.task.acm_model.apply({"params": params}, images, mode="argmax", mutable=["acm"])
     flat = flatten(transformer.unstack_blocks(aux["acm"]))
-    return [compute_score(flat[f"{s.path}/logits"][0]) for s in specs]
+    return [flat[f"{s.path}/level_scores"][0] for s in specs]
 
   return lambda offsets: [np.asarray(s) for s in scores(jnp.asarray(offsets, jnp.float32))]
 
 
 def fit_offsets(scores: Callable[[np.ndarray], list[np.ndarray]], weight: np.ndarray,
                 specs: tuple[steps.ACMSpec, ...], budget: float) -> dict:
-  """Offsets putting every ACM on its `allocate` target, fitted in depth order.
+  """The per-ACM rule: offsets putting every ACM on its `allocate` target, fitted in depth
+  order (the nested rule with one level).
 
-  scores(offsets) -> per-ACM (batch, tokens) scores; ACM m's scores may depend on
+  scores(offsets (M,)) -> per-ACM (batch, tokens) scores; ACM m's scores may depend on
   offsets[:m] only. weight: (batch, tokens) real-token mask."""
-  check_budget(budget)
+  levels = fit_nested_offsets(lambda offsets: [s[None] for s in scores(offsets[0])], weight, specs, [budget])
+  return {k: levels[0][k] for k in ("offsets", "targets", "calibration_fraction")}
+
+
+def fit_nested_offsets(scores: Callable[[np.ndarray], list[np.ndarray]], weight: np.ndarray,
+                       specs: tuple[steps.ACMSpec, ...], budgets: list[float]) -> list[dict]:
+  """The nested rule over `budgets` (increasing): one calibration per budget, level by level.
+
+  scores(offsets (levels, M)) -> per-ACM (levels, batch, tokens) scores, those of level j
+  read by the gates conditioned on budgets[j], on the inputs of the forward served by the
+  nested rule with these offsets; ACM m's may depend on offsets[:, :m] only. weight:
+  (batch, tokens) real-token mask. At level i the targets are `allocate`'s on the level's
+  own scores at offset 0 (those of the per-ACM rule at B_i), and ACM m's offset is fitted
+  with the k of levels < i as each token's floor: a floor above the target leaves the ACM
+  over it (that level's calibration_fraction says by how much)."""
+  for b in budgets:
+    check_budget(b)
+  if list(budgets) != sorted(set(budgets)):
+    raise ValueError(f"nested calibration budgets must be increasing and distinct, got {list(budgets)}")
   weight = np.asarray(weight, np.float64).reshape(-1)
   if weight.sum() <= 0:
     raise ValueError("the calibration batch has no tokens (all token weights are zero)")
-  count = len(specs)
-
-  def fractions(per_acm):
-    return np.array([np.clip(np.floor(s.reshape(-1) + 0.5), spec.min_choice, spec.num_learners) @ weight
-                     / weight.sum() / spec.num_learners for s, spec in zip(per_acm, specs)])
-
-  base = fractions(scores(np.zeros(count)))
-  targets = allocate(base, cost_shares(specs), budget)
-  offsets = np.zeros(count)
-  reached = np.zeros(count)
-  for m, spec in enumerate(specs):
-    score = scores(offsets)[m].reshape(-1)
-    offsets[m], reached[m] = offset_for_fraction(score, weight, targets[m], spec.num_learners, spec.min_choice)
-  return {"offsets": {s.path: float(o) for s, o in zip(specs, offsets)},
-          "targets": {s.path: float(t) for s, t in zip(specs, targets)},
-          "calibration_fraction": float(cost_shares(specs) @ reached)}
+  shares = cost_shares(specs)
+  rule = lambda score, offset, spec: np.clip(np.floor(score - offset + 0.5), spec.min_choice, spec.num_learners)
+  fraction = lambda k, spec: float(k @ weight / weight.sum() / spec.num_learners)
+  offsets = np.full((len(budgets), len(specs)), INACTIVE)
+  levels = []
+  for i, budget in enumerate(budgets):
+    offsets[i] = 0.0
+    start = scores(offsets)
+    targets = allocate([fraction(rule(s[i].reshape(-1), 0.0, spec), spec) for s, spec in zip(start, specs)],
+                       shares, budget)
+    reached = np.zeros(len(specs))
+    for m, spec in enumerate(specs):
+      score = scores(offsets)[m].reshape(len(budgets), -1)
+      floor = np.full(score.shape[1], float(spec.min_choice))
+      for j in range(i):
+        floor = np.maximum(floor, rule(score[j], offsets[j, m], spec))
+      offsets[i, m], reached[m] = offset_for_fraction(score[i], weight, targets[m], spec.num_learners,
+                                                      spec.min_choice, floor=floor)
+    levels.append({"budgets": [float(b) for b in budgets[:i + 1]],
+                   "level_offsets": [{s.path: float(o) for s, o in zip(specs, row)} for row in offsets[:i + 1]],
+                   "offsets": {s.path: float(o) for s, o in zip(specs, offsets[i])},
+                   "targets": {s.path: float(t) for s, t in zip(specs, targets)},
+                   "calibration_fraction": float(shares @ reached)})
+  return levels
 
 
 # --- saved with the model -----------------------------------------------------------
@@ -282,15 +360,22 @@ def key(budget: float) -> str:
   return f"{budget:.4f}"
 
 
-def saved(run_dir: Path, budget: float, rule: str, examples: int) -> dict | None:
+def saved(run_dir: Path, budget: float, rule: str, examples: int, chain: list[float] | None = None) -> dict | None:
+  """The saved calibration of `rule` at `budget`; for rule "nested", only one fitted over the
+  budgets `chain` (a level's offsets depend on every budget below it in its chain)."""
   found = load(run_dir).get(rule, {}).get(key(budget))
-  return found if found is not None and found["calibration_examples"] == examples else None
+  if found is None or found["calibration_examples"] != examples:
+    return None
+  if rule == "nested" and [key(b) for b in found["chain"]] != [key(b) for b in chain]:
+    return None
+  return found
 
 
 def check_servable(run_dir: Path, budgets: list[float], rule: str, examples: int, fit: bool,
                    conditioned: tuple[float, float] | None = None) -> None:
   """Before any work: a model without saved calibration serves no other budget unless fitting is
-  allowed; a budget-conditioned model (`conditioned`: its trained range) serves budgets in its range."""
+  allowed; a budget-conditioned model (`conditioned`: its trained range) serves budgets in its range.
+  Rule "nested" is fitted over `budgets` together (their chain)."""
   if rule not in RULES:
     raise ValueError(f"unknown calibration rule {rule!r}; expected one of {RULES}")
   for b in budgets:
@@ -306,7 +391,7 @@ def check_servable(run_dir: Path, budgets: list[float], rule: str, examples: int
                        f"([{conditioned[0]:g}, {conditioned[1]:g}], --budget_min / --budget_max)")
     if rule == "none":
       return
-  missing = [b for b in budgets if saved(run_dir, b, rule, examples) is None]
+  missing = [b for b in budgets if saved(run_dir, b, rule, examples, sorted(budgets)) is None]
   if missing and not fit:
     raise ValueError(
         f"the model at {run_dir} has no saved {rule} calibration on {examples} examples for budgets {missing} "
@@ -318,8 +403,9 @@ def calibrate(exp: phases.Experiment, params: PyTree, budget: float, examples: i
   """The calibration of `params` to `budget` on a held-out train batch (on top of the gates
   conditioned on `budget` when the model's are)."""
   check_budget(budget)
-  if rule not in RULES or rule == "none":
-    raise ValueError(f"calibration rule {rule!r} fits nothing; expected one of {RULES[:2]}")
+  if rule not in ("per_acm", "global"):
+    raise ValueError(f"calibration rule {rule!r} is not fitted per budget; expected one of {RULES[:2]} "
+                     "(rule nested: `calibrate_nested`)")
   batch = calibration_batch(exp, examples)
   found = {"rule": rule, "calibration_examples": examples}
   condition = budget if exp.config.budget_conditioning else None
@@ -327,10 +413,30 @@ def calibrate(exp: phases.Experiment, params: PyTree, budget: float, examples: i
     fraction = compute_fraction_fn(exp, params, batch, condition)
     shift, reached = bisect(fraction, budget, tolerance / 2)
     return {**found, "cost_shift": float(shift), "calibration_fraction": float(reached)}
+  scores = scores_fn(exp, params, batch, [condition])
+  weight = _token_weight(exp, batch, scores, 1)
+  return {**found, **fit_offsets(lambda o: [s[0] for s in scores(o[None])], weight, exp.task.acm_specs, budget)}
+
+
+def calibrate_nested(exp: phases.Experiment, params: PyTree, budgets: list[float], examples: int = 256) -> dict:
+  """{budget key: calibration} of `params` by the nested rule over `budgets` together, on a
+  held-out train batch (level j on the gates conditioned on budgets[j] when the model's are)."""
+  chain = sorted(check_budget(b) for b in budgets)
+  batch = calibration_batch(exp, examples)
+  conditions = [b if exp.config.budget_conditioning else None for b in chain]
+  scores = scores_fn(exp, params, batch, conditions)
+  levels = fit_nested_offsets(scores, _token_weight(exp, batch, scores, len(chain)), exp.task.acm_specs,
+                              chain)
+  return {key(b): {"rule": "nested", "calibration_examples": examples, "chain": chain, **level}
+          for b, level in zip(chain, levels)}
+
+
+def _token_weight(exp: phases.Experiment, batch: dict, scores: Callable, levels: int) -> np.ndarray:
+  """(batch, tokens) real-token mask of the calibration batch (all ones where every token is real)."""
   real = steps.real_tokens(exp.task, batch)
-  scores = scores_fn(exp, params, batch, condition)
-  weight = np.ones(scores(np.zeros(len(exp.task.acm_specs)))[0].shape) if real is None else np.asarray(real)
-  return {**found, **fit_offsets(scores, weight, exp.task.acm_specs, budget)}
+  if real is not None:
+    return np.asarray(real)
+  return np.ones(scores(np.full((levels, len(exp.task.acm_specs)), INACTIVE))[0].shape[1:])
 
 
 def compute_fraction_fn(exp: phases.Experiment, params: PyTree, batch: dict,
@@ -351,26 +457,42 @@ def compute_fraction_fn(exp: phases.Experiment, params: PyTree, batch: dict,
 
 
 def evaluate_at_budget(exp: phases.Experiment, params: PyTree, budget: float, examples: int = 256,
-                       rule: str = "per_acm", fit: bool = True) -> dict:
+                       rule: str = "per_acm", fit: bool = True, chain: list[float] | None = None) -> dict:
   """The ACM evaluated at `budget` with its saved calibration (fitted and saved first
   when missing and `fit`), through the shared `phases.evaluate`; a budget-conditioned
-  model's gates read `budget` (rule "none": nothing more)."""
+  model's gates read `budget` (rule "none": nothing more). Rule "nested": the calibration
+  fitted over the budgets `chain` together (default: `budget` alone), which holds `budget`."""
   run_dir = exp.run_dir("finetune")
   conditioned = exp.config.budget_range
-  check_servable(run_dir, [budget], rule, examples, fit, conditioned)
+  chain = sorted(chain or [budget])
+  if rule == "nested" and key(budget) not in map(key, chain):
+    raise ValueError(f"budget {budget} is not one of the nested calibration's budgets {chain}")
+  check_servable(run_dir, chain if rule == "nested" else [budget], rule, examples, fit, conditioned)
   name = f"acm_any_b{budget:.3f}"
   condition = {} if conditioned is None else {"budget": budget}
   extra = {"eval_budget": budget, **({} if conditioned is None else {"budget_conditioning": list(conditioned)})}
   if rule == "none":
     return {**phases.evaluate(exp, params, name, "argmax", **condition), "rule": rule, **extra}
-  found = saved(run_dir, budget, rule, examples)
+  found = saved(run_dir, budget, rule, examples, chain)
   if found is None:
-    found = calibrate(exp, params, budget, examples, rule)
     table = load(run_dir)
-    table.setdefault(rule, {})[key(budget)] = found
+    if rule == "nested":  # a new chain replaces the old one: its levels' offsets differ
+      table[rule] = calibrate_nested(exp, params, chain, examples)
+    else:
+      table.setdefault(rule, {})[key(budget)] = calibrate(exp, params, budget, examples, rule)
     phases.write_json(run_dir / FILE, table)
+    found = table[rule][key(budget)]
   if rule == "global":
     record = phases.evaluate(exp, params, name, "argmax", cost_shift=found["cost_shift"], **condition)
+  elif rule == "nested":
+    levels = [b if conditioned is not None else None for b in found["budgets"]]
+    with serve_levels(exp.task.acm_specs, found["level_offsets"], levels):  # traced in evaluate's jit
+      record = phases.evaluate(exp, params, name, "argmax", **condition)
+    if conditioned is not None:  # the gates run once per level (a plain model's once in all)
+      extra_gates = (len(levels) - 1) * record["gate_gflops_per_image"]
+      record = {**record, "gflops_per_image": record["gflops_per_image"] + extra_gates,
+                "gate_gflops_per_image": record["gate_gflops_per_image"] + extra_gates,
+                "nested_extra_gate_gflops_per_image": extra_gates}
   else:
     with serve(exp.task.acm_specs, found["offsets"], condition.get("budget")):  # traced in evaluate's jit
       record = phases.evaluate(exp, params, name, "argmax", **condition)

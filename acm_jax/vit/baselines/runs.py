@@ -53,9 +53,10 @@ class BaselineConfig:
   halting_acm_budget: float = flag(0.5, "acm_halting: budget of the finetuned ACM that token halting is added to, "
                                    "in (0, 1]")
   calibration_examples: int = flag(256, "held-out train examples that calibrate any-budget shifts (>= 1)")
-  calibration: str = flag("per_acm", "any-budget calibration rule: per_acm, global (the single shift), or none "
-                          "(a budget-conditioned model as it is; with --budget_conditioning the other two fit on top "
-                          "of the conditioned gates)")
+  calibration: str = flag("per_acm", "any-budget calibration rule: per_acm, global (the single shift), none "
+                          "(a budget-conditioned model as it is; with --budget_conditioning the others fit on top "
+                          "of the conditioned gates), or nested (per_acm fitted over all --any_budgets together so "
+                          "that no token runs fewer learners at a higher budget)")
 
   def steps(self, exp: phases.Experiment) -> int:
     return self.baseline_steps or exp.config.finetune_steps
@@ -226,7 +227,9 @@ def run_acm(exp: phases.Experiment, bcfg: BaselineConfig, budgets: list[float], 
   for config, reference, any_budget in models:
     run = vit_task.build(config)
     evals = [run.run_dir("finetune") / "eval.json"] if reference else []
-    calibrated = {t: run.run_dir("finetune") / f"any_budget_{rule}_{t:.3f}.json"
+    # a nested calibration's levels depend on every budget of its chain: the chain names its records
+    chain = "_of_" + "-".join(f"{t:g}" for t in sorted(any_budgets)) if rule == "nested" else ""
+    calibrated = {t: run.run_dir("finetune") / f"any_budget_{rule}_{t:.3f}{chain}.json"
                   for t in (any_budgets if any_budget else [])}
     if not all_cached(evals + list(calibrated.values())):
       _unless_finished(exp, "distill")
@@ -238,7 +241,8 @@ def run_acm(exp: phases.Experiment, bcfg: BaselineConfig, budgets: list[float], 
     source = ("budget-conditioned model" if config.budget_conditioning
               else f"b{config.budget:g} model calibrated")
     for target, path in calibrated.items():
-      record = cached(path, lambda: calibration.evaluate_at_budget(run, params, target, examples, rule, fit))
+      record = cached(path, lambda: calibration.evaluate_at_budget(run, params, target, examples, rule, fit,
+                                                                   any_budgets))
       records.append(curve_record("acm_any_budget", f"{source} at {target:g}", target, record))
   return records
 
