@@ -26,9 +26,10 @@ group of three costs what one ACM costs in launches:
            each row's k, and the rows scattered back to their tokens.
 
 Sorting pays when blocks of tokens would otherwise all run to their largest k;
-below `SORT_MIN_TOKENS` tokens (a ViT-B/16 image or a few) its launch costs more
-than it saves, and the unsorted path (route, up, down) runs the row blocks in
-token order. Either way the result is the same function.
+below `SORT_MIN_TOKENS` tokens the heuristic takes the unsorted path (route, up,
+down: the row blocks in token order), but on an H200 the whole ViT-B/16 ran faster
+with its MLP ACMs sorted even at one image (the tuned table `TUNED` says so).
+Either way the result is the same function.
 
 The one-launch path (`onepass`, at most `ONEPASS_MAX_TOKENS` tokens; off by default
 until a GPU run shows where it pays) does everything in one program per (ACM, row
@@ -109,9 +110,11 @@ TUNED: dict[tuple[int | None, str], dict] = {
     # H200, jax 0.11.2, 2026-12-01. Batch 1 (<= 512 tokens): the queued-call tuning run
     # (benchmarks/results/fused_tune_h200.json); 2048 and 8192: the earlier run's choices, which
     # the whole model ran faster with at batch 8 and 32 (benchmarks/RESULTS.md, "tile tables").
-    (512, "mlp"): dict(block_rows=64, block_out=128, block_hidden=128, num_warps=4, sort=False),
+    # 2026-12-02: the MLP ACMs sorted at batch 1 and 8 as well (whole model, paired with dense:
+    # batch 8 0.946 -> 1.024x dense, batch 1 0.77 -> 0.83x; RESULTS.md, "sorted at serving batches").
+    (512, "mlp"): dict(block_rows=64, block_out=128, block_hidden=128, num_warps=4, sort=True),
     (512, "proj"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=True),
-    (2048, "mlp"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=False),
+    (2048, "mlp"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=True),
     (8192, "proj"): dict(block_rows=128, block_out=128, block_hidden=128, num_warps=8, sort=True),
     (None, "proj"): dict(block_rows=128, block_out=128, block_hidden=128, num_warps=8, sort=True),
 }

@@ -47,3 +47,16 @@ def test_summary_sums_kernels_per_step_and_category(gpu):
     sums[n] = sums.get(n, 0.0) + d
   assert top_name == max(sums, key=sums.get) and top_ms == pytest.approx(sums[top_name] / 1e3 / 4, abs=1e-4)
   assert top_calls == sum(n == top_name for n, _ in kernels) / 4
+
+
+def test_serve_profile_records_every_model_and_batch_on_the_cpu(tmp_path):
+  """The inference profiler end to end on the tiny ViT (XLA executor threads stand in for a GPU)."""
+  from benchmarks import serve_profile
+  out = tmp_path / "serve.json"
+  record = serve_profile.main(["--model=tiny", "--impl=xla", "--batches=2,3", "--acm=mlp", "--forwards=2",
+                               f"--out={out}"])
+  assert set(record["runs"]) == {"none_b2", "mlp_b2", "none_b3", "mlp_b3"}
+  for run in record["runs"].values():
+    assert run["wall_ms"] > 0 and run["device_ms_per_step"] > 0 and run["top"]
+    assert sum(run["categories"].values()) == pytest.approx(run["device_ms_per_step"], rel=1e-3, abs=1e-3)
+  assert __import__("json").loads(out.read_text())[-1]["runs"].keys() == record["runs"].keys()

@@ -1,0 +1,98 @@
+"""Where an inference forward's device time goes: dense ViT vs ACM ViT, kernel by kernel (issue #21).
+
+    python3 -m benchmarks.serve_profile                               # one GPU: ViT-B/16, batches 256 and 8
+    python3 -m benchmarks.serve_profile --batches=1 --acm=mlp --r=0.25
+    python3 -m benchmarks.serve_profile --model=tiny --impl=xla --batches=2 --forwards=2   # CPU smoke run
+
+The models, weights and gates are `benchmarks.vit_bench`'s (random weights in bf16, gates
+picking k ~ Binomial(N, r)). Each jitted forward is warmed up, timed over --forwards calls
+(wall ms per forward, dispatch included), then traced over as many; the trace's kernels are
+summed per name and per category as in `benchmarks.step_profile` (gemm includes cuDNN
+attention and convolutions; triton the Pallas kernels). Prints the top kernels and writes
+benchmarks/results/serve_profile_<gpu>.json (or --out): [{device, date, jax_version, model, r,
+impl, runs: {"<acm>_b<batch>": {wall_ms, device_ms_per_step, count_per_step, categories, top}}}],
+where <acm> is "none" for the dense model and "_per_step" means per forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from acm_jax import acm as acm_lib
+from acm_jax.vit import model as vit
+from benchmarks import step_profile as sp
+from benchmarks import train_bench as tb
+from benchmarks import vit_bench as vb
+
+
+def profile_forward(fn, args, forwards: int, top: int) -> dict:
+  for _ in range(2):
+    jax.block_until_ready(fn(*args))
+  tic = time.perf_counter()
+  for _ in range(forwards):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  wall_ms = (time.perf_counter() - tic) / forwards * 1e3
+  with tempfile.TemporaryDirectory() as log_dir:
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+      for _ in range(forwards):
+        out = fn(*args)
+      jax.block_until_ready(out)
+    trace = sp.load_trace(log_dir)
+  return {"wall_ms": round(wall_ms, 4), **sp.summarize(sp.device_events(trace), forwards, top)}
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="vit_b16", choices=("tiny", "vit_s16", "vit_b16", "vit_l16"))
+  parser.add_argument("--batches", type=tb._batches, default=[256, 8])
+  parser.add_argument("--acm", type=tb._list(tuple(vb.ACM_KINDS)), default=["mlp_qkvo", "mlp"])
+  parser.add_argument("--r", type=float, default=0.5, help="the gates' target k/N")
+  parser.add_argument("--impl", default="pallas", choices=("auto", "pallas", "triton", "xla"))
+  parser.add_argument("--forwards", type=int, default=5, help="timed and traced forwards per model")
+  parser.add_argument("--top", type=int, default=25, help="kernels printed and recorded per model")
+  parser.add_argument("--out", type=Path, default=None)
+  args = parser.parse_args(argv)
+  if args.forwards < 1 or not 0 < args.r <= 1:
+    parser.error(f"--forwards must be >= 1 and --r in (0, 1]; got {args.forwards}, {args.r}")
+  to_bf16 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.bfloat16), tree)
+  dense_cfg = vit.get_config(args.model)
+  images = jax.random.normal(jax.random.key(0), (max(args.batches), dense_cfg.image_size, dense_cfg.image_size, 3),
+                             jnp.bfloat16)
+  configs = {"none": dense_cfg}
+  for kind in args.acm:
+    configs[kind] = dataclasses.replace(dense_cfg, acm=acm_lib.ACMConfig(
+        num_learners=4, attention=vb.ACM_KINDS[kind], impl=args.impl)).validate()
+  forwards = {}
+  for kind, cfg in configs.items():
+    model = vit.ViT(cfg)
+    params = to_bf16(acm_lib.init_without_kernels(model, jax.random.key(1), images[:1])["params"])
+    if kind != "none":
+      params = vb.set_gates(params, cfg.acm.num_learners, args.r, cfg.dim, seed=2)
+    forwards[kind] = (jax.jit(lambda p, x, model=model: model.apply({"params": p}, x)), params)
+  runs = {}
+  for batch in args.batches:
+    for kind, (fn, params) in forwards.items():
+      res = runs[f"{kind}_b{batch}"] = profile_forward(fn, (params, images[:batch]), args.forwards, args.top)
+      print(f"\n{kind} batch {batch}: {res['wall_ms']:.3f} ms per forward, device busy "
+            f"{res['device_ms_per_step']:.3f} ms in {res['count_per_step']:.0f} kernels; "
+            + ", ".join(f"{cat} {ms:.3f}" for cat, ms in res["categories"].items()), flush=True)
+      for name, ms, calls in res["top"]:
+        print(f"  {ms:9.4f} ms {calls:6.1f}x  {name[:110]}")
+  device = jax.devices()[0].device_kind
+  record = {"device": device, "date": datetime.date.today().isoformat(), "jax_version": jax.__version__,
+            "model": args.model, "r": args.r, "impl": args.impl, "runs": runs}
+  tb.append(args.out or tb.RESULTS / f"serve_profile_{tb._slug(device)}.json", [record])
+  return record
+
+
+if __name__ == "__main__":
+  main()
