@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks import gpu_name
+
 VARIANTS = {
     "default": "",
     "graphs_off": "--xla_gpu_enable_command_buffer=",
@@ -144,7 +146,7 @@ def main(argv=None):
   for rec in records:
     rec.update(device=device, date=datetime.date.today().isoformat(), jax_version=jax.__version__,
                command="python3 -m benchmarks.graph_probe " + " ".join(argv if argv is not None else sys.argv[1:]))
-  gpu = device.lower().replace("nvidia", "").strip().split()[0]
+  gpu = gpu_name(device)
   path = Path(args.results_dir) / f"graph_probe_{gpu}.json"
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(records, indent=1))

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import gpu_name
 from pallas_kernels import acm_mlp as pk
 
 SHAPES = {"vit_b": (768, 4, 768), "vit_l": (1024, 4, 1024)}
@@ -488,7 +489,7 @@ def main(argv=None):
     configs = tune(impls, log_path=Path(args.log_dir) / "tune_best.json")
   records = bench(impls, configs, args.shapes.split(","), [int(t) for t in args.tokens.split(",")],
                   [float(r) for r in args.ratios.split(",")])
-  gpu = jax.devices()[0].device_kind.lower().replace("nvidia", "").strip().split()[0]
+  gpu = gpu_name(jax.devices()[0].device_kind)
   results = Path(args.results_dir)
   results.mkdir(parents=True, exist_ok=True)
   path = results / f"kernel_{gpu}.json"  # earlier runs' records are kept

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import gpu_name
 from benchmarks import kernel_bench as kb
 from pallas_kernels import acm_mlp as pk
 
@@ -134,7 +135,7 @@ def main(argv=None):
   if jax.default_backend() != "gpu":
     print("no GPU: running the kernels in the Pallas interpreter (a smoke run; the times mean nothing)")
   records = profile(args.shape, args.tokens, [float(r) for r in args.ratios.split(",")], json.loads(args.config))
-  gpu = jax.devices()[0].device_kind.lower().replace("nvidia", "").strip().split()[0]
+  gpu = gpu_name(jax.devices()[0].device_kind)
   out = Path(args.results_dir) / f"kernel_profile_{gpu}.json"
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(records, indent=1))

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from benchmarks import fused_tune, vit_bench
+from benchmarks import fused_tune, gpu_name, vit_bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {"default": "", "command_buffers_off": "--xla_gpu_enable_command_buffer="}
@@ -124,7 +124,7 @@ def main(argv=None):
     for row in json.loads(lines[-1]):
       records.append(dict(device=jax.devices()[0].device_kind, date=datetime.date.today().isoformat(),
                           jax_version=jax.__version__, variant=variant, **row))
-  gpu = jax.devices()[0].device_kind.lower().replace("nvidia", "").strip().split()[0]
+  gpu = gpu_name(jax.devices()[0].device_kind)
   path = args.out or RESULTS / f"launch_probe_{gpu}.json"
   old = json.loads(path.read_text()) if path.exists() else []
   path.write_text(json.dumps(old + records, indent=1) + "\n")

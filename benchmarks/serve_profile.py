@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from acm_jax import acm as acm_lib
 from acm_jax.vit import model as vit
+from benchmarks import gpu_name
 from benchmarks import step_profile as sp
 from benchmarks import train_bench as tb
 from benchmarks import vit_bench as vb
@@ -90,8 +91,7 @@ def main(argv=None) -> dict:
   device = jax.devices()[0].device_kind
   record = {"device": device, "date": datetime.date.today().isoformat(), "jax_version": jax.__version__,
             "model": args.model, "r": args.r, "impl": args.impl, "runs": runs}
-  gpu = device.lower().replace("nvidia", "").strip().split()[0]  # "h200", as vit_bench names its file
-  tb.append(args.out or tb.RESULTS / f"serve_profile_{gpu}.json", [record])
+  tb.append(args.out or tb.RESULTS / f"serve_profile_{gpu_name(device)}.json", [record])
   return record
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from acm_jax import acm as acm_lib
 from acm_jax import transformer
 from acm_jax.vit import model as vit
+from benchmarks import gpu_name
 
 
 def log(*args):
@@ -241,7 +242,7 @@ def main(argv=None):
             f"{ips / paired_dense_ips:.3f} x dense (ideal {ideal:.2f}; logits vs XLA at the same k {err:.1e}; "
             f"block-0 gates agree {gate_agree:.4f})")
 
-  gpu = device.lower().replace("nvidia", "").strip().split()[0]
+  gpu = gpu_name(device)
   results = Path(args.results_dir)
   results.mkdir(parents=True, exist_ok=True)
   path = results / f"vit_{gpu}.json"  # earlier runs' records are kept

@@ -28,7 +28,8 @@ group of three costs what one ACM costs in launches:
 Sorting pays when blocks of tokens would otherwise all run to their largest k;
 below `SORT_MIN_TOKENS` tokens the heuristic takes the unsorted path (route, up,
 down: the row blocks in token order), but on an H200 the whole ViT-B/16 ran faster
-with its MLP ACMs sorted even at one image (the tuned table `TUNED` says so).
+with its MLP ACMs sorted at 8 images and as fast or faster at one (the tuned table
+`TUNED` says so).
 Either way the result is the same function.
 
 The one-launch path (`onepass`, at most `ONEPASS_MAX_TOKENS` tokens; off by default
@@ -111,7 +112,7 @@ TUNED: dict[tuple[int | None, str], dict] = {
     # (benchmarks/results/fused_tune_h200.json); 2048 and 8192: the earlier run's choices, which
     # the whole model ran faster with at batch 8 and 32 (benchmarks/RESULTS.md, "tile tables").
     # 2026-12-02: the MLP ACMs sorted at batch 1 and 8 as well (whole model, paired with dense:
-    # batch 8 0.946 -> 1.024x dense, batch 1 0.77 -> 0.83x; RESULTS.md, "sorted at serving batches").
+    # batch 8 0.946 -> 1.024x dense, batch 1 0.77 -> 0.83x; RESULTS.md, "the MLP ACMs sorted at serving batches").
     (512, "mlp"): dict(block_rows=64, block_out=128, block_hidden=128, num_warps=4, sort=True),
     (512, "proj"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=True),
     (2048, "mlp"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=True),

@@ -60,3 +60,10 @@ def test_serve_profile_records_every_model_and_batch_on_the_cpu(tmp_path):
     assert run["wall_ms"] > 0 and run["device_ms_per_step"] > 0 and run["top"]
     assert sum(run["categories"].values()) == pytest.approx(run["device_ms_per_step"], rel=1e-3, abs=1e-3)
   assert __import__("json").loads(out.read_text())[-1]["runs"].keys() == record["runs"].keys()
+
+
+@pytest.mark.parametrize("kind, name", [("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"),
+                                        ("NVIDIA A100-SXM4-80GB", "a100-sxm4-80gb"), ("cpu", "cpu")])
+def test_results_files_carry_the_short_gpu_name(kind, name):
+  from benchmarks import gpu_name
+  assert gpu_name(kind) == name
