@@ -15,7 +15,6 @@ thunk sequence); the timing is the evidence. Writes
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -54,25 +53,21 @@ def child(variant: str, batches: list[int]) -> list[dict]:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from acm_jax import acm as acm_lib
   from acm_jax.vit import model as vit
-  from benchmarks.vit_bench import set_gates, timed
+  from benchmarks.vit_bench import ACM_KINDS, NUM_LEARNERS, acm_config, bf16_params, set_gates, timed
 
   if variant.startswith("registered"):
     from pallas_kernels import cuda_graphs
     ok = cuda_graphs.enable()
     print(f"cuda_graphs.enable() -> {ok} {cuda_graphs._state.get('error', '')}", flush=True)
-  to_bf16 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.bfloat16), tree)
   dense_cfg = vit.get_config("vit_b16")
   images = jax.random.normal(jax.random.key(0), (max(batches), 224, 224, 3), jnp.bfloat16)
   dense = vit.ViT(dense_cfg)
-  models = {"dense": (dense, to_bf16(dense.init(jax.random.key(1), images[:1])["params"]))}
-  for kind, attention in (("mlp", False), ("mlp_qkvo", True)):
-    cfg = dataclasses.replace(dense_cfg, acm=acm_lib.ACMConfig(num_learners=4, attention=attention,
-                                                               impl="pallas")).validate()
+  models = {"dense": (dense, bf16_params(dense, images[:1]))}
+  for kind in ACM_KINDS:
+    cfg = acm_config(dense_cfg, kind, "pallas")
     model = vit.ViT(cfg)
-    models[kind] = (model, set_gates(to_bf16(model.init(jax.random.key(1), images[:1])["params"]), 4, 0.5,
-                                     cfg.dim, seed=2))
+    models[kind] = (model, set_gates(bf16_params(model, images[:1]), NUM_LEARNERS, 0.5, cfg.dim, seed=2))
   records = []
   for batch in batches:
     x = images[:batch]

@@ -17,7 +17,6 @@ where <acm> is "none" for the dense model and "_per_step" means per forward.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import tempfile
 import time
@@ -26,7 +25,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from acm_jax import acm as acm_lib
 from acm_jax.vit import model as vit
 from benchmarks import gpu_name
 from benchmarks import step_profile as sp
@@ -64,18 +62,14 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   if args.forwards < 1 or not 0 < args.r <= 1:
     parser.error(f"--forwards must be >= 1 and --r in (0, 1]; got {args.forwards}, {args.r}")
-  to_bf16 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.bfloat16), tree)
   dense_cfg = vit.get_config(args.model)
   images = jax.random.normal(jax.random.key(0), (max(args.batches), dense_cfg.image_size, dense_cfg.image_size, 3),
                              jnp.bfloat16)
-  configs = {"none": dense_cfg}
-  for kind in args.acm:
-    configs[kind] = dataclasses.replace(dense_cfg, acm=acm_lib.ACMConfig(
-        num_learners=4, attention=vb.ACM_KINDS[kind], impl=args.impl)).validate()
+  configs = {"none": dense_cfg, **{kind: vb.acm_config(dense_cfg, kind, args.impl) for kind in args.acm}}
   forwards = {}
   for kind, cfg in configs.items():
     model = vit.ViT(cfg)
-    params = to_bf16(acm_lib.init_without_kernels(model, jax.random.key(1), images[:1])["params"])
+    params = vb.bf16_params(model, images[:1])
     if kind != "none":
       params = vb.set_gates(params, cfg.acm.num_learners, args.r, cfg.dim, seed=2)
     forwards[kind] = (jax.jit(lambda p, x, model=model: model.apply({"params": p}, x)), params)

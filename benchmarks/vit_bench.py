@@ -59,6 +59,20 @@ def set_gates(params, num_learners, r, dim, seed):
 
 
 ACM_KINDS = {"mlp": False, "mlp_qkvo": True}  # --acm value -> attention projections ACMized
+NUM_LEARNERS = 4
+
+
+def acm_config(dense_cfg: vit.ViTConfig, kind: str, impl: str = "auto") -> vit.ViTConfig:
+  """`dense_cfg` with the blocks of --acm `kind` ACMized (NUM_LEARNERS learners each)."""
+  return dataclasses.replace(dense_cfg, acm=acm_lib.ACMConfig(num_learners=NUM_LEARNERS, attention=ACM_KINDS[kind],
+                                                              impl=impl)).validate()
+
+
+def bf16_params(model: vit.ViT, image: jax.Array):
+  """Random parameters of `model` (dense or ACM) in bfloat16, from key 1, initialised without
+  tracing the inference kernels."""
+  params = acm_lib.init_without_kernels(model, jax.random.key(1), image)["params"]
+  return jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
 
 
 def acm_collection(state):
@@ -171,21 +185,20 @@ def main(argv=None):
     acm_fused.TUNED.update(fused_tune.load(args.tuned))
   device = jax.devices()[0].device_kind
   date = datetime.date.today().isoformat()
-  to_bf16 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.bfloat16), tree)
   records = []
   dense_cfg = vit.get_config("vit_b16", attention=args.attention, scan_blocks=args.scan_blocks)
   dense = vit.ViT(dense_cfg)
   all_images = jax.random.normal(jax.random.key(0), (max(batches), 224, 224, 3), jnp.bfloat16)
-  dense_params = to_bf16(dense.init(jax.random.key(1), all_images[:1])["params"])
+  dense_params = bf16_params(dense, all_images[:1])
   dense_fn = jax.jit(lambda p, x: dense.apply({"params": p}, x))
   setups = []
   for kind in kinds:
-    acm_cfg = dataclasses.replace(dense_cfg, acm=acm_lib.ACMConfig(num_learners=4, attention=ACM_KINDS[kind])).validate()
-    base = to_bf16(acm_lib.init_without_kernels(vit.ViT(acm_cfg), jax.random.key(1), all_images[:1])["params"])
+    acm_cfg = acm_config(dense_cfg, kind)
+    base = bf16_params(vit.ViT(acm_cfg), all_images[:1])
     xla_model = vit.ViT(dataclasses.replace(acm_cfg, acm=dataclasses.replace(acm_cfg.acm, impl="xla")))
     reference = jax.jit(functools.partial(forced_reference, xla_model))
     for r in (float(v) for v in args.ratios.split(",")):
-      setups.append((kind, acm_cfg, r, set_gates(base, 4, r, acm_cfg.dim, seed=2), reference))
+      setups.append((kind, acm_cfg, r, set_gates(base, NUM_LEARNERS, r, acm_cfg.dim, seed=2), reference))
 
   jitted = {}  # (kind, impl) -> (forward, forward with the sown statistics): one compile per shape
 
