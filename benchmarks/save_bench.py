@@ -9,7 +9,12 @@ q, k, v, o projections ACMized (N=4), laid out on the mesh by the same partition
 (`--sharding`). Each of `--repeats` saves is timed twice: until `save` returns (the
 training loop is blocked while orbax copies the arrays to the host) and until
 `wait_until_finished` (written and committed: what a SIGTERM grace period must cover).
-Then one restore is timed (the cost of resuming). Writes
+Then one restore is timed (the cost of resuming). `--staging=host` saves as the training
+loop does (`loop.host_copy`: the arrays copied to ordinary host memory, then written
+uncompressed by `loop.checkpoint_handler`), `--staging=device` as it did before 2026-12-02
+(orbax's StandardSave of the device arrays: pinned host buffers, compressed). The process's host memory (Linux /proc: resident, anonymous,
+shared; pinned buffers show as shared) is sampled every 5 ms from before the first save
+to after the last commit. Writes
 benchmarks/results/save_<device>.json (save_<device>_<model>.json for another model).
 """
 
@@ -22,6 +27,7 @@ import re
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from acm_jax.train import config as config_lib
-from acm_jax.train import phases
+from acm_jax.train import loop, phases
 from acm_jax.vit import task as vit_task
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,11 +73,48 @@ def directory_bytes(path: Path) -> int:
   return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+MEMORY_FIELDS = {"VmRSS": "rss", "RssAnon": "anon", "RssShmem": "shmem"}
+
+
+def host_memory() -> dict[str, int]:
+  """This process's resident bytes (Linux; empty elsewhere)."""
+  try:
+    text = Path("/proc/self/status").read_text()
+  except OSError:
+    return {}
+  found = dict(re.findall(r"^(\w+):\s+(\d+) kB", text, re.MULTILINE))
+  return {name: 1024 * int(found[key]) for key, name in MEMORY_FIELDS.items() if key in found}
+
+
+class PeakMemory(threading.Thread):
+  """The largest `host_memory()` values while the `with` block runs, sampled every 5 ms."""
+
+  def __init__(self):
+    super().__init__(daemon=True)
+    self.peak = host_memory()
+    self._done = threading.Event()
+
+  def run(self):
+    while not self._done.wait(0.005):
+      for k, v in host_memory().items():
+        self.peak[k] = max(self.peak.get(k, 0), v)
+
+  def __enter__(self):
+    self.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._done.set()
+    self.join()
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="vit_b16", choices=sorted(MODELS))
   parser.add_argument("--sharding", default="dp", help="as the training flag (dp, fsdp, tp)")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--staging", default="host", choices=("host", "device"),
+                      help="host: save numpy copies, as the loop does; device: hand orbax the device arrays")
   parser.add_argument("--dir", default=None, help="where to save (default: a temporary directory, removed after)")
   parser.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/save_<device>.json)")
   args = parser.parse_args(argv)
@@ -92,20 +135,28 @@ def main(argv=None) -> dict:
   target = root / f"save_bench_{args.model}"
   shutil.rmtree(target, ignore_errors=True)
   blocked, committed = [], []
+  memory_before = host_memory()
   try:
     options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-    with ocp.CheckpointManager(target, options=options) as manager:
+    host = args.staging == "host"
+    handler = loop.checkpoint_handler() if host else None
+    with ocp.CheckpointManager(target, options=options, item_handlers=handler) as manager, PeakMemory() as memory:
       for step in range(1, args.repeats + 1):
         tic = time.perf_counter()
-        manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        manager.save(step, args=ocp.args.PyTreeSave(loop.host_copy(state)) if host else ocp.args.StandardSave(state),
+                     force=True)
         blocked.append(time.perf_counter() - tic)
         manager.wait_until_finished()
+        if host:
+          loop.release_freed_host_memory()
         committed.append(time.perf_counter() - tic)
         print(f"save {step}: loop blocked {blocked[-1]:.2f} s, committed after {committed[-1]:.2f} s", flush=True)
       disk_bytes = directory_bytes(target / str(args.repeats))
+      memory_after = host_memory()
       abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
       tic = time.perf_counter()
-      restored = manager.restore(args.repeats, args=ocp.args.StandardRestore(abstract))
+      restored = manager.restore(args.repeats,
+                                 args=loop.restore_args(abstract) if host else ocp.args.StandardRestore(abstract))
       jax.block_until_ready(restored)
       restore_s = time.perf_counter() - tic
   finally:
@@ -113,22 +164,28 @@ def main(argv=None) -> dict:
     if not args.dir:
       shutil.rmtree(root, ignore_errors=True)
   record = {
-      "model": args.model, "what": "ACM finetune state (params + AdamW state + step + rng), orbax StandardSave",
+      "model": args.model, "staging": args.staging,
+      "what": "ACM finetune state (params + AdamW state + step + rng), orbax StandardSave of "
+              + ("host copies (loop.host_copy), uncompressed" if args.staging == "host" else "the device arrays"),
       "device": device.device_kind, "devices": jax.device_count(), "processes": jax.process_count(),
       "sharding": args.sharding, "directory": str(root), "state_bytes": state_bytes, "param_bytes": param_bytes,
       "disk_bytes": disk_bytes, "num_arrays": len(leaves), "setup_s": setup_s,
       "save_blocking_s": blocked, "save_committed_s": committed,
       "median_save_committed_s": statistics.median(committed), "restore_s": restore_s,
+      "host_bytes_before": memory_before, "host_bytes_peak_saving": memory.peak,
+      "host_bytes_after_saving": memory_after,
       "jax": jax.__version__, "orbax": ocp.__version__,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
-  suffix = "" if args.model == "vit_b16" else f"_{args.model}"
+  suffix = ("" if args.model == "vit_b16" else f"_{args.model}") + ("" if args.staging == "host" else "_device")
   out = Path(args.out) if args.out else RESULTS / f"save_{kind}{suffix}.json"
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(record, indent=2) + "\n")
   print(f"{args.model}: {state_bytes / 2**20:.1f} MiB of state, {disk_bytes / 2**20:.1f} MiB on disk; save committed "
         f"in {record['median_save_committed_s']:.2f} s (median of {args.repeats}), loop blocked "
-        f"{statistics.median(blocked):.2f} s; restore {restore_s:.2f} s -> {out}")
+        f"{statistics.median(blocked):.2f} s; restore {restore_s:.2f} s; host memory peak growth "
+        + ", ".join(f"{k} {(memory.peak[k] - memory_before[k]) / 2**30:+.2f} GB" for k in memory_before)
+        + f" -> {out}")
   return record
 
 

@@ -99,19 +99,60 @@ def test_sigterm_in_every_phase_resumes_exactly(tmp_path, monkeypatch, capsys):
 
 def test_sigterm_with_the_prefetch_thread_resumes_exactly(tmp_path, monkeypatch, capsys):
   """The loop's prefetch thread makes batch `at` while the loop runs one of the PREFETCH_DEPTH + 1
-  steps before it; the loop stops after the step it is at, and the resumed run equals the straight one."""
+  steps before it; the loop stops after the step it is at, and the resumed run equals the straight one.
+  The interrupted run saves host copies of its state (`loop.HOST_STAGING`, as on a GPU) and resumes
+  from them: equal to the straight run, which saves the CPU arrays themselves."""
   assert loop.PREFETCH_DEPTH > 0
   assert run_main(tmp_path / "straight", "--phase=pretrain") == 0
   at = 4
   monkeypatch.setattr(data_lib, "make_iterator", signal_at(at, signal.SIGTERM))
+  monkeypatch.setattr(loop, "HOST_STAGING", True)
   assert run_main(tmp_path / "resumed", "--phase=pretrain") == loop.PREEMPTED_STATUS
   saved = complete_steps(tmp_path / "resumed" / "pretrain")[-1]
   assert at - loop.PREFETCH_DEPTH <= saved <= at + 1, saved
   assert f"SIGTERM: saved step {saved}" in capsys.readouterr().err
   monkeypatch.undo()
+  monkeypatch.setattr(loop, "HOST_STAGING", True)
   assert run_main(tmp_path / "resumed", "--phase=pretrain") == 0
   assert_same_params(tmp_path / "straight" / "pretrain", tmp_path / "resumed" / "pretrain", "dense")
   assert logged_steps(tmp_path / "resumed" / "pretrain") == list(range(1, RUNS["pretrain"] + 1))
+
+
+HOST_COPY_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from acm_jax.train import loop
+mesh = jax.make_mesh((2, 2), ("data", "model"))
+rng = np.random.default_rng(0)
+values = {"split": rng.standard_normal((6, 8), np.float32), "rows": rng.standard_normal((4, 3)).astype(jnp.bfloat16),
+          "replicated": rng.standard_normal((5,), np.float32), "step": np.int32(7)}
+specs = {"split": P("data", "model"), "rows": P("model"), "replicated": P(), "step": P()}
+tree = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in values.items()}
+values["one_device"] = rng.standard_normal((3, 2), np.float32)
+tree["one_device"] = jax.device_put(values["one_device"], jax.devices()[1])
+tree["plain"] = 3.5
+copies = loop.host_copy(tree)
+assert all(x._npy_value is None for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)), "host copy cached"
+for k, v in values.items():
+  copy = copies[k]
+  assert isinstance(copy, np.ndarray) and copy.dtype == v.dtype, (k, type(copy), copy.dtype)
+  np.testing.assert_array_equal(copy, v, err_msg=k)
+  assert not any(np.shares_memory(copy, np.asarray(s.data)) for s in tree[k].addressable_shards), k
+assert copies["plain"] == 3.5
+import copy as copy_lib  # orbax deep-copies numpy arrays it saves; the loop's own copies are not copied again
+assert copy_lib.deepcopy(copies["split"]) is copies["split"]
+print("host copies equal")
+"""
+
+
+def test_host_copy_of_sharded_arrays():
+  """`loop.host_copy` on arrays split, partly replicated and replicated over 4 devices: numpy
+  copies equal to the values put there, sharing no memory with the devices' buffers (the next
+  step may donate those), no host copy cached on the arrays."""
+  env = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "PYTHONPATH": str(ROOT)}
+  out = subprocess.run([sys.executable, "-c", HOST_COPY_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and "host copies equal" in out.stdout, out.stderr[-3000:]
 
 
 def test_sigterm_in_a_baseline_of_the_sweep_resumes_exactly(tmp_path, monkeypatch):

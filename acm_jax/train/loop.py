@@ -18,6 +18,7 @@ resumes there; saves that never committed (no orbax commit marker) are set aside
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import importlib
 import json
@@ -42,6 +43,11 @@ from acm_jax.train.prefetch import Prefetch
 # Batches the loop's background thread prepares ahead of the step (`acm_jax.train.prefetch`); 0: none,
 # each batch is made when its step asks for it.
 PREFETCH_DEPTH = 2
+
+# Checkpoints of a state on accelerators are copied to plain host memory by the loop (`host_copy`)
+# and orbax writes those copies. None: whenever the state lives on an accelerator of a single
+# process; True / False: always / never (tests stage CPU states to cover the path).
+HOST_STAGING: bool | None = None
 
 StepFn = Callable[[PyTree, dict], tuple[PyTree, dict]]
 
@@ -186,15 +192,106 @@ def _agreed_stop(step: int, every: int = STOP_CHECK_EVERY) -> int | None:
   return received[0] if received else None
 
 
+class HostCopy(np.ndarray):
+  """A numpy array the loop copied from the device for one save and owns alone. orbax's numpy
+  handler (0.12.x) deep-copies every array it is handed before writing it, which would double a
+  save's host memory for nothing; the deep copy of this one is itself."""
+
+  def __deepcopy__(self, memo):
+    return self
+
+
+def host_copy(tree: PyTree) -> PyTree:
+  """`tree` with each jax array replaced by a numpy copy (`HostCopy`); other leaves as they are.
+
+  Why the loop saves these instead of the device arrays (measured in benchmarks/RESULTS.md,
+  "Host memory of a checkpoint save"): orbax copies a GPU state to pinned host buffers, about
+  twice the state's bytes, which the runtime keeps for the rest of the process. These copies
+  are ordinary memory, one state's bytes, freed once written, and the next step may donate
+  the device buffers meanwhile. Every transfer is started before the first is waited for.
+  The shards are read through arrays of their own (`addressable_data`), so that the host
+  copy numpy caches on the array it reads does not stay on the state's arrays.
+  Single-process only: each array must be fully addressable.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  pieces = []
+  for x in leaves:
+    if isinstance(x, jax.Array):
+      if not x.is_fully_addressable:
+        raise ValueError(f"host_copy needs fully addressable arrays; got one of shape {x.shape} sharded "
+                         f"over processes ({x.sharding})")
+      if x.is_fully_replicated:
+        own = [(tuple(slice(None) for _ in x.shape), x.addressable_data(0))]
+      else:  # one shard per distinct index: replicas of it hold the same values
+        own = [(s.index, x.addressable_data(i)) for i, s in enumerate(x.addressable_shards) if s.replica_id == 0]
+      for _, data in own:
+        data.copy_to_host_async()
+      pieces.append(own)
+    else:
+      pieces.append(None)
+  # a CPU array's numpy view aliases its buffer, which the next step may donate: copy it
+  read = lambda a: np.array(a, copy=True) if next(iter(a.devices())).platform == "cpu" else np.asarray(a)
+  copies = []
+  for i, x in enumerate(leaves):
+    own, pieces[i] = pieces[i], None  # drop each shard array once read
+    if own is None:
+      copies.append(x)
+      continue
+    if len(own) == 1:
+      host = read(own[0][1])
+    else:
+      host = np.empty(x.shape, x.dtype)
+      for index, data in own:
+        host[index] = np.asarray(data)
+    copies.append(host.view(HostCopy))
+    del own, host
+  return jax.tree.unflatten(treedef, copies)
+
+
+def _staged(state: PyTree) -> PyTree:
+  """What the loop hands orbax to save: `host_copy(state)` where `HOST_STAGING` says so."""
+  stage = HOST_STAGING
+  if stage is None:
+    arrays = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
+    stage = jax.process_count() == 1 and any(d.platform != "cpu" for x in arrays for d in x.devices())
+  return host_copy(state) if stage else state
+
+
+def checkpoint_handler() -> ocp.PyTreeCheckpointHandler:
+  """How the loop writes its checkpoints and params: orbax's pytree format, uncompressed.
+  Compressed, orbax holds compressed copies of the arrays until written (0.7 GB for a 1 GB
+  state) and saves about 7% of the disk bytes of float weights and moments. Reads and is read
+  by `ocp.StandardCheckpointer` (checkpoints written before 2026-12-02 restore as they were)."""
+  return ocp.PyTreeCheckpointHandler(use_compression=False)
+
+
+def save_args(state: PyTree) -> ocp.args.PyTreeSave:
+  return ocp.args.PyTreeSave(_staged(state))
+
+
+def restore_args(abstract: PyTree) -> ocp.args.PyTreeRestore:
+  """Restores onto the shardings of `abstract` (`jax.ShapeDtypeStruct`s)."""
+  return ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+
+
+def release_freed_host_memory() -> None:
+  """Hands memory the allocator keeps after large frees back to the system (glibc's
+  `malloc_trim`; nothing elsewhere). Without it the host copies of a save stay resident."""
+  try:
+    ctypes.CDLL(None).malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
 def params_dir(run_dir: str | Path) -> Path:
   return Path(run_dir).absolute() / "params"
 
 
 def save_params(run_dir: str | Path, params: PyTree) -> None:
   path = params_dir(run_dir)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path, params, force=True)
-  checkpointer.wait_until_finished()
+  with ocp.Checkpointer(checkpoint_handler()) as checkpointer:
+    checkpointer.save(path, args=save_args(params), force=True)
+  release_freed_host_memory()
 
 
 def load_params(run_dir: str | Path, expected: PyTree, what: str) -> PyTree:
@@ -339,7 +436,7 @@ def _restore(manager: ocp.CheckpointManager, step: int, state: PyTree) -> PyTree
                          state["params"], str(path))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     with _quiet_orbax():
-      return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      return manager.restore(step, args=restore_args(abstract))
   except ValueError:
     raise
   except Exception as e:  # orbax's errors span screens; the first line names the cause
@@ -367,7 +464,8 @@ def run(*, name: str, run_dir: str | Path, state: PyTree, step_fn: StepFn,
   with stop_signals(), _deferred_stop(), contextlib.ExitStack() as stack:
     latest = _newest_complete_step(run_dir, name)
     options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-    with ocp.CheckpointManager(run_dir / "checkpoints", options=options) as manager:
+    with ocp.CheckpointManager(run_dir / "checkpoints", options=options,
+                               item_handlers=checkpoint_handler()) as manager:
       if latest is not None:
         state = _restore(manager, latest, state)
         if is_main_process():
@@ -379,18 +477,23 @@ def run(*, name: str, run_dir: str | Path, state: PyTree, step_fn: StepFn,
         return state
       writer = MetricWriter(run_dir, resume_step=start)
       data = batches(start)
+      if callable(getattr(data, "close", None)):  # a generator's `finally` stops its input workers
+        stack.callback(data.close)
       if PREFETCH_DEPTH > 0:  # host batches assembled ahead, in a thread
         data = stack.enter_context(Prefetch(data, PREFETCH_DEPTH))
       bar = tqdm(total=num_steps, desc=name, initial=start, disable=not is_main_process(), dynamic_ncols=True)
-      pending, tic, saved = [], time.time(), latest
+      pending, tic, saved, written = [], time.time(), latest, True
       for step in range(start, num_steps + 1):
         signum = _agreed_stop(step, every=1 if step == num_steps else STOP_CHECK_EVERY)
         if signum is not None or step == num_steps:
           if pending:  # the steps since the last record, so that none goes unlogged
             writer.write(step, _means(pending, tic))
+          # the input workers and prefetched batches go before the save needs host memory
+          stack.close()
           if saved != step:
-            manager.save(step, args=ocp.args.StandardSave(state), force=True)
+            manager.save(step, args=save_args(state), force=True)
           manager.wait_until_finished()
+          release_freed_host_memory()
           bar.close()
           if step == num_steps:
             break
@@ -409,8 +512,11 @@ def run(*, name: str, run_dir: str | Path, state: PyTree, step_fn: StepFn,
           bar.set_postfix({k: f"{v:.4g}" for k, v in means.items() if k != "steps_per_s"})
           pending, tic = [], time.time()
         if done % checkpoint_every == 0 and done < num_steps:
-          manager.save(done, args=ocp.args.StandardSave(state))
-          saved = done
+          manager.save(done, args=save_args(state))
+          saved, written = done, False
+        if not written and not manager.is_saving_in_progress():
+          release_freed_host_memory()  # the save's host copies, once written
+          written = True
     save_params(run_dir, state["params"])
   signum = _agreed_stop(num_steps, every=1)  # a signal during the final save stops before the next phase
   if signum is not None:
