@@ -156,6 +156,31 @@ def test_train_iterator_is_a_function_of_seed_and_step():
   assert "object_mask" not in other
 
 
+@pytest.mark.parametrize("image_size", [None, 80])  # held in memory / streamed by worker processes
+def test_uint8_images_normalise_to_the_float_batches(image_size):
+  """`uint8_images=True` gives the same batches before normalisation, on the host and on a device
+  (`normalize_jax`, as the training step does), to the bit; labels and masks unchanged."""
+  import jax
+  kwargs = dict(image_size=image_size, seed=3, start_step=2, with_masks=True, augment="light")
+  floats = take(data.make_iterator("synthetic", "train", 5, **kwargs), 2)
+  raw = take(data.make_iterator("synthetic", "train", 5, uint8_images=True, **kwargs), 2)
+  on_device = jax.jit(synthetic.normalize_jax)
+  for f, r in zip(floats, raw):
+    assert r["image"].dtype == np.uint8 and 0 < r["image"].std()
+    np.testing.assert_array_equal(synthetic.normalize(r["image"]), f["image"])
+    np.testing.assert_array_equal(np.asarray(on_device(r["image"])), f["image"])
+    for key in ("label", "object_mask"):
+      np.testing.assert_array_equal(r[key], f[key])
+
+
+def test_normalize_matches_the_plain_formula_for_every_value():
+  import jax
+  values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+  expected = values.astype(np.float64) / 127.5 - 1.0  # float64 reference, one rounding to float32
+  np.testing.assert_allclose(synthetic.normalize(values), expected, rtol=0, atol=2.4e-7)  # two float32 roundings
+  np.testing.assert_array_equal(np.asarray(jax.jit(synthetic.normalize_jax)(values)), synthetic.normalize(values))
+
+
 def test_stream_indices_cover_each_epoch_and_resume_exactly():
   n, batch = 10, 3
   full = np.concatenate([data.stream_indices(n, step * batch, batch, 0, True) for step in range(10)])
@@ -225,6 +250,10 @@ def test_corruptions_grow_with_severity_and_keep_the_range():
     (lambda: synthetic.corrupt(np.zeros((1, 8, 8, 3)), "snow"), r"unknown corruption 'snow'.*\('noise', 'blur'"),
     (lambda: synthetic.corrupt(np.zeros((1, 8, 8, 3)), "blur", 9), "severity must be an integer in 1..5, got 9"),
     (lambda: data.get_dataset_info("tfds:imagenet2012"), "needs --data_dir"),
+    (lambda: data.make_iterator("synthetic", "train", 4, mixup=0.8, uint8_images=True),
+     r"uint8_images=True is for the synthetic sets without mixup or cutmix; got 'synthetic', mixup 0.8"),
+    (lambda: data.make_iterator("tfds:imagenet2012", "train", 4, uint8_images=True, data_dir="/x"),
+     "uint8_images=True is for the synthetic sets"),
 ])
 def test_bad_input_raises_value_error(call, message):
   with pytest.raises(ValueError, match=message):

@@ -77,7 +77,7 @@ def get_dataset_info(name: str, image_size: int | None = None, data_dir: str | N
 
 def _synthetic_iterator(name: str, split: str, batch_size: int, image_size: int | None, seed: int, shuffle: bool,
                         repeat: bool, drop_remainder: bool, start_step: int, with_masks: bool,
-                        augment: str) -> Iterator[dict]:
+                        augment: str, uint8_images: bool = False) -> Iterator[dict]:
   config = _synthetic_config(name, image_size)
   n = synthetic.split_size(config, split)
   bounds = batch_bounds(n, batch_size, start_step, repeat, drop_remainder)
@@ -91,7 +91,8 @@ def _synthetic_iterator(name: str, split: str, batch_size: int, image_size: int 
       images = batch["image"]
       batch["image"] = augment_lib.light_numpy(images, *augment_lib.light_params(seed, begin, len(images),
                                                                                   images.shape[1]))
-    batch["image"] = synthetic.normalize(batch["image"])
+    if not uint8_images:
+      batch["image"] = synthetic.normalize(batch["image"])
     yield batch
 
 
@@ -110,12 +111,16 @@ def _held_batches(arrays: dict, bounds, seed: int, shuffle: bool, with_masks: bo
 def make_iterator(name: str, split: str, batch_size: int, *, image_size: int | None = None, seed: int = 0,
                   data_dir: str | None = None, shuffle: bool | None = None, repeat: bool | None = None,
                   drop_remainder: bool | None = None, start_step: int = 0, with_masks: bool = False,
-                  augment: str | None = None, mixup: float = 0.0, cutmix: float = 0.0) -> Iterator[dict]:
+                  augment: str | None = None, mixup: float = 0.0, cutmix: float = 0.0,
+                  uint8_images: bool = False) -> Iterator[dict]:
   """Batches of `split` ("train" or "test") of dataset `name`; see the module docstring.
 
   `seed` drives the shuffling and the augmentation, never the synthetic images themselves.
   `augment` (None: the dataset's default preset), `mixup` and `cutmix` act on the train split
-  only. Arguments are checked here, before the first batch is asked for.
+  only. `uint8_images` (synthetic sets, no mixup or cutmix): the images as generated, uint8, for
+  the consumer to normalise where it likes (`synthetic.normalize` / `normalize_jax`, equal
+  values); a quarter of the bytes to copy to a device. Arguments are checked here, before the
+  first batch is asked for.
   """
   _check_name(name)
   if split not in SPLITS:
@@ -133,10 +138,13 @@ def make_iterator(name: str, split: str, batch_size: int, *, image_size: int | N
   drop_remainder = train if drop_remainder is None else bool(drop_remainder)
   if not is_synthetic(name) and with_masks:
     raise ValueError(f"{name} has no object masks; with_masks=True is only for the synthetic set")
+  if uint8_images and (not is_synthetic(name) or (train and (mixup > 0 or cutmix > 0))):
+    raise ValueError(f"uint8_images=True is for the synthetic sets without mixup or cutmix; got {name!r}, "
+                     f"mixup {mixup}, cutmix {cutmix}")
   if is_synthetic(name):
     _synthetic_config(name, image_size)  # validates the size now rather than at the first batch
     batches = _synthetic_iterator(name, split, batch_size, image_size, seed, shuffle, repeat, drop_remainder,
-                                  start_step, with_masks, augment)
+                                  start_step, with_masks, augment, uint8_images)
   elif name.startswith(FOLDER_PREFIX):
     from acm_jax.data import folder
     batches = folder.make_iterator(name[len(FOLDER_PREFIX):], split, batch_size, image_size=image_size, seed=seed,

@@ -276,7 +276,8 @@ def restore_args(abstract: PyTree) -> ocp.args.PyTreeRestore:
 
 def release_freed_host_memory() -> None:
   """Hands memory the allocator keeps after large frees back to the system (glibc's
-  `malloc_trim`; nothing elsewhere). Without it the host copies of a save stay resident."""
+  `malloc_trim`; nothing elsewhere). Without it the host copies of a save stay resident, and so
+  does the memory the compiler's threads used for the first step."""
   try:
     ctypes.CDLL(None).malloc_trim(0)
   except (OSError, AttributeError):
@@ -503,6 +504,8 @@ def run(*, name: str, run_dir: str | Path, state: PyTree, step_fn: StepFn,
                 file=sys.stderr, flush=True)
           raise Stopped(signum, message)
         state, metrics = step_fn(state, next(data))
+        if step == start:  # the step's compilation is over: what its compiler threads freed goes back
+          release_freed_host_memory()
         pending.append(metrics)
         bar.update()
         done = step + 1

@@ -81,6 +81,7 @@ def build(config: ExperimentConfig) -> Experiment:
   return Experiment(config, vision_task(dense_config, acm_config, dtype), info,
                     sample_input=jnp.zeros((1, info.image_size, info.image_size, 3), dtype), flops=count,
                     iterator=data_lib.make_iterator, group_masks=data_lib.is_synthetic(config.dataset),
+                    uint8_images=data_lib.is_synthetic(config.dataset) and not (config.mixup or config.cutmix),
                     load_init=_load_dense)
 
 
