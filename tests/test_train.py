@@ -100,6 +100,31 @@ def test_resume_after_interrupt_gives_identical_params(tmp_path, monkeypatch):
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+def test_uint8_train_batches_train_exactly_as_float_batches(tmp_path, monkeypatch):
+  """The ViT task's synthetic train batches travel as uint8 and are normalised in the step; with
+  the host's float32 batches instead the trained params are the same to the bit."""
+  import dataclasses
+  args = ["--phase=pretrain", "--pretrain_steps=4", "--checkpoint_every=100"]
+  seen = []
+  original = phases.train_batches
+
+  def recording(exp, *a, **kw):
+    seen.append(exp.uint8_images)
+    return original(exp, *a, **kw)
+
+  monkeypatch.setattr(phases, "train_batches", recording)
+  assert run_main(tmp_path / "uint8", *args) == 0
+  monkeypatch.setattr(phases, "train_batches",
+                      lambda exp, *a, **kw: recording(dataclasses.replace(exp, uint8_images=False), *a, **kw))
+  assert run_main(tmp_path / "float", *args) == 0
+  assert seen == [True, False]
+  expected = phases.init_params(vit_task.build(config_lib.ExperimentConfig(gate_hidden=8)), "dense", 0)
+  a = flatten(loop.load_params(tmp_path / "uint8" / "pretrain", expected, "pretrain"))
+  b = flatten(loop.load_params(tmp_path / "float" / "pretrain", expected, "pretrain"))
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
 def test_ctrl_c_in_a_real_process_leaves_a_restorable_checkpoint(tmp_path):
   cmd = [sys.executable, "-m", "experiments.vit_imagenet", "--phase=pretrain", f"--workdir={tmp_path}",
          *TINY, "--pretrain_steps=100000", "--checkpoint_every=1000000"]
