@@ -244,9 +244,6 @@ def replaceable_paths(depth: int, acm: acm_lib.ACMConfig | None, with_attention:
 
 # --- the stack of blocks: unrolled or scanned, with rematerialisation -------------------
 
-# layers per iteration of the scanned stack's loop (`lax.scan`'s unroll)
-SCAN_UNROLL = 1
-
 STACKED = "blocks"  # the scanned stack's module name; its leaves have a leading layer axis
 _UNROLLED = re.compile(r"block_(\d+)$")
 # none: store every activation; full: recompute each block in the backward pass; dots: keep
@@ -339,8 +336,7 @@ def encoder_blocks(module: nn.Module, x: jax.Array, mask: jax.Array | None, *, d
     body = _ScanBlock if policy == "none" else nn.remat(_ScanBlock, policy=_CHECKPOINT_POLICIES[policy],
                                                        prevent_cse=False)
     stack = nn.scan(body, variable_axes={"params": 0, "acm": 0, "record": 0, "intermediates": 0},
-                    split_rngs={"params": True}, in_axes=(0, *[nn.broadcast] * len(args)), length=depth,
-                    unroll=SCAN_UNROLL)
+                    split_rngs={"params": True}, in_axes=(0, *[nn.broadcast] * len(args)), length=depth)
     x, _ = stack(**fields, acm=acm, num_layers=depth, name=STACKED)(x, jnp.arange(depth), *args)
     return x
   cls = _Block if policy == "none" else nn.remat(_Block, policy=_CHECKPOINT_POLICIES[policy])
