@@ -12,10 +12,11 @@ training loop is blocked while orbax copies the arrays to the host) and until
 Then one restore is timed (the cost of resuming). `--staging=host` saves as the training
 loop does (`loop.host_copy`: the arrays copied to ordinary host memory, then written
 uncompressed by `loop.checkpoint_handler`), `--staging=device` as it did before 2026-12-02
-(orbax's StandardSave of the device arrays: pinned host buffers, compressed). The process's host memory (Linux /proc: resident, anonymous,
-shared; pinned buffers show as shared) is sampled every 5 ms from before the first save
-to after the last commit. Writes
-benchmarks/results/save_<device>.json (save_<device>_<model>.json for another model).
+(orbax's StandardSave of the device arrays: pinned host buffers, compressed). The process's
+host memory (Linux /proc: resident, anonymous, shared; pinned buffers show as shared) is
+sampled every 5 ms from before the first save to after the last commit. Writes
+benchmarks/results/save_<gpu>.json (save_<gpu>_<model>.json for another model, `_device`
+appended with --staging=device).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import orbax.checkpoint as ocp
 from acm_jax.train import config as config_lib
 from acm_jax.train import loop, phases
 from acm_jax.vit import task as vit_task
+from benchmarks import gpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {  # the recipe's shapes; tiny for a check on a laptop or CI
@@ -121,7 +123,7 @@ def main(argv=None) -> dict:
   if args.repeats < 1:
     raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
   device = jax.devices()[0]
-  kind = re.sub(r"[^a-z0-9]+", "_", device.device_kind.lower()).strip("_")
+  kind = gpu_name(device.device_kind)
   tic = time.perf_counter()
   print(f"building the {args.model} finetune state ...", flush=True)
   state = finetune_state(args.model, args.sharding)
@@ -165,8 +167,9 @@ def main(argv=None) -> dict:
       shutil.rmtree(root, ignore_errors=True)
   record = {
       "model": args.model, "staging": args.staging,
-      "what": "ACM finetune state (params + AdamW state + step + rng), orbax StandardSave of "
-              + ("host copies (loop.host_copy), uncompressed" if args.staging == "host" else "the device arrays"),
+      "what": "ACM finetune state (params + AdamW state + step + rng), "
+              + ("host copies (loop.host_copy) saved uncompressed by the loop's pytree handler" if host
+                 else "the device arrays saved by orbax's StandardSave"),
       "device": device.device_kind, "devices": jax.device_count(), "processes": jax.process_count(),
       "sharding": args.sharding, "directory": str(root), "state_bytes": state_bytes, "param_bytes": param_bytes,
       "disk_bytes": disk_bytes, "num_arrays": len(leaves), "setup_s": setup_s,
