@@ -9,14 +9,16 @@ q, k, v, o projections ACMized (N=4), laid out on the mesh by the same partition
 (`--sharding`). Each of `--repeats` saves is timed twice: until `save` returns (the
 training loop is blocked while orbax copies the arrays to the host) and until
 `wait_until_finished` (written and committed: what a SIGTERM grace period must cover).
-Then one restore is timed (the cost of resuming). `--staging=host` saves as the training
-loop does (`loop.host_copy`: the arrays copied to ordinary host memory, then written
-uncompressed by `loop.checkpoint_handler`), `--staging=device` as it did before 2026-12-02
-(orbax's StandardSave of the device arrays: pinned host buffers, compressed). The process's
-host memory (Linux /proc: resident, anonymous, shared; pinned buffers show as shared) is
-sampled every 5 ms from before the first save to after the last commit. Writes
-benchmarks/results/save_<gpu>.json (save_<gpu>_<model>.json for another model, `_device`
-appended with --staging=device).
+Then one restore is timed (the cost of resuming). `--staging` is `loop.SAVE_STAGING`:
+`parts` saves as the training loop does on a GPU (a device copy of the state, copied to the host
+and written by orbax's write thread `loop.SAVE_PART_BYTES` at a time), `host` as it did from
+2026-12-02 (`loop.host_copy`: the whole state copied to host memory, then written), both
+uncompressed by `loop.checkpoint_handler`; `device` as it did before 2026-12-02 (orbax's
+StandardSave of the device arrays: pinned host buffers, compressed). The process's host memory
+(Linux /proc: resident, anonymous, shared; pinned buffers show as shared) is sampled every 5 ms
+from before the first save to after the last commit. Writes benchmarks/results/save_<gpu>.json
+for `parts` (save_<gpu>_<model>.json for another model; `_host` or `_device` appended for the
+other stagings).
 """
 
 from __future__ import annotations
@@ -115,8 +117,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--model", default="vit_b16", choices=sorted(MODELS))
   parser.add_argument("--sharding", default="dp", help="as the training flag (dp, fsdp, tp)")
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--staging", default="host", choices=("host", "device"),
-                      help="host: save numpy copies, as the loop does; device: hand orbax the device arrays")
+  parser.add_argument("--staging", default="parts", choices=loop.SAVE_STAGINGS,
+                      help="loop.SAVE_STAGING: parts (the loop on a GPU), host (whole host copies), device "
+                           "(orbax's StandardSave of the device arrays, as before 2026-12-02)")
   parser.add_argument("--dir", default=None, help="where to save (default: a temporary directory, removed after)")
   parser.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/save_<device>.json)")
   args = parser.parse_args(argv)
@@ -140,16 +143,16 @@ def main(argv=None) -> dict:
   memory_before = host_memory()
   try:
     options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-    host = args.staging == "host"
-    handler = loop.checkpoint_handler() if host else None
+    standard = args.staging == "device"
+    handler = None if standard else loop.checkpoint_handler()
+    loop.SAVE_STAGING = args.staging
     with ocp.CheckpointManager(target, options=options, item_handlers=handler) as manager, PeakMemory() as memory:
       for step in range(1, args.repeats + 1):
         tic = time.perf_counter()
-        manager.save(step, args=ocp.args.PyTreeSave(loop.host_copy(state)) if host else ocp.args.StandardSave(state),
-                     force=True)
+        manager.save(step, args=ocp.args.StandardSave(state) if standard else loop.save_args(state), force=True)
         blocked.append(time.perf_counter() - tic)
         manager.wait_until_finished()
-        if host:
+        if not standard:
           loop.release_freed_host_memory()
         committed.append(time.perf_counter() - tic)
         print(f"save {step}: loop blocked {blocked[-1]:.2f} s, committed after {committed[-1]:.2f} s", flush=True)
@@ -158,7 +161,7 @@ def main(argv=None) -> dict:
       abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
       tic = time.perf_counter()
       restored = manager.restore(args.repeats,
-                                 args=loop.restore_args(abstract) if host else ocp.args.StandardRestore(abstract))
+                                 args=ocp.args.StandardRestore(abstract) if standard else loop.restore_args(abstract))
       jax.block_until_ready(restored)
       restore_s = time.perf_counter() - tic
   finally:
@@ -168,8 +171,11 @@ def main(argv=None) -> dict:
   record = {
       "model": args.model, "staging": args.staging,
       "what": "ACM finetune state (params + AdamW state + step + rng), "
-              + ("host copies (loop.host_copy) saved uncompressed by the loop's pytree handler" if host
-                 else "the device arrays saved by orbax's StandardSave"),
+              + {"parts": f"a device copy, copied to the host and written {loop.SAVE_PART_BYTES >> 20} MiB at a time "
+                          "(loop.DeviceSnapshot) by the loop's uncompressed pytree handler",
+                 "host": "host copies (loop.host_copy) saved uncompressed by the loop's pytree handler",
+                 "device": "the device arrays saved by orbax's StandardSave"}[args.staging],
+      "part_bytes": loop.SAVE_PART_BYTES if args.staging == "parts" else None,
       "device": device.device_kind, "devices": jax.device_count(), "processes": jax.process_count(),
       "sharding": args.sharding, "directory": str(root), "state_bytes": state_bytes, "param_bytes": param_bytes,
       "disk_bytes": disk_bytes, "num_arrays": len(leaves), "setup_s": setup_s,
@@ -180,7 +186,7 @@ def main(argv=None) -> dict:
       "jax": jax.__version__, "orbax": ocp.__version__,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
-  suffix = ("" if args.model == "vit_b16" else f"_{args.model}") + ("" if args.staging == "host" else "_device")
+  suffix = ("" if args.model == "vit_b16" else f"_{args.model}") + ("" if args.staging == "parts" else f"_{args.staging}")
   out = Path(args.out) if args.out else RESULTS / f"save_{kind}{suffix}.json"
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(record, indent=2) + "\n")

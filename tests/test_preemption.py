@@ -100,19 +100,19 @@ def test_sigterm_in_every_phase_resumes_exactly(tmp_path, monkeypatch, capsys):
 def test_sigterm_with_the_prefetch_thread_resumes_exactly(tmp_path, monkeypatch, capsys):
   """The loop's prefetch thread makes batch `at` while the loop runs one of the PREFETCH_DEPTH + 1
   steps before it; the loop stops after the step it is at, and the resumed run equals the straight one.
-  The interrupted run saves host copies of its state (`loop.HOST_STAGING`, as on a GPU) and resumes
-  from them: equal to the straight run, which saves the CPU arrays themselves."""
+  The interrupted run saves its state in parts from a device copy (`loop.SAVE_STAGING`, as on a GPU)
+  and resumes from them: equal to the straight run, which saves the CPU arrays themselves."""
   assert loop.PREFETCH_DEPTH > 0
   assert run_main(tmp_path / "straight", "--phase=pretrain") == 0
   at = 4
   monkeypatch.setattr(data_lib, "make_iterator", signal_at(at, signal.SIGTERM))
-  monkeypatch.setattr(loop, "HOST_STAGING", True)
+  monkeypatch.setattr(loop, "SAVE_STAGING", "parts")
   assert run_main(tmp_path / "resumed", "--phase=pretrain") == loop.PREEMPTED_STATUS
   saved = complete_steps(tmp_path / "resumed" / "pretrain")[-1]
   assert at - loop.PREFETCH_DEPTH <= saved <= at + 1, saved
   assert f"SIGTERM: saved step {saved}" in capsys.readouterr().err
   monkeypatch.undo()
-  monkeypatch.setattr(loop, "HOST_STAGING", True)
+  monkeypatch.setattr(loop, "SAVE_STAGING", "parts")
   assert run_main(tmp_path / "resumed", "--phase=pretrain") == 0
   assert_same_params(tmp_path / "straight" / "pretrain", tmp_path / "resumed" / "pretrain", "dense")
   assert logged_steps(tmp_path / "resumed" / "pretrain") == list(range(1, RUNS["pretrain"] + 1))
@@ -141,6 +141,25 @@ for k, v in values.items():
 assert copies["plain"] == 3.5
 import copy as copy_lib  # orbax deep-copies numpy arrays it saves; the loop's own copies are not copied again
 assert copy_lib.deepcopy(copies["split"]) is copies["split"]
+snaps = loop.device_snapshot(tree)
+for k, v in tree.items():
+  if isinstance(v, jax.Array):
+    s = snaps[k].array
+    assert s.sharding.is_equivalent_to(v.sharding, v.ndim), (k, s.sharding, v.sharding)
+    assert not any(a.data.unsafe_buffer_pointer() == b.data.unsafe_buffer_pointer()
+                   for a, b in zip(s.addressable_shards, v.addressable_shards)), k
+import orbax.checkpoint as ocp, tempfile
+loop.SAVE_PART_BYTES = 100  # every array a part of its own
+with ocp.CheckpointManager(tempfile.mkdtemp(), item_handlers=loop.checkpoint_handler()) as manager:
+  manager.save(1, args=ocp.args.PyTreeSave(snaps))
+  manager.wait_until_finished()
+  assert all(snaps[k].array is None for k, v in tree.items() if isinstance(v, jax.Array)), "device copies kept"
+  abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) if isinstance(v, jax.Array) else v
+              for k, v in tree.items()}
+  restored = manager.restore(1, args=loop.restore_args(abstract))
+for k, v in values.items():
+  assert restored[k].sharding.is_equivalent_to(tree[k].sharding, tree[k].ndim), k
+  np.testing.assert_array_equal(np.asarray(restored[k]), v, err_msg=k)
 print("host copies equal")
 """
 
@@ -148,7 +167,9 @@ print("host copies equal")
 def test_host_copy_of_sharded_arrays():
   """`loop.host_copy` on arrays split, partly replicated and replicated over 4 devices: numpy
   copies equal to the values put there, sharing no memory with the devices' buffers (the next
-  step may donate those), no host copy cached on the arrays."""
+  step may donate those), no host copy cached on the arrays. `loop.device_snapshot` of them: copies
+  on the same shardings in buffers of their own, saved in parts, deleted once written, and
+  restored onto the shardings with the values put there."""
   env = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "PYTHONPATH": str(ROOT)}
   out = subprocess.run([sys.executable, "-c", HOST_COPY_SCRIPT], env=env, capture_output=True, text=True, timeout=300)

@@ -17,6 +17,7 @@ resumes there; saves that never committed (no orbax commit marker) are set aside
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import dataclasses
@@ -44,10 +45,18 @@ from acm_jax.train.prefetch import Prefetch
 # each batch is made when its step asks for it.
 PREFETCH_DEPTH = 2
 
-# Checkpoints of a state on accelerators are copied to plain host memory by the loop (`host_copy`)
-# and orbax writes those copies. None: whenever the state lives on an accelerator of a single
-# process; True / False: always / never (tests stage CPU states to cover the path).
-HOST_STAGING: bool | None = None
+# How a save of the state reaches orbax (`save_args`; benchmarks/RESULTS.md, "Host memory of the
+# loop's saves"):
+#   "parts"  the state is copied on its devices (the next step may donate its buffers), and orbax's
+#            write thread copies that copy to host memory and writes it, SAVE_PART_BYTES at a time
+#            (`DeviceSnapshot`); where the device copy does not fit, the save takes "host" instead
+#   "host"   the whole state is copied to host memory before `save` returns (`host_copy`)
+#   "device" orbax is handed the device arrays and stages them itself
+# None: "parts" when the state lives on accelerators of a single process, else "device" (tests
+# stage CPU states to cover the other paths).
+SAVE_STAGING: str | None = None
+SAVE_STAGINGS = ("parts", "host", "device")
+SAVE_PART_BYTES = 256 << 20
 
 StepFn = Callable[[PyTree, dict], tuple[PyTree, dict]]
 
@@ -204,14 +213,14 @@ class HostCopy(np.ndarray):
 def host_copy(tree: PyTree) -> PyTree:
   """`tree` with each jax array replaced by a numpy copy (`HostCopy`); other leaves as they are.
 
-  Why the loop saves these instead of the device arrays (benchmarks/RESULTS.md, "Host memory
-  of the loop's saves ..."): handed the device arrays of the 1 GB ViT-B/16 finetune state, orbax
-  took 4.2 GB of host memory (2 GB of it pinned buffers, which the runtime keeps for the rest of
-  the process); with these copies a save takes 1.4 GB, freed once written, and the next step
-  may donate the device buffers meanwhile. Every transfer is started before the first is waited for.
-  The shards are read through arrays of their own (`addressable_data`), so that the host
-  copy numpy caches on the array it reads does not stay on the state's arrays.
-  Single-process only: each array must be fully addressable.
+  How saves reach the host (benchmarks/RESULTS.md, "Host memory of the loop's saves ..."): handed
+  the device arrays of the 1 GB ViT-B/16 finetune state, orbax took 4.2 GB of host memory (2 GB
+  of it pinned buffers, which the runtime keeps for the rest of the process); these copies of the
+  whole state take 1.4 GB, freed once written ("host" staging), and `SnapshotHandler` copies a
+  device copy of the state through here a part at a time, 0.4 GB ("parts", the default on GPUs).
+  Every transfer is started before the first is waited for. The shards are read through arrays
+  of their own (`addressable_data`), so that the host copy numpy caches on the array it reads
+  does not stay on the state's arrays. Single-process only: each array must be fully addressable.
   """
   leaves, treedef = jax.tree.flatten(tree)
   pieces = []
@@ -248,13 +257,104 @@ def host_copy(tree: PyTree) -> PyTree:
   return jax.tree.unflatten(treedef, copies)
 
 
+class DeviceSnapshot:
+  """A device copy of one state array, taken for one save and owned by it. orbax hands it to
+  `SnapshotHandler`, which copies it to the host in its write thread and deletes it once copied."""
+
+  def __init__(self, array: jax.Array):
+    self.array: jax.Array | None = array
+    self.shape, self.dtype, self.size, self.ndim = array.shape, array.dtype, array.size, array.ndim
+    self.nbytes = array.nbytes
+
+  def __deepcopy__(self, memo):  # orbax 0.12.4 deep-copies what its numpy handler writes
+    return self
+
+  def release(self) -> None:
+    if self.array is not None:
+      self.array.delete()
+      self.array = None
+
+
+def part_bounds(sizes: list[int], budget: int) -> list[tuple[int, int]]:
+  """[start, stop) runs of consecutive items whose sizes add up to at most `budget`; an item larger
+  than `budget` is a part of its own."""
+  bounds, start, total = [], 0, 0
+  for i, size in enumerate(sizes):
+    if i > start and total + size > budget:
+      bounds.append((start, i))
+      start, total = i, 0
+    total += size
+  if sizes:
+    bounds.append((start, len(sizes)))
+  return bounds
+
+
+class SnapshotHandler(ocp.type_handlers.NumpyHandler):
+  """Writes `DeviceSnapshot`s as orbax's numpy handler writes numpy arrays (same files, same
+  metadata: read back as any numpy leaf), at most SAVE_PART_BYTES of them in host memory at a
+  time: a part is copied to the host, its device copies deleted, written, and dropped before the
+  next part is copied."""
+
+  async def _background_serialize(self, values, infos, args=None):
+    args = list(args or [ocp.type_handlers.SaveArgs()] * len(values))
+    for start, stop in part_bounds([v.nbytes for v in values], SAVE_PART_BYTES):
+      part = values[start:stop]
+      host = await asyncio.to_thread(host_copy, [v.array for v in part])
+      for v in part:
+        v.release()
+      await super()._background_serialize(host, infos[start:stop], args[start:stop])
+      del host
+
+
+class _SnapshotRegistry:
+  """orbax's global type registry with `DeviceSnapshot`s written by `SnapshotHandler`."""
+
+  def __init__(self):
+    self._handler = SnapshotHandler()
+
+  def add(self, ty, handler, func=None, override=False):
+    ocp.type_handlers.register_type_handler(ty, handler, func, override)
+
+  def get(self, ty):
+    if isinstance(ty, type) and issubclass(ty, DeviceSnapshot):
+      return self._handler
+    return ocp.type_handlers.get_type_handler(ty)
+
+  def has(self, ty) -> bool:
+    return (isinstance(ty, type) and issubclass(ty, DeviceSnapshot)) or ocp.type_handlers.has_type_handler(ty)
+
+
+def device_snapshot(tree: PyTree) -> PyTree:
+  """`tree` with each jax array replaced by a `DeviceSnapshot` of a copy of it on the same devices."""
+  leaves, treedef = jax.tree.flatten(tree)
+  arrays = [x for x in leaves if isinstance(x, jax.Array)]
+  copies = iter(jax.device_put(arrays, [x.sharding for x in arrays], may_alias=False))  # one call, on the devices
+  return jax.tree.unflatten(treedef, [DeviceSnapshot(next(copies)) if isinstance(x, jax.Array) else x for x in leaves])
+
+
+def save_staging(state: PyTree) -> str:
+  """SAVE_STAGING, or what None means for `state` (see SAVE_STAGING)."""
+  if SAVE_STAGING is not None:
+    if SAVE_STAGING not in SAVE_STAGINGS:
+      raise ValueError(f"loop.SAVE_STAGING must be one of {SAVE_STAGINGS} or None, got {SAVE_STAGING!r}")
+    return SAVE_STAGING
+  arrays = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
+  on_accelerators = any(d.platform != "cpu" for x in arrays for d in x.devices())
+  return "parts" if jax.process_count() == 1 and on_accelerators else "device"
+
+
 def _staged(state: PyTree) -> PyTree:
-  """What the loop hands orbax to save: `host_copy(state)` where `HOST_STAGING` says so."""
-  stage = HOST_STAGING
-  if stage is None:
-    arrays = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
-    stage = jax.process_count() == 1 and any(d.platform != "cpu" for x in arrays for d in x.devices())
-  return host_copy(state) if stage else state
+  """What the loop hands orbax to save (see SAVE_STAGING)."""
+  staging = save_staging(state)
+  if staging == "parts":
+    try:
+      return device_snapshot(state)
+    except jax.errors.JaxRuntimeError as error:  # the state's copy does not fit beside it
+      if "RESOURCE_EXHAUSTED" not in str(error):
+        raise
+      logging.warning("save: no device memory for a copy of the state (%s); copying it all to the host", error)
+      staging = "host"
+  return host_copy(state) if staging == "host" else state
 
 
 def checkpoint_handler() -> ocp.PyTreeCheckpointHandler:
@@ -262,7 +362,7 @@ def checkpoint_handler() -> ocp.PyTreeCheckpointHandler:
   Compressed, orbax holds compressed copies of the arrays until written (0.7 GB for a 1 GB
   state) and saves about 7% of the disk bytes of float weights and moments. Reads and is read
   by `ocp.StandardCheckpointer` (checkpoints written before 2026-12-02 restore as they were)."""
-  return ocp.PyTreeCheckpointHandler(use_compression=False)
+  return ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=_SnapshotRegistry())
 
 
 def save_args(state: PyTree) -> ocp.args.PyTreeSave:
