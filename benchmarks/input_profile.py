@@ -1,8 +1,11 @@
 """Where the image input pipeline's time goes: images/s of tf.data maps over the `input_bench` JPEGs
-(500x375, quality 90) held in memory, on one pinned core, stage by stage and per augment preset.
+(500x375, quality 90) held in memory, on pinned cores (one by default), stage by stage and per augment preset.
 Each map ends in a max over its output, so that crops of any size batch; the max costs ~1% of a decode.
 
-  python3 -m benchmarks.input_profile [--images=256] [--batches=16] [--core=0]
+  python3 -m benchmarks.input_profile [--images=256] [--batches=16] [--cores=0] [--only=preset]
+
+Run it with --cores=0 and then --cores=0,1,... to see how the map alone scales, without the stream's
+file reading, batching into numpy or mixing.
 """
 
 from __future__ import annotations
@@ -51,16 +54,21 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--images", type=int, default=256)
   parser.add_argument("--batches", type=int, default=16)
-  parser.add_argument("--core", type=int, default=0)
+  parser.add_argument("--cores", default="0", help="comma-separated CPU ids to pin to")
+  parser.add_argument("--only", default="", help="time only the stages whose name contains this")
   args = parser.parse_args(argv)
-  os.sched_setaffinity(0, [args.core])  # before TensorFlow starts its thread pools
+  cores = [int(c) for c in args.cores.split(",")]
+  os.sched_setaffinity(0, cores)  # before TensorFlow starts its thread pools
   from acm_jax.data.tfds_data import import_tf
   from benchmarks.input_bench import write_images
   tf, _ = import_tf()
   with tempfile.TemporaryDirectory() as tmp:
     write_images(Path(tmp), args.images)
     encoded = [path.read_bytes() for path in sorted(Path(tmp, "train").rglob("*.jpg"))]
+  print(f"pinned to cores {cores}", flush=True)
   for name, fn in stages(tf).items():
+    if args.only not in name:
+      continue
     ds = tf.data.Dataset.from_tensor_slices(encoded).repeat().enumerate()
     ds = ds.map(lambda position, image: tf.reduce_max(fn(image, position)), num_parallel_calls=tf.data.AUTOTUNE)
     batches = iter(ds.batch(32).prefetch(2))
