@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
   state = {f"w{i}": jax.random.normal(k, (2048, 2048), jnp.float32) for i, k in enumerate(keys)}
   state["step"] = jnp.int32(0)
   print(f"staging: {loop.save_staging(state)} on {jax.devices()[0].device_kind}", flush=True)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   bad = {}
   with tempfile.TemporaryDirectory() as directory, ocp.CheckpointManager(
       directory, item_handlers=loop.checkpoint_handler(), options=ocp.CheckpointManagerOptions(max_to_keep=5)) as manager:

@@ -24,8 +24,7 @@ def random_state(seed: int = 0) -> dict:
 
 
 def abstract(state: dict) -> dict:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-                      if isinstance(x, jax.Array) else x, state)
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
 def assert_same(restored: dict, state: dict) -> None:
