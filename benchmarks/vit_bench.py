@@ -36,6 +36,7 @@ from acm_jax import acm as acm_lib
 from acm_jax import transformer
 from acm_jax.vit import model as vit
 from benchmarks import gpu_name
+from pallas_kernels import acm_fused
 
 
 def log(*args):
@@ -158,6 +159,10 @@ def main(argv=None):
                       help="acm_fused.TWOLAUNCH_MAX_TOKENS for this run (the gate inside the up kernel)")
   parser.add_argument("--onepass-max-tokens", type=int, default=None,
                       help="override pallas_kernels.acm_fused.ONEPASS_MAX_TOKENS (the one-launch path)")
+  parser.add_argument("--mgpu-down-min-tokens", type=int, default=None,
+                      help="acm_fused.MGPU_DOWN_MIN_TOKENS for this run (the Mosaic GPU down kernel; -1: never)")
+  parser.add_argument("--mgpu-down-kinds", default=None,
+                      help="acm_fused.MGPU_DOWN_KINDS for this run: comma list of mlp, proj")
   parser.add_argument("--tuned", default=None, help="JSON of benchmarks.fused_tune to load into acm_fused.TUNED")
   parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
   parser.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
@@ -171,17 +176,17 @@ def main(argv=None):
   if bad:
     sys.exit(f"bad --acm or --batches value(s) {bad}: --acm takes {sorted(ACM_KINDS)}, batches are >= 1")
   if args.sort_min_tokens is not None:
-    from pallas_kernels import acm_fused
     acm_fused.SORT_MIN_TOKENS = args.sort_min_tokens
   if args.onepass_max_tokens is not None:
-    from pallas_kernels import acm_fused
     acm_fused.ONEPASS_MAX_TOKENS = args.onepass_max_tokens
   if args.twolaunch_max_tokens is not None:
-    from pallas_kernels import acm_fused
     acm_fused.TWOLAUNCH_MAX_TOKENS = args.twolaunch_max_tokens
+  if args.mgpu_down_min_tokens is not None:
+    acm_fused.MGPU_DOWN_MIN_TOKENS = None if args.mgpu_down_min_tokens < 0 else args.mgpu_down_min_tokens
+  if args.mgpu_down_kinds is not None:
+    acm_fused.MGPU_DOWN_KINDS = tuple(k for k in args.mgpu_down_kinds.split(",") if k)
   if args.tuned:
     from benchmarks import fused_tune
-    from pallas_kernels import acm_fused
     acm_fused.TUNED.update(fused_tune.load(args.tuned))
   device = jax.devices()[0].device_kind
   date = datetime.date.today().isoformat()
@@ -249,7 +254,8 @@ def main(argv=None):
                    ratio_to_dense=round(ips / paired_dense_ips, 4), dense_images_per_s=round(paired_dense_ips, 1),
                    ideal_ratio=round(ideal, 4), logits_rel_err=err,
                    gate_agreement_block0=round(gate_agree, 5), check_passed=err <= 0.05 and gate_agree >= 0.99,
-                   scanned=args.scan_blocks)
+                   scanned=args.scan_blocks, mgpu_down_min_tokens=acm_fused.MGPU_DOWN_MIN_TOKENS,
+                   mgpu_down_kinds=list(acm_fused.MGPU_DOWN_KINDS))
         records.append(rec)
         log(f"batch {batch:4d} acm={kind:8s} r={r} (measured {r_real:.3f}) impl={impl:6s} {ips:9.1f} images/s "
             f"{ips / paired_dense_ips:.3f} x dense (ideal {ideal:.2f}; logits vs XLA at the same k {err:.1e}; "

@@ -87,6 +87,13 @@ ONEPASS_MAX_TOKENS = 0
 # --twolaunch-max-tokens`) shows that one launch fewer per group pays for recomputing the gate.
 TWOLAUNCH_MAX_TOKENS = 0
 MAX_GROUP = 4
+# The sorted path's down launch as the warp-specialised Mosaic GPU kernel of `acm_mgpu` (bf16 on
+# Hopper) from this many tokens on, for the shape kinds listed; None: never unless asked for
+# (`acm_group(..., mgpu_down=True)`). H200, 2026-12-03 (benchmarks/RESULTS.md): at 50,432 tokens the
+# MLP group took 0.731 against 0.785 ms at mean k/N 0.5 (whole ViT-B/16 at batch 256 1.355 -> 1.398x
+# dense); at 6,304 tokens it won at some k and lost at others, so the batch-32 bucket keeps Triton.
+MGPU_DOWN_MIN_TOKENS: int | None = 8193
+MGPU_DOWN_KINDS = ("mlp",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,8 +267,10 @@ def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, toke
   _for_group(g, num_groups, body)
 
 
-def _scatter_kernel(k_ref, rank_ref, counts_ref, order_ref, sorted_k_ref, *, num_groups, tokens, padded,
+def _scatter_kernel(k_ref, rank_ref, counts_ref, order_ref, sorted_k_ref, *pos_ref, num_groups, tokens, padded,
                     chunk, num_learners):
+  """Writes the permutation (order) and the sorted k; with a third output, each token's place in
+  the sorted order (the inverse permutation, for the Mosaic GPU down kernel's gather back)."""
   from jax.experimental.pallas import triton as plgpu
   p = pl.program_id(0)
   num_chunks = padded // chunk
@@ -293,6 +302,8 @@ def _scatter_kernel(k_ref, rank_ref, counts_ref, order_ref, sorted_k_ref, *, num
     dest = gg * padded + jnp.where(valid, dest, rows)
     plgpu.store(order_ref.at[dest], rows, mask=valid)
     plgpu.store(sorted_k_ref.at[dest], k, mask=valid)
+    if pos_ref:
+      plgpu.store(pos_ref[0].at[flat], dest - gg * padded, mask=valid)
 
   _for_group(g, num_groups, body)
 
@@ -519,7 +530,8 @@ def _check_group(x, groups, num_learners, activation, min_choice):
 def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_learners: int,
               activation: str = "gelu", min_choice: int = 0, cost_shift: float | jax.Array = 0.0,
               sort: bool | None = None, onepass: bool | None = None, twolaunch: bool | None = None,
-              xla: bool | None = None, fast_math: bool | None = None, interpret: bool | None = None, **tiles) -> tuple[tuple[jax.Array, ...], jax.Array]:
+              xla: bool | None = None, fast_math: bool | None = None, interpret: bool | None = None,
+              mgpu_down: bool | None = None, **tiles) -> tuple[tuple[jax.Array, ...], jax.Array]:
   """Hard-choice outputs of G ACMs that read the same tokens.
 
   x: (T, d) bfloat16 or float32. groups: G dicts with w1 (d, N*h), b1 (N*h,),
@@ -528,7 +540,9 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   linear gate or logits (T, N+1) from a deeper one. cost_shift: a scalar (see
   `acm.ACM`). sort, onepass, twolaunch, xla: the path (module docstring); None picks by token count
   and shape (`default_settings`). tiles: overrides of `FusedConfig`. interpret: None means
-  "when the backend is not a GPU" (the xla path runs on any backend).
+  "when the backend is not a GPU" (the xla path runs on any backend). mgpu_down: the sorted
+  path's down launch as `acm_mgpu.down_projection` (None: from `MGPU_DOWN_MIN_TOKENS` tokens on,
+  where it fits); asking for it where it cannot run raises.
 
   Returns (outputs: G arrays (T, d) in x.dtype, k: (G, T) int32 in token order).
   """
@@ -552,6 +566,7 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   if path == "onepass":
     return _acm_group_onepass(x, groups, cfg, num_learners=num_learners, activation=activation,
                               min_choice=min_choice, cost_shift=cost_shift, fast_math=fast_math, interpret=interpret)
+  down_cfg = _mgpu_down_config(mgpu_down, x.dtype, tokens, dim, total, cfg, path, interpret)
   padded = -(-tokens // max(ROUTE_CHUNK, cfg.block_rows)) * max(ROUTE_CHUNK, cfg.block_rows)
   num_chunks = padded // ROUTE_CHUNK
   linear_gate = "gate" in groups[0]
@@ -589,16 +604,20 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
     )(shift, x, *gate_inputs)
     k_tokens = routed[0]
     if sort:
-      order, k_rows = pl.pallas_call(
+      order, k_rows, *positions = pl.pallas_call(
           functools.partial(_scatter_kernel, num_groups=num_groups, tokens=tokens, padded=padded,
                             chunk=ROUTE_CHUNK, num_learners=num_learners),
-          out_shape=(jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),) * 2,
+          out_shape=(jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),) * (3 if down_cfg else 2),
           grid=(num_groups * num_chunks,), compiler_params=params(4), interpret=interpret, name="acm_scatter",
       )(*routed)
     else:
       order, k_rows = k_tokens, k_tokens  # order is not read on the unsorted path
     hidden = up_call(up, out_shape=hidden_shapes, name="acm_group_up")(order, k_rows, x, *weights_up)
   has_bias = "b2" in groups[0]
+  if down_cfg:
+    outs = _mgpu_down(hidden, groups, k_rows, positions[0], k_tokens, cfg=down_cfg, tokens=tokens, padded=padded,
+                      width=width, has_bias=has_bias, interpret=interpret)
+    return outs, k_tokens.reshape(num_groups, padded)[:, :tokens]
   col_blocks = dim // cfg.block_out
   down_inputs = [a for h, grp in zip(hidden, groups) for a in (h, grp["w2"]) + ((grp["b2"],) if has_bias else ())]
   outs = pl.pallas_call(
@@ -611,6 +630,63 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   )(order, k_rows, *down_inputs)
   k = k_tokens.reshape(num_groups, padded)[:, :tokens]
   return tuple(outs), k
+
+
+def _mgpu_down_config(asked, dtype, tokens, dim, total, cfg, path, interpret):
+  """The `acm_mgpu.DownConfig` of the sorted path's down launch, or None for the Triton kernel."""
+  from pallas_kernels import acm_mgpu
+  if asked is None:
+    asked = (MGPU_DOWN_MIN_TOKENS is not None and tokens >= MGPU_DOWN_MIN_TOKENS and not interpret
+             and shape_kind(dim, total) in MGPU_DOWN_KINDS and jnp.dtype(dtype) == jnp.bfloat16
+             and gpu_family() == "hopper")
+    quiet = True
+  else:
+    quiet = False
+  if not asked:
+    return None
+  rows = 128 if cfg.block_rows % 128 == 0 else 64
+  down = dataclasses.replace(acm_mgpu.DownConfig(), tile_m=rows, **MGPU_DOWN_TILES)
+  why = None
+  if path != "sorted":
+    why = f"it runs on the sorted path only (this call takes the {path!r} path)"
+  elif cfg.block_rows % down.rows:
+    why = f"its row blocks of {down.rows} must divide the up launch's block_rows={cfg.block_rows}"
+  else:
+    padded = -(-tokens // max(ROUTE_CHUNK, cfg.block_rows)) * max(ROUTE_CHUNK, cfg.block_rows)
+    try:
+      acm_mgpu.check((padded, total), (total, dim), dtype, down)
+    except ValueError as err:
+      why = str(err)
+  if why is None and not interpret and gpu_family() != "hopper":
+    why = "it needs a Hopper GPU (wgmma and TMA); pass interpret=True to simulate it"
+  if why:
+    if quiet:
+      return None
+    raise ValueError(f"mgpu_down=True: {why}")
+  return down
+
+
+# Overrides of `acm_mgpu.DownConfig` fields (tile_n, block_k, stages, split, epi) for the sorted path.
+MGPU_DOWN_TILES: dict = {}
+
+
+def _mgpu_down(hidden, groups, sorted_k, positions, k_tokens, *, cfg, tokens, padded, width, has_bias, interpret):
+  """Down projections of the sorted path by `acm_mgpu.down_projection`, then each token's row
+  gathered back from the sorted order with its choice's cumulative output bias (one XLA fusion)."""
+  from pallas_kernels import acm_mgpu
+  outs = []
+  for gg, (h, grp) in enumerate(zip(hidden, groups)):
+    steps = acm_mgpu.block_steps(sorted_k[gg * padded:(gg + 1) * padded], rows=padded, block_rows=cfg.rows,
+                                 width=width, block_k=cfg.block_k, tokens=tokens)
+    steps = jnp.clip(steps, 1, h.shape[1] // cfg.block_k)
+    y = acm_mgpu.down_projection(h, grp["w2"], steps, cfg=cfg, interpret=interpret)
+    pos = positions[gg * padded:gg * padded + tokens]
+    k = k_tokens[gg * padded:gg * padded + tokens]
+    out = jnp.where((k > 0)[:, None], y[jnp.clip(pos, 0, padded - 1)].astype(jnp.float32), 0.0)
+    if has_bias:
+      out = out + jnp.cumsum(grp["b2"].astype(jnp.float32), axis=0)[k]
+    outs.append(out.astype(h.dtype))
+  return tuple(outs)
 
 
 def _acm_group_onepass(x, groups, cfg, *, num_learners, activation, min_choice, cost_shift, fast_math, interpret):
