@@ -89,10 +89,11 @@ TWOLAUNCH_MAX_TOKENS = 0
 MAX_GROUP = 4
 # The sorted path's down launch as the warp-specialised Mosaic GPU kernel of `acm_mgpu` (bf16 on
 # Hopper) from this many tokens on, for the shape kinds listed; None: never unless asked for
-# (`acm_group(..., mgpu_down=True)`). H200, 2026-12-03 (benchmarks/RESULTS.md): at 50,432 tokens the
-# MLP group took 0.731 against 0.785 ms at mean k/N 0.5 (whole ViT-B/16 at batch 256 1.355 -> 1.398x
-# dense); at 6,304 tokens it won at some k and lost at others, so the batch-32 bucket keeps Triton.
-MGPU_DOWN_MIN_TOKENS: int | None = 8193
+# (`acm_group(..., mgpu_down=True)`). Off: on an H200 (benchmarks/RESULTS.md, 2026-12-03) the kernel
+# itself beats the Triton down launch (0.169 against 0.210 ms at 50,432 tokens, k/N 0.5), but the XLA
+# gather of its sorted rows back to token order costs 0.058 ms more, which the Triton launch's own
+# scatter does not.
+MGPU_DOWN_MIN_TOKENS: int | None = None
 MGPU_DOWN_KINDS = ("mlp",)
 
 
@@ -406,10 +407,12 @@ def _down_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_rows, bl
 
     trips = (max_k * width + block_k - 1) // block_k
     acc = jax.lax.fori_loop(0, trips, step, jnp.zeros((block_rows, block_out), jnp.float32))
-    if has_bias:
-      (b2_ref,) = bias
-      acc = acc + _choice_bias(b2_ref, k_rows, cols, num_learners)
     col_ids = cb * block_out + jnp.arange(block_out, dtype=jnp.int32)
+    if has_bias:
+      # the float32 cumulative table b2[0] + ... + b2[j], one gather; a loop over the choices
+      # (`_choice_bias`) made this launch 0.27 instead of 0.21 ms at 50,432 tokens (RESULTS 2026-12-03)
+      (table_ref,) = bias
+      acc = acc + table_ref[k_rows[:, None], col_ids[None, :]]
     plgpu.store(out_refs[gg].at[token[:, None], col_ids[None, :]], acc.astype(out_refs[gg].dtype),
                 mask=valid[:, None])
 
@@ -619,7 +622,8 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
                       width=width, has_bias=has_bias, interpret=interpret)
     return outs, k_tokens.reshape(num_groups, padded)[:, :tokens]
   col_blocks = dim // cfg.block_out
-  down_inputs = [a for h, grp in zip(hidden, groups) for a in (h, grp["w2"]) + ((grp["b2"],) if has_bias else ())]
+  tables = [jnp.cumsum(grp["b2"].astype(jnp.float32), axis=0) if has_bias else None for grp in groups]
+  down_inputs = [a for h, grp, table in zip(hidden, groups, tables) for a in (h, grp["w2"]) + ((table,) if has_bias else ())]
   outs = pl.pallas_call(
       functools.partial(_down_kernel, num_groups=num_groups, col_blocks=col_blocks, block_rows=cfg.block_rows,
                         block_out=cfg.block_out, block_k=cfg.block_k_down, width=width, tokens=tokens,
