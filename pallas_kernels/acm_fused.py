@@ -95,6 +95,9 @@ MAX_GROUP = 4
 # scatter does not.
 MGPU_DOWN_MIN_TOKENS: int | None = None
 MGPU_DOWN_KINDS = ("mlp",)
+# Overrides of `acm_mgpu.DownConfig` fields for that launch (tile_m: 128 where the up launch's row
+# blocks allow, else 64).
+MGPU_DOWN_TILES: dict = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -649,7 +652,7 @@ def _mgpu_down_config(asked, dtype, tokens, dim, total, cfg, path, interpret):
   if not asked:
     return None
   rows = 128 if cfg.block_rows % 128 == 0 else 64
-  down = dataclasses.replace(acm_mgpu.DownConfig(), tile_m=rows, **MGPU_DOWN_TILES)
+  down = dataclasses.replace(acm_mgpu.DownConfig(), **{"tile_m": rows, **MGPU_DOWN_TILES})
   why = None
   if path != "sorted":
     why = f"it runs on the sorted path only (this call takes the {path!r} path)"
@@ -668,10 +671,6 @@ def _mgpu_down_config(asked, dtype, tokens, dim, total, cfg, path, interpret):
       return None
     raise ValueError(f"mgpu_down=True: {why}")
   return down
-
-
-# Overrides of `acm_mgpu.DownConfig` fields (tile_n, block_k, stages, split, epi) for the sorted path.
-MGPU_DOWN_TILES: dict = {}
 
 
 def _mgpu_down(hidden, groups, sorted_k, positions, k_tokens, *, cfg, tokens, padded, width, has_bias, interpret):
