@@ -320,11 +320,12 @@ BUDGET_HARMONICS = 3
 
 
 def budget_features(budget: float | jax.Array) -> jax.Array:
-  """A fixed embedding of a scalar budget: (b, sin(j pi b), cos(j pi b) for j = 1..3), shape (7,).
-  The sinusoids let a linear layer on top respond non-linearly across (0, 1]."""
-  b = jnp.asarray(budget, jnp.float32)
+  """A fixed embedding of a budget: (b, sin(j pi b), cos(j pi b) for j = 1..3), shape (7,) for a
+  scalar, (..., 7) for an array of budgets. The sinusoids let a linear layer on top respond
+  non-linearly across (0, 1]."""
+  b = jnp.asarray(budget, jnp.float32)[..., None]
   j = jnp.arange(1, BUDGET_HARMONICS + 1, dtype=jnp.float32) * jnp.pi * b
-  return jnp.concatenate([b[None], jnp.sin(j), jnp.cos(j)])
+  return jnp.concatenate([b, jnp.sin(j), jnp.cos(j)], axis=-1)
 
 
 def budget_film(film: Params, budget: float | jax.Array, dim: int) -> tuple[jax.Array, jax.Array]:
@@ -352,7 +353,8 @@ class Gate(nn.Module):
   budget_conditioning: the gate also reads the target budget, a scalar in (0, 1], through a
   FiLM layer on its input (`budget_film`). The layer starts at zero, so a conditioned gate
   begins as the plain one; called with budget None it skips the layer (the gate as phase 2
-  trained it, which needs no FiLM parameters outside `init`).
+  trained it, which needs no FiLM parameters outside `init`). A (batch,) array gives each
+  example of x (batch, ..., dim) its own budget (finetuning with budget groups).
   """
   num_choices: int
   depth: int = 1
@@ -366,7 +368,13 @@ class Gate(nn.Module):
       raise ValueError("a budget was given to a gate that is not budget-conditioned (budget_conditioning=False)")
     if self.budget_conditioning and (budget is not None or self.is_initializing()):
       film = nn.Dense(2 * x.shape[-1], kernel_init=nn.initializers.zeros, name=BUDGET_FILM)
-      scale, shift = jnp.split(film(budget_features(0.5 if budget is None else budget)), 2)
+      budget_array = jnp.asarray(0.5 if budget is None else budget)
+      if budget_array.ndim > 1 or (budget_array.ndim == 1 and (x.ndim < 2 or budget_array.shape[0] != x.shape[0])):
+        raise ValueError(f"a gate's budget is a scalar or one per example, shape ({x.shape[0]},) for x of shape "
+                         f"{x.shape}; got shape {budget_array.shape}")
+      scale, shift = jnp.split(film(budget_features(budget_array)), 2, axis=-1)
+      if budget_array.ndim:  # (batch, dim) -> (batch, 1, ..., dim)
+        scale, shift = (v.reshape(v.shape[:1] + (1,) * (x.ndim - 2) + v.shape[1:]) for v in (scale, shift))
       if budget is not None:
         x = x * (1.0 + scale).astype(x.dtype) + shift.astype(x.dtype)
     for i in range(self.depth - 1):

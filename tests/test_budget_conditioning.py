@@ -96,6 +96,96 @@ def test_conditioned_acm_argmax_and_with_budget_match_the_reference():
     plain.apply({"params": learners | {"gate": {"out": gate["out"]}}}, x, budget=0.5)
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_gate_reads_one_budget_per_example(depth):
+  """A (batch,) budget array: each example's logits are the float64 reference at its own budget."""
+  gate, params = random_gate(20 + depth, depth)
+  x = jax.random.normal(jax.random.key(21), (3, 5, D))
+  budgets = np.array([0.1, 0.45, 0.8], np.float32)
+  got = gate.apply({"params": params}, x, jnp.asarray(budgets))
+  for i, b in enumerate(budgets):
+    np.testing.assert_allclose(got[i], numpy_gate(params, x[i], float(b)), rtol=1e-5, atol=1e-5)
+  for bad in (np.full((2,), 0.5, np.float32), np.full((3, 1), 0.5, np.float32)):
+    with pytest.raises(ValueError, match=r"one per example, shape \(3,\).*got shape"):
+      gate.apply({"params": params}, x, jnp.asarray(bad))
+
+
+@pytest.mark.parametrize("draw", steps.BUDGET_DRAWS)
+def test_grouped_budget_draws_are_stratified(draw):
+  """G groups: draw g lies in slice g of the range (of its log) and is uniform there (KS distance
+  over 4000 keys against the slice's CDF); G = 1 draws exactly what one budget per step drew."""
+  low, high, groups = 0.0625, 0.875, 4
+  log = draw == "log_uniform"
+  t = (lambda b: np.log(b)) if log else (lambda b: b)
+  edges = np.linspace(t(low), t(high), groups + 1)
+  weights = steps.FinetuneWeights(budget_range=(low, high), budget_draw=draw, budget_groups=groups)
+  keys = jax.random.split(jax.random.key(22), 4000)
+  drawn = np.asarray(jax.jit(jax.vmap(functools.partial(steps.draw_budget, weights)))(keys), np.float64)
+  assert drawn.shape == (4000, groups)
+  for g in range(groups):
+    u = np.sort((t(drawn[:, g]) - edges[g]) / (edges[g + 1] - edges[g]))
+    assert -1e-5 <= u[0] and u[-1] <= 1 + 1e-5
+    ranks = np.arange(1, len(u) + 1) / len(u)
+    assert max(np.max(ranks - u), np.max(u - ranks + 1 / len(u))) < 0.035
+  one = steps.FinetuneWeights(budget_range=(low, high), budget_draw=draw)
+  lo, hi = (np.log(low), np.log(high)) if log else (low, high)
+  for key in keys[:5]:
+    raw = jax.random.uniform(key, (), jnp.float32, lo, hi)
+    want = jnp.clip(jnp.exp(raw), low, high) if log else raw
+    assert float(steps.draw_budget(one, key)) == float(want)
+
+
+def test_finetune_step_with_budget_groups(tmp_path):
+  """Two budget groups of two images: each image's gates read its group's budget (the model's
+  logits equal those of each half at its scalar budget), and the step's losses are the per-group
+  budget and diversity losses, recomputed here in float64 from the sown choices."""
+  conditioned = vit_experiment(tmp_path, budget_conditioning=True, budget_groups=2)
+  assert conditioned.run_dir("finetune").name == "finetune_any_b0.125-0.875_g2"
+  plain = vit_experiment(tmp_path)
+  params = phases.with_budget_film(conditioned, phases.without_budget_film(phases.init_params(plain, "acm", 0)))
+  flat = flatten(params)
+  keys = jax.random.split(jax.random.key(23), len(flat))
+  params = unflatten({k: (0.3 * jax.random.normal(key, v.shape) if acm.BUDGET_FILM in k else v)
+                      for (k, v), key in zip(flat.items(), keys)})
+  rng = np.random.default_rng(24)
+  batch = {"image": rng.normal(size=(4, 16, 16, 3)).astype(np.float32), "label": rng.integers(0, 10, 4)}
+  model = conditioned.task.acm_model
+  with acm.with_budget(jnp.asarray([0.2, 0.2, 0.7, 0.7])):
+    both = model.apply({"params": params}, batch["image"])
+  for half, budget in ((slice(0, 2), 0.2), (slice(2, 4), 0.7)):
+    with acm.with_budget(budget):
+      np.testing.assert_allclose(both[half], model.apply({"params": params}, batch["image"][half]),
+                                 rtol=1e-5, atol=1e-5)
+  weights = steps.FinetuneWeights(budget_weight=2.0, entropy_weight=0.1, diversity_weight=0.05,
+                                  budget_range=(0.125, 0.875), budget_weight_power=1.5, budget_groups=2)
+  tx = optax.sgd(0.0)
+  state = {"step": jnp.int32(3), "params": params, "opt_state": tx.init(params), "rng": jax.random.key(25)}
+  _, m = jax.jit(functools.partial(steps.finetune_step, conditioned.task, tx, weights))(state, batch)
+  target = np.asarray(steps.draw_budget(weights, jax.random.fold_in(steps.step_rng(state), 1)), np.float64)
+  assert target.shape == (2,) and 0.125 <= target[0] <= 0.5 <= target[1] <= 0.875
+  with acm.with_budget(jnp.repeat(jnp.asarray(target, jnp.float32), 2)):
+    outputs, aux = model.apply({"params": params}, conditioned.task.inputs(batch), mode="gumbel",
+                               mutable=["acm"], rngs={"gumbel": steps.step_rng(state)})
+  choices = [np.asarray(c, np.float64) for c in steps.acm_choices(conditioned.task, aux)]
+  costs = np.array([s.learner_cost for s in conditioned.task.acm_specs], np.float64)
+  mean_k = np.stack([c @ np.arange(c.shape[-1]) for c in choices])  # (acms, batch, tokens)
+  num = np.array([c.shape[-1] - 1 for c in choices], np.float64)
+  per_image = np.einsum("a,abt->b", costs, mean_k / num[:, None, None]) / mean_k.shape[-1] / costs.sum()
+  compute = per_image.reshape(2, 2).mean(1)
+  budget_losses = np.abs(compute - target)
+  c_sample = mean_k.mean(-1) / np.array([c.shape[-1] for c in choices])[:, None]  # (acms, batch)
+  c_sample = c_sample.mean(0).reshape(2, 2)
+  diversity = np.mean([-2 * np.mean(np.abs(c[:, None] - c[None, :])) for c in c_sample])
+  np.testing.assert_allclose(m["budget_loss"], budget_losses.mean(), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(m["diversity_loss"], diversity, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(m["budget"], target.mean(), rtol=1e-6)
+  want = (m["task_loss"] + np.mean(2.0 * target ** -1.5 * budget_losses) + 0.1 * np.float64(m["entropy_loss"])
+          + 0.05 * diversity)
+  np.testing.assert_allclose(m["loss"], want, rtol=1e-5)
+  with pytest.raises(ValueError, match="--budget_groups must be >= 1 and divide --batch_size 4, got 3"):
+    vit_experiment(tmp_path, budget_conditioning=True, budget_groups=3)
+
+
 def vit_experiment(tmp_path, **overrides):
   cfg = dataclasses.replace(config_lib.ExperimentConfig(), model="tiny", image_size=16, batch_size=4,
                             workdir=str(tmp_path), gate_hidden=8, **overrides)

@@ -53,7 +53,8 @@ PHASE_FIELDS = {
     "gates": frozenset({"gates_steps", "gates_lr", "gating_error_factor", "label_rule"}) | ACM_FIELDS,
     "finetune": frozenset({"finetune_steps", "finetune_lr", "finetune_gate_lr_scale", "label_smoothing", "budget",
                            "budget_loss", "budget_weight", "budget_weight_power", "entropy_weight", "diversity_weight",
-                           "gate_temperature", "budget_conditioning", "budget_min", "budget_max", "budget_draw"}) | ACM_FIELDS,
+                           "gate_temperature", "budget_conditioning", "budget_min", "budget_max", "budget_draw",
+                           "budget_groups"}) | ACM_FIELDS,
     "static": frozenset({"finetune_steps", "finetune_lr", "label_smoothing", "static_k"}) | ACM_FIELDS,
 }
 # How a phase trains, not what its params are: a later phase or an evaluation may read
@@ -131,6 +132,12 @@ class ExperimentConfig:
   budget_draw: str = flag("uniform", "how a budget-conditioned finetuning draws each step's budget from [--budget_min, "
                           "--budget_max]: uniform, or log_uniform (uniform in log budget: as many steps in [0.0625, "
                           "0.125] as in [0.25, 0.5])")
+  # One budget per step trains the shared weights at one point of the range at a time; groups give every
+  # step a spread of budgets (the "sandwich" idea of slimmable networks, here within one forward).
+  budget_groups: int = flag(1, "under --budget_conditioning: split each finetuning batch into this many equal "
+                            "groups, each with its own budget (one draw in each of as many equal slices of the "
+                            "range, by --budget_draw), its own budget loss and diversity loss (>= 1; 1: one budget "
+                            "per step; --batch_size must be divisible by it)")
   static_k: int | None = flag(None, "k of the static-width baseline, in 0..N")
   # optimisation, per phase
   batch_size: int = flag(128, "training batch size (>= 1, divisible by the batch-sharding devices)")
@@ -186,6 +193,9 @@ class ExperimentConfig:
                        f"{self.budget_min} and {self.budget_max}")
     if self.budget_draw not in steps_lib.BUDGET_DRAWS:
       raise ValueError(f"--budget_draw must be one of {steps_lib.BUDGET_DRAWS}, got {self.budget_draw!r}")
+    if self.budget_groups < 1 or self.batch_size % self.budget_groups:
+      raise ValueError(f"--budget_groups must be >= 1 and divide --batch_size {self.batch_size}, got "
+                       f"{self.budget_groups}")
     if self.group_qkv_gates not in GROUP_QKV_GATES:
       raise ValueError(f"--group_qkv_gates must be one of {GROUP_QKV_GATES}, got {self.group_qkv_gates!r}")
     if self.batch_size < 1 or self.eval_batch_size < 1:

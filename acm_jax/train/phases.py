@@ -71,7 +71,8 @@ class Experiment:
     cfg = self.config
     finetune = (f"finetune_b{cfg.budget:.2f}" if not cfg.budget_conditioning
                 else f"finetune_any_b{cfg.budget_min:.3f}-{cfg.budget_max:.3f}"
-                + ("_log" if cfg.budget_draw == "log_uniform" else ""))
+                + ("_log" if cfg.budget_draw == "log_uniform" else "")
+                + (f"_g{cfg.budget_groups}" if cfg.budget_groups > 1 else ""))
     names = {"finetune": finetune,
              "static": f"static_k{self.config.resolved_static_k}"}
     return self.workdir / names.get(phase, phase)
@@ -306,7 +307,7 @@ def finetune(exp: Experiment) -> PyTree:
   weights = steps.FinetuneWeights(cfg.budget, cfg.budget_loss, cfg.budget_weight, cfg.entropy_weight,
                                   cfg.diversity_weight, cfg.gate_temperature, cfg.label_smoothing,
                                   cfg.gate_task_gradient, cfg.budget_range, cfg.budget_weight_power,
-                                  cfg.budget_draw)
+                                  cfg.budget_draw, cfg.budget_groups if cfg.budget_conditioning else 1)
   return train(exp, "finetune", params, tx, functools.partial(steps.finetune_step, exp.task, tx, weights))
 
 

@@ -243,6 +243,9 @@ class FinetuneWeights:
   budget_range: tuple[float, float] | None = None
   budget_weight_power: float = 0.0  # the budget loss weight is budget_weight / target ** this
   budget_draw: str = "uniform"  # one of BUDGET_DRAWS: how `budget_range` is sampled
+  # with `budget_range`: the batch split into this many equal groups, each with its own budget, one
+  # draw in each of as many equal slices of the range (in the budget or its log, by `budget_draw`)
+  budget_groups: int = 1
 
 
 BUDGET_DRAWS = ("uniform", "log_uniform")
@@ -255,14 +258,28 @@ def budget_loss_weight(weights: FinetuneWeights, target: jax.Array) -> jax.Array
 
 def draw_budget(weights: FinetuneWeights, rng: jax.Array) -> jax.Array:
   """One step's target budget: `weights.budget`, or a draw from `weights.budget_range`, uniform
-  in the budget or (log_uniform) in its logarithm."""
+  in the budget or (log_uniform) in its logarithm. With `budget_groups` G > 1 a (G,) array,
+  stratified: draw g falls in slice g of G equal slices of the range (of its log)."""
   if weights.budget_range is None:
     return jnp.float32(weights.budget)
   low, high = weights.budget_range
-  if weights.budget_draw == "log_uniform":
-    # clipped because exp(log(high)) can round a float32 ulp past high
-    return jnp.clip(jnp.exp(jax.random.uniform(rng, (), jnp.float32, math.log(low), math.log(high))), low, high)
-  return jax.random.uniform(rng, (), jnp.float32, low, high)
+  log = weights.budget_draw == "log_uniform"
+  lo, hi = (math.log(low), math.log(high)) if log else (low, high)
+  groups = weights.budget_groups
+  shape = (groups,) if groups > 1 else ()
+  drawn = jax.random.uniform(rng, shape, jnp.float32, lo, hi)
+  if groups > 1:  # the g-th draw moved into the g-th of `groups` equal slices of [lo, hi]
+    drawn = lo + (jnp.arange(groups, dtype=jnp.float32) + (drawn - lo) / (hi - lo)) * ((hi - lo) / groups)
+  # clipped because exp(log(high)) can round a float32 ulp past high
+  return jnp.clip(jnp.exp(drawn), low, high) if log else jnp.clip(drawn, low, high)
+
+
+def _budget_groups(choices: list[jax.Array], mask: jax.Array | None, groups: int):
+  """The choices (and mask) of each of `groups` equal, consecutive slices of the batch."""
+  size = choices[0].shape[0] // groups
+  for g in range(groups):
+    part = slice(g * size, (g + 1) * size)
+    yield [c[part] for c in choices], None if mask is None else mask[part]
 
 
 def finetune_step(task: Task, tx: optax.GradientTransformation, weights: FinetuneWeights,
@@ -276,21 +293,35 @@ def finetune_step(task: Task, tx: optax.GradientTransformation, weights: Finetun
   target = draw_budget(weights, jax.random.fold_in(rng, 1))
   conditioned = weights.budget_range is not None
 
+  if target.ndim:
+    batch_size = jax.tree.leaves(task.inputs(batch))[0].shape[0]
+    if batch_size % target.shape[0]:
+      raise ValueError(f"budget_groups {target.shape[0]} does not divide the batch of {batch_size}")
+  # each example's budget, in the groups' order (consecutive slices of the batch)
+  gate_budget = jnp.repeat(target, batch_size // target.shape[0]) if target.ndim else target
+
   def loss_fn(params):
-    with acm_lib.with_budget(target) if conditioned else contextlib.nullcontext():
+    with acm_lib.with_budget(gate_budget) if conditioned else contextlib.nullcontext():
       outputs, aux = task.acm_model.apply(
           {"params": params}, task.inputs(batch), mode=mode, temperature=weights.temperature,
           mutable=["acm"], rngs={"gumbel": rng})
     choices = acm_choices(task, aux)
     task_loss = task.loss(outputs, batch, weights.label_smoothing)
-    budget = losses.budget_loss(choices, costs, target, weights.budget_kind, mask)
     entropy = losses.entropy_loss(choices, mask)
-    diversity = losses.diversity_loss(choices, mask)
-    total = (task_loss + budget_loss_weight(weights, target) * budget + weights.entropy_weight * entropy
-             + weights.diversity_weight * diversity)
+    if target.ndim:  # budget groups: each group's budget and diversity losses, averaged over the groups
+      parts = list(_budget_groups(choices, mask, target.shape[0]))
+      budget = jnp.stack([losses.budget_loss(c, costs, t, weights.budget_kind, m) for (c, m), t in zip(parts, target)])
+      weighted = jnp.mean(budget_loss_weight(weights, target) * budget)
+      budget = jnp.mean(budget)
+      diversity = jnp.mean(jnp.stack([losses.diversity_loss(c, m) for c, m in parts]))
+    else:
+      budget = losses.budget_loss(choices, costs, target, weights.budget_kind, mask)
+      weighted = budget_loss_weight(weights, target) * budget
+      diversity = losses.diversity_loss(choices, mask)
+    total = task_loss + weighted + weights.entropy_weight * entropy + weights.diversity_weight * diversity
     metrics = {"task_loss": task_loss, "budget_loss": budget, "entropy_loss": entropy,
                "diversity_loss": diversity, "compute": losses.compute_fraction(choices, costs, mask),
-               "budget": target}
+               "budget": jnp.mean(target)}
     return total, (outputs, metrics)
 
   (loss, (outputs, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
