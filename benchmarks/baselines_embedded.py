@@ -169,7 +169,8 @@ def main(argv: list[str]) -> int:
   lines += [f"| {row['gflops_per_image']:.5f} | {pct(row['acm'])} | " + " | ".join(pct(row[m]) for m in BASELINES)
             + " |" for row in rows]
   source = (f"one ACM finetuned with budget-conditioned gates over [{cfg.budget_min:g}, {cfg.budget_max:g}] "
-            f"(drawn {cfg.budget_draw.replace('_', '-')}), "
+            f"(drawn {cfg.budget_draw.replace('_', '-')}"
+            + (f", stratified over {cfg.budget_groups} groups of each batch" if cfg.budget_groups > 1 else "") + "), "
             f"calibration on top: {bcfg.calibration}" if cfg.budget_conditioning else
             f"the ACM finetuned at budget {args.any_budget_model:g}, gates recalibrated at inference, "
             f"rule {bcfg.calibration}")
