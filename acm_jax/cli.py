@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from acm_jax import registry, xla_flags
+from acm_jax import registry, scan_outputs, xla_flags
 from acm_jax.checkpoint_io import CheckpointError
 from acm_jax.train import config as config_lib
 from acm_jax.train import loop, phases
@@ -183,6 +183,7 @@ def run(family: registry.Family, args: argparse.Namespace, cfg: config_lib.Exper
     from acm_jax.data import corruptions
     corrupted = corruptions.parse(args.corruptions, args.severities)
   exp = family.build(cfg)  # validates config, checkpoint and data before any work
+  scan_outputs.enable_for_process()  # one GPU: scans' stacked outputs allocated unfilled (see the module)
   if corrupted is not None:
     from acm_jax.train import robustness
     for name in corrupted[0]:  # every source is checked before any evaluation

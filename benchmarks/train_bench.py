@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from acm_jax import transformer
+from acm_jax import scan_outputs, transformer
 from acm_jax.train import phases, steps
 from acm_jax.train import config as config_lib
 from acm_jax.train.config import ExperimentConfig
@@ -213,9 +213,14 @@ def main(argv=None) -> None:
                       help="the q/k/v gates as one gate in finetuning (auto: with scanned blocks), as the experiments' flag")
   parser.add_argument("--steps", type=int, default=20, help="steps per timed run (3 runs of queued steps; the median run's mean step)")
   parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/train_<gpu>.json")
+  parser.add_argument("--scan_outputs", default="auto", choices=("auto", "zeros"),
+                      help="auto: as the entry points (on one GPU, scans' stacked outputs allocated unfilled, "
+                      "acm_jax.scan_outputs); zeros: JAX's zero-filled stacks")
   args = parser.parse_args(argv)
   if args.steps < 1:
     parser.error(f"--steps must be >= 1, got {args.steps}")
+  if args.scan_outputs == "auto" and scan_outputs.enable_for_process():
+    print("scan outputs: allocated unfilled (acm_jax.scan_outputs)", file=sys.stderr)
   if args.model != "tiny" and jax.default_backend() != "gpu":
     print(f"warning: {args.model} on {jax.default_backend()}: this benchmark is meant for one GPU", file=sys.stderr)
   out = args.out or RESULTS / f"train_{_slug(jax.devices()[0].device_kind)}.json"
