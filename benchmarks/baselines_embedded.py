@@ -3,6 +3,12 @@ compute, and recorded in benchmarks/results/baselines_embedded.json and RESULTS.
 
   nice -n 10 python3 -m benchmarks.baselines_embedded [--workdir=runs/baselines_bench] [compare flags]
 
+The any-budget model is the budget-conditioned one trained with budget groups, and
+the ACMs finetuned per budget share its budget weight, unless flags say otherwise
+(RECIPE: --budget_conditioning=true --budget_groups=4 --budget_weight_power=1.5
+--budget_min=0.0625; given flags win). On the 2-core CPU the whole comparison from
+scratch takes 53 min (RESULTS.md, 2026-12-03).
+
 The workdir is kept (a killed run continues); the minutes recorded are those of
 this invocation. The default dataset's record is the file's top level; another
 --dataset (e.g. synthetic_shapes) goes to its "datasets" entry, the rest kept.
@@ -34,6 +40,8 @@ from experiments import plots as report_lib
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATASET = "synthetic"
+# the any-budget recipe of the record (#25): one model for every budget, 4 budgets per batch
+RECIPE = ("--budget_conditioning=true", "--budget_groups=4", "--budget_weight_power=1.5", "--budget_min=0.0625")
 BASELINES = ("static", "moefication", "early_exit", "token_halting", "acm_halting")
 
 
@@ -126,7 +134,7 @@ def main(argv: list[str]) -> int:
   variant = next((a.split("=", 1)[1] for a in argv if a.startswith("--variant=")), None)
   extra = [a for a in argv if not a.startswith(("--workdir=", "--variant="))]
   tic = time.time()
-  args, cfg, bcfg = compare.parse([f"--workdir={workdir}", *extra])
+  args, cfg, bcfg = compare.parse([f"--workdir={workdir}", *RECIPE, *extra])  # later flags win
   records = compare.run(args, cfg, bcfg)
   minutes = (time.time() - tic) / 60
   rows = matched(records)

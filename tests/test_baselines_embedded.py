@@ -77,3 +77,19 @@ def test_any_budget_model_alone_is_recorded(tmp_path, monkeypatch):
   variant = json.loads((tmp_path / "results" / "baselines_embedded.json").read_text())["any_budget_variants"]["alone"]
   assert sorted(variant["any_budget"]) == ["0.25", "0.5"]
   assert all("finetuned_top1" not in e for e in variant["any_budget"].values())
+
+
+def test_the_record_recipe_is_the_default_and_given_flags_win(tmp_path, monkeypatch):
+  """Without flags the comparison trains the budget-conditioned model with 4 budget groups (and the
+  references with its budget weight); a flag on the command line overrides its part of the recipe."""
+  monkeypatch.setattr(baselines_embedded, "HERE", tmp_path)
+  seen = []
+  monkeypatch.setattr(compare, "run", lambda args, cfg, bcfg: seen.append(cfg) or RECORDS)
+  (tmp_path / "results").mkdir()
+  assert baselines_embedded.main(["--methods=acm", "--variant=default"]) == 0
+  assert baselines_embedded.main(["--methods=acm", "--budget_groups=2", "--budget_conditioning=false",
+                                  "--variant=mine"]) == 0
+  default, mine = seen
+  assert (default.budget_conditioning, default.budget_groups, default.budget_weight_power, default.budget_min) == (
+      True, 4, 1.5, 0.0625)
+  assert (mine.budget_conditioning, mine.budget_groups, mine.budget_weight_power) == (False, 2, 1.5)
