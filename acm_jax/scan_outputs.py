@@ -12,8 +12,9 @@ GPU and TPU (memory taken, nothing written); its scan does not use it yet (a TOD
 source waits on "AllocateBuffer issues"). `uninitialised()` makes scans lowered inside it
 allocate their stacked outputs with `lax.empty`; every slice is written by the loop before
 it is read, so results do not change (tested: CPU values, and the GPU step's loss bit for bit).
-Measured (RESULTS.md, 2026-12-03): scanned ViT-B/16 dense step 94.87 -> 91.04 ms, mlp_qkvo
-finetune step 129.48 -> 124.91 ms at batch 256.
+Measured (RESULTS.md, 2026-12-03, `benchmarks.train_bench --scan_outputs zeros|auto`, one H200):
+scanned ViT-B/16 dense step 92.32 -> 89.15 ms, mlp_qkvo finetune step 128.07 -> 123.17 ms at
+batch 256 (25.91 -> 24.77 and 41.16 -> 39.69 ms at 64).
 
 It replaces a private JAX function while active, so it checks that the function is there with
 the expected signature and otherwise leaves scans as they are (with a warning). Scans inside
