@@ -308,16 +308,13 @@ def finetune_step(task: Task, tx: optax.GradientTransformation, weights: Finetun
     choices = acm_choices(task, aux)
     task_loss = task.loss(outputs, batch, weights.label_smoothing)
     entropy = losses.entropy_loss(choices, mask)
-    if target.ndim:  # budget groups: each group's budget and diversity losses, averaged over the groups
-      parts = list(_budget_groups(choices, mask, target.shape[0]))
-      budget = jnp.stack([losses.budget_loss(c, costs, t, weights.budget_kind, m) for (c, m), t in zip(parts, target)])
-      weighted = jnp.mean(budget_loss_weight(weights, target) * budget)
-      budget = jnp.mean(budget)
-      diversity = jnp.mean(jnp.stack([losses.diversity_loss(c, m) for c, m in parts]))
-    else:
-      budget = losses.budget_loss(choices, costs, target, weights.budget_kind, mask)
-      weighted = budget_loss_weight(weights, target) * budget
-      diversity = losses.diversity_loss(choices, mask)
+    # each group's budget and diversity losses, averaged over the groups (one group: the whole batch)
+    targets = jnp.atleast_1d(target)
+    parts = list(_budget_groups(choices, mask, targets.shape[0]))
+    budget = jnp.stack([losses.budget_loss(c, costs, t, weights.budget_kind, m) for (c, m), t in zip(parts, targets)])
+    weighted = jnp.mean(budget_loss_weight(weights, targets) * budget)
+    budget = jnp.mean(budget)
+    diversity = jnp.mean(jnp.stack([losses.diversity_loss(c, m) for c, m in parts]))
     total = task_loss + weighted + weights.entropy_weight * entropy + weights.diversity_weight * diversity
     metrics = {"task_loss": task_loss, "budget_loss": budget, "entropy_loss": entropy,
                "diversity_loss": diversity, "compute": losses.compute_fraction(choices, costs, mask),
