@@ -26,6 +26,7 @@ placement under SPMD partitioning is not measured here.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import inspect
 import threading
@@ -92,6 +93,7 @@ def uninitialised() -> Iterator[bool]:
 
 
 _PROCESS = contextlib.ExitStack()
+atexit.register(_PROCESS.close)  # restored before interpreter teardown clears this module's globals
 
 
 def enable_for_process(devices: int | None = None) -> bool:

@@ -17,6 +17,7 @@ device_ms_per_step, categories: {name: ms per step}, count_per_step, top: [[name
 from __future__ import annotations
 
 import argparse
+import sys
 import collections
 import datetime
 import glob
@@ -30,7 +31,7 @@ from pathlib import Path
 import jax
 
 from benchmarks import train_bench as tb
-from acm_jax import transformer
+from acm_jax import scan_outputs, transformer
 from acm_jax.train import phases
 
 CATEGORIES = (  # first match wins; names as cuBLAS / cuDNN / XLA / Triton give them
@@ -79,6 +80,53 @@ def summarize(events: list[tuple[str, float]], steps: int, top: int = 25) -> dic
           "top": [[name, round(v / 1e3 / steps, 4), calls / steps] for name, (v, calls) in ranked[:top]]}
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
+_LAUNCH = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = .*? (fusion|custom-call|copy-start|copy)\(")
+_WHILE_BODY = re.compile(r" while\(.*body=%([\w.\-]+)")
+_OP_NAME = re.compile(r'op_name="([^"]+)"')
+
+
+def module_of(op_name: str) -> str:
+  """The Flax module an instruction's op_name points at, below the scanned stack ("attn/out",
+  "mlp/gate", ...), or "(loop)" for the loop's own bookkeeping (stack updates, counters)."""
+  path = op_name.split("/")
+  names = [part for part in path if part not in ("blocks", "checkpoint", "rematted_computation", "eval_jaxpr")
+           and not part.startswith(("jit(", "jvp(", "transpose(", "while", "body", "cond"))]
+  modules = [part for part in names if part in ("attn", "mlp", "ln1", "ln2") or part.split(".")[0] in (
+      "attn", "query", "key", "value", "out", "gate", "fc1", "fc2") or part.startswith("hidden_")]
+  if not modules:
+    return "(loop)"
+  return "/".join(modules[:2])
+
+
+def loop_kernels(hlo_text: str) -> list[dict]:
+  """Launches (fusions, custom calls, copies) of each while-loop body of an optimised HLO module
+  (`compiled.as_text()`), by the module they come from: for a scanned model, what one layer
+  launches in the forward and in the backward loop. [{body, launches, by_module: {module: n}}]."""
+  bodies, computations, current = [], {}, None
+  for line in hlo_text.splitlines():
+    match = _COMPUTATION.match(line)
+    if match:
+      current = computations.setdefault(match.group(1), [])
+      continue
+    if line.startswith("}"):
+      current = None
+    elif current is not None:
+      current.append(line)
+      body = _WHILE_BODY.search(line)
+      if body:
+        bodies.append(body.group(1))
+  out = []
+  for body in bodies:
+    by_module = collections.Counter()
+    for line in computations.get(body, []):
+      if _LAUNCH.match(line):
+        op_name = _OP_NAME.search(line)
+        by_module[module_of(op_name.group(1)) if op_name else "(loop)"] += 1
+    out.append({"body": body, "launches": sum(by_module.values()), "by_module": dict(by_module.most_common())})
+  return out
+
+
 def load_trace(log_dir: str) -> dict:
   files = sorted(glob.glob(f"{log_dir}/**/*.trace.json.gz", recursive=True))
   if not files:
@@ -87,8 +135,14 @@ def load_trace(log_dir: str) -> dict:
     return json.load(f)
 
 
-def profile_phase(exp, phase: str, dense_params, steps: int, top: int = 25) -> dict:
-  run, state, _, _, _ = tb.compiled_step(exp, phase, dense_params)
+def profile_phase(exp, phase: str, dense_params, steps: int, top: int = 25, hlo_dir: Path | None = None) -> dict:
+  run, state, compiled, _, _ = tb.compiled_step(exp, phase, dense_params)
+  if hlo_dir is not None:  # the optimised HLO, to read what the profile's fusions compute
+    hlo_dir.mkdir(parents=True, exist_ok=True)
+    text = compiled.as_text()
+    with gzip.open(hlo_dir / f"{phase}.hlo.txt.gz", "wt") as f:
+      f.write(text)
+    loops = loop_kernels(text)
   for _ in range(3):
     state, metrics = run(state)
   jax.block_until_ready((state, metrics))
@@ -103,7 +157,10 @@ def profile_phase(exp, phase: str, dense_params, steps: int, top: int = 25) -> d
         state, metrics = run(state)
       jax.block_until_ready((state, metrics))
     trace = load_trace(log_dir)
-  return {"step_ms": round(step_ms, 3), **summarize(device_events(trace), steps, max(top, 25))}
+  res = {"step_ms": round(step_ms, 3), **summarize(device_events(trace), steps, max(top, 25))}
+  if hlo_dir is not None:
+    res["loops"] = loops
+  return res
 
 
 def main(argv=None) -> dict:
@@ -119,9 +176,15 @@ def main(argv=None) -> dict:
   parser.add_argument("--steps", type=int, default=5, help="profiled steps per phase")
   parser.add_argument("--top", type=int, default=15, help="kernels printed per phase (and recorded, at least 25)")
   parser.add_argument("--out", type=Path, default=None)
+  parser.add_argument("--scan_outputs", default="auto", choices=("auto", "zeros"),
+                      help="as benchmarks.train_bench: auto allocates scans' stacked outputs unfilled on one GPU")
+  parser.add_argument("--hlo_dir", type=Path, default=None,
+                      help="write each phase's optimised HLO there (<phase>.hlo.txt.gz), to look up kernel names")
   args = parser.parse_args(argv)
   if args.batch < 1 or args.steps < 1:
     parser.error("--batch and --steps must be >= 1")
+  if args.scan_outputs == "auto" and scan_outputs.enable_for_process():
+    print("scan outputs: allocated unfilled (acm_jax.scan_outputs)", file=sys.stderr)
   dense_exp = tb.experiment(args.model, "none", args.batch, args.scanned, args.remat, args.dtype)
   dense_params = phases.init_params(dense_exp, "dense", 0)
   acm_exp = tb.experiment(args.model, args.acm, args.batch, args.scanned, args.remat, args.dtype,
@@ -129,7 +192,7 @@ def main(argv=None) -> dict:
   results = {}
   for phase in args.phases:
     exp = dense_exp if phase == "pretrain" else acm_exp
-    results[phase] = profile_phase(exp, phase, dense_params, args.steps, args.top)
+    results[phase] = profile_phase(exp, phase, dense_params, args.steps, args.top, args.hlo_dir)
     res = results[phase]
     print(f"\n{phase}: step {res['step_ms']:.2f} ms, device busy {res['device_ms_per_step']:.2f} ms in "
           f"{res['count_per_step']:.0f} kernels per step", flush=True)
@@ -137,6 +200,8 @@ def main(argv=None) -> dict:
       print(f"  {cat:10s} {ms:9.3f} ms")
     for name, ms, calls in res["top"][:args.top]:
       print(f"  {ms:9.3f} ms {calls:6.1f}x  {name[:110]}")
+    for loop in res.get("loops", []):
+      print(f"  while body {loop['body']}: {loop['launches']} launches per trip, by module {loop['by_module']}")
   if "pretrain" in results:
     base = results["pretrain"]["categories"]
     for phase, res in results.items():
@@ -146,7 +211,7 @@ def main(argv=None) -> dict:
   device = jax.devices()[0].device_kind
   record = {"device": device, "date": datetime.date.today().isoformat(), "jax_version": jax.__version__,
             "model": args.model, "acm": args.acm, "batch": args.batch, "scanned": args.scanned,
-            "remat": args.remat, "phases": results}
+            "remat": args.remat, "scan_outputs": scan_outputs.active(), "phases": results}
   out = args.out or tb.RESULTS / f"step_profile_{tb._slug(device)}.json"
   tb.append(out, [record])
   return record

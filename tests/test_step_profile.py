@@ -67,3 +67,55 @@ def test_serve_profile_records_every_model_and_batch_on_the_cpu(tmp_path):
 def test_results_files_carry_the_short_gpu_name(kind, name):
   from benchmarks import gpu_name
   assert gpu_name(kind) == name
+
+
+HLO = """HloModule jit_step, entry_computation_layout={()->()}
+
+%fused_a (p: bf16[4]) -> bf16[4] {
+  %p = bf16[4]{0} parameter(0)
+  ROOT %n = bf16[4]{0} negate(%p)
+}
+
+%body.7 (arg: (s32[], bf16[4])) -> (s32[], bf16[4]) {
+  %arg = (s32[], bf16[4]{0}) parameter(0)
+  %x = bf16[4]{0} get-tuple-element(%arg), index=1
+  %loop_neg_fusion = bf16[4]{0} fusion(%x), kind=kLoop, calls=%fused_a, metadata={op_name="jit(step)/jvp(ViT)/while/body/blocks/blocks/blocks/mlp/gate/hidden_0/neg"}
+  %gemm = (bf16[4]{0}, s8[8]{0}) custom-call(%x), custom_call_target="__cublas$gemm", metadata={op_name="jit(step)/jvp(ViT)/while/body/checkpoint/blocks/blocks/blocks/attn/attn._gumbel_group/dot_general"}
+  %copy.3 = bf16[4]{0} copy(%x)
+  %update = bf16[4]{0} fusion(%x), kind=kLoop, calls=%fused_a, metadata={op_name="jit(step)/jvp(ViT)/while/body/jit(dynamic_update_index_in_dim)/dynamic_update_slice"}
+  %i = s32[] get-tuple-element(%arg), index=0
+  ROOT %t = (s32[], bf16[4]{0}) tuple(%i, %update)
+}
+
+%cond.8 (arg: (s32[], bf16[4])) -> pred[] {
+  %arg = (s32[], bf16[4]{0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main.9 (x: bf16[4]) -> bf16[4] {
+  %x = bf16[4]{0} parameter(0)
+  %outside = bf16[4]{0} fusion(%x), kind=kLoop, calls=%fused_a, metadata={op_name="jit(step)/mlp/neg"}
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[4]{0}) tuple(%zero, %outside)
+  %w = (s32[], bf16[4]{0}) while(%init), condition=%cond.8, body=%body.7
+  ROOT %r = bf16[4]{0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_loop_kernels_counts_each_loop_bodys_launches_by_module():
+  loops = sp.loop_kernels(HLO)
+  assert [loop["body"] for loop in loops] == ["body.7"]
+  # the fused computation's own instructions and the entry's fusion are not in the loop body
+  assert loops[0]["launches"] == 4
+  assert loops[0]["by_module"] == {"mlp/gate": 1, "attn/attn._gumbel_group": 1, "(loop)": 2}
+
+
+@pytest.mark.parametrize("op_name, module", [
+    ("jit(wrapped)/transpose(jvp(ViT))/while/body/eval_jaxpr/checkpoint/blocks/blocks/blocks/mlp/reduce_sum", "mlp"),
+    ("jit(wrapped)/jvp(ViT)/while/body/blocks/blocks/blocks/attn/out/gate/hidden_1/dot_general", "attn/out"),
+    ("jit(wrapped)/jvp(ViT)/while/body/checkpoint/ln2/rsqrt", "ln2"),
+    ("jit(wrapped)/jvp(ViT)/while/body/add", "(loop)"),
+])
+def test_module_of_names_the_flax_module(op_name, module):
+  assert sp.module_of(op_name) == module
