@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from experiments import compare
+from acm_jax.vit import task as vit_task
 from experiments import plots as report_lib
 
 HERE = Path(__file__).resolve().parent
@@ -98,7 +99,24 @@ def any_budget_checks(records: list[dict]) -> dict:
     if curve and curve[0][0] <= r["compute_fraction"] <= curve[-1][0]:
       entry["finetuned_interpolated_top1"] = float(np.interp(r["compute_fraction"], *zip(*curve)))
     out[f"{b:g}"] = entry
+  budgets = sorted(calibrated)
+  for lower, higher in zip(budgets, budgets[1:]):
+    step = paired_step(calibrated[lower], calibrated[higher])
+    if step is not None:
+      out[f"{higher:g}"]["step_from_lower_budget"] = step
   return out
+
+
+def paired_step(lower: dict, higher: dict) -> dict | None:
+  """Top-1 change (points) from one eval record to another on the same test images, with its paired
+  standard error: sd of the per-image difference in correctness / sqrt(images). A dip between two
+  budgets is read against this error, not against each top-1's own. None without per-image records."""
+  a, b = vit_task.decode_correct(lower), vit_task.decode_correct(higher)
+  if a is None or b is None or len(a) != len(b) or len(a) < 2:
+    return None
+  diff = b.astype(np.float64) - a.astype(np.float64)
+  return {"points": float(100 * diff.mean()), "paired_se": float(100 * diff.std(ddof=1) / np.sqrt(len(diff))),
+          "gained": int(np.sum(diff > 0)), "lost": int(np.sum(diff < 0))}
 
 
 def figure(records: list[dict], dataset: str) -> Path:
@@ -183,12 +201,15 @@ def main(argv: list[str]) -> int:
             f"the ACM finetuned at budget {args.any_budget_model:g}, gates recalibrated at inference, "
             f"rule {bcfg.calibration}")
   lines += ["", f"Any budget ({source}):", "",
-            "| target | test compute | top-1 | finetuned at target: top-1 (compute) | finetuned curve at that compute |",
-            "|---|---|---|---|---|"]
+            "| target | test compute | top-1 | finetuned at target: top-1 (compute) | finetuned curve at that compute "
+            "| step from the budget below: points (paired SE) |",
+            "|---|---|---|---|---|---|"]
   for b, e in any_budget.items():
     ft = (f"{pct(e['finetuned_top1'])} ({e['finetuned_compute_fraction']:.3f})" if "finetuned_top1" in e else "-")
+    step = e.get("step_from_lower_budget")
+    step = "-" if step is None else f"{step['points']:+.2f} ({step['paired_se']:.2f})"
     lines.append(f"| {b} | {e['test_compute_fraction']:.3f} | {pct(e['top1'])} | {ft} | "
-                 f"{pct(e.get('finetuned_interpolated_top1'))} |")
+                 f"{pct(e.get('finetuned_interpolated_top1'))} | {step} |")
   lines.append("")
   with (HERE / "RESULTS.md").open("a") as f:
     f.write("\n".join(lines))

@@ -93,3 +93,43 @@ def test_the_record_recipe_is_the_default_and_given_flags_win(tmp_path, monkeypa
   assert (default.budget_conditioning, default.budget_groups, default.budget_weight_power, default.budget_min) == (
       True, 4, 1.5, 0.0625)
   assert (mine.budget_conditioning, mine.budget_groups, mine.budget_weight_power) == (False, 2, 1.5)
+
+
+def with_correct(rec, correct):
+  from acm_jax.vit import task as vit_task
+  return {**rec, "examples": len(correct), **vit_task.correct_bits([(correct, {})])}
+
+
+def test_correct_bits_round_trip_drops_padding():
+  from acm_jax.vit import task as vit_task
+  rng = np.random.default_rng(3)
+  host, expect = [], []
+  for rows in (7, 16, 5):  # packed bits do not end on a byte
+    correct, valid = rng.random(rows) < 0.6, rng.random(rows) < 0.8
+    host.append((correct, {"valid": valid}))
+    expect += [c for c, v in zip(correct, valid) if v]
+  record = {"examples": len(expect), **vit_task.correct_bits(host)}
+  np.testing.assert_array_equal(vit_task.decode_correct(record), np.array(expect))
+  assert vit_task.decode_correct({"examples": 3}) is None
+
+
+def test_any_budget_steps_carry_paired_errors():
+  import statistics
+  rng = np.random.default_rng(4)
+  n = 500
+  a = rng.random(n) < 0.7
+  b = np.where(rng.random(n) < 0.9, a, ~a)  # mostly the same images right, as two budgets of one model are
+  low = with_correct(record("acm_any_budget", 0.25, 0.25, float(a.mean())), a)
+  high = with_correct(record("acm_any_budget", 0.5, 0.5, float(b.mean())), b)
+  checks = baselines_embedded.any_budget_checks([low, high, record("acm", 0.5, 0.5, 0.7)])
+  assert "step_from_lower_budget" not in checks["0.25"]
+  step = checks["0.5"]["step_from_lower_budget"]
+  d = [int(y) - int(x) for x, y in zip(a, b)]
+  assert step["points"] == pytest.approx(100 * (b.sum() - a.sum()) / n)
+  assert step["paired_se"] == pytest.approx(100 * statistics.stdev(d) / n ** 0.5)
+  assert (step["gained"], step["lost"]) == (sum(x == 1 for x in d), sum(x == -1 for x in d))
+  # the paired error of a difference is far below the unpaired one when the budgets agree on most images
+  unpaired = 100 * (a.var(ddof=1) / n + b.var(ddof=1) / n) ** 0.5
+  assert step["paired_se"] < 0.7 * unpaired
+  # records without per-image correctness (older runs) have no step entry
+  assert "step_from_lower_budget" not in baselines_embedded.any_budget_checks(RECORDS)["0.5"]

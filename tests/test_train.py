@@ -1,5 +1,6 @@
 """Every phase end to end on tiny shapes, resume after Ctrl-C, and bad input."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -72,6 +73,12 @@ def test_eval_top1_matches_direct_computation(tmp_path):
   logits = exp.task.dense_model.apply({"params": params}, images)
   assert record["top1"] == pytest.approx(float(np.mean(np.argmax(logits, -1) == labels)))
   assert record["examples"] == 64
+  # each image's correctness, in test order, for paired comparisons; a padded last batch drops its padding
+  np.testing.assert_array_equal(vit_task.decode_correct(record), np.argmax(logits, -1) == labels)
+  exp40 = vit_task.build(dataclasses.replace(cfg, eval_examples=40))
+  record40 = phases.evaluate(exp40, params, "dense", "dense")
+  assert record40["examples"] == 40
+  np.testing.assert_array_equal(vit_task.decode_correct(record40), (np.argmax(logits, -1) == labels)[:40])
 
 
 def test_resume_after_interrupt_gives_identical_params(tmp_path, monkeypatch):

@@ -8,12 +8,14 @@ FLOP count per image.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
 
 import einops
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from acm_jax import acm as acm_lib
 from acm_jax import data as data_lib
@@ -45,12 +47,33 @@ def vision_task(dense_config: vit.ViTConfig, acm_config: vit.ViTConfig, dtype) -
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     return {"examples": jnp.sum(valid), "top1": jnp.sum(correct * valid)}
 
+  def host_outputs(logits, batch):  # each test image's correctness, for paired comparisons of two models
+    return jnp.argmax(logits, -1) == batch["label"]
+
   return steps.Task(
       dense_model=vit.ViT(dense_config), acm_model=vit.ViT(acm_config), acm_specs=tuple(specs),
       inputs=lambda batch: batch["image"].astype(dtype),
       loss=lambda logits, batch, ls: losses.classification_loss(
           logits.astype(jnp.float32), batch["label"], ls, batch.get("mix_label"), batch.get("mix_weight")),
-      score=score, token_groups=functools.partial(_object_groups, dense_config.patch_size))
+      score=score, token_groups=functools.partial(_object_groups, dense_config.patch_size),
+      host_outputs=host_outputs)
+
+
+def correct_bits(host: list) -> dict:
+  """Eval host metrics: which test images the model classified correctly, in test order (padding
+  dropped), as {"correct_bits": base64 of the packed bits}; `decode_correct` reads them back."""
+  bits = [np.asarray(correct, bool)[np.asarray(batch.get("valid", np.ones(len(correct), bool)), bool)]
+          for correct, batch in host]
+  packed = np.packbits(np.concatenate(bits) if bits else np.zeros(0, bool))
+  return {"correct_bits": base64.b64encode(packed.tobytes()).decode("ascii")}
+
+
+def decode_correct(record: dict) -> np.ndarray | None:
+  """The per-image correctness of an eval record (bool, `examples` long), None if it has none."""
+  if "correct_bits" not in record:
+    return None
+  packed = np.frombuffer(base64.b64decode(record["correct_bits"]), np.uint8)
+  return np.unpackbits(packed)[:record["examples"]].astype(bool)
 
 
 def build(config: ExperimentConfig) -> Experiment:
@@ -82,7 +105,7 @@ def build(config: ExperimentConfig) -> Experiment:
                     sample_input=jnp.zeros((1, info.image_size, info.image_size, 3), dtype), flops=count,
                     iterator=data_lib.make_iterator, group_masks=data_lib.is_synthetic(config.dataset),
                     uint8_images=data_lib.is_synthetic(config.dataset) and not (config.mixup or config.cutmix),
-                    load_init=_load_dense)
+                    host_metrics=correct_bits, load_init=_load_dense)
 
 
 def _load_dense(path: str, expected):
