@@ -219,8 +219,17 @@ def weighted_activation(pre: jax.Array, weight: jax.Array, activation: str) -> j
   one evaluation in the backward pass (XLA's VJP of the checkpointed formula evaluated exact
   GELU's erfc once more per ACM). The matmul that consumes the result keeps the result for its
   weight gradient, as the dense MLP keeps its activations.
+
+  The value is the table's `value_and_slope` formula (in float32 or wider, rounded to pre's
+  dtype): where the forward pass is rematerialised (`--remat=dots`, scanned blocks), its
+  recomputation and the backward rule's evaluation are then one expression, which XLA computes
+  once. With jax.nn.gelu's bfloat16 formula here the backward loop evaluated erfc twice per
+  hidden unit (H200, 2026-12-03, benchmarks/RESULTS.md). Equal to jax.nn's activation in float32.
   """
-  return _scaled_by_learner(get_activation(activation)(pre), weight)
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+  value = ACTIVATIONS[activation].value_and_slope(pre)[0].astype(pre.dtype)
+  return _scaled_by_learner(value, weight)
 
 
 def _weighted_activation_fwd(pre, weight, activation):

@@ -163,6 +163,8 @@ def main(argv=None):
                       help="acm_fused.MGPU_DOWN_MIN_TOKENS for this run (the Mosaic GPU down kernel; -1: never)")
   parser.add_argument("--mgpu-down-kinds", default=None,
                       help="acm_fused.MGPU_DOWN_KINDS for this run: comma list of mlp, proj")
+  parser.add_argument("--mgpu-down-tiles", default=None,
+                      help="acm_fused.MGPU_DOWN_TILES for this run: comma list of DownConfig fields, e.g. tile_n=64,stages=3")
   parser.add_argument("--tuned", default=None, help="JSON of benchmarks.fused_tune to load into acm_fused.TUNED")
   parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
   parser.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
@@ -185,6 +187,14 @@ def main(argv=None):
     acm_fused.MGPU_DOWN_MIN_TOKENS = None if args.mgpu_down_min_tokens < 0 else args.mgpu_down_min_tokens
   if args.mgpu_down_kinds is not None:
     acm_fused.MGPU_DOWN_KINDS = tuple(k for k in args.mgpu_down_kinds.split(",") if k)
+  if args.mgpu_down_tiles:
+    from pallas_kernels import acm_mgpu
+    fields = {f.name: f.type for f in dataclasses.fields(acm_mgpu.DownConfig)}
+    tiles = dict(item.split("=", 1) for item in args.mgpu_down_tiles.split(",") if item)
+    unknown = sorted(set(tiles) - set(fields))
+    if unknown:
+      sys.exit(f"--mgpu-down-tiles: unknown field(s) {unknown}; DownConfig has {sorted(fields)}")
+    acm_fused.MGPU_DOWN_TILES = {k: v if k == "split" else int(v) for k, v in tiles.items()}
   if args.tuned:
     from benchmarks import fused_tune
     acm_fused.TUNED.update(fused_tune.load(args.tuned))
@@ -255,7 +265,7 @@ def main(argv=None):
                    ideal_ratio=round(ideal, 4), logits_rel_err=err,
                    gate_agreement_block0=round(gate_agree, 5), check_passed=err <= 0.05 and gate_agree >= 0.99,
                    scanned=args.scan_blocks, mgpu_down_min_tokens=acm_fused.MGPU_DOWN_MIN_TOKENS,
-                   mgpu_down_kinds=list(acm_fused.MGPU_DOWN_KINDS))
+                   mgpu_down_kinds=list(acm_fused.MGPU_DOWN_KINDS), mgpu_down_tiles=dict(acm_fused.MGPU_DOWN_TILES))
         records.append(rec)
         log(f"batch {batch:4d} acm={kind:8s} r={r} (measured {r_real:.3f}) impl={impl:6s} {ips:9.1f} images/s "
             f"{ips / paired_dense_ips:.3f} x dense (ideal {ideal:.2f}; logits vs XLA at the same k {err:.1e}; "
