@@ -254,19 +254,41 @@ def reverse_cumsum(choice: jax.Array) -> jax.Array:
   return jnp.flip(jnp.cumsum(jnp.flip(choice, -1), -1), -1)
 
 
+@jax.custom_vjp
 def soft_choice_bias(b2: jax.Array, at_least: jax.Array) -> jax.Array:
   """sum_k choice_k * cumsum(b2)_k written as sum_j P(k >= j) * b2_j: b2 (N+1, dim),
   at_least (..., N+1) from `reverse_cumsum`.
 
-  N+1 broadcast multiply-adds instead of a product with a contraction of N+1, which XLA runs as
-  a skinny matmul, and two more in the backward pass. (Measured on an H200, 2026-12-02: appending
-  at_least to the hidden units so that the second matmul adds the bias was faster at batch 64 but
-  6 ms slower per step at 256, the concatenation being a slow fusion.)
+  Forward: N+1 broadcast multiply-adds instead of a product with a contraction of N+1, which XLA
+  runs as a skinny matmul. (Measured on an H200, 2026-12-02: appending at_least to the hidden units
+  so that the second matmul adds the bias was faster at batch 64 but 6 ms slower per step at 256,
+  the concatenation being a slow fusion.) Backward (its own VJP): both gradients as matmuls,
+  at_least^T g over every token for b2 and g b2^T for at_least, where autodiff of the
+  multiply-adds gave 2 (N+1) reductions over the (tokens, dim) gradient (H200, 2026-12-03, ViT-B/16
+  mlp_qkvo finetune step, scanned, `--remat=dots`: 116.99 -> 115.76 ms at batch 256, 36.21 -> 35.65
+  ms at 64; benchmarks/RESULTS.md).
   """
   total = at_least[..., :1] * b2[0]
   for j in range(1, b2.shape[0]):
     total = total + at_least[..., j:j + 1] * b2[j]
   return total
+
+
+def _soft_choice_bias_fwd(b2, at_least):
+  return soft_choice_bias(b2, at_least), (b2, at_least)
+
+
+def _soft_choice_bias_bwd(residuals, grad):
+  b2, at_least = residuals
+  lead = tuple(range(grad.ndim - 1))
+  wide = jnp.promote_types(grad.dtype, jnp.float32)
+  d_b2 = jax.lax.dot_general(at_least.astype(grad.dtype), grad, ((lead, lead), ((), ())), preferred_element_type=wide)
+  d_at_least = jax.lax.dot_general(grad, b2.astype(grad.dtype), (((grad.ndim - 1,), (1,)), ((), ())),
+                                   preferred_element_type=wide)
+  return d_b2.astype(b2.dtype), d_at_least.astype(at_least.dtype)
+
+
+soft_choice_bias.defvjp(_soft_choice_bias_fwd, _soft_choice_bias_bwd)
 
 
 def acm_apply_soft(params: Params, x: jax.Array, choice: jax.Array, *, num_learners: int,
