@@ -133,3 +133,8 @@ def test_any_budget_steps_carry_paired_errors():
   assert step["paired_se"] < 0.7 * unpaired
   # records without per-image correctness (older runs) have no step entry
   assert "step_from_lower_budget" not in baselines_embedded.any_budget_checks(RECORDS)["0.5"]
+
+
+def test_correct_bits_are_left_out_when_rows_do_not_match_the_batch():
+  from acm_jax.vit import task as vit_task
+  assert vit_task.correct_bits([(np.ones(8, bool), {"valid": np.ones(4, bool)})]) == {}

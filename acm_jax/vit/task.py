@@ -62,8 +62,13 @@ def vision_task(dense_config: vit.ViTConfig, acm_config: vit.ViTConfig, dtype) -
 def correct_bits(host: list) -> dict:
   """Eval host metrics: which test images the model classified correctly, in test order (padding
   dropped), as {"correct_bits": base64 of the packed bits}; `decode_correct` reads them back."""
-  bits = [np.asarray(correct, bool)[np.asarray(batch.get("valid", np.ones(len(correct), bool)), bool)]
-          for correct, batch in host]
+  bits = []
+  for correct, batch in host:
+    correct = np.asarray(correct, bool)
+    valid = np.asarray(batch.get("valid", np.ones(len(correct), bool)), bool)
+    if valid.shape != correct.shape:  # a process handed only its own rows: no per-image record
+      return {}
+    bits.append(correct[valid])
   packed = np.packbits(np.concatenate(bits) if bits else np.zeros(0, bool))
   return {"correct_bits": base64.b64encode(packed.tobytes()).decode("ascii")}
 
