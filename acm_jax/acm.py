@@ -119,18 +119,22 @@ def forcing() -> bool:
   return _forced.get() is not None
 
 
+def activation_entry(name: str) -> Activation:
+  """The table's entry for activation `name`; a ValueError naming it when there is none."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
   """The activation `name`; traced inside a scanned stack of blocks (`scanned_layer`), its
   variant whose VJP keeps one residual where the table has one (`_saving_slope`)."""
-  if name not in ACTIVATIONS:
-    raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
-  act = ACTIVATIONS[name]
+  act = activation_entry(name)
   return act.in_scan if act.in_scan is not None and _scanned.get() is not None else act.fn
 
 
 def activation_flops(name: str) -> int:
-  get_activation(name)
-  return ACTIVATIONS[name].flops
+  return activation_entry(name).flops
 
 
 def num_learners_of(params: Params, learner_width: int) -> int:
@@ -226,9 +230,7 @@ def weighted_activation(pre: jax.Array, weight: jax.Array, activation: str) -> j
   once. With jax.nn.gelu's bfloat16 formula here the backward loop evaluated erfc twice per
   hidden unit (H200, 2026-12-03, benchmarks/RESULTS.md). Equal to jax.nn's activation in float32.
   """
-  if activation not in ACTIVATIONS:
-    raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
-  value = ACTIVATIONS[activation].value_and_slope(pre)[0].astype(pre.dtype)
+  value = activation_entry(activation).value_and_slope(pre)[0].astype(pre.dtype)
   return _scaled_by_learner(value, weight)
 
 

@@ -35,8 +35,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments import compare
 from acm_jax.vit import task as vit_task
+from experiments import compare
 from experiments import plots as report_lib
 
 HERE = Path(__file__).resolve().parent

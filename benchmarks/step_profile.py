@@ -17,13 +17,13 @@ device_ms_per_step, categories: {name: ms per step}, count_per_step, top: [[name
 from __future__ import annotations
 
 import argparse
-import sys
 import collections
 import datetime
 import glob
 import gzip
 import json
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path

@@ -189,12 +189,15 @@ def main(argv=None):
     acm_fused.MGPU_DOWN_KINDS = tuple(k for k in args.mgpu_down_kinds.split(",") if k)
   if args.mgpu_down_tiles:
     from pallas_kernels import acm_mgpu
-    fields = {f.name: f.type for f in dataclasses.fields(acm_mgpu.DownConfig)}
-    tiles = dict(item.split("=", 1) for item in args.mgpu_down_tiles.split(",") if item)
-    unknown = sorted(set(tiles) - set(fields))
-    if unknown:
-      sys.exit(f"--mgpu-down-tiles: unknown field(s) {unknown}; DownConfig has {sorted(fields)}")
-    acm_fused.MGPU_DOWN_TILES = {k: v if k == "split" else int(v) for k, v in tiles.items()}
+    fields = sorted(f.name for f in dataclasses.fields(acm_mgpu.DownConfig))
+    tiles = {}
+    for item in filter(None, args.mgpu_down_tiles.split(",")):
+      name, _, value = item.partition("=")
+      if name not in fields or not (value if name == "split" else value.isdigit()):
+        sys.exit(f"--mgpu-down-tiles: bad item {item!r}; expected FIELD=VALUE with FIELD one of {fields} "
+                 "(integers; split=m or n)")
+      tiles[name] = value if name == "split" else int(value)
+    acm_fused.MGPU_DOWN_TILES = tiles
   if args.tuned:
     from benchmarks import fused_tune
     acm_fused.TUNED.update(fused_tune.load(args.tuned))
