@@ -248,3 +248,10 @@ def test_group_qkv_gates_flag_reaches_the_acm_config(flag, scan, grouped):
   assert exp.task.acm_model.config.acm.group_qkv_gates is grouped
   with pytest.raises(ValueError, match="group_qkv_gates must be one of"):
     config_lib.ExperimentConfig(group_qkv_gates="sometimes").validate()
+
+
+def test_eval_keeps_only_small_batch_entries_for_host_metrics():
+  rng = np.random.default_rng(5)
+  batch = {"image": rng.random((4, 64, 64, 3)), "label": rng.integers(0, 9, 4), "valid": np.ones(4, bool),
+           "label_ids": rng.integers(0, 9, (4, 200))}
+  assert set(phases._host_view(batch)) == {"label", "valid", "label_ids"}

@@ -361,6 +361,17 @@ def _eval_step(exp: Experiment, mode: str, fixed_k, cost_shift, forced_k, param_
   return hit[3]
 
 
+# per-example size (elements) above which `evaluate` does not keep a batch entry for the host metrics
+HOST_VIEW_MAX_ELEMENTS = 4096
+
+
+def _host_view(batch: dict) -> dict:
+  """What `evaluate` keeps of an eval batch for `host_metrics`: its small per-example entries (labels,
+  lengths, the valid mask), not the images or audio, which would otherwise stay in host memory for
+  the whole test split (50,000 ImageNet images)."""
+  return {k: v for k, v in batch.items() if np.size(v) <= HOST_VIEW_MAX_ELEMENTS * max(len(v), 1)}
+
+
 def evaluate(exp: Experiment, params: PyTree, model: str, mode: str, fixed_k: int | None = None,
              cost_shift: float = 0.0, forced_k: Callable[[dict], jax.Array] | None = None,
              budget: float | None = None) -> dict:
@@ -378,7 +389,7 @@ def evaluate(exp: Experiment, params: PyTree, model: str, mode: str, fixed_k: in
   for batch in eval_batches(exp, with_masks=exp.group_masks):
     out = jax.device_get(step(params, parts.shard_batch(batch, exp.config.eval_batch_size)))
     if "host" in out:
-      host.append((out.pop("host"), batch))
+      host.append((out.pop("host"), _host_view(batch)))
     totals = out if totals is None else jax.tree.map(np.add, totals, out)
   if totals is None:
     raise ValueError(f"the test split of {exp.config.dataset!r} produced no examples")
