@@ -29,7 +29,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg  # noqa: F401  (block_diag)
-from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 from acm_jax import inference
@@ -348,21 +347,12 @@ def init_without_kernels(module, rng: jax.Array, *inputs, **kwargs):
   return module.init({"params": rng, "gumbel": rng}, *inputs, mode="gumbel", **kwargs)
 
 
-# the name under which the Gumbel choices and their softmax are kept for the backward pass by the
-# remat policies of `transformer.encoder_blocks` (see `gumbel_softmax_st`)
-GUMBEL_RESIDUAL = "acm_gumbel"
-
-
 def gumbel_softmax_st(rng: jax.Array, logits: jax.Array, temperature: float | jax.Array) -> jax.Array:
-  """Hard Gumbel-Softmax, straight-through: one-hot forward, softmax gradient.
-
-  The softmax and the choices are named GUMBEL_RESIDUAL: a rematerialised block keeps these two
-  (tokens, N+1) arrays instead of drawing the noise, the softmax and the argmax again in its
-  backward pass."""
+  """Hard Gumbel-Softmax, straight-through: one-hot forward, softmax gradient."""
   gumbel = jax.random.gumbel(rng, logits.shape, logits.dtype)
-  soft = checkpoint_name(jax.nn.softmax((logits + gumbel) / temperature, axis=-1), GUMBEL_RESIDUAL)
+  soft = jax.nn.softmax((logits + gumbel) / temperature, axis=-1)
   hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits.shape[-1], dtype=soft.dtype)
-  return checkpoint_name(soft + jax.lax.stop_gradient(hard - soft), GUMBEL_RESIDUAL)
+  return soft + jax.lax.stop_gradient(hard - soft)
 
 
 def learner_flops(dim: int, learner_width: int, activation: str = "gelu") -> int:

@@ -253,14 +253,8 @@ _UNROLLED = re.compile(r"block_(\d+)$")
 # the matmul outputs and recompute the rest (elementwise work, norms); dots_no_batch: keep only
 # matmuls without batch dimensions (the projections, not attention's q k^T and p v)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-# dots and dots_no_batch also keep the Gumbel choices (`acm.gumbel_softmax_st`): two (tokens, N+1)
-# arrays per ACM, instead of their noise, softmax and argmax drawn again in the backward loop
-_KEEP_GUMBEL = jax.checkpoint_policies.save_only_these_names(acm_lib.GUMBEL_RESIDUAL)
-_CHECKPOINT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.dots_saveable, _KEEP_GUMBEL),
-    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_GUMBEL)}
+_CHECKPOINT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_saveable,
+                        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def remat_policy(value: bool | str) -> str:

@@ -152,23 +152,6 @@ def test_cast_block_params_keeps_norms_film_and_inference_gates():
   assert got["mlp/gate/out/kernel"] == jnp.float32 and got["mlp/w1"] == jnp.bfloat16
 
 
-def test_dots_policies_keep_the_gumbel_choices():
-  """Under "dots" the backward loop reuses the forward's Gumbel choices (`acm.GUMBEL_RESIDUAL`)
-  instead of drawing noise, softmax and argmax again: the gradient's program holds as many argmaxes
-  as the forward's (one per ACM in the loop body); under "full" it holds more."""
-  cls, config, sample = _inputs("vit")
-  counts = {}
-  for policy in ("dots", "dots_no_batch", "full"):
-    model = cls(_scanned(dataclasses.replace(config, acm=ACM), remat=policy))
-    params = _init(model, sample)
-    loss = lambda p: jnp.sum(model.apply({"params": p}, sample, mode="gumbel", mutable=["acm"],
-                                         rngs={"gumbel": jax.random.key(2)})[0])
-    counts[policy] = [str(jax.make_jaxpr(f)(params)).count("argmax") for f in (loss, jax.grad(loss))]
-  assert counts["dots"][0] == 5 and counts["dots"][1] == counts["dots"][0], counts
-  assert counts["dots_no_batch"][1] == counts["dots_no_batch"][0], counts
-  assert counts["full"][1] > counts["full"][0], counts
-
-
 def _task(scan):
   dense = dataclasses.replace(VIT, scan_blocks=scan)
   return vit_task.vision_task(dense, dataclasses.replace(dense, acm=ACM).validate(), jnp.float32)
