@@ -308,29 +308,6 @@ def acm_apply_soft(params: Params, x: jax.Array, choice: jax.Array, *, num_learn
   return out
 
 
-def acm_group_apply_soft(params: Sequence[Params], x: jax.Array, choices: Sequence[jax.Array], *,
-                         activation: str = "gelu") -> list[jax.Array]:
-  """`acm_apply_soft` of several ACMs that read the same x (the q/k/v projections of a layer), each
-  under its own choices: the same outputs, with their first layers as one matmul.
-
-  Their w1 side by side make one (dim, sum of widths) matmul, whose gradient is one input-gradient
-  and one weight-gradient matmul, instead of one of each per ACM and a sum of the input gradients.
-  The wider matmul also runs at a higher rate than three skinny ones. The rest is per ACM.
-  """
-  if len(params) != len(choices):
-    raise ValueError(f"{len(params)} ACMs' params but {len(choices)} choice arrays")
-  widths = [p["w1"].shape[1] for p in params]
-  pre = x @ jnp.concatenate([p["w1"] for p in params], axis=1) + jnp.concatenate([p["b1"] for p in params])
-  outputs = []
-  for p, choice, part in zip(params, choices, jnp.split(pre, np.cumsum(widths)[:-1], axis=-1)):
-    at_least = reverse_cumsum(choice).astype(x.dtype)
-    out = weighted_activation(part, at_least[..., 1:], activation) @ p["w2"]
-    if "b2" in p:
-      out = out + soft_choice_bias(p["b2"], at_least)
-    outputs.append(out)
-  return outputs
-
-
 def mask_choices(logits: jax.Array, min_choice: int) -> jax.Array:
   """Removes choices below `min_choice` (attention ACMs never skip)."""
   if min_choice == 0:
@@ -589,7 +566,10 @@ def gated_apply(params: Params, x: jax.Array, logits: jax.Array, *, num_learners
   logits = shifted_logits(logits, n, width / x.shape[-1], cost_shift, min_choice)
   kwargs = dict(num_learners=n, activation=activation)
   if mode in GUMBEL_MODES:
-    choice, applied = gumbel_choice(logits, mode=mode, temperature=temperature, rng=rng)
+    if rng is None:
+      raise ValueError(f"mode={mode!r} needs an rng (a 'gumbel' rng stream in Flax)")
+    choice = gumbel_softmax_st(rng, logits, temperature)
+    applied = jax.lax.stop_gradient(choice) if mode == "gumbel_detached" else choice
     return acm_apply_soft(params, x, applied, **kwargs), logits, choice
   if mode == "full":
     k = jnp.full(x.shape[:-1], n, jnp.int32)
@@ -604,16 +584,6 @@ def gated_apply(params: Params, x: jax.Array, logits: jax.Array, *, num_learners
     return acm_apply(params, x, k, **kwargs), logits, choice
   y = inference.acm_apply_sorted_per_shard(params, x, k, choice_bias(params, n).astype(x.dtype), impl=impl, **kwargs)
   return y, logits, choice
-
-def gumbel_choice(logits: jax.Array, *, mode: str, temperature: float | jax.Array,
-                  rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """A Gumbel mode's choices from shifted logits: (the sown straight-through one-hot choices, the
-  choices the learners are weighted by, which take no gradient in mode "gumbel_detached")."""
-  if rng is None:
-    raise ValueError(f"mode={mode!r} needs an rng (a 'gumbel' rng stream in Flax)")
-  choice = gumbel_softmax_st(rng, logits, temperature)
-  return choice, jax.lax.stop_gradient(choice) if mode == "gumbel_detached" else choice
-
 
 def fused_impl(impl: str) -> bool:
   """Whether an ACM of this impl runs mode "argmax" on the fused Pallas path (gate inside

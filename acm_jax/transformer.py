@@ -186,22 +186,19 @@ class Attention(nn.Module):
 
   def _gumbel_group(self, projections: list[nn.Module], x: jax.Array, acm_args: dict) -> list[jax.Array]:
     """The q/k/v ACMs in a Gumbel mode with their three gates computed as one
-    (`acm.group_gate_logits`) and their learners' first layers as one matmul
-    (`acm.acm_group_apply_soft`); each ACM's output, logits and choices as its own call gives them."""
+    (`acm.group_gate_logits`); each ACM's output, logits and choices as its own call gives them."""
     specs = [proj(x, **acm_args, group=True) for proj in projections]
     raw = acm_lib.group_gate_logits([spec["gate"] for spec in specs], x)
-    applied = []
+    outputs = []
     for proj, spec, logits in zip(projections, specs, raw):
-      width = spec["params"]["w1"].shape[1] // proj.num_learners
-      logits = acm_lib.shifted_logits(logits, proj.num_learners, width / x.shape[-1],
-                                      acm_args.get("cost_shift", 0.0), proj.min_choice)
-      choice, weights = acm_lib.gumbel_choice(logits, mode=acm_args["mode"],
-                                              temperature=acm_args.get("temperature", 1.0), rng=spec["rng"])
+      y, logits, choice = acm_lib.gated_apply(
+          spec["params"], x, logits, num_learners=proj.num_learners, activation=proj.activation,
+          min_choice=proj.min_choice, mode=acm_args["mode"], temperature=acm_args.get("temperature", 1.0),
+          cost_shift=acm_args.get("cost_shift", 0.0), rng=spec["rng"], impl=proj.impl)
       proj.sow("acm", "logits", logits)
       proj.sow("acm", "choice", choice)
-      applied.append(weights)
-    return acm_lib.acm_group_apply_soft([spec["params"] for spec in specs], x, applied,
-                                        activation=projections[0].activation)
+      outputs.append(y)
+    return outputs
 
   def _grouped(self, projections: list[nn.Module], acm_args: dict) -> bool:
     """q/k/v run as one group at inference: ACMs on the fused path, gate argmax, no forced k."""
@@ -320,30 +317,6 @@ def _batch_sharded(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes if len(axes) > 1 else axes[0]))
 
 
-# modules whose parameters stay in their own dtype when a block computes in half precision: the
-# LayerNorms and a budget-conditioned gate's FiLM layer compute in float32
-_OWN_DTYPE_MODULES = frozenset({"ln1", "ln2", acm_lib.BUDGET_FILM})
-
-
-def cast_block_params(params: Any, dtype: Any, mode: str) -> Any:
-  """A block's (or a stack's) params with every weight the block computes in `dtype` cast to it.
-
-  Equal to the casts the layers make themselves (nn.Dense(dtype=x.dtype), `acm.ACM`'s learners,
-  its gate in the Gumbel modes), so the values and gradients do not change. Done once outside a
-  scanned stack, it replaces one cast per leaf and layer inside the loop, and again in the
-  rematerialised backward (H200, ViT-B/16 mlp_qkvo finetune: ~44 leaves per layer), by one per
-  leaf. LayerNorm and FiLM parameters keep their dtype, and so do the gates outside the Gumbel
-  modes, which compute in float32."""
-  keep = _OWN_DTYPE_MODULES if mode in acm_lib.GUMBEL_MODES else _OWN_DTYPE_MODULES | {"gate"}
-
-  def cast(path, leaf):
-    names = {getattr(key, "key", None) for key in path}
-    if names & keep or not jnp.issubdtype(leaf.dtype, jnp.floating):
-      return leaf
-    return leaf.astype(dtype)
-  return jax.tree_util.tree_map_with_path(cast, params)
-
-
 def encoder_blocks(module: nn.Module, x: jax.Array, mask: jax.Array | None, *, depth: int, block: dict,
                    acm, scan: bool, remat: bool | str, mode: str, fixed_k, temperature, cost_shift) -> jax.Array:
   """`depth` encoder blocks over x (batch, tokens, dim), from inside `module`'s compact call.
@@ -364,9 +337,6 @@ def encoder_blocks(module: nn.Module, x: jax.Array, mask: jax.Array | None, *, d
                                                        prevent_cse=False)
     stack = nn.scan(body, variable_axes={"params": 0, "acm": 0, "record": 0, "intermediates": 0},
                     split_rngs={"params": True}, in_axes=(0, *[nn.broadcast] * len(args)), length=depth)
-    if x.dtype in _HALF and not module.is_initializing():
-      # the weights cast to the activations' dtype once for all layers, outside the loop
-      stack = nn.map_variables(stack, "params", trans_in_fn=lambda p: cast_block_params(p, x.dtype, mode))
     x, _ = stack(**fields, acm=acm, num_layers=depth, name=STACKED)(x, jnp.arange(depth), *args)
     return x
   cls = _Block if policy == "none" else nn.remat(_Block, policy=_CHECKPOINT_POLICIES[policy])

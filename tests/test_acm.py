@@ -190,33 +190,6 @@ def test_soft_apply_gradients_equal_autodiff_of_the_choice_expectation():
       np.testing.assert_allclose(gp[name], wp[name], rtol=1e-9, atol=1e-10, err_msg=name)
 
 
-@pytest.mark.parametrize("activation", ["identity", "gelu"])
-def test_group_soft_apply_equals_each_acm_on_its_own(activation):
-  """`acm_group_apply_soft` (first layers as one matmul) against `acm_apply_soft` of each ACM, float64,
-  random inputs, learner widths that differ between the ACMs and one ACM without output bias:
-  outputs and the gradients of x, every parameter and every choice array."""
-  with jax.enable_x64():
-    params = [{k: v.astype(jnp.float64) for k, v in random_params(30 + i, output_bias=i != 1, h=h).items()}
-              for i, h in enumerate((H, 2 * H, H))]
-    x = jax.random.normal(jax.random.key(31), (3, 5, D), jnp.float64)
-    choices = [jax.nn.softmax(2.0 * jax.random.normal(jax.random.key(32 + i), (3, 5, N + 1), jnp.float64))
-               for i in range(3)]
-    grouped = lambda p, x, c: acm.acm_group_apply_soft(p, x, c, activation=activation)
-    alone = lambda p, x, c: [acm.acm_apply_soft(pi, x, ci, num_learners=N, activation=activation)
-                             for pi, ci in zip(p, c)]
-    got, got_vjp = jax.vjp(grouped, params, x, choices)
-    want, want_vjp = jax.vjp(alone, params, x, choices)
-    for g, w in zip(got, want, strict=True):
-      np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
-    cotangent = [jax.random.normal(jax.random.key(40 + i), w.shape, jnp.float64) for i, w in enumerate(want)]
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_vjp(cotangent)),
-                            jax.tree.leaves(want_vjp(cotangent)), strict=True):
-      assert np.abs(np.asarray(w)).max() > 0, jax.tree_util.keystr(path)
-      np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12, err_msg=jax.tree_util.keystr(path))
-  with pytest.raises(ValueError, match="3 ACMs' params but 2 choice arrays"):
-    acm.acm_group_apply_soft(params, x, choices[:2])
-
-
 def test_gumbel_straight_through_is_one_hot_and_differentiable():
   logits = jax.random.normal(jax.random.key(0), (64, N + 1))
   choice = acm.gumbel_softmax_st(jax.random.key(1), logits, 0.8)

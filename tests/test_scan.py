@@ -104,54 +104,6 @@ def test_remat_policies_keep_the_gradients():
       np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=1e-5, err_msg=f"{policy} {key}")
 
 
-@pytest.mark.parametrize("family", ["vit", "wav2vec2"])
-def test_weights_cast_outside_the_scan_change_nothing(family, monkeypatch):
-  """In bfloat16 the scanned stack's weights are cast once outside the loop
-  (`transformer.cast_block_params`): logits, sown values and float32 gradients equal those of
-  the layers casting their own weights, in the Gumbel (training), argmax and dense modes."""
-  cls, config, sample = _inputs(family)
-  sample = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a, sample)
-  calls = []
-  cast = transformer.cast_block_params
-  for mode in ("dense", "argmax", "gumbel") if family == "vit" else ("gumbel",):
-    cfg = config if mode == "dense" else dataclasses.replace(config, acm=ACM)
-    model = cls(_scanned(cfg, remat="dots"))
-    params = _init(model, sample)
-    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape, p.dtype), params)
-
-    def run(p):
-      out, sown = model.apply({"params": p}, sample, mode="argmax" if mode == "dense" else mode, mutable=["acm"],
-                              rngs={"gumbel": jax.random.key(7)})
-      return jnp.sum(jnp.sin(out.astype(jnp.float32))), (out, sown)
-
-    results = []
-    for patched in (False, True):
-      monkeypatch.setattr(transformer, "cast_block_params",
-                          (lambda p, dtype, m: p) if patched else (lambda *a: calls.append(a[2]) or cast(*a)))
-      results.append(jax.jit(jax.value_and_grad(run, has_aux=True))(params))
-    assert calls and calls[-1] == ("argmax" if mode == "dense" else mode)
-    ((loss, (out, sown)), grads), ((want_loss, (want_out, want_sown)), want_grads) = results
-    np.testing.assert_array_equal(out, want_out, err_msg=mode)
-    if mode != "dense":
-      assert _max_diff(sown, want_sown) == 0
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads), strict=True):
-      assert g.dtype == jnp.float32
-      np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7, err_msg=f"{mode} {jax.tree_util.keystr(path)}")
-
-
-def test_cast_block_params_keeps_norms_film_and_inference_gates():
-  tree = {"ln1": {"scale": jnp.ones(3)}, "mlp": {"w1": jnp.ones((2, 3)), "gate": {"out": {"kernel": jnp.ones((3, 2))},
-          acm_lib.BUDGET_FILM: {"kernel": jnp.ones((7, 6))}}}, "attn": {"query": {"dense": {"bias": jnp.ones(3)}}},
-          "count": jnp.ones(2, jnp.int32)}
-  dtypes = lambda t: {k: v.dtype for k, v in flatten(t).items()}
-  got = dtypes(transformer.cast_block_params(tree, jnp.bfloat16, "gumbel"))
-  assert got == {"ln1/scale": jnp.float32, "mlp/w1": jnp.bfloat16, "mlp/gate/out/kernel": jnp.bfloat16,
-                 f"mlp/gate/{acm_lib.BUDGET_FILM}/kernel": jnp.float32, "attn/query/dense/bias": jnp.bfloat16,
-                 "count": jnp.int32}
-  got = dtypes(transformer.cast_block_params(tree, jnp.bfloat16, "argmax"))
-  assert got["mlp/gate/out/kernel"] == jnp.float32 and got["mlp/w1"] == jnp.bfloat16
-
-
 def _task(scan):
   dense = dataclasses.replace(VIT, scan_blocks=scan)
   return vit_task.vision_task(dense, dataclasses.replace(dense, acm=ACM).validate(), jnp.float32)
