@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from acm_jax import registry, scan_outputs, xla_flags
+from acm_jax import compile_cache, registry, scan_outputs, sharding, xla_flags
 from acm_jax.checkpoint_io import CheckpointError
 from acm_jax.train import config as config_lib
 from acm_jax.train import loop, phases
@@ -182,6 +182,12 @@ def run(family: registry.Family, args: argparse.Namespace, cfg: config_lib.Exper
                        f"of {family.name}")
     from acm_jax.data import corruptions
     corrupted = corruptions.parse(args.corruptions, args.severities)
+  # multi-process runs start jax.distributed before anything touches a device (the cache's backend
+  # check does); family.build's own call is then a no-op
+  sharding.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+  cache = compile_cache.enable(cfg.compilation_cache)  # before the first compile
+  if cache and loop.is_main_process():
+    print(f"compilation cache: {cache}", flush=True)
   exp = family.build(cfg)  # validates config, checkpoint and data before any work
   scan_outputs.enable_for_process()  # one GPU: scans' stacked outputs allocated unfilled (see the module)
   if corrupted is not None:

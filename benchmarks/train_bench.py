@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from acm_jax import scan_outputs, transformer
+from acm_jax import compile_cache, scan_outputs, transformer
 from acm_jax.train import phases, steps
 from acm_jax.train import config as config_lib
 from acm_jax.train.config import ExperimentConfig
@@ -141,6 +141,8 @@ def run(args) -> list[dict]:
   records = []
   base = {"device": device.device_kind, "date": datetime.date.today().isoformat(), "jax_version": jax.__version__,
           "model": args.model, "remat": args.remat}
+  if getattr(args, "compilation_cache", "none") != "none":  # compile_s may be a read from the persistent cache
+    base["compilation_cache"] = True
   for batch in args.batches:
     for layout in args.layouts:
       scanned = layout == "scanned"
@@ -216,7 +218,16 @@ def main(argv=None) -> None:
   parser.add_argument("--scan_outputs", default="auto", choices=("auto", "zeros"),
                       help="auto: as the entry points (on one GPU, scans' stacked outputs allocated unfilled, "
                       "acm_jax.scan_outputs); zeros: JAX's zero-filled stacks")
+  parser.add_argument("--compilation_cache", default="none",
+                      help="none (default: every compile_s is a cold compile), or a directory of JAX's persistent "
+                      "cache as the experiments' flag: a second run with the same directory measures a restart")
   args = parser.parse_args(argv)
+  try:
+    cache = compile_cache.enable(args.compilation_cache)
+  except ValueError as e:
+    parser.error(str(e))
+  if cache:
+    print(f"compilation cache: {cache}", file=sys.stderr)
   if args.steps < 1:
     parser.error(f"--steps must be >= 1, got {args.steps}")
   if args.scan_outputs == "auto" and scan_outputs.enable_for_process():

@@ -42,7 +42,7 @@ def flag(default: Any, help: str, choices: Sequence[str] | None = None,
 # not extended in place: a longer run is another run, in another --workdir).
 RESUME_FREE = frozenset({"workdir", "data_dir", "init", "eval_batch_size", "eval_examples", "log_every",
                          "checkpoint_every", "mesh", "sharding", "remat", "impl", "group_qkv_gates",
-                         "coordinator_address",
+                         "compilation_cache", "coordinator_address",
                          "num_processes", "process_id"})
 ACM_FIELDS = frozenset({"num_learners", "learner_width", "width_factor", "acm_blocks", "acm_attention",
                         "gate_depth", "gate_hidden"})
@@ -175,6 +175,9 @@ class ExperimentConfig:
                               "true, false, or auto (with --scan_blocks=true only: on one H200 it made the scanned "
                               "ViT-B/16 finetune step 6% faster and the unrolled one 17% slower)",
                               GROUP_QKV_GATES)
+  compilation_cache: str = flag("auto", "directory of JAX's persistent compilation cache, so that a restarted run "
+                                "reads its compiled steps instead of compiling them: auto (on a GPU "
+                                "~/.cache/acm_jax/jax, none on the CPU), none, or a directory (see acm_jax/compile_cache.py)")
   coordinator_address: str | None = flag(None, "host:port of process 0, multi-process runs only")
   num_processes: int | None = flag(None, "number of processes of a multi-process run")
   process_id: int | None = flag(None, "this process's index in a multi-process run")
