@@ -8,8 +8,9 @@ touches a device: XLA reads XLA_FLAGS once, when the backend starts.
 
 Not called by any entry point on purpose: which of these flags help (and which this
 jaxlib even knows: XLA aborts at start-up on an unknown flag) has to be measured flag
-by flag on a GPU, e.g. with `benchmarks.scaling_bench` under fsdp:G, before an entry point
-enables them. That measurement is left to a session with GPU time.
+by flag on several GPUs before an entry point enables them:
+`python3 -m benchmarks.scaling_bench --flag_sweep --models=acm --modes=fsdp --scan` runs that
+measurement (only one-GPU machines were lent so far).
 """
 
 from __future__ import annotations
