@@ -47,8 +47,14 @@ def _background_block(params: dict, block: slice, fine_noise: np.ndarray, size: 
   angle, slope = params["angle"][block], params["slope"][block]
   ramp = ((slope * np.cos(angle))[:, None, None] * coords[None, None, :]
           + (slope * np.sin(angle))[:, None, None] * coords[None, :, None])
-  up = params["up"]
-  noise = (up @ params["coarse"][block] @ up.T).transpose(0, 2, 3, 1)  # channels first for the matmuls
+  grid = params["coarse"][block]
+  if params["quantiles"]:  # above 64 px: two weighted grid rows, then two columns, per pixel, in that order
+    lo, w_lo, w_hi = params["up"]
+    rows = grid[:, :, lo] * w_lo[:, None] + grid[:, :, lo + 1] * w_hi[:, None]
+    noise = (rows[..., lo] * w_lo + rows[..., lo + 1] * w_hi).transpose(0, 2, 3, 1)
+  else:
+    up = params["up"]
+    noise = (up @ grid @ up.T).transpose(0, 2, 3, 1)  # channels first for the matmuls
   noise += np.multiply(fine_noise, params["fine_amplitude"][block, None, None, None], out=fine_noise)
   noise += (ramp[..., None] + params["base"][block, None, None, :])
   return noise
@@ -196,3 +202,17 @@ def test_quantile_noise_is_standard_normal_and_a_prefix_of_the_raw_draws(shape):
     noise = synthetic.normal_quantiles()[indices].astype(np.float64)
     assert abs(noise.mean()) < 0.005 and abs(noise.std() - 1.0) < 0.005
     assert abs((np.abs(noise) > 2.0).mean() - 0.0455) < 0.002  # two-sided tail of N(0, 1) beyond 2 sd
+
+
+@pytest.mark.parametrize("cells, size", [(29, 224), (14, 97), (3, 16)])
+def test_elementwise_upsampling_equals_the_bilinear_matmuls(cells, size):
+  """`synthetic._upsample` (the backgrounds above QUANTILE_NOISE_ABOVE pixels, the same bits on any CPU)
+  against up @ grid @ up.T with the `_upsampler` matrix, in float64, on a random grid."""
+  grid = np.random.default_rng(cells).standard_normal((3, cells, cells)).astype(np.float32)
+  up = synthetic._upsampler(cells, size).astype(np.float64)
+  assert np.count_nonzero(up, axis=1).max() <= 2
+  out = np.full((3, size, size), np.nan, np.float32)
+  synthetic._upsample(grid, synthetic._upsampler_rows(cells, size), out)
+  want = up @ grid.astype(np.float64) @ up.T
+  np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+  assert np.abs(want).max() > 0.5

@@ -184,12 +184,30 @@ def _raw_outputs(count: int) -> int:
 
 def _upsampler(cells: int, size: int) -> np.ndarray:
   """(size, cells) matrix of bilinear interpolation weights from a coarse grid to the image."""
+  lo, w_lo, w_hi = _upsampler_rows(cells, size)
+  weights = np.zeros((size, cells), np.float32)
+  weights[np.arange(size), lo] = w_lo
+  weights[np.arange(size), lo + 1] = w_hi
+  return weights
+
+
+def _upsampler_rows(cells: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The two nonzeros of each row of `_upsampler`: (first column (size,), its weight, the next column's
+  weight), the weights float32."""
   pos = np.linspace(0, cells - 1, size)
   lo = np.minimum(pos.astype(np.int64), cells - 2)
-  weights = np.zeros((size, cells), np.float32)
-  weights[np.arange(size), lo] = 1 - (pos - lo)
-  weights[np.arange(size), lo + 1] = pos - lo
-  return weights
+  return lo, (1 - (pos - lo)).astype(np.float32), (pos - lo).astype(np.float32)
+
+
+def _upsample(grid: np.ndarray, rows: tuple[np.ndarray, np.ndarray, np.ndarray], out: np.ndarray) -> None:
+  """up @ grid @ up.T for grid (..., cells, cells) into out (..., size, size), as float32 products and
+  sums of each output's two (then four) terms in a fixed order: the same bits on every CPU. A BLAS
+  matmul rounds these sums in the order of whatever kernel OpenBLAS picks for the CPU: the 224 px
+  images of the 2026-12-02 generator differed between an Intel and an AMD EPYC machine."""
+  lo, w_lo, w_hi = rows
+  tall = grid[..., lo, :] * w_lo[:, None] + grid[..., lo + 1, :] * w_hi[:, None]  # (..., size, cells)
+  np.multiply(tall[..., lo], w_lo, out=out)
+  out += tall[..., lo + 1] * w_hi
 
 
 def _background_params(rng: np.random.Generator, n: int, size: int) -> dict:
@@ -207,10 +225,13 @@ def _background_params(rng: np.random.Generator, n: int, size: int) -> dict:
   angle = rng.uniform(0, 2 * np.pi, n).astype(f32)
   slope = rng.uniform(0.0, 0.25, n).astype(f32)
   amplitude = rng.uniform(0.02, 0.1, (2, n)).astype(f32)
-  up = _upsampler(-(-size // 8) + 1, size)
-  coarse = rng.standard_normal((n, 3, up.shape[1], up.shape[1]), dtype=f32) * amplitude[0, :, None, None, None]
+  cells = -(-size // 8) + 1
+  coarse = rng.standard_normal((n, 3, cells, cells), dtype=f32) * amplitude[0, :, None, None, None]
   fine_state = copy.deepcopy(rng.bit_generator.state)
   quantiles = size > QUANTILE_NOISE_ABOVE
+  # above QUANTILE_NOISE_ABOVE the upsampling is elementwise (`_upsample`: the same bits on every CPU);
+  # below, the BLAS matmuls of the embedded sets, whose results every machine seen so far agrees on
+  up = _upsampler_rows(cells, size) if quantiles else _upsampler(cells, size)
   keep = not quantiles and n * size * size * 3 * 4 <= FINE_NOISE_KEPT_BYTES
   fine = []
   if quantiles:
@@ -253,7 +274,10 @@ def _paint_background(canvas: np.ndarray, scratch: np.ndarray, params: dict, ind
   (`_gradients`); fine_noise: the image's (`_background_params`); scratch: a second (3, size, size)
   float32 buffer. Each image on its own, so that its few float buffers stay in the cache."""
   up, coords, amplitude = params["up"], params["coords"], params["fine_amplitude"][index]
-  np.matmul(up @ params["coarse"][index], up.T, out=canvas)
+  if params["quantiles"]:
+    _upsample(params["coarse"][index], up, canvas)
+  else:
+    np.matmul(up @ params["coarse"][index], up.T, out=canvas)
   if params["quantiles"]:  # the table scaled, then looked up: the same numbers as the looked-up normals scaled
     # mode="wrap": 16-bit indices are always in range, and numpy's bounds checks cost a third of the lookup
     canvas += np.take(normal_quantiles() * amplitude, fine_noise, out=scratch, mode="wrap")
