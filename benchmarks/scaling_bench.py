@@ -185,6 +185,10 @@ def main(argv=None) -> None:
     except ValueError as e:
       parser.error(str(e))
 
+  from acm_jax import xla_flags
+  # as the entry points: no preallocation (unless the environment asks), so that the parent, which only
+  # counts the GPUs, does not hold 75% of each GPU's memory while its children measure
+  xla_flags.host_memory_defaults()
   import jax  # the parent only counts the GPUs; every measurement runs in a child
   total = jax.device_count()
   kind = jax.devices()[0].device_kind

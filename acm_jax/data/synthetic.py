@@ -276,12 +276,11 @@ def _paint_background(canvas: np.ndarray, scratch: np.ndarray, params: dict, ind
   up, coords, amplitude = params["up"], params["coords"], params["fine_amplitude"][index]
   if params["quantiles"]:
     _upsample(params["coarse"][index], up, canvas)
-  else:
-    np.matmul(up @ params["coarse"][index], up.T, out=canvas)
-  if params["quantiles"]:  # the table scaled, then looked up: the same numbers as the looked-up normals scaled
-    # mode="wrap": 16-bit indices are always in range, and numpy's bounds checks cost a third of the lookup
+    # the table scaled, then looked up: the same numbers as the looked-up normals scaled; mode="wrap":
+    # 16-bit indices are always in range, and numpy's bounds checks cost a third of the lookup
     canvas += np.take(normal_quantiles() * amplitude, fine_noise, out=scratch, mode="wrap")
   else:
+    np.matmul(up @ params["coarse"][index], up.T, out=canvas)
     canvas += np.multiply(fine_noise.transpose(2, 0, 1), amplitude, out=scratch)
   ramp = gradient[0] * coords + (gradient[1] * coords)[:, None]
   canvas += np.add(ramp, params["base"][index, :, None, None], out=scratch)
