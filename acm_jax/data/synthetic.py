@@ -203,7 +203,7 @@ def _upsample(grid: np.ndarray, rows: tuple[np.ndarray, np.ndarray, np.ndarray],
   """up @ grid @ up.T for grid (..., cells, cells) into out (..., size, size), as float32 products and
   sums of each output's two (then four) terms in a fixed order: the same bits on every CPU. A BLAS
   matmul rounds these sums in the order of whatever kernel OpenBLAS picks for the CPU: the 224 px
-  images of the 2026-12-02 generator differed between an Intel and an AMD EPYC machine."""
+  images of the 2026-12-02 generator differed between an earlier session's machine and an AMD EPYC one."""
   lo, w_lo, w_hi = rows
   tall = grid[..., lo, :] * w_lo[:, None] + grid[..., lo + 1, :] * w_hi[:, None]  # (..., size, cells)
   np.multiply(tall[..., lo], w_lo, out=out)
