@@ -141,8 +141,8 @@ def run(args) -> list[dict]:
   records = []
   base = {"device": device.device_kind, "date": datetime.date.today().isoformat(), "jax_version": jax.__version__,
           "model": args.model, "remat": args.remat}
-  if getattr(args, "compilation_cache", "none") != "none":  # compile_s may be a read from the persistent cache
-    base["compilation_cache"] = True
+  if jax.config.jax_compilation_cache_dir:  # on (by --compilation_cache or the user's JAX setting): compile_s
+    base["compilation_cache"] = True        # may be a read from the persistent cache
   for batch in args.batches:
     for layout in args.layouts:
       scanned = layout == "scanned"
