@@ -9,7 +9,8 @@ Seconds, each with the result ready, in this order in one process:
   acm_init_s     `phases.init_params(exp, "acm", 0)`, what the ACM phases ran before
   acmize_s       `acmize(dense, <that init>)`, the copy on its own (it runs second, with the eager
                  ops that acm_params compiled already cached: if anything, too fast)
-The target: acm_params_s <= dense_s + acmize_s (the old ACM init cost acm_init_s + acmize_s).
+The target: acm_params_s <= dense_s + acmize_s (the old ACM init cost acm_init_s + acmize_s);
+acm_params_over_dense is acm_params_s / dense_s.
 Records are appended to benchmarks/results/init.json (or --out).
 """
 
@@ -46,7 +47,8 @@ def measure(model: str, scanned: bool) -> dict:
   init, acm_init_s = timed(lambda: phases.init_params(exp, "acm", 0))
   _, acmize_s = timed(lambda: acmize(dense, init, exp.task.paths, num_learners=exp.config.num_learners))
   return {"dense_s": dense_s, "acm_params_s": acm_params_s, "acm_init_s": acm_init_s, "acmize_s": acmize_s,
-          "old_acm_s": round(acm_init_s + acmize_s, 2), "met": acm_params_s <= dense_s + acmize_s}
+          "old_acm_s": round(acm_init_s + acmize_s, 2), "met": acm_params_s <= dense_s + acmize_s,
+          "acm_params_over_dense": round(acm_params_s / dense_s, 2)}
 
 
 def main(argv=None) -> None:

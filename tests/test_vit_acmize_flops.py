@@ -65,6 +65,44 @@ def test_acmize_attention_projections_use_singular_directions():
   assert all(a > b for a, b in zip(errs, errs[1:]))
 
 
+@pytest.mark.parametrize("shape,rank", [((24, 24), 12), ((24, 24), 24), ((10, 16), 8), ((16, 10), 16)])
+def test_singular_factors_are_the_best_low_rank_approximation(shape, rank):
+  """Against numpy's float64 SVD: every prefix of r directions is the rank-r truncation, the
+  directions come largest first, and columns past the kernel's rank are zeros."""
+  kernel = np.random.default_rng(sum(shape) + rank).standard_normal(shape).astype(np.float32)
+  w1, w2 = acmize.singular_factors(kernel, rank)
+  assert (w1.shape, w2.shape) == ((shape[0], rank), (rank, shape[1]))
+  u, s, vt = np.linalg.svd(kernel.astype(np.float64), full_matrices=False)
+  for r in range(1, min(rank, s.size) + 1):
+    np.testing.assert_allclose(w1[:, :r] @ w2[:r], (u[:, :r] * s[:r]) @ vt[:r], atol=1e-10)
+  np.testing.assert_array_equal(w1[:, s.size:], 0.0)
+  np.testing.assert_array_equal(w2[s.size:], 0.0)
+
+
+def test_many_singular_factors_match_one_at_a_time_and_numpy_params_give_numpy_learners():
+  """The threaded factorisation of several kernels equals the factors of each alone, and acmize of
+  numpy params (the host path of `phases.acm_params`) equals acmize of the same params as jax
+  arrays, leaf for leaf, with numpy leaves."""
+  rng = np.random.default_rng(3)
+  kernels = [rng.standard_normal((20, 20)) for _ in range(5)]
+  for (a1, a2), k in zip(acmize.many_singular_factors(kernels, [8] * 5), kernels):
+    b1, b2 = acmize.singular_factors(k, 8)
+    np.testing.assert_allclose(a1 @ a2, b1 @ b2, atol=1e-12)
+  dense_cfg = make()
+  acm_cfg = make(acm.ACMConfig(num_learners=4, attention=True, impl="xla"))
+  dense = randomize(init(dense_cfg, 0), 1)
+  template = init(acm_cfg, 2)
+  via_jax = acmize.flatten(acmize.acmize(dense, template, acm_cfg.acm_paths(), num_learners=4))
+  via_numpy = acmize.flatten(acmize.acmize(jax.tree.map(np.asarray, dense), template, acm_cfg.acm_paths(),
+                                           num_learners=4))
+  assert sorted(via_numpy) == sorted(via_jax)
+  for key, value in via_jax.items():
+    if "/gate/" not in key:
+      assert isinstance(via_numpy[key], np.ndarray), key
+    assert via_numpy[key].dtype == value.dtype, key
+    np.testing.assert_array_equal(via_numpy[key], value, err_msg=key)
+
+
 def test_acmize_rejects_mismatched_trees():
   dense_cfg = make()
   acm_cfg = make(acm.ACMConfig(num_learners=4, impl="xla"), dim=48)
