@@ -377,3 +377,28 @@ def test_fsdp_temp_memory_of_the_scanned_step(mesh_report):
 if __name__ == "__main__":
   sys.path.insert(0, str(ROOT))
   worker_meshes(sys.argv[2])
+
+
+def test_scanned_acm_argmax_forward_runs_the_xla_path_with_one_warning():
+  """Inside a scanned stack the ACMs' kernels are not traced (flax's scan rejects them on the GPU
+  machines' jax 0.11 / flax 0.12.10): the scanned model warns once, lowers no Pallas call, and
+  computes what the unrolled model computes with the kernels (interpret mode here)."""
+  import warnings as warnings_lib
+
+  from acm_jax import acm as acm_lib
+  from benchmarks import layout_bench
+
+  unrolled, scanned = layout_bench.models("tiny", "mlp_qkvo", "pallas")
+  images = jax.random.normal(jax.random.key(3), (2, unrolled.image_size, unrolled.image_size, 3))
+  params = layout_bench.params_for(unrolled, images[:1], jnp.float32)
+  stacked = transformer.stack_blocks(params)
+  forward = lambda cfg: (lambda p, x: vit.ViT(cfg).apply({"params": p}, x))
+  assert "pallas_call" in str(jax.make_jaxpr(forward(unrolled))(params, images))
+  acm_lib._warned_scan_fallback.clear()
+  with pytest.warns(UserWarning, match="scanned blocks run impl='xla'"):
+    jaxpr = str(jax.make_jaxpr(forward(scanned))(stacked, images))
+  assert "pallas_call" not in jaxpr
+  with warnings_lib.catch_warnings():
+    warnings_lib.simplefilter("error")  # once per process
+    got = forward(scanned)(stacked, images)
+  np.testing.assert_allclose(got, forward(unrolled)(params, images), rtol=1e-5, atol=1e-5)
