@@ -153,7 +153,11 @@ def default_settings(dtype, dim: int, total_hidden: int, tokens: int) -> dict:
                   num_stages=3, sort=tokens >= SORT_MIN_TOKENS, onepass=tokens <= ONEPASS_MAX_TOKENS, xla=False,
                   twolaunch=tokens <= TWOLAUNCH_MAX_TOKENS)
   if bf16 and gpu_family() == "hopper":
-    settings.update(TUNED.get((token_bucket(tokens), shape_kind(dim, total_hidden)), {}))
+    # the table was tuned at ViT-B/16's shapes: a tile that does not divide this model's d or N*h
+    # (block_out=128 at d=64) keeps the heuristic's value instead of making the call fail
+    wholes = {"block_out": dim, "block_k_up": dim, "block_hidden": total_hidden}
+    tuned = TUNED.get((token_bucket(tokens), shape_kind(dim, total_hidden)), {})
+    settings.update({name: value for name, value in tuned.items() if wholes.get(name, value) % value == 0})
   return settings
 
 

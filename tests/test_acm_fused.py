@@ -123,6 +123,21 @@ def test_a_tuned_path_is_followed_unless_a_path_is_asked_for(monkeypatch):
   assert af.resolve_config(jnp.float32, 768, 384, 197)[1] == "unsorted"  # the table is for bf16
 
 
+def test_tuned_tiles_that_do_not_fit_a_smaller_model_keep_the_heuristic(monkeypatch):
+  """The Hopper table's tiles were tuned at d = 768; at d = 64 its block_out = 128 would not divide d
+  (found on an H200 with the tiny ViT): that field keeps the heuristic's value, the rest applies."""
+  monkeypatch.setattr(af, "gpu_family", lambda: "hopper")
+  tuned = dict(block_rows=64, block_out=128, block_hidden=128, num_warps=4, sort=True)
+  monkeypatch.setattr(af, "TUNED", {(af.token_bucket(197), "mlp"): tuned})
+  cfg, path = af.resolve_config(jnp.bfloat16, 64, 256, 197)
+  heuristic = af._largest_divisor(64, 64)
+  assert (cfg.block_out, cfg.block_hidden, cfg.block_rows, path) == (heuristic, 128, 64, "sorted")
+  cfg, _ = af.resolve_config(jnp.bfloat16, 768, 3072, 197)
+  assert (cfg.block_out, cfg.block_hidden) == (128, 128)  # where it fits, the table's values
+  x, groups = random_group(0, 197, 64, 4, 64, 1, jnp.bfloat16)
+  check_group(x, groups, n=4)  # the call those tiles would have stopped, against the reference
+
+
 @pytest.mark.parametrize("path", ["default", "onepass", "twolaunch", "xla"])
 def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attention=True):
   """The whole model: fused kernels (q/k/v as one group) against the XLA path forced to
