@@ -77,20 +77,10 @@ def measure(model: str, kind: str, batch: int, dtype: str, impl: str, rounds: in
           "rel_logit_diff": diff / max(float(np.abs(a).max()), 1e-30)}
 
 
-def _list(allowed, what):
-  def parse(text: str) -> list[str]:
-    items = [t for t in text.split(",") if t]
-    bad = [t for t in items if t not in allowed]
-    if not items or bad:
-      raise argparse.ArgumentTypeError(f"{what} {text!r}: expected a comma list of {', '.join(allowed)}")
-    return items
-  return parse
-
-
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="vit_b16", choices=("tiny", "vit_s16", "vit_b16", "vit_l16"))
-  parser.add_argument("--acm", type=_list(ACM_CHOICES, "--acm"), default=["none", "mlp_qkvo"])
+  parser.add_argument("--acm", type=train_bench._list(ACM_CHOICES), default=["none", "mlp_qkvo"])
   parser.add_argument("--batches", type=train_bench._batches, default=[256])
   parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
   parser.add_argument("--impl", default="xla", choices=("auto", "pallas", "triton", "xla"),
