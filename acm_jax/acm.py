@@ -491,7 +491,7 @@ class ACM(nn.Module):
       gate = nn.remat(Gate, prevent_cse=False)(n + 1, self.gate_depth, self.gate_hidden, self.budget_conditioning,
                                                name="gate")
     raw_logits = gate(x, budget)  # unused (and removed by XLA) where the fused kernel computes the gate itself
-    impl = kernel_impl(self.impl)
+    impl = kernel_impl(self.impl) if mode == "argmax" else self.impl  # only argmax runs the kernels
     if mode == GROUP_INPUTS or (mode == "argmax" and fused_impl(impl)):
       # the gate, the choice and the learners in the fused kernels (`inference.acm_group_apply`)
       self.sow("acm", "logits", shifted_logits(raw_logits, n, width / self.dim, cost_shift, self.min_choice))

@@ -203,8 +203,8 @@ class Attention(nn.Module):
   def _grouped(self, projections: list[nn.Module], acm_args: dict) -> bool:
     """q/k/v run as one group at inference: ACMs on the fused path, gate argmax, no forced k."""
     return (all(isinstance(p, acm_lib.ACM) for p in projections)
-            and acm_lib.fused_impl(acm_lib.kernel_impl(self.acm.impl))
-            and acm_args.get("mode", "argmax") == "argmax" and not acm_lib.forcing() and not self.is_initializing())
+            and acm_args.get("mode", "argmax") == "argmax" and not acm_lib.forcing() and not self.is_initializing()
+            and acm_lib.fused_impl(acm_lib.kernel_impl(self.acm.impl)))
 
 
 class EncoderBlock(nn.Module):

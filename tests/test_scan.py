@@ -395,6 +395,9 @@ def test_scanned_acm_argmax_forward_runs_the_xla_path_with_one_warning():
   forward = lambda cfg: (lambda p, x: vit.ViT(cfg).apply({"params": p}, x))
   assert "pallas_call" in str(jax.make_jaxpr(forward(unrolled))(params, images))
   acm_lib._warned_scan_fallback.clear()
+  with warnings_lib.catch_warnings():
+    warnings_lib.simplefilter("error")  # training modes never run the kernels: no warning for them
+    vit.ViT(scanned).apply({"params": stacked}, images, mode="gumbel", rngs={"gumbel": jax.random.key(4)})
   with pytest.warns(UserWarning, match="scanned blocks run impl='xla'"):
     jaxpr = str(jax.make_jaxpr(forward(scanned))(stacked, images))
   assert "pallas_call" not in jaxpr
