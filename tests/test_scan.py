@@ -389,7 +389,7 @@ def test_scanned_acm_argmax_forward_runs_the_xla_path_with_one_warning():
   from benchmarks import layout_bench
 
   unrolled, scanned = layout_bench.models("tiny", "mlp_qkvo", "pallas")
-  images = jax.random.normal(jax.random.key(3), (2, unrolled.image_size, unrolled.image_size, 3))
+  images = jax.random.normal(jax.random.key(3), (1, unrolled.image_size, unrolled.image_size, 3))
   params = layout_bench.params_for(unrolled, images[:1], jnp.float32)
   stacked = transformer.stack_blocks(params)
   forward = lambda cfg: (lambda p, x: vit.ViT(cfg).apply({"params": p}, x))
