@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from acm_jax import acm as acm_lib
 from acm_jax import transformer
 from acm_jax.vit import model as vit
 from benchmarks import gpu_name, train_bench, vit_bench
@@ -47,7 +48,7 @@ def models(model: str, kind: str, impl: str) -> tuple[vit.ViTConfig, vit.ViTConf
 
 def params_for(cfg: vit.ViTConfig, image: jax.Array, dtype) -> dict:
   """The unrolled model's random params in `dtype` (gates at r = 0.5 for an ACM model)."""
-  params = vit_bench.bf16_params(vit.ViT(cfg), image)
+  params = acm_lib.init_without_kernels(vit.ViT(cfg), jax.random.key(1), image)["params"]
   params = jax.tree.map(lambda a: a.astype(dtype), params)
   if cfg.acm is not None:
     params = vit_bench.set_gates(params, cfg.acm.num_learners, 0.5, cfg.dim, seed=2)
@@ -97,7 +98,7 @@ def main(argv=None) -> list[dict]:
     for batch in args.batches:
       try:
         records.append({**base, **measure(args.model, kind, batch, args.dtype, args.impl, args.rounds)})
-      except Exception as err:  # e.g. a kernel path that does not lower inside the scan: say so, go on
+      except Exception as err:  # e.g. an impl this machine lacks (jax-triton): say so, go on
         print(f"{kind:8s} batch {batch:4d}: FAILED {type(err).__name__}: {str(err)[:400]}", flush=True)
         continue
       r = records[-1]
