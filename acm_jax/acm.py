@@ -21,7 +21,6 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-import warnings
 import zlib
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -319,9 +318,8 @@ def mask_choices(logits: jax.Array, min_choice: int) -> jax.Array:
 
 def init_without_kernels(module, rng: jax.Array, *inputs, **kwargs):
   """`module.init` traced in gumbel mode: the params of any mode, and no inference kernel in the trace.
-  Shape-only and host-side inits use it: traced in argmax mode on a GPU, a scanned ACM model's init runs
-  the fused kernels inside the scan, and flax 0.12.10 with jax 0.11.2 rejects that trace ("broadcasted
-  variable has a data dependency on the scan body")."""
+  Shape-only and host-side inits use it: an init traced in argmax mode on a GPU would trace (and, on
+  concrete host inputs, compile) the fused kernels only to throw their outputs away."""
   return module.init({"params": rng, "gumbel": rng}, *inputs, mode="gumbel", **kwargs)
 
 
@@ -491,7 +489,7 @@ class ACM(nn.Module):
       gate = nn.remat(Gate, prevent_cse=False)(n + 1, self.gate_depth, self.gate_hidden, self.budget_conditioning,
                                                name="gate")
     raw_logits = gate(x, budget)  # unused (and removed by XLA) where the fused kernel computes the gate itself
-    impl = kernel_impl(self.impl) if mode == "argmax" else self.impl  # only argmax runs the kernels
+    impl = self.impl
     if mode == GROUP_INPUTS or (mode == "argmax" and fused_impl(impl)):
       # the gate, the choice and the learners in the fused kernels (`inference.acm_group_apply`)
       self.sow("acm", "logits", shifted_logits(raw_logits, n, width / self.dim, cost_shift, self.min_choice))
@@ -586,27 +584,6 @@ def gated_apply(params: Params, x: jax.Array, logits: jax.Array, *, num_learners
     return acm_apply(params, x, k, **kwargs), logits, choice
   y = inference.acm_apply_sorted_per_shard(params, x, k, choice_bias(params, n).astype(x.dtype), impl=impl, **kwargs)
   return y, logits, choice
-
-_warned_scan_fallback: list[bool] = []
-
-
-def kernel_impl(impl: str) -> str:
-  """The impl an ACM runs with: `impl`, or "xla" inside a scanned stack of blocks (`scanned_layer`).
-
-  On the GPU machines' jax 0.11.2 / flax 0.12.10, a scanned ViT-B/16 ACM model's argmax forward on the
-  kernel path stops in flax's lifted scan ("broadcasted variable has a data dependency on the scan body",
-  H200, 2026-12-03; the same model runs unrolled, and scanned on the XLA path). Inside a scan the ACMs
-  therefore compute the same function by the XLA path, with one warning per process. To serve with the
-  kernels, unstack the params (`transformer.unstack_blocks`) and run the unrolled model."""
-  if _scanned.get() is None or inference.resolve_impl(impl) == "xla":
-    return impl
-  if not _warned_scan_fallback:
-    _warned_scan_fallback.append(True)
-    warnings.warn(f"ACMs inside scanned blocks run impl='xla' instead of {impl!r} (the kernels do not trace "
-                  "inside flax's nn.scan on jax 0.11 / flax 0.12.10); for kernel speed, run the unrolled model "
-                  "on transformer.unstack_blocks(params)", stacklevel=2)
-  return "xla"
-
 
 def fused_impl(impl: str) -> bool:
   """Whether an ACM of this impl runs mode "argmax" on the fused Pallas path (gate inside

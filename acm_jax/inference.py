@@ -78,11 +78,22 @@ def acm_group_apply(x: jax.Array, groups: list[dict], *, num_learners: int, acti
   axes = sharding.current_batch_axes()
   mesh = jax.sharding.get_abstract_mesh()
   if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
-    return local(x, cost_shift, groups)
+    return _removable(local)(x, cost_shift, groups)
   rows = P(axes)
   group_specs = [{name: rows if name == "logits" else P() for name in g} for g in groups]
-  return jax.shard_map(local, in_specs=(rows, P(), group_specs), out_specs=((rows,) * len(groups), P(None, axes)),
-                       check_vma=False)(x, jnp.asarray(cost_shift, jnp.float32), groups)
+  return _removable(jax.shard_map(local, in_specs=(rows, P(), group_specs),
+                                  out_specs=((rows,) * len(groups), P(None, axes)),
+                                  check_vma=False))(x, jnp.asarray(cost_shift, jnp.float32), groups)
+
+
+def _removable(fn):
+  """fn staged as one `jax.jit` call, which dead-code elimination removes where its outputs are unused.
+
+  A `pallas_call` on its own is never removed (jax's DCE rule for it keeps every call), and flax
+  >= 0.12.10 checks a scan body's loop invariants by DCE (`flax/core/axes_scan.py`: a body input
+  still used after DCE raises "broadcasted variable has a data dependency on the scan body"): a
+  bare kernel call inside `nn.scan` would fail that check. XLA inlines the nested jit."""
+  return jax.jit(fn)
 
 
 def acm_apply_sorted_per_shard(params, x: jax.Array, k: jax.Array, bias_table: jax.Array, **kwargs) -> jax.Array:
@@ -94,8 +105,8 @@ def acm_apply_sorted_per_shard(params, x: jax.Array, k: jax.Array, bias_table: j
   mesh = jax.sharding.get_abstract_mesh()
   if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
     # no batch split, or a batch the mesh cannot split (e.g. the 1-example model.init)
-    return acm_apply_sorted(params, x, k, bias_table, **kwargs)
+    return _removable(functools.partial(acm_apply_sorted, **kwargs))(params, x, k, bias_table)
   rows = P(axes)
   # the Pallas kernels carry no varying-axis annotations, hence check_vma=False
-  return jax.shard_map(functools.partial(acm_apply_sorted, **kwargs), in_specs=(P(), rows, rows, P()),
-                       out_specs=rows, check_vma=False)(params, x, k, bias_table)
+  return _removable(jax.shard_map(functools.partial(acm_apply_sorted, **kwargs), in_specs=(P(), rows, rows, P()),
+                                  out_specs=rows, check_vma=False))(params, x, k, bias_table)

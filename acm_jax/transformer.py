@@ -16,8 +16,10 @@ readers, `acmize` and the per-ACM statistics work on the unrolled names.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import flax.linen as nn
 from flax import traverse_util
@@ -204,7 +206,7 @@ class Attention(nn.Module):
     """q/k/v run as one group at inference: ACMs on the fused path, gate argmax, no forced k."""
     return (all(isinstance(p, acm_lib.ACM) for p in projections)
             and acm_args.get("mode", "argmax") == "argmax" and not acm_lib.forcing() and not self.is_initializing()
-            and acm_lib.fused_impl(acm_lib.kernel_impl(self.acm.impl)))
+            and acm_lib.fused_impl(self.acm.impl))
 
 
 class EncoderBlock(nn.Module):
@@ -318,6 +320,73 @@ def _batch_sharded(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes if len(axes) > 1 else axes[0]))
 
 
+# a stacked parameter whose per-layer slice has at most this many elements goes into the packed array
+PACK_MAX_SIZE = 16384
+PACKED = "__small_params__"
+_packing = contextvars.ContextVar("acm_pack_small_params", default=True)
+
+
+@contextlib.contextmanager
+def small_params_packed(enabled: bool) -> Iterator[None]:
+  """Within the context scanned stacks pack (True, the default) or do not pack (False) their small
+  parameters into one array per layer (`_SmallParamPacking`); for A/B measurements and tests."""
+  token = _packing.set(enabled)
+  try:
+    yield
+  finally:
+    _packing.reset(token)
+
+
+class _SmallParamPacking:
+  """The small parameters of a scanned stack as one (depth, P) array while it runs.
+
+  A scanned loop takes each stacked parameter's layer slice by its own dynamic slice and, in the
+  backward loop, writes each one's gradient into its stacked gradient by its own
+  dynamic-update-slice: an ACM layer has ~40 such small leaves (LayerNorms, biases, per-choice
+  biases, gate layers), so ~40 tiny launches per layer and direction. `pack` (outside the loop)
+  concatenates every leaf of at most PACK_MAX_SIZE elements per layer into one array, `unpack`
+  (inside the loop body) slices the layer's vector back into the leaves, so the loop slices and
+  updates one array. The stored parameter tree, its values and its gradients do not change.
+  """
+
+  def __init__(self):
+    self.layout: list[tuple[tuple[str, ...], tuple[int, ...], Any]] | None = None
+
+  def pack(self, variables: Mapping) -> dict:
+    # map_variables hands over {collection: tree}
+    return {**variables, "params": self._pack(variables["params"])}
+
+  def unpack(self, variables: Mapping) -> dict:
+    return {**variables, "params": self._unpack(variables["params"])}
+
+  def _pack(self, params: Mapping) -> dict:
+    flat = traverse_util.flatten_dict(dict(params))
+    small = sorted(path for path, leaf in flat.items()
+                   if int(np.prod(np.shape(leaf)[1:])) <= PACK_MAX_SIZE)
+    if len(small) < 2 or len({flat[path].dtype for path in small}) != 1:
+      self.layout = []
+      return params
+    self.layout = [(path, np.shape(flat[path])[1:], flat[path].dtype) for path in small]
+    depth = np.shape(flat[small[0]])[0]
+    packed = jnp.concatenate([jnp.reshape(flat.pop(path), (depth, -1)) for path in small], axis=1)
+    out = traverse_util.unflatten_dict(flat)
+    out[PACKED] = packed
+    return out
+
+  def _unpack(self, params: Mapping) -> dict:
+    if not self.layout:
+      return params
+    params = dict(params)
+    packed = params.pop(PACKED)
+    flat = traverse_util.flatten_dict(params)
+    start = 0
+    for path, shape, _ in self.layout:
+      size = int(np.prod(shape))
+      flat[path] = jnp.reshape(jax.lax.slice_in_dim(packed, start, start + size), shape)
+      start += size
+    return traverse_util.unflatten_dict(flat)
+
+
 def encoder_blocks(module: nn.Module, x: jax.Array, mask: jax.Array | None, *, depth: int, block: dict,
                    acm, scan: bool, remat: bool | str, mode: str, fixed_k, temperature, cost_shift) -> jax.Array:
   """`depth` encoder blocks over x (batch, tokens, dim), from inside `module`'s compact call.
@@ -334,10 +403,17 @@ def encoder_blocks(module: nn.Module, x: jax.Array, mask: jax.Array | None, *, d
   args = (mask, traced_k, temperature, cost_shift, gumbel_key)
   if scan:
     check_scannable(depth, acm, True)
-    body = _ScanBlock if policy == "none" else nn.remat(_ScanBlock, policy=_CHECKPOINT_POLICIES[policy],
-                                                       prevent_cse=False)
+    # small parameters packed under remat only: there the leaves are recomputed from the packed
+    # slice in the backward loop; without remat autodiff would stack each unpacked leaf as a residual
+    packing = (None if policy == "none" or module.is_initializing() or not _packing.get()
+               else _SmallParamPacking())
+    body = _ScanBlock if packing is None else nn.map_variables(_ScanBlock, "params", trans_in_fn=packing.unpack)
+    if policy != "none":
+      body = nn.remat(body, policy=_CHECKPOINT_POLICIES[policy], prevent_cse=False)
     stack = nn.scan(body, variable_axes={"params": 0, "acm": 0, "record": 0, "intermediates": 0},
                     split_rngs={"params": True}, in_axes=(0, *[nn.broadcast] * len(args)), length=depth)
+    if packing is not None:
+      stack = nn.map_variables(stack, "params", trans_in_fn=packing.pack)
     x, _ = stack(**fields, acm=acm, num_layers=depth, name=STACKED)(x, jnp.arange(depth), *args)
     return x
   cls = _Block if policy == "none" else nn.remat(_Block, policy=_CHECKPOINT_POLICIES[policy])

@@ -5,8 +5,8 @@
     python3 -m benchmarks.layout_bench --model tiny --dtype float32 --out /tmp/layout.json   # CPU smoke run
 
 For each ACM configuration ("none": the dense ViT; "mlp", "mlp_qkvo" as in `vit_bench`, gates set
-by `vit_bench.set_gates` at r = 0.5; the ACMs on the XLA path by default, the only one a scanned
-stack runs, `acm.kernel_impl`) the unrolled model's parameters are initialised once and
+by `vit_bench.set_gates` at r = 0.5; the ACMs on the XLA path by default, `--impl auto` for the
+fused kernels in both layouts) the unrolled model's parameters are initialised once and
 stacked for the scanned model (`transformer.stack_blocks`), so both layouts compute the same
 function. Before timing, the two layouts' logits on up to 8 images are compared (max_abs_logit_diff,
 and relative to the largest logit). Then both forwards are timed in 5 alternating rounds of 10
@@ -85,7 +85,7 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--batches", type=train_bench._batches, default=[256])
   parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
   parser.add_argument("--impl", default="xla", choices=("auto", "pallas", "triton", "xla"),
-                      help="the ACMs' impl; inside scanned blocks they run 'xla' whatever is asked (acm.kernel_impl)")
+                      help="the ACMs' impl in both layouts (auto: the fused kernels on a GPU)")
   parser.add_argument("--rounds", type=int, default=ROUNDS, help="alternating timing rounds per layout")
   parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/layout_<gpu>.json")
   args = parser.parse_args(argv)

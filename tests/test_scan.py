@@ -104,6 +104,36 @@ def test_remat_policies_keep_the_gradients():
       np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=1e-5, err_msg=f"{policy} {key}")
 
 
+def test_scanned_stacks_under_remat_slice_and_update_their_small_params_as_one_array(monkeypatch):
+  """`transformer.small_params_packed`: under remat the scanned loops read one packed array of the
+  small parameters per layer and write one gradient stack for them; without remat nothing is packed.
+  (That the packed gradients equal the unrolled model's under every remat policy is
+  test_remat_policies_keep_the_gradients, which runs with packing, the default.)"""
+  monkeypatch.setattr(transformer, "PACK_MAX_SIZE", 256)  # this model's matmul weights stay apart
+  cls, config, sample = _inputs("wav2vec2")  # the family with masked attention and a conv stem
+  config = dataclasses.replace(config, acm=ACM)
+  params = transformer.stack_blocks(_init(cls(config), sample))
+  small = sum(int(np.prod(np.shape(leaf)[1:])) <= transformer.PACK_MAX_SIZE
+              for leaf in jax.tree.leaves(params[transformer.STACKED]))
+  assert 10 < small < len(jax.tree.leaves(params[transformer.STACKED]))
+
+  def loops(remat, packed):
+    model = cls(_scanned(config, remat=remat))
+    loss = lambda q: jnp.sum(model.apply({"params": q}, *sample, mode="gumbel", mutable=["acm"],
+                                         rngs={"gumbel": jax.random.key(2)})[0] ** 2)
+    with transformer.small_params_packed(packed):
+      jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
+    found = [(len(e.invars), len(e.outvars)) for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(found) == 2, found  # the forward loop and its transpose
+    return found
+
+  on, off = loops("dots", True), loops("dots", False)
+  assert on[0][0] == off[0][0] - small + 1  # forward: one packed input instead of `small` stacked leaves
+  assert on[0][1] == off[0][1]  # and no unpacked leaf saved as a residual
+  assert on[1][1] == off[1][1] - small + 1  # backward: one gradient stack for them
+  assert loops("none", True) == loops("none", False)
+
+
 def _task(scan):
   dense = dataclasses.replace(VIT, scan_blocks=scan)
   return vit_task.vision_task(dense, dataclasses.replace(dense, acm=ACM).validate(), jnp.float32)
@@ -379,13 +409,13 @@ if __name__ == "__main__":
   worker_meshes(sys.argv[2])
 
 
-def test_scanned_acm_argmax_forward_runs_the_xla_path_with_one_warning():
-  """Inside a scanned stack the ACMs' kernels are not traced (flax's scan rejects them on the GPU
-  machines' jax 0.11 / flax 0.12.10): the scanned model warns once, lowers no Pallas call, and
-  computes what the unrolled model computes with the kernels (interpret mode here)."""
+def test_scanned_acm_argmax_forward_runs_the_kernels():
+  """Inside a scanned stack the ACMs run the fused kernels (interpret mode here) and compute what the
+  unrolled model computes with them. flax >= 0.12.10 checks the scan body's loop invariants by dead-code
+  elimination, which never removes a bare pallas_call (`inference._removable` stages the kernels as a
+  removable jit call); no warning is raised."""
   import warnings as warnings_lib
 
-  from acm_jax import acm as acm_lib
   from benchmarks import layout_bench
 
   unrolled, scanned = layout_bench.models("tiny", "mlp_qkvo", "pallas")
@@ -394,14 +424,8 @@ def test_scanned_acm_argmax_forward_runs_the_xla_path_with_one_warning():
   stacked = transformer.stack_blocks(params)
   forward = lambda cfg: (lambda p, x: vit.ViT(cfg).apply({"params": p}, x))
   assert "pallas_call" in str(jax.make_jaxpr(forward(unrolled))(params, images))
-  acm_lib._warned_scan_fallback.clear()
   with warnings_lib.catch_warnings():
-    warnings_lib.simplefilter("error")  # training modes never run the kernels: no warning for them
-    vit.ViT(scanned).apply({"params": stacked}, images, mode="gumbel", rngs={"gumbel": jax.random.key(4)})
-  with pytest.warns(UserWarning, match="scanned blocks run impl='xla'"):
-    jaxpr = str(jax.make_jaxpr(forward(scanned))(stacked, images))
-  assert "pallas_call" not in jaxpr
-  with warnings_lib.catch_warnings():
-    warnings_lib.simplefilter("error")  # once per process
+    warnings_lib.simplefilter("error")
+    assert "pallas_call" in str(jax.make_jaxpr(forward(scanned))(stacked, images))
     got = forward(scanned)(stacked, images)
   np.testing.assert_allclose(got, forward(unrolled)(params, images), rtol=1e-5, atol=1e-5)
