@@ -323,18 +323,26 @@ def _batch_sharded(x: jax.Array) -> jax.Array:
 # a stacked parameter whose per-layer slice has at most this many elements goes into the packed array
 PACK_MAX_SIZE = 16384
 PACKED = "__small_params__"
-_packing = contextvars.ContextVar("acm_pack_small_params", default=True)
+_packing = contextvars.ContextVar("acm_pack_small_params", default=None)
 
 
 @contextlib.contextmanager
-def small_params_packed(enabled: bool) -> Iterator[None]:
-  """Within the context scanned stacks pack (True, the default) or do not pack (False) their small
-  parameters into one array per layer (`_SmallParamPacking`); for A/B measurements and tests."""
+def small_params_packed(enabled: bool | None) -> Iterator[None]:
+  """Within the context scanned stacks under remat pack (True) or do not pack (False) their small
+  parameters into one array per layer (`_SmallParamPacking`); None: the default, packed on a GPU
+  only. Measured: on an H200 the ViT-B/16 finetune step gains 1.0 ms (35.69 -> 34.66 at batch 64);
+  on a CPU the tiny ViT's finetune step compiles 32% slower and runs 56% slower packed (XLA's CPU
+  backend, 2026-12-03)."""
   token = _packing.set(enabled)
   try:
     yield
   finally:
     _packing.reset(token)
+
+
+def _packs_small_params() -> bool:
+  enabled = _packing.get()
+  return jax.default_backend() == "gpu" if enabled is None else enabled
 
 
 class _SmallParamPacking:
@@ -405,7 +413,7 @@ def encoder_blocks(module: nn.Module, x: jax.Array, mask: jax.Array | None, *, d
     check_scannable(depth, acm, True)
     # small parameters packed under remat only: there the leaves are recomputed from the packed
     # slice in the backward loop; without remat autodiff would stack each unpacked leaf as a residual
-    packing = (None if policy == "none" or module.is_initializing() or not _packing.get()
+    packing = (None if policy == "none" or module.is_initializing() or not _packs_small_params()
                else _SmallParamPacking())
     body = _ScanBlock if packing is None else nn.map_variables(_ScanBlock, "params", trans_in_fn=packing.unpack)
     if policy != "none":

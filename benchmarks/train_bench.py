@@ -164,7 +164,9 @@ def run(args) -> list[dict]:
         record = {**base, "acm": acm, "phase": phase, "batch": batch, "scanned": scanned, **result,
                   "ratio_to_dense_step": result["step_ms"] / dense_step}
         notes = [f"--group_qkv_gates={args.group_qkv_gates}"] * (args.group_qkv_gates != "auto" and phase != "pretrain")
-        notes += ["--pack_small_params=off"] * (args.pack_small_params == "off" and scanned and args.remat != "none")
+        packed = args.pack_small_params == "on" or (args.pack_small_params == "auto" and jax.default_backend() == "gpu")
+        notes += [f"--pack_small_params={args.pack_small_params}"] * (
+            packed != (jax.default_backend() == "gpu") and scanned and args.remat != "none")
         if notes:
           record["note"] = " ".join(notes)
         records.append(record)
@@ -220,9 +222,10 @@ def main(argv=None) -> None:
   parser.add_argument("--scan_outputs", default="auto", choices=("auto", "zeros"),
                       help="auto: as the entry points (on one GPU, scans' stacked outputs allocated unfilled, "
                       "acm_jax.scan_outputs); zeros: JAX's zero-filled stacks")
-  parser.add_argument("--pack_small_params", default="on", choices=("on", "off"),
-                      help="on: as the models run by default, scanned stacks under remat slice and update their small "
-                      "parameters as one array per layer (transformer.small_params_packed); off: one per leaf")
+  parser.add_argument("--pack_small_params", default="auto", choices=("auto", "on", "off"),
+                      help="on: scanned stacks under remat slice and update their small parameters as one array per "
+                      "layer (transformer.small_params_packed); off: one per leaf; auto: as the models run by "
+                      "default, on a GPU only")
   parser.add_argument("--compilation_cache", default="none",
                       help="none (default: every compile_s is a cold compile), or a directory of JAX's persistent "
                       "cache as the experiments' flag: a second run with the same directory measures a restart")
@@ -240,7 +243,7 @@ def main(argv=None) -> None:
   if args.model != "tiny" and jax.default_backend() != "gpu":
     print(f"warning: {args.model} on {jax.default_backend()}: this benchmark is meant for one GPU", file=sys.stderr)
   out = args.out or RESULTS / f"train_{_slug(jax.devices()[0].device_kind)}.json"
-  with transformer.small_params_packed(args.pack_small_params == "on"):
+  with transformer.small_params_packed({"auto": None, "on": True, "off": False}[args.pack_small_params]):
     append(out, run(args))
 
 
