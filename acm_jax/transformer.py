@@ -358,7 +358,7 @@ class _SmallParamPacking:
   """
 
   def __init__(self):
-    self.layout: list[tuple[tuple[str, ...], tuple[int, ...], Any]] | None = None
+    self.layout: list[tuple[tuple[str, ...], tuple[int, ...]]] = []  # (path, per-layer shape), packed order
 
   def pack(self, variables: Mapping) -> dict:
     # map_variables hands over {collection: tree}
@@ -374,7 +374,7 @@ class _SmallParamPacking:
     if len(small) < 2 or len({flat[path].dtype for path in small}) != 1:
       self.layout = []
       return params
-    self.layout = [(path, np.shape(flat[path])[1:], flat[path].dtype) for path in small]
+    self.layout = [(path, np.shape(flat[path])[1:]) for path in small]
     depth = np.shape(flat[small[0]])[0]
     packed = jnp.concatenate([jnp.reshape(flat.pop(path), (depth, -1)) for path in small], axis=1)
     out = traverse_util.unflatten_dict(flat)
@@ -388,7 +388,7 @@ class _SmallParamPacking:
     packed = params.pop(PACKED)
     flat = traverse_util.flatten_dict(params)
     start = 0
-    for path, shape, _ in self.layout:
+    for path, shape in self.layout:
       size = int(np.prod(shape))
       flat[path] = jnp.reshape(jax.lax.slice_in_dim(packed, start, start + size), shape)
       start += size
