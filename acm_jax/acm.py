@@ -489,8 +489,7 @@ class ACM(nn.Module):
       gate = nn.remat(Gate, prevent_cse=False)(n + 1, self.gate_depth, self.gate_hidden, self.budget_conditioning,
                                                name="gate")
     raw_logits = gate(x, budget)  # unused (and removed by XLA) where the fused kernel computes the gate itself
-    impl = self.impl
-    if mode == GROUP_INPUTS or (mode == "argmax" and fused_impl(impl)):
+    if mode == GROUP_INPUTS or (mode == "argmax" and fused_impl(self.impl)):
       # the gate, the choice and the learners in the fused kernels (`inference.acm_group_apply`)
       self.sow("acm", "logits", shifted_logits(raw_logits, n, width / self.dim, cost_shift, self.min_choice))
       spec = dict(params)
@@ -516,7 +515,7 @@ class ACM(nn.Module):
       return {"params": params, "gate": gate.variables["params"], "rng": rng}
     y, logits, choice = gated_apply(params, x, raw_logits, num_learners=n, activation=self.activation,
                                     min_choice=self.min_choice, mode=mode, fixed_k=fixed_k,
-                                    temperature=temperature, cost_shift=cost_shift, rng=rng, impl=impl)
+                                    temperature=temperature, cost_shift=cost_shift, rng=rng, impl=self.impl)
     self.sow("acm", "logits", logits)
     self.sow("acm", "choice", choice)
     return y

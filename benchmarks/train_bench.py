@@ -164,9 +164,8 @@ def run(args) -> list[dict]:
         record = {**base, "acm": acm, "phase": phase, "batch": batch, "scanned": scanned, **result,
                   "ratio_to_dense_step": result["step_ms"] / dense_step}
         notes = [f"--group_qkv_gates={args.group_qkv_gates}"] * (args.group_qkv_gates != "auto" and phase != "pretrain")
-        packed = args.pack_small_params == "on" or (args.pack_small_params == "auto" and jax.default_backend() == "gpu")
         notes += [f"--pack_small_params={args.pack_small_params}"] * (
-            packed != (jax.default_backend() == "gpu") and scanned and args.remat != "none")
+            args.pack_small_params != "auto" and scanned and args.remat != "none")
         if notes:
           record["note"] = " ".join(notes)
         records.append(record)
