@@ -308,6 +308,42 @@ def acm_apply_soft(params: Params, x: jax.Array, choice: jax.Array, *, num_learn
   return out
 
 
+def acm_apply_soft_group(params: Sequence[Params], x: jax.Array, choices: Sequence[jax.Array], *,
+                         num_learners: int, activation: str = "gelu") -> list[jax.Array]:
+  """`acm_apply_soft` of G ACMs that read the same x (the q/k/v projections), their up
+  projections as one matmul: x @ [w1_1 | ... | w1_G]. The backward pass then takes x's
+  gradient from one matmul over the G ACMs' hidden gradients (instead of G products summed)
+  and the w1 gradients from one. Each ACM's down projection and output bias stay its own.
+  Equal to G `acm_apply_soft` calls up to float summation order."""
+  if len(params) != len(choices):
+    raise ValueError(f"{len(params)} ACMs but {len(choices)} choice distributions")
+  at_least = [reverse_cumsum(c).astype(x.dtype) for c in choices]
+  widths = [p["w1"].shape[1] for p in params]
+  pre = x @ jnp.concatenate([p["w1"] for p in params], axis=1) + jnp.concatenate([p["b1"] for p in params])
+  outs, start = [], 0
+  for p, a, width in zip(params, at_least, widths):
+    # the weighted activation reads its ACM's columns (a slice XLA fuses into it); the backward
+    # concatenates the G hidden gradients for the two grouped products
+    hidden = weighted_activation(pre[..., start:start + width], a[..., 1:], activation)
+    out = hidden @ p["w2"]
+    if "b2" in p:
+      out = out + soft_choice_bias(p["b2"], a)
+    outs.append(out)
+    start += width
+  return outs
+
+
+def gumbel_choices(logits: jax.Array, *, mode: str, temperature: float | jax.Array, rng: jax.Array | None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """(the choices an ACM's soft output is weighted by, the sown one-hot choices) in a Gumbel mode:
+  straight-through Gumbel-Softmax of the shifted logits; mode "gumbel_detached" stops the output's
+  gradient to the gate."""
+  if rng is None:
+    raise ValueError(f"mode={mode!r} needs an rng (a 'gumbel' rng stream in Flax)")
+  choice = gumbel_softmax_st(rng, logits, temperature)
+  return (jax.lax.stop_gradient(choice) if mode == "gumbel_detached" else choice), choice
+
+
 def mask_choices(logits: jax.Array, min_choice: int) -> jax.Array:
   """Removes choices below `min_choice` (attention ACMs never skip)."""
   if min_choice == 0:
@@ -565,10 +601,7 @@ def gated_apply(params: Params, x: jax.Array, logits: jax.Array, *, num_learners
   logits = shifted_logits(logits, n, width / x.shape[-1], cost_shift, min_choice)
   kwargs = dict(num_learners=n, activation=activation)
   if mode in GUMBEL_MODES:
-    if rng is None:
-      raise ValueError(f"mode={mode!r} needs an rng (a 'gumbel' rng stream in Flax)")
-    choice = gumbel_softmax_st(rng, logits, temperature)
-    applied = jax.lax.stop_gradient(choice) if mode == "gumbel_detached" else choice
+    applied, choice = gumbel_choices(logits, mode=mode, temperature=temperature, rng=rng)
     return acm_apply_soft(params, x, applied, **kwargs), logits, choice
   if mode == "full":
     k = jnp.full(x.shape[:-1], n, jnp.int32)

@@ -187,20 +187,24 @@ class Attention(nn.Module):
             and not self.is_initializing())
 
   def _gumbel_group(self, projections: list[nn.Module], x: jax.Array, acm_args: dict) -> list[jax.Array]:
-    """The q/k/v ACMs in a Gumbel mode with their three gates computed as one
-    (`acm.group_gate_logits`); each ACM's output, logits and choices as its own call gives them."""
+    """The q/k/v ACMs in a Gumbel mode as one group: their gates as one gate
+    (`acm.group_gate_logits`) and their up projections as one matmul (`acm.acm_apply_soft_group`);
+    each ACM's output, logits and choices as its own call gives them."""
     specs = [proj(x, **acm_args, group=True) for proj in projections]
     raw = acm_lib.group_gate_logits([spec["gate"] for spec in specs], x)
-    outputs = []
+    applied = []
     for proj, spec, logits in zip(projections, specs, raw):
-      y, logits, choice = acm_lib.gated_apply(
-          spec["params"], x, logits, num_learners=proj.num_learners, activation=proj.activation,
-          min_choice=proj.min_choice, mode=acm_args["mode"], temperature=acm_args.get("temperature", 1.0),
-          cost_shift=acm_args.get("cost_shift", 0.0), rng=spec["rng"], impl=proj.impl)
+      width = spec["params"]["w1"].shape[1] // proj.num_learners
+      logits = acm_lib.shifted_logits(logits, proj.num_learners, width / x.shape[-1],
+                                      acm_args.get("cost_shift", 0.0), proj.min_choice)
+      weights, choice = acm_lib.gumbel_choices(logits, mode=acm_args["mode"],
+                                               temperature=acm_args.get("temperature", 1.0), rng=spec["rng"])
       proj.sow("acm", "logits", logits)
       proj.sow("acm", "choice", choice)
-      outputs.append(y)
-    return outputs
+      applied.append(weights)
+    first = projections[0]
+    return acm_lib.acm_apply_soft_group([spec["params"] for spec in specs], x, applied,
+                                        num_learners=first.num_learners, activation=first.activation)
 
   def _grouped(self, projections: list[nn.Module], acm_args: dict) -> bool:
     """q/k/v run as one group at inference: ACMs on the fused path, gate argmax, no forced k."""

@@ -12,6 +12,11 @@ at several tile sizes and
 the group's dense XLA path (`acm_group(..., xla=True)`). The
 best settings per (bucket, shape) are written as JSON that `pallas_kernels.acm_fused.TUNED`
 takes (and `benchmarks.vit_bench --tuned` loads).
+
+`--merged`: the q/k/v group also on the merged path (each ACM's linear learners as one (d, d)
+matrix per choice, `acm_fused.merge_linear_learners`), whose best settings go to the table
+under the kind "merged". `--kinds` limits the run to some of mlp, proj; `--r` sets the gates'
+Binomial(4, r).
 """
 
 from __future__ import annotations
@@ -47,10 +52,10 @@ def timed_ms(fn, *args, calls=50, rounds=5):
   return float(np.median(samples)) * 1e3
 
 
-def inputs(tokens, kind, rng):
+def inputs(tokens, kind, rng, r=0.5, merged=False):
   d, n = 768, 4
   h, size = (768, 1) if kind == "mlp" else (96, 3)
-  pmf = np.array([math.comb(n, j) * 0.5 ** n for j in range(n + 1)])
+  pmf = np.array([math.comb(n, j) * r ** j * (1 - r) ** (n - j) for j in range(n + 1)])
   x = jnp.asarray(rng.normal(size=(tokens, d)), jnp.bfloat16)
   groups, dense = [], []
   for _ in range(size):
@@ -61,7 +66,9 @@ def inputs(tokens, kind, rng):
         w2=jnp.asarray(rng.normal(size=(total, d)) / np.sqrt(total), jnp.bfloat16),
         b2=jnp.asarray(0.1 * rng.normal(size=(n + 1, d)), jnp.bfloat16),
         gate=(jnp.asarray(rng.normal(size=(d, n + 1)) * 1.28 / d, jnp.bfloat16),
-              jnp.asarray(np.log(pmf), jnp.bfloat16))))
+              jnp.asarray(np.log(np.maximum(pmf, 1e-9)), jnp.bfloat16))))
+    if merged:
+      groups[-1].update(af.merge_linear_learners(groups[-1], n))
     width = 4 * d if kind == "mlp" else d
     dense.append((jnp.asarray(rng.normal(size=(d, width)) / np.sqrt(d), jnp.bfloat16),
                   jnp.asarray(rng.normal(size=(width, d)) / np.sqrt(width), jnp.bfloat16) if kind == "mlp" else None))
@@ -72,6 +79,16 @@ def dense_fn(kind):
   if kind == "mlp":
     return jax.jit(lambda x, w: jax.nn.gelu(x @ w[0][0], approximate=False) @ w[0][1])
   return jax.jit(lambda x, w: [x @ wi for wi, _ in w])
+
+
+def merged_candidates(tokens):
+  """The merged path's settings: sorted (route, scatter, select), unsorted (route, select) and,
+  at few tokens, one launch (`twolaunch`: the gate inside the select launch)."""
+  rows = (32, 64) if tokens < 4096 else (64, 128)
+  outs = (64, 128) if tokens < 4096 else (128, 256)
+  paths = [dict(sort=True)] + ([dict(sort=False), dict(twolaunch=True)] if tokens < 4096 else [])
+  for r, o, path in itertools.product(rows, outs, paths):
+    yield dict(block_rows=r, block_out=o, num_warps=8 if r == 128 else 4, merged=True, **path)
 
 
 def candidates(tokens, kind, onepass=False):
@@ -94,6 +111,9 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="tuned.json")
   parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+  parser.add_argument("--kinds", default="mlp,proj", help="comma list of mlp, proj")
+  parser.add_argument("--merged", action="store_true", help="the q/k/v group on the merged path too")
+  parser.add_argument("--r", type=float, default=0.5, help="the gates pick k ~ Binomial(4, r)")
   parser.add_argument("--onepass", action="store_true",
                       help="also the one-launch path (2-5x slower than the dense block on an H200, 2026-12-01)")
   args = parser.parse_args(argv)
@@ -102,28 +122,36 @@ def main(argv=None):
   rng = np.random.default_rng(0)
   table, rows = {}, []
   for tokens in (int(t) for t in args.tokens.split(",")):
-    for kind in ("mlp", "proj"):
-      x, groups, dense = inputs(tokens, kind, rng)
+    for kind in args.kinds.split(","):
+      merged = kind == "proj" and args.merged
+      x, groups, dense = inputs(tokens, kind, rng, args.r, merged)
       act, min_choice = ("gelu", 0) if kind == "mlp" else ("identity", 1)
       dense_ms = timed_ms(dense_fn(kind), x, dense)
-      default = jax.jit(lambda x, g: af.acm_group(x, g, num_learners=4, activation=act, min_choice=min_choice)[0])
+      default = jax.jit(lambda x, g: af.acm_group(x, g, num_learners=4, activation=act, min_choice=min_choice,
+                                                  merged=False)[0])
       default_ms = timed_ms(default, x, groups)
-      best = (default_ms, None)
-      for cand in candidates(tokens, kind, args.onepass):
-        fn = jax.jit(lambda x, g, c=cand: af.acm_group(x, g, num_learners=4, activation=act, min_choice=min_choice, **c)[0])
-        try:
-          ms = timed_ms(fn, x, groups)
-        except Exception as err:
-          print(f"T={tokens} {kind} {cand}: FAILED {type(err).__name__}: {str(err)[:200]}", flush=True)
-          continue
-        rows.append(dict(tokens=tokens, kind=kind, **cand, ms=ms, ratio_to_dense=ms / dense_ms))
-        if ms < best[0]:
-          best = (ms, cand)
-      key = f"{af.token_bucket(tokens)}|{kind}"
-      if best[1] is not None:
-        table[key] = best[1]
-      print(f"T={tokens:6d} {kind}: dense {dense_ms:.4f} ms, default {default_ms:.4f} ms "
-            f"({default_ms / dense_ms:.3f}), best {best[0]:.4f} ms ({best[0] / dense_ms:.3f}) {best[1]}", flush=True)
+      sets = [(kind, list(candidates(tokens, kind, args.onepass)))]
+      if merged:
+        sets.append(("merged", list(merged_candidates(tokens))))
+      for table_kind, cands in sets:
+        best = (default_ms, None) if table_kind == kind else (float("inf"), None)
+        for cand in cands:
+          cand = {"merged": False, **cand}
+          fn = jax.jit(lambda x, g, c=cand: af.acm_group(x, g, num_learners=4, activation=act,
+                                                         min_choice=min_choice, **c)[0])
+          try:
+            ms = timed_ms(fn, x, groups)
+          except Exception as err:
+            print(f"T={tokens} {table_kind} {cand}: FAILED {type(err).__name__}: {str(err)[:200]}", flush=True)
+            continue
+          rows.append(dict(tokens=tokens, kind=table_kind, r=args.r, **cand, ms=ms, ratio_to_dense=ms / dense_ms))
+          if ms < best[0]:
+            best = (ms, cand)
+        key = f"{af.token_bucket(tokens)}|{table_kind}"
+        if best[1] is not None:
+          table[key] = {name: value for name, value in best[1].items() if name != "merged"}
+        print(f"T={tokens:6d} {table_kind}: dense {dense_ms:.4f} ms, factored default {default_ms:.4f} ms "
+              f"({default_ms / dense_ms:.3f}), best {best[0]:.4f} ms ({best[0] / dense_ms:.3f}) {best[1]}", flush=True)
   with open(args.out, "w") as f:
     json.dump(dict(table=table, rows=rows, device=jax.devices()[0].device_kind, jax_version=jax.__version__), f, indent=1)
 

@@ -55,6 +55,14 @@ learners gain (the low-rank q/k/v projections, whose learners of 96 make short k
 and it runs every group whose d or total learner width is not a multiple of 16 (no Triton
 tile fits) unless a kernel path or tiles are asked for by name.
 
+The merged path (`merged=True`, or groups that carry `merge_linear_learners` tables) serves
+linear learners (identity activation, the attention projections): h(x, k) = x @ M_k + c_k, so
+the up and down launches become one select launch, one (d, d) product per choice present in a
+row block, sorted or not, or with the gate inside it (one launch in all). It does the dense
+projection's arithmetic whatever k is; on an H200 it beat the factored kernels only at a few
+hundred to ~1,600 tokens, and lost from 6,304 on (benchmarks/RESULTS.md, 2026-12-03 (f)), so
+nothing in the model passes the tables yet.
+
 The gate logits inside the route kernel are rounded where a Flax Dense gate of
 the same dtypes rounds (after the matmul and after the bias), so the argmax
 agrees with the XLA gate except where float32 accumulation order moves a logit
@@ -488,6 +496,69 @@ def _onepass_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, ti
   _for_group(g, num_groups, body)
 
 
+def _select_kernel(*refs, num_groups, col_blocks, block_rows, block_out, block_k, dim, tokens, padded, sort,
+                   num_learners, gate=None):
+  """The merged path's launch: out = x @ merged[k] + table[k] for each row's k, one program per
+  (ACM, row block, output tile). Refs: order, k, x, (merged, table) per ACM, outputs per ACM; with
+  `gate` (the one-launch variant, rows in token order) shift, x, the gate refs per ACM, (merged,
+  table) per ACM, outputs per ACM, k out (written by the programs of output tile 0).
+
+  A row block's rows hold choices between their smallest and largest k (one value for most row
+  blocks on the sorted path); the program runs one (rows, d) x (d, block_out) product per value
+  present and keeps each row's own."""
+  from jax.experimental.pallas import triton as plgpu
+  if gate is None:
+    order_ref, k_ref, x_ref, *refs = refs
+  else:
+    gate = dict(gate)
+    per_group = gate.pop("gate_refs_per_group")
+    shift_ref, x_ref, *refs = refs
+    gate_refs, refs = refs[:num_groups * per_group], refs[num_groups * per_group:]
+  in_refs, out_refs = refs[:2 * num_groups], refs[2 * num_groups:]
+  p = pl.program_id(0)
+  row_blocks = padded // block_rows
+  g, rest = p // (row_blocks * col_blocks), p % (row_blocks * col_blocks)
+  i, cb = rest // col_blocks, rest % col_blocks
+
+  def body(gg):
+    merged_ref, table_ref = in_refs[2 * gg:2 * gg + 2]
+    if gate is None:
+      valid, token, k_rows, max_k = _row_block(order_ref, k_ref, gg, i, block_rows=block_rows, tokens=tokens,
+                                               padded=padded, sort=sort)
+    else:
+      token = i * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
+      valid = token < tokens
+      k_rows = _gate_choice(shift_ref, x_ref, gate_refs[gg * per_group:(gg + 1) * per_group],
+                            jnp.minimum(token, tokens - 1), valid, rows=block_rows, dim=dim, **gate)
+      max_k = jnp.max(k_rows)
+
+      @pl.when(cb == 0)
+      def _():
+        out_refs[num_groups][pl.ds(gg * padded + i * block_rows, block_rows)] = k_rows
+
+    min_k = jnp.maximum(jnp.min(jnp.where(valid, k_rows, num_learners)), 1)  # choice 0 is the bias alone
+    src = jnp.clip(token, 0, tokens - 1)
+    cols = pl.ds(cb * block_out, block_out)
+
+    def choice(j, acc):
+      def step(s, part):
+        red = s * block_k + jnp.arange(block_k, dtype=jnp.int32)
+        xs = x_ref[src[:, None], red[None, :]]
+        ws = merged_ref[pl.ds(j * dim + s * block_k, block_k), cols]
+        return part + jnp.dot(xs, ws, precision=_precision(xs.dtype), preferred_element_type=jnp.float32)
+
+      part = jax.lax.fori_loop(0, dim // block_k, step, jnp.zeros((block_rows, block_out), jnp.float32))
+      return jnp.where((k_rows == j)[:, None], part, acc)
+
+    acc = jax.lax.fori_loop(min_k, max_k + 1, choice, jnp.zeros((block_rows, block_out), jnp.float32))
+    col_ids = cb * block_out + jnp.arange(block_out, dtype=jnp.int32)
+    acc = acc + table_ref[k_rows[:, None], col_ids[None, :]]
+    plgpu.store(out_refs[gg].at[token[:, None], col_ids[None, :]], acc.astype(out_refs[gg].dtype),
+                mask=valid[:, None])
+
+  _for_group(g, num_groups, body)
+
+
 # ----------------------------------------------------------------------------
 # Wrapper and reference
 
@@ -541,7 +612,8 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
               activation: str = "gelu", min_choice: int = 0, cost_shift: float | jax.Array = 0.0,
               sort: bool | None = None, onepass: bool | None = None, twolaunch: bool | None = None,
               xla: bool | None = None, fast_math: bool | None = None, interpret: bool | None = None,
-              mgpu_down: bool | None = None, **tiles) -> tuple[tuple[jax.Array, ...], jax.Array]:
+              mgpu_down: bool | None = None, merged: bool | None = None,
+              **tiles) -> tuple[tuple[jax.Array, ...], jax.Array]:
   """Hard-choice outputs of G ACMs that read the same tokens.
 
   x: (T, d) bfloat16 or float32. groups: G dicts with w1 (d, N*h), b1 (N*h,),
@@ -552,7 +624,9 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   and shape (`default_settings`). tiles: overrides of `FusedConfig`. interpret: None means
   "when the backend is not a GPU" (the xla path runs on any backend). mgpu_down: the sorted
   path's down launch as `acm_mgpu.down_projection` (None: from `MGPU_DOWN_MIN_TOKENS` tokens on,
-  where it fits); asking for it where it cannot run raises.
+  where it fits); asking for it where it cannot run raises. merged: linear learners (identity
+  activation) through their merged matrices (`merge_linear_learners`, entries "merged" and
+  "table" of every ACM of the group; see `_select_kernel`); None: wherever the groups carry them.
 
   Returns (outputs: G arrays (T, d) in x.dtype, k: (G, T) int32 in token order).
   """
@@ -573,12 +647,12 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   if fast_math is None:
     fast_math = x.dtype == jnp.bfloat16
   fast_math = fast_math and not interpret  # the interpreter cannot run PTX
-  if path == "onepass":
+  use_merged = _merged_tables(groups, activation, merged)
+  if path == "onepass" and not use_merged:
     return _acm_group_onepass(x, groups, cfg, num_learners=num_learners, activation=activation,
                               min_choice=min_choice, cost_shift=cost_shift, fast_math=fast_math, interpret=interpret)
   down_cfg = _mgpu_down_config(mgpu_down, x.dtype, tokens, dim, total, cfg, path, interpret)
   padded = -(-tokens // max(ROUTE_CHUNK, cfg.block_rows)) * max(ROUTE_CHUNK, cfg.block_rows)
-  num_chunks = padded // ROUTE_CHUNK
   linear_gate = "gate" in groups[0]
   params = lambda warps: None if interpret else _compiler_params(warps, cfg.num_stages)
   shift = jnp.reshape(jnp.asarray(cost_shift, jnp.float32), (1,))
@@ -587,6 +661,9 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   gate_settings = dict(block_k=_largest_divisor(dim, 64), num_learners=num_learners, min_choice=min_choice,
                        relative_cost=width / dim, gate_dtype=gate_dtype(x, groups[0]))
   row_blocks = padded // cfg.block_rows
+  if use_merged:
+    return _acm_group_merged(shift, x, groups, gate_inputs, cfg=cfg, path=path, padded=padded,
+                             linear_gate=linear_gate, gate_settings=gate_settings, interpret=interpret)
   tiles_per_block = total // cfg.block_hidden
   up = functools.partial(_up_kernel, num_groups=num_groups, tiles=tiles_per_block, block_rows=cfg.block_rows,
                          block_hidden=cfg.block_hidden, block_k=cfg.block_k_up, dim=dim, width=width,
@@ -602,26 +679,10 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
         name="acm_group_gated_up")(shift, x, *gate_inputs, *weights_up)
     order = k_rows = k_tokens  # order is not read on the unsorted paths
   else:
-    route_out = [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32)]
-    if sort:
-      route_out += [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),
-                    jax.ShapeDtypeStruct((num_groups * num_chunks * GATE_COLS,), jnp.int32)]
-    routed = pl.pallas_call(
-        functools.partial(_route_kernel, num_groups=num_groups, gate_refs_per_group=2 if linear_gate else 1,
-                          tokens=tokens, padded=padded, chunk=ROUTE_CHUNK, dim=dim, sort=sort, **gate_settings),
-        out_shape=tuple(route_out), grid=(num_groups * num_chunks,), compiler_params=params(4),
-        interpret=interpret, name="acm_route",
-    )(shift, x, *gate_inputs)
-    k_tokens = routed[0]
-    if sort:
-      order, k_rows, *positions = pl.pallas_call(
-          functools.partial(_scatter_kernel, num_groups=num_groups, tokens=tokens, padded=padded,
-                            chunk=ROUTE_CHUNK, num_learners=num_learners),
-          out_shape=(jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),) * (3 if down_cfg else 2),
-          grid=(num_groups * num_chunks,), compiler_params=params(4), interpret=interpret, name="acm_scatter",
-      )(*routed)
-    else:
-      order, k_rows = k_tokens, k_tokens  # order is not read on the unsorted path
+    k_tokens, order, k_rows, *positions = _route(shift, x, gate_inputs, num_groups=num_groups, padded=padded,
+                                                 linear_gate=linear_gate, sort=sort, positions=bool(down_cfg),
+                                                 gate_settings=gate_settings, num_stages=cfg.num_stages,
+                                                 interpret=interpret)
     hidden = up_call(up, out_shape=hidden_shapes, name="acm_group_up")(order, k_rows, x, *weights_up)
   has_bias = "b2" in groups[0]
   if down_cfg:
@@ -641,6 +702,36 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   )(order, k_rows, *down_inputs)
   k = k_tokens.reshape(num_groups, padded)[:, :tokens]
   return tuple(outs), k
+
+
+def _route(shift, x, gate_inputs, *, num_groups, padded, linear_gate, sort, positions, gate_settings, num_stages,
+           interpret):
+  """The route launch, and on the sorted path the scatter launch: (k in token order, order, k of
+  the rows) each (G * padded,) int32, plus each token's sorted place when `positions`. Unsorted,
+  order and the rows' k are k itself (order is not read there)."""
+  num_chunks = padded // ROUTE_CHUNK
+  params = None if interpret else _compiler_params(4, num_stages)
+  route_out = [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32)]
+  if sort:
+    route_out += [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),
+                  jax.ShapeDtypeStruct((num_groups * num_chunks * GATE_COLS,), jnp.int32)]
+  routed = pl.pallas_call(
+      functools.partial(_route_kernel, num_groups=num_groups, gate_refs_per_group=2 if linear_gate else 1,
+                        tokens=x.shape[0], padded=padded, chunk=ROUTE_CHUNK, dim=x.shape[1], sort=sort,
+                        **gate_settings),
+      out_shape=tuple(route_out), grid=(num_groups * num_chunks,), compiler_params=params,
+      interpret=interpret, name="acm_route",
+  )(shift, x, *gate_inputs)
+  k_tokens = routed[0]
+  if not sort:
+    return k_tokens, k_tokens, k_tokens
+  sorted_out = pl.pallas_call(
+      functools.partial(_scatter_kernel, num_groups=num_groups, tokens=x.shape[0], padded=padded,
+                        chunk=ROUTE_CHUNK, num_learners=gate_settings["num_learners"]),
+      out_shape=(jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),) * (3 if positions else 2),
+      grid=(num_groups * num_chunks,), compiler_params=params, interpret=interpret, name="acm_scatter",
+  )(*routed)
+  return (k_tokens, *sorted_out)
 
 
 def _mgpu_down_config(asked, dtype, tokens, dim, total, cfg, path, interpret):
@@ -694,6 +785,89 @@ def _mgpu_down(hidden, groups, sorted_k, positions, k_tokens, *, cfg, tokens, pa
       out = out + jnp.cumsum(grp["b2"].astype(jnp.float32), axis=0)[k]
     outs.append(out.astype(h.dtype))
   return tuple(outs)
+
+
+def merge_linear_learners(params: Mapping[str, jax.Array], num_learners: int) -> dict[str, jax.Array]:
+  """The merged form of an ACM whose learners are linear (identity activation):
+
+      h(x, k) = sum_{n < k} (x @ w1[:, n] + b1[n]) @ w2[n] + b2[0] + ... + b2[k]
+              = x @ M_k + c_k,   M_k = sum_{n < k} w1[:, n] @ w2[n]
+
+  so a token of choice k costs one (d, d) product whatever k is, in one launch and with no
+  hidden buffer. Returns {"merged": ((N+1) d, d_out) in w1's dtype, the M_k stacked (M_0 = 0),
+  "table": (N+1, d_out) float32, the c_k}, both computed in float32. (N+1) d^2 entries per ACM:
+  for serving, computed once (`acm_jax.inference.merged_serving_variables`)."""
+  f32 = jnp.float32
+  w1, b1, w2 = (params[name].astype(f32) for name in ("w1", "b1", "w2"))
+  dim, total = w1.shape
+  if total % num_learners or w2.shape[0] != total or b1.shape != (total,):
+    raise ValueError(f"w1 {w1.shape}, b1 {b1.shape}, w2 {w2.shape} do not hold {num_learners} learners of equal width")
+  width, out = total // num_learners, w2.shape[1]
+  w1_n = w1.reshape(dim, num_learners, width)
+  w2_n = w2.reshape(num_learners, width, out)
+  per_learner = jnp.einsum("dnw,nwe->nde", w1_n, w2_n, precision=jax.lax.Precision.HIGHEST)
+  merged = jnp.concatenate([jnp.zeros((1, dim, out), f32), jnp.cumsum(per_learner, axis=0)])
+  hidden_bias = jnp.einsum("nw,nwe->ne", b1.reshape(num_learners, width), w2_n, precision=jax.lax.Precision.HIGHEST)
+  table = jnp.concatenate([jnp.zeros((1, out), f32), jnp.cumsum(hidden_bias, axis=0)])
+  if "b2" in params:
+    table = table + jnp.cumsum(params["b2"].astype(f32), axis=0)
+  return {"merged": merged.reshape((num_learners + 1) * dim, out).astype(params["w1"].dtype), "table": table}
+
+
+def _merged_tables(groups, activation, asked) -> bool:
+  """Whether this call takes the merged path (see `acm_group`'s `merged`); checks the tables."""
+  have = ["merged" in grp for grp in groups]
+  if asked is False or (asked is None and not all(have)):
+    return False
+  if not all(have):
+    raise ValueError("merged=True needs every ACM of the group to carry 'merged' and 'table' "
+                     "(pallas_kernels.acm_fused.merge_linear_learners)")
+  if activation != "identity":
+    raise ValueError(f"merged matrices stand for linear learners (activation 'identity'), got {activation!r}")
+  return True
+
+
+def _check_merged(x, groups, num_learners):
+  dim = x.shape[1]
+  for idx, grp in enumerate(groups):
+    shapes = {"merged": ((num_learners + 1) * dim, dim), "table": (num_learners + 1, dim)}
+    for name, shape in shapes.items():
+      if name not in grp or grp[name].shape != shape:
+        raise ValueError(f"ACM {idx}: {name} must have shape {shape}, got "
+                         f"{grp[name].shape if name in grp else 'nothing'}")
+    if grp["merged"].dtype != x.dtype:
+      raise ValueError(f"ACM {idx}: merged has dtype {grp['merged'].dtype} but x has {x.dtype}")
+
+
+def _acm_group_merged(shift, x, groups, gate_inputs, *, cfg, path, padded, linear_gate, gate_settings, interpret):
+  """`acm_group` for linear learners through their merged matrices: route (+ scatter when sorted)
+  and one select launch, or on the one-launch paths (onepass, twolaunch) the select launch alone,
+  computing each row block's gate itself, rows in token order."""
+  num_learners = gate_settings["num_learners"]
+  _check_merged(x, groups, num_learners)
+  tokens, dim = x.shape
+  num_groups = len(groups)
+  col_blocks = dim // cfg.block_out
+  block_k = _largest_divisor(dim, cfg.block_k_up)
+  row_blocks = padded // cfg.block_rows
+  kernel = functools.partial(_select_kernel, num_groups=num_groups, col_blocks=col_blocks, block_rows=cfg.block_rows,
+                             block_out=cfg.block_out, block_k=block_k, dim=dim, tokens=tokens, padded=padded,
+                             sort=path == "sorted", num_learners=num_learners)
+  call = functools.partial(pl.pallas_call, grid=(num_groups * row_blocks * col_blocks,), interpret=interpret,
+                           compiler_params=None if interpret else _compiler_params(cfg.num_warps, cfg.num_stages))
+  tables = [a for grp in groups for a in (grp["merged"], grp["table"].astype(jnp.float32))]
+  out_shapes = (jax.ShapeDtypeStruct((tokens, dim), x.dtype),) * num_groups
+  if path in ("onepass", "twolaunch"):
+    *outs, k_tokens = call(
+        functools.partial(kernel, gate=dict(gate_settings, gate_refs_per_group=2 if linear_gate else 1)),
+        out_shape=out_shapes + (jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),),
+        name="acm_group_gated_select")(shift, x, *gate_inputs, *tables)
+  else:
+    k_tokens, order, k_rows = _route(shift, x, gate_inputs, num_groups=num_groups, padded=padded,
+                                     linear_gate=linear_gate, sort=path == "sorted", positions=False,
+                                     gate_settings=gate_settings, num_stages=cfg.num_stages, interpret=interpret)
+    outs = call(kernel, out_shape=out_shapes, name="acm_group_select")(order, k_rows, x, *tables)
+  return tuple(outs), k_tokens.reshape(num_groups, padded)[:, :tokens]
 
 
 def _acm_group_onepass(x, groups, cfg, *, num_learners, activation, min_choice, cost_shift, fast_math, interpret):

@@ -190,6 +190,32 @@ def test_soft_apply_gradients_equal_autodiff_of_the_choice_expectation():
       np.testing.assert_allclose(gp[name], wp[name], rtol=1e-9, atol=1e-10, err_msg=name)
 
 
+@pytest.mark.parametrize("activation", ["identity", "gelu"])
+def test_soft_group_equals_one_soft_apply_per_acm_with_gradients(activation):
+  """acm_apply_soft_group (up projections as one matmul) against G acm_apply_soft calls, float64:
+  outputs and the gradients of x, every parameter and every choice distribution."""
+  with jax.enable_x64():
+    params = [{k: v.astype(jnp.float64) for k, v in random_params(50 + g).items()} for g in range(3)]
+    params[1].pop("b2")  # one ACM without output bias
+    x = jax.random.normal(jax.random.key(53), (2, 5, D), jnp.float64)
+    choices = [jax.nn.softmax(jax.random.normal(jax.random.key(54 + g), (2, 5, N + 1), jnp.float64)) for g in range(3)]
+    grouped = lambda p, x, c: acm.acm_apply_soft_group(p, x, c, num_learners=N, activation=activation)
+    separate = lambda p, x, c: [acm.acm_apply_soft(pg, x, cg, num_learners=N, activation=activation)
+                                for pg, cg in zip(p, c)]
+    got, got_vjp = jax.vjp(grouped, params, x, choices)
+    want, want_vjp = jax.vjp(separate, params, x, choices)
+    cotangent = [jax.random.normal(jax.random.key(60 + g), w.shape, jnp.float64) for g, w in enumerate(want)]
+    for g, w in zip(got, want, strict=True):
+      assert np.abs(np.asarray(w)).max() > 0
+      np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_vjp(cotangent)),
+                            jax.tree.leaves(want_vjp(cotangent)), strict=True):
+      assert np.abs(np.asarray(w)).max() > 0, jax.tree_util.keystr(path)
+      np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-10, err_msg=jax.tree_util.keystr(path))
+  with pytest.raises(ValueError, match="3 ACMs but 2 choice distributions"):
+    acm.acm_apply_soft_group(params, x, choices[:2], num_learners=N)
+
+
 def test_gumbel_straight_through_is_one_hot_and_differentiable():
   logits = jax.random.normal(jax.random.key(0), (64, N + 1))
   choice = acm.gumbel_softmax_st(jax.random.key(1), logits, 0.8)

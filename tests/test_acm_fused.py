@@ -61,21 +61,31 @@ CASES = [
     (1, 768, 4, 768, 1, "gelu", 0, jnp.bfloat16, "random", {}),
     (197, 768, 4, 768, 1, "gelu", 0, jnp.float32, "full", dict(block_rows=64, block_out=256)),
     (197, 768, 4, 96, 3, "identity", 1, jnp.bfloat16, "random", {}),
+    (50432, 16, 4, 8, 1, "identity", 1, jnp.float32, "random", dict(SMALL, block_rows=128, block_hidden=32,
+                                                                     block_out=16)),
 ]
 
 
 PATHS = {"unsorted": dict(sort=False), "sorted": dict(sort=True), "onepass": dict(onepass=True),
-         "twolaunch": dict(twolaunch=True), "xla": dict(xla=True)}
+         "twolaunch": dict(twolaunch=True), "xla": dict(xla=True),
+         # linear learners through their merged matrices (`af.merge_linear_learners`)
+         "merged_sorted": dict(sort=True, merged=True), "merged_unsorted": dict(sort=False, merged=True),
+         "merged_one_launch": dict(twolaunch=True, merged=True)}
 
 
 @pytest.mark.parametrize("tokens,dim,n,width,size,act,min_choice,dtype,k_kind,tiles", CASES)
 @pytest.mark.parametrize("path", list(PATHS))
 def test_group_matches_reference(tokens, dim, n, width, size, act, min_choice, dtype, k_kind, tiles, path):
-  if tokens * dim > 200_000 and path != "sorted":
-    pytest.skip("the unsorted paths at this size add nothing the sorted one does not test")
   if path in ("onepass", "twolaunch") and tokens * dim > 20_000 and dim > 64 and dtype == jnp.float32:
     pytest.skip("this path's ViT-B width is covered in bfloat16")
+  merged = PATHS[path].get("merged", False)
+  if merged and act != "identity":
+    pytest.skip("merged matrices stand for linear learners only")
+  if tokens * dim > 200_000 and path not in ("sorted", "merged_sorted"):
+    pytest.skip("the unsorted paths at this size add nothing the sorted one does not test")
   x, groups = random_group(tokens + dim, tokens, dim, n, width, size, dtype, k_kind=k_kind)
+  if merged:
+    groups = [{**grp, **af.merge_linear_learners(grp, n)} for grp in groups]
   k = check_group(x, groups, n=n, act=act, min_choice=min_choice, **PATHS[path], **tiles)
   if k_kind == "full" or (k_kind == "zeros" and min_choice == 0):
     assert (np.asarray(k) == (0 if k_kind == "zeros" else n)).all()
@@ -214,6 +224,15 @@ def test_bad_inputs_name_the_problem():
     af.acm_group(x, groups, num_learners=n, interpret=False)
   with pytest.raises(ValueError, match="at least one token"):
     inference.acm_group_apply(jnp.zeros((0, 5, 64)), groups, num_learners=n)
+  merged = [{**groups[0], **af.merge_linear_learners(groups[0], n)}]
+  with pytest.raises(ValueError, match="merged=True needs every ACM of the group to carry 'merged'"):
+    call(x, groups, activation="identity", merged=True)
+  with pytest.raises(ValueError, match="linear learners .*got 'gelu'"):
+    call(x, merged, activation="gelu")
+  with pytest.raises(ValueError, match=r"ACM 0: merged must have shape \(320, 64\)"):
+    call(x, [{**merged[0], "merged": merged[0]["merged"][:64]}], activation="identity")
+  with pytest.raises(ValueError, match="do not hold 3 learners"):
+    af.merge_linear_learners(groups[0], 3)
 
 
 @pytest.mark.parametrize("impl", ["pallas", "xla"])
