@@ -282,9 +282,21 @@ def _soft_choice_bias_fwd(b2, at_least):
 
 def _soft_choice_bias_bwd(residuals, grad):
   b2, at_least = residuals
-  lead = tuple(range(grad.ndim - 1))
   wide = jnp.promote_types(grad.dtype, jnp.float32)
-  d_b2 = jax.lax.dot_general(at_least.astype(grad.dtype), grad, ((lead, lead), ((), ())), preferred_element_type=wide)
+  if grad.ndim >= 3:
+    # (batch, ..., length, dim): one product per example over its length, summed over the
+    # examples. One product over all tokens made XLA pick a split-K Triton GEMM that pads the
+    # token axis (12,608 -> 12,800 at batch 64) with a copy of the gradient, per ACM and layer
+    # (H200, ViT-B/16 mlp_qkvo finetune step, scanned, --remat=dots: 34.39 -> 33.51 ms at batch
+    # 64, 114.34 -> 111.72 ms at 256; benchmarks/RESULTS.md, 2026-12-03 (f))
+    batch, length = tuple(range(grad.ndim - 2)), grad.ndim - 2
+    per_example = jax.lax.dot_general(at_least.astype(grad.dtype), grad, (((length,), (length,)), (batch, batch)),
+                                      preferred_element_type=wide)
+    d_b2 = jnp.sum(per_example, axis=batch)
+  else:
+    lead = tuple(range(grad.ndim - 1))
+    d_b2 = jax.lax.dot_general(at_least.astype(grad.dtype), grad, ((lead, lead), ((), ())),
+                               preferred_element_type=wide)
   d_at_least = jax.lax.dot_general(grad, b2.astype(grad.dtype), (((grad.ndim - 1,), (1,)), ((), ())),
                                    preferred_element_type=wide)
   return d_b2.astype(b2.dtype), d_at_least.astype(at_least.dtype)

@@ -146,15 +146,16 @@ def test_weighted_activation_vjp_equals_autodiff_of_the_plain_formula(activation
       np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("lead", [(2, 3), (5,), (2, 2, 3)])  # 2-d tokens: one product; else per example
 @pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-12), (jnp.bfloat16, 3e-2)])
-def test_soft_choice_bias_vjp_equals_autodiff_of_the_cumulative_bias(dtype, tol):
-  """The hand-written VJP of `soft_choice_bias` (two matmuls) against autodiff of the choice
+def test_soft_choice_bias_vjp_equals_autodiff_of_the_cumulative_bias(dtype, tol, lead):
+  """The hand-written VJP of `soft_choice_bias` (matmuls) against autodiff of the choice
   expectation of the cumulative bias written out by hand (float64 reference), on random inputs."""
   with jax.enable_x64():
     b2 = jax.random.normal(jax.random.key(20), (N + 1, 6), jnp.float64)
-    choice = jax.nn.softmax(jax.random.normal(jax.random.key(21), (2, 3, N + 1), jnp.float64) * 2.0)
+    choice = jax.nn.softmax(jax.random.normal(jax.random.key(21), lead + (N + 1,), jnp.float64) * 2.0)
     at_least = acm.reverse_cumsum(choice)
-    cotangent = jax.random.normal(jax.random.key(22), (2, 3, 6), jnp.float64)
+    cotangent = jax.random.normal(jax.random.key(22), lead + (6,), jnp.float64)
     plain = lambda b, a: jnp.einsum("...k,kd->...d", -jnp.diff(a, append=0.0, axis=-1), jnp.cumsum(b, axis=0))
     want, want_vjp = jax.vjp(plain, b2, at_least)
     got, got_vjp = jax.vjp(acm.soft_choice_bias, b2.astype(dtype), at_least.astype(dtype))
