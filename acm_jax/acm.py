@@ -427,6 +427,47 @@ def linear_gate_at_budget(gate: Params, budget: float | jax.Array | None) -> tup
   return folded.astype(kernel.dtype), (shift @ kernel.astype(jnp.float32) + bias).astype(bias.dtype)
 
 
+def per_example_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+  """`jax.lax.dot_general` for `nn.Dense` (and `group_gate_logits`) whose kernel gradient over
+  tokens (batch, ..., length, d_in) is one product per example over its length, summed over the
+  examples. A gate's kernel has a few columns, and the gradient as one product over all B * L
+  tokens made XLA pick a split-K Triton GEMM that pads the token axis with a full copy of the
+  input (12,608 -> 12,800 rows at batch 64), per gate and layer. Other dimension numbers, and
+  inputs of fewer than three axes, go to `jax.lax.dot_general` unchanged."""
+  (contract, batch) = dimension_numbers
+  as_dense = (tuple(map(tuple, contract)), tuple(map(tuple, batch))) == (((lhs.ndim - 1,), (0,)), ((), ()))
+  if lhs.ndim < 3 or rhs.ndim != 2 or not as_dense or kwargs:
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, **kwargs)
+  return _dense_per_example(lhs, rhs, precision, preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense_per_example(x, w, precision, preferred_element_type):
+  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision,
+                             preferred_element_type=preferred_element_type)
+
+
+def _dense_per_example_fwd(x, w, precision, preferred_element_type):
+  return _dense_per_example(x, w, precision, preferred_element_type), (x, w)
+
+
+def _dense_per_example_bwd(precision, preferred_element_type, residuals, grad):
+  del preferred_element_type
+  x, w = residuals
+  wide = jnp.promote_types(jnp.result_type(x, w), jnp.float32)
+  d_x = jax.lax.dot_general(grad, w, (((grad.ndim - 1,), (1,)), ((), ())), precision=precision,
+                            preferred_element_type=wide)
+  batch, length = tuple(range(x.ndim - 2)), x.ndim - 2
+  per_example = jax.lax.dot_general(x, grad.astype(x.dtype), (((length,), (length,)), (batch, batch)),
+                                    precision=precision,
+                                    preferred_element_type=wide)
+  return d_x.astype(x.dtype), jnp.sum(per_example, axis=batch).astype(w.dtype)
+
+
+_dense_per_example.defvjp(_dense_per_example_fwd, _dense_per_example_bwd)
+
+
 class Gate(nn.Module):
   """Token -> N+1 choice logits: linear (depth 1) or an MLP of `depth` layers.
 
@@ -457,9 +498,10 @@ class Gate(nn.Module):
         scale, shift = (v.reshape(v.shape[:1] + (1,) * (x.ndim - 2) + v.shape[1:]) for v in (scale, shift))
       if budget is not None:
         x = x * (1.0 + scale).astype(x.dtype) + shift.astype(x.dtype)
+    dense = functools.partial(nn.Dense, dtype=self.dtype, dot_general=per_example_dot_general)
     for i in range(self.depth - 1):
-      x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name=f"hidden_{i}")(x))
-    return nn.Dense(self.num_choices, dtype=self.dtype, name="out")(x)
+      x = nn.relu(dense(self.hidden, name=f"hidden_{i}")(x))
+    return dense(self.num_choices, name="out")(x)
 
 
 def gate_flops(dim: int, num_choices: int, depth: int, hidden: int) -> int:
@@ -585,7 +627,8 @@ def group_gate_logits(gates: Sequence[Params], x: jax.Array) -> list[jax.Array]:
   for i, name in enumerate(layers):
     kernels = [g[name]["kernel"].astype(x.dtype) for g in gates]
     kernel = jnp.concatenate(kernels, axis=1) if i == 0 else jax.scipy.linalg.block_diag(*kernels)
-    h = h @ kernel + jnp.concatenate([g[name]["bias"] for g in gates]).astype(x.dtype)
+    h = per_example_dot_general(h, kernel, (((h.ndim - 1,), (0,)), ((), ()))) \
+        + jnp.concatenate([g[name]["bias"] for g in gates]).astype(x.dtype)
     if name != "out":
       h = nn.relu(h)
   return jnp.split(h, len(gates), axis=-1)
