@@ -344,40 +344,63 @@ def _row_block(order_ref, k_ref, gg, i, *, block_rows, tokens, padded, sort):
   return valid, token, k_rows, jnp.max(k_rows)
 
 
+def _grid_position(padded, block_rows, tiles):
+  """(ACM, row block, tile) of this program on a grid of G x row blocks x tiles programs."""
+  p = pl.program_id(0)
+  row_blocks = padded // block_rows
+  g, rest = p // (row_blocks * tiles), p % (row_blocks * tiles)
+  return g, rest // tiles, rest % tiles
+
+
+def _split_row_refs(refs, gate, num_groups):
+  """A launch's leading refs: routed (gate None) order, k, x; gated (the one- and two-launch
+  paths: `gate` holds `_gate_choice` settings and gate_refs_per_group) shift, x and every ACM's
+  gate refs. Returns (the refs `_rows` reads, x, the remaining refs)."""
+  if gate is None:
+    order_ref, k_ref, x_ref, *rest = refs
+    return (order_ref, k_ref, None, ()), x_ref, rest
+  per_group = gate["gate_refs_per_group"]
+  shift_ref, x_ref, *rest = refs
+  return (None, None, shift_ref, rest[:num_groups * per_group]), x_ref, rest[num_groups * per_group:]
+
+
+def _rows(row_refs, x_ref, gg, i, first, k_out, *, gate, block_rows, tokens, padded, sort, dim):
+  """(valid, token, k, largest k) of row block i of ACM gg: read from the route launch's outputs,
+  or (gated) computed from the rows' gate, rows in token order; then the programs where `first`
+  store the block's k to k_out."""
+  order_ref, k_ref, shift_ref, gate_refs = row_refs
+  if gate is None:
+    return _row_block(order_ref, k_ref, gg, i, block_rows=block_rows, tokens=tokens, padded=padded, sort=sort)
+  per_group = gate["gate_refs_per_group"]
+  settings = {name: value for name, value in gate.items() if name != "gate_refs_per_group"}
+  token = i * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
+  valid = token < tokens
+  k_rows = _gate_choice(shift_ref, x_ref, gate_refs[gg * per_group:(gg + 1) * per_group],
+                        jnp.minimum(token, tokens - 1), valid, rows=block_rows, dim=dim, **settings)
+
+  @pl.when(first)
+  def _():
+    k_out[pl.ds(gg * padded + i * block_rows, block_rows)] = k_rows
+
+  return valid, token, k_rows, jnp.max(k_rows)
+
+
 def _up_kernel(*refs, num_groups, tiles, block_rows, block_hidden, block_k, dim, width, tokens, padded, sort,
                activation, fast_math, gate=None):
   """Refs: order, k, x, (w1, b1) per ACM, hidden per ACM. With `gate` (the two-launch path: a
   dict of `_gate_choice` settings plus gate_refs_per_group) the rows' k is computed here
   instead: refs shift, x, the gate refs per ACM, (w1, b1) per ACM, hidden per ACM, k out
   (written by the programs of hidden tile 0)."""
-  if gate is None:
-    order_ref, k_ref, x_ref, *refs = refs
-  else:
-    gate = dict(gate)
-    per_group = gate.pop("gate_refs_per_group")
-    shift_ref, x_ref, *refs = refs
-    gate_refs, refs = refs[:num_groups * per_group], refs[num_groups * per_group:]
+  row_refs, x_ref, refs = _split_row_refs(refs, gate, num_groups)
   w_refs, h_refs = refs[:2 * num_groups], refs[2 * num_groups:3 * num_groups]
-  p = pl.program_id(0)
-  row_blocks = padded // block_rows
-  g, rest = p // (row_blocks * tiles), p % (row_blocks * tiles)
-  i, j = rest // tiles, rest % tiles
+  k_out = refs[3 * num_groups] if gate is not None else None
+  g, i, j = _grid_position(padded, block_rows, tiles)
 
   def body(gg):
     w1_ref, b1_ref = w_refs[2 * gg:2 * gg + 2]
-    if gate is None:
-      valid, token, k_rows, max_k = _row_block(order_ref, k_ref, gg, i, block_rows=block_rows, tokens=tokens,
-                                               padded=padded, sort=sort)
-    else:  # token order; every program of the row block computes its k, tile 0 stores it
-      token = i * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
-      valid = token < tokens
-      k_rows = _gate_choice(shift_ref, x_ref, gate_refs[gg * per_group:(gg + 1) * per_group],
-                            jnp.minimum(token, tokens - 1), valid, rows=block_rows, dim=dim, **gate)
-      max_k = jnp.max(k_rows)
-
-      @pl.when(j == 0)
-      def _():
-        refs[3 * num_groups][pl.ds(gg * padded + i * block_rows, block_rows)] = k_rows
+    # gated: every program of the row block computes its k, hidden tile 0 stores it
+    valid, token, k_rows, max_k = _rows(row_refs, x_ref, gg, i, j == 0, k_out, gate=gate, block_rows=block_rows,
+                                        tokens=tokens, padded=padded, sort=sort, dim=dim)
 
     @pl.when(j * block_hidden < max_k * width)
     def _():
@@ -404,10 +427,7 @@ def _down_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_rows, bl
   from jax.experimental.pallas import triton as plgpu
   per = 3 if has_bias else 2
   in_refs, out_refs = refs[:per * num_groups], refs[per * num_groups:]
-  p = pl.program_id(0)
-  row_blocks = padded // block_rows
-  g, rest = p // (row_blocks * col_blocks), p % (row_blocks * col_blocks)
-  i, cb = rest // col_blocks, rest % col_blocks
+  g, i, cb = _grid_position(padded, block_rows, col_blocks)
 
   def body(gg):
     h_ref, w2_ref, *bias = in_refs[per * gg:per * (gg + 1)]
@@ -447,10 +467,7 @@ def _onepass_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, ti
   gates = [refs[g * gate_refs_per_group:(g + 1) * gate_refs_per_group] for g in range(num_groups)]
   w_refs = refs[n_gate:n_gate + per * num_groups]
   k_ref, *out_refs = refs[n_gate + per * num_groups + num_groups:]  # the zeroed inputs are aliased outputs
-  p = pl.program_id(0)
-  row_blocks = padded // block_rows
-  g, rest = p // (row_blocks * tiles), p % (row_blocks * tiles)
-  i, j = rest // tiles, rest % tiles
+  g, i, j = _grid_position(padded, block_rows, tiles)
   rows = i * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
   valid = rows < tokens
   src = jnp.minimum(rows, tokens - 1)
@@ -507,35 +524,15 @@ def _select_kernel(*refs, num_groups, col_blocks, block_rows, block_out, block_k
   blocks on the sorted path); the program runs one (rows, d) x (d, block_out) product per value
   present and keeps each row's own."""
   from jax.experimental.pallas import triton as plgpu
-  if gate is None:
-    order_ref, k_ref, x_ref, *refs = refs
-  else:
-    gate = dict(gate)
-    per_group = gate.pop("gate_refs_per_group")
-    shift_ref, x_ref, *refs = refs
-    gate_refs, refs = refs[:num_groups * per_group], refs[num_groups * per_group:]
+  row_refs, x_ref, refs = _split_row_refs(refs, gate, num_groups)
   in_refs, out_refs = refs[:2 * num_groups], refs[2 * num_groups:]
-  p = pl.program_id(0)
-  row_blocks = padded // block_rows
-  g, rest = p // (row_blocks * col_blocks), p % (row_blocks * col_blocks)
-  i, cb = rest // col_blocks, rest % col_blocks
+  k_out = out_refs[num_groups] if gate is not None else None
+  g, i, cb = _grid_position(padded, block_rows, col_blocks)
 
   def body(gg):
     merged_ref, table_ref = in_refs[2 * gg:2 * gg + 2]
-    if gate is None:
-      valid, token, k_rows, max_k = _row_block(order_ref, k_ref, gg, i, block_rows=block_rows, tokens=tokens,
-                                               padded=padded, sort=sort)
-    else:
-      token = i * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
-      valid = token < tokens
-      k_rows = _gate_choice(shift_ref, x_ref, gate_refs[gg * per_group:(gg + 1) * per_group],
-                            jnp.minimum(token, tokens - 1), valid, rows=block_rows, dim=dim, **gate)
-      max_k = jnp.max(k_rows)
-
-      @pl.when(cb == 0)
-      def _():
-        out_refs[num_groups][pl.ds(gg * padded + i * block_rows, block_rows)] = k_rows
-
+    valid, token, k_rows, max_k = _rows(row_refs, x_ref, gg, i, cb == 0, k_out, gate=gate, block_rows=block_rows,
+                                        tokens=tokens, padded=padded, sort=sort, dim=dim)
     min_k = jnp.maximum(jnp.min(jnp.where(valid, k_rows, num_learners)), 1)  # choice 0 is the bias alone
     src = jnp.clip(token, 0, tokens - 1)
     cols = pl.ds(cb * block_out, block_out)
