@@ -280,23 +280,29 @@ def _soft_choice_bias_fwd(b2, at_least):
   return soft_choice_bias(b2, at_least), (b2, at_least)
 
 
+def over_tokens(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
+  """a^T b summed over the tokens of a (..., m) and b (..., n): (m, n) in float32 or wider.
+
+  For (batch, ..., length, .) inputs, one product per example over its length, summed over the
+  examples. One product over all batch x length tokens made XLA pick a split-K Triton GEMM that
+  pads the token axis (12,608 -> 12,800 at batch 64) with a copy of its operand, for every such
+  weight gradient of every ACM and layer (H200, ViT-B/16 mlp_qkvo finetune step, scanned,
+  --remat=dots: the choice bias' b2 gradient 34.39 -> 33.51 ms at batch 64 and 114.34 -> 111.72 at
+  256, the gates' kernels 33.54 -> 33.1 at 64; benchmarks/RESULTS.md, 2026-12-03 (f))."""
+  wide = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
+  if a.ndim < 3:
+    lead = tuple(range(a.ndim - 1))
+    return jax.lax.dot_general(a, b, ((lead, lead), ((), ())), precision=precision, preferred_element_type=wide)
+  batch, length = tuple(range(a.ndim - 2)), a.ndim - 2
+  per_example = jax.lax.dot_general(a, b, (((length,), (length,)), (batch, batch)), precision=precision,
+                                    preferred_element_type=wide)
+  return jnp.sum(per_example, axis=batch)
+
+
 def _soft_choice_bias_bwd(residuals, grad):
   b2, at_least = residuals
   wide = jnp.promote_types(grad.dtype, jnp.float32)
-  if grad.ndim >= 3:
-    # (batch, ..., length, dim): one product per example over its length, summed over the
-    # examples. One product over all tokens made XLA pick a split-K Triton GEMM that pads the
-    # token axis (12,608 -> 12,800 at batch 64) with a copy of the gradient, per ACM and layer
-    # (H200, ViT-B/16 mlp_qkvo finetune step, scanned, --remat=dots: 34.39 -> 33.51 ms at batch
-    # 64, 114.34 -> 111.72 ms at 256; benchmarks/RESULTS.md, 2026-12-03 (f))
-    batch, length = tuple(range(grad.ndim - 2)), grad.ndim - 2
-    per_example = jax.lax.dot_general(at_least.astype(grad.dtype), grad, (((length,), (length,)), (batch, batch)),
-                                      preferred_element_type=wide)
-    d_b2 = jnp.sum(per_example, axis=batch)
-  else:
-    lead = tuple(range(grad.ndim - 1))
-    d_b2 = jax.lax.dot_general(at_least.astype(grad.dtype), grad, ((lead, lead), ((), ())),
-                               preferred_element_type=wide)
+  d_b2 = over_tokens(at_least.astype(grad.dtype), grad)
   d_at_least = jax.lax.dot_general(grad, b2.astype(grad.dtype), (((grad.ndim - 1,), (1,)), ((), ())),
                                    preferred_element_type=wide)
   return d_b2.astype(b2.dtype), d_at_least.astype(at_least.dtype)
@@ -429,11 +435,9 @@ def linear_gate_at_budget(gate: Params, budget: float | jax.Array | None) -> tup
 
 def per_example_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
   """`jax.lax.dot_general` for `nn.Dense` (and `group_gate_logits`) whose kernel gradient over
-  tokens (batch, ..., length, d_in) is one product per example over its length, summed over the
-  examples. A gate's kernel has a few columns, and the gradient as one product over all B * L
-  tokens made XLA pick a split-K Triton GEMM that pads the token axis with a full copy of the
-  input (12,608 -> 12,800 rows at batch 64), per gate and layer. Other dimension numbers, and
-  inputs of fewer than three axes, go to `jax.lax.dot_general` unchanged."""
+  tokens (batch, ..., length, d_in) is `over_tokens`: one product per example, summed (a gate's
+  kernel has a few columns, the case where one product over all tokens got its input padded).
+  Other dimension numbers, and inputs of fewer than three axes, go to `jax.lax.dot_general`."""
   (contract, batch) = dimension_numbers
   as_dense = (tuple(map(tuple, contract)), tuple(map(tuple, batch))) == (((lhs.ndim - 1,), (0,)), ((), ()))
   if lhs.ndim < 3 or rhs.ndim != 2 or not as_dense or kwargs:
@@ -458,11 +462,7 @@ def _dense_per_example_bwd(precision, preferred_element_type, residuals, grad):
   wide = jnp.promote_types(jnp.result_type(x, w), jnp.float32)
   d_x = jax.lax.dot_general(grad, w, (((grad.ndim - 1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=wide)
-  batch, length = tuple(range(x.ndim - 2)), x.ndim - 2
-  per_example = jax.lax.dot_general(x, grad.astype(x.dtype), (((length,), (length,)), (batch, batch)),
-                                    precision=precision,
-                                    preferred_element_type=wide)
-  return d_x.astype(x.dtype), jnp.sum(per_example, axis=batch).astype(w.dtype)
+  return d_x.astype(x.dtype), over_tokens(x, grad.astype(x.dtype), precision).astype(w.dtype)
 
 
 _dense_per_example.defvjp(_dense_per_example_fwd, _dense_per_example_bwd)
