@@ -117,6 +117,9 @@ def main(argv=None):
   parser.add_argument("--onepass", action="store_true",
                       help="also the one-launch path (2-5x slower than the dense block on an H200, 2026-12-01)")
   args = parser.parse_args(argv)
+  unknown = set(args.kinds.split(",")) - {"mlp", "proj"}
+  if unknown:
+    parser.error(f"--kinds takes mlp and/or proj, got {sorted(unknown)}")
   if jax.default_backend() != "gpu":
     sys.exit("fused_tune needs a GPU")
   rng = np.random.default_rng(0)

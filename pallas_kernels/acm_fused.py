@@ -792,8 +792,9 @@ def merge_linear_learners(params: Mapping[str, jax.Array], num_learners: int) ->
 
   so a token of choice k costs one (d, d) product whatever k is, in one launch and with no
   hidden buffer. Returns {"merged": ((N+1) d, d_out) in w1's dtype, the M_k stacked (M_0 = 0),
-  "table": (N+1, d_out) float32, the c_k}, both computed in float32. (N+1) d^2 entries per ACM:
-  for serving, computed once (`acm_jax.inference.merged_serving_variables`)."""
+  "table": (N+1, d_out) float32, the c_k}, both computed in float32. (N+1) d^2 entries per ACM,
+  so a server would compute them once; nothing in acm_jax passes them to the model yet (see the
+  module docstring)."""
   f32 = jnp.float32
   w1, b1, w2 = (params[name].astype(f32) for name in ("w1", "b1", "w2"))
   dim, total = w1.shape
