@@ -299,9 +299,42 @@ def over_tokens(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
   return jnp.sum(per_example, axis=batch)
 
 
+_soft_bias_kernel = contextvars.ContextVar("acm_soft_bias_kernel", default=None)
+
+
+@contextlib.contextmanager
+def soft_bias_kernel(enabled: bool | None) -> Iterator[None]:
+  """Within the context the soft choice bias' backward runs as one Pallas kernel that reads the
+  output gradient once (`pallas_kernels.soft_bias`) (True) or as two XLA products (False); None:
+  the default, the kernel. Either way the kernel runs only on a GPU and outside meshes that split
+  the batch (there each device would need its own call; the XLA products run instead).
+
+  Measured on an H200 (ViT-B/16 mlp_qkvo finetune step, scanned, `--remat=dots`, two pairs of
+  processes, 2026-12-04): 111.38 / 111.17 -> 110.73 / 110.63 ms at batch 256, 33.26 / 33.20 ->
+  33.11 / 33.17 ms at 64 (benchmarks/RESULTS.md)."""
+  token = _soft_bias_kernel.set(enabled)
+  try:
+    yield
+  finally:
+    _soft_bias_kernel.reset(token)
+
+
+def _soft_bias_kernel_applies(grad: jax.Array, b2: jax.Array) -> bool:
+  from acm_jax import sharding
+  from pallas_kernels import soft_bias
+  return (_soft_bias_kernel.get() is not False and jax.default_backend() == "gpu" and not sharding.current_batch_axes()
+          and grad.dtype in (jnp.bfloat16, jnp.float16, jnp.float32)
+          and soft_bias.supports(grad.size // grad.shape[-1], grad.shape[-1], b2.shape[0]) is None)
+
+
 def _soft_choice_bias_bwd(residuals, grad):
   b2, at_least = residuals
   wide = jnp.promote_types(grad.dtype, jnp.float32)
+  if _soft_bias_kernel_applies(grad, b2):
+    from pallas_kernels import soft_bias
+    g2 = grad.reshape(-1, grad.shape[-1])
+    d_at, d_b2 = inference._removable(soft_bias.soft_bias_grads)(g2, at_least.reshape(-1, at_least.shape[-1]), b2)
+    return d_b2.astype(b2.dtype), d_at.reshape(at_least.shape).astype(at_least.dtype)
   d_b2 = over_tokens(at_least.astype(grad.dtype), grad)
   d_at_least = jax.lax.dot_general(grad, b2.astype(grad.dtype), (((grad.ndim - 1,), (1,)), ((), ())),
                                    preferred_element_type=wide)

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from acm_jax import acm as acm_lib
 from acm_jax import compile_cache, scan_outputs, transformer
 from acm_jax.train import phases, steps
 from acm_jax.train import config as config_lib
@@ -166,6 +167,7 @@ def run(args) -> list[dict]:
         notes = [f"--group_qkv_gates={args.group_qkv_gates}"] * (args.group_qkv_gates != "auto" and phase != "pretrain")
         notes += [f"--pack_small_params={args.pack_small_params}"] * (
             args.pack_small_params != "auto" and scanned and args.remat != "none")
+        notes += [f"--soft_bias_kernel={args.soft_bias_kernel}"] * (args.soft_bias_kernel != "auto" and phase != "pretrain")
         if notes:
           record["note"] = " ".join(notes)
         records.append(record)
@@ -225,6 +227,9 @@ def main(argv=None) -> None:
                       help="on: scanned stacks under remat slice and update their small parameters as one array per "
                       "layer (transformer.small_params_packed); off: one per leaf; auto: as the models run by "
                       "default, on a GPU only")
+  parser.add_argument("--soft_bias_kernel", default="auto", choices=("auto", "on", "off"),
+                      help="on: the soft choice bias' backward as one Pallas kernel (acm.soft_bias_kernel); off: two "
+                      "XLA products; auto: as the models run by default")
   parser.add_argument("--compilation_cache", default="none",
                       help="none (default: every compile_s is a cold compile), or a directory of JAX's persistent "
                       "cache as the experiments' flag: a second run with the same directory measures a restart")
@@ -242,7 +247,9 @@ def main(argv=None) -> None:
   if args.model != "tiny" and jax.default_backend() != "gpu":
     print(f"warning: {args.model} on {jax.default_backend()}: this benchmark is meant for one GPU", file=sys.stderr)
   out = args.out or RESULTS / f"train_{_slug(jax.devices()[0].device_kind)}.json"
-  with transformer.small_params_packed({"auto": None, "on": True, "off": False}[args.pack_small_params]):
+  switch = {"auto": None, "on": True, "off": False}
+  with transformer.small_params_packed(switch[args.pack_small_params]), \
+       acm_lib.soft_bias_kernel(switch[args.soft_bias_kernel]):
     append(out, run(args))
 
 
