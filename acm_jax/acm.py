@@ -501,71 +501,6 @@ def _dense_per_example_bwd(precision, preferred_element_type, residuals, grad):
 _dense_per_example.defvjp(_dense_per_example_fwd, _dense_per_example_bwd)
 
 
-_gate_kernel = contextvars.ContextVar("acm_gate_kernel", default=None)
-
-
-@contextlib.contextmanager
-def gate_kernel(enabled: bool | str | None) -> Iterator[None]:
-  """Within the context deep gates (two or more layers, no budget given) run as one Pallas launch
-  forward and one backward (`pallas_kernels.gate_mlp`) (True), as their layers' XLA ops (False),
-  or in the kernels' interpret mode on any backend ("interpret", for tests); None: the default,
-  XLA's ops. The kernels run only on a GPU (or interpreted), outside meshes that split the batch,
-  for widths `gate_mlp.supports` takes; elsewhere the XLA ops run."""
-  if enabled not in (None, True, False, "interpret"):
-    raise ValueError(f"gate_kernel takes None, True, False or 'interpret', got {enabled!r}")
-  token = _gate_kernel.set(enabled)
-  try:
-    yield
-  finally:
-    _gate_kernel.reset(token)
-
-
-def _gate_kernel_mode(x: jax.Array, kernels: Sequence[jax.Array]) -> str | None:
-  """"gpu" or "interpret" where `gate_mlp` may take this gate, else None."""
-  enabled = _gate_kernel.get()
-  if not enabled:
-    return None
-  from acm_jax import sharding
-  from pallas_kernels import gate_mlp as gate_kernels
-  mode = "interpret" if enabled == "interpret" else ("gpu" if jax.default_backend() == "gpu" else None)
-  if (mode is None or sharding.current_batch_axes() or x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32)
-      or gate_kernels.supports(x.shape[-1], [k.shape[1] for k in kernels]) is not None):
-    return None
-  return mode
-
-
-def gate_mlp(x: jax.Array, kernels: Sequence[jax.Array], biases: Sequence[jax.Array], *, interpret: bool = False
-             ) -> jax.Array:
-  """The logits of a ReLU MLP gate (layers (kernel, bias), ReLU between them) over x (..., d), in
-  x's dtype, by the fused kernels of `pallas_kernels.gate_mlp` (with their own VJP)."""
-  lead = x.shape[:-1]
-  logits = _gate_mlp(x.reshape(-1, x.shape[-1]), tuple(kernels), tuple(biases), interpret)
-  return logits.reshape(lead + logits.shape[-1:])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _gate_mlp(x2, kernels, biases, interpret):
-  from pallas_kernels import gate_mlp as gate_kernels
-  return inference._removable(functools.partial(gate_kernels.gate_forward, interpret=interpret))(
-      x2, list(kernels), list(biases))
-
-
-def _gate_mlp_fwd(x2, kernels, biases, interpret):
-  return _gate_mlp(x2, kernels, biases, interpret), (x2, kernels, biases)
-
-
-def _gate_mlp_bwd(interpret, residuals, d_logits):
-  from pallas_kernels import gate_mlp as gate_kernels
-  x2, kernels, biases = residuals
-  dx, d_kernels, d_biases = inference._removable(functools.partial(gate_kernels.gate_backward, interpret=interpret))(
-      x2, list(kernels), list(biases), d_logits)
-  return (dx, tuple(d.astype(k.dtype) for d, k in zip(d_kernels, kernels, strict=True)),
-          tuple(d.astype(b.dtype) for d, b in zip(d_biases, biases, strict=True)))
-
-
-_gate_mlp.defvjp(_gate_mlp_fwd, _gate_mlp_bwd)
-
-
 class Gate(nn.Module):
   """Token -> N+1 choice logits: linear (depth 1) or an MLP of `depth` layers.
 
@@ -596,14 +531,6 @@ class Gate(nn.Module):
         scale, shift = (v.reshape(v.shape[:1] + (1,) * (x.ndim - 2) + v.shape[1:]) for v in (scale, shift))
       if budget is not None:
         x = x * (1.0 + scale).astype(x.dtype) + shift.astype(x.dtype)
-    layers = [f"hidden_{i}" for i in range(self.depth - 1)] + ["out"]
-    if self.depth > 1 and not self.is_initializing() and all(n in self.variables.get("params", {}) for n in layers):
-      params = self.variables["params"]
-      compute = self.dtype or jnp.result_type(x, params["out"]["kernel"])
-      kernels = [params[n]["kernel"] for n in layers]
-      mode = _gate_kernel_mode(x.astype(compute), kernels)
-      if mode is not None:
-        return gate_mlp(x.astype(compute), kernels, [params[n]["bias"] for n in layers], interpret=mode == "interpret")
     dense = functools.partial(nn.Dense, dtype=self.dtype, dot_general=per_example_dot_general)
     for i in range(self.depth - 1):
       x = nn.relu(dense(self.hidden, name=f"hidden_{i}")(x))
@@ -729,13 +656,6 @@ def group_gate_logits(gates: Sequence[Params], x: jax.Array) -> list[jax.Array]:
   if any(sorted(g) != sorted(layers) for g in gates):
     raise ValueError(f"grouped gates need the same layers without budget conditioning; got "
                      f"{[sorted(g) for g in gates]}")
-  if len(layers) > 1:
-    kernels = [jnp.concatenate([g[layers[0]]["kernel"] for g in gates], axis=1).astype(x.dtype)]
-    kernels += [jax.scipy.linalg.block_diag(*[g[name]["kernel"] for g in gates]).astype(x.dtype) for name in layers[1:]]
-    mode = _gate_kernel_mode(x, kernels)
-    if mode is not None:
-      biases = [jnp.concatenate([g[name]["bias"] for g in gates]).astype(x.dtype) for name in layers]
-      return jnp.split(gate_mlp(x, kernels, biases, interpret=mode == "interpret"), len(gates), axis=-1)
   h = x
   for i, name in enumerate(layers):
     kernels = [g[name]["kernel"].astype(x.dtype) for g in gates]
