@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.acm_mlp import _compiler_params, _precision
+from pallas_kernels.acm_mlp import _compiler_params, _largest_divisor, _precision
 
 CHOICE_COLS = 16  # choices padded to the smallest Triton matmul width
 MAX_CHOICES = CHOICE_COLS
@@ -70,7 +70,7 @@ def soft_bias_grads(g: jax.Array, at_least: jax.Array, b2: jax.Array, *, block_r
     raise ValueError(f"soft_bias_grads: {why}")
   if block_rows is None:
     block_rows = 128 if tokens >= 8192 else 64
-  block_cols = 128 if dim % 128 == 0 else (64 if dim % 64 == 0 else (32 if dim % 32 == 0 else 16))
+  block_cols = _largest_divisor(dim, 128)  # at least 16: supports() asks for a multiple of 16
   blocks = -(-tokens // block_rows)
   padded = blocks * block_rows
   at_t = jnp.zeros((CHOICE_COLS, padded), g.dtype).at[:choices, :tokens].set(at_least.T.astype(g.dtype))
