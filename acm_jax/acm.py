@@ -344,16 +344,92 @@ def _soft_choice_bias_bwd(residuals, grad):
 soft_choice_bias.defvjp(_soft_choice_bias_fwd, _soft_choice_bias_bwd)
 
 
+_act_kernel = contextvars.ContextVar("acm_act_kernel", default=None)
+
+
+@contextlib.contextmanager
+def act_kernel(enabled: bool | str | None) -> Iterator[None]:
+  """Within the context `acm_apply_soft` runs its weighted activation (GELU, tanh GELU or ReLU
+  learners) as the Pallas kernels of `pallas_kernels.weighted_act`, one pass forward and one
+  backward (True), or as XLA fusions (False); None: the default, the kernels. Either way the
+  kernels run only on a GPU, outside meshes that split the batch, and for token counts divisible
+  by 16; elsewhere the XLA path runs. "interpret" runs them in Pallas' interpret mode on any
+  backend (for tests)."""
+  if enabled not in (None, True, False, "interpret"):
+    raise ValueError(f"act_kernel({enabled!r}): expected None, True, False or 'interpret'")
+  token = _act_kernel.set(enabled)
+  try:
+    yield
+  finally:
+    _act_kernel.reset(token)
+
+
+def _act_kernel_mode(x: jax.Array, params: Params, num_learners: int, activation: str) -> str | None:
+  """"gpu" or "interpret" where `acm_apply_soft` takes the kernel path, else None."""
+  from acm_jax import sharding
+  from pallas_kernels import weighted_act
+  asked = _act_kernel.get()
+  if asked is False or x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+    return None
+  if weighted_act.supports(x.size // x.shape[-1], params["w1"].shape[1], num_learners, activation) is not None:
+    return None
+  if asked == "interpret":
+    return "interpret"
+  return "gpu" if jax.default_backend() == "gpu" and not sharding.current_batch_axes() else None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _weighted_down(pre: jax.Array, b1: jax.Array, weight: jax.Array, w2: jax.Array, activation: str,
+                   interpret: bool) -> jax.Array:
+  """(act(pre + b1) with learner n's units times weight[..., n]) @ w2 by the kernels of
+  `pallas_kernels.weighted_act`: pre (..., N*h) without its bias, weight (..., N)."""
+  return _weighted_down_fwd(pre, b1, weight, w2, activation, interpret)[0]
+
+
+def _weighted_down_fwd(pre, b1, weight, w2, activation, interpret):
+  from pallas_kernels import weighted_act
+  pre2 = pre.reshape(-1, pre.shape[-1])
+  weight_t = weight.reshape(-1, weight.shape[-1]).T
+  hidden = inference._removable(functools.partial(weighted_act.forward, activation=activation,
+                                                  interpret=interpret))(pre2, b1, weight_t)
+  out = (hidden @ w2).reshape(*pre.shape[:-1], w2.shape[1])
+  return out, (pre, b1, weight, w2)
+
+
+def _weighted_down_bwd(activation, interpret, residuals, grad):
+  from pallas_kernels import weighted_act
+  pre, b1, weight, w2 = residuals
+  pre2 = pre.reshape(-1, pre.shape[-1])
+  g2 = grad.reshape(-1, grad.shape[-1])
+  d_hidden = g2 @ w2.T.astype(g2.dtype)
+  hidden, d_pre, d_wt, d_b1 = inference._removable(functools.partial(
+      weighted_act.backward, activation=activation, interpret=interpret))(
+          pre2, b1, weight.reshape(-1, weight.shape[-1]).T, d_hidden)
+  d_w2 = jax.lax.dot_general(hidden, g2, (((0,), (0,)), ((), ())),
+                             preferred_element_type=jnp.promote_types(w2.dtype, jnp.float32))
+  return (d_pre.reshape(pre.shape), d_b1.astype(b1.dtype), d_wt.T.reshape(weight.shape).astype(weight.dtype),
+          d_w2.astype(w2.dtype))
+
+
+_weighted_down.defvjp(_weighted_down_fwd, _weighted_down_bwd)
+
+
 def acm_apply_soft(params: Params, x: jax.Array, choice: jax.Array, *, num_learners: int,
                    activation: str = "gelu") -> jax.Array:
   """Output under a (relaxed or one-hot) choice distribution: choice (..., N+1).
 
   Equals sum_k choice_k * h(x, k) in one pass: learner n is weighted by
-  P(k >= n) = sum_{k>=n} choice_k, which carries the gate's gradient.
+  P(k >= n) = sum_{k>=n} choice_k, which carries the gate's gradient. On a GPU the weighted
+  activation runs as Pallas kernels (`act_kernel`).
   """
   at_least = reverse_cumsum(choice).astype(x.dtype)
-  hidden = weighted_activation(x @ params["w1"] + params["b1"], at_least[..., 1:], activation)
-  out = hidden @ params["w2"]
+  mode = _act_kernel_mode(x, params, num_learners, activation)
+  if mode is not None:
+    out = _weighted_down(x @ params["w1"], params["b1"], at_least[..., 1:], params["w2"], activation,
+                         mode == "interpret")
+  else:
+    hidden = weighted_activation(x @ params["w1"] + params["b1"], at_least[..., 1:], activation)
+    out = hidden @ params["w2"]
   if "b2" in params:
     out = out + soft_choice_bias(params["b2"], at_least)
   return out

@@ -168,6 +168,7 @@ def run(args) -> list[dict]:
         notes += [f"--pack_small_params={args.pack_small_params}"] * (
             args.pack_small_params != "auto" and scanned and args.remat != "none")
         notes += [f"--soft_bias_kernel={args.soft_bias_kernel}"] * (args.soft_bias_kernel != "auto" and phase != "pretrain")
+        notes += [f"--act_kernel={args.act_kernel}"] * (args.act_kernel != "auto" and phase != "pretrain")
         if notes:
           record["note"] = " ".join(notes)
         records.append(record)
@@ -230,6 +231,9 @@ def main(argv=None) -> None:
   parser.add_argument("--soft_bias_kernel", default="auto", choices=("auto", "on", "off"),
                       help="on: the soft choice bias' backward as one Pallas kernel (acm.soft_bias_kernel); off: two "
                       "XLA products; auto: as the models run by default")
+  parser.add_argument("--act_kernel", default="auto", choices=("auto", "on", "off"),
+                      help="on: the MLP ACMs' weighted activation in finetuning as Pallas kernels, one pass forward "
+                      "and one backward (acm.act_kernel); off: XLA fusions; auto: as the models run by default")
   parser.add_argument("--compilation_cache", default="none",
                       help="none (default: every compile_s is a cold compile), or a directory of JAX's persistent "
                       "cache as the experiments' flag: a second run with the same directory measures a restart")
@@ -249,7 +253,7 @@ def main(argv=None) -> None:
   out = args.out or RESULTS / f"train_{_slug(jax.devices()[0].device_kind)}.json"
   switch = {"auto": None, "on": True, "off": False}
   with transformer.small_params_packed(switch[args.pack_small_params]), \
-       acm_lib.soft_bias_kernel(switch[args.soft_bias_kernel]):
+       acm_lib.soft_bias_kernel(switch[args.soft_bias_kernel]), acm_lib.act_kernel(switch[args.act_kernel]):
     append(out, run(args))
 
 
