@@ -302,16 +302,47 @@ def over_tokens(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
 _soft_bias_kernel = contextvars.ContextVar("acm_soft_bias_kernel", default=None)
 
 
+def _kernel_shards(x: jax.Array) -> tuple[tuple[str, ...], int] | None:
+  """(batch axes of the current mesh, tokens per shard) for a per-token training kernel on x
+  (batch, ..., dim): ((), all tokens) outside a batch-splitting mesh; None where the mesh splits a
+  batch it cannot split evenly (the XLA path then runs)."""
+  from acm_jax import sharding
+  axes = sharding.current_batch_axes()
+  tokens = x.size // x.shape[-1]
+  if not axes:
+    return (), tokens
+  shards = int(np.prod([jax.sharding.get_abstract_mesh().shape[a] for a in axes]))
+  if x.ndim < 3 or x.shape[0] % shards:
+    return None
+  return axes, tokens // shards
+
+
+def _per_shard(fn: Callable, axes: tuple[str, ...], in_specs: Sequence, out_specs):
+  """fn as one `jax.jit` call (`inference._removable`), run by every device on its batch shard when
+  `axes` is not empty. Specs: True for a batch-sharded argument or output, False for a replicated one."""
+  if not axes:
+    return inference._removable(fn)
+  from jax.sharding import PartitionSpec as P
+  spec = lambda sharded: P(axes) if sharded else P()
+  outs = tuple(spec(o) for o in out_specs) if isinstance(out_specs, tuple) else spec(out_specs)
+  # the Pallas kernels carry no varying-axis annotations, hence check_vma=False
+  return inference._removable(jax.shard_map(fn, in_specs=tuple(spec(i) for i in in_specs), out_specs=outs,
+                                            check_vma=False))
+
+
 @contextlib.contextmanager
-def soft_bias_kernel(enabled: bool | None) -> Iterator[None]:
+def soft_bias_kernel(enabled: bool | str | None) -> Iterator[None]:
   """Within the context the soft choice bias' backward runs as one Pallas kernel that reads the
   output gradient once (`pallas_kernels.soft_bias`) (True) or as two XLA products (False); None:
-  the default, the kernel. Either way the kernel runs only on a GPU and outside meshes that split
-  the batch (there each device would need its own call; the XLA products run instead).
+  the default, the kernel. Either way the kernel runs only on a GPU; under a mesh that splits the
+  batch every device runs it on its shard (a batch the mesh cannot split evenly takes the XLA
+  products). "interpret" runs it in Pallas' interpret mode on any backend (for tests).
 
   Measured on an H200 (ViT-B/16 mlp_qkvo finetune step, scanned, `--remat=dots`, two pairs of
   processes, 2026-12-04): 111.38 / 111.17 -> 110.73 / 110.63 ms at batch 256, 33.26 / 33.20 ->
   33.11 / 33.17 ms at 64 (benchmarks/RESULTS.md)."""
+  if enabled not in (None, True, False, "interpret"):
+    raise ValueError(f"soft_bias_kernel({enabled!r}): expected None, True, False or 'interpret'")
   token = _soft_bias_kernel.set(enabled)
   try:
     yield
@@ -319,22 +350,35 @@ def soft_bias_kernel(enabled: bool | None) -> Iterator[None]:
     _soft_bias_kernel.reset(token)
 
 
-def _soft_bias_kernel_applies(grad: jax.Array, b2: jax.Array) -> bool:
-  from acm_jax import sharding
+def _soft_bias_kernel_mode(grad: jax.Array, b2: jax.Array) -> tuple[bool, tuple[str, ...]] | None:
+  """(interpret, batch axes) where the soft choice bias' backward takes the kernel, else None."""
   from pallas_kernels import soft_bias
-  return (_soft_bias_kernel.get() is not False and jax.default_backend() == "gpu" and not sharding.current_batch_axes()
-          and grad.dtype in (jnp.bfloat16, jnp.float16, jnp.float32)
-          and soft_bias.supports(grad.size // grad.shape[-1], grad.shape[-1], b2.shape[0]) is None)
+  asked = _soft_bias_kernel.get()
+  if asked is False or grad.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32) or grad.ndim < 2:
+    return None
+  if asked != "interpret" and jax.default_backend() != "gpu":
+    return None
+  shards = _kernel_shards(grad)
+  if shards is None or soft_bias.supports(shards[1], grad.shape[-1], b2.shape[0]) is not None:
+    return None
+  return asked == "interpret", shards[0]
 
 
 def _soft_choice_bias_bwd(residuals, grad):
   b2, at_least = residuals
   wide = jnp.promote_types(grad.dtype, jnp.float32)
-  if _soft_bias_kernel_applies(grad, b2):
+  mode = _soft_bias_kernel_mode(grad, b2)
+  if mode is not None:
     from pallas_kernels import soft_bias
-    g2 = grad.reshape(-1, grad.shape[-1])
-    d_at, d_b2 = inference._removable(soft_bias.soft_bias_grads)(g2, at_least.reshape(-1, at_least.shape[-1]), b2)
-    return d_b2.astype(b2.dtype), d_at.reshape(at_least.shape).astype(at_least.dtype)
+    interpret, axes = mode
+
+    def local(g, at, b2):
+      d_at, d_b2 = soft_bias.soft_bias_grads(g.reshape(-1, g.shape[-1]), at.reshape(-1, at.shape[-1]), b2,
+                                             interpret=interpret)
+      return d_at.reshape(at.shape), d_b2[None]
+
+    d_at, d_b2 = _per_shard(local, axes, (True, True, False), (True, True))(grad, at_least, b2)
+    return jnp.sum(d_b2, axis=0).astype(b2.dtype), d_at.astype(at_least.dtype)
   d_b2 = over_tokens(at_least.astype(grad.dtype), grad)
   d_at_least = jax.lax.dot_general(grad, b2.astype(grad.dtype), (((grad.ndim - 1,), (1,)), ((), ())),
                                    preferred_element_type=wide)
@@ -352,9 +396,9 @@ def act_kernel(enabled: bool | str | None) -> Iterator[None]:
   """Within the context `acm_apply_soft` runs its weighted activation (GELU, tanh GELU or ReLU
   learners) as the Pallas kernels of `pallas_kernels.weighted_act`, one pass forward and one
   backward (True), or as XLA fusions (False); None: the default, the kernels. Either way the
-  kernels run only on a GPU, outside meshes that split the batch, and for token counts divisible
-  by 16; elsewhere the XLA path runs. "interpret" runs them in Pallas' interpret mode on any
-  backend (for tests)."""
+  kernels run only on a GPU and for token counts divisible by 16 (per batch shard: under a mesh
+  that splits the batch every device runs them on its shard); elsewhere the XLA path runs.
+  "interpret" runs them in Pallas' interpret mode on any backend (for tests)."""
   if enabled not in (None, True, False, "interpret"):
     raise ValueError(f"act_kernel({enabled!r}): expected None, True, False or 'interpret'")
   token = _act_kernel.set(enabled)
@@ -364,51 +408,58 @@ def act_kernel(enabled: bool | str | None) -> Iterator[None]:
     _act_kernel.reset(token)
 
 
-def _act_kernel_mode(x: jax.Array, params: Params, num_learners: int, activation: str) -> str | None:
-  """"gpu" or "interpret" where `acm_apply_soft` takes the kernel path, else None."""
-  from acm_jax import sharding
+def _act_kernel_mode(x: jax.Array, params: Params, num_learners: int, activation: str
+                     ) -> tuple[bool, tuple[str, ...]] | None:
+  """(interpret, batch axes) where `acm_apply_soft` takes the kernel path, else None."""
   from pallas_kernels import weighted_act
   asked = _act_kernel.get()
   if asked is False or x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
     return None
-  if weighted_act.supports(x.size // x.shape[-1], params["w1"].shape[1], num_learners, activation) is not None:
+  if asked != "interpret" and jax.default_backend() != "gpu":
     return None
-  if asked == "interpret":
-    return "interpret"
-  return "gpu" if jax.default_backend() == "gpu" and not sharding.current_batch_axes() else None
+  shards = _kernel_shards(x)
+  if shards is None or weighted_act.supports(shards[1], params["w1"].shape[1], num_learners, activation) is not None:
+    return None
+  return asked == "interpret", shards[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _weighted_down(pre: jax.Array, b1: jax.Array, weight: jax.Array, w2: jax.Array, activation: str,
-                   interpret: bool) -> jax.Array:
+                   interpret: bool, axes: tuple[str, ...]) -> jax.Array:
   """(act(pre + b1) with learner n's units times weight[..., n]) @ w2 by the kernels of
-  `pallas_kernels.weighted_act`: pre (..., N*h) without its bias, weight (..., N)."""
-  return _weighted_down_fwd(pre, b1, weight, w2, activation, interpret)[0]
+  `pallas_kernels.weighted_act`: pre (..., N*h) without its bias, weight (..., N); per batch shard
+  over the mesh axes `axes` (none: one call)."""
+  return _weighted_down_fwd(pre, b1, weight, w2, activation, interpret, axes)[0]
 
 
-def _weighted_down_fwd(pre, b1, weight, w2, activation, interpret):
+def _weighted_down_fwd(pre, b1, weight, w2, activation, interpret, axes):
   from pallas_kernels import weighted_act
-  pre2 = pre.reshape(-1, pre.shape[-1])
-  weight_t = weight.reshape(-1, weight.shape[-1]).T
-  hidden = inference._removable(functools.partial(weighted_act.forward, activation=activation,
-                                                  interpret=interpret))(pre2, b1, weight_t)
-  out = (hidden @ w2).reshape(*pre.shape[:-1], w2.shape[1])
-  return out, (pre, b1, weight, w2)
+
+  def local(pre, b1, weight):
+    hidden = weighted_act.forward(pre.reshape(-1, pre.shape[-1]), b1, weight.reshape(-1, weight.shape[-1]).T,
+                                  activation=activation, interpret=interpret)
+    return hidden.reshape(pre.shape)
+
+  hidden = _per_shard(local, axes, (True, False, True), True)(pre, b1, weight)
+  return hidden @ w2, (pre, b1, weight, w2)
 
 
-def _weighted_down_bwd(activation, interpret, residuals, grad):
+def _weighted_down_bwd(activation, interpret, axes, residuals, grad):
   from pallas_kernels import weighted_act
   pre, b1, weight, w2 = residuals
-  pre2 = pre.reshape(-1, pre.shape[-1])
-  g2 = grad.reshape(-1, grad.shape[-1])
-  d_hidden = g2 @ w2.T.astype(g2.dtype)
-  hidden, d_pre, d_wt, d_b1 = inference._removable(functools.partial(
-      weighted_act.backward, activation=activation, interpret=interpret))(
-          pre2, b1, weight.reshape(-1, weight.shape[-1]).T, d_hidden)
-  d_w2 = jax.lax.dot_general(hidden, g2, (((0,), (0,)), ((), ())),
-                             preferred_element_type=jnp.promote_types(w2.dtype, jnp.float32))
-  return (d_pre.reshape(pre.shape), d_b1.astype(b1.dtype), d_wt.T.reshape(weight.shape).astype(weight.dtype),
-          d_w2.astype(w2.dtype))
+
+  def local(pre, b1, weight, d_hidden):
+    hidden, d_pre, d_wt, d_b1 = weighted_act.backward(
+        pre.reshape(-1, pre.shape[-1]), b1, weight.reshape(-1, weight.shape[-1]).T,
+        d_hidden.reshape(-1, d_hidden.shape[-1]), activation=activation, interpret=interpret)
+    return hidden.reshape(pre.shape), d_pre.reshape(pre.shape), d_wt.T.reshape(weight.shape), d_b1[None]
+
+  d_hidden = grad @ w2.T.astype(grad.dtype)
+  hidden, d_pre, d_weight, d_b1 = _per_shard(local, axes, (True, False, True, True), (True,) * 4)(
+      pre, b1, weight, d_hidden)
+  d_w2 = jax.lax.dot_general(hidden.reshape(-1, hidden.shape[-1]), grad.reshape(-1, grad.shape[-1]),
+                             (((0,), (0,)), ((), ())), preferred_element_type=jnp.promote_types(w2.dtype, jnp.float32))
+  return d_pre, jnp.sum(d_b1, axis=0).astype(b1.dtype), d_weight.astype(weight.dtype), d_w2.astype(w2.dtype)
 
 
 _weighted_down.defvjp(_weighted_down_fwd, _weighted_down_bwd)
@@ -425,8 +476,7 @@ def acm_apply_soft(params: Params, x: jax.Array, choice: jax.Array, *, num_learn
   at_least = reverse_cumsum(choice).astype(x.dtype)
   mode = _act_kernel_mode(x, params, num_learners, activation)
   if mode is not None:
-    out = _weighted_down(x @ params["w1"], params["b1"], at_least[..., 1:], params["w2"], activation,
-                         mode == "interpret")
+    out = _weighted_down(x @ params["w1"], params["b1"], at_least[..., 1:], params["w2"], activation, *mode)
   else:
     hidden = weighted_activation(x @ params["w1"] + params["b1"], at_least[..., 1:], activation)
     out = hidden @ params["w2"]
