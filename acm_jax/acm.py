@@ -302,6 +302,29 @@ def over_tokens(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
 _soft_bias_kernel = contextvars.ContextVar("acm_soft_bias_kernel", default=None)
 
 
+@contextlib.contextmanager
+def _kernel_switch(var: contextvars.ContextVar, name: str, enabled) -> Iterator[None]:
+  if enabled not in (None, True, False, "interpret"):
+    raise ValueError(f"{name}({enabled!r}): expected None, True, False or 'interpret'")
+  token = var.set(enabled)
+  try:
+    yield
+  finally:
+    var.reset(token)
+
+
+def _kernel_placement(var: contextvars.ContextVar, x: jax.Array) -> tuple[bool, tuple[str, ...], int] | None:
+  """(interpret, batch axes, tokens per shard) where a training kernel switched by `var` may run
+  on x (batch, ..., dim), before its own shape checks; None: XLA's path."""
+  asked = var.get()
+  if asked is False or x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32) or x.ndim < 2:
+    return None
+  if asked != "interpret" and jax.default_backend() != "gpu":
+    return None
+  shards = _kernel_shards(x)
+  return None if shards is None else (asked == "interpret", *shards)
+
+
 def _kernel_shards(x: jax.Array) -> tuple[tuple[str, ...], int] | None:
   """(batch axes of the current mesh, tokens per shard) for a per-token training kernel on x
   (batch, ..., dim): ((), all tokens) outside a batch-splitting mesh; None where the mesh splits a
@@ -341,27 +364,17 @@ def soft_bias_kernel(enabled: bool | str | None) -> Iterator[None]:
   Measured on an H200 (ViT-B/16 mlp_qkvo finetune step, scanned, `--remat=dots`, two pairs of
   processes, 2026-12-04): 111.38 / 111.17 -> 110.73 / 110.63 ms at batch 256, 33.26 / 33.20 ->
   33.11 / 33.17 ms at 64 (benchmarks/RESULTS.md)."""
-  if enabled not in (None, True, False, "interpret"):
-    raise ValueError(f"soft_bias_kernel({enabled!r}): expected None, True, False or 'interpret'")
-  token = _soft_bias_kernel.set(enabled)
-  try:
+  with _kernel_switch(_soft_bias_kernel, "soft_bias_kernel", enabled):
     yield
-  finally:
-    _soft_bias_kernel.reset(token)
 
 
 def _soft_bias_kernel_mode(grad: jax.Array, b2: jax.Array) -> tuple[bool, tuple[str, ...]] | None:
   """(interpret, batch axes) where the soft choice bias' backward takes the kernel, else None."""
   from pallas_kernels import soft_bias
-  asked = _soft_bias_kernel.get()
-  if asked is False or grad.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32) or grad.ndim < 2:
+  place = _kernel_placement(_soft_bias_kernel, grad)
+  if place is None or soft_bias.supports(place[2], grad.shape[-1], b2.shape[0]) is not None:
     return None
-  if asked != "interpret" and jax.default_backend() != "gpu":
-    return None
-  shards = _kernel_shards(grad)
-  if shards is None or soft_bias.supports(shards[1], grad.shape[-1], b2.shape[0]) is not None:
-    return None
-  return asked == "interpret", shards[0]
+  return place[:2]
 
 
 def _soft_choice_bias_bwd(residuals, grad):
@@ -399,28 +412,18 @@ def act_kernel(enabled: bool | str | None) -> Iterator[None]:
   kernels run only on a GPU and for token counts divisible by 16 (per batch shard: under a mesh
   that splits the batch every device runs them on its shard); elsewhere the XLA path runs.
   "interpret" runs them in Pallas' interpret mode on any backend (for tests)."""
-  if enabled not in (None, True, False, "interpret"):
-    raise ValueError(f"act_kernel({enabled!r}): expected None, True, False or 'interpret'")
-  token = _act_kernel.set(enabled)
-  try:
+  with _kernel_switch(_act_kernel, "act_kernel", enabled):
     yield
-  finally:
-    _act_kernel.reset(token)
 
 
 def _act_kernel_mode(x: jax.Array, params: Params, num_learners: int, activation: str
                      ) -> tuple[bool, tuple[str, ...]] | None:
   """(interpret, batch axes) where `acm_apply_soft` takes the kernel path, else None."""
   from pallas_kernels import weighted_act
-  asked = _act_kernel.get()
-  if asked is False or x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+  place = _kernel_placement(_act_kernel, x)
+  if place is None or weighted_act.supports(place[2], params["w1"].shape[1], num_learners, activation) is not None:
     return None
-  if asked != "interpret" and jax.default_backend() != "gpu":
-    return None
-  shards = _kernel_shards(x)
-  if shards is None or weighted_act.supports(shards[1], params["w1"].shape[1], num_learners, activation) is not None:
-    return None
-  return asked == "interpret", shards[0]
+  return place[:2]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
