@@ -327,30 +327,10 @@ def _kernel_placement(var: contextvars.ContextVar, x: jax.Array) -> tuple[bool, 
 
 def _kernel_shards(x: jax.Array) -> tuple[tuple[str, ...], int] | None:
   """(batch axes of the current mesh, tokens per shard) for a per-token training kernel on x
-  (batch, ..., dim): ((), all tokens) outside a batch-splitting mesh; None where the mesh splits a
-  batch it cannot split evenly (the XLA path then runs)."""
-  from acm_jax import sharding
-  axes = sharding.current_batch_axes()
-  tokens = x.size // x.shape[-1]
-  if not axes:
-    return (), tokens
-  shards = int(np.prod([jax.sharding.get_abstract_mesh().shape[a] for a in axes]))
-  if x.ndim < 3 or x.shape[0] % shards:
-    return None
-  return axes, tokens // shards
-
-
-def _per_shard(fn: Callable, axes: tuple[str, ...], in_specs: Sequence, out_specs):
-  """fn as one `jax.jit` call (`inference._removable`), run by every device on its batch shard when
-  `axes` is not empty. Specs: True for a batch-sharded argument or output, False for a replicated one."""
-  if not axes:
-    return inference._removable(fn)
-  from jax.sharding import PartitionSpec as P
-  spec = lambda sharded: P(axes) if sharded else P()
-  outs = tuple(spec(o) for o in out_specs) if isinstance(out_specs, tuple) else spec(out_specs)
-  # the Pallas kernels carry no varying-axis annotations, hence check_vma=False
-  return inference._removable(jax.shard_map(fn, in_specs=tuple(spec(i) for i in in_specs), out_specs=outs,
-                                            check_vma=False))
+  (batch, ..., dim); None where the mesh splits a batch it cannot split evenly (the XLA path then
+  runs)."""
+  split = inference.batch_split(x)
+  return None if split is None else (split[0], x.size // x.shape[-1] // split[1])
 
 
 @contextlib.contextmanager
@@ -390,7 +370,7 @@ def _soft_choice_bias_bwd(residuals, grad):
                                              interpret=interpret)
       return d_at.reshape(at.shape), d_b2[None]
 
-    d_at, d_b2 = _per_shard(local, axes, (True, True, False), (True, True))(grad, at_least, b2)
+    d_at, d_b2 = inference.per_shard(local, axes, (True, True, False), (True, True))(grad, at_least, b2)
     return jnp.sum(d_b2, axis=0).astype(b2.dtype), d_at.astype(at_least.dtype)
   d_b2 = over_tokens(at_least.astype(grad.dtype), grad)
   d_at_least = jax.lax.dot_general(grad, b2.astype(grad.dtype), (((grad.ndim - 1,), (1,)), ((), ())),
@@ -443,7 +423,7 @@ def _weighted_down_fwd(pre, b1, weight, w2, activation, interpret, axes):
                                   activation=activation, interpret=interpret)
     return hidden.reshape(pre.shape)
 
-  hidden = _per_shard(local, axes, (True, False, True), True)(pre, b1, weight)
+  hidden = inference.per_shard(local, axes, (True, False, True), True)(pre, b1, weight)
   return hidden @ w2, (pre, b1, weight, w2)
 
 
@@ -458,7 +438,7 @@ def _weighted_down_bwd(activation, interpret, axes, residuals, grad):
     return hidden.reshape(pre.shape), d_pre.reshape(pre.shape), d_wt.T.reshape(weight.shape), d_b1[None]
 
   d_hidden = grad @ w2.T.astype(grad.dtype)
-  hidden, d_pre, d_weight, d_b1 = _per_shard(local, axes, (True, False, True, True), (True,) * 4)(
+  hidden, d_pre, d_weight, d_b1 = inference.per_shard(local, axes, (True, False, True, True), (True,) * 4)(
       pre, b1, weight, d_hidden)
   d_w2 = jax.lax.dot_general(hidden.reshape(-1, hidden.shape[-1]), grad.reshape(-1, grad.shape[-1]),
                              (((0,), (0,)), ((), ())), preferred_element_type=jnp.promote_types(w2.dtype, jnp.float32))

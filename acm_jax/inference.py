@@ -75,15 +75,34 @@ def acm_group_apply(x: jax.Array, groups: list[dict], *, num_learners: int, acti
     outs, k = acm_group(x.reshape(-1, dim), flat, cost_shift=cost_shift, **kwargs, **kernel_kwargs)
     return tuple(o.reshape(*lead, dim) for o in outs), k.reshape(len(groups), *lead).astype(jnp.int32)
 
+  split = batch_split(x)
+  axes = () if split is None else split[0]
+  group_specs = [{name: name == "logits" for name in g} for g in groups]
+  return per_shard(local, axes, (True, False, group_specs), ((True,) * len(groups), P(None, axes)))(
+      x, jnp.asarray(cost_shift, jnp.float32), groups)
+
+
+def batch_split(x: jax.Array) -> tuple[tuple[str, ...], int] | None:
+  """(batch axes, number of shards) of the mesh current at trace time for x (batch, ..., dim):
+  ((), 1) outside a mesh that splits the batch; None where the mesh cannot split x's leading axis
+  evenly (e.g. the one-example `model.init`)."""
   axes = sharding.current_batch_axes()
-  mesh = jax.sharding.get_abstract_mesh()
-  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
-    return _removable(local)(x, cost_shift, groups)
-  rows = P(axes)
-  group_specs = [{name: rows if name == "logits" else P() for name in g} for g in groups]
-  return _removable(jax.shard_map(local, in_specs=(rows, P(), group_specs),
-                                  out_specs=((rows,) * len(groups), P(None, axes)),
-                                  check_vma=False))(x, jnp.asarray(cost_shift, jnp.float32), groups)
+  if not axes:
+    return (), 1
+  shards = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes)
+  return None if x.ndim < 2 or x.shape[0] % shards else (axes, shards)
+
+
+def per_shard(fn, axes: tuple[str, ...], in_specs, out_specs):
+  """fn staged as one call (`_removable`), run by every device on its batch shard (a `shard_map`)
+  when `axes` is not empty. Specs are pytrees (prefixes) of True (split along `axes` on the
+  leading dimension), False (replicated) or a PartitionSpec."""
+  if not axes:
+    return _removable(fn)
+  specs = lambda tree: jax.tree.map(lambda s: s if isinstance(s, P) else P(axes) if s else P(), tree,
+                                    is_leaf=lambda s: isinstance(s, (bool, P)))
+  # the Pallas kernels carry no varying-axis annotations, hence check_vma=False
+  return _removable(jax.shard_map(fn, in_specs=specs(in_specs), out_specs=specs(out_specs), check_vma=False))
 
 
 def _removable(fn):
@@ -101,12 +120,6 @@ def acm_apply_sorted_per_shard(params, x: jax.Array, k: jax.Array, bias_table: j
   current mesh (`jax.set_mesh`, as `sharding.Partitioner.jit` sets) splits the
   batch: a global sort would gather every token onto every device. x: (batch, ..., dim).
   """
-  axes = sharding.current_batch_axes()
-  mesh = jax.sharding.get_abstract_mesh()
-  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
-    # no batch split, or a batch the mesh cannot split (e.g. the 1-example model.init)
-    return _removable(functools.partial(acm_apply_sorted, **kwargs))(params, x, k, bias_table)
-  rows = P(axes)
-  # the Pallas kernels carry no varying-axis annotations, hence check_vma=False
-  return _removable(jax.shard_map(functools.partial(acm_apply_sorted, **kwargs), in_specs=(P(), rows, rows, P()),
-                                  out_specs=rows, check_vma=False))(params, x, k, bias_table)
+  split = batch_split(x)  # None: a batch the mesh cannot split (e.g. the 1-example model.init), one call
+  return per_shard(functools.partial(acm_apply_sorted, **kwargs), () if split is None else split[0],
+                   (False, True, True, False), True)(params, x, k, bias_table)

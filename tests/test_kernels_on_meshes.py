@@ -1,5 +1,5 @@
 """The finetuning kernels (`pallas_kernels.weighted_act`, `pallas_kernels.soft_bias`) under meshes that
-split the batch: every device runs them on its shard (`acm._per_shard`), and one finetune step of the
+split the batch: every device runs them on its shard (`inference.per_shard`), and one finetune step of the
 scanned ViT on data:8 and data:2,fsdp:4 equals the step on one device with XLA's fusions.
 
 8 simulated CPU devices in a subprocess (this file as a script), as in test_sharding.py; the kernels run
