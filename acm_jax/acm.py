@@ -321,16 +321,8 @@ def _kernel_placement(var: contextvars.ContextVar, x: jax.Array) -> tuple[bool, 
     return None
   if asked != "interpret" and jax.default_backend() != "gpu":
     return None
-  shards = _kernel_shards(x)
-  return None if shards is None else (asked == "interpret", *shards)
-
-
-def _kernel_shards(x: jax.Array) -> tuple[tuple[str, ...], int] | None:
-  """(batch axes of the current mesh, tokens per shard) for a per-token training kernel on x
-  (batch, ..., dim); None where the mesh splits a batch it cannot split evenly (the XLA path then
-  runs)."""
-  split = inference.batch_split(x)
-  return None if split is None else (split[0], x.size // x.shape[-1] // split[1])
+  split = inference.batch_split(x)  # None: a batch the mesh cannot split evenly
+  return None if split is None else (asked == "interpret", split[0], x.size // x.shape[-1] // split[1])
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels.acm_mlp import _compiler_params, _largest_divisor
+from pallas_kernels.acm_mlp import _activation_reference, _compiler_params, _largest_divisor
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 ROW_MULTIPLE = 16  # token counts the kernels take (a partial row block would need padded copies)
@@ -203,8 +203,7 @@ def reference(pre, b1, weight_t, grad, *, activation: str = "gelu"):
   """(hidden, d_pre, d_weight^T, d_b1) in plain jnp at pre's precision or float32, whichever is wider,
   with jax.nn's activations and autodiff."""
   wide = jnp.promote_types(pre.dtype, jnp.float32)
-  fn = {"gelu": functools.partial(jax.nn.gelu, approximate=False),
-        "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True), "relu": jax.nn.relu}[activation]
+  fn = _activation_reference(activation)
   num_learners = weight_t.shape[0]
 
   def hidden_of(pre, b1, weight_t):
