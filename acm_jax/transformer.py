@@ -289,6 +289,14 @@ def check_encoder(cfg: Any) -> None:
     cfg.acm.mlp_learner_width(cfg.mlp_dim)
     cfg.acm.block_indices(cfg.depth)
   check_scannable(cfg.depth, cfg.acm, cfg.scan_blocks)
+  check_unroll(cfg.depth, cfg.scan_unroll)
+
+
+def check_unroll(depth: int, unroll) -> None:
+  """scan_unroll: an int from 1 (one block per loop iteration) to depth (the whole stack in one)."""
+  if isinstance(unroll, (bool, np.bool_)) or not isinstance(unroll, (int, np.integer)) or not 1 <= unroll <= depth:
+    raise ValueError(f"scan_unroll must be an int from 1 to the depth {depth} (encoder blocks per scanned "
+                     f"iteration), got {unroll!r}")
 
 
 class _Block(EncoderBlock):
@@ -400,12 +408,14 @@ class _SmallParamPacking:
 
 
 def encoder_blocks(module: nn.Module, x: jax.Array, mask: jax.Array | None, *, depth: int, block: dict,
-                   acm, scan: bool, remat: bool | str, mode: str, fixed_k, temperature, cost_shift) -> jax.Array:
+                   acm, scan: bool, remat: bool | str, mode: str, fixed_k, temperature, cost_shift,
+                   unroll: int = 1) -> jax.Array:
   """`depth` encoder blocks over x (batch, tokens, dim), from inside `module`'s compact call.
 
   block: EncoderBlock's fields other than `acm`; acm: the ACM config, or None; scan: one
-  scanned module `blocks` (see the module doc) instead of `block_{i}`; remat: a REMAT_POLICIES
-  name (or a boolean). The remaining arguments are the ACM arguments (see `acm.ACM`).
+  scanned module `blocks` (see the module doc) instead of `block_{i}`; unroll: with scan, blocks
+  per loop iteration (the parameters stay stacked per layer); remat: a REMAT_POLICIES name (or a
+  boolean). The remaining arguments are the ACM arguments (see `acm.ACM`).
   """
   policy = remat_policy(remat)
   static = fixed_k is None or isinstance(fixed_k, int)
@@ -415,6 +425,7 @@ def encoder_blocks(module: nn.Module, x: jax.Array, mask: jax.Array | None, *, d
   args = (mask, traced_k, temperature, cost_shift, gumbel_key)
   if scan:
     check_scannable(depth, acm, True)
+    check_unroll(depth, unroll)
     # small parameters packed under remat only: there the leaves are recomputed from the packed
     # slice in the backward loop; without remat autodiff would stack each unpacked leaf as a residual
     packing = (None if policy == "none" or module.is_initializing() or not _packs_small_params()
@@ -423,7 +434,8 @@ def encoder_blocks(module: nn.Module, x: jax.Array, mask: jax.Array | None, *, d
     if policy != "none":
       body = nn.remat(body, policy=_CHECKPOINT_POLICIES[policy], prevent_cse=False)
     stack = nn.scan(body, variable_axes={"params": 0, "acm": 0, "record": 0, "intermediates": 0},
-                    split_rngs={"params": True}, in_axes=(0, *[nn.broadcast] * len(args)), length=depth)
+                    split_rngs={"params": True}, in_axes=(0, *[nn.broadcast] * len(args)), length=depth,
+                    unroll=unroll)
     if packing is not None:
       stack = nn.map_variables(stack, "params", trans_in_fn=packing.pack)
     x, _ = stack(**fields, acm=acm, num_layers=depth, name=STACKED)(x, jnp.arange(depth), *args)

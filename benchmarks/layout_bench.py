@@ -11,7 +11,7 @@ stacked for the scanned model (`transformer.stack_blocks`), so both layouts comp
 function. Before timing, the two layouts' logits on up to 8 images are compared (max_abs_logit_diff,
 and relative to the largest logit). Then both forwards are timed in 5 alternating rounds of 10
 calls, the median round each (`vit_bench.timed`, dispatch included). Records {device, date,
-jax_version, model, acm, batch, dtype, impl, unrolled_ms, scanned_ms, scanned_over_unrolled,
+jax_version, model, acm, batch, dtype, impl, scan_unroll, unrolled_ms, scanned_ms, scanned_over_unrolled,
 max_abs_logit_diff, rel_logit_diff} are appended to benchmarks/results/layout_<gpu>.json (or --out).
 The training step's two layouts are `benchmarks.train_bench --layouts unrolled,scanned`.
 """
@@ -38,12 +38,13 @@ ROUNDS = 5
 ACM_CHOICES = ("none", *vit_bench.ACM_KINDS)
 
 
-def models(model: str, kind: str, impl: str) -> tuple[vit.ViTConfig, vit.ViTConfig]:
-  """(unrolled, scanned) configs of preset `model`, ACMized as `kind` ("none": dense)."""
+def models(model: str, kind: str, impl: str, unroll: int = 1) -> tuple[vit.ViTConfig, vit.ViTConfig]:
+  """(unrolled, scanned) configs of preset `model`, ACMized as `kind` ("none": dense); the scanned one
+  runs `unroll` blocks per loop iteration."""
   unrolled = vit.get_config(model)
   if kind != "none":
     unrolled = vit_bench.acm_config(unrolled, kind, impl)
-  return unrolled, dataclasses.replace(unrolled, scan_blocks=True).validate()
+  return unrolled, dataclasses.replace(unrolled, scan_blocks=True, scan_unroll=unroll).validate()
 
 
 def params_for(cfg: vit.ViTConfig, image: jax.Array, dtype) -> dict:
@@ -55,27 +56,37 @@ def params_for(cfg: vit.ViTConfig, image: jax.Array, dtype) -> dict:
   return params
 
 
-def measure(model: str, kind: str, batch: int, dtype: str, impl: str, rounds: int = ROUNDS, reps: int = 10) -> dict:
-  unrolled_cfg, scanned_cfg = models(model, kind, impl)
+def measure(model: str, kind: str, batch: int, dtype: str, impl: str, rounds: int = ROUNDS, reps: int = 10,
+            unrolls: tuple[int, ...] = (1,)) -> list[dict]:
+  """One record per scan_unroll in `unrolls`, each scanned forward timed against the same rounds of the
+  unrolled one."""
+  configs = [models(model, kind, impl, u) for u in unrolls]
+  unrolled_cfg = configs[0][0]
   size = unrolled_cfg.image_size
   images = jax.random.normal(jax.random.key(0), (batch, size, size, 3), jnp.dtype(dtype))
   params = params_for(unrolled_cfg, images[:1], jnp.dtype(dtype))
   stacked = transformer.stack_blocks(params)
   forward = lambda cfg: jax.jit(functools.partial(lambda m, p, x: m.apply({"params": p}, x), vit.ViT(cfg)))
-  unrolled_fn, scanned_fn = forward(unrolled_cfg), forward(scanned_cfg)
+  unrolled_fn = forward(unrolled_cfg)
+  scanned_fns = [forward(scanned) for _, scanned in configs]
   check = images[:min(batch, 8)]
   a = np.asarray(unrolled_fn(params, check), np.float32)
-  b = np.asarray(scanned_fn(stacked, check), np.float32)
-  diff = float(np.abs(a - b).max())
-  unrolled_s, scanned_s = [], []
+  diffs = [float(np.abs(a - np.asarray(fn(stacked, check), np.float32)).max()) for fn in scanned_fns]
+  unrolled_s, scanned_s = [], [[] for _ in unrolls]
   for _ in range(rounds):  # alternating: the host's dispatch speed drifts within a run
     unrolled_s.append(vit_bench.timed(unrolled_fn, params, images, reps=reps))
-    scanned_s.append(vit_bench.timed(scanned_fn, stacked, images, reps=reps))
-  unrolled_ms, scanned_ms = float(np.median(unrolled_s)) * 1e3, float(np.median(scanned_s)) * 1e3
-  return {"model": model, "acm": kind, "batch": batch, "dtype": dtype, "impl": "dense" if kind == "none" else impl,
-          "unrolled_ms": round(unrolled_ms, 4), "scanned_ms": round(scanned_ms, 4),
-          "scanned_over_unrolled": round(scanned_ms / unrolled_ms, 4), "max_abs_logit_diff": diff,
-          "rel_logit_diff": diff / max(float(np.abs(a).max()), 1e-30)}
+    for times, fn in zip(scanned_s, scanned_fns):
+      times.append(vit_bench.timed(fn, stacked, images, reps=reps))
+  unrolled_ms = float(np.median(unrolled_s)) * 1e3
+  records = []
+  for unroll, times, diff in zip(unrolls, scanned_s, diffs):
+    scanned_ms = float(np.median(times)) * 1e3
+    records.append({"model": model, "acm": kind, "batch": batch, "dtype": dtype,
+                    "impl": "dense" if kind == "none" else impl, "scan_unroll": unroll,
+                    "unrolled_ms": round(unrolled_ms, 4), "scanned_ms": round(scanned_ms, 4),
+                    "scanned_over_unrolled": round(scanned_ms / unrolled_ms, 4), "max_abs_logit_diff": diff,
+                    "rel_logit_diff": diff / max(float(np.abs(a).max()), 1e-30)})
+  return records
 
 
 def main(argv=None) -> list[dict]:
@@ -87,6 +98,9 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--impl", default="xla", choices=("auto", "pallas", "triton", "xla"),
                       help="the ACMs' impl in both layouts (auto: the fused kernels on a GPU)")
   parser.add_argument("--rounds", type=int, default=ROUNDS, help="alternating timing rounds per layout")
+  parser.add_argument("--scan_unroll", type=train_bench._ints, default=[1],
+                      help="blocks per scanned loop iteration; a comma-separated list times each against the "
+                      "same unrolled rounds")
   parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/layout_<gpu>.json")
   args = parser.parse_args(argv)
   if args.rounds < 1:
@@ -97,14 +111,16 @@ def main(argv=None) -> list[dict]:
   for kind in args.acm:
     for batch in args.batches:
       try:
-        records.append({**base, **measure(args.model, kind, batch, args.dtype, args.impl, args.rounds)})
+        new = [{**base, **r} for r in measure(args.model, kind, batch, args.dtype, args.impl, args.rounds,
+                                              unrolls=tuple(args.scan_unroll))]
       except Exception as err:  # e.g. an impl this machine lacks (jax-triton): say so, go on
         print(f"{kind:8s} batch {batch:4d}: FAILED {type(err).__name__}: {str(err)[:400]}", flush=True)
         continue
-      r = records[-1]
-      print(f"{kind:8s} batch {batch:4d}: unrolled {r['unrolled_ms']:.3f} ms, scanned {r['scanned_ms']:.3f} ms, "
-            f"scanned / unrolled {r['scanned_over_unrolled']:.3f}; logits differ by {r['max_abs_logit_diff']:.2e}",
-            flush=True)
+      records += new
+      for r in new:
+        print(f"{kind:8s} batch {batch:4d}: unrolled {r['unrolled_ms']:.3f} ms, scanned (unroll {r['scan_unroll']}) "
+              f"{r['scanned_ms']:.3f} ms, scanned / unrolled {r['scanned_over_unrolled']:.3f}; logits differ by "
+              f"{r['max_abs_logit_diff']:.2e}", flush=True)
   train_bench.append(args.out or RESULTS / f"layout_{gpu_name(device)}.json", records)
   return records
 

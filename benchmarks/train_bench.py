@@ -52,12 +52,12 @@ LAYOUTS = ("unrolled", "scanned")
 
 
 def experiment(model: str, acm: str, batch: int, scanned: bool, remat: str, dtype: str,
-               group_qkv_gates: str = "auto") -> phases.Experiment:
+               group_qkv_gates: str = "auto", scan_unroll: int = 1) -> phases.Experiment:
   """The ViT experiment on one device; vit presets at 224 px and 1000 classes, tiny at its 32 px."""
   sizes = {} if model == "tiny" else {"image_size": 224, "num_classes": 1000}
   cfg = ExperimentConfig(model=model, dataset="synthetic", batch_size=batch, eval_batch_size=batch, remat=remat,
                          dtype=dtype, acm_attention=acm == "mlp_qkvo", gate_depth=3, gate_hidden=16,
-                         scan_blocks=scanned, group_qkv_gates=group_qkv_gates, **sizes)
+                         scan_blocks=scanned, scan_unroll=scan_unroll, group_qkv_gates=group_qkv_gates, **sizes)
   exp = vit_task.build(cfg)
   return dataclasses.replace(exp, partitioner=type(exp.partitioner).from_flags("data:1", "dp", jax.devices()[:1]))
 
@@ -144,10 +144,12 @@ def run(args) -> list[dict]:
           "model": args.model, "remat": args.remat}
   if jax.config.jax_compilation_cache_dir:  # on (by --compilation_cache or the user's JAX setting): compile_s
     base["compilation_cache"] = True        # may be a read from the persistent cache
+  layouts = [(layout, unroll) for layout in args.layouts
+             for unroll in (args.scan_unroll if layout == "scanned" else [1])]
   for batch in args.batches:
-    for layout in args.layouts:
+    for layout, unroll in layouts:
       scanned = layout == "scanned"
-      exp = experiment(args.model, "none", batch, scanned, args.remat, args.dtype)
+      exp = experiment(args.model, "none", batch, scanned, args.remat, args.dtype, scan_unroll=unroll)
       tic = time.perf_counter()
       dense_params = phases.init_params(exp, "dense", 0)
       jax.block_until_ready(dense_params)
@@ -160,9 +162,11 @@ def run(args) -> list[dict]:
         if phase == "pretrain":
           result = dense
         else:
-          acm_exp = experiment(args.model, acm, batch, scanned, args.remat, args.dtype, args.group_qkv_gates)
+          acm_exp = experiment(args.model, acm, batch, scanned, args.remat, args.dtype, args.group_qkv_gates,
+                               scan_unroll=unroll)
           result = measure(acm_exp, phase, dense_params, args.steps)
-        record = {**base, "acm": acm, "phase": phase, "batch": batch, "scanned": scanned, **result,
+        record = {**base, "acm": acm, "phase": phase, "batch": batch, "scanned": scanned,
+                  **({"scan_unroll": unroll} if scanned else {}), **result,
                   "ratio_to_dense_step": result["step_ms"] / dense_step}
         notes = [f"--group_qkv_gates={args.group_qkv_gates}"] * (args.group_qkv_gates != "auto" and phase != "pretrain")
         notes += [f"--pack_small_params={args.pack_small_params}"] * (
@@ -197,14 +201,18 @@ def _list(allowed):
   return parse
 
 
-def _batches(text: str) -> list[int]:
+def _ints(text: str) -> list[int]:
+  """A comma-separated list of positive integers."""
   try:
     values = [int(s) for s in text.split(",")]
   except ValueError:
     raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated positive integers") from None
   if min(values) < 1:
-    raise argparse.ArgumentTypeError(f"{text!r}: batches must be >= 1")
+    raise argparse.ArgumentTypeError(f"{text!r}: every value must be >= 1")
   return values
+
+
+_batches = _ints
 
 
 def main(argv=None) -> None:
@@ -215,6 +223,9 @@ def main(argv=None) -> None:
                       help="pretrain (dense), distill, gates, finetune, static")
   parser.add_argument("--batches", type=_batches, default=[64, 256])
   parser.add_argument("--layouts", type=_list(LAYOUTS), default=list(LAYOUTS), help="unrolled, scanned")
+  parser.add_argument("--scan_unroll", type=_ints, default=[1],
+                      help="scanned layout: blocks per loop iteration (the experiments' --scan_unroll); a "
+                      "comma-separated list measures each, one scanned layout per value")
   parser.add_argument("--remat", default="none", choices=transformer.REMAT_POLICIES)
   parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
   parser.add_argument("--group_qkv_gates", default="auto", choices=config_lib.GROUP_QKV_GATES,

@@ -87,6 +87,38 @@ def test_scanned_logits_and_statistics_equal_the_unrolled_model(family):
   assert not np.array_equal(choices["block_0/mlp/choice"][0], choices["block_1/mlp/choice"][0])
 
 
+@pytest.mark.parametrize("unroll", [2])
+def test_scan_unroll_keeps_logits_statistics_and_gradients(unroll):
+  """Several blocks per loop iteration (2 at depth 3: a full iteration and a remainder)
+  compute the unrolled model's logits, per-layer statistics and, under remat, gradients."""
+  cls, config, sample = _inputs("vit")
+  config = dataclasses.replace(config, acm=ACM)
+  params = _init(cls(config), sample)
+  stacked = transformer.stack_blocks(params)
+  kwargs = dict(mode="gumbel", mutable=["acm"], rngs={"gumbel": jax.random.key(7)})
+  want, want_sown = cls(config).apply({"params": params}, sample, **kwargs)
+  got, got_sown = cls(_scanned(config, scan_unroll=unroll)).apply({"params": stacked}, sample, **kwargs)
+  assert float(jnp.max(jnp.abs(got - want))) < ATOL
+  assert _max_diff(transformer.unstack_blocks(got_sown["acm"]), want_sown["acm"]) < ATOL
+
+  def grads(model, p):
+    loss = lambda q: jnp.sum(model.apply({"params": q}, sample, **kwargs)[0] ** 2)
+    return jax.jit(jax.grad(loss))(p)
+
+  want_grads = flatten(grads(cls(config), params))
+  with transformer.small_params_packed(True):
+    got_grads = flatten(transformer.unstack_blocks(grads(cls(_scanned(config, remat="dots", scan_unroll=unroll)),
+                                                         stacked)))
+  for key, value in want_grads.items():
+    np.testing.assert_allclose(got_grads[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_scan_unroll_reaches_the_models_of_an_experiment():
+  from benchmarks import train_bench
+  exp = train_bench.experiment("tiny", "mlp", 4, True, "dots", "float32", scan_unroll=2)
+  assert exp.task.dense_model.config.scan_unroll == exp.task.acm_model.config.scan_unroll == 2
+
+
 def test_remat_policies_keep_the_gradients():
   cls, config, sample = _inputs("vit")
   config = dataclasses.replace(config, acm=ACM)
@@ -270,6 +302,9 @@ def test_sharding_rules_name_the_layer_axis():
      "scan_blocks=True needs every block alike, but the ACM config makes only blocks \\[0, 2\\] of 3"),
     # the other checks both families share (`transformer.check_encoder`)
     ({"num_heads": 3}, "dim 32 is not divisible by num_heads 3"),
+    ({"scan_blocks": True, "scan_unroll": 0}, "scan_unroll must be an int from 1 to the depth 3 .* got 0"),
+    ({"scan_blocks": True, "scan_unroll": 4}, "scan_unroll must be an int from 1 to the depth 3 .* got 4"),
+    ({"scan_unroll": 1.5}, "scan_unroll must be an int from 1 to the depth 3 .* got 1.5"),
     ({"activation": "swish"}, "unknown activation 'swish'"),
     ({"acm": dataclasses.replace(ACM, num_learners=3)}, "num_learners=3 does not divide the MLP width 64"),
     ({"acm": dataclasses.replace(ACM, blocks=(0, 5))}, "ACM blocks \\[5\\] out of range for a model of depth 3"),
@@ -285,6 +320,8 @@ def test_bad_flags():
   from acm_jax.train.config import ExperimentConfig
   with pytest.raises(ValueError, match="--scan_blocks=true needs every block alike, but --acm_blocks='0,1'"):
     ExperimentConfig(scan_blocks=True, acm_blocks="0,1").validate()
+  with pytest.raises(ValueError, match="--scan_unroll must be >= 1 .* got 0"):
+    ExperimentConfig(scan_blocks=True, scan_unroll=0).validate()
   with pytest.raises(ValueError, match="unknown remat policy 'sometimes'"):
     ExperimentConfig(remat="sometimes").validate()
   assert ExperimentConfig(remat=True).validate().remat is True  # a config.json written before the policies

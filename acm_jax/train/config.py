@@ -41,7 +41,7 @@ def flag(default: Any, help: str, choices: Sequence[str] | None = None,
 # losses and the optimizer, whose schedule spans the phase's step count (so a phase is
 # not extended in place: a longer run is another run, in another --workdir).
 RESUME_FREE = frozenset({"workdir", "data_dir", "init", "eval_batch_size", "eval_examples", "log_every",
-                         "checkpoint_every", "mesh", "sharding", "remat", "impl", "group_qkv_gates",
+                         "checkpoint_every", "mesh", "sharding", "remat", "scan_unroll", "impl", "group_qkv_gates",
                          "compilation_cache", "coordinator_address",
                          "num_processes", "process_id"})
 ACM_FIELDS = frozenset({"num_learners", "learner_width", "width_factor", "acm_blocks", "acm_attention",
@@ -171,6 +171,9 @@ class ExperimentConfig:
   scan_blocks: bool = flag(False, "run the encoder blocks as one scanned block with parameters stacked on a "
                            "leading layer axis (one compile per block, one layer's weights gathered at a time "
                            "under fsdp); needs --acm_blocks=all")
+  scan_unroll: int = flag(1, "with --scan_blocks=true: encoder blocks per iteration of the scanned loop (1 to the "
+                          "depth; the parameters stay stacked per layer, so checkpoints do not change). More lets XLA "
+                          "fuse across neighbouring blocks at the price of compile time (benchmarks/RESULTS.md)")
   group_qkv_gates: str = flag("auto", "in finetuning, run the q/k/v ACMs' gates as one gate (needs --acm_attention): "
                               "true, false, or auto (with --scan_blocks=true only: on one H200 it made the scanned "
                               "ViT-B/16 finetune step 6% faster and the unrolled one 17% slower)",
@@ -223,6 +226,8 @@ class ExperimentConfig:
       raise ValueError(f"--sharding must be {', '.join(list(STRATEGIES)[:-1])} or {list(STRATEGIES)[-1]}, "
                        f"got {self.sharding!r}")
     transformer.remat_policy(self.remat)
+    if self.scan_unroll < 1:
+      raise ValueError(f"--scan_unroll must be >= 1 (encoder blocks per scanned iteration), got {self.scan_unroll}")
     if self.scan_blocks and self.acm_blocks != "all":
       raise ValueError(f"--scan_blocks=true needs every block alike, but --acm_blocks={self.acm_blocks!r} ACMizes "
                        "some blocks only; use --acm_blocks=all or --scan_blocks=false")

@@ -37,6 +37,7 @@ class ViTConfig:
   # ("none", "full", "dots", "dots_no_batch"); True / False mean "full" / "none"
   remat: bool | str = False
   scan_blocks: bool = False  # one scanned block with stacked parameters (every block must be alike)
+  scan_unroll: int = 1  # scanned blocks: layers per loop iteration (nn.scan's unroll; 1 to depth)
   attention: str = "auto"  # "xla", "cudnn" (fused, GPU, bf16/f16) or "auto" (cudnn where it applies)
 
   @property
@@ -140,6 +141,6 @@ class ViT(nn.Module):
     cfg = self.config
     x = embed(self, cfg, images)
     x = transformer.encoder_blocks(self, x, None, depth=cfg.depth, block=block_fields(cfg), acm=cfg.acm,
-                                   scan=cfg.scan_blocks, remat=cfg.remat, mode=mode, fixed_k=fixed_k,
-                                   temperature=temperature, cost_shift=cost_shift)
+                                   scan=cfg.scan_blocks, unroll=cfg.scan_unroll, remat=cfg.remat, mode=mode,
+                                   fixed_k=fixed_k, temperature=temperature, cost_shift=cost_shift)
     return classify(cfg, x[:, 0])

@@ -87,7 +87,8 @@ def build(config: ExperimentConfig) -> Experiment:
   sharding_lib.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
   info = data_lib.get_dataset_info(config.dataset, image_size=config.image_size, data_dir=config.data_dir)
   overrides = {"image_size": info.image_size, "num_classes": config.num_classes or info.num_classes,
-               "remat": config.remat, "scan_blocks": config.scan_blocks}
+               "remat": config.remat, "scan_blocks": config.scan_blocks,
+               "scan_unroll": config.scan_unroll}
   if config.init is not None:  # the checkpoint's architecture ("--model=from_init") or a preset that agrees
     from acm_jax.vit import checkpoints
     dense_config = checkpoints.vit_config_for_init(config.init, config.model, **overrides)

@@ -65,6 +65,7 @@ class Wav2Vec2Config:
   acm: acm_lib.ACMConfig | None = None
   remat: bool | str = False  # one of transformer.REMAT_POLICIES, see ViTConfig
   scan_blocks: bool = False  # one scanned block with stacked parameters (every block must be alike)
+  scan_unroll: int = 1  # scanned blocks: layers per loop iteration (nn.scan's unroll; 1 to depth)
 
   @property
   def receptive_field(self) -> int:
@@ -180,8 +181,8 @@ class Wav2Vec2(nn.Module):
     block = dict(num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, activation=cfg.activation,
                  layer_norm_eps=cfg.layer_norm_eps, pre_norm=cfg.stable_layer_norm)
     x = transformer.encoder_blocks(self, x, mask, depth=cfg.depth, block=block, acm=cfg.acm, scan=cfg.scan_blocks,
-                                   remat=cfg.remat, mode=mode, fixed_k=fixed_k, temperature=temperature,
-                                   cost_shift=cost_shift)
+                                   unroll=cfg.scan_unroll, remat=cfg.remat, mode=mode, fixed_k=fixed_k,
+                                   temperature=temperature, cost_shift=cost_shift)
     if cfg.stable_layer_norm:
       x = encoder_norm(x)
     return nn.Dense(cfg.vocab_size, name="head", dtype=x.dtype)(x)

@@ -147,7 +147,7 @@ def build_speech(config: SpeechConfig) -> phases.Experiment:
   config.validate()
   vocab = ctc.Vocabulary.for_language(config.language)
   dense = dataclasses.replace(_model_config(config, vocab.size), remat=config.remat,
-                              scan_blocks=config.scan_blocks).validate()
+                              scan_blocks=config.scan_blocks, scan_unroll=config.scan_unroll).validate()
   acm = acm_lib.ACMConfig(
       num_learners=config.num_learners, learner_width=config.learner_width, width_factor=config.width_factor,
       blocks=config.block_tuple(), attention=config.acm_attention, activation=dense.activation,
