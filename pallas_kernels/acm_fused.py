@@ -136,7 +136,11 @@ TUNED: dict[tuple[int | None, str], dict] = {
     (512, "proj"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=True),
     (2048, "mlp"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=True),
     (8192, "proj"): dict(block_rows=128, block_out=128, block_hidden=128, num_warps=8, sort=True),
-    (None, "proj"): dict(block_rows=128, block_out=128, block_hidden=128, num_warps=8, sort=True),
+    # 2026-12-04 (ii): more than 8,192 tokens, the q/k/v group retuned with the kernels of today (bias table
+    # gather, shared helpers): 64-row blocks on 4 warps take the group from 0.545 to 0.481 ms at 50,432 tokens
+    # (benchmarks/results/fused_combo_h200.json), and the whole model, MLP + q/k/v/o at batch 256, from
+    # 1.081 to 1.142x dense (r = 0.5) and 1.261 to 1.362x (r = 0.25) (RESULTS.md, 2026-12-04 (ii)).
+    (None, "proj"): dict(block_rows=64, block_out=128, block_hidden=128, num_warps=4, sort=True),
 }
 
 
