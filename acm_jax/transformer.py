@@ -9,7 +9,8 @@ is what module-wise distillation and gate labelling train on.
 unrolled, each block its own module `block_{i}`, or scanned (`nn.scan`), one
 module `blocks` whose parameters and sown values carry a leading layer axis
 (depth, ...). XLA compiles the scanned block once, and under FSDP gathers one
-layer's weights per iteration. `stack_blocks` / `unstack_blocks` convert
+layer's weights per iteration (`unroll` blocks per iteration: the loop runs that many
+blocks in its body, the parameters stay stacked per layer). `stack_blocks` / `unstack_blocks` convert
 parameter trees (or sown collections) between the two layouts: checkpoint
 readers, `acmize` and the per-ACM statistics work on the unrolled names.
 """
