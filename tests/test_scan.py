@@ -87,10 +87,10 @@ def test_scanned_logits_and_statistics_equal_the_unrolled_model(family):
   assert not np.array_equal(choices["block_0/mlp/choice"][0], choices["block_1/mlp/choice"][0])
 
 
-@pytest.mark.parametrize("unroll", [2])
-def test_scan_unroll_keeps_logits_statistics_and_gradients(unroll):
+def test_scan_unroll_keeps_logits_statistics_and_gradients():
   """Several blocks per loop iteration (2 at depth 3: a full iteration and a remainder)
   compute the unrolled model's logits, per-layer statistics and, under remat, gradients."""
+  unroll = 2
   cls, config, sample = _inputs("vit")
   config = dataclasses.replace(config, acm=ACM)
   params = _init(cls(config), sample)
