@@ -93,7 +93,7 @@ def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="vit_b16", choices=("tiny", "vit_s16", "vit_b16", "vit_l16"))
   parser.add_argument("--acm", type=train_bench._list(ACM_CHOICES), default=["none", "mlp_qkvo"])
-  parser.add_argument("--batches", type=train_bench._batches, default=[256])
+  parser.add_argument("--batches", type=train_bench._ints, default=[256])
   parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
   parser.add_argument("--impl", default="xla", choices=("auto", "pallas", "triton", "xla"),
                       help="the ACMs' impl in both layouts (auto: the fused kernels on a GPU)")

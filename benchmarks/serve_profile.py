@@ -52,7 +52,7 @@ def profile_forward(fn, args, forwards: int, top: int) -> dict:
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="vit_b16", choices=("tiny", "vit_s16", "vit_b16", "vit_l16"))
-  parser.add_argument("--batches", type=tb._batches, default=[256, 8])
+  parser.add_argument("--batches", type=tb._ints, default=[256, 8])
   parser.add_argument("--acm", type=tb._list(tuple(vb.ACM_KINDS)), default=["mlp_qkvo", "mlp"])
   parser.add_argument("--r", type=float, default=0.5, help="the gates' target k/N")
   parser.add_argument("--impl", default="pallas", choices=("auto", "pallas", "triton", "xla"))

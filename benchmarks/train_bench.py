@@ -212,16 +212,13 @@ def _ints(text: str) -> list[int]:
   return values
 
 
-_batches = _ints
-
-
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="vit_b16", choices=("tiny", "vit_s16", "vit_b16", "vit_l16"))
   parser.add_argument("--acm", type=_list(ACM_KINDS), default=["mlp_qkvo"], help="ACM configurations: mlp, mlp_qkvo")
   parser.add_argument("--phases", type=_list(("pretrain", *ACM_PHASES)), default=["pretrain", "finetune"],
                       help="pretrain (dense), distill, gates, finetune, static")
-  parser.add_argument("--batches", type=_batches, default=[64, 256])
+  parser.add_argument("--batches", type=_ints, default=[64, 256])
   parser.add_argument("--layouts", type=_list(LAYOUTS), default=list(LAYOUTS), help="unrolled, scanned")
   parser.add_argument("--scan_unroll", type=_ints, default=[1],
                       help="scanned layout: blocks per loop iteration (the experiments' --scan_unroll); a "
