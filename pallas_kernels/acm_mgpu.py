@@ -22,8 +22,10 @@ units were never written).
 
 Measured on an H200 (benchmarks/RESULTS.md, 2026-12-03; one ViT-B MLP ACM at 50,432 tokens, k/N
 0.5): this kernel 0.169 ms, the Triton down launch 0.210 ms, but the gather back 0.058 ms, so
-`acm_fused` leaves it off (`MGPU_DOWN_MIN_TOKENS = None`). It would pay with the scatter moved
-into its epilogue.
+`acm_fused` leaves it off (`MGPU_DOWN_MIN_TOKENS = None`). Moving the scatter into the epilogue
+(one single-row TMA store per sorted row to its token's row, output bias and k = 0 rows handled
+there) was tried on 2026-12-04 and was slower still: +0.07-0.09 ms per call at 50,432 tokens, the
+whole ViT-B/16 1.31 instead of 1.39x dense at batch 256 (benchmarks/RESULTS.md, 2026-12-04 (iii)).
 
 Lowering needs a Hopper GPU (sm_90a). On other backends the kernel runs in Mosaic GPU's
 interpret mode (`interpret=True`: threads, barriers, TMA and wgmma simulated on the CPU,
