@@ -2,6 +2,7 @@
 
     python3 -m benchmarks.vit_bench [--batches 1,8,32,256] [--acm mlp,mlp_qkvo] [--ratios 0.5,0.25]
                                     [--impls pallas,triton,xla] [--attention auto]
+    python3 -m benchmarks.vit_bench --model tiny --impls xla --attention xla --batches 2 --no-append  # CPU smoke run
 
 ACMs (N=4) replace all 12 MLPs ("mlp") or the MLPs and the q/k/v/o projections ("mlp_qkvo", the
 paper's main configuration). The weights are random (speed does not depend on them) except the
@@ -153,6 +154,8 @@ def timed(fn, *args, reps=30):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="vit_b16", choices=("tiny", "vit_s16", "vit_b16", "vit_l16"),
+                      help="the ViT preset (tiny with --impls xla runs on a CPU: a smoke run of the script)")
   parser.add_argument("--batches", default="1,8,32,256", help="comma list of batch sizes")
   parser.add_argument("--acm", default="mlp,mlp_qkvo", help=f"comma list of ACMized blocks: {sorted(ACM_KINDS)}")
   parser.add_argument("--ratios", default="0.5,0.25")
@@ -179,8 +182,9 @@ def main(argv=None):
   parser.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
   args = parser.parse_args(argv)
   command = "python3 -m benchmarks.vit_bench " + " ".join(argv if argv is not None else sys.argv[1:])
-  if jax.default_backend() != "gpu":
-    sys.exit("vit_bench needs a GPU")
+  if jax.default_backend() != "gpu" and set(args.impls.split(",")) != {"xla"}:
+    sys.exit(f"vit_bench times the ACM kernels on a GPU (backend here: {jax.default_backend()!r}); "
+             "only --impls xla runs elsewhere")
   batches = [int(b) for b in args.batches.split(",")]
   kinds = args.acm.split(",")
   bad = [k for k in kinds if k not in ACM_KINDS] + [b for b in batches if b < 1]
@@ -213,9 +217,10 @@ def main(argv=None):
   device = jax.devices()[0].device_kind
   date = datetime.date.today().isoformat()
   records = []
-  dense_cfg = vit.get_config("vit_b16", attention=args.attention, scan_blocks=args.scan_blocks)
+  dense_cfg = vit.get_config(args.model, attention=args.attention, scan_blocks=args.scan_blocks)
   dense = vit.ViT(dense_cfg)
-  all_images = jax.random.normal(jax.random.key(0), (max(batches), 224, 224, 3), jnp.bfloat16)
+  size = dense_cfg.image_size
+  all_images = jax.random.normal(jax.random.key(0), (max(batches), size, size, 3), jnp.bfloat16)
   dense_params = bf16_params(dense, all_images[:1])
   dense_fn = jax.jit(lambda p, x: dense.apply({"params": p}, x))
   # the same weights under GELU's tanh form, which the kernels compute for "gelu" in bfloat16 (within
@@ -306,8 +311,8 @@ def main(argv=None):
   path = results / f"vit_{gpu}.json"  # earlier runs' records are kept
   earlier = json.loads(path.read_text()) if path.exists() else []
   path.write_text(json.dumps(earlier + records, indent=1))
-  lines = [f"\n## Whole ViT-B/16, ACM / dense images/s: {device}, {date}, jax {jax.__version__}\n",
-           f"Command: `{command}`. 224x224, bf16, random weights, gates set to pick k ~ Binomial(4, r); "
+  lines = [f"\n## Whole {args.model}, ACM / dense images/s: {device}, {date}, jax {jax.__version__}\n",
+           f"Command: `{command}`. {size}x{size}, bf16, random weights, gates set to pick k ~ Binomial(4, r); "
            "ideal = dense / ACM time if time followed the matmul FLOPs at the measured mean k/N"
            + ("; each cell: ACM / dense (erf GELU, the model's) and, after the slash, ACM / dense with GELU's "
               "tanh form (the form the kernels compute), same weights, timed in the same rounds" if args.dense_gelu_tanh
