@@ -17,8 +17,8 @@ dispatch included: what a server sees), ratio = median dense round / median ACM 
 A second baseline (on by default, `--no-dense-gelu-tanh` skips it): the dense model with GELU's tanh
 form. In bfloat16 the ACM kernels compute GELU in that form (within bfloat16's rounding of the erf
 form), while XLA runs the dense model's erf GELU as a separate, costly fusion: with the tanh form the
-dense forward ran 1.04-1.23x faster on an H200 (benchmarks/RESULTS.md, 2026-12-04 (iii)). Rows record `ratio_to_dense_tanh` beside
-`ratio_to_dense`; `ratio_to_dense_tanh` is the like-for-like figure.
+dense forward ran 1.04-1.23x faster on an H200 (benchmarks/RESULTS.md, 2026-12-04 (iii)). Rows record
+`ratio_to_dense_tanh` beside `ratio_to_dense`; `ratio_to_dense_tanh` is the like-for-like figure.
 """
 
 from __future__ import annotations
@@ -223,10 +223,12 @@ def main(argv=None):
   all_images = jax.random.normal(jax.random.key(0), (max(batches), size, size, 3), jnp.bfloat16)
   dense_params = bf16_params(dense, all_images[:1])
   dense_fn = jax.jit(lambda p, x: dense.apply({"params": p}, x))
-  # the same weights under GELU's tanh form, which the kernels compute for "gelu" in bfloat16 (within
-  # bfloat16's rounding of the erf form): XLA runs the dense model's erf GELU as a separate, costly fusion
-  dense_tanh = vit.ViT(dataclasses.replace(dense_cfg, activation="gelu_tanh").validate())
-  dense_tanh_fn = jax.jit(lambda p, x: dense_tanh.apply({"params": p}, x)) if args.dense_gelu_tanh else None
+  dense_tanh_fn = None
+  if args.dense_gelu_tanh:
+    # the same weights under GELU's tanh form, which the kernels compute for "gelu" in bfloat16 (within
+    # bfloat16's rounding of the erf form): XLA runs the dense model's erf GELU as a separate, costly fusion
+    dense_tanh = vit.ViT(dataclasses.replace(dense_cfg, activation="gelu_tanh").validate())
+    dense_tanh_fn = jax.jit(lambda p, x: dense_tanh.apply({"params": p}, x))
   setups = []
   for kind in kinds:
     acm_cfg = acm_config(dense_cfg, kind)
@@ -319,16 +321,16 @@ def main(argv=None):
               else "") + ".\n",
            "| ACMized | r (target) | mean k/N | impl | " + " | ".join(f"batch {b}" for b in batches) + " |",
            "|---|---|---|---|" + "---|" * len(batches)]
+  def cell(rec):
+    tanh = f" / {rec['ratio_to_dense_tanh']:.2f}" if "ratio_to_dense_tanh" in rec else ""
+    return f"{rec['ratio_to_dense']:.2f}{tanh} (ideal {rec['ideal_ratio']:.2f})"
+
   for kind, acm_cfg, r, _, _ in setups:
     for impl in args.impls.split(","):
       row = {rec["batch"]: rec for rec in records if rec["acm"] == kind and rec["r"] == r and rec["impl"] == impl}
       if not row:
         continue
       any_rec = next(iter(row.values()))
-      def cell(rec):
-        tanh = f" / {rec['ratio_to_dense_tanh']:.2f}" if "ratio_to_dense_tanh" in rec else ""
-        return f"{rec['ratio_to_dense']:.2f}{tanh} (ideal {rec['ideal_ratio']:.2f})"
-
       cells = [cell(row[b]) if b in row else "failed" for b in batches]
       lines.append(f"| {kind} | {r} | {any_rec['r_measured']} | {impl} | " + " | ".join(cells) + " |")
   dense_rows = {rec["batch"]: rec for rec in records if rec["acm"] == "none"}

@@ -1,4 +1,8 @@
-"""The model setup benchmarks/vit_bench.py shares with serve_profile and graph_probe (the timing itself needs a GPU)."""
+"""The model setup benchmarks/vit_bench.py shares with serve_profile and graph_probe, and a CPU smoke run
+of the script (the kernels' timing itself needs a GPU)."""
+
+import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +40,6 @@ def test_acm_config_acmizes_the_blocks_of_each_kind(kind, attention):
 def test_gelu_tanh_dense_model_is_the_same_weights_within_gelus_forms():
   """The second baseline of vit_bench: the dense model with GELU's tanh form takes the erf model's
   parameters and stays within the two forms' difference (|d| <= 5e-4 per unit) of its logits."""
-  import dataclasses
   cfg = vit.get_config("tiny")
   images = jax.random.normal(jax.random.key(4), (2, cfg.image_size, cfg.image_size, 3))
   erf_model = vit.ViT(cfg)
@@ -51,7 +54,6 @@ def test_gelu_tanh_dense_model_is_the_same_weights_within_gelus_forms():
 def test_main_on_the_cpu_records_the_issue_fields_and_the_tanh_baseline(tanh_baseline, tmp_path, monkeypatch):
   """A smoke run of the script on the tiny model (--impls xla runs without a GPU): every row carries
   the fields other tools read, the ACM rows their ratio to the tanh-GELU dense model when it is timed."""
-  import json
   monkeypatch.setenv("OUT", str(tmp_path))
   monkeypatch.setattr(vb, "ROUNDS", 1)
   argv = ["--model", "tiny", "--batches", "2", "--acm", "mlp,mlp_qkvo", "--ratios", "0.5", "--impls", "xla",
