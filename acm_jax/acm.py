@@ -672,6 +672,11 @@ class ACM(nn.Module):
   `group=True` (Gumbel modes): return {params, gate, rng} instead of an output, for a caller that
   runs the gates of several ACMs reading the same x as one (`group_gate_logits`,
   `transformer.Attention` under `ACMConfig.group_qkv_gates`); that caller sows logits and choices.
+  `prenorm`: (z, scale, bias, eps) when x is LayerNorm(z) (a pre-LN block): mode "argmax" on the
+  fused path with a linear gate then hands z and the LayerNorm to the kernels, which fuse it
+  (`acm_fused.acm_group`'s `norm`), and x itself is left unused; elsewhere it is ignored.
+  `residual`: an array like x added to the output (a block's skip connection): by the fused
+  kernels in mode "argmax" (`acm_group`'s `residual`), else after the ACM, as the block would.
   """
   dim: int
   num_learners: int
@@ -688,7 +693,8 @@ class ACM(nn.Module):
   def __call__(self, x: jax.Array, *, mode: str = "argmax", fixed_k: int | None = None,
                temperature: float = 1.0, cost_shift: float | jax.Array = 0.0,
                rng: jax.Array | None = None, budget: float | jax.Array | None = None,
-               group: bool = False) -> jax.Array | dict:
+               group: bool = False, prenorm: tuple | None = None,
+               residual: jax.Array | None = None) -> jax.Array | dict:
     n, width = self.num_learners, self.learner_width
     forced = forced_choices("/".join(self.scope.path), n, x.shape[:-1])
     if forced is not None:
@@ -723,8 +729,12 @@ class ACM(nn.Module):
         spec["logits"] = raw_logits
       if mode == GROUP_INPUTS:
         return spec
-      (y,), k = inference.acm_group_apply(x, [spec], num_learners=n, activation=self.activation,
-                                          min_choice=self.min_choice, cost_shift=cost_shift)
+      inputs, norm = x, None
+      if prenorm is not None and "gate" in spec:  # a deep gate reads the normalised x anyway
+        inputs, norm = prenorm[0], tuple(prenorm[1:])
+      (y,), k = inference.acm_group_apply(inputs, [spec], num_learners=n, activation=self.activation,
+                                          min_choice=self.min_choice, cost_shift=cost_shift, norm=norm,
+                                          residual=residual)
       self.sow("acm", "choice", jax.nn.one_hot(k[0], n + 1, dtype=jnp.float32))
       return y
     if mode in GUMBEL_MODES:
@@ -742,7 +752,7 @@ class ACM(nn.Module):
                                     temperature=temperature, cost_shift=cost_shift, rng=rng, impl=self.impl)
     self.sow("acm", "logits", logits)
     self.sow("acm", "choice", choice)
-    return y
+    return y if residual is None else residual + y
 
 
 def group_gate_logits(gates: Sequence[Params], x: jax.Array) -> list[jax.Array]:

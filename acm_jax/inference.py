@@ -56,30 +56,37 @@ def acm_apply_sorted(params, x: jax.Array, k: jax.Array, bias_table: jax.Array, 
 
 
 def acm_group_apply(x: jax.Array, groups: list[dict], *, num_learners: int, activation: str = "gelu",
-                    min_choice: int = 0, cost_shift: float | jax.Array = 0.0, **kernel_kwargs) -> tuple[tuple[jax.Array, ...], jax.Array]:
+                    min_choice: int = 0, cost_shift: float | jax.Array = 0.0, norm: tuple | None = None,
+                    residual: jax.Array | None = None, **kernel_kwargs) -> tuple[tuple[jax.Array, ...], jax.Array]:
   """G ACMs reading the same x (..., d), gate included: (G outputs (..., d), k (G, ...)).
 
   groups: dicts of `pallas_kernels.acm_fused.acm_group` (learner parameters in
   x.dtype plus gate = (kernel, bias) or logits (..., N+1)), run by its fused
   kernels (`acm_fused.acm_group_reference` is the same function in plain jnp).
+  norm: (scale (d,), bias (d,), eps) when the ACMs read LayerNorm(x) of this x, which the
+  kernels then fuse (`acm_group`'s `norm`). residual: (..., d) like x, added to every output (a
+  block's skip connection; `acm_group`'s `residual`).
   Every device works on its own batch shard under a batch-splitting mesh.
   """
   if x.ndim < 2 or x.size == 0:
     raise ValueError(f"x must be (..., d) with at least one token, got shape {x.shape}")
   kwargs = dict(num_learners=num_learners, activation=activation, min_choice=min_choice)
+  eps = None if norm is None else norm[2]
 
-  def local(x, cost_shift, groups):
+  def local(x, cost_shift, groups, norm_params, residual):
     lead, dim = x.shape[:-1], x.shape[-1]
     flat = [{**g, "logits": g["logits"].reshape(-1, num_learners + 1)} if "logits" in g else g for g in groups]
     from pallas_kernels.acm_fused import acm_group
-    outs, k = acm_group(x.reshape(-1, dim), flat, cost_shift=cost_shift, **kwargs, **kernel_kwargs)
+    outs, k = acm_group(x.reshape(-1, dim), flat, cost_shift=cost_shift,
+                        norm=(*norm_params, eps) if norm_params else None,
+                        residual=None if residual is None else residual.reshape(-1, dim), **kwargs, **kernel_kwargs)
     return tuple(o.reshape(*lead, dim) for o in outs), k.reshape(len(groups), *lead).astype(jnp.int32)
 
   split = batch_split(x)
   axes = () if split is None else split[0]
   group_specs = [{name: name == "logits" for name in g} for g in groups]
-  return per_shard(local, axes, (True, False, group_specs), ((True,) * len(groups), P(None, axes)))(
-      x, jnp.asarray(cost_shift, jnp.float32), groups)
+  return per_shard(local, axes, (True, False, group_specs, False, True), ((True,) * len(groups), P(None, axes)))(
+      x, jnp.asarray(cost_shift, jnp.float32), groups, () if norm is None else tuple(norm[:2]), residual)
 
 
 def batch_split(x: jax.Array) -> tuple[tuple[str, ...], int] | None:

@@ -157,7 +157,11 @@ class Attention(nn.Module):
   impl: str = "auto"  # see `attend`
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None, **acm_args) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, prenorm: tuple | None = None,
+               residual: jax.Array | None = None, **acm_args) -> jax.Array:
+    """prenorm: (z, scale, bias, eps) when x is LayerNorm(z), for the q/k/v group to fuse; residual: added
+    to the output (the block's skip connection), by the output projection's kernels where it is an ACM
+    (see `acm.ACM`)."""
     dim = x.shape[-1]
     if dim % self.num_heads:
       raise ValueError(f"dim {dim} is not divisible by num_heads {self.num_heads}")
@@ -165,9 +169,12 @@ class Attention(nn.Module):
     if self._grouped(qkv, acm_args):
       # one fused launch sequence for the three ACMs that read x (see `inference.acm_group_apply`)
       specs = [proj(x, **{**acm_args, "mode": acm_lib.GROUP_INPUTS}) for proj in qkv]
+      inputs, norm = x, None
+      if prenorm is not None and all("gate" in spec for spec in specs):
+        inputs, norm = prenorm[0], tuple(prenorm[1:])
       (q, k, v), choices = inference.acm_group_apply(
-          x, specs, num_learners=self.acm.num_learners, activation="identity", min_choice=qkv[0].min_choice,
-          cost_shift=acm_args.get("cost_shift", 0.0))
+          inputs, specs, num_learners=self.acm.num_learners, activation="identity", min_choice=qkv[0].min_choice,
+          cost_shift=acm_args.get("cost_shift", 0.0), norm=norm)
       for proj, choice in zip(qkv, choices):  # each ACM's statistics, as its own call would sow them
         proj.sow("acm", "choice", jax.nn.one_hot(choice, self.acm.num_learners + 1, dtype=jnp.float32))
     elif self._grouped_gumbel(qkv, acm_args):
@@ -177,7 +184,11 @@ class Attention(nn.Module):
     split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, dim // self.num_heads)
     context = attend(split(q), split(k), split(v), mask, self.impl)
     context = context.reshape(*x.shape[:-1], dim)
-    return make_projection(dim, self.acm, "out")(context, **acm_args)
+    out = make_projection(dim, self.acm, "out")
+    if residual is not None and isinstance(out, acm_lib.ACM):
+      return out(context, residual=residual, **acm_args)
+    y = out(context, **acm_args)
+    return y if residual is None else residual + y
 
   def _grouped_gumbel(self, projections: list[nn.Module], acm_args: dict) -> bool:
     """q/k/v gates run as one gate in training (Gumbel modes) when the config asks for it
@@ -230,10 +241,24 @@ class EncoderBlock(nn.Module):
     attn = Attention(self.num_heads, self.acm, self.attention, name="attn")
     mlp = make_mlp(x.shape[-1], self.mlp_dim, self.activation, self.acm, "mlp")
     if self.pre_norm:
-      x = x + attn(norm("ln1")(x), mask, **acm_args)
-      return x + mlp(norm("ln2")(x), **acm_args)
+      # the skip connections go in as `residual`: an ACM's fused kernels add them in their epilogue
+      h = norm("ln1")(x)
+      x = attn(h, mask, residual=x, **self._prenorm("ln1", x, self.acm is not None and self.acm.attention),
+               **acm_args)
+      h = norm("ln2")(x)
+      if isinstance(mlp, acm_lib.ACM):
+        return mlp(h, residual=x, **self._prenorm("ln2", x, True), **acm_args)
+      return x + mlp(h, **acm_args)
     x = norm("ln1")(x + attn(x, mask, **acm_args))
     return norm("ln2")(x + mlp(x, **acm_args))
+
+  def _prenorm(self, name: str, z: jax.Array, acm_reads: bool) -> dict:
+    """{"prenorm": (z, scale, bias, eps)} of LayerNorm `name` (already applied to z) for an ACM that
+    reads its output, so that the fused kernels can take z and normalise it themselves; {} else."""
+    if not acm_reads or self.is_initializing():
+      return {}
+    params = self.variables["params"][name]
+    return {"prenorm": (z, params["scale"], params["bias"], self.layer_norm_eps)}
 
 
 def replaceable_paths(depth: int, acm: acm_lib.ACMConfig | None, with_attention: bool | None = None,

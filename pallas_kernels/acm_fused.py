@@ -63,6 +63,23 @@ projection's arithmetic whatever k is; on an H200 it beat the factored kernels o
 hundred to ~1,600 tokens, and lost from 6,304 on (benchmarks/RESULTS.md, 2026-12-03 (f)), so
 nothing in the model passes the tables yet.
 
+A group that reads LayerNorm(x) (the MLP and the q/k/v projections of a pre-LN block) can take
+x and the LayerNorm's parameters instead (`acm_group(..., norm=...)`): on the routed paths the
+normalised activations then never exist in memory. The route launch computes each token's mean
+and inverse standard deviation, feeds its gate the normalised rows (rounded to x's dtype, as the
+LayerNorm's output is), and stores the two statistics. The up launch then takes one of two forms
+(`NORM_MODE`): "fold" multiplies raw x by w1 with the scale folded in, and its epilogue finishes
+the normalisation per row,
+
+    LN(x) @ w1 + b1 = rstd * (x @ (scale * w1)) - mean * rstd * colsum(scale * w1) + (b1 + bias @ w1),
+
+which leaves the matmul loop as it is but costs two small XLA fusions over w1 per call (`fold_norm`);
+"prologue" normalises each (rows, block_k) block of x in registers before its matmul, as the
+route launch does, which adds work inside the loop and nothing outside it. Either saves XLA's
+passes that write the normalised copy of x (read x, write LN(x)) per group. Likewise a group whose
+output feeds a skip connection can take the residual (`residual`), which the down launch adds
+before its one rounding (`RESIDUAL_MIN_TOKENS`), so that XLA's add never reads the ACM's output.
+
 The gate logits inside the route kernel are rounded where a Flax Dense gate of
 the same dtypes rounds (after the matmul and after the bias), so the argmax
 agrees with the XLA gate except where float32 accumulation order moves a logit
@@ -95,6 +112,21 @@ ONEPASS_MAX_TOKENS = 0
 # --twolaunch-max-tokens`) shows that one launch fewer per group pays for recomputing the gate.
 TWOLAUNCH_MAX_TOKENS = 0
 MAX_GROUP = 4
+# With `residual` (the group's output goes into a skip connection, out = residual + ACM(x)), the down
+# launch of the routed paths adds the residual rows in its epilogue from this many tokens on (None:
+# never), saving XLA's separate add (read both, write the sum); elsewhere XLA adds them. None until a
+# GPU run (`benchmarks.vit_bench --residual-min-tokens`) shows where it pays: written and tested on
+# CPUs only (2026-12-04).
+RESIDUAL_MIN_TOKENS: int | None = None
+# With `norm` (the group reads LayerNorm(x), a pre-LN block), the routed kernel paths fuse the
+# LayerNorm from this many tokens on (None: never): the route launch computes each token's mean and
+# inverse standard deviation (and normalises x for the gate itself), the up launch normalises in the
+# form NORM_MODE names ("fold" or "prologue", module docstring). Below it, and on every other path,
+# the LayerNorm runs as XLA fusions first. None until a GPU run (`benchmarks.vit_bench
+# --norm-min-tokens`, `--norm-mode`) shows where it pays: written and tested on CPUs only (2026-12-04).
+NORM_MIN_TOKENS: int | None = None
+NORM_MODES = ("fold", "prologue")
+NORM_MODE = "fold"
 # The sorted path's down launch as the warp-specialised Mosaic GPU kernel of `acm_mgpu` (bf16 on
 # Hopper) from this many tokens on, for the shape kinds listed; None: never unless asked for
 # (`acm_group(..., mgpu_down=True)`). Off: on an H200 (benchmarks/RESULTS.md, 2026-12-03) the kernel
@@ -225,9 +257,10 @@ def _for_group(g, num_groups, body):
 
 
 def _gate_choice(shift_ref, x_ref, gate_refs, src, valid, *, rows, dim, block_k, num_learners, min_choice,
-                 relative_cost, gate_dtype):
+                 relative_cost, gate_dtype, normalize=None):
   """k of the given rows (0 where not valid): the gate's logits (a linear gate's matmul here,
-  or rows of precomputed logits), the cost shift, min_choice, and the first argmax."""
+  or rows of precomputed logits), the cost shift, min_choice, and the first argmax.
+  normalize: None, or f(x block, column indices) -> the block as the gate reads it (LayerNorm)."""
   f32 = jnp.float32
   cols = jnp.arange(GATE_COLS, dtype=jnp.int32)
   gate_cols = jnp.minimum(cols, num_learners)  # padding columns repeat the last choice, masked below
@@ -236,7 +269,8 @@ def _gate_choice(shift_ref, x_ref, gate_refs, src, valid, *, rows, dim, block_k,
 
     def step(s, acc):
       red = s * block_k + jnp.arange(block_k, dtype=jnp.int32)
-      xs = x_ref[src[:, None], red[None, :]].astype(gate_dtype)
+      xs = x_ref[src[:, None], red[None, :]]
+      xs = (xs if normalize is None else normalize(xs, red)).astype(gate_dtype)
       ws = wg_ref[red[:, None], gate_cols[None, :]].astype(gate_dtype)
       return acc + jnp.dot(xs, ws, precision=_precision(gate_dtype), preferred_element_type=f32)
 
@@ -256,10 +290,45 @@ def _gate_choice(shift_ref, x_ref, gate_refs, src, valid, *, rows, dim, block_k,
   return jnp.where(valid, k, 0).astype(jnp.int32)
 
 
+def _row_stats(x_ref, src, *, dim, block_k, eps):
+  """(mean, 1 / sqrt(var + eps)) in float32 of the given rows of x, the variance as E[x^2] - E[x]^2
+  clipped at 0, as Flax's LayerNorm computes it (`use_fast_variance`)."""
+  f32 = jnp.float32
+
+  def step(s, sums):
+    red = s * block_k + jnp.arange(block_k, dtype=jnp.int32)
+    xs = x_ref[src[:, None], red[None, :]].astype(f32)
+    return sums[0] + jnp.sum(xs, axis=1), sums[1] + jnp.sum(xs * xs, axis=1)
+
+  zeros = jnp.zeros(src.shape, f32)
+  total, squares = jax.lax.fori_loop(0, dim // block_k, step, (zeros, zeros))
+  mean = total / dim
+  var = jnp.maximum(squares / dim - mean * mean, 0.0)
+  return mean, jax.lax.rsqrt(var + eps)
+
+
+def _normalizer(mean, rstd, scale_ref, bias_ref):
+  """f(x block (rows, cols), column indices) -> the block after the LayerNorm of rows with these
+  statistics, in Flax's order of operations and rounded to x's dtype, as its output is."""
+  f32 = jnp.float32
+
+  def normalize(xs, red):
+    mul = rstd[:, None] * scale_ref[red].astype(f32)[None, :]
+    return ((xs.astype(f32) - mean[:, None]) * mul + bias_ref[red].astype(f32)[None, :]).astype(xs.dtype)
+
+  return normalize
+
+
 def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, tokens, padded, chunk, dim,
-                  block_k, num_learners, min_choice, relative_cost, sort, gate_dtype):
+                  block_k, num_learners, min_choice, relative_cost, sort, gate_dtype, norm_eps=None):
+  """With norm_eps: refs scale, bias (the LayerNorm's) come first, and the last two outputs take
+  each token's mean and inverse standard deviation."""
+  if norm_eps is not None:
+    scale_ref, bias_ref, *refs = refs
   gates = [refs[g * gate_refs_per_group:(g + 1) * gate_refs_per_group] for g in range(num_groups)]
   k_ref, *sort_refs = refs[num_groups * gate_refs_per_group:]
+  if norm_eps is not None:
+    *sort_refs, mean_ref, rstd_ref = sort_refs
   p = pl.program_id(0)
   num_chunks = padded // chunk
   g, c = p // num_chunks, p % num_chunks
@@ -268,12 +337,19 @@ def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, toke
   valid = rows < tokens
   src = jnp.minimum(rows, tokens - 1)
   cols = jnp.arange(GATE_COLS, dtype=jnp.int32)
+  normalize = None
+  if norm_eps is not None:
+    mean, rstd = _row_stats(x_ref, src, dim=dim, block_k=block_k, eps=norm_eps)
+    normalize = _normalizer(mean, rstd, scale_ref, bias_ref)
 
   def body(gg):
     k = _gate_choice(shift_ref, x_ref, gates[gg], src, valid, rows=chunk, dim=dim, block_k=block_k,
                      num_learners=num_learners, min_choice=min_choice, relative_cost=relative_cost,
-                     gate_dtype=gate_dtype)
+                     gate_dtype=gate_dtype, normalize=normalize)
     k_ref[pl.ds(gg * padded + c * chunk, chunk)] = k
+    if norm_eps is not None and gg == 0:  # one copy of the statistics for the whole group
+      mean_ref[pl.ds(c * chunk, chunk)] = mean
+      rstd_ref[pl.ds(c * chunk, chunk)] = rstd
     if sort:
       rank_ref, counts_ref = sort_refs
       onehot = ((num_learners - k)[:, None] == cols[None, :]) & valid[:, None]  # category 0 = k N
@@ -390,18 +466,26 @@ def _rows(row_refs, x_ref, gg, i, first, k_out, *, gate, block_rows, tokens, pad
 
 
 def _up_kernel(*refs, num_groups, tiles, block_rows, block_hidden, block_k, dim, width, tokens, padded, sort,
-               activation, fast_math, gate=None):
+               activation, fast_math, gate=None, norm=None):
   """Refs: order, k, x, (w1, b1) per ACM, hidden per ACM. With `gate` (the two-launch path: a
   dict of `_gate_choice` settings plus gate_refs_per_group) the rows' k is computed here
   instead: refs shift, x, the gate refs per ACM, (w1, b1) per ACM, hidden per ACM, k out
-  (written by the programs of hidden tile 0)."""
+  (written by the programs of hidden tile 0). With `norm` (routed paths; x un-normalised; see the
+  module docstring) "fold": refs order, k, x, mean, rstd, (w1 scaled, b1 folded, column sums of w1
+  scaled) per ACM, hidden per ACM; "prologue": order, k, x, mean, rstd, scale, bias, (w1, b1) per
+  ACM, hidden per ACM."""
   row_refs, x_ref, refs = _split_row_refs(refs, gate, num_groups)
-  w_refs, h_refs = refs[:2 * num_groups], refs[2 * num_groups:3 * num_groups]
-  k_out = refs[3 * num_groups] if gate is not None else None
+  if norm is not None:
+    mean_ref, rstd_ref, *refs = refs
+  if norm == "prologue":
+    scale_ref, bias_ref, *refs = refs
+  per = 3 if norm == "fold" else 2
+  w_refs, h_refs = refs[:per * num_groups], refs[per * num_groups:(per + 1) * num_groups]
+  k_out = refs[(per + 1) * num_groups] if gate is not None else None
   g, i, j = _grid_position(padded, block_rows, tiles)
 
   def body(gg):
-    w1_ref, b1_ref = w_refs[2 * gg:2 * gg + 2]
+    w1_ref, b1_ref, *colsum = w_refs[per * gg:per * (gg + 1)]
     # gated: every program of the row block computes its k, hidden tile 0 stores it
     valid, token, k_rows, max_k = _rows(row_refs, x_ref, gg, i, j == 0, k_out, gate=gate, block_rows=block_rows,
                                         tokens=tokens, padded=padded, sort=sort, dim=dim)
@@ -410,14 +494,21 @@ def _up_kernel(*refs, num_groups, tiles, block_rows, block_hidden, block_k, dim,
     def _():
       src = jnp.clip(token, 0, tokens - 1)
       cols = pl.ds(j * block_hidden, block_hidden)
+      if norm is not None:
+        mean, rstd = mean_ref[src], rstd_ref[src]
+      normalize = _normalizer(mean, rstd, scale_ref, bias_ref) if norm == "prologue" else None
 
       def step(s, acc):
         red = s * block_k + jnp.arange(block_k, dtype=jnp.int32)
         xs = x_ref[src[:, None], red[None, :]]
+        if normalize is not None:
+          xs = normalize(xs, red)
         ws = w1_ref[pl.ds(s * block_k, block_k), cols]
         return acc + jnp.dot(xs, ws, precision=_precision(xs.dtype), preferred_element_type=jnp.float32)
 
       acc = jax.lax.fori_loop(0, dim // block_k, step, jnp.zeros((block_rows, block_hidden), jnp.float32))
+      if norm == "fold":  # the rest of the LayerNorm: rstd * (x @ w1s) - mean * rstd * colsum(w1s)
+        acc = acc * rstd[:, None] - (mean * rstd)[:, None] * colsum[0][cols][None, :]
       acc = _kernel_activation(activation, fast_math)(acc + b1_ref[cols].astype(jnp.float32)[None, :])
       learner = (j * block_hidden + jnp.arange(block_hidden, dtype=jnp.int32)) // width
       keep = (learner[None, :] < k_rows[:, None]) & valid[:, None]
@@ -427,10 +518,13 @@ def _up_kernel(*refs, num_groups, tiles, block_rows, block_hidden, block_k, dim,
 
 
 def _down_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_rows, block_out, block_k, width,
-                 tokens, padded, sort, num_learners, has_bias):
+                 tokens, padded, sort, num_learners, has_bias, has_residual=False):
+  """Refs: order, k, (hidden, w2[, bias table]) per ACM[, residual], outputs per ACM."""
   from jax.experimental.pallas import triton as plgpu
   per = 3 if has_bias else 2
   in_refs, out_refs = refs[:per * num_groups], refs[per * num_groups:]
+  if has_residual:
+    res_ref, *out_refs = out_refs
   g, i, cb = _grid_position(padded, block_rows, col_blocks)
 
   def body(gg):
@@ -452,6 +546,9 @@ def _down_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_rows, bl
       # (`_choice_bias`) made this launch 0.27 instead of 0.21 ms at 50,432 tokens (RESULTS 2026-12-03)
       (table_ref,) = bias
       acc = acc + table_ref[k_rows[:, None], col_ids[None, :]]
+    if has_residual:  # the skip connection's rows, added before the one rounding to the output dtype
+      acc = acc + plgpu.load(res_ref.at[token[:, None], col_ids[None, :]], mask=valid[:, None],
+                             other=0.0).astype(jnp.float32)
     plgpu.store(out_refs[gg].at[token[:, None], col_ids[None, :]], acc.astype(out_refs[gg].dtype),
                 mask=valid[:, None])
 
@@ -613,7 +710,8 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
               activation: str = "gelu", min_choice: int = 0, cost_shift: float | jax.Array = 0.0,
               sort: bool | None = None, onepass: bool | None = None, twolaunch: bool | None = None,
               xla: bool | None = None, fast_math: bool | None = None, interpret: bool | None = None,
-              mgpu_down: bool | None = None, merged: bool | None = None,
+              mgpu_down: bool | None = None, merged: bool | None = None, norm: tuple | None = None,
+              norm_mode: str | None = None, residual: jax.Array | None = None,
               **tiles) -> tuple[tuple[jax.Array, ...], jax.Array]:
   """Hard-choice outputs of G ACMs that read the same tokens.
 
@@ -628,17 +726,30 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   where it fits); asking for it where it cannot run raises. merged: linear learners (identity
   activation) through their merged matrices (`merge_linear_learners`, entries "merged" and
   "table" of every ACM of the group; see `_select_kernel`); None: wherever the groups carry them.
+  norm: (scale (d,), bias (d,), eps) of a LayerNorm that the group reads through: the ACMs then
+  compute on `layer_norm(x, *norm)`, x being the un-normalised input. The routed kernel paths fuse
+  it from `NORM_MIN_TOKENS` tokens on, in the form `norm_mode` names (None: `NORM_MODE`; module
+  docstring); elsewhere it runs first, in XLA. residual: (T, d) in x.dtype, added to every output
+  (a block's skip connection): by the down launch of the routed paths from `RESIDUAL_MIN_TOKENS`
+  tokens on, rounded once with the sum; elsewhere by XLA after the kernels.
 
   Returns (outputs: G arrays (T, d) in x.dtype, k: (G, T) int32 in token order).
   """
   tokens, dim, width = _check_group(x, groups, num_learners, activation, min_choice)
+  norm = _check_norm(norm, dim)
+  if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+    raise ValueError(f"residual must match x: shape {x.shape} and dtype {x.dtype}, got {residual.shape} "
+                     f"{residual.dtype}")
+  norm_mode = NORM_MODE if norm_mode is None else norm_mode
+  if norm_mode not in NORM_MODES:
+    raise ValueError(f"norm_mode must be one of {NORM_MODES}, got {norm_mode!r}")
   num_groups = len(groups)
   total = num_learners * width
   cfg, path = resolve_config(x.dtype, dim, total, tokens, sort=sort, onepass=onepass, twolaunch=twolaunch,
                              xla=xla, **tiles)
   if path == "xla":
-    return _acm_group_xla(x, groups, num_learners=num_learners, activation=activation, min_choice=min_choice,
-                          cost_shift=cost_shift)
+    return _plus(_acm_group_xla(x if norm is None else layer_norm(x, *norm), groups, num_learners=num_learners,
+                                activation=activation, min_choice=min_choice, cost_shift=cost_shift), residual)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   if not interpret and jax.default_backend() != "gpu":
@@ -649,9 +760,14 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
     fast_math = x.dtype == jnp.bfloat16
   fast_math = fast_math and not interpret  # the interpreter cannot run PTX
   use_merged = _merged_tables(groups, activation, merged)
+  fuse_norm = (norm is not None and path in ("sorted", "unsorted") and not use_merged
+               and NORM_MIN_TOKENS is not None and tokens >= NORM_MIN_TOKENS)
+  if norm is not None and not fuse_norm:
+    x = layer_norm(x, *norm)
   if path == "onepass" and not use_merged:
-    return _acm_group_onepass(x, groups, cfg, num_learners=num_learners, activation=activation,
-                              min_choice=min_choice, cost_shift=cost_shift, fast_math=fast_math, interpret=interpret)
+    result = _acm_group_onepass(x, groups, cfg, num_learners=num_learners, activation=activation,
+                                min_choice=min_choice, cost_shift=cost_shift, fast_math=fast_math, interpret=interpret)
+    return _plus(result, residual)
   down_cfg = _mgpu_down_config(mgpu_down, x.dtype, tokens, dim, total, cfg, path, interpret)
   padded = -(-tokens // max(ROUTE_CHUNK, cfg.block_rows)) * max(ROUTE_CHUNK, cfg.block_rows)
   linear_gate = "gate" in groups[0]
@@ -663,8 +779,9 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
                        relative_cost=width / dim, gate_dtype=gate_dtype(x, groups[0]))
   row_blocks = padded // cfg.block_rows
   if use_merged:
-    return _acm_group_merged(shift, x, groups, gate_inputs, cfg=cfg, path=path, padded=padded,
-                             linear_gate=linear_gate, gate_settings=gate_settings, interpret=interpret)
+    return _plus(_acm_group_merged(shift, x, groups, gate_inputs, cfg=cfg, path=path, padded=padded,
+                                   linear_gate=linear_gate, gate_settings=gate_settings, interpret=interpret),
+                 residual)
   tiles_per_block = total // cfg.block_hidden
   up = functools.partial(_up_kernel, num_groups=num_groups, tiles=tiles_per_block, block_rows=cfg.block_rows,
                          block_hidden=cfg.block_hidden, block_k=cfg.block_k_up, dim=dim, width=width,
@@ -672,67 +789,133 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   hidden_shapes = (jax.ShapeDtypeStruct((padded, total), x.dtype),) * num_groups
   up_call = functools.partial(pl.pallas_call, grid=(num_groups * row_blocks * tiles_per_block,),
                               compiler_params=params(cfg.num_warps), interpret=interpret)
-  weights_up = [a for grp in groups for a in (grp["w1"], grp["b1"])]
   if path == "twolaunch":  # the gate inside the up kernel: no route launch
+    weights_up = [a for grp in groups for a in (grp["w1"], grp["b1"])]
     *hidden, k_tokens = up_call(
         functools.partial(up, gate=dict(gate_settings, gate_refs_per_group=2 if linear_gate else 1)),
         out_shape=hidden_shapes + (jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),),
         name="acm_group_gated_up")(shift, x, *gate_inputs, *weights_up)
     order = k_rows = k_tokens  # order is not read on the unsorted paths
   else:
-    k_tokens, order, k_rows, *positions = _route(shift, x, gate_inputs, num_groups=num_groups, padded=padded,
-                                                 linear_gate=linear_gate, sort=sort, positions=bool(down_cfg),
-                                                 gate_settings=gate_settings, num_stages=cfg.num_stages,
-                                                 interpret=interpret)
-    hidden = up_call(up, out_shape=hidden_shapes, name="acm_group_up")(order, k_rows, x, *weights_up)
+    (k_tokens, order, k_rows, *positions), stats = _route(
+        shift, x, gate_inputs, num_groups=num_groups, padded=padded, linear_gate=linear_gate, sort=sort,
+        positions=bool(down_cfg), gate_settings=gate_settings, num_stages=cfg.num_stages, interpret=interpret,
+        norm=norm if fuse_norm else None)
+    if fuse_norm and norm_mode == "fold":
+      weights_up = [a for grp in groups for a in fold_norm(grp["w1"], grp["b1"], *norm[:2])]
+      hidden = up_call(functools.partial(up, norm="fold"), out_shape=hidden_shapes, name="acm_group_up")(
+          order, k_rows, x, *stats, *weights_up)
+    elif fuse_norm:
+      weights_up = [a for grp in groups for a in (grp["w1"], grp["b1"])]
+      hidden = up_call(functools.partial(up, norm="prologue"), out_shape=hidden_shapes, name="acm_group_up")(
+          order, k_rows, x, *stats, *norm[:2], *weights_up)
+    else:
+      weights_up = [a for grp in groups for a in (grp["w1"], grp["b1"])]
+      hidden = up_call(up, out_shape=hidden_shapes, name="acm_group_up")(order, k_rows, x, *weights_up)
   has_bias = "b2" in groups[0]
   if down_cfg:
     outs = _mgpu_down(hidden, groups, k_rows, positions[0], k_tokens, cfg=down_cfg, tokens=tokens, padded=padded,
                       width=width, has_bias=has_bias, interpret=interpret)
-    return outs, k_tokens.reshape(num_groups, padded)[:, :tokens]
+    return _plus((outs, k_tokens.reshape(num_groups, padded)[:, :tokens]), residual)
   col_blocks = dim // cfg.block_out
   tables = [jnp.cumsum(grp["b2"].astype(jnp.float32), axis=0) if has_bias else None for grp in groups]
   down_inputs = [a for h, grp, table in zip(hidden, groups, tables) for a in (h, grp["w2"]) + ((table,) if has_bias else ())]
+  fuse_residual = residual is not None and RESIDUAL_MIN_TOKENS is not None and tokens >= RESIDUAL_MIN_TOKENS
   outs = pl.pallas_call(
       functools.partial(_down_kernel, num_groups=num_groups, col_blocks=col_blocks, block_rows=cfg.block_rows,
                         block_out=cfg.block_out, block_k=cfg.block_k_down, width=width, tokens=tokens,
-                        padded=padded, sort=sort, num_learners=num_learners, has_bias=has_bias),
+                        padded=padded, sort=sort, num_learners=num_learners, has_bias=has_bias,
+                        has_residual=fuse_residual),
       out_shape=(jax.ShapeDtypeStruct((tokens, dim), x.dtype),) * num_groups,
       grid=(num_groups * row_blocks * col_blocks,), compiler_params=params(cfg.num_warps),
       interpret=interpret, name="acm_group_down",
-  )(order, k_rows, *down_inputs)
+  )(order, k_rows, *down_inputs, *((residual,) if fuse_residual else ()))
   k = k_tokens.reshape(num_groups, padded)[:, :tokens]
-  return tuple(outs), k
+  return _plus((tuple(outs), k), None if fuse_residual else residual)
+
+
+def _plus(result, residual):
+  """(outputs, k) with the residual added to every output by XLA (nothing when it is None)."""
+  if residual is None:
+    return result
+  outs, k = result
+  return tuple(residual + out for out in outs), k
 
 
 def _route(shift, x, gate_inputs, *, num_groups, padded, linear_gate, sort, positions, gate_settings, num_stages,
-           interpret):
-  """The route launch, and on the sorted path the scatter launch: (k in token order, order, k of
-  the rows) each (G * padded,) int32, plus each token's sorted place when `positions`. Unsorted,
-  order and the rows' k are k itself (order is not read there)."""
+           interpret, norm=None):
+  """The route launch, and on the sorted path the scatter launch: ((k in token order, order, k of
+  the rows) each (G * padded,) int32, plus each token's sorted place when `positions`; with
+  `norm` (scale, bias, eps), x is un-normalised and the second item is (mean, rstd) of every token,
+  (padded,) float32 each, else None). Unsorted, order and the rows' k are k itself (order is not
+  read there)."""
   num_chunks = padded // ROUTE_CHUNK
   params = None if interpret else _compiler_params(4, num_stages)
   route_out = [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32)]
   if sort:
     route_out += [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),
                   jax.ShapeDtypeStruct((num_groups * num_chunks * GATE_COLS,), jnp.int32)]
+  norm_inputs = ()
+  if norm is not None:
+    route_out += [jax.ShapeDtypeStruct((padded,), jnp.float32)] * 2
+    norm_inputs = norm[:2]
   routed = pl.pallas_call(
       functools.partial(_route_kernel, num_groups=num_groups, gate_refs_per_group=2 if linear_gate else 1,
                         tokens=x.shape[0], padded=padded, chunk=ROUTE_CHUNK, dim=x.shape[1], sort=sort,
-                        **gate_settings),
+                        norm_eps=None if norm is None else norm[2], **gate_settings),
       out_shape=tuple(route_out), grid=(num_groups * num_chunks,), compiler_params=params,
       interpret=interpret, name="acm_route",
-  )(shift, x, *gate_inputs)
+  )(shift, x, *norm_inputs, *gate_inputs)
+  stats = None
+  if norm is not None:
+    *routed, mean, rstd = routed
+    stats = (mean, rstd)
   k_tokens = routed[0]
   if not sort:
-    return k_tokens, k_tokens, k_tokens
+    return (k_tokens, k_tokens, k_tokens), stats
   sorted_out = pl.pallas_call(
       functools.partial(_scatter_kernel, num_groups=num_groups, tokens=x.shape[0], padded=padded,
                         chunk=ROUTE_CHUNK, num_learners=gate_settings["num_learners"]),
       out_shape=(jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),) * (3 if positions else 2),
       grid=(num_groups * num_chunks,), compiler_params=params, interpret=interpret, name="acm_scatter",
   )(*routed)
-  return (k_tokens, *sorted_out)
+  return (k_tokens, *sorted_out), stats
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  """Flax's `nn.LayerNorm(epsilon=eps, dtype=x.dtype)` over the last axis of x: statistics in
+  float32, the variance as E[x^2] - E[x]^2 clipped at 0, the result in x.dtype."""
+  f32 = jnp.float32
+  x32 = x.astype(f32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.maximum(jnp.mean(x32 * x32, axis=-1, keepdims=True) - mean * mean, 0.0)
+  mul = jax.lax.rsqrt(var + eps) * scale.astype(f32)
+  return ((x32 - mean) * mul + bias.astype(f32)).astype(x.dtype)
+
+
+def fold_norm(w1: jax.Array, b1: jax.Array, scale: jax.Array, bias: jax.Array) -> tuple[jax.Array, ...]:
+  """A LayerNorm's scale and bias folded into the up projection that reads its output:
+  (scale * w1 in w1's dtype, b1 + bias @ w1 in float32, the column sums of the first in float32),
+  so that LN(x) @ w1 + b1 = rstd * (x @ w1s) - mean * rstd * colsum + b1f (module docstring)."""
+  f32 = jnp.float32
+  scaled = (scale.astype(f32)[:, None] * w1.astype(f32)).astype(w1.dtype)
+  folded = b1.astype(f32) + jnp.dot(bias.astype(f32), w1.astype(f32), precision=jax.lax.Precision.HIGHEST)
+  return scaled, folded, jnp.sum(scaled.astype(f32), axis=0)
+
+
+def _check_norm(norm, dim: int):
+  """norm as (scale (d,), bias (d,), eps float > 0), or None."""
+  if norm is None:
+    return None
+  if not isinstance(norm, (tuple, list)) or len(norm) != 3:
+    raise ValueError(f"norm must be (scale, bias, eps) of a LayerNorm, got {type(norm).__name__}")
+  scale, bias, eps = norm
+  for name, arr in (("scale", scale), ("bias", bias)):
+    if getattr(arr, "shape", None) != (dim,):
+      raise ValueError(f"norm {name} must have shape ({dim},) to match x's d, got {getattr(arr, 'shape', arr)}")
+  if isinstance(eps, jax.core.Tracer) or not float(eps) > 0:
+    raise ValueError(f"norm eps must be a positive Python float, got {eps!r}")
+  return scale, bias, float(eps)
 
 
 def _mgpu_down_config(asked, dtype, tokens, dim, total, cfg, path, interpret):
@@ -865,9 +1048,10 @@ def _acm_group_merged(shift, x, groups, gate_inputs, *, cfg, path, padded, linea
         out_shape=out_shapes + (jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),),
         name="acm_group_gated_select")(shift, x, *gate_inputs, *tables)
   else:
-    k_tokens, order, k_rows = _route(shift, x, gate_inputs, num_groups=num_groups, padded=padded,
-                                     linear_gate=linear_gate, sort=path == "sorted", positions=False,
-                                     gate_settings=gate_settings, num_stages=cfg.num_stages, interpret=interpret)
+    (k_tokens, order, k_rows), _ = _route(shift, x, gate_inputs, num_groups=num_groups, padded=padded,
+                                          linear_gate=linear_gate, sort=path == "sorted", positions=False,
+                                          gate_settings=gate_settings, num_stages=cfg.num_stages,
+                                          interpret=interpret)
     outs = call(kernel, out_shape=out_shapes, name="acm_group_select")(order, k_rows, x, *tables)
   return tuple(outs), k_tokens.reshape(num_groups, padded)[:, :tokens]
 
@@ -968,16 +1152,21 @@ def _shifted(logits, num_learners, relative_cost, cost_shift, min_choice):
 
 
 def acm_group_reference(x, groups, *, num_learners: int, activation: str = "gelu", min_choice: int = 0,
-                        cost_shift=0.0, k=None):
+                        cost_shift=0.0, k=None, norm=None, residual=None):
   """Plain-jnp semantics in float32: (outputs, k) as `acm_group` returns them; k (G, T)
-  given, or the argmax of `gate_logits_reference`."""
+  given, or the argmax of `gate_logits_reference`. norm, residual: as `acm_group`'s (`layer_norm`
+  first; the residual added in float32 before the outputs' one rounding)."""
+  if norm is not None:
+    x = layer_norm(x, *norm)
   if k is None:
     k = jnp.stack([jnp.argmax(gate_logits_reference(x, grp, num_learners=num_learners, min_choice=min_choice,
                                                      cost_shift=cost_shift), -1) for grp in groups])
+  f32 = jnp.float32
   outs = []
   for grp, kg in zip(groups, k):
     b2 = grp.get("b2", jnp.zeros((num_learners + 1, x.shape[1]), x.dtype))
-    table = jnp.cumsum(b2.astype(jnp.float32), axis=0)
-    outs.append(acm_mlp_reference(x, kg, grp["w1"], grp["b1"], grp["w2"], table, num_learners=num_learners,
-                                  activation=activation))
+    table = jnp.cumsum(b2.astype(f32), axis=0)
+    out = acm_mlp_reference(x.astype(f32), kg, grp["w1"].astype(f32), grp["b1"].astype(f32), grp["w2"].astype(f32),
+                            table, num_learners=num_learners, activation=activation)
+    outs.append((out if residual is None else out + residual.astype(f32)).astype(x.dtype))
   return tuple(outs), k.astype(jnp.int32)

@@ -93,6 +93,161 @@ def test_group_matches_reference(tokens, dim, n, width, size, act, min_choice, d
     assert len(np.unique(np.asarray(k))) > 1
 
 
+def norm_inputs(seed, tokens, dim, dtype):
+  """A residual stream as a pre-LN block sees it (rows with their own offset and spread, a few large
+  channels) and a LayerNorm's scale and bias."""
+  rng = np.random.default_rng(seed)
+  z = rng.normal(size=(tokens, dim)) * rng.uniform(0.5, 4, size=(tokens, 1)) + rng.normal(size=(tokens, 1)) * 3
+  z[:, :2] *= 8
+  scale = jnp.asarray(1 + 0.3 * rng.normal(size=dim), jnp.float32)
+  bias = jnp.asarray(0.2 * rng.normal(size=dim), jnp.float32)
+  return jnp.asarray(z, dtype), (scale, bias, 1e-6)
+
+
+NORM_CASES = [
+    # (tokens, dim, N, width, group size, activation, min_choice, dtype, gate, k_kind, tiles)
+    (1, 64, 4, 32, 1, "gelu", 0, jnp.float32, "linear", "random", SMALL),
+    (197, 64, 4, 32, 1, "gelu", 0, jnp.float32, "linear", "random", SMALL),
+    (197, 64, 4, 32, 1, "gelu", 0, jnp.float32, "linear", "zeros", SMALL),
+    (197, 64, 4, 32, 3, "identity", 1, jnp.bfloat16, "linear", "random", SMALL),
+    (197, 64, 4, 32, 3, "identity", 1, jnp.bfloat16, "linear", "full", SMALL),
+    (300, 64, 4, 32, 2, "gelu", 0, jnp.float32, "logits", "random", SMALL),  # a deep gate's logits, given
+    (1576, 32, 4, 16, 1, "gelu", 0, jnp.bfloat16, "linear", "random", dict(SMALL, block_rows=64)),
+    (50432, 16, 4, 16, 1, "relu", 0, jnp.float32, "linear", "random", dict(SMALL, block_rows=128, block_hidden=64,
+                                                                            block_out=16)),
+    # ViT-B widths: the MLP ACM and the q/k/v group
+    (197, 768, 4, 768, 1, "gelu", 0, jnp.bfloat16, "linear", "random", {}),
+    (197, 768, 4, 96, 3, "identity", 1, jnp.bfloat16, "linear", "random", {}),
+]
+
+
+@pytest.mark.parametrize("tokens,dim,n,width,size,act,min_choice,dtype,gate,k_kind,tiles", NORM_CASES)
+@pytest.mark.parametrize("path,mode", [("sorted", "fold"), ("sorted", "prologue"), ("unsorted", "fold"),
+                                       ("unsorted", "prologue"), ("xla", None), ("twolaunch", None)])
+def test_group_through_a_layer_norm_matches_reference(tokens, dim, n, width, size, act, min_choice, dtype, gate,
+                                                      k_kind, tiles, path, mode, monkeypatch):
+  """`norm`: the ACMs read LayerNorm(z). The routed paths fuse it (statistics in the route launch; the
+  scale and bias folded into w1 and b1, or z normalised in the up launch's loop); the others normalise
+  first. Both against the reference on LayerNorm(z), and k against the reference's gates."""
+  if (dim > 64 or tokens > 10_000) and path != "sorted":
+    pytest.skip("the largest shapes are covered on the sorted path")
+  monkeypatch.setattr(af, "NORM_MIN_TOKENS", 0)
+  z, norm = norm_inputs(tokens, tokens, dim, dtype)
+  _, groups = random_group(tokens + 1, tokens, dim, n, width, size, dtype, gate=gate, k_kind=k_kind)
+  outs, k = af.acm_group(z, groups, num_learners=n, activation=act, min_choice=min_choice, norm=norm,
+                         norm_mode=mode, interpret=True, **PATHS[path], **tiles)
+  _, k_ref = af.acm_group_reference(z, groups, num_learners=n, min_choice=min_choice, norm=norm)
+  refs, _ = af.acm_group_reference(z, groups, num_learners=n, activation=act, k=k, norm=norm)
+  agree = float(jnp.mean(k == k_ref))
+  assert agree == 1.0 if dtype == jnp.float32 else agree >= 0.99, agree
+  if k_kind != "random":
+    assert (np.asarray(k) == (0 if k_kind == "zeros" else n)).all()
+  elif tokens > 10:
+    assert len(np.unique(np.asarray(k))) > 1
+  for out, ref in zip(outs, refs):
+    assert out.dtype == dtype and np.isfinite(np.asarray(out, np.float32)).all()
+    assert rel_err(out, ref) < LIMITS[jnp.dtype(dtype)]
+
+
+RESIDUAL_CASES = [
+    # (tokens, dim, N, width, group size, activation, min_choice, dtype, k_kind, tiles)
+    (1, 64, 4, 32, 1, "gelu", 0, jnp.float32, "random", SMALL),
+    (197, 64, 4, 32, 1, "gelu", 0, jnp.bfloat16, "random", SMALL),
+    (197, 64, 4, 32, 2, "identity", 1, jnp.float32, "full", SMALL),
+    (197, 64, 4, 32, 1, "gelu", 0, jnp.float32, "zeros", SMALL),
+    (1576, 32, 4, 16, 1, "gelu", 0, jnp.bfloat16, "random", dict(SMALL, block_rows=64)),
+    (50432, 16, 4, 8, 1, "identity", 1, jnp.float32, "random", dict(SMALL, block_rows=128, block_hidden=32,
+                                                                     block_out=16)),
+    (197, 768, 4, 768, 1, "gelu", 0, jnp.bfloat16, "random", {}),  # the ViT-B MLP ACM
+    (197, 768, 4, 96, 1, "identity", 1, jnp.bfloat16, "random", {}),  # the ViT-B output projection's
+]
+
+
+@pytest.mark.parametrize("tokens,dim,n,width,size,act,min_choice,dtype,k_kind,tiles", RESIDUAL_CASES)
+@pytest.mark.parametrize("path", ["sorted", "unsorted", "twolaunch", "onepass", "xla"])
+def test_group_with_a_residual_matches_reference(tokens, dim, n, width, size, act, min_choice, dtype, k_kind, tiles,
+                                                 path, monkeypatch):
+  """`residual`: added to every output, by the down launch on the routed paths (`RESIDUAL_MIN_TOKENS`
+  = 0) and by XLA elsewhere; against the reference with the residual added before its one rounding."""
+  if (dim > 64 or tokens > 10_000) and path not in ("sorted", "unsorted"):
+    pytest.skip("the largest shapes are covered on the routed paths")
+  if tokens > 10_000 and path == "unsorted":
+    pytest.skip("the unsorted path at this size adds nothing the sorted one does not test")
+  monkeypatch.setattr(af, "RESIDUAL_MIN_TOKENS", 0)
+  x, groups = random_group(tokens + 2, tokens, dim, n, width, size, dtype, k_kind=k_kind)
+  residual = jnp.asarray(np.random.default_rng(tokens).normal(size=(tokens, dim)) * 4, dtype)
+  outs, k = af.acm_group(x, groups, num_learners=n, activation=act, min_choice=min_choice, residual=residual,
+                         interpret=True, **PATHS[path], **tiles)
+  _, k_ref = af.acm_group_reference(x, groups, num_learners=n, min_choice=min_choice)
+  refs, _ = af.acm_group_reference(x, groups, num_learners=n, activation=act, k=k, residual=residual)
+  assert float(jnp.mean(k == k_ref)) >= (1.0 if dtype == jnp.float32 else 0.99)
+  for out, ref in zip(outs, refs):
+    assert out.dtype == dtype and np.isfinite(np.asarray(out, np.float32)).all()
+    assert rel_err(out, ref) < LIMITS[jnp.dtype(dtype)]
+    # and the ACM's own part, so that a residual much larger than it cannot hide an error
+    assert rel_err(np.asarray(out, np.float64) - np.asarray(residual, np.float64),
+                   np.asarray(ref, np.float64) - np.asarray(residual, np.float64)) < 3 * LIMITS[jnp.dtype(dtype)]
+
+
+def test_the_residual_is_added_by_the_down_launch_only_above_its_threshold(monkeypatch):
+  n = 4
+  x, groups = random_group(5, 150, 64, n, 32, 1, jnp.float32)
+  residual = jnp.asarray(np.random.default_rng(6).normal(size=(150, 64)), jnp.float32)
+  seen = []
+  real = af._down_kernel
+  monkeypatch.setattr(af, "_down_kernel", lambda *a, **kw: seen.append(kw["has_residual"]) or real(*a, **kw))
+  results = []
+  for threshold in (0, 151, None):
+    monkeypatch.setattr(af, "RESIDUAL_MIN_TOKENS", threshold)
+    results.append(af.acm_group(x, groups, num_learners=n, residual=residual, interpret=True, sort=True, **SMALL))
+  assert seen == [True, False, False]
+  for outs, k in results[1:]:
+    np.testing.assert_array_equal(k, results[0][1])
+    assert rel_err(outs[0], results[0][0][0]) < 1e-6
+
+
+def test_layer_norm_below_the_token_threshold_runs_first_and_agrees(monkeypatch):
+  """Below `NORM_MIN_TOKENS` (or with it None, the default) the LayerNorm runs as XLA before
+  unfused kernels: the same function."""
+  n = 4
+  z, norm = norm_inputs(0, 150, 64, jnp.float32)
+  _, groups = random_group(1, 150, 64, n, 32, 1, jnp.float32)
+  folds = []
+  monkeypatch.setattr(af, "fold_norm", lambda *a, real=af.fold_norm: folds.append(1) or real(*a))
+  call = functools.partial(af.acm_group, z, groups, num_learners=n, norm=norm, interpret=True, sort=True, **SMALL)
+  results = {}
+  for threshold in (0, 151, None):
+    monkeypatch.setattr(af, "NORM_MIN_TOKENS", threshold)
+    results[threshold] = call()
+  assert len(folds) == 1  # only at threshold 0
+  for threshold in (151, None):
+    np.testing.assert_array_equal(results[0][1], results[threshold][1])
+    assert rel_err(results[0][0][0], results[threshold][0][0]) < 1e-5
+
+
+def test_layer_norm_equals_flax_and_the_fold_is_exact():
+  """`layer_norm` against flax's LayerNorm, and the folded up projection against LN(z) @ w1 + b1, in
+  float64 arithmetic on float32 inputs."""
+  z, (scale, bias, eps) = norm_inputs(2, 50, 48, jnp.float32)
+  ln = flax.linen.LayerNorm(epsilon=eps, dtype=jnp.float32)
+  want = ln.apply({"params": {"scale": scale, "bias": bias}}, z)
+  np.testing.assert_allclose(af.layer_norm(z, scale, bias, eps), want, rtol=1e-6, atol=1e-6)
+  zb = z.astype(jnp.bfloat16)
+  np.testing.assert_array_equal(af.layer_norm(zb, scale, bias, eps),
+                                flax.linen.LayerNorm(epsilon=eps, dtype=jnp.bfloat16).apply(
+                                    {"params": {"scale": scale, "bias": bias}}, zb))
+  rng = np.random.default_rng(3)
+  w1 = jnp.asarray(rng.normal(size=(48, 40)), jnp.float32)
+  b1 = jnp.asarray(rng.normal(size=40), jnp.float32)
+  scaled, folded, colsum = (np.asarray(a, np.float64) for a in af.fold_norm(w1, b1, scale, bias))
+  z64 = np.asarray(z, np.float64)
+  mean = z64.mean(1, keepdims=True)
+  rstd = 1 / np.sqrt(z64.var(1, keepdims=True) + eps)
+  f64 = lambda a: np.asarray(a, np.float64)
+  direct = ((z64 - mean) * rstd * f64(scale) + f64(bias)) @ f64(w1) + f64(b1)
+  np.testing.assert_allclose(rstd * (z64 @ scaled) - mean * rstd * colsum + folded, direct, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("path", ["sorted", "onepass", "twolaunch", "xla"])
 def test_given_logits_cost_shift_and_no_bias_under_jit(path):
   """Deep gates hand in logits; a traced cost shift lowers k as the XLA gate's does."""
@@ -148,12 +303,27 @@ def test_tuned_tiles_that_do_not_fit_a_smaller_model_keep_the_heuristic(monkeypa
   check_group(x, groups, n=4)  # the call those tiles would have stopped, against the reference
 
 
-@pytest.mark.parametrize("path", ["default", "onepass", "twolaunch", "xla"])
+@pytest.mark.parametrize("path", ["default", "layer_norm_fold", "layer_norm_prologue", "residual_in_kernel",
+                                  "onepass", "twolaunch", "xla"])
 def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attention=True):
   """The whole model: fused kernels (q/k/v as one group) against the XLA path forced to
   the same per-ACM choices, and the block-0 gates against the XLA gates; with the
-  default paths, with every ACM on the one-launch path, and with every group on the
-  dense XLA path of `acm_group` (as the tuned table may pick it)."""
+  default paths, with the LayerNorms before the MLP and q/k/v groups fused into their kernels
+  (both forms), with the skip connections added by the down launches, with every ACM on the
+  one-launch path, and with every group on the dense XLA path of `acm_group` (as the tuned table
+  may pick it)."""
+  folds, stats = [], []
+  monkeypatch.setattr(af, "fold_norm", lambda *a, real=af.fold_norm: folds.append(1) or real(*a))
+  monkeypatch.setattr(af, "_row_stats", lambda *a, real=af._row_stats, **kw: stats.append(1) or real(*a, **kw))
+  residuals = []
+  real_down = af._down_kernel
+  monkeypatch.setattr(af, "_down_kernel",
+                      lambda *a, **kw: residuals.append(kw.get("has_residual")) or real_down(*a, **kw))
+  if path.startswith("layer_norm"):
+    monkeypatch.setattr(af, "NORM_MIN_TOKENS", 0)
+    monkeypatch.setattr(af, "NORM_MODE", path.split("_")[-1])
+  if path == "residual_in_kernel":
+    monkeypatch.setattr(af, "RESIDUAL_MIN_TOKENS", 0)
   if path == "onepass":
     monkeypatch.setattr(af, "ONEPASS_MAX_TOKENS", 1 << 20)
   if path == "twolaunch":
@@ -165,6 +335,8 @@ def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attent
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   model = vit.ViT(cfg)
   params = model.init(jax.random.key(1), images[:1])["params"]
+  for calls in (folds, stats, residuals):  # those of the forward, not of init's
+    calls.clear()
   flat = flax.traverse_util.flatten_dict(params, sep="/")
   rng = np.random.default_rng(0)
   for name in flat:  # gates that spread over k
@@ -175,6 +347,12 @@ def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attent
   choices = flax.traverse_util.flatten_dict(state["acm"], sep="/")
   kmap = {name[:-len("/choice")]: jnp.argmax(v[0], -1) for name, v in choices.items() if name.endswith("/choice")}
   assert len(kmap) == cfg.depth * (5 if attention else 1)
+  # fused, every pre-LN group (the MLP, and q/k/v when ACMized) takes its LayerNorm into its kernels
+  assert len(folds) == (cfg.depth * (4 if attention else 1) if path == "layer_norm_fold" else 0)
+  assert bool(stats) == path.startswith("layer_norm")
+  # the MLP and the output projection take the skip connection, the q/k/v group does not
+  fused = path == "residual_in_kernel"
+  assert residuals.count(True) == (cfg.depth * (2 if attention else 1) if fused else 0)
   xla_model = vit.ViT(dataclasses.replace(cfg, acm=dataclasses.replace(cfg.acm, impl="xla")))
   with acm_lib.force_k(kmap):
     ref, ref_state = xla_model.apply({"params": params}, images, mutable=["acm"])
@@ -233,6 +411,17 @@ def test_bad_inputs_name_the_problem():
     call(x, [{**merged[0], "merged": merged[0]["merged"][:64]}], activation="identity")
   with pytest.raises(ValueError, match="do not hold 3 learners"):
     af.merge_linear_learners(groups[0], 3)
+  ones = jnp.ones((64,))
+  with pytest.raises(ValueError, match=r"norm scale must have shape \(64,\)"):
+    call(x, groups, norm=(ones[:32], ones, 1e-6))
+  with pytest.raises(ValueError, match="norm eps must be a positive Python float, got -1"):
+    call(x, groups, norm=(ones, ones, -1.0))
+  with pytest.raises(ValueError, match=r"norm must be \(scale, bias, eps\)"):
+    call(x, groups, norm=ones)
+  with pytest.raises(ValueError, match=r"residual must match x: shape \(20, 64\) and dtype float32, got \(20, 32\)"):
+    call(x, groups, residual=x[:, :32])
+  with pytest.raises(ValueError, match="norm_mode must be one of .*got 'epilogue'"):
+    call(x, groups, norm=(ones, ones, 1e-6), norm_mode="epilogue")
 
 
 @pytest.mark.parametrize("impl", ["pallas", "xla"])
