@@ -117,6 +117,7 @@ NORM_CASES = [
                                                                             block_out=16)),
     # ViT-B widths: the MLP ACM and the q/k/v group
     (197, 768, 4, 768, 1, "gelu", 0, jnp.bfloat16, "linear", "random", {}),
+    (197, 768, 4, 768, 1, "gelu", 0, jnp.float32, "linear", "full", dict(block_rows=64, block_out=256)),
     (197, 768, 4, 96, 3, "identity", 1, jnp.bfloat16, "linear", "random", {}),
 ]
 
@@ -159,6 +160,7 @@ RESIDUAL_CASES = [
     (50432, 16, 4, 8, 1, "identity", 1, jnp.float32, "random", dict(SMALL, block_rows=128, block_hidden=32,
                                                                      block_out=16)),
     (197, 768, 4, 768, 1, "gelu", 0, jnp.bfloat16, "random", {}),  # the ViT-B MLP ACM
+    (197, 768, 4, 768, 1, "gelu", 0, jnp.float32, "full", dict(block_rows=64, block_out=256)),
     (197, 768, 4, 96, 1, "identity", 1, jnp.bfloat16, "random", {}),  # the ViT-B output projection's
 ]
 

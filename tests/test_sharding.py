@@ -186,29 +186,33 @@ def _kernel_per_shard(devices):
 
 
 def _group_norm_per_shard(devices):
-  """The fused group with its LayerNorm taken into the kernels (`acm_group_apply(..., norm=...)`,
-  interpreted on CPU) inside a batch-sharded jit: the LayerNorm's parameters replicated, each device
-  normalising its own tokens; against the plain-jnp reference on the whole batch."""
+  """The fused group with its LayerNorm and a skip connection taken into the kernels
+  (`acm_group_apply(..., norm=..., residual=...)`, interpreted on CPU) inside a batch-sharded jit: the
+  LayerNorm's parameters replicated, the residual split like the tokens, each device normalising its
+  own; against the plain-jnp reference on the whole batch."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   from acm_jax import inference, sharding
   from pallas_kernels import acm_fused
   from pallas_kernels.fused_testing import random_group
-  acm_fused.NORM_MIN_TOKENS = 0
+  acm_fused.NORM_MIN_TOKENS = acm_fused.RESIDUAL_MIN_TOKENS = 0
   parts = sharding.Partitioner.from_flags("data:4,fsdp:2", "fsdp", devices)
   n, d = 4, 32
   _, groups = random_group(0, 8 * 16, d, n, 16, 2, jnp.float32)
   rng = np.random.default_rng(1)
   z = jnp.asarray(rng.normal(size=(8, 16, d)) * 2 + 1, jnp.float32)
   scale, bias = jnp.asarray(1 + 0.3 * rng.normal(size=d), jnp.float32), jnp.asarray(rng.normal(size=d), jnp.float32)
-  fn = lambda g, z, s, b: inference.acm_group_apply(z, g, num_learners=n, norm=(s, b, 1e-6), block_rows=16,
-                                                    block_hidden=16, block_out=16, block_k_up=16, block_k_down=16)
+  residual = jnp.asarray(rng.normal(size=(8, 16, d)), jnp.float32)
+  fn = lambda g, z, s, b, r: inference.acm_group_apply(z, g, num_learners=n, norm=(s, b, 1e-6), residual=r,
+                                                       block_rows=16, block_hidden=16, block_out=16, block_k_up=16,
+                                                       block_k_down=16)
   rows, whole = parts.batch_sharding(), parts.replicated
-  jitted = parts.jit(fn, (whole, rows, whole, whole), ((rows, rows), whole))
-  text = jitted.lower(groups, z, scale, bias).as_text()
-  outs, k = jitted(groups, jax.device_put(z, rows), scale, bias)
-  refs, k_ref = acm_fused.acm_group_reference(z.reshape(-1, d), groups, num_learners=n, norm=(scale, bias, 1e-6))
+  jitted = parts.jit(fn, (whole, rows, whole, whole, rows), ((rows, rows), whole))
+  text = jitted.lower(groups, z, scale, bias, residual).as_text()
+  outs, k = jitted(groups, jax.device_put(z, rows), scale, bias, jax.device_put(residual, rows))
+  refs, k_ref = acm_fused.acm_group_reference(z.reshape(-1, d), groups, num_learners=n, norm=(scale, bias, 1e-6),
+                                              residual=residual.reshape(-1, d))
   err = max(float(jnp.max(jnp.abs(o.reshape(-1, d) - r))) for o, r in zip(outs, refs))
   return {"max_err": err, "k_equal": bool(jnp.array_equal(k.reshape(2, -1), k_ref)),
           "shard_map": "shard_map" in text or "manual" in text}
