@@ -267,15 +267,23 @@ def test_triton_kernel_on_gpu(dtype):
   check_close(out, pk.acm_mlp_reference(*args, num_learners=n), dtype)
 
 
-def test_acm_vit_pallas_path_matches_xla_and_exports():
+@pytest.mark.parametrize("fusions", [False, True])
+def test_acm_vit_pallas_path_matches_xla_and_exports(fusions, monkeypatch):
   """Whole ACM-ViT forward: impl="pallas" (interpreted here) equals impl="xla", and the
-  jitted forward survives a jax.export serialise/deserialise round trip."""
+  jitted forward survives a jax.export serialise/deserialise round trip; also with the pre-LN
+  LayerNorms and skip connections taken into the kernels (`acm_fused.NORM_MIN_TOKENS`,
+  `RESIDUAL_MIN_TOKENS`)."""
   import dataclasses
 
   from jax import export
 
   from acm_jax import acm as acm_lib
   from acm_jax.vit import model as vit
+  from pallas_kernels import acm_fused
+
+  if fusions:
+    monkeypatch.setattr(acm_fused, "NORM_MIN_TOKENS", 0)
+    monkeypatch.setattr(acm_fused, "RESIDUAL_MIN_TOKENS", 0)
 
   base = vit.get_config("tiny")
   images = jax.random.normal(jax.random.key(0), (2, base.image_size, base.image_size, 3))
