@@ -2,6 +2,7 @@
 
     python3 -m benchmarks.serve_profile                               # one GPU: ViT-B/16, batches 256 and 8
     python3 -m benchmarks.serve_profile --batches=1 --acm=mlp --r=0.25
+    python3 -m benchmarks.serve_profile --norm-min-tokens=0 --residual-min-tokens=0   # with the opt-in fusions
     python3 -m benchmarks.serve_profile --model=tiny --impl=xla --batches=2 --forwards=2   # CPU smoke run
 
 The models, weights and gates are `benchmarks.vit_bench`'s (random weights in bf16, gates
@@ -10,7 +11,7 @@ picking k ~ Binomial(N, r)). Each jitted forward is warmed up, timed over --forw
 summed per name and per category as in `benchmarks.step_profile` (gemm includes cuDNN
 attention and convolutions; triton the Pallas kernels). Prints the top kernels and writes
 benchmarks/results/serve_profile_<gpu>.json (or --out): [{device, date, jax_version, model, r,
-impl, runs: {"<acm>_b<batch>": {wall_ms, device_ms_per_step, count_per_step, categories, top}}}],
+impl, norm_min_tokens, norm_mode, residual_min_tokens, runs: {"<acm>_b<batch>": {wall_ms, device_ms_per_step, count_per_step, categories, top}}}],
 where <acm> is "none" for the dense model and "_per_step" means per forward.
 """
 
@@ -59,9 +60,11 @@ def main(argv=None) -> dict:
   parser.add_argument("--forwards", type=int, default=5, help="timed and traced forwards per model")
   parser.add_argument("--top", type=int, default=25, help="kernels printed and recorded per model")
   parser.add_argument("--out", type=Path, default=None)
+  vb.add_fusion_flags(parser)
   args = parser.parse_args(argv)
   if args.forwards < 1 or not 0 < args.r <= 1:
     parser.error(f"--forwards must be >= 1 and --r in (0, 1]; got {args.forwards}, {args.r}")
+  fusions = vb.apply_fusion_flags(args)
   dense_cfg = vit.get_config(args.model)
   images = jax.random.normal(jax.random.key(0), (max(args.batches), dense_cfg.image_size, dense_cfg.image_size, 3),
                              jnp.bfloat16)
@@ -84,7 +87,7 @@ def main(argv=None) -> dict:
         print(f"  {ms:9.4f} ms {calls:6.1f}x  {name[:110]}")
   device = jax.devices()[0].device_kind
   record = {"device": device, "date": datetime.date.today().isoformat(), "jax_version": jax.__version__,
-            "model": args.model, "r": args.r, "impl": args.impl, "runs": runs}
+            "model": args.model, "r": args.r, "impl": args.impl, **fusions, "runs": runs}
   tb.append(args.out or tb.RESULTS / f"serve_profile_{gpu_name(device)}.json", [record])
   return record
 

@@ -152,6 +152,30 @@ def timed(fn, *args, reps=30):
   return float(np.median(samples))
 
 
+def add_fusion_flags(parser: argparse.ArgumentParser) -> None:
+  """Flags that switch the fusions of `pallas_kernels.acm_fused` that are off by default."""
+  parser.add_argument("--norm-min-tokens", type=int, default=None,
+                      help="acm_fused.NORM_MIN_TOKENS for this run (the LayerNorm before a group fused into its "
+                           "kernels from this many tokens on; -1: never)")
+  parser.add_argument("--norm-mode", default=None, choices=acm_fused.NORM_MODES,
+                      help="acm_fused.NORM_MODE for this run (how the up launch takes a fused LayerNorm)")
+  parser.add_argument("--residual-min-tokens", type=int, default=None,
+                      help="acm_fused.RESIDUAL_MIN_TOKENS for this run (the skip connection added by an ACM's down "
+                           "launch from this many tokens on; -1: never)")
+
+
+def apply_fusion_flags(args) -> dict:
+  """Sets acm_fused's fusion switches from `add_fusion_flags`' flags; returns them as records keep them."""
+  if args.norm_min_tokens is not None:
+    acm_fused.NORM_MIN_TOKENS = None if args.norm_min_tokens < 0 else args.norm_min_tokens
+  if args.norm_mode is not None:
+    acm_fused.NORM_MODE = args.norm_mode
+  if args.residual_min_tokens is not None:
+    acm_fused.RESIDUAL_MIN_TOKENS = None if args.residual_min_tokens < 0 else args.residual_min_tokens
+  return dict(norm_min_tokens=acm_fused.NORM_MIN_TOKENS, norm_mode=acm_fused.NORM_MODE,
+              residual_min_tokens=acm_fused.RESIDUAL_MIN_TOKENS)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="vit_b16", choices=("tiny", "vit_s16", "vit_b16", "vit_l16"),
@@ -168,14 +192,7 @@ def main(argv=None):
                       help="acm_fused.TWOLAUNCH_MAX_TOKENS for this run (the gate inside the up kernel)")
   parser.add_argument("--onepass-max-tokens", type=int, default=None,
                       help="override pallas_kernels.acm_fused.ONEPASS_MAX_TOKENS (the one-launch path)")
-  parser.add_argument("--norm-min-tokens", type=int, default=None,
-                      help="acm_fused.NORM_MIN_TOKENS for this run (the LayerNorm before a group fused into its "
-                           "kernels from this many tokens on; -1: never)")
-  parser.add_argument("--residual-min-tokens", type=int, default=None,
-                      help="acm_fused.RESIDUAL_MIN_TOKENS for this run (the skip connection added by an ACM's down "
-                           "launch from this many tokens on; -1: never)")
-  parser.add_argument("--norm-mode", default=None, choices=acm_fused.NORM_MODES,
-                      help="acm_fused.NORM_MODE for this run (how the up launch takes a fused LayerNorm)")
+  add_fusion_flags(parser)
   parser.add_argument("--mgpu-down-min-tokens", type=int, default=None,
                       help="acm_fused.MGPU_DOWN_MIN_TOKENS for this run (the Mosaic GPU down kernel; -1: never)")
   parser.add_argument("--mgpu-down-kinds", default=None,
@@ -204,12 +221,7 @@ def main(argv=None):
     acm_fused.ONEPASS_MAX_TOKENS = args.onepass_max_tokens
   if args.twolaunch_max_tokens is not None:
     acm_fused.TWOLAUNCH_MAX_TOKENS = args.twolaunch_max_tokens
-  if args.norm_min_tokens is not None:
-    acm_fused.NORM_MIN_TOKENS = None if args.norm_min_tokens < 0 else args.norm_min_tokens
-  if args.residual_min_tokens is not None:
-    acm_fused.RESIDUAL_MIN_TOKENS = None if args.residual_min_tokens < 0 else args.residual_min_tokens
-  if args.norm_mode is not None:
-    acm_fused.NORM_MODE = args.norm_mode
+  fusions = apply_fusion_flags(args)
   if args.mgpu_down_min_tokens is not None:
     acm_fused.MGPU_DOWN_MIN_TOKENS = None if args.mgpu_down_min_tokens < 0 else args.mgpu_down_min_tokens
   if args.mgpu_down_kinds is not None:
@@ -312,9 +324,7 @@ def main(argv=None):
                    **like_for_like,
                    ideal_ratio=round(ideal, 4), logits_rel_err=err,
                    gate_agreement_block0=round(gate_agree, 5), check_passed=err <= 0.05 and gate_agree >= 0.99,
-                   scanned=args.scan_blocks, norm_min_tokens=acm_fused.NORM_MIN_TOKENS,
-                   norm_mode=acm_fused.NORM_MODE, residual_min_tokens=acm_fused.RESIDUAL_MIN_TOKENS,
-                   mgpu_down_min_tokens=acm_fused.MGPU_DOWN_MIN_TOKENS,
+                   scanned=args.scan_blocks, **fusions, mgpu_down_min_tokens=acm_fused.MGPU_DOWN_MIN_TOKENS,
                    mgpu_down_kinds=list(acm_fused.MGPU_DOWN_KINDS), mgpu_down_tiles=dict(acm_fused.MGPU_DOWN_TILES))
         records.append(rec)
         log(f"batch {batch:4d} acm={kind:8s} r={r} (measured {r_real:.3f}) impl={impl:6s} {ips:9.1f} images/s "

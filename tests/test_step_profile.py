@@ -56,6 +56,7 @@ def test_serve_profile_records_every_model_and_batch_on_the_cpu(tmp_path):
   record = serve_profile.main(["--model=tiny", "--impl=xla", "--batches=2,3", "--acm=mlp", "--forwards=2",
                                f"--out={out}"])
   assert set(record["runs"]) == {"none_b2", "mlp_b2", "none_b3", "mlp_b3"}
+  assert (record["norm_min_tokens"], record["residual_min_tokens"]) == (None, None)  # the fusions' defaults
   for run in record["runs"].values():
     assert run["wall_ms"] > 0 and run["device_ms_per_step"] > 0 and run["top"]
     assert sum(run["categories"].values()) == pytest.approx(run["device_ms_per_step"], rel=1e-3, abs=1e-3)

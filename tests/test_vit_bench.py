@@ -75,6 +75,29 @@ def test_main_on_the_cpu_records_the_issue_fields_and_the_tanh_baseline(tanh_bas
   assert "| mlp_qkvo | 0.5 |" in table and ("Dense with GELU's tanh form" in table) is tanh_baseline
 
 
+def test_fusion_flags_set_the_switches_and_are_recorded(tmp_path, monkeypatch):
+  """--norm-min-tokens / --norm-mode / --residual-min-tokens set acm_fused's switches (-1: off) and every
+  ACM row records them."""
+  from pallas_kernels import acm_fused
+  for name in ("NORM_MIN_TOKENS", "NORM_MODE", "RESIDUAL_MIN_TOKENS"):  # restored after the test
+    monkeypatch.setattr(acm_fused, name, getattr(acm_fused, name))
+  parser = __import__("argparse").ArgumentParser()
+  vb.add_fusion_flags(parser)
+  got = vb.apply_fusion_flags(parser.parse_args(["--norm-min-tokens", "4096", "--norm-mode", "prologue",
+                                                 "--residual-min-tokens", "-1"]))
+  assert got == {"norm_min_tokens": 4096, "norm_mode": "prologue", "residual_min_tokens": None}
+  assert (acm_fused.NORM_MIN_TOKENS, acm_fused.NORM_MODE, acm_fused.RESIDUAL_MIN_TOKENS) == (4096, "prologue", None)
+  with pytest.raises(SystemExit):
+    parser.parse_args(["--norm-mode", "epilogue"])
+  monkeypatch.setattr(vb, "ROUNDS", 1)
+  vb.main(["--model", "tiny", "--batches", "2", "--acm", "mlp", "--ratios", "0.5", "--impls", "xla", "--attention",
+           "xla", "--no-dense-gelu-tanh", "--norm-min-tokens", "0", "--residual-min-tokens", "0",
+           "--results-dir", str(tmp_path), "--no-append"])
+  rows = [r for r in json.loads(next(tmp_path.glob("vit_*.json")).read_text()) if r["acm"] != "none"]
+  assert rows and all((r["norm_min_tokens"], r["norm_mode"], r["residual_min_tokens"]) == (0, "prologue", 0)
+                      for r in rows)
+
+
 def test_main_refuses_the_kernels_without_a_gpu():
   if jax.default_backend() == "gpu":
     pytest.skip("the refusal is for backends without a GPU")
