@@ -729,9 +729,7 @@ class ACM(nn.Module):
         spec["logits"] = raw_logits
       if mode == GROUP_INPUTS:
         return spec
-      inputs, norm = x, None
-      if prenorm is not None and "gate" in spec:  # a deep gate reads the normalised x anyway
-        inputs, norm = prenorm[0], tuple(prenorm[1:])
+      inputs, norm = fused_inputs(x, prenorm, [spec])
       (y,), k = inference.acm_group_apply(inputs, [spec], num_learners=n, activation=self.activation,
                                           min_choice=self.min_choice, cost_shift=cost_shift, norm=norm,
                                           residual=residual)
@@ -753,6 +751,15 @@ class ACM(nn.Module):
     self.sow("acm", "logits", logits)
     self.sow("acm", "choice", choice)
     return y if residual is None else residual + y
+
+
+def fused_inputs(x: jax.Array, prenorm: tuple | None, specs: Sequence[dict]) -> tuple[jax.Array, tuple | None]:
+  """(input, norm) for `inference.acm_group_apply` of a group reading x: the un-normalised z and its
+  LayerNorm (scale, bias, eps) when the block passed `prenorm` = (z, scale, bias, eps) and every gate of
+  the group is linear (a deep gate's logits come from the normalised x anyway), else (x, None)."""
+  if prenorm is None or not all("gate" in spec for spec in specs):
+    return x, None
+  return prenorm[0], tuple(prenorm[1:])
 
 
 def group_gate_logits(gates: Sequence[Params], x: jax.Array) -> list[jax.Array]:

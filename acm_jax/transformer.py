@@ -169,9 +169,7 @@ class Attention(nn.Module):
     if self._grouped(qkv, acm_args):
       # one fused launch sequence for the three ACMs that read x (see `inference.acm_group_apply`)
       specs = [proj(x, **{**acm_args, "mode": acm_lib.GROUP_INPUTS}) for proj in qkv]
-      inputs, norm = x, None
-      if prenorm is not None and all("gate" in spec for spec in specs):
-        inputs, norm = prenorm[0], tuple(prenorm[1:])
+      inputs, norm = acm_lib.fused_inputs(x, prenorm, specs)
       (q, k, v), choices = inference.acm_group_apply(
           inputs, specs, num_learners=self.acm.num_learners, activation="identity", min_choice=qkv[0].min_choice,
           cost_shift=acm_args.get("cost_shift", 0.0), norm=norm)
