@@ -789,8 +789,8 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   hidden_shapes = (jax.ShapeDtypeStruct((padded, total), x.dtype),) * num_groups
   up_call = functools.partial(pl.pallas_call, grid=(num_groups * row_blocks * tiles_per_block,),
                               compiler_params=params(cfg.num_warps), interpret=interpret)
+  weights_up = [a for grp in groups for a in (grp["w1"], grp["b1"])]
   if path == "twolaunch":  # the gate inside the up kernel: no route launch
-    weights_up = [a for grp in groups for a in (grp["w1"], grp["b1"])]
     *hidden, k_tokens = up_call(
         functools.partial(up, gate=dict(gate_settings, gate_refs_per_group=2 if linear_gate else 1)),
         out_shape=hidden_shapes + (jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),),
@@ -806,11 +806,9 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
       hidden = up_call(functools.partial(up, norm="fold"), out_shape=hidden_shapes, name="acm_group_up")(
           order, k_rows, x, *stats, *weights_up)
     elif fuse_norm:
-      weights_up = [a for grp in groups for a in (grp["w1"], grp["b1"])]
       hidden = up_call(functools.partial(up, norm="prologue"), out_shape=hidden_shapes, name="acm_group_up")(
           order, k_rows, x, *stats, *norm[:2], *weights_up)
     else:
-      weights_up = [a for grp in groups for a in (grp["w1"], grp["b1"])]
       hidden = up_call(up, out_shape=hidden_shapes, name="acm_group_up")(order, k_rows, x, *weights_up)
   has_bias = "b2" in groups[0]
   if down_cfg:

@@ -90,6 +90,7 @@ def test_fusion_flags_set_the_switches_and_are_recorded(tmp_path, monkeypatch):
   with pytest.raises(SystemExit):
     parser.parse_args(["--norm-mode", "epilogue"])
   monkeypatch.setattr(vb, "ROUNDS", 1)
+  monkeypatch.setenv("OUT", str(tmp_path))  # where the script writes its table
   vb.main(["--model", "tiny", "--batches", "2", "--acm", "mlp", "--ratios", "0.5", "--impls", "xla", "--attention",
            "xla", "--no-dense-gelu-tanh", "--norm-min-tokens", "0", "--residual-min-tokens", "0",
            "--results-dir", str(tmp_path), "--no-append"])
