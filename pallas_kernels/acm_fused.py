@@ -66,10 +66,8 @@ nothing in the model passes the tables yet.
 A group that reads LayerNorm(x) (the MLP and the q/k/v projections of a pre-LN block) can take
 x and the LayerNorm's parameters instead (`acm_group(..., norm=...)`): on the routed paths the
 normalised activations then never exist in memory. The route launch computes each token's mean
-and inverse standard deviation and stores them. A linear gate takes the LayerNorm folded into
-its weights in the same pass over x (`_folded_gate_logits`; it reads LN(x) unrounded where the
-unfused gate reads it rounded to x's dtype, so bf16 near-ties may go the other way); given logits
-need only the statistics. The up launch then takes one of two forms
+and inverse standard deviation, feeds its gate the normalised rows (rounded to x's dtype, as the
+LayerNorm's output is), and stores the two statistics. The up launch then takes one of two forms
 (`NORM_MODE`): "fold" multiplies raw x by w1 with the scale folded in, and its epilogue finishes
 the normalisation per row,
 
