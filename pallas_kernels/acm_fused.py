@@ -257,25 +257,20 @@ def _for_group(g, num_groups, body):
 
 
 def _gate_choice(shift_ref, x_ref, gate_refs, src, valid, *, rows, dim, block_k, num_learners, min_choice,
-                 relative_cost, gate_dtype, folded_norm=None):
+                 relative_cost, gate_dtype, normalize=None):
   """k of the given rows (0 where not valid): the gate's logits (a linear gate's matmul here,
   or rows of precomputed logits), the cost shift, min_choice, and the first argmax.
-  folded_norm: None, or (scale_ref, bias_ref, eps) of a LayerNorm that a linear gate reads through,
-  taken in the same single pass over x as the matmul (`_folded_gate_logits`); then the result is
-  (k, mean, rstd) of the rows."""
+  normalize: None, or f(x block, column indices) -> the block as the gate reads it (LayerNorm)."""
   f32 = jnp.float32
   cols = jnp.arange(GATE_COLS, dtype=jnp.int32)
   gate_cols = jnp.minimum(cols, num_learners)  # padding columns repeat the last choice, masked below
-  stats = None
-  if folded_norm is not None:
-    logits, stats = _folded_gate_logits(x_ref, *gate_refs, *folded_norm, src, gate_cols, rows=rows, dim=dim,
-                                        block_k=block_k, gate_dtype=gate_dtype)
-  elif len(gate_refs) == 2:  # linear gate: x @ wg + bg inside the kernel
+  if len(gate_refs) == 2:  # linear gate: x @ wg + bg inside the kernel
     wg_ref, bg_ref = gate_refs
 
     def step(s, acc):
       red = s * block_k + jnp.arange(block_k, dtype=jnp.int32)
-      xs = x_ref[src[:, None], red[None, :]].astype(gate_dtype)
+      xs = x_ref[src[:, None], red[None, :]]
+      xs = (xs if normalize is None else normalize(xs, red)).astype(gate_dtype)
       ws = wg_ref[red[:, None], gate_cols[None, :]].astype(gate_dtype)
       return acc + jnp.dot(xs, ws, precision=_precision(gate_dtype), preferred_element_type=f32)
 
@@ -292,43 +287,7 @@ def _gate_choice(shift_ref, x_ref, gate_refs, src, valid, *, rows, dim, block_k,
   best = jnp.max(logits, axis=1)
   # first index of the maximum, as jnp.argmax; a NaN row (no index equals the max) gets N
   k = jnp.min(jnp.where(logits == best[:, None], cols[None, :], num_learners), axis=1)
-  k = jnp.where(valid, k, 0).astype(jnp.int32)
-  return k if stats is None else (k, *stats)
-
-
-def _folded_gate_logits(x_ref, wg_ref, bg_ref, scale_ref, bias_ref, eps, src, gate_cols, *, rows, dim, block_k,
-                        gate_dtype):
-  """A linear gate's logits on LayerNorm(x) of the given rows, and the rows' (mean, rstd), in one pass
-  over x: with ws = scale * wg rounded to the gate's dtype,
-
-      LN(x) @ wg = rstd * (x @ ws) - mean * rstd * colsum(ws) + bias @ wg,
-
-  the loop accumulates x @ ws, the rows' sums and sums of squares (float32, Flax's E[x^2] - E[x]^2), and
-  the two column vectors. It skips the rounding of LN(x) to x's dtype that the gate of the unfused model
-  reads, so a logit can differ from that gate's in its last bits and a near-tie can go the other way;
-  the logits are then rounded where a Flax Dense gate rounds them, as in `_gate_choice`."""
-  f32 = jnp.float32
-
-  def step(s, carry):
-    acc, total, squares, colsum, bias_w = carry
-    red = s * block_k + jnp.arange(block_k, dtype=jnp.int32)
-    xs = x_ref[src[:, None], red[None, :]]
-    w = wg_ref[red[:, None], gate_cols[None, :]].astype(f32)
-    ws = (scale_ref[red].astype(f32)[:, None] * w).astype(gate_dtype)
-    acc = acc + jnp.dot(xs.astype(gate_dtype), ws, precision=_precision(gate_dtype), preferred_element_type=f32)
-    x32 = xs.astype(f32)
-    colsum = colsum + jnp.sum(ws.astype(f32), axis=0)
-    bias_w = bias_w + jnp.sum(bias_ref[red].astype(f32)[:, None] * w, axis=0)
-    return acc, total + jnp.sum(x32, axis=1), squares + jnp.sum(x32 * x32, axis=1), colsum, bias_w
-
-  zeros_rows, zeros_cols = jnp.zeros((rows,), f32), jnp.zeros((GATE_COLS,), f32)
-  acc, total, squares, colsum, bias_w = jax.lax.fori_loop(
-      0, dim // block_k, step, (jnp.zeros((rows, GATE_COLS), f32), zeros_rows, zeros_rows, zeros_cols, zeros_cols))
-  mean = total / dim
-  rstd = jax.lax.rsqrt(jnp.maximum(squares / dim - mean * mean, 0.0) + eps)
-  logits = rstd[:, None] * acc - (mean * rstd)[:, None] * colsum[None, :] + bias_w[None, :]
-  logits = logits.astype(gate_dtype).astype(f32) + bg_ref[gate_cols].astype(f32)[None, :]
-  return logits.astype(gate_dtype).astype(f32), (mean, rstd)
+  return jnp.where(valid, k, 0).astype(jnp.int32)
 
 
 def _row_stats(x_ref, src, *, dim, block_k, eps):
@@ -378,24 +337,19 @@ def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, toke
   valid = rows < tokens
   src = jnp.minimum(rows, tokens - 1)
   cols = jnp.arange(GATE_COLS, dtype=jnp.int32)
-  # a linear gate takes the LayerNorm in its own pass over x (`_folded_gate_logits`); given logits
-  # need only the statistics
-  folded = norm_eps is not None and gate_refs_per_group == 2
-  if norm_eps is not None and not folded:
+  normalize = None
+  if norm_eps is not None:
     mean, rstd = _row_stats(x_ref, src, dim=dim, block_k=block_k, eps=norm_eps)
+    normalize = _normalizer(mean, rstd, scale_ref, bias_ref)
 
   def body(gg):
     k = _gate_choice(shift_ref, x_ref, gates[gg], src, valid, rows=chunk, dim=dim, block_k=block_k,
                      num_learners=num_learners, min_choice=min_choice, relative_cost=relative_cost,
-                     gate_dtype=gate_dtype, folded_norm=(scale_ref, bias_ref, norm_eps) if folded else None)
-    if folded:
-      k, row_mean, row_rstd = k
-    elif norm_eps is not None:
-      row_mean, row_rstd = mean, rstd
+                     gate_dtype=gate_dtype, normalize=normalize)
     k_ref[pl.ds(gg * padded + c * chunk, chunk)] = k
     if norm_eps is not None and gg == 0:  # one copy of the statistics for the whole group
-      mean_ref[pl.ds(c * chunk, chunk)] = row_mean
-      rstd_ref[pl.ds(c * chunk, chunk)] = row_rstd
+      mean_ref[pl.ds(c * chunk, chunk)] = mean
+      rstd_ref[pl.ds(c * chunk, chunk)] = rstd
     if sort:
       rank_ref, counts_ref = sort_refs
       onehot = ((num_learners - k)[:, None] == cols[None, :]) & valid[:, None]  # category 0 = k N
@@ -939,19 +893,12 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
 
 def fold_norm(w1: jax.Array, b1: jax.Array, scale: jax.Array, bias: jax.Array) -> tuple[jax.Array, ...]:
   """A LayerNorm's scale and bias folded into the up projection that reads its output:
-  (scale * w1 in w1's dtype, b1 + bias @ w1 in float32 with bias rounded to w1's dtype, the column
-  sums of the first in float32),
+  (scale * w1 in w1's dtype, b1 + bias @ w1 in float32, the column sums of the first in float32),
   so that LN(x) @ w1 + b1 = rstd * (x @ w1s) - mean * rstd * colsum + b1f (module docstring)."""
   f32 = jnp.float32
   scaled = (scale.astype(f32)[:, None] * w1.astype(f32)).astype(w1.dtype)
-  # both vectors as (8, d) x (d, N*h) matmuls in w1's dtype with float32 sums: a matrix-vector product
-  # or a column reduction becomes an XLA reduction fusion, which took ~14 us per (768, 3072) on an H200
-  # (2026-12-05 profile); the column sums are those of the rounded `scaled`, which the kernel multiplies
-  rows = lambda v: jnp.broadcast_to(v.astype(w1.dtype), (8, w1.shape[0]))
-  dot = functools.partial(jnp.dot, preferred_element_type=f32, precision=_precision(w1.dtype))
-  colsum = dot(rows(jnp.ones((w1.shape[0],), f32)), scaled)[0]
-  folded = b1.astype(f32) + dot(rows(bias), w1)[0]
-  return scaled, folded, colsum
+  folded = b1.astype(f32) + jnp.dot(bias.astype(f32), w1.astype(f32), precision=jax.lax.Precision.HIGHEST)
+  return scaled, folded, jnp.sum(scaled.astype(f32), axis=0)
 
 
 def _check_norm(norm, dim: int):
