@@ -114,16 +114,17 @@ TWOLAUNCH_MAX_TOKENS = 0
 MAX_GROUP = 4
 # With `residual` (the group's output goes into a skip connection, out = residual + ACM(x)), the down
 # launch of the routed paths adds the residual rows in its epilogue from this many tokens on (None:
-# never), saving XLA's separate add (read both, write the sum); elsewhere XLA adds them. None until a
-# GPU run (`benchmarks.vit_bench --residual-min-tokens`) shows where it pays: written and tested on
-# CPUs only (2026-12-04).
+# never), saving XLA's separate add (read both, write the sum); elsewhere XLA adds them. None: on an
+# H200 (2026-12-05, whole ViT-B/16, `benchmarks.vit_bench --residual-min-tokens 0`) it stayed within
+# the run-to-run spread at batches 32 and 256 (benchmarks/RESULTS.md).
 RESIDUAL_MIN_TOKENS: int | None = None
 # With `norm` (the group reads LayerNorm(x), a pre-LN block), the routed kernel paths fuse the
 # LayerNorm from this many tokens on (None: never): the route launch computes each token's mean and
 # inverse standard deviation (and normalises x for the gate itself), the up launch normalises in the
 # form NORM_MODE names ("fold" or "prologue", module docstring). Below it, and on every other path,
-# the LayerNorm runs as XLA fusions first. None until a GPU run (`benchmarks.vit_bench
-# --norm-min-tokens`, `--norm-mode`) shows where it pays: written and tested on CPUs only (2026-12-04).
+# the LayerNorm runs as XLA fusions first. None: on an H200 (2026-12-05, `benchmarks.vit_bench
+# --norm-min-tokens 0`) it lost at batches 8 and 32 in both forms and was neutral at 256; the route's
+# float32 statistics cost more than XLA's LayerNorm passes they replace (benchmarks/RESULTS.md).
 NORM_MIN_TOKENS: int | None = None
 NORM_MODES = ("fold", "prologue")
 NORM_MODE = "fold"
