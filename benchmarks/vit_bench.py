@@ -176,6 +176,20 @@ def apply_fusion_flags(args) -> dict:
               residual_min_tokens=acm_fused.RESIDUAL_MIN_TOKENS)
 
 
+def _mosaic_tiles(flag: str, text: str) -> dict:
+  """FIELD=VALUE,... of `acm_mgpu.DownConfig` (integers; split=m or n), or exit naming the bad item."""
+  from pallas_kernels import acm_mgpu
+  fields = sorted(f.name for f in dataclasses.fields(acm_mgpu.DownConfig))
+  tiles = {}
+  for item in filter(None, text.split(",")):
+    name, _, value = item.partition("=")
+    if name not in fields or not (value in ("m", "n") if name == "split" else value.isdigit()):
+      sys.exit(f"{flag}: bad item {item!r}; expected FIELD=VALUE with FIELD one of {fields} "
+               "(integers; split=m or n)")
+    tiles[name] = value if name == "split" else int(value)
+  return tiles
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="vit_b16", choices=("tiny", "vit_s16", "vit_b16", "vit_l16"),
@@ -199,6 +213,10 @@ def main(argv=None):
                       help="acm_fused.MGPU_DOWN_KINDS for this run: comma list of mlp, proj")
   parser.add_argument("--mgpu-down-tiles", default=None,
                       help="acm_fused.MGPU_DOWN_TILES for this run: comma list of DownConfig fields, e.g. tile_n=64,stages=3")
+  parser.add_argument("--mgpu-up-min-tokens", type=int, default=None,
+                      help="acm_fused.MGPU_UP_MIN_TOKENS for this run (the Mosaic GPU up kernel; -1: never)")
+  parser.add_argument("--mgpu-up-tiles", default=None,
+                      help="acm_fused.MGPU_UP_TILES for this run: comma list of DownConfig fields, e.g. tile_m=64")
   parser.add_argument("--dense-gelu-tanh", action=argparse.BooleanOptionalAction, default=True,
                       help="also time the dense model with GELU's tanh form, the form the ACM kernels compute in "
                            "bfloat16 (a like-for-like baseline: ratio_to_dense_tanh)")
@@ -227,16 +245,11 @@ def main(argv=None):
   if args.mgpu_down_kinds is not None:
     acm_fused.MGPU_DOWN_KINDS = tuple(k for k in args.mgpu_down_kinds.split(",") if k)
   if args.mgpu_down_tiles:
-    from pallas_kernels import acm_mgpu
-    fields = sorted(f.name for f in dataclasses.fields(acm_mgpu.DownConfig))
-    tiles = {}
-    for item in filter(None, args.mgpu_down_tiles.split(",")):
-      name, _, value = item.partition("=")
-      if name not in fields or not (value if name == "split" else value.isdigit()):
-        sys.exit(f"--mgpu-down-tiles: bad item {item!r}; expected FIELD=VALUE with FIELD one of {fields} "
-                 "(integers; split=m or n)")
-      tiles[name] = value if name == "split" else int(value)
-    acm_fused.MGPU_DOWN_TILES = tiles
+    acm_fused.MGPU_DOWN_TILES = _mosaic_tiles("--mgpu-down-tiles", args.mgpu_down_tiles)
+  if args.mgpu_up_min_tokens is not None:
+    acm_fused.MGPU_UP_MIN_TOKENS = None if args.mgpu_up_min_tokens < 0 else args.mgpu_up_min_tokens
+  if args.mgpu_up_tiles:
+    acm_fused.MGPU_UP_TILES = _mosaic_tiles("--mgpu-up-tiles", args.mgpu_up_tiles)
   if args.tuned:
     from benchmarks import fused_tune
     acm_fused.TUNED.update(fused_tune.load(args.tuned))
@@ -325,7 +338,8 @@ def main(argv=None):
                    ideal_ratio=round(ideal, 4), logits_rel_err=err,
                    gate_agreement_block0=round(gate_agree, 5), check_passed=err <= 0.05 and gate_agree >= 0.99,
                    scanned=args.scan_blocks, **fusions, mgpu_down_min_tokens=acm_fused.MGPU_DOWN_MIN_TOKENS,
-                   mgpu_down_kinds=list(acm_fused.MGPU_DOWN_KINDS), mgpu_down_tiles=dict(acm_fused.MGPU_DOWN_TILES))
+                   mgpu_down_kinds=list(acm_fused.MGPU_DOWN_KINDS), mgpu_down_tiles=dict(acm_fused.MGPU_DOWN_TILES),
+                   mgpu_up_min_tokens=acm_fused.MGPU_UP_MIN_TOKENS, mgpu_up_tiles=dict(acm_fused.MGPU_UP_TILES))
         records.append(rec)
         log(f"batch {batch:4d} acm={kind:8s} r={r} (measured {r_real:.3f}) impl={impl:6s} {ips:9.1f} images/s "
             f"{ips / paired_dense_ips:.3f} x dense"

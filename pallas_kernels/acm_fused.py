@@ -139,6 +139,13 @@ MGPU_DOWN_KINDS = ("mlp",)
 # Overrides of `acm_mgpu.DownConfig` fields for that launch (tile_m: 128 where the up launch's row
 # blocks allow, else 64).
 MGPU_DOWN_TILES: dict = {}
+# The sorted path's up launch as the warp-specialised Mosaic GPU kernel `acm_mgpu.up_projection` (x
+# gathered into sorted order by XLA first) from this many tokens on, for the shape kinds listed; None:
+# never unless asked for (`acm_group(..., mgpu_up=True)`). Its tiles: `acm_mgpu.DownConfig` with
+# tile_m 128 and these overrides.
+MGPU_UP_MIN_TOKENS: int | None = None
+MGPU_UP_KINDS = ("mlp",)
+MGPU_UP_TILES: dict = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -712,7 +719,7 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
               sort: bool | None = None, onepass: bool | None = None, twolaunch: bool | None = None,
               xla: bool | None = None, fast_math: bool | None = None, interpret: bool | None = None,
               mgpu_down: bool | None = None, merged: bool | None = None, norm: tuple | None = None,
-              norm_mode: str | None = None, residual: jax.Array | None = None,
+              norm_mode: str | None = None, residual: jax.Array | None = None, mgpu_up: bool | None = None,
               **tiles) -> tuple[tuple[jax.Array, ...], jax.Array]:
   """Hard-choice outputs of G ACMs that read the same tokens.
 
@@ -724,7 +731,8 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   and shape (`default_settings`). tiles: overrides of `FusedConfig`. interpret: None means
   "when the backend is not a GPU" (the xla path runs on any backend). mgpu_down: the sorted
   path's down launch as `acm_mgpu.down_projection` (None: from `MGPU_DOWN_MIN_TOKENS` tokens on,
-  where it fits); asking for it where it cannot run raises. merged: linear learners (identity
+  where it fits); asking for it where it cannot run raises. mgpu_up: likewise the sorted path's
+  up launch as `acm_mgpu.up_projection` (`MGPU_UP_MIN_TOKENS`). merged: linear learners (identity
   activation) through their merged matrices (`merge_linear_learners`, entries "merged" and
   "table" of every ACM of the group; see `_select_kernel`); None: wherever the groups carry them.
   norm: (scale (d,), bias (d,), eps) of a LayerNorm that the group reads through: the ACMs then
@@ -770,6 +778,8 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
                                 min_choice=min_choice, cost_shift=cost_shift, fast_math=fast_math, interpret=interpret)
     return _plus(result, residual)
   down_cfg = _mgpu_down_config(mgpu_down, x.dtype, tokens, dim, total, cfg, path, interpret)
+  up_cfg = _mgpu_up_config(mgpu_up, x.dtype, tokens, dim, total, width, activation, cfg, path, interpret,
+                           down_cfg, fused_norm=fuse_norm)
   padded = -(-tokens // max(ROUTE_CHUNK, cfg.block_rows)) * max(ROUTE_CHUNK, cfg.block_rows)
   linear_gate = "gate" in groups[0]
   params = lambda warps: None if interpret else _compiler_params(warps, cfg.num_stages)
@@ -809,6 +819,9 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
     elif fuse_norm:
       hidden = up_call(functools.partial(up, norm="prologue"), out_shape=hidden_shapes, name="acm_group_up")(
           order, k_rows, x, *stats, *norm[:2], *weights_up)
+    elif up_cfg:
+      hidden = _mgpu_up(x, groups, order, k_rows, cfg=up_cfg, tokens=tokens, padded=padded, width=width,
+                        activation=activation, num_learners=num_learners, interpret=interpret)
     else:
       hidden = up_call(up, out_shape=hidden_shapes, name="acm_group_up")(order, k_rows, x, *weights_up)
   has_bias = "b2" in groups[0]
@@ -949,6 +962,61 @@ def _mgpu_down_config(asked, dtype, tokens, dim, total, cfg, path, interpret):
       return None
     raise ValueError(f"mgpu_down=True: {why}")
   return down
+
+
+def _mgpu_up_config(asked, dtype, tokens, dim, total, width, activation, cfg, path, interpret, down_cfg, *,
+                    fused_norm):
+  """The `acm_mgpu.DownConfig` tiles of the sorted path's up launch as the Mosaic GPU kernel, or None
+  for the Triton kernel."""
+  from pallas_kernels import acm_mgpu
+  quiet = asked is None
+  if quiet:
+    asked = (MGPU_UP_MIN_TOKENS is not None and tokens >= MGPU_UP_MIN_TOKENS and not interpret
+             and shape_kind(dim, total) in MGPU_UP_KINDS and jnp.dtype(dtype) == jnp.bfloat16
+             and gpu_family() == "hopper")
+  if not asked:
+    return None
+  up = dataclasses.replace(acm_mgpu.DownConfig(tile_m=128), **MGPU_UP_TILES)
+  padded = -(-tokens // max(ROUTE_CHUNK, cfg.block_rows)) * max(ROUTE_CHUNK, cfg.block_rows)
+  why = None
+  if path != "sorted":
+    why = f"it runs on the sorted path only (this call takes the {path!r} path)"
+  elif fused_norm:
+    why = "the LayerNorm fusion (NORM_MIN_TOKENS) has its own up launch"
+  elif activation not in acm_mgpu.UP_ACTIVATIONS:
+    why = f"activation {activation!r} is not one of {acm_mgpu.UP_ACTIVATIONS}"
+  elif up.rows % cfg.block_rows or (down_cfg and up.rows % down_cfg.rows):
+    # the down launch reduces a row block up to its first row's k; the up launch's block holding that
+    # row must have written that far, so its row blocks must start where the down launch's do
+    why = (f"its row blocks of {up.rows} must be a multiple of the down launch's "
+           f"{down_cfg.rows if down_cfg else cfg.block_rows}")
+  else:
+    try:
+      acm_mgpu.check_up((padded, dim), (dim, total), dtype, up, width)
+    except ValueError as err:
+      why = str(err)
+  if why is None and not interpret and gpu_family() != "hopper":
+    why = "it needs a Hopper GPU (wgmma and TMA); pass interpret=True to simulate it"
+  if why:
+    if quiet:
+      return None
+    raise ValueError(f"mgpu_up=True: {why}")
+  return up
+
+
+def _mgpu_up(x, groups, order, sorted_k, *, cfg, tokens, padded, width, activation, num_learners, interpret):
+  """Hidden buffers of the sorted path by `acm_mgpu.up_projection`: each ACM's rows gathered into its
+  sorted order, its row blocks' largest k and each learner's count of rows (#tokens with k > n)."""
+  from pallas_kernels import acm_mgpu
+  valid = jnp.arange(padded) < tokens
+  hidden = []
+  for gg, grp in enumerate(groups):
+    k = jnp.where(valid, sorted_k[gg * padded:(gg + 1) * padded], 0)
+    rows = x[jnp.clip(order[gg * padded:(gg + 1) * padded], 0, tokens - 1)]
+    thresholds = jnp.sum((k[:, None] > jnp.arange(num_learners)[None, :]).astype(jnp.int32), axis=0)
+    hidden.append(acm_mgpu.up_projection(rows, grp["w1"], grp["b1"], k[::cfg.rows], thresholds, width=width,
+                                         activation=activation, cfg=cfg, interpret=interpret))
+  return tuple(hidden)
 
 
 def _mgpu_down(hidden, groups, sorted_k, positions, k_tokens, *, cfg, tokens, padded, width, has_bias, interpret):

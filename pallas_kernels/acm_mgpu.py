@@ -1,4 +1,4 @@
-"""The down projection of sorted ACM learners as a warp-specialised Mosaic GPU kernel (Hopper).
+"""The down and up projections of sorted ACM learners as warp-specialised Mosaic GPU kernels (Hopper).
 
 Of the sorted path of `acm_fused` (route, scatter, up, down), the down launch is a plain
 matmul with a reduction of dynamic length: for the tokens in sorted order (k descending),
@@ -27,6 +27,13 @@ Measured on an H200 (benchmarks/RESULTS.md, 2026-12-03; one ViT-B MLP ACM at 50,
 there) was tried on 2026-12-04 and was slower still: +0.07-0.09 ms per call at 50,432 tokens, the
 whole ViT-B/16 1.31 instead of 1.39x dense at batch 256 (benchmarks/RESULTS.md, 2026-12-04 (iii)).
 
+`up_projection` is the same structure for the sorted path's up launch: x gathered into sorted
+order by XLA first (TMA cannot gather rows), act(x @ w1 + b1) per tile, each row's hidden units past
+its own k zeroed in the epilogue (a tile belongs to one learner n when h is a multiple of the tile's
+width, and sorted row p keeps learner n exactly while p < #tokens with k > n), tiles past their row
+block's largest k skipped. Off by default (`acm_fused.MGPU_UP_MIN_TOKENS`) until an H200 run says
+where it pays.
+
 Lowering needs a Hopper GPU (sm_90a). On other backends the kernel runs in Mosaic GPU's
 interpret mode (`interpret=True`: threads, barriers, TMA and wgmma simulated on the CPU,
 slow; for tests).
@@ -54,6 +61,9 @@ class DownConfig:
   stages: int = 4
   split: str = "n"
   epi: int = 64  # the epilogue stores the tile in (epi x epi) pieces
+  # 1: each step's wgmma stays in flight while the next one is issued (its input slots are released a
+  # step later); 0: every step waits for its wgmma
+  delay_release: int = 0
 
   @property
   def rows(self) -> int:  # rows of one program's tile
@@ -82,6 +92,8 @@ def check(hidden_shape, w2_shape, dtype, cfg: DownConfig) -> None:
     raise ValueError(f"hidden has {total} columns but w2 has {total2} rows")
   if jnp.dtype(dtype) != jnp.bfloat16:
     raise ValueError(f"the Mosaic GPU down kernel takes bfloat16 (float32 would run as tf32), got {dtype}")
+  if cfg.delay_release not in (0, 1):
+    raise ValueError(f"delay_release={cfg.delay_release}; expected 0 or 1")
   if cfg.split not in ("m", "n"):
     raise ValueError(f"split={cfg.split!r}; expected 'm' or 'n'")
   for name, whole, part in (("rows", rows, cfg.rows), ("d", dim, cfg.cols), ("N*h", total, cfg.block_k),
@@ -115,9 +127,9 @@ def _down_kernel(steps_gmem, h_gmem, w_gmem, y_gmem, *, cfg: DownConfig, max_ste
         max_concurrent_steps=cfg.stages, compute_context=context,
         in_specs=[
             plgpu.BlockSpec((cfg.rows, cfg.block_k), lambda s: (0, s), transforms=in_tf,
-                            memory_space=plgpu.SMEM),
+                            memory_space=plgpu.SMEM, delay_release=cfg.delay_release),
             plgpu.BlockSpec((cfg.block_k, cfg.cols), lambda s: (s, 0), transforms=in_tf,
-                            memory_space=plgpu.SMEM),
+                            memory_space=plgpu.SMEM, delay_release=cfg.delay_release),
         ])
 
   nothing = lambda *_, **__: None
@@ -163,7 +175,7 @@ def _down_kernel(steps_gmem, h_gmem, w_gmem, y_gmem, *, cfg: DownConfig, max_ste
 
       def mma(_, h_smem, w_smem, acc):
         plgpu.wgmma(acc, h_smem.at[wg_rows], w_smem.at[:, wg_cols])
-        plgpu.wgmma_wait(0)
+        plgpu.wgmma_wait(cfg.delay_release)
         return acc
 
       pipeline(mma, context, steps)(h_gmem.at[row_slice, :], w_gmem.at[:, col_slice], allocations=allocs)
@@ -193,6 +205,180 @@ def down_projection(hidden: jax.Array, w2: jax.Array, steps: jax.Array, *, cfg: 
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       **params)
   return call(steps.astype(jnp.int32), hidden, w2)
+
+
+UP_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "identity")
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+def _up_activation(v, activation):
+  """The epilogue's activation on float32; both GELUs in their tanh form (as the Triton kernels'
+  bfloat16 path, `acm_mlp._gelu_fast`), tanh lowered to the hardware's approximate tanh by the
+  kernel's `approx_math`."""
+  if activation in ("gelu", "gelu_tanh"):
+    return 0.5 * v * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)))
+  if activation == "relu":
+    return jnp.maximum(v, 0.0)
+  return v
+
+
+def check_up(x_shape, w1_shape, dtype, cfg: DownConfig, width: int) -> None:
+  """Raise a ValueError naming the value when these shapes do not fit the up kernel's tiles."""
+  rows, dim = x_shape
+  dim2, total = w1_shape
+  if dim != dim2:
+    raise ValueError(f"x has {dim} columns but w1 has {dim2} rows")
+  if jnp.dtype(dtype) != jnp.bfloat16:
+    raise ValueError(f"the Mosaic GPU up kernel takes bfloat16 (float32 would run as tf32), got {dtype}")
+  if cfg.delay_release not in (0, 1):
+    raise ValueError(f"delay_release={cfg.delay_release}; expected 0 or 1")
+  if cfg.split not in ("m", "n"):
+    raise ValueError(f"split={cfg.split!r}; expected 'm' or 'n'")
+  for name, whole, part in (("rows", rows, cfg.rows), ("N*h", total, cfg.cols), ("d", dim, cfg.block_k),
+                            ("learner width h", width, cfg.tile_n), ("tile_m", cfg.tile_m, cfg.epi),
+                            ("tile_n", cfg.tile_n, cfg.epi)):
+    if whole % part:
+      raise ValueError(f"{name}={whole} is not a multiple of {part} (DownConfig {cfg})")
+
+
+def _up_kernel(count_gmem, tiles_gmem, thr_gmem, b1_gmem, x_gmem, w_gmem, h_gmem, *, cfg: DownConfig, width: int,
+               activation: str, interpret: bool):
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  rows, dim = x_gmem.shape
+  _, total = w_gmem.shape
+  n_iters = total // cfg.cols
+  in_tf = _tiled(cfg.block_k, x_gmem.dtype)
+  out_tf = _tiled(cfg.epi, h_gmem.dtype)
+  slots = min(2, (cfg.tile_m // cfg.epi) * (cfg.tile_n // cfg.epi))
+
+  def pipeline(body, context):
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(dim // cfg.block_k,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+        max_concurrent_steps=cfg.stages, compute_context=context,
+        in_specs=[
+            plgpu.BlockSpec((cfg.rows, cfg.block_k), lambda s: (0, s), transforms=in_tf, memory_space=plgpu.SMEM,
+                            delay_release=cfg.delay_release),
+            plgpu.BlockSpec((cfg.block_k, cfg.cols), lambda s: (s, 0), transforms=in_tf, memory_space=plgpu.SMEM,
+                            delay_release=cfg.delay_release),
+        ])
+
+  nothing = lambda *_, **__: None
+
+  @functools.partial(
+      pl.run_scoped,
+      allocs=pipeline(nothing, nothing).get_allocations(x_gmem, w_gmem),
+      out_smem=plgpu.SMEM((2, slots, cfg.epi, cfg.epi), h_gmem.dtype, transforms=out_tf),
+      collective_axes="wg",
+  )
+  def _scope(allocs, out_smem):
+    wg = lax.axis_index("wg")
+
+    # only the active tiles, in row-major order: the SMs share each row block's x through L2, and
+    # every SM gets its share of the work whatever the staircase of k looks like
+    @plgpu.nd_loop((count_gmem[0],), collective_axes="sm")
+    def _tile(info):
+      (lin,) = info.index
+      tile = tiles_gmem[lin]
+      mi, ni = tile // n_iters, tile % n_iters
+      row_slice = pl.ds(mi * cfg.rows, cfg.rows)
+      col_slice = pl.ds(ni * cfg.cols, cfg.cols)
+      if cfg.split == "m":
+        wg_rows, wg_cols = pl.ds(wg * cfg.tile_m, cfg.tile_m), slice(None)
+      else:
+        wg_rows, wg_cols = slice(None), pl.ds(wg * cfg.tile_n, cfg.tile_n)
+
+      def context(run):
+        @functools.partial(pl.run_scoped, acc=plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32))
+        def _acc(acc):
+          run(acc)
+          first = mi * cfg.rows + (wg * cfg.tile_m if cfg.split == "m" else 0)
+          col0 = ni * cfg.cols + (wg * cfg.tile_n if cfg.split == "n" else 0)
+          if interpret:
+            bias = b1_gmem[pl.ds(col0, cfg.tile_n)]
+          else:
+            bias = plgpu.load(b1_gmem.at[pl.ds(col0, cfg.tile_n)], (), optimized=False)
+          v = acc[...] + lax.broadcast_in_dim(bias, (cfg.tile_m, cfg.tile_n), (1,))
+          v = _up_activation(v, activation)
+          pos = first + lax.broadcasted_iota(jnp.int32, (cfg.tile_m, cfg.tile_n), 0)
+          out = jnp.where(pos < thr_gmem[col0 // width], v, 0.0).astype(h_gmem.dtype)
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          piece = 0
+          for pm in range(cfg.tile_m // cfg.epi):
+            for pn in range(cfg.tile_n // cfg.epi):
+              ms, ns = slice(pm * cfg.epi, (pm + 1) * cfg.epi), slice(pn * cfg.epi, (pn + 1) * cfg.epi)
+              slot = piece % slots
+              piece += 1
+              plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+              out_smem[wg, slot] = out[ms, ns]
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(
+                  out_smem.at[wg, slot], h_gmem.at[row_slice, col_slice].at[wg_rows, wg_cols].at[ms, ns])
+
+      def mma(_, x_smem, w_smem, acc):
+        plgpu.wgmma(acc, x_smem.at[wg_rows], w_smem.at[:, wg_cols])
+        plgpu.wgmma_wait(cfg.delay_release)
+        return acc
+
+      pipeline(mma, context)(x_gmem.at[row_slice, :], w_gmem.at[:, col_slice], allocations=allocs)
+
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def active_tiles(block_maxk: jax.Array, *, width: int, cols: int, n_iters: int) -> tuple[jax.Array, jax.Array]:
+  """(count (1,), tiles (m_iters * n_iters,)) int32: the up kernel's tiles that some row of their
+  block needs (column tile < the block's largest k * width), row block by row block, each as
+  row block * n_iters + column tile; entries from `count` on are not read."""
+  m_iters = block_maxk.shape[0]
+  per_block = jnp.minimum((block_maxk.astype(jnp.int32) * width + cols - 1) // cols, n_iters)
+  ends = jnp.cumsum(per_block)
+  lin = jnp.arange(m_iters * n_iters, dtype=jnp.int32)
+  block = jnp.minimum(jnp.sum((ends[None, :] <= lin[:, None]).astype(jnp.int32), axis=1), m_iters - 1)
+  col = lin - (ends[block] - per_block[block])
+  return ends[-1:], block * n_iters + col
+
+
+def up_projection(x_sorted: jax.Array, w1: jax.Array, b1: jax.Array, block_maxk: jax.Array, thresholds: jax.Array,
+                  *, width: int, activation: str = "gelu", cfg: DownConfig = DownConfig(tile_m=128),
+                  interpret: bool = False) -> jax.Array:
+  """hidden (R, N*h) = act(x_sorted @ w1 + b1) for rows in sorted order (k descending), where
+  sorted row p keeps learner n's units only while p < thresholds[n] (#tokens with k > n) and is
+  zero elsewhere; the tiles of row block b (cfg.rows rows) at or past block_maxk[b] * width are
+  not written. x_sorted (R, d) and w1 (d, N*h) bfloat16; b1 (N*h,); block_maxk (R // cfg.rows,)
+  and thresholds (N,) int32. Both GELUs run in their tanh form."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  if activation not in UP_ACTIVATIONS:
+    raise ValueError(f"activation {activation!r}; the Mosaic GPU up kernel takes one of {UP_ACTIVATIONS}")
+  check_up(x_sorted.shape, w1.shape, x_sorted.dtype, cfg, width)
+  rows, total = x_sorted.shape[0], w1.shape[1]
+  if block_maxk.shape != (rows // cfg.rows,):
+    raise ValueError(f"block_maxk has shape {block_maxk.shape}; expected ({rows // cfg.rows},), one per block of "
+                     f"{cfg.rows} rows")
+  if thresholds.shape != (total // width,):
+    raise ValueError(f"thresholds has shape {thresholds.shape}; expected ({total // width},), one per learner")
+  params = {}
+  if interpret:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    params["interpret"] = InterpretGPUParams()
+  call = plgpu.kernel(
+      functools.partial(_up_kernel, cfg=cfg, width=width, activation=activation, interpret=interpret),
+      out_type=jax.ShapeDtypeStruct((rows, total), x_sorted.dtype),
+      grid=(num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+                                           approx_math=not interpret),
+      **params)
+  count, tiles = active_tiles(block_maxk, width=width, cols=cfg.cols, n_iters=total // cfg.cols)
+  return call(count, tiles, thresholds.astype(jnp.int32), b1.astype(jnp.float32), x_sorted, w1)
+
+
+def up_projection_reference(x_sorted, w1, b1, thresholds, *, width: int, activation: str = "gelu") -> jax.Array:
+  """`up_projection`'s contract in plain jnp (float32), every tile written: rows past a learner's
+  threshold zero."""
+  f32 = jnp.float32
+  v = jnp.dot(x_sorted.astype(f32), w1.astype(f32), precision="highest") + b1.astype(f32)
+  v = _up_activation(v, activation)
+  learner = jnp.arange(w1.shape[1]) // width
+  keep = jnp.arange(x_sorted.shape[0])[:, None] < thresholds[learner][None, :]
+  return jnp.where(keep, v, 0.0)
 
 
 def down_projection_reference(hidden, w2, steps, *, rows: int, block_k: int, out_dtype=None) -> jax.Array:

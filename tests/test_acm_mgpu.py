@@ -125,3 +125,113 @@ def test_asking_for_the_mosaic_down_launch_where_it_cannot_run_names_the_reason(
   with pytest.raises(ValueError, match="steps has shape"):
     acm_mgpu.down_projection(jnp.zeros((128, 128), jnp.bfloat16), jnp.zeros((128, 256), jnp.bfloat16),
                              jnp.zeros((3,), jnp.int32), cfg=acm_mgpu.DownConfig(tile_m=64, tile_n=128))
+
+
+# ----------------------------------------------------------------------------
+# The Mosaic GPU up kernel
+
+
+def test_up_kernel_in_interpret_mode_matches_its_contract():
+  """Two row blocks (largest k 4 and 2 of 4 learners of 64): the written tiles equal the plain-jnp
+  contract (GELU, bias), rows past each learner's count are zero, and block 1 leaves its last two
+  learners' tiles unwritten."""
+  activation = "gelu"
+  cfg = acm_mgpu.DownConfig(tile_m=64, tile_n=64, block_k=64, stages=2, split="n", epi=64)
+  rng = np.random.default_rng(6)
+  k = np.array([4] * 10 + [3] * 30 + [2] * 40 + [1] * 20 + [0] * 28)
+  maxk = jnp.asarray(k[::64], jnp.int32)
+  thresholds = jnp.asarray([(k > n).sum() for n in range(4)], jnp.int32)
+  x = jnp.asarray(rng.normal(size=(128, 128)), jnp.bfloat16)
+  w1 = jnp.asarray(rng.normal(size=(128, 256)) / np.sqrt(128), jnp.bfloat16)
+  b1 = jnp.asarray(0.5 * rng.normal(size=(256,)), jnp.bfloat16)
+  out = acm_mgpu.up_projection(x, w1, b1, maxk, thresholds, width=64, activation=activation, cfg=cfg,
+                               interpret=True)
+  ref = np.asarray(acm_mgpu.up_projection_reference(x, w1, b1, thresholds, width=64, activation=activation))
+  if activation == "gelu":  # the tanh form stays within bfloat16 rounding of the erf form
+    erf = np.asarray(jax.nn.gelu(jnp.dot(x.astype(jnp.float32), w1.astype(jnp.float32)) + b1, approximate=False))
+    assert np.abs(np.where(ref != 0, ref - erf, 0)).max() < 1e-3
+  assert out.shape == (128, 256) and out.dtype == jnp.bfloat16
+  out = np.asarray(out, np.float32)
+  written = np.arange(256)[None, :] < np.repeat(np.asarray(maxk), 64)[:, None] * 64
+  assert rel_err(np.where(written, out, 0), np.where(written, ref, 0)) < 1e-2
+  keep = (np.arange(256) // 64)[None, :] < k[:, None]
+  assert (out[written & ~keep] == 0).all()  # units past a row's own k are zero where written
+  assert written[:64, 192:].all() and not written[64:, 128:].any()  # block 1 (largest k 2) stops at learner 2
+
+
+@pytest.mark.parametrize("tile_m", [128, 64])
+def test_up_kernel_lowers_for_cuda_at_vit_b_shapes(tile_m):
+  cfg = acm_mgpu.DownConfig(tile_m=tile_m, tile_n=128)
+  rows = 50432
+  args = (jax.ShapeDtypeStruct((rows, 768), jnp.bfloat16), jax.ShapeDtypeStruct((768, 3072), jnp.bfloat16),
+          jax.ShapeDtypeStruct((3072,), jnp.bfloat16), jax.ShapeDtypeStruct((rows // cfg.rows,), jnp.int32),
+          jax.ShapeDtypeStruct((4,), jnp.int32))
+  lowered = jax.jit(lambda *a: acm_mgpu.up_projection(*a, width=768, cfg=cfg)).trace(*args).lower(
+      lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def _up_contract(x, w1, b1, block_maxk, thresholds, *, width, activation, cfg, interpret):
+  """The up kernel's contract, with the tiles it skips poisoned (NaN) as its unwritten memory would be."""
+  del interpret
+  ref = acm_mgpu.up_projection_reference(x, w1, b1, thresholds, width=width, activation=activation)
+  limit = jnp.repeat(block_maxk, cfg.rows)[:, None] * width
+  return jnp.where(jnp.arange(w1.shape[1])[None, :] < limit, ref, jnp.nan).astype(x.dtype)
+
+
+@pytest.mark.parametrize("tokens,k_kind,down", [
+    (1, "random", False), (197, "random", False), (197, "zeros", False), (197, "full", False),
+    (300, "random", True),  # with the Mosaic down launch after it
+])
+def test_sorted_path_with_the_mosaic_up_launch_matches_the_reference(tokens, k_kind, down, monkeypatch):
+  monkeypatch.setattr(acm_mgpu, "up_projection", _up_contract)
+  monkeypatch.setattr(acm_mgpu, "down_projection", _contract)
+  for table, tiles in ((af.MGPU_UP_TILES, dict(tile_m=64, tile_n=32, block_k=16, epi=32)),
+                       (af.MGPU_DOWN_TILES, dict(tile_n=32, block_k=16, epi=32))):
+    for name, value in tiles.items():
+      monkeypatch.setitem(table, name, value)
+  n, dim, width = 4, 64, 64
+  x, groups = random_group(tokens + 11, tokens, dim, n, width, 1, jnp.bfloat16, k_kind=k_kind)
+  tiles = dict(block_rows=64, block_hidden=64, block_out=32, block_k_up=16, block_k_down=16)
+  outs, k = af.acm_group(x, groups, num_learners=n, activation="gelu", interpret=True, sort=True, mgpu_up=True,
+                         mgpu_down=down, **tiles)
+  plain, k_plain = af.acm_group(x, groups, num_learners=n, activation="gelu", interpret=True, sort=True,
+                                mgpu_up=False, **tiles)
+  refs, _ = af.acm_group_reference(x, groups, num_learners=n, activation="gelu", k=k)
+  np.testing.assert_array_equal(k, k_plain)
+  for out, ref, triton in zip(outs, refs, plain):
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    assert np.isfinite(np.asarray(out, np.float32)).all()  # no skipped (NaN) tile was read
+    assert rel_err(out, ref) < 1.5e-2
+    assert rel_err(out, triton) < 1.5e-2
+
+
+def test_asking_for_the_mosaic_up_launch_where_it_cannot_run_names_the_reason():
+  n, dim = 4, 64
+  x, groups = random_group(0, 100, dim, n, 64, 1, jnp.bfloat16)
+  with pytest.raises(ValueError, match="mgpu_up=True: it runs on the sorted path only"):
+    af.acm_group(x, groups, num_learners=n, interpret=True, sort=False, mgpu_up=True)
+  with pytest.raises(ValueError, match="learner width h=64 is not a multiple of 128"):
+    af.acm_group(x, groups, num_learners=n, interpret=True, sort=True, mgpu_up=True, block_rows=64)
+  x32, groups32 = random_group(0, 100, dim, n, 128, 1, jnp.float32)
+  with pytest.raises(ValueError, match="bfloat16"):
+    af.acm_group(x32, groups32, num_learners=n, interpret=True, sort=True, mgpu_up=True, block_rows=64)
+  with pytest.raises(ValueError, match="thresholds has shape"):
+    acm_mgpu.up_projection(jnp.zeros((128, 128), jnp.bfloat16), jnp.zeros((128, 256), jnp.bfloat16),
+                           jnp.zeros((256,), jnp.bfloat16), jnp.zeros((1,), jnp.int32), jnp.zeros((3,), jnp.int32),
+                           width=64, cfg=acm_mgpu.DownConfig(tile_m=128, tile_n=64, epi=64))
+  with pytest.raises(ValueError, match="activation 'swish'"):
+    acm_mgpu.up_projection(jnp.zeros((128, 128), jnp.bfloat16), jnp.zeros((128, 256), jnp.bfloat16),
+                           jnp.zeros((256,), jnp.bfloat16), jnp.zeros((1,), jnp.int32), jnp.zeros((4,), jnp.int32),
+                           width=64, activation="swish")
+
+
+def test_active_tiles_lists_each_row_blocks_needed_tiles_in_row_major_order():
+  rng = np.random.default_rng(7)
+  for _ in range(5):
+    m_iters, n_iters, width, cols = int(rng.integers(1, 40)), int(rng.choice([3, 6, 12])), 768, 256
+    maxk = np.sort(rng.integers(0, 5, m_iters))[::-1]
+    count, tiles = acm_mgpu.active_tiles(jnp.asarray(maxk, jnp.int32), width=width, cols=cols, n_iters=n_iters)
+    want = [b * n_iters + c for b in range(m_iters) for c in range(n_iters) if c * cols < maxk[b] * width]
+    assert int(count[0]) == len(want)
+    np.testing.assert_array_equal(np.asarray(tiles)[:len(want)], want)
