@@ -142,7 +142,9 @@ MGPU_DOWN_TILES: dict = {}
 # The sorted path's up launch as the warp-specialised Mosaic GPU kernel `acm_mgpu.up_projection` (x
 # gathered into sorted order by XLA first) from this many tokens on, for the shape kinds listed; None:
 # never unless asked for (`acm_group(..., mgpu_up=True)`). Its tiles: `acm_mgpu.DownConfig` with
-# tile_m 128 and these overrides.
+# tile_m 128 and these overrides. None: on an H200 (2026-12-05) the kernel beat the Triton up launch
+# (207 against 253 us at 50,432 tokens, r = 0.5) but the gather of x it needs cost 54 us; the whole
+# ViT-B/16 tied at batch 256 and lost at 32 (benchmarks/RESULTS.md, 2026-12-05 (ii)).
 MGPU_UP_MIN_TOKENS: int | None = None
 MGPU_UP_KINDS = ("mlp",)
 MGPU_UP_TILES: dict = {}

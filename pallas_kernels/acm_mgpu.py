@@ -31,8 +31,12 @@ whole ViT-B/16 1.31 instead of 1.39x dense at batch 256 (benchmarks/RESULTS.md, 
 order by XLA first (TMA cannot gather rows), act(x @ w1 + b1) per tile, each row's hidden units past
 its own k zeroed in the epilogue (a tile belongs to one learner n when h is a multiple of the tile's
 width, and sorted row p keeps learner n exactly while p < #tokens with k > n), tiles past their row
-block's largest k skipped. Off by default (`acm_fused.MGPU_UP_MIN_TOKENS`) until an H200 run says
-where it pays.
+block's largest k skipped. The kernel walks only the tiles some row needs (`active_tiles`, listed by
+XLA row block by row block, a dynamic `nd_loop` count): a static walk over every tile handed each SM
+the same column tile (132 SMs, 12 column tiles) and left most SMs idle. On an H200 (2026-12-05) it
+took 207 us against the Triton up launch's 253 at 50,432 tokens and k/N 0.5. The XLA gather of x
+into sorted order took another 54 us, so `acm_fused` leaves it off (`MGPU_UP_MIN_TOKENS = None`).
+It would pay where TMA can gather rows.
 
 Lowering needs a Hopper GPU (sm_90a). On other backends the kernel runs in Mosaic GPU's
 interpret mode (`interpret=True`: threads, barriers, TMA and wgmma simulated on the CPU,
