@@ -957,13 +957,19 @@ def _mgpu_down_config(asked, dtype, tokens, dim, total, cfg, path, interpret):
       acm_mgpu.check((padded, total), (total, dim), dtype, down)
     except ValueError as err:
       why = str(err)
+  return _mosaic_verdict("mgpu_down", down, why, quiet=quiet, interpret=interpret)
+
+
+def _mosaic_verdict(switch: str, tiles, why: str | None, *, quiet: bool, interpret: bool):
+  """The tiles of a Mosaic GPU launch, or None (quiet: the default picked it) or a ValueError naming why
+  (asked for by name) when it cannot run here."""
   if why is None and not interpret and gpu_family() != "hopper":
     why = "it needs a Hopper GPU (wgmma and TMA); pass interpret=True to simulate it"
-  if why:
-    if quiet:
-      return None
-    raise ValueError(f"mgpu_down=True: {why}")
-  return down
+  if why is None:
+    return tiles
+  if quiet:
+    return None
+  raise ValueError(f"{switch}=True: {why}")
 
 
 def _mgpu_up_config(asked, dtype, tokens, dim, total, width, activation, cfg, path, interpret, down_cfg, *,
@@ -997,13 +1003,7 @@ def _mgpu_up_config(asked, dtype, tokens, dim, total, width, activation, cfg, pa
       acm_mgpu.check_up((padded, dim), (dim, total), dtype, up, width)
     except ValueError as err:
       why = str(err)
-  if why is None and not interpret and gpu_family() != "hopper":
-    why = "it needs a Hopper GPU (wgmma and TMA); pass interpret=True to simulate it"
-  if why:
-    if quiet:
-      return None
-    raise ValueError(f"mgpu_up=True: {why}")
-  return up
+  return _mosaic_verdict("mgpu_up", up, why, quiet=quiet, interpret=interpret)
 
 
 def _mgpu_up(x, groups, order, sorted_k, *, cfg, tokens, padded, width, activation, num_learners, interpret):

@@ -88,22 +88,27 @@ def num_sms() -> int:
   return getattr(dev, "core_count", None) or HOPPER_SMS
 
 
-def check(hidden_shape, w2_shape, dtype, cfg: DownConfig) -> None:
-  """Raise a ValueError naming the value when these shapes do not fit the kernel's tiles."""
-  rows, total = hidden_shape
-  total2, dim = w2_shape
-  if total != total2:
-    raise ValueError(f"hidden has {total} columns but w2 has {total2} rows")
+def _check_tiles(kernel: str, dtype, cfg: DownConfig, multiples) -> None:
+  """The checks both kernels share: bfloat16, the config's switches, and each (name, whole, part) of
+  `multiples` a multiple."""
   if jnp.dtype(dtype) != jnp.bfloat16:
-    raise ValueError(f"the Mosaic GPU down kernel takes bfloat16 (float32 would run as tf32), got {dtype}")
+    raise ValueError(f"the Mosaic GPU {kernel} kernel takes bfloat16 (float32 would run as tf32), got {dtype}")
   if cfg.delay_release not in (0, 1):
     raise ValueError(f"delay_release={cfg.delay_release}; expected 0 or 1")
   if cfg.split not in ("m", "n"):
     raise ValueError(f"split={cfg.split!r}; expected 'm' or 'n'")
-  for name, whole, part in (("rows", rows, cfg.rows), ("d", dim, cfg.cols), ("N*h", total, cfg.block_k),
-                            ("tile_m", cfg.tile_m, cfg.epi), ("tile_n", cfg.tile_n, cfg.epi)):
+  for name, whole, part in (*multiples, ("tile_m", cfg.tile_m, cfg.epi), ("tile_n", cfg.tile_n, cfg.epi)):
     if whole % part:
       raise ValueError(f"{name}={whole} is not a multiple of {part} (DownConfig {cfg})")
+
+
+def check(hidden_shape, w2_shape, dtype, cfg: DownConfig) -> None:
+  """Raise a ValueError naming the value when these shapes do not fit the down kernel's tiles."""
+  rows, total = hidden_shape
+  total2, dim = w2_shape
+  if total != total2:
+    raise ValueError(f"hidden has {total} columns but w2 has {total2} rows")
+  _check_tiles("down", dtype, cfg, (("rows", rows, cfg.rows), ("d", dim, cfg.cols), ("N*h", total, cfg.block_k)))
 
 
 def _tiled(block_minor: int, dtype):
@@ -114,56 +119,59 @@ def _tiled(block_minor: int, dtype):
   return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _down_kernel(steps_gmem, h_gmem, w_gmem, y_gmem, *, cfg: DownConfig, max_steps: int):
+def _tiled_matmul(a_gmem, b_gmem, out_gmem, *, cfg: DownConfig, num_tiles, tile_of, steps_of, max_steps: int,
+                  epilogue):
+  """The body both kernels share: for each of `num_tiles` tiles (an int, or a traced count) spread over
+  the SMs, (mi, ni) = tile_of(lin) names a (cfg.rows, cfg.cols) tile of out; a memory warpgroup streams
+  (rows, block_k) tiles of a and (block_k, cols) tiles of b through shared memory with TMA for
+  steps_of(mi) reduction steps (at most max_steps), two compute warpgroups issue wgmma into float32
+  accumulators, each on half of the tile, and epilogue(acc, first_row, first_col) -> the half tile in
+  out's dtype (first_*: its offsets in out) is stored in (epi x epi) pieces with TMA."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
-  dtype = h_gmem.dtype
-  rows, _ = h_gmem.shape
-  _, dim = w_gmem.shape
-  m_iters, n_iters = rows // cfg.rows, dim // cfg.cols
-  in_tf = _tiled(cfg.block_k, dtype)
-  out_tf = _tiled(cfg.epi, y_gmem.dtype)
-  pieces = (cfg.tile_m // cfg.epi) * (cfg.tile_n // cfg.epi)
-  slots = min(2, pieces)
+  in_tf = _tiled(cfg.block_k, a_gmem.dtype)
+  out_tf = _tiled(cfg.epi, out_gmem.dtype)
+  slots = min(2, (cfg.tile_m // cfg.epi) * (cfg.tile_n // cfg.epi))
 
   def pipeline(body, context, steps):
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
         max_concurrent_steps=cfg.stages, compute_context=context,
         in_specs=[
-            plgpu.BlockSpec((cfg.rows, cfg.block_k), lambda s: (0, s), transforms=in_tf,
-                            memory_space=plgpu.SMEM, delay_release=cfg.delay_release),
-            plgpu.BlockSpec((cfg.block_k, cfg.cols), lambda s: (s, 0), transforms=in_tf,
-                            memory_space=plgpu.SMEM, delay_release=cfg.delay_release),
+            plgpu.BlockSpec((cfg.rows, cfg.block_k), lambda s: (0, s), transforms=in_tf, memory_space=plgpu.SMEM,
+                            delay_release=cfg.delay_release),
+            plgpu.BlockSpec((cfg.block_k, cfg.cols), lambda s: (s, 0), transforms=in_tf, memory_space=plgpu.SMEM,
+                            delay_release=cfg.delay_release),
         ])
 
   nothing = lambda *_, **__: None
 
   @functools.partial(
       pl.run_scoped,
-      allocs=pipeline(nothing, nothing, max_steps).get_allocations(h_gmem, w_gmem),
-      out_smem=plgpu.SMEM((2, slots, cfg.epi, cfg.epi), y_gmem.dtype, transforms=out_tf),
+      allocs=pipeline(nothing, nothing, max_steps).get_allocations(a_gmem, b_gmem),
+      out_smem=plgpu.SMEM((2, slots, cfg.epi, cfg.epi), out_gmem.dtype, transforms=out_tf),
       collective_axes="wg",
   )
   def _scope(allocs, out_smem):
     wg = lax.axis_index("wg")
 
-    @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+    @plgpu.nd_loop((num_tiles,), collective_axes="sm")
     def _tile(info):
       (lin,) = info.index
-      mi, ni = lin // n_iters, lin % n_iters  # row blocks in sorted order: the heavy ones first
+      mi, ni = tile_of(lin)
       row_slice = pl.ds(mi * cfg.rows, cfg.rows)
       col_slice = pl.ds(ni * cfg.cols, cfg.cols)
       if cfg.split == "m":
         wg_rows, wg_cols = pl.ds(wg * cfg.tile_m, cfg.tile_m), slice(None)
       else:
         wg_rows, wg_cols = slice(None), pl.ds(wg * cfg.tile_n, cfg.tile_n)
-      steps = jnp.maximum(steps_gmem[mi], 1)
 
       def context(run):
         @functools.partial(pl.run_scoped, acc=plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32))
         def _acc(acc):
           run(acc)
-          out = acc[...].astype(y_gmem.dtype)
+          first_row = mi * cfg.rows + (wg * cfg.tile_m if cfg.split == "m" else 0)
+          first_col = ni * cfg.cols + (wg * cfg.tile_n if cfg.split == "n" else 0)
+          out = epilogue(acc[...], first_row, first_col)
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           piece = 0
           for pm in range(cfg.tile_m // cfg.epi):
@@ -175,16 +183,25 @@ def _down_kernel(steps_gmem, h_gmem, w_gmem, y_gmem, *, cfg: DownConfig, max_ste
               out_smem[wg, slot] = out[ms, ns]
               plgpu.commit_smem()
               plgpu.copy_smem_to_gmem(
-                  out_smem.at[wg, slot], y_gmem.at[row_slice, col_slice].at[wg_rows, wg_cols].at[ms, ns])
+                  out_smem.at[wg, slot], out_gmem.at[row_slice, col_slice].at[wg_rows, wg_cols].at[ms, ns])
 
-      def mma(_, h_smem, w_smem, acc):
-        plgpu.wgmma(acc, h_smem.at[wg_rows], w_smem.at[:, wg_cols])
+      def mma(_, a_smem, b_smem, acc):
+        plgpu.wgmma(acc, a_smem.at[wg_rows], b_smem.at[:, wg_cols])
         plgpu.wgmma_wait(cfg.delay_release)
         return acc
 
-      pipeline(mma, context, steps)(h_gmem.at[row_slice, :], w_gmem.at[:, col_slice], allocations=allocs)
+      pipeline(mma, context, steps_of(mi))(a_gmem.at[row_slice, :], b_gmem.at[:, col_slice], allocations=allocs)
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _down_kernel(steps_gmem, h_gmem, w_gmem, y_gmem, *, cfg: DownConfig, max_steps: int):
+  n_iters = w_gmem.shape[1] // cfg.cols
+  _tiled_matmul(h_gmem, w_gmem, y_gmem, cfg=cfg, num_tiles=(h_gmem.shape[0] // cfg.rows) * n_iters,
+                # row blocks in sorted order: the heavy ones first
+                tile_of=lambda lin: (lin // n_iters, lin % n_iters),
+                steps_of=lambda mi: jnp.maximum(steps_gmem[mi], 1), max_steps=max_steps,
+                epilogue=lambda acc, row, col: acc.astype(y_gmem.dtype))
 
 
 def down_projection(hidden: jax.Array, w2: jax.Array, steps: jax.Array, *, cfg: DownConfig = DownConfig(),
@@ -232,100 +249,33 @@ def check_up(x_shape, w1_shape, dtype, cfg: DownConfig, width: int) -> None:
   dim2, total = w1_shape
   if dim != dim2:
     raise ValueError(f"x has {dim} columns but w1 has {dim2} rows")
-  if jnp.dtype(dtype) != jnp.bfloat16:
-    raise ValueError(f"the Mosaic GPU up kernel takes bfloat16 (float32 would run as tf32), got {dtype}")
-  if cfg.delay_release not in (0, 1):
-    raise ValueError(f"delay_release={cfg.delay_release}; expected 0 or 1")
-  if cfg.split not in ("m", "n"):
-    raise ValueError(f"split={cfg.split!r}; expected 'm' or 'n'")
-  for name, whole, part in (("rows", rows, cfg.rows), ("N*h", total, cfg.cols), ("d", dim, cfg.block_k),
-                            ("learner width h", width, cfg.tile_n), ("tile_m", cfg.tile_m, cfg.epi),
-                            ("tile_n", cfg.tile_n, cfg.epi)):
-    if whole % part:
-      raise ValueError(f"{name}={whole} is not a multiple of {part} (DownConfig {cfg})")
+  _check_tiles("up", dtype, cfg, (("rows", rows, cfg.rows), ("N*h", total, cfg.cols), ("d", dim, cfg.block_k),
+                                  ("learner width h", width, cfg.tile_n)))
 
 
 def _up_kernel(count_gmem, tiles_gmem, thr_gmem, b1_gmem, x_gmem, w_gmem, h_gmem, *, cfg: DownConfig, width: int,
                activation: str, interpret: bool):
   from jax.experimental.pallas import mosaic_gpu as plgpu
-  rows, dim = x_gmem.shape
-  _, total = w_gmem.shape
-  n_iters = total // cfg.cols
-  in_tf = _tiled(cfg.block_k, x_gmem.dtype)
-  out_tf = _tiled(cfg.epi, h_gmem.dtype)
-  slots = min(2, (cfg.tile_m // cfg.epi) * (cfg.tile_n // cfg.epi))
+  n_iters = w_gmem.shape[1] // cfg.cols
+  steps = x_gmem.shape[1] // cfg.block_k
 
-  def pipeline(body, context):
-    return plgpu.emit_pipeline_warp_specialized(
-        body, grid=(dim // cfg.block_k,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
-        max_concurrent_steps=cfg.stages, compute_context=context,
-        in_specs=[
-            plgpu.BlockSpec((cfg.rows, cfg.block_k), lambda s: (0, s), transforms=in_tf, memory_space=plgpu.SMEM,
-                            delay_release=cfg.delay_release),
-            plgpu.BlockSpec((cfg.block_k, cfg.cols), lambda s: (s, 0), transforms=in_tf, memory_space=plgpu.SMEM,
-                            delay_release=cfg.delay_release),
-        ])
+  def tile_of(lin):
+    tile = tiles_gmem[lin]
+    return tile // n_iters, tile % n_iters
 
-  nothing = lambda *_, **__: None
+  def epilogue(acc, row, col):
+    if interpret:
+      bias = b1_gmem[pl.ds(col, cfg.tile_n)]
+    else:
+      bias = plgpu.load(b1_gmem.at[pl.ds(col, cfg.tile_n)], (), optimized=False)
+    v = _up_activation(acc + lax.broadcast_in_dim(bias, (cfg.tile_m, cfg.tile_n), (1,)), activation)
+    pos = row + lax.broadcasted_iota(jnp.int32, (cfg.tile_m, cfg.tile_n), 0)
+    return jnp.where(pos < thr_gmem[col // width], v, 0.0).astype(h_gmem.dtype)
 
-  @functools.partial(
-      pl.run_scoped,
-      allocs=pipeline(nothing, nothing).get_allocations(x_gmem, w_gmem),
-      out_smem=plgpu.SMEM((2, slots, cfg.epi, cfg.epi), h_gmem.dtype, transforms=out_tf),
-      collective_axes="wg",
-  )
-  def _scope(allocs, out_smem):
-    wg = lax.axis_index("wg")
-
-    # only the active tiles, in row-major order: the SMs share each row block's x through L2, and
-    # every SM gets its share of the work whatever the staircase of k looks like
-    @plgpu.nd_loop((count_gmem[0],), collective_axes="sm")
-    def _tile(info):
-      (lin,) = info.index
-      tile = tiles_gmem[lin]
-      mi, ni = tile // n_iters, tile % n_iters
-      row_slice = pl.ds(mi * cfg.rows, cfg.rows)
-      col_slice = pl.ds(ni * cfg.cols, cfg.cols)
-      if cfg.split == "m":
-        wg_rows, wg_cols = pl.ds(wg * cfg.tile_m, cfg.tile_m), slice(None)
-      else:
-        wg_rows, wg_cols = slice(None), pl.ds(wg * cfg.tile_n, cfg.tile_n)
-
-      def context(run):
-        @functools.partial(pl.run_scoped, acc=plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32))
-        def _acc(acc):
-          run(acc)
-          first = mi * cfg.rows + (wg * cfg.tile_m if cfg.split == "m" else 0)
-          col0 = ni * cfg.cols + (wg * cfg.tile_n if cfg.split == "n" else 0)
-          if interpret:
-            bias = b1_gmem[pl.ds(col0, cfg.tile_n)]
-          else:
-            bias = plgpu.load(b1_gmem.at[pl.ds(col0, cfg.tile_n)], (), optimized=False)
-          v = acc[...] + lax.broadcast_in_dim(bias, (cfg.tile_m, cfg.tile_n), (1,))
-          v = _up_activation(v, activation)
-          pos = first + lax.broadcasted_iota(jnp.int32, (cfg.tile_m, cfg.tile_n), 0)
-          out = jnp.where(pos < thr_gmem[col0 // width], v, 0.0).astype(h_gmem.dtype)
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          piece = 0
-          for pm in range(cfg.tile_m // cfg.epi):
-            for pn in range(cfg.tile_n // cfg.epi):
-              ms, ns = slice(pm * cfg.epi, (pm + 1) * cfg.epi), slice(pn * cfg.epi, (pn + 1) * cfg.epi)
-              slot = piece % slots
-              piece += 1
-              plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
-              out_smem[wg, slot] = out[ms, ns]
-              plgpu.commit_smem()
-              plgpu.copy_smem_to_gmem(
-                  out_smem.at[wg, slot], h_gmem.at[row_slice, col_slice].at[wg_rows, wg_cols].at[ms, ns])
-
-      def mma(_, x_smem, w_smem, acc):
-        plgpu.wgmma(acc, x_smem.at[wg_rows], w_smem.at[:, wg_cols])
-        plgpu.wgmma_wait(cfg.delay_release)
-        return acc
-
-      pipeline(mma, context)(x_gmem.at[row_slice, :], w_gmem.at[:, col_slice], allocations=allocs)
-
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  # only the active tiles, in row-major order: the SMs share each row block's x through L2, and
+  # every SM gets its share of the work whatever the staircase of k looks like
+  _tiled_matmul(x_gmem, w_gmem, h_gmem, cfg=cfg, num_tiles=count_gmem[0], tile_of=tile_of,
+                steps_of=lambda mi: steps, max_steps=steps, epilogue=epilogue)
 
 
 def active_tiles(block_maxk: jax.Array, *, width: int, cols: int, n_iters: int) -> tuple[jax.Array, jax.Array]:
