@@ -993,11 +993,10 @@ def _mgpu_up_config(asked, dtype, tokens, dim, total, width, activation, cfg, pa
     why = "the LayerNorm fusion (NORM_MIN_TOKENS) has its own up launch"
   elif activation not in acm_mgpu.UP_ACTIVATIONS:
     why = f"activation {activation!r} is not one of {acm_mgpu.UP_ACTIVATIONS}"
-  elif up.rows % cfg.block_rows or (down_cfg and up.rows % down_cfg.rows):
+  elif bad := [rows for rows in (cfg.block_rows, down_cfg.rows if down_cfg else 1) if up.rows % rows]:
     # the down launch reduces a row block up to its first row's k; the up launch's block holding that
     # row must have written that far, so its row blocks must start where the down launch's do
-    why = (f"its row blocks of {up.rows} must be a multiple of the down launch's "
-           f"{down_cfg.rows if down_cfg else cfg.block_rows}")
+    why = f"its row blocks of {up.rows} must be a multiple of the down launch's row blocks of {bad[0]}"
   else:
     try:
       acm_mgpu.check_up((padded, dim), (dim, total), dtype, up, width)

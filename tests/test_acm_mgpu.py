@@ -235,3 +235,13 @@ def test_active_tiles_lists_each_row_blocks_needed_tiles_in_row_major_order():
     want = [b * n_iters + c for b in range(m_iters) for c in range(n_iters) if c * cols < maxk[b] * width]
     assert int(count[0]) == len(want)
     np.testing.assert_array_equal(np.asarray(tiles)[:len(want)], want)
+
+
+def test_mosaic_up_launch_needs_row_blocks_the_down_launch_can_read(monkeypatch):
+  """Up row blocks of 64 under down row blocks of 128: the down launch would read tiles of the second
+  up block that were never written."""
+  monkeypatch.setitem(af.MGPU_UP_TILES, "tile_m", 64)
+  n, dim = 4, 64
+  x, groups = random_group(0, 300, dim, n, 128, 1, jnp.bfloat16)
+  with pytest.raises(ValueError, match="row blocks of 64 must be a multiple of the down launch's row blocks of 128"):
+    af.acm_group(x, groups, num_learners=n, interpret=True, sort=True, mgpu_up=True, block_rows=128)
