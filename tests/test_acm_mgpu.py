@@ -135,7 +135,6 @@ def test_up_kernel_in_interpret_mode_matches_its_contract():
   """Two row blocks (largest k 4 and 2 of 4 learners of 64): the written tiles equal the plain-jnp
   contract (GELU, bias), rows past each learner's count are zero, and block 1 leaves its last two
   learners' tiles unwritten."""
-  activation = "gelu"
   cfg = acm_mgpu.DownConfig(tile_m=64, tile_n=64, block_k=64, stages=2, split="n", epi=64)
   rng = np.random.default_rng(6)
   k = np.array([4] * 10 + [3] * 30 + [2] * 40 + [1] * 20 + [0] * 28)
@@ -144,12 +143,11 @@ def test_up_kernel_in_interpret_mode_matches_its_contract():
   x = jnp.asarray(rng.normal(size=(128, 128)), jnp.bfloat16)
   w1 = jnp.asarray(rng.normal(size=(128, 256)) / np.sqrt(128), jnp.bfloat16)
   b1 = jnp.asarray(0.5 * rng.normal(size=(256,)), jnp.bfloat16)
-  out = acm_mgpu.up_projection(x, w1, b1, maxk, thresholds, width=64, activation=activation, cfg=cfg,
-                               interpret=True)
-  ref = np.asarray(acm_mgpu.up_projection_reference(x, w1, b1, thresholds, width=64, activation=activation))
-  if activation == "gelu":  # the tanh form stays within bfloat16 rounding of the erf form
-    erf = np.asarray(jax.nn.gelu(jnp.dot(x.astype(jnp.float32), w1.astype(jnp.float32)) + b1, approximate=False))
-    assert np.abs(np.where(ref != 0, ref - erf, 0)).max() < 1e-3
+  out = acm_mgpu.up_projection(x, w1, b1, maxk, thresholds, width=64, activation="gelu", cfg=cfg, interpret=True)
+  ref = np.asarray(acm_mgpu.up_projection_reference(x, w1, b1, thresholds, width=64, activation="gelu"))
+  # the tanh form stays within bfloat16 rounding of the erf form
+  erf = np.asarray(jax.nn.gelu(jnp.dot(x.astype(jnp.float32), w1.astype(jnp.float32)) + b1, approximate=False))
+  assert np.abs(np.where(ref != 0, ref - erf, 0)).max() < 1e-3
   assert out.shape == (128, 256) and out.dtype == jnp.bfloat16
   out = np.asarray(out, np.float32)
   written = np.arange(256)[None, :] < np.repeat(np.asarray(maxk), 64)[:, None] * 64
