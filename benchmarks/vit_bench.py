@@ -19,6 +19,14 @@ form. In bfloat16 the ACM kernels compute GELU in that form (within bfloat16's r
 form), while XLA runs the dense model's erf GELU as a separate, costly fusion: with the tanh form the
 dense forward ran 1.04-1.23x faster on an H200 (benchmarks/RESULTS.md, 2026-12-04 (iii)). Rows record
 `ratio_to_dense_tanh` beside `ratio_to_dense`; `ratio_to_dense_tanh` is the like-for-like figure.
+
+A yardstick (on by default, `--no-static` skips it): the static-width model, what an ACM with no routing
+cost at all would run. Every token takes the ACM configuration's measured mean compute: each ACMized MLP
+becomes one XLA MLP of width mean k x learner width, each ACMized projection one low-rank pair of XLA
+matmuls of that width (rounded to a multiple of 16), no gate, no sort, cuBLAS and XLA's own GELU. Rows
+record `static_ratio_to_dense` (its images/s over the dense model's, timed in the same rounds) and
+`static_widths`. Where an ACM row misses a target that its static model misses too, the limit is the
+arithmetic left at that k on this GPU, not the routing.
 """
 
 from __future__ import annotations
@@ -139,6 +147,34 @@ def ideal_ratio(cfg, mean_k):
   return dense / (mlp + proj + 4 * t * d)
 
 
+STATIC_MULTIPLE = 16  # the static-width yardstick's widths are rounded to this (a Triton / cuBLAS tile multiple)
+
+
+def static_widths(acm_cfg: vit.ViTConfig, mean_k: dict) -> dict:
+  """{"mlp": width, "attn": width or None}: the hidden width of the static-width yardstick's MLPs and
+  projections, mean k x learner width rounded to a multiple of STATIC_MULTIPLE (at least one)."""
+  acm = acm_cfg.acm
+
+  def width(k, learner):
+    return max(STATIC_MULTIPLE, round(k * learner / STATIC_MULTIPLE) * STATIC_MULTIPLE)
+
+  return {"mlp": width(mean_k["mlp"], acm.mlp_learner_width(acm_cfg.mlp_dim)),
+          "attn": None if mean_k["attn"] is None else width(mean_k["attn"], acm.attention_learner_width(acm_cfg.dim))}
+
+
+def static_config(acm_cfg: vit.ViTConfig, widths: dict) -> vit.ViTConfig:
+  """The static-width yardstick of `static_widths`: `acm_cfg` with every ACM as one learner of that
+  width on XLA; run it with mode="full" (every token takes its one learner, the gates go unused)."""
+  total = (acm_cfg.dim * acm_cfg.dim + acm_cfg.dim) / (2 * acm_cfg.dim + 1)  # `attention_learner_width`'s total
+  acm = dataclasses.replace(acm_cfg.acm, num_learners=1, learner_width=widths["mlp"], impl="xla",
+                            width_factor=1.0 if widths["attn"] is None else widths["attn"] / total)
+  cfg = dataclasses.replace(acm_cfg, acm=acm).validate()
+  got = (acm.mlp_learner_width(cfg.mlp_dim), acm.attention_learner_width(cfg.dim) if acm.attention else None)
+  if got != (widths["mlp"], widths["attn"]):
+    raise ValueError(f"static widths {widths} came out as {got}")
+  return cfg
+
+
 ROUNDS = 5  # alternating dense / ACM timing rounds per configuration
 
 
@@ -220,6 +256,8 @@ def main(argv=None):
   parser.add_argument("--dense-gelu-tanh", action=argparse.BooleanOptionalAction, default=True,
                       help="also time the dense model with GELU's tanh form, the form the ACM kernels compute in "
                            "bfloat16 (a like-for-like baseline: ratio_to_dense_tanh)")
+  parser.add_argument("--static", action=argparse.BooleanOptionalAction, default=True,
+                      help="time the static-width yardstick of each ACM configuration (module docstring)")
   parser.add_argument("--tuned", default=None, help="JSON of benchmarks.fused_tune to load into acm_fused.TUNED")
   parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
   parser.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
@@ -286,6 +324,16 @@ def main(argv=None):
                             jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["acm"])))
     return jitted[kind, impl]
 
+  statics = {}  # (kind, widths) -> (forward, params) of the static-width yardstick
+
+  def static_model(kind, acm_cfg, widths):
+    key = (kind, tuple(sorted(widths.items())))
+    if key not in statics:
+      model = vit.ViT(static_config(acm_cfg, widths))
+      statics[key] = (jax.jit(lambda p, x: model.apply({"params": p}, x, mode="full")),
+                      bf16_params(model, all_images[:1]))
+    return statics[key]
+
   for batch in batches:
     images = all_images[:batch]
     dense_ips = batch / timed(dense_fn, dense_params, images)
@@ -313,28 +361,35 @@ def main(argv=None):
           if err > 0.05 or gate_agree < 0.99:  # timed all the same, and recorded as failed
             log(f"batch {batch} acm={kind} r={r} impl={impl}: BAD logits vs XLA at the same k {err:.3f}, "
                 f"block-0 gates agree on {gate_agree:.4f} of tokens")
-          # dense and ACM timed in alternating rounds: the host's dispatch speed drifts by 5-15%
-          # between runs and within one, and at batch 1-8 the dispatch is most of a forward
-          dense_s, tanh_s, acm_s = [], [], []
+          widths = static_widths(acm_cfg, mean_k) if args.static else None
+          static_fn, static_params = static_model(kind, acm_cfg, widths) if widths else (None, None)
+          # dense, ACM and yardstick timed in alternating rounds: the host's dispatch speed drifts by
+          # 5-15% between runs and within one, and at batch 1-8 the dispatch is most of a forward
+          dense_s, tanh_s, acm_s, static_s = [], [], [], []
           for _ in range(ROUNDS):
             dense_s.append(timed(dense_fn, dense_params, images, reps=10))
             if dense_tanh_fn:
               tanh_s.append(timed(dense_tanh_fn, dense_params, images, reps=10))
             acm_s.append(timed(fn, params, images, reps=10))
+            if static_fn:
+              static_s.append(timed(static_fn, static_params, images, reps=10))
           ips = batch / float(np.median(acm_s))
           paired_dense_ips = batch / float(np.median(dense_s))
-          like_for_like = {}
+          baselines = {}
           if tanh_s:
             tanh_ips = batch / float(np.median(tanh_s))
-            like_for_like = dict(dense_tanh_images_per_s=round(tanh_ips, 1),
-                                 ratio_to_dense_tanh=round(ips / tanh_ips, 4))
+            baselines = dict(dense_tanh_images_per_s=round(tanh_ips, 1), ratio_to_dense_tanh=round(ips / tanh_ips, 4))
+          if static_s:
+            static_ips = batch / float(np.median(static_s))
+            baselines.update(static_widths=widths, static_images_per_s=round(static_ips, 1),
+                             static_ratio_to_dense=round(static_ips / paired_dense_ips, 4))
         except Exception as err:  # e.g. jax-triton missing: record nothing, say why
           log(f"batch {batch} acm={kind} r={r} impl={impl}: FAILED {type(err).__name__}: {str(err)[:400]}")
           continue
         rec = dict(device=device, date=date, jax_version=jax.__version__, batch=batch, acm=kind, r=r,
                    r_measured=round(r_real, 4), impl=impl, attention=args.attention, images_per_s=round(ips, 1),
                    ratio_to_dense=round(ips / paired_dense_ips, 4), dense_images_per_s=round(paired_dense_ips, 1),
-                   **like_for_like,
+                   **baselines,
                    ideal_ratio=round(ideal, 4), logits_rel_err=err,
                    gate_agreement_block0=round(gate_agree, 5), check_passed=err <= 0.05 and gate_agree >= 0.99,
                    scanned=args.scan_blocks, **fusions, mgpu_down_min_tokens=acm_fused.MGPU_DOWN_MIN_TOKENS,
@@ -343,7 +398,8 @@ def main(argv=None):
         records.append(rec)
         log(f"batch {batch:4d} acm={kind:8s} r={r} (measured {r_real:.3f}) impl={impl:6s} {ips:9.1f} images/s "
             f"{ips / paired_dense_ips:.3f} x dense"
-            + (f", {like_for_like['ratio_to_dense_tanh']:.3f} x dense with tanh GELU" if like_for_like else "")
+            + (f", {baselines['ratio_to_dense_tanh']:.3f} x dense with tanh GELU" if tanh_s else "")
+            + (f", static width {baselines['static_ratio_to_dense']:.3f} x dense" if static_s else "")
             + f" (ideal {ideal:.2f}; logits vs XLA at the same k {err:.1e}; "
             f"block-0 gates agree {gate_agree:.4f})")
 
@@ -358,12 +414,15 @@ def main(argv=None):
            "ideal = dense / ACM time if time followed the matmul FLOPs at the measured mean k/N"
            + ("; each cell: ACM / dense (erf GELU, the model's) and, after the slash, ACM / dense with GELU's "
               "tanh form (the form the kernels compute), same weights, timed in the same rounds" if args.dense_gelu_tanh
-              else "") + ".\n",
+              else "")
+           + ("; static = the static-width yardstick (the measured mean k for every token, XLA, no gate) / dense"
+              if args.static else "") + ".\n",
            "| ACMized | r (target) | mean k/N | impl | " + " | ".join(f"batch {b}" for b in batches) + " |",
            "|---|---|---|---|" + "---|" * len(batches)]
   def cell(rec):
     tanh = f" / {rec['ratio_to_dense_tanh']:.2f}" if "ratio_to_dense_tanh" in rec else ""
-    return f"{rec['ratio_to_dense']:.2f}{tanh} (ideal {rec['ideal_ratio']:.2f})"
+    static = f", static {rec['static_ratio_to_dense']:.2f}" if "static_ratio_to_dense" in rec else ""
+    return f"{rec['ratio_to_dense']:.2f}{tanh} (ideal {rec['ideal_ratio']:.2f}{static})"
 
   for kind, acm_cfg, r, _, _ in setups:
     for impl in args.impls.split(","):

@@ -50,15 +50,17 @@ def test_gelu_tanh_dense_model_is_the_same_weights_within_gelus_forms():
   assert 0 < diff < 1e-2
 
 
-@pytest.mark.parametrize("tanh_baseline", [True, False])
-def test_main_on_the_cpu_records_the_issue_fields_and_the_tanh_baseline(tanh_baseline, tmp_path, monkeypatch):
+@pytest.mark.parametrize("baselines", [True, False])
+def test_main_on_the_cpu_records_the_issue_fields_and_the_baselines(baselines, tmp_path, monkeypatch):
   """A smoke run of the script on the tiny model (--impls xla runs without a GPU): every row carries
-  the fields other tools read, the ACM rows their ratio to the tanh-GELU dense model when it is timed."""
+  the fields other tools read, the ACM rows their ratios to the tanh-GELU dense model and of the
+  static-width yardstick when those are timed."""
   monkeypatch.setenv("OUT", str(tmp_path))
   monkeypatch.setattr(vb, "ROUNDS", 1)
   argv = ["--model", "tiny", "--batches", "2", "--acm", "mlp,mlp_qkvo", "--ratios", "0.5", "--impls", "xla",
           "--attention", "xla", "--results-dir", str(tmp_path), "--no-append"]
-  vb.main(argv + ([] if tanh_baseline else ["--no-dense-gelu-tanh"]))
+  vb.main(argv + ([] if baselines else ["--no-dense-gelu-tanh", "--no-static"]))
+  tanh_baseline = baselines
   rows = json.loads(next(tmp_path.glob("vit_*.json")).read_text())
   issue_fields = {"device", "date", "jax_version", "batch", "acm", "r", "r_measured", "impl", "attention",
                   "images_per_s", "ratio_to_dense", "ideal_ratio"}
@@ -68,11 +70,66 @@ def test_main_on_the_cpu_records_the_issue_fields_and_the_tanh_baseline(tanh_bas
     assert ("images_per_s_gelu_tanh" in row or "ratio_to_dense_tanh" in row) is tanh_baseline
     if row["acm"] != "none":
       assert row["check_passed"] and 0 < row["r_measured"] < 1 and row["ideal_ratio"] > 1
+      assert ("static_ratio_to_dense" in row) is baselines
       if tanh_baseline:
         assert row["ratio_to_dense_tanh"] == pytest.approx(row["images_per_s"] / row["dense_tanh_images_per_s"],
                                                            rel=1e-3)
+      if baselines:
+        assert row["static_ratio_to_dense"] == pytest.approx(row["static_images_per_s"] / row["dense_images_per_s"],
+                                                             rel=1e-3)
+        widths = row["static_widths"]
+        assert widths["mlp"] % vb.STATIC_MULTIPLE == 0 and (widths["attn"] is None) is (row["acm"] == "mlp")
   table = (tmp_path / "vit_table.md").read_text()
   assert "| mlp_qkvo | 0.5 |" in table and ("Dense with GELU's tanh form" in table) is tanh_baseline
+  assert (", static " in table) is baselines
+
+
+def test_static_widths_round_the_mean_compute_to_tile_multiples():
+  cfg = vb.acm_config(vit.get_config("vit_b16"), "mlp_qkvo")  # learners of 768 (MLP) and 96 (projections)
+  assert vb.static_widths(cfg, {"mlp": 2.0, "attn": 2.08}) == {"mlp": 1536, "attn": 192}
+  assert vb.static_widths(cfg, {"mlp": 1.04, "attn": 1.28}) == {"mlp": 800, "attn": 128}
+  assert vb.static_widths(cfg, {"mlp": 0.0, "attn": None}) == {"mlp": 16, "attn": None}  # never a zero width
+  static = vb.static_config(cfg, {"mlp": 800, "attn": 128})
+  assert static.acm.num_learners == 1 and static.acm.impl == "xla"
+  assert static.acm.mlp_learner_width(static.mlp_dim) == 800 and static.acm.attention_learner_width(static.dim) == 128
+
+
+def _static_params(params, k, num_learners):
+  """An ACM model's parameters cut to its first k learners as the one-learner static model holds them:
+  w1, b1 and w2 sliced, the output bias as (b2[0], b2[1] + ... + b2[k]); the gates are the static model's."""
+  if isinstance(params, dict) and "w1" in params:
+    width = params["w1"].shape[1] // num_learners * k
+    b2 = params["b2"]
+    return {**params, "w1": params["w1"][:, :width], "b1": params["b1"][:width], "w2": params["w2"][:width],
+            "b2": jnp.stack([b2[0], b2[1:k + 1].sum(0)])}
+  if isinstance(params, dict):
+    return {name: _static_params(value, k, num_learners) for name, value in params.items()}
+  return params
+
+
+@pytest.mark.parametrize("kind", ["mlp", "mlp_qkvo"])
+def test_static_yardstick_computes_the_acm_at_a_fixed_k(kind):
+  """The yardstick is the ACM model with every token at k learners: cut to k = 2 of 4 learners, its logits
+  equal the ACM model's in mode "fixed" (float32, XLA), on random weights and output biases."""
+  acm_cfg = vb.acm_config(vit.get_config("tiny"), kind, "xla")
+  images = jax.random.normal(jax.random.key(7), (2, acm_cfg.image_size, acm_cfg.image_size, 3))
+  acm_model = vit.ViT(acm_cfg)
+  params = acm_model.init(jax.random.key(8), images)["params"]
+  params = jax.tree_util.tree_map_with_path(  # output biases are zero at init: make them random
+      lambda path, a: jax.random.normal(jax.random.key(len(str(path))), a.shape) * 0.1
+      if path[-1] == jax.tree_util.DictKey("b2") else a, params)
+  assert np.abs(np.asarray(params["block_0"]["mlp"]["b2"])).min() > 0
+  widths = vb.static_widths(acm_cfg, {"mlp": 2, "attn": 2 if kind == "mlp_qkvo" else None})
+  static_model = vit.ViT(vb.static_config(acm_cfg, widths))
+  static_params = static_model.init(jax.random.key(9), images)["params"]
+  # the gates (N + 1 = 2 choices there) are the static model's own: mode "full" does not read them
+  cut = jax.tree.map(lambda c, s: c if c.shape == s.shape else s, _static_params(params, 2, vb.NUM_LEARNERS),
+                     static_params)
+  want = np.asarray(acm_model.apply({"params": params}, images, mode="fixed", fixed_k=2), np.float64)
+  got = np.asarray(static_model.apply({"params": cut}, images, mode="full"), np.float64)
+  full = np.asarray(acm_model.apply({"params": params}, images, mode="full"), np.float64)
+  assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+  assert np.abs(full - want).max() > 1e-2 * np.abs(want).max()  # k = 2 is not the full model
 
 
 def test_fusion_flags_set_the_switches_and_are_recorded(tmp_path, monkeypatch):
