@@ -249,6 +249,9 @@ def main(argv=None):
                       help="acm_fused.MGPU_DOWN_KINDS for this run: comma list of mlp, proj")
   parser.add_argument("--mgpu-down-tiles", default=None,
                       help="acm_fused.MGPU_DOWN_TILES for this run: comma list of DownConfig fields, e.g. tile_n=64,stages=3")
+  parser.add_argument("--mgpu-down-unsort", default=None, choices=acm_fused.MGPU_DOWN_UNSORTS,
+                      help="acm_fused.MGPU_DOWN_UNSORT for this run (how the Mosaic down launch's rows return to "
+                           "token order: XLA's gather, or one kernel that adds the skip connection too)")
   parser.add_argument("--mgpu-up-min-tokens", type=int, default=None,
                       help="acm_fused.MGPU_UP_MIN_TOKENS for this run (the Mosaic GPU up kernel; -1: never)")
   parser.add_argument("--mgpu-up-tiles", default=None,
@@ -284,6 +287,8 @@ def main(argv=None):
     acm_fused.MGPU_DOWN_KINDS = tuple(k for k in args.mgpu_down_kinds.split(",") if k)
   if args.mgpu_down_tiles:
     acm_fused.MGPU_DOWN_TILES = _mosaic_tiles("--mgpu-down-tiles", args.mgpu_down_tiles)
+  if args.mgpu_down_unsort is not None:
+    acm_fused.MGPU_DOWN_UNSORT = args.mgpu_down_unsort
   if args.mgpu_up_min_tokens is not None:
     acm_fused.MGPU_UP_MIN_TOKENS = None if args.mgpu_up_min_tokens < 0 else args.mgpu_up_min_tokens
   if args.mgpu_up_tiles:
@@ -394,6 +399,7 @@ def main(argv=None):
                    gate_agreement_block0=round(gate_agree, 5), check_passed=err <= 0.05 and gate_agree >= 0.99,
                    scanned=args.scan_blocks, **fusions, mgpu_down_min_tokens=acm_fused.MGPU_DOWN_MIN_TOKENS,
                    mgpu_down_kinds=list(acm_fused.MGPU_DOWN_KINDS), mgpu_down_tiles=dict(acm_fused.MGPU_DOWN_TILES),
+                   mgpu_down_unsort=acm_fused.MGPU_DOWN_UNSORT,
                    mgpu_up_min_tokens=acm_fused.MGPU_UP_MIN_TOKENS, mgpu_up_tiles=dict(acm_fused.MGPU_UP_TILES))
         records.append(rec)
         log(f"batch {batch:4d} acm={kind:8s} r={r} (measured {r_real:.3f}) impl={impl:6s} {ips:9.1f} images/s "

@@ -136,6 +136,13 @@ NORM_MODE = "fold"
 # scatter does not.
 MGPU_DOWN_MIN_TOKENS: int | None = None
 MGPU_DOWN_KINDS = ("mlp",)
+# Who brings that launch's rows (in sorted order) back to token order: "xla", a gather fusion (then XLA adds
+# the skip connection), or "kernel", one Triton launch (`_unsort_kernel`) that also adds the output bias and,
+# when the group has one, the residual before a single rounding, so that the gather and the skip connection's
+# add are one pass over the rows. "xla" until a GPU run (`benchmarks.vit_bench --mgpu-down-unsort kernel`)
+# shows whether XLA already fuses the two (2026-12-04 (i) suggested it does not).
+MGPU_DOWN_UNSORTS = ("xla", "kernel")
+MGPU_DOWN_UNSORT = "xla"
 # Overrides of `acm_mgpu.DownConfig` fields for that launch (tile_m: 128 where the up launch's row
 # blocks allow, else 64).
 MGPU_DOWN_TILES: dict = {}
@@ -565,6 +572,51 @@ def _down_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_rows, bl
   _for_group(g, num_groups, body)
 
 
+def _unsort_kernel(pos_ref, k_ref, y_ref, *refs, block_rows, block_out, col_blocks, tokens, padded, has_bias,
+                   has_residual):
+  """Rows back to token order after a down launch that wrote them sorted: out[t] = y[pos[t]] (zero where
+  k[t] = 0) + bias table[k[t]] + residual[t], summed in float32 and rounded once. Refs: each token's
+  sorted place and its k (token order), y (padded, d), [the cumulative bias table (N+1, d) float32,]
+  [the residual (T, d),] the output (T, d). One program per (block of tokens, block of columns)."""
+  from jax.experimental.pallas import triton as plgpu
+  refs = list(refs)
+  table_ref = refs.pop(0) if has_bias else None
+  res_ref = refs.pop(0) if has_residual else None
+  (out_ref,) = refs
+  p = pl.program_id(0)
+  rows = (p // col_blocks) * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
+  cols = (p % col_blocks) * block_out + jnp.arange(block_out, dtype=jnp.int32)
+  valid = rows < tokens
+  pos = jnp.clip(plgpu.load(pos_ref.at[rows], mask=valid, other=0), 0, padded - 1)
+  k = plgpu.load(k_ref.at[rows], mask=valid, other=0)
+  acc = plgpu.load(y_ref.at[pos[:, None], cols[None, :]], mask=(valid & (k > 0))[:, None],
+                   other=0.0).astype(jnp.float32)
+  if has_bias:
+    acc = acc + table_ref[k[:, None], cols[None, :]]
+  if has_residual:
+    acc = acc + plgpu.load(res_ref.at[rows[:, None], cols[None, :]], mask=valid[:, None],
+                           other=0.0).astype(jnp.float32)
+  plgpu.store(out_ref.at[rows[:, None], cols[None, :]], acc.astype(out_ref.dtype), mask=valid[:, None])
+
+
+UNSORT_ROWS = 32  # tokens per `_unsort_kernel` program
+
+
+def _unsort(y, positions, k, table, residual, *, tokens, padded, dtype, interpret):
+  """`_unsort_kernel` over one ACM's rows: positions and k (tokens,) int32, table (N+1, d) float32 or None,
+  residual (tokens, d) or None. Returns (tokens, d) in dtype."""
+  dim = y.shape[1]
+  block_out = _largest_divisor(dim, 256)
+  col_blocks = dim // block_out
+  inputs = [a for a in (table, residual) if a is not None]
+  return pl.pallas_call(
+      functools.partial(_unsort_kernel, block_rows=UNSORT_ROWS, block_out=block_out, col_blocks=col_blocks,
+                        tokens=tokens, padded=padded, has_bias=table is not None, has_residual=residual is not None),
+      out_shape=jax.ShapeDtypeStruct((tokens, dim), dtype), grid=(-(-tokens // UNSORT_ROWS) * col_blocks,),
+      compiler_params=None if interpret else _compiler_params(4, 1), interpret=interpret, name="acm_unsort",
+  )(positions, k, y, *inputs)
+
+
 def _onepass_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, tiles, block_rows, block_hidden,
                     block_out, block_k, dim, width, tokens, padded, num_learners, min_choice, relative_cost,
                     gate_dtype, activation, fast_math, has_bias):
@@ -742,7 +794,8 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   it from `NORM_MIN_TOKENS` tokens on, in the form `norm_mode` names (None: `NORM_MODE`; module
   docstring); elsewhere it runs first, in XLA. residual: (T, d) in x.dtype, added to every output
   (a block's skip connection): by the down launch of the routed paths from `RESIDUAL_MIN_TOKENS`
-  tokens on, rounded once with the sum; elsewhere by XLA after the kernels.
+  tokens on, or by the launch that returns the Mosaic down launch's rows to token order
+  (`MGPU_DOWN_UNSORT` "kernel"), rounded once with the sum; elsewhere by XLA after the kernels.
 
   Returns (outputs: G arrays (T, d) in x.dtype, k: (G, T) int32 in token order).
   """
@@ -828,9 +881,9 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
       hidden = up_call(up, out_shape=hidden_shapes, name="acm_group_up")(order, k_rows, x, *weights_up)
   has_bias = "b2" in groups[0]
   if down_cfg:
-    outs = _mgpu_down(hidden, groups, k_rows, positions[0], k_tokens, cfg=down_cfg, tokens=tokens, padded=padded,
-                      width=width, has_bias=has_bias, interpret=interpret)
-    return _plus((outs, k_tokens.reshape(num_groups, padded)[:, :tokens]), residual)
+    outs, added = _mgpu_down(hidden, groups, k_rows, positions[0], k_tokens, residual, cfg=down_cfg, tokens=tokens,
+                             padded=padded, width=width, has_bias=has_bias, interpret=interpret)
+    return _plus((outs, k_tokens.reshape(num_groups, padded)[:, :tokens]), None if added else residual)
   col_blocks = dim // cfg.block_out
   tables = [jnp.cumsum(grp["b2"].astype(jnp.float32), axis=0) if has_bias else None for grp in groups]
   down_inputs = [a for h, grp, table in zip(hidden, groups, tables) for a in (h, grp["w2"]) + ((table,) if has_bias else ())]
@@ -1020,10 +1073,16 @@ def _mgpu_up(x, groups, order, sorted_k, *, cfg, tokens, padded, width, activati
   return tuple(hidden)
 
 
-def _mgpu_down(hidden, groups, sorted_k, positions, k_tokens, *, cfg, tokens, padded, width, has_bias, interpret):
+def _mgpu_down(hidden, groups, sorted_k, positions, k_tokens, residual, *, cfg, tokens, padded, width, has_bias,
+               interpret):
   """Down projections of the sorted path by `acm_mgpu.down_projection`, then each token's row
-  gathered back from the sorted order with its choice's cumulative output bias (one XLA fusion)."""
+  gathered back from the sorted order with its choice's cumulative output bias: one XLA fusion, or
+  with `MGPU_DOWN_UNSORT` "kernel" one `_unsort_kernel` launch that adds `residual` (when given) too.
+  Returns (outputs, whether they include the residual)."""
   from pallas_kernels import acm_mgpu
+  if MGPU_DOWN_UNSORT not in MGPU_DOWN_UNSORTS:
+    raise ValueError(f"acm_fused.MGPU_DOWN_UNSORT must be one of {MGPU_DOWN_UNSORTS}, got {MGPU_DOWN_UNSORT!r}")
+  kernel = MGPU_DOWN_UNSORT == "kernel"
   outs = []
   for gg, (h, grp) in enumerate(zip(hidden, groups)):
     steps = acm_mgpu.block_steps(sorted_k[gg * padded:(gg + 1) * padded], rows=padded, block_rows=cfg.rows,
@@ -1032,11 +1091,16 @@ def _mgpu_down(hidden, groups, sorted_k, positions, k_tokens, *, cfg, tokens, pa
     y = acm_mgpu.down_projection(h, grp["w2"], steps, cfg=cfg, interpret=interpret)
     pos = positions[gg * padded:gg * padded + tokens]
     k = k_tokens[gg * padded:gg * padded + tokens]
+    table = jnp.cumsum(grp["b2"].astype(jnp.float32), axis=0) if has_bias else None
+    if kernel:
+      outs.append(_unsort(y, pos, k, table, residual, tokens=tokens, padded=padded, dtype=h.dtype,
+                          interpret=interpret))
+      continue
     out = jnp.where((k > 0)[:, None], y[jnp.clip(pos, 0, padded - 1)].astype(jnp.float32), 0.0)
     if has_bias:
-      out = out + jnp.cumsum(grp["b2"].astype(jnp.float32), axis=0)[k]
+      out = out + table[k]
     outs.append(out.astype(h.dtype))
-  return tuple(outs)
+  return tuple(outs), kernel and residual is not None
 
 
 def merge_linear_learners(params: Mapping[str, jax.Array], num_learners: int) -> dict[str, jax.Array]:

@@ -10,6 +10,8 @@ Three layers of checks, none needing a GPU:
   whole path runs in seconds, against the group's plain-jnp reference.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,27 +82,35 @@ def _contract(hidden, w2, steps, *, cfg, interpret):
   return acm_mgpu.down_projection_reference(hidden, w2, steps, rows=cfg.rows, block_k=cfg.block_k)
 
 
-@pytest.mark.parametrize("tokens,width,size,act,min_choice,k_kind", [
-    (1, 64, 1, "gelu", 0, "random"),
-    (197, 64, 1, "gelu", 0, "random"),
-    (197, 64, 1, "gelu", 0, "zeros"),
-    (197, 64, 1, "gelu", 0, "full"),
-    (300, 16, 3, "identity", 1, "random"),  # a q/k/v group: min_choice 1, learners narrower than a block_k
+@pytest.mark.parametrize("unsort", af.MGPU_DOWN_UNSORTS)
+@pytest.mark.parametrize("tokens,width,size,act,min_choice,k_kind,residual,bias", [
+    (1, 64, 1, "gelu", 0, "random", True, True),
+    (197, 64, 1, "gelu", 0, "random", True, True),
+    (197, 64, 1, "gelu", 0, "random", False, False),
+    (197, 64, 1, "gelu", 0, "zeros", True, True),
+    (197, 64, 1, "gelu", 0, "full", False, True),
+    (300, 16, 3, "identity", 1, "random", True, True),  # a q/k/v group: min_choice 1, learners narrower than a block_k
 ])
 def test_sorted_path_with_the_mosaic_down_launch_matches_the_reference(tokens, width, size, act, min_choice,
-                                                                        k_kind, monkeypatch):
+                                                                        k_kind, residual, bias, unsort, monkeypatch):
+  """Both ways back to token order (XLA's gather, or the unsort launch adding the bias and the residual)
+  against the reference, with and without output biases and a skip connection."""
   monkeypatch.setattr(acm_mgpu, "down_projection", _contract)
+  monkeypatch.setattr(af, "MGPU_DOWN_UNSORT", unsort)
   monkeypatch.setitem(af.MGPU_DOWN_TILES, "tile_n", 32)
   monkeypatch.setitem(af.MGPU_DOWN_TILES, "block_k", 16)
   monkeypatch.setitem(af.MGPU_DOWN_TILES, "epi", 32)
   n, dim = 4, 64
-  x, groups = random_group(tokens + width, tokens, dim, n, width, size, jnp.bfloat16, k_kind=k_kind)
+  x, groups = random_group(tokens + width, tokens, dim, n, width, size, jnp.bfloat16, k_kind=k_kind, bias=bias)
+  skip = jnp.asarray(np.random.default_rng(tokens).normal(size=(tokens, dim)), jnp.bfloat16) if residual else None
   tiles = dict(block_rows=64, block_hidden=64, block_out=32, block_k_up=16, block_k_down=16)
   outs, k = af.acm_group(x, groups, num_learners=n, activation=act, min_choice=min_choice, interpret=True,
-                         sort=True, mgpu_down=True, **tiles)
+                         sort=True, mgpu_down=True, residual=skip, **tiles)
   plain, _ = af.acm_group(x, groups, num_learners=n, activation=act, min_choice=min_choice, interpret=True,
-                          sort=True, mgpu_down=False, **tiles)
+                          sort=True, mgpu_down=False, residual=skip, **tiles)
   refs, _ = af.acm_group_reference(x, groups, num_learners=n, activation=act, k=k)
+  if residual:
+    refs = [ref + skip.astype(jnp.float32) for ref in refs]
   for out, ref, triton in zip(outs, refs, plain):
     assert out.dtype == x.dtype and out.shape == ref.shape
     assert np.isfinite(np.asarray(out, np.float32)).all()
@@ -108,6 +118,47 @@ def test_sorted_path_with_the_mosaic_down_launch_matches_the_reference(tokens, w
     assert rel_err(out, triton) < 1.5e-2
   if k_kind != "random":
     assert (np.asarray(k) == (0 if k_kind == "zeros" else n)).all()
+
+
+def test_unsort_kernel_matches_a_gather_in_numpy():
+  """The unsort launch alone, on random rows, places, choices (zeros among them), bias table and residual,
+  with a ragged last block of tokens: out[t] = y[pos[t]] (0 where k = 0) + table[k[t]] + residual[t]."""
+  rng = np.random.default_rng(11)
+  tokens, padded, dim = 77, 128, 48
+  y = jnp.asarray(rng.normal(size=(padded, dim)), jnp.bfloat16)
+  pos = jnp.asarray(rng.permutation(padded)[:tokens], jnp.int32)
+  k = jnp.asarray(rng.integers(0, 5, tokens), jnp.int32)
+  table = jnp.asarray(rng.normal(size=(5, dim)), jnp.float32)
+  skip = jnp.asarray(rng.normal(size=(tokens, dim)), jnp.bfloat16)
+  got = af._unsort(y, pos, k, table, skip, tokens=tokens, padded=padded, dtype=jnp.bfloat16, interpret=True)
+  f32 = lambda a: np.asarray(a, np.float32)
+  want = np.where(f32(k)[:, None] > 0, f32(y)[np.asarray(pos)], 0) + f32(table)[np.asarray(k)] + f32(skip)
+  assert got.shape == (tokens, dim) and got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(f32(got), want, rtol=1e-2, atol=1e-2)
+  bare = af._unsort(y, pos, k, None, None, tokens=tokens, padded=padded, dtype=jnp.float32, interpret=True)
+  np.testing.assert_array_equal(np.asarray(bare), np.where(f32(k)[:, None] > 0, f32(y)[np.asarray(pos)], 0))
+
+
+def test_unsort_kernel_lowers_for_cuda_at_vit_b_shapes():
+  """The Triton lowering at batch 256's shapes (50,432 tokens, 768 columns, bias table and residual)."""
+  tokens, padded, dim = 50432, 50560, 768
+  args = (jax.ShapeDtypeStruct((padded, dim), jnp.bfloat16), jax.ShapeDtypeStruct((tokens,), jnp.int32),
+          jax.ShapeDtypeStruct((tokens,), jnp.int32), jax.ShapeDtypeStruct((5, dim), jnp.float32),
+          jax.ShapeDtypeStruct((tokens, dim), jnp.bfloat16))
+  unsort = functools.partial(af._unsort, tokens=tokens, padded=padded, dtype=jnp.bfloat16, interpret=False)
+  lowered = jax.jit(unsort).trace(*args).lower(lowering_platforms=("cuda",))
+  assert "acm_unsort" in lowered.as_text()
+
+
+def test_an_unknown_unsort_switch_is_named(monkeypatch):
+  monkeypatch.setattr(acm_mgpu, "down_projection", _contract)
+  monkeypatch.setattr(af, "MGPU_DOWN_UNSORT", "scatter")
+  for name, value in dict(tile_n=32, block_k=16, epi=32).items():
+    monkeypatch.setitem(af.MGPU_DOWN_TILES, name, value)
+  x, groups = random_group(0, 64, 64, 4, 64, 1, jnp.bfloat16)
+  with pytest.raises(ValueError, match="MGPU_DOWN_UNSORT must be one of .* got 'scatter'"):
+    af.acm_group(x, groups, num_learners=4, interpret=True, sort=True, mgpu_down=True, block_rows=64,
+                 block_hidden=64, block_out=32, block_k_up=16, block_k_down=16)
 
 
 def test_asking_for_the_mosaic_down_launch_where_it_cannot_run_names_the_reason():

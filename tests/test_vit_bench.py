@@ -133,10 +133,10 @@ def test_static_yardstick_computes_the_acm_at_a_fixed_k(kind):
 
 
 def test_fusion_flags_set_the_switches_and_are_recorded(tmp_path, monkeypatch):
-  """--norm-min-tokens / --norm-mode / --residual-min-tokens set acm_fused's switches (-1: off) and every
-  ACM row records them."""
+  """--norm-min-tokens / --norm-mode / --residual-min-tokens (and --mgpu-down-unsort) set acm_fused's
+  switches (-1: off) and every ACM row records them."""
   from pallas_kernels import acm_fused
-  for name in ("NORM_MIN_TOKENS", "NORM_MODE", "RESIDUAL_MIN_TOKENS"):  # restored after the test
+  for name in ("NORM_MIN_TOKENS", "NORM_MODE", "RESIDUAL_MIN_TOKENS", "MGPU_DOWN_UNSORT"):  # restored after the test
     monkeypatch.setattr(acm_fused, name, getattr(acm_fused, name))
   parser = __import__("argparse").ArgumentParser()
   vb.add_fusion_flags(parser)
@@ -149,11 +149,12 @@ def test_fusion_flags_set_the_switches_and_are_recorded(tmp_path, monkeypatch):
   monkeypatch.setattr(vb, "ROUNDS", 1)
   monkeypatch.setenv("OUT", str(tmp_path))  # where the script writes its table
   vb.main(["--model", "tiny", "--batches", "2", "--acm", "mlp", "--ratios", "0.5", "--impls", "xla", "--attention",
-           "xla", "--no-dense-gelu-tanh", "--norm-min-tokens", "0", "--residual-min-tokens", "0",
-           "--results-dir", str(tmp_path), "--no-append"])
+           "xla", "--no-dense-gelu-tanh", "--no-static", "--norm-min-tokens", "0", "--residual-min-tokens", "0",
+           "--mgpu-down-unsort", "kernel", "--results-dir", str(tmp_path), "--no-append"])
   rows = [r for r in json.loads(next(tmp_path.glob("vit_*.json")).read_text()) if r["acm"] != "none"]
   assert rows and all((r["norm_min_tokens"], r["norm_mode"], r["residual_min_tokens"]) == (0, "prologue", 0)
                       for r in rows)
+  assert acm_fused.MGPU_DOWN_UNSORT == "kernel" and all(r["mgpu_down_unsort"] == "kernel" for r in rows)
 
 
 def test_main_refuses_the_kernels_without_a_gpu():
