@@ -198,6 +198,9 @@ def add_fusion_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--residual-min-tokens", type=int, default=None,
                       help="acm_fused.RESIDUAL_MIN_TOKENS for this run (the skip connection added by an ACM's down "
                            "launch from this many tokens on; -1: never)")
+  parser.add_argument("--down-split-max-tokens", type=int, default=None,
+                      help="acm_fused.DOWN_SPLIT_MAX_TOKENS for this run (the down launch's reduction split per "
+                           "learner up to this many tokens; -1: never)")
 
 
 def apply_fusion_flags(args) -> dict:
@@ -208,8 +211,10 @@ def apply_fusion_flags(args) -> dict:
     acm_fused.NORM_MODE = args.norm_mode
   if args.residual_min_tokens is not None:
     acm_fused.RESIDUAL_MIN_TOKENS = None if args.residual_min_tokens < 0 else args.residual_min_tokens
+  if args.down_split_max_tokens is not None:
+    acm_fused.DOWN_SPLIT_MAX_TOKENS = None if args.down_split_max_tokens < 0 else args.down_split_max_tokens
   return dict(norm_min_tokens=acm_fused.NORM_MIN_TOKENS, norm_mode=acm_fused.NORM_MODE,
-              residual_min_tokens=acm_fused.RESIDUAL_MIN_TOKENS)
+              residual_min_tokens=acm_fused.RESIDUAL_MIN_TOKENS, down_split_max_tokens=acm_fused.DOWN_SPLIT_MAX_TOKENS)
 
 
 def _mosaic_tiles(flag: str, text: str) -> dict:

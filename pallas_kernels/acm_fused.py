@@ -80,6 +80,10 @@ passes that write the normalised copy of x (read x, write LN(x)) per group. Like
 output feeds a skip connection can take the residual (`residual`), which the down launch adds
 before its one rounding (`RESIDUAL_MIN_TOKENS`), so that XLA's add never reads the ACM's output.
 
+At few tokens the down launch can split its reduction per learner (`DOWN_SPLIT_MAX_TOKENS`): N times
+as many programs, each looping over one learner's hidden units, write float32 partial outputs that
+one XLA fusion sums per token up to its k, with the output bias and the residual.
+
 The gate logits inside the route kernel are rounded where a Flax Dense gate of
 the same dtypes rounds (after the matmul and after the bias), so the argmax
 agrees with the XLA gate except where float32 accumulation order moves a logit
@@ -136,6 +140,15 @@ NORM_MODE = "fold"
 # scatter does not.
 MGPU_DOWN_MIN_TOKENS: int | None = None
 MGPU_DOWN_KINDS = ("mlp",)
+# At most this many tokens, the routed paths' down launch splits its reduction per learner (None: never):
+# one program per (row block, output tile, learner) instead of one per (row block, output tile) looping
+# over every learner, so few tokens still fill the SMs and each loop is N times shorter. The programs
+# write float32 partial outputs (N x tokens x d), which one XLA fusion sums per token up to its k, with
+# the output bias and the skip connection, before one rounding (`_down_split`). None until a GPU run
+# (`benchmarks.vit_bench --down-split-max-tokens`) shows where it pays: at batch 8 the down launch took
+# 25 us per MLP layer for 1,576 tokens (H200, 2026-12-02), its 312 programs each looping over up to 3,072
+# hidden units.
+DOWN_SPLIT_MAX_TOKENS: int | None = None
 # Who brings that launch's rows (in sorted order) back to token order: "xla", a gather fusion (then XLA adds
 # the skip connection), or "kernel", one Triton launch (`_unsort_kernel`) that also adds the output bias and,
 # when the group has one, the residual before a single rounding, so that the gather and the skip connection's
@@ -534,6 +547,18 @@ def _up_kernel(*refs, num_groups, tiles, block_rows, block_hidden, block_k, dim,
   _for_group(g, num_groups, body)
 
 
+def _down_step(h_ref, w2_ref, i, cb, *, block_rows, block_out, block_k):
+  """The down launch's reduction step s over row block i and output tile cb: acc + hidden chunk @ w2 chunk."""
+  cols = pl.ds(cb * block_out, block_out)
+
+  def step(s, acc):
+    hs = h_ref[pl.ds(i * block_rows, block_rows), pl.ds(s * block_k, block_k)]
+    ws = w2_ref[pl.ds(s * block_k, block_k), cols]
+    return acc + jnp.dot(hs, ws, precision=_precision(hs.dtype), preferred_element_type=jnp.float32)
+
+  return step
+
+
 def _down_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_rows, block_out, block_k, width,
                  tokens, padded, sort, num_learners, has_bias, has_residual=False):
   """Refs: order, k, (hidden, w2[, bias table]) per ACM[, residual], outputs per ACM."""
@@ -548,13 +573,7 @@ def _down_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_rows, bl
     h_ref, w2_ref, *bias = in_refs[per * gg:per * (gg + 1)]
     valid, token, k_rows, max_k = _row_block(order_ref, k_ref, gg, i, block_rows=block_rows, tokens=tokens,
                                              padded=padded, sort=sort)
-    cols = pl.ds(cb * block_out, block_out)
-
-    def step(s, acc):
-      hs = h_ref[pl.ds(i * block_rows, block_rows), pl.ds(s * block_k, block_k)]
-      ws = w2_ref[pl.ds(s * block_k, block_k), cols]
-      return acc + jnp.dot(hs, ws, precision=_precision(hs.dtype), preferred_element_type=jnp.float32)
-
+    step = _down_step(h_ref, w2_ref, i, cb, block_rows=block_rows, block_out=block_out, block_k=block_k)
     trips = (max_k * width + block_k - 1) // block_k
     acc = jax.lax.fori_loop(0, trips, step, jnp.zeros((block_rows, block_out), jnp.float32))
     col_ids = cb * block_out + jnp.arange(block_out, dtype=jnp.int32)
@@ -597,6 +616,61 @@ def _unsort_kernel(pos_ref, k_ref, y_ref, *refs, block_rows, block_out, col_bloc
     acc = acc + plgpu.load(res_ref.at[rows[:, None], cols[None, :]], mask=valid[:, None],
                            other=0.0).astype(jnp.float32)
   plgpu.store(out_ref.at[rows[:, None], cols[None, :]], acc.astype(out_ref.dtype), mask=valid[:, None])
+
+
+def _down_split_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_rows, block_out, block_k, width,
+                       tokens, padded, sort, num_learners):
+  """The down launch with its reduction split per learner (`DOWN_SPLIT_MAX_TOKENS`): the program of
+  (ACM, row block, output tile, learner n) writes hidden[:, learner n] @ w2[learner n] of its rows in
+  float32 to rows n * padded + token of that ACM's parts, when some row of the block has k > n.
+  Refs: order, k, (hidden, w2) per ACM, parts (N * padded, d) float32 per ACM."""
+  from jax.experimental.pallas import triton as plgpu
+  in_refs, part_refs = refs[:2 * num_groups], refs[2 * num_groups:]
+  g, i, tile = _grid_position(padded, block_rows, col_blocks * num_learners)
+  cb, n = tile // num_learners, tile % num_learners
+  steps = width // block_k
+
+  def body(gg):
+    h_ref, w2_ref = in_refs[2 * gg:2 * gg + 2]
+    valid, token, _, max_k = _row_block(order_ref, k_ref, gg, i, block_rows=block_rows, tokens=tokens,
+                                        padded=padded, sort=sort)
+
+    @pl.when(n < max_k)
+    def _():
+      step = _down_step(h_ref, w2_ref, i, cb, block_rows=block_rows, block_out=block_out, block_k=block_k)
+      acc = jax.lax.fori_loop(n * steps, (n + 1) * steps, step, jnp.zeros((block_rows, block_out), jnp.float32))
+      col_ids = cb * block_out + jnp.arange(block_out, dtype=jnp.int32)
+      plgpu.store(part_refs[gg].at[(n * padded + token)[:, None], col_ids[None, :]], acc, mask=valid[:, None])
+
+  _for_group(g, num_groups, body)
+
+
+def _down_split(hidden, groups, order, k_rows, k_tokens, residual, *, cfg, tokens, padded, width, sort,
+                num_learners, dtype, compiler_params, interpret):
+  """The split down launch and the XLA fusion that sums each token's parts n < k with the cumulative
+  output bias (and the residual, when given) before one rounding. Returns the outputs, token order."""
+  num_groups, dim = len(groups), groups[0]["w2"].shape[1]
+  col_blocks = dim // cfg.block_out
+  parts = pl.pallas_call(
+      functools.partial(_down_split_kernel, num_groups=num_groups, col_blocks=col_blocks, block_rows=cfg.block_rows,
+                        block_out=cfg.block_out, block_k=cfg.block_k_down, width=width, tokens=tokens, padded=padded,
+                        sort=sort, num_learners=num_learners),
+      out_shape=(jax.ShapeDtypeStruct((num_learners * padded, dim), jnp.float32),) * num_groups,
+      grid=(num_groups * (padded // cfg.block_rows) * col_blocks * num_learners,), compiler_params=compiler_params,
+      interpret=interpret, name="acm_group_down_split",
+  )(order, k_rows, *[a for h, grp in zip(hidden, groups) for a in (h, grp["w2"])])
+  outs = []
+  for gg, (part, grp) in enumerate(zip(parts, groups)):
+    k = k_tokens[gg * padded:gg * padded + tokens]
+    part = part.reshape(num_learners, padded, dim)[:, :tokens]
+    # rows of a learner past a token's k may be unwritten (their block stopped earlier): `where`, not a product
+    out = jnp.sum(jnp.where(jnp.arange(num_learners)[:, None, None] < k[None, :, None], part, 0.0), axis=0)
+    if "b2" in grp:
+      out = out + jnp.cumsum(grp["b2"].astype(jnp.float32), axis=0)[k]
+    if residual is not None:
+      out = out + residual.astype(jnp.float32)
+    outs.append(out.astype(dtype))
+  return tuple(outs)
 
 
 UNSORT_ROWS = 32  # tokens per `_unsort_kernel` program
@@ -774,7 +848,7 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
               xla: bool | None = None, fast_math: bool | None = None, interpret: bool | None = None,
               mgpu_down: bool | None = None, merged: bool | None = None, norm: tuple | None = None,
               norm_mode: str | None = None, residual: jax.Array | None = None, mgpu_up: bool | None = None,
-              **tiles) -> tuple[tuple[jax.Array, ...], jax.Array]:
+              split_down: bool | None = None, **tiles) -> tuple[tuple[jax.Array, ...], jax.Array]:
   """Hard-choice outputs of G ACMs that read the same tokens.
 
   x: (T, d) bfloat16 or float32. groups: G dicts with w1 (d, N*h), b1 (N*h,),
@@ -795,7 +869,10 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   docstring); elsewhere it runs first, in XLA. residual: (T, d) in x.dtype, added to every output
   (a block's skip connection): by the down launch of the routed paths from `RESIDUAL_MIN_TOKENS`
   tokens on, or by the launch that returns the Mosaic down launch's rows to token order
-  (`MGPU_DOWN_UNSORT` "kernel"), rounded once with the sum; elsewhere by XLA after the kernels.
+  (`MGPU_DOWN_UNSORT` "kernel") or by the split down launch's sum, rounded once with the sum; elsewhere
+  by XLA after the kernels. split_down: the routed paths' Triton down launch with its reduction split per
+  learner (None: up to `DOWN_SPLIT_MAX_TOKENS` tokens, where the learner width is a multiple of
+  block_k_down; True raises where it cannot run).
 
   Returns (outputs: G arrays (T, d) in x.dtype, k: (G, T) int32 in token order).
   """
@@ -811,6 +888,8 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   total = num_learners * width
   cfg, path = resolve_config(x.dtype, dim, total, tokens, sort=sort, onepass=onepass, twolaunch=twolaunch,
                              xla=xla, **tiles)
+  if split_down and path not in ("sorted", "unsorted"):
+    _split_down(split_down, tokens, width, cfg, path)  # raises, naming the path
   if path == "xla":
     return _plus(_acm_group_xla(x if norm is None else layer_norm(x, *norm), groups, num_learners=num_learners,
                                 activation=activation, min_choice=min_choice, cost_shift=cost_shift), residual)
@@ -835,6 +914,7 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   down_cfg = _mgpu_down_config(mgpu_down, x.dtype, tokens, dim, total, cfg, path, interpret)
   up_cfg = _mgpu_up_config(mgpu_up, x.dtype, tokens, dim, total, width, activation, cfg, path, interpret,
                            down_cfg, fused_norm=fuse_norm)
+  split = _split_down(split_down, tokens, width, cfg, path, merged=use_merged, mosaic=bool(down_cfg))
   padded = -(-tokens // max(ROUTE_CHUNK, cfg.block_rows)) * max(ROUTE_CHUNK, cfg.block_rows)
   linear_gate = "gate" in groups[0]
   params = lambda warps: None if interpret else _compiler_params(warps, cfg.num_stages)
@@ -884,6 +964,12 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
     outs, added = _mgpu_down(hidden, groups, k_rows, positions[0], k_tokens, residual, cfg=down_cfg, tokens=tokens,
                              padded=padded, width=width, has_bias=has_bias, interpret=interpret)
     return _plus((outs, k_tokens.reshape(num_groups, padded)[:, :tokens]), None if added else residual)
+  k = k_tokens.reshape(num_groups, padded)[:, :tokens]
+  if split:
+    outs = _down_split(hidden, groups, order, k_rows, k_tokens, residual, cfg=cfg, tokens=tokens, padded=padded,
+                       width=width, sort=sort, num_learners=num_learners, dtype=x.dtype,
+                       compiler_params=params(cfg.num_warps), interpret=interpret)
+    return outs, k
   col_blocks = dim // cfg.block_out
   tables = [jnp.cumsum(grp["b2"].astype(jnp.float32), axis=0) if has_bias else None for grp in groups]
   down_inputs = [a for h, grp, table in zip(hidden, groups, tables) for a in (h, grp["w2"]) + ((table,) if has_bias else ())]
@@ -897,8 +983,26 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
       grid=(num_groups * row_blocks * col_blocks,), compiler_params=params(cfg.num_warps),
       interpret=interpret, name="acm_group_down",
   )(order, k_rows, *down_inputs, *((residual,) if fuse_residual else ()))
-  k = k_tokens.reshape(num_groups, padded)[:, :tokens]
   return _plus((tuple(outs), k), None if fuse_residual else residual)
+
+
+def _split_down(asked, tokens, width, cfg, path, *, merged=False, mosaic=False) -> bool:
+  """Whether the down launch splits its reduction per learner (`DOWN_SPLIT_MAX_TOKENS`, or `asked`:
+  True raises where it cannot run)."""
+  why = None
+  if path not in ("sorted", "unsorted"):
+    why = f"it runs on the routed paths only (this call takes the {path!r} path)"
+  elif merged:
+    why = "linear learners through their merged tables have no down launch"
+  elif mosaic:
+    why = "the Mosaic GPU down launch (mgpu_down) replaces the down launch it splits"
+  elif width % cfg.block_k_down:
+    why = f"the learner width {width} must be a multiple of block_k_down={cfg.block_k_down}"
+  if asked is None:
+    return why is None and DOWN_SPLIT_MAX_TOKENS is not None and tokens <= DOWN_SPLIT_MAX_TOKENS
+  if asked and why:
+    raise ValueError(f"split_down=True: {why}")
+  return bool(asked)
 
 
 def _plus(result, residual):

@@ -70,7 +70,17 @@ PATHS = {"unsorted": dict(sort=False), "sorted": dict(sort=True), "onepass": dic
          "twolaunch": dict(twolaunch=True), "xla": dict(xla=True),
          # linear learners through their merged matrices (`af.merge_linear_learners`)
          "merged_sorted": dict(sort=True, merged=True), "merged_unsorted": dict(sort=False, merged=True),
-         "merged_one_launch": dict(twolaunch=True, merged=True)}
+         "merged_one_launch": dict(twolaunch=True, merged=True),
+         # the down launch's reduction split per learner (`af.DOWN_SPLIT_MAX_TOKENS`)
+         "split_sorted": dict(sort=True, split_down=True), "split_unsorted": dict(sort=False, split_down=True)}
+
+
+def split_tiles(path, width, tiles):
+  """The tiles for `path`: a split down launch needs learners a whole number of block_k_down wide
+  (the default block_k_down 64 does not divide the projections' 96)."""
+  if PATHS[path].get("split_down") and "block_k_down" not in tiles and width % 64:
+    return dict(tiles, block_k_down=32)
+  return tiles
 
 
 @pytest.mark.parametrize("tokens,dim,n,width,size,act,min_choice,dtype,k_kind,tiles", CASES)
@@ -81,12 +91,14 @@ def test_group_matches_reference(tokens, dim, n, width, size, act, min_choice, d
   merged = PATHS[path].get("merged", False)
   if merged and act != "identity":
     pytest.skip("merged matrices stand for linear learners only")
-  if tokens * dim > 200_000 and path not in ("sorted", "merged_sorted"):
+  if tokens * dim > 200_000 and path not in ("sorted", "merged_sorted", "split_sorted"):
     pytest.skip("the unsorted paths at this size add nothing the sorted one does not test")
+  if PATHS[path].get("split_down") and width < 16:
+    pytest.skip("learners narrower than the smallest block_k_down (16) cannot split")
   x, groups = random_group(tokens + dim, tokens, dim, n, width, size, dtype, k_kind=k_kind)
   if merged:
     groups = [{**grp, **af.merge_linear_learners(grp, n)} for grp in groups]
-  k = check_group(x, groups, n=n, act=act, min_choice=min_choice, **PATHS[path], **tiles)
+  k = check_group(x, groups, n=n, act=act, min_choice=min_choice, **PATHS[path], **split_tiles(path, width, tiles))
   if k_kind == "full" or (k_kind == "zeros" and min_choice == 0):
     assert (np.asarray(k) == (0 if k_kind == "zeros" else n)).all()
   elif tokens > 10:
@@ -166,7 +178,7 @@ RESIDUAL_CASES = [
 
 
 @pytest.mark.parametrize("tokens,dim,n,width,size,act,min_choice,dtype,k_kind,tiles", RESIDUAL_CASES)
-@pytest.mark.parametrize("path", ["sorted", "unsorted", "twolaunch", "onepass", "xla"])
+@pytest.mark.parametrize("path", ["sorted", "unsorted", "twolaunch", "onepass", "xla", "split_sorted"])
 def test_group_with_a_residual_matches_reference(tokens, dim, n, width, size, act, min_choice, dtype, k_kind, tiles,
                                                  path, monkeypatch):
   """`residual`: added to every output, by the down launch on the routed paths (`RESIDUAL_MIN_TOKENS`
@@ -178,8 +190,10 @@ def test_group_with_a_residual_matches_reference(tokens, dim, n, width, size, ac
   monkeypatch.setattr(af, "RESIDUAL_MIN_TOKENS", 0)
   x, groups = random_group(tokens + 2, tokens, dim, n, width, size, dtype, k_kind=k_kind)
   residual = jnp.asarray(np.random.default_rng(tokens).normal(size=(tokens, dim)) * 4, dtype)
+  if PATHS[path].get("split_down") and width < 16:
+    pytest.skip("learners narrower than the smallest block_k_down (16) cannot split")
   outs, k = af.acm_group(x, groups, num_learners=n, activation=act, min_choice=min_choice, residual=residual,
-                         interpret=True, **PATHS[path], **tiles)
+                         interpret=True, **PATHS[path], **split_tiles(path, width, tiles))
   _, k_ref = af.acm_group_reference(x, groups, num_learners=n, min_choice=min_choice)
   refs, _ = af.acm_group_reference(x, groups, num_learners=n, activation=act, k=k, residual=residual)
   assert float(jnp.mean(k == k_ref)) >= (1.0 if dtype == jnp.float32 else 0.99)
@@ -206,6 +220,55 @@ def test_the_residual_is_added_by_the_down_launch_only_above_its_threshold(monke
   for outs, k in results[1:]:
     np.testing.assert_array_equal(k, results[0][1])
     assert rel_err(outs[0], results[0][0][0]) < 1e-6
+
+
+def test_the_down_launch_splits_only_up_to_its_threshold(monkeypatch):
+  """`DOWN_SPLIT_MAX_TOKENS`: the split down launch runs up to that many tokens (and where the learners
+  are a whole number of block_k_down wide), the whole one above it; both give the same outputs."""
+  n = 4
+  x, groups = random_group(7, 150, 64, n, 32, 1, jnp.float32)
+  seen = []
+  real = af._down_split_kernel
+  monkeypatch.setattr(af, "_down_split_kernel", lambda *a, **kw: seen.append(True) or real(*a, **kw))
+  results = []
+  for threshold in (150, 149, None):
+    monkeypatch.setattr(af, "DOWN_SPLIT_MAX_TOKENS", threshold)
+    results.append(af.acm_group(x, groups, num_learners=n, interpret=True, sort=True, **SMALL))
+  assert seen == [True]
+  monkeypatch.setattr(af, "DOWN_SPLIT_MAX_TOKENS", 10_000)
+  af.acm_group(x, groups, num_learners=n, interpret=True, sort=True, **dict(SMALL, block_k_down=64, block_hidden=64))
+  assert seen == [True]  # learners of 32 cannot split into reduction chunks of 64: the whole launch ran
+  for outs, k in results[1:]:
+    np.testing.assert_array_equal(k, results[0][1])
+    assert rel_err(outs[0], results[0][0][0]) < 1e-6
+
+
+def test_split_down_launch_lowers_for_cuda_at_vit_b_shapes():
+  """The Triton lowering of the split launch and its sum at batch 8's shapes (1,576 tokens, an MLP ACM of 4
+  learners of 768), with the tiles the tuned table gives that bucket."""
+  tokens, dim, n, width = 1576, 768, 4, 768
+  cfg, path = af.resolve_config(jnp.bfloat16, dim, n * width, tokens, sort=True, block_rows=64, block_out=64,
+                                block_hidden=128, num_warps=4)
+  padded = -(-tokens // 128) * 128
+  shape = jax.ShapeDtypeStruct
+  args = ((shape((padded, n * width), jnp.bfloat16),), [dict(w2=shape((n * width, dim), jnp.bfloat16),
+                                                            b2=shape((n + 1, dim), jnp.bfloat16))],
+          shape((padded,), jnp.int32), shape((padded,), jnp.int32), shape((padded,), jnp.int32),
+          shape((tokens, dim), jnp.bfloat16))
+  split = functools.partial(af._down_split, cfg=cfg, tokens=tokens, padded=padded, width=width, sort=True,
+                            num_learners=n, dtype=jnp.bfloat16, compiler_params=af._compiler_params(4, 3),
+                            interpret=False)
+  lowered = jax.jit(split).trace(*args).lower(lowering_platforms=("cuda",))
+  assert path == "sorted" and "acm_group_down_split" in lowered.as_text()
+
+
+def test_asking_for_a_split_down_launch_where_it_cannot_run_names_the_reason():
+  x, groups = random_group(8, 40, 64, 4, 32, 1, jnp.float32)
+  cases = [(dict(onepass=True), "it runs on the routed paths only .* 'onepass'"),
+           (dict(sort=True, block_k_down=64, block_hidden=64), "the learner width 32 must be a multiple of block_k_down=64")]
+  for kwargs, message in cases:
+    with pytest.raises(ValueError, match=f"split_down=True: {message}"):
+      af.acm_group(x, groups, num_learners=4, interpret=True, split_down=True, **{**SMALL, **kwargs})
 
 
 def test_layer_norm_below_the_token_threshold_runs_first_and_agrees(monkeypatch):

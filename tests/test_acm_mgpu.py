@@ -150,6 +150,15 @@ def test_unsort_kernel_lowers_for_cuda_at_vit_b_shapes():
   assert "acm_unsort" in lowered.as_text()
 
 
+def test_the_split_down_launch_and_the_mosaic_one_exclude_each_other(monkeypatch):
+  for name, value in dict(tile_n=32, block_k=16, epi=32).items():
+    monkeypatch.setitem(af.MGPU_DOWN_TILES, name, value)
+  x, groups = random_group(0, 100, 64, 4, 64, 1, jnp.bfloat16)
+  with pytest.raises(ValueError, match="split_down=True: the Mosaic GPU down launch .* replaces"):
+    af.acm_group(x, groups, num_learners=4, interpret=True, sort=True, mgpu_down=True, split_down=True,
+                 block_rows=64, block_hidden=64, block_out=32, block_k_up=16, block_k_down=16)
+
+
 def test_an_unknown_unsort_switch_is_named(monkeypatch):
   monkeypatch.setattr(acm_mgpu, "down_projection", _contract)
   monkeypatch.setattr(af, "MGPU_DOWN_UNSORT", "scatter")

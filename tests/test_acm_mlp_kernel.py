@@ -267,12 +267,12 @@ def test_triton_kernel_on_gpu(dtype):
   check_close(out, pk.acm_mlp_reference(*args, num_learners=n), dtype)
 
 
-@pytest.mark.parametrize("fusions", [False, True])
+@pytest.mark.parametrize("fusions", ["none", "norm_residual", "split_down"])
 def test_acm_vit_pallas_path_matches_xla_and_exports(fusions, monkeypatch):
   """Whole ACM-ViT forward: impl="pallas" (interpreted here) equals impl="xla", and the
   jitted forward survives a jax.export serialise/deserialise round trip; also with the pre-LN
   LayerNorms and skip connections taken into the kernels (`acm_fused.NORM_MIN_TOKENS`,
-  `RESIDUAL_MIN_TOKENS`)."""
+  `RESIDUAL_MIN_TOKENS`), and with the down launches split per learner (`DOWN_SPLIT_MAX_TOKENS`)."""
   import dataclasses
 
   from jax import export
@@ -281,9 +281,14 @@ def test_acm_vit_pallas_path_matches_xla_and_exports(fusions, monkeypatch):
   from acm_jax.vit import model as vit
   from pallas_kernels import acm_fused
 
-  if fusions:
+  if fusions == "norm_residual":
     monkeypatch.setattr(acm_fused, "NORM_MIN_TOKENS", 0)
     monkeypatch.setattr(acm_fused, "RESIDUAL_MIN_TOKENS", 0)
+  if fusions == "split_down":
+    monkeypatch.setattr(acm_fused, "DOWN_SPLIT_MAX_TOKENS", 10_000)
+    seen = []
+    real = acm_fused._down_split_kernel
+    monkeypatch.setattr(acm_fused, "_down_split_kernel", lambda *a, **kw: seen.append(True) or real(*a, **kw))
 
   base = vit.get_config("tiny")
   images = jax.random.normal(jax.random.key(0), (2, base.image_size, base.image_size, 3))
@@ -295,6 +300,8 @@ def test_acm_vit_pallas_path_matches_xla_and_exports(fusions, monkeypatch):
     forward = jax.jit(lambda p, x, model=model: model.apply({"params": p}, x))
     outputs[impl] = forward(params, images)
   np.testing.assert_allclose(outputs["pallas"], outputs["xla"], rtol=2e-4, atol=2e-4)
+  if fusions == "split_down":
+    assert seen, "the split down launch did not run"
 
   exported = export.deserialize(export.export(forward)(params, images).serialize())
   np.testing.assert_allclose(exported.call(params, images), outputs["pallas"], rtol=1e-6, atol=1e-6)

@@ -133,17 +133,20 @@ def test_static_yardstick_computes_the_acm_at_a_fixed_k(kind):
 
 
 def test_fusion_flags_set_the_switches_and_are_recorded(tmp_path, monkeypatch):
-  """--norm-min-tokens / --norm-mode / --residual-min-tokens (and --mgpu-down-unsort) set acm_fused's
-  switches (-1: off) and every ACM row records them."""
+  """--norm-min-tokens / --norm-mode / --residual-min-tokens / --down-split-max-tokens (and
+  --mgpu-down-unsort) set acm_fused's switches (-1: off) and every ACM row records them."""
   from pallas_kernels import acm_fused
-  for name in ("NORM_MIN_TOKENS", "NORM_MODE", "RESIDUAL_MIN_TOKENS", "MGPU_DOWN_UNSORT"):  # restored after the test
+  for name in ("NORM_MIN_TOKENS", "NORM_MODE", "RESIDUAL_MIN_TOKENS", "MGPU_DOWN_UNSORT",
+               "DOWN_SPLIT_MAX_TOKENS"):  # restored after the test
     monkeypatch.setattr(acm_fused, name, getattr(acm_fused, name))
   parser = __import__("argparse").ArgumentParser()
   vb.add_fusion_flags(parser)
   got = vb.apply_fusion_flags(parser.parse_args(["--norm-min-tokens", "4096", "--norm-mode", "prologue",
-                                                 "--residual-min-tokens", "-1"]))
-  assert got == {"norm_min_tokens": 4096, "norm_mode": "prologue", "residual_min_tokens": None}
-  assert (acm_fused.NORM_MIN_TOKENS, acm_fused.NORM_MODE, acm_fused.RESIDUAL_MIN_TOKENS) == (4096, "prologue", None)
+                                                 "--residual-min-tokens", "-1", "--down-split-max-tokens", "2048"]))
+  assert got == {"norm_min_tokens": 4096, "norm_mode": "prologue", "residual_min_tokens": None,
+                 "down_split_max_tokens": 2048}
+  assert (acm_fused.NORM_MIN_TOKENS, acm_fused.NORM_MODE, acm_fused.RESIDUAL_MIN_TOKENS,
+          acm_fused.DOWN_SPLIT_MAX_TOKENS) == (4096, "prologue", None, 2048)
   with pytest.raises(SystemExit):
     parser.parse_args(["--norm-mode", "epilogue"])
   monkeypatch.setattr(vb, "ROUNDS", 1)
