@@ -547,6 +547,12 @@ def _up_kernel(*refs, num_groups, tiles, block_rows, block_hidden, block_k, dim,
   _for_group(g, num_groups, body)
 
 
+def _bias_table(group) -> jax.Array | None:
+  """An ACM's cumulative output bias b2[0] + ... + b2[j] for every choice j, (N+1, d) float32; None
+  without b2."""
+  return jnp.cumsum(group["b2"].astype(jnp.float32), axis=0) if "b2" in group else None
+
+
 def _down_step(h_ref, w2_ref, i, cb, *, block_rows, block_out, block_k):
   """The down launch's reduction step s over row block i and output tile cb: acc + hidden chunk @ w2 chunk."""
   cols = pl.ds(cb * block_out, block_out)
@@ -666,7 +672,7 @@ def _down_split(hidden, groups, order, k_rows, k_tokens, residual, *, cfg, token
     # rows of a learner past a token's k may be unwritten (their block stopped earlier): `where`, not a product
     out = jnp.sum(jnp.where(jnp.arange(num_learners)[:, None, None] < k[None, :, None], part, 0.0), axis=0)
     if "b2" in grp:
-      out = out + jnp.cumsum(grp["b2"].astype(jnp.float32), axis=0)[k]
+      out = out + _bias_table(grp)[k]
     if residual is not None:
       out = out + residual.astype(jnp.float32)
     outs.append(out.astype(dtype))
@@ -959,20 +965,19 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
                         activation=activation, num_learners=num_learners, interpret=interpret)
     else:
       hidden = up_call(up, out_shape=hidden_shapes, name="acm_group_up")(order, k_rows, x, *weights_up)
-  has_bias = "b2" in groups[0]
+  k = k_tokens.reshape(num_groups, padded)[:, :tokens]
   if down_cfg:
     outs, added = _mgpu_down(hidden, groups, k_rows, positions[0], k_tokens, residual, cfg=down_cfg, tokens=tokens,
-                             padded=padded, width=width, has_bias=has_bias, interpret=interpret)
-    return _plus((outs, k_tokens.reshape(num_groups, padded)[:, :tokens]), None if added else residual)
-  k = k_tokens.reshape(num_groups, padded)[:, :tokens]
+                             padded=padded, width=width, interpret=interpret)
+    return _plus((outs, k), None if added else residual)
   if split:
     outs = _down_split(hidden, groups, order, k_rows, k_tokens, residual, cfg=cfg, tokens=tokens, padded=padded,
                        width=width, sort=sort, num_learners=num_learners, dtype=x.dtype,
                        compiler_params=params(cfg.num_warps), interpret=interpret)
     return outs, k
+  has_bias = "b2" in groups[0]
   col_blocks = dim // cfg.block_out
-  tables = [jnp.cumsum(grp["b2"].astype(jnp.float32), axis=0) if has_bias else None for grp in groups]
-  down_inputs = [a for h, grp, table in zip(hidden, groups, tables) for a in (h, grp["w2"]) + ((table,) if has_bias else ())]
+  down_inputs = [a for h, grp in zip(hidden, groups) for a in (h, grp["w2"]) + ((_bias_table(grp),) if has_bias else ())]
   fuse_residual = residual is not None and RESIDUAL_MIN_TOKENS is not None and tokens >= RESIDUAL_MIN_TOKENS
   outs = pl.pallas_call(
       functools.partial(_down_kernel, num_groups=num_groups, col_blocks=col_blocks, block_rows=cfg.block_rows,
@@ -1177,8 +1182,7 @@ def _mgpu_up(x, groups, order, sorted_k, *, cfg, tokens, padded, width, activati
   return tuple(hidden)
 
 
-def _mgpu_down(hidden, groups, sorted_k, positions, k_tokens, residual, *, cfg, tokens, padded, width, has_bias,
-               interpret):
+def _mgpu_down(hidden, groups, sorted_k, positions, k_tokens, residual, *, cfg, tokens, padded, width, interpret):
   """Down projections of the sorted path by `acm_mgpu.down_projection`, then each token's row
   gathered back from the sorted order with its choice's cumulative output bias: one XLA fusion, or
   with `MGPU_DOWN_UNSORT` "kernel" one `_unsort_kernel` launch that adds `residual` (when given) too.
@@ -1195,13 +1199,13 @@ def _mgpu_down(hidden, groups, sorted_k, positions, k_tokens, residual, *, cfg, 
     y = acm_mgpu.down_projection(h, grp["w2"], steps, cfg=cfg, interpret=interpret)
     pos = positions[gg * padded:gg * padded + tokens]
     k = k_tokens[gg * padded:gg * padded + tokens]
-    table = jnp.cumsum(grp["b2"].astype(jnp.float32), axis=0) if has_bias else None
+    table = _bias_table(grp)
     if kernel:
       outs.append(_unsort(y, pos, k, table, residual, tokens=tokens, padded=padded, dtype=h.dtype,
                           interpret=interpret))
       continue
     out = jnp.where((k > 0)[:, None], y[jnp.clip(pos, 0, padded - 1)].astype(jnp.float32), 0.0)
-    if has_bias:
+    if table is not None:
       out = out + table[k]
     outs.append(out.astype(h.dtype))
   return tuple(outs), kernel and residual is not None
@@ -1353,7 +1357,7 @@ def _acm_group_xla(x, groups, *, num_learners, activation, min_choice, cost_shif
   for g, grp in enumerate(groups):
     out = jnp.dot(hidden[:, g], grp["w2"], preferred_element_type=f32)
     if "b2" in grp:
-      out = out + jnp.cumsum(grp["b2"].astype(f32), axis=0)[k[:, g]]
+      out = out + _bias_table(grp)[k[:, g]]
     outs.append(out.astype(x.dtype))
   return tuple(outs), k.T
 
