@@ -66,8 +66,9 @@ CASES = [
 ]
 
 
-PATHS = {"unsorted": dict(sort=False), "sorted": dict(sort=True), "onepass": dict(onepass=True),
-         "twolaunch": dict(twolaunch=True), "xla": dict(xla=True),
+# the routed paths with the whole down launch (the split one runs by default up to 512 tokens)
+PATHS = {"unsorted": dict(sort=False, split_down=False), "sorted": dict(sort=True, split_down=False),
+         "onepass": dict(onepass=True), "twolaunch": dict(twolaunch=True), "xla": dict(xla=True),
          # linear learners through their merged matrices (`af.merge_linear_learners`)
          "merged_sorted": dict(sort=True, merged=True), "merged_unsorted": dict(sort=False, merged=True),
          "merged_one_launch": dict(twolaunch=True, merged=True),
@@ -215,7 +216,8 @@ def test_the_residual_is_added_by_the_down_launch_only_above_its_threshold(monke
   results = []
   for threshold in (0, 151, None):
     monkeypatch.setattr(af, "RESIDUAL_MIN_TOKENS", threshold)
-    results.append(af.acm_group(x, groups, num_learners=n, residual=residual, interpret=True, sort=True, **SMALL))
+    results.append(af.acm_group(x, groups, num_learners=n, residual=residual, interpret=True, sort=True,
+                                split_down=False, **SMALL))
   assert seen == [True, False, False]
   for outs, k in results[1:]:
     np.testing.assert_array_equal(k, results[0][1])
@@ -387,8 +389,9 @@ def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attent
   if path.startswith("layer_norm"):
     monkeypatch.setattr(af, "NORM_MIN_TOKENS", 0)
     monkeypatch.setattr(af, "NORM_MODE", path.split("_")[-1])
-  if path == "residual_in_kernel":
+  if path == "residual_in_kernel":  # the whole down launch adds it (the split one leaves the sum to XLA)
     monkeypatch.setattr(af, "RESIDUAL_MIN_TOKENS", 0)
+    monkeypatch.setattr(af, "DOWN_SPLIT_MAX_TOKENS", None)
   if path == "onepass":
     monkeypatch.setattr(af, "ONEPASS_MAX_TOKENS", 1 << 20)
   if path == "twolaunch":
