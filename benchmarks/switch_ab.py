@@ -13,6 +13,9 @@ settings are put back. The variants and the dense model are then timed in altern
 two processes the ratios of one setting move by up to 0.03, which is the size of the effects these
 switches have; within one process the spread of the rounds is recorded.
 
+An item TUNED@BUCKET/KIND={JSON object} changes one entry of the tuned tile table instead, e.g.
+`--variant 'proj32:TUNED@512/proj={"block_k_down": 32}'` (BUCKET: a `TOKEN_BUCKETS` bound or none).
+
 The first `--variant` is the baseline. A variant whose compiled program is the same text as the
 baseline's (the switch does not apply at that token count) is recorded as such and not timed.
 Each variant's logits are compared with the baseline's (the same function up to float32 summation
@@ -66,8 +69,25 @@ def _switch_value(name: str, text: str):
   return int(text)
 
 
+def _tuned_entry(table: dict, switch: str, text: str, name: str) -> dict:
+  """A copy of the tuned table with the entry TUNED@BUCKET/KIND (BUCKET a token bucket or "none", KIND "mlp"
+  or "proj") updated by the JSON object `text` (e.g. {"block_k_down": 32})."""
+  bucket, _, kind = switch[len("TUNED@"):].partition("/")
+  buckets = {str(b).lower(): b for b in acm_fused.TOKEN_BUCKETS}
+  try:
+    update = json.loads(text)
+  except json.JSONDecodeError:
+    update = None
+  if bucket.lower() not in buckets or kind not in ("mlp", "proj") or not isinstance(update, dict):
+    raise ValueError(f"variant {name!r}: bad item {switch}={text}; expected TUNED@BUCKET/KIND={{JSON object}} with "
+                     f"BUCKET one of {[str(b).lower() for b in acm_fused.TOKEN_BUCKETS]} and KIND mlp or proj")
+  key = (buckets[bucket.lower()], kind)
+  return {**table, key: {**table.get(key, {}), **update}}
+
+
 def parse_variant(spec: str) -> tuple[str, dict]:
-  """NAME or NAME:SWITCH=VALUE;SWITCH=VALUE... -> (name, {switch: value}); ValueError naming the bad part."""
+  """NAME or NAME:SWITCH=VALUE;SWITCH=VALUE... -> (name, {switch: value}); ValueError naming the bad part.
+  TUNED@BUCKET/KIND={JSON} changes one entry of the tuned tile table (`_tuned_entry`)."""
   name, _, body = spec.partition(":")
   if not name or not name.replace("_", "").replace("-", "").isalnum():
     raise ValueError(f"variant {spec!r}: expected NAME[:SWITCH=VALUE;...] with a plain NAME")
@@ -75,6 +95,12 @@ def parse_variant(spec: str) -> tuple[str, dict]:
   for item in filter(None, body.split(";")):
     switch, eq, text = item.partition("=")
     switch = switch.strip()
+    if switch.startswith("TUNED@"):
+      settings["TUNED"] = _tuned_entry(settings.get("TUNED", acm_fused.TUNED), switch, text, name)
+      continue
+    if switch == "TUNED":
+      raise ValueError(f"variant {name!r}: the tuned table changes one entry at a time: "
+                       'TUNED@BUCKET/KIND={"block_k_down": 32}')
     if not eq or not switch.isupper() or not hasattr(acm_fused, switch) or callable(getattr(acm_fused, switch)):
       raise ValueError(f"variant {name!r}: bad item {item!r}; expected SWITCH=VALUE with SWITCH a setting of "
                        "pallas_kernels.acm_fused (e.g. DOWN_SPLIT_MAX_TOKENS=8192)")
@@ -83,6 +109,17 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     except ValueError as err:
       raise ValueError(f"variant {name!r}: {err}") from None
   return name, settings
+
+
+def _recordable(settings: dict) -> dict:
+  """Settings as JSON holds them: tuples as lists, the tuned table as its changed entries keyed "BUCKET/KIND"."""
+  out = {}
+  for name, value in settings.items():
+    if name == "TUNED":
+      value = {f"{str(b).lower()}/{kind}": entry for (b, kind), entry in value.items()
+               if acm_fused.TUNED.get((b, kind)) != entry}
+    out[name] = list(value) if isinstance(value, tuple) else value
+  return out
 
 
 def compile_with(settings: dict, fn, *args):
@@ -158,7 +195,7 @@ def main(argv=None):
     for name, settings in variants:
       same = name not in timed
       rec = dict(device=device, date=date, jax_version=jax.__version__, model=args.model, batch=batch, acm=args.acm,
-                 r=args.r, variant=name, settings={k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+                 r=args.r, variant=name, settings=_recordable(settings),
                  same_program_as_baseline=same)
       if not same:
         rec.update(images_per_s=round(batch / median[name], 1), ratio_to_dense=round(median["dense"] / median[name], 4),

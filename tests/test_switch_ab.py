@@ -21,7 +21,21 @@ def test_variants_parse_to_typed_settings():
   assert switch_ab.parse_variant("default") == ("default", {})
 
 
+def test_a_tuned_table_entry_is_changed_in_a_copy_and_recorded_by_its_key():
+  name, settings = switch_ab.parse_variant('proj32:TUNED@512/proj={"block_k_down": 32};TUNED@none/mlp={"num_warps": 8}')
+  table = settings["TUNED"]
+  assert table is not acm_fused.TUNED and set(table) == set(acm_fused.TUNED) | {(None, "mlp")}
+  assert table[512, "proj"] == {**acm_fused.TUNED[512, "proj"], "block_k_down": 32}
+  assert table[None, "mlp"] == {"num_warps": 8}
+  assert all(table[key] == entry for key, entry in acm_fused.TUNED.items() if key != (512, "proj"))
+  assert switch_ab._recordable(settings) == {"TUNED": {"512/proj": table[512, "proj"], "none/mlp": {"num_warps": 8}}}
+
+
 @pytest.mark.parametrize("spec, named", [
+    ("a:TUNED={}", "one entry at a time"),
+    ("a:TUNED@300/mlp={}", "TUNED@300/mlp"),
+    ("a:TUNED@512/attn={}", "TUNED@512/attn"),
+    ("a:TUNED@512/mlp=32", "TUNED@512/mlp=32"),
     ("a:NO_SUCH_SWITCH=1", "NO_SUCH_SWITCH"),
     ("a:MGPU_DOWN_UNSORT=scatter", "scatter"),
     ("a:DOWN_SPLIT_MAX_TOKENS=many", "many"),
