@@ -189,7 +189,8 @@ def timed(fn, *args, reps=30):
 
 
 def add_fusion_flags(parser: argparse.ArgumentParser) -> None:
-  """Flags that switch the fusions of `pallas_kernels.acm_fused` that are off by default."""
+  """Flags that set the fusion switches of `pallas_kernels.acm_fused` for a run (all off by default except
+  the split down launch, on up to 512 tokens)."""
   parser.add_argument("--norm-min-tokens", type=int, default=None,
                       help="acm_fused.NORM_MIN_TOKENS for this run (the LayerNorm before a group fused into its "
                            "kernels from this many tokens on; -1: never)")
@@ -200,7 +201,7 @@ def add_fusion_flags(parser: argparse.ArgumentParser) -> None:
                            "launch from this many tokens on; -1: never)")
   parser.add_argument("--down-split-max-tokens", type=int, default=None,
                       help="acm_fused.DOWN_SPLIT_MAX_TOKENS for this run (the down launch's reduction split per "
-                           "learner up to this many tokens; -1: never)")
+                           "learner up to this many tokens; default 512; -1: never)")
 
 
 def apply_fusion_flags(args) -> dict:
