@@ -145,10 +145,10 @@ MGPU_DOWN_KINDS = ("mlp",)
 # over every learner, so few tokens still fill the SMs and each loop is N times shorter. The programs
 # write float32 partial outputs (N x tokens x d), which one XLA fusion sums per token up to its k, with
 # the output bias and the skip connection, before one rounding (`_down_split`). 512 (batch 1-2 of a
-# ViT-B/16): on an H100 (2026-12-05, `benchmarks.switch_ab`, whole model, same process) it made the
-# forward 1.07-1.14x faster at batches 1 and 2 in three A/B runs (MLP and MLP + q/k/v/o ACMs, r = 0.25
-# and 0.5), tied at batch 8 (0.99-1.00x) and lost at batch 32 (0.87x): there the float32 partials' traffic
-# costs more than the longer loops (benchmarks/RESULTS.md, "the split down launch").
+# ViT-B/16): on an H100 (2026-12-05, `benchmarks.switch_ab`, whole model, each A/B in one process) it
+# made the forward 1.07-1.14x faster in all six comparisons at batches 1 and 2 (MLP and MLP + q/k/v/o ACMs,
+# r = 0.25 and 0.5), tied at batch 8 (0.99-1.00x) and lost at batch 32 (0.87x): there the float32 partials'
+# traffic costs more than the longer loops (benchmarks/RESULTS.md, 2026-12-05 (iv)).
 DOWN_SPLIT_MAX_TOKENS: int | None = 512
 # Who brings that launch's rows (in sorted order) back to token order: "xla", a gather fusion (then XLA adds
 # the skip connection), or "kernel", one Triton launch (`_unsort_kernel`) that also adds the output bias and,
