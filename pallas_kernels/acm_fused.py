@@ -150,6 +150,15 @@ MGPU_DOWN_KINDS = ("mlp",)
 # r = 0.25 and 0.5), tied at batch 8 (0.99-1.00x) and lost at batch 32 (0.87x): there the float32 partials'
 # traffic costs more than the longer loops (benchmarks/RESULTS.md, 2026-12-05 (iv)).
 DOWN_SPLIT_MAX_TOKENS: int | None = 512
+# How the split launch's learners meet: "parts", float32 partial outputs per learner that XLA sums per token up to
+# its k; or "atomic", float32 atomic adds of every learner's rows into one zeroed (padded rows, d) buffer that XLA
+# then finishes (bias, skip connection, one rounding). At 1,576 tokens the parts are 19 MB written and read back
+# per MLP layer; the buffer is 4.8 MB. A learner past a row's k adds zeros (the up launch masks those hidden
+# units), so no per-token mask is needed; the float32 sums are not bit-reproducible from run to run, as the
+# one-launch path's. "parts" until a GPU A/B (`benchmarks.switch_ab`, variant DOWN_SPLIT_SUM=atomic with
+# DOWN_SPLIT_MAX_TOKENS=2048) shows the atomic form pays at batch 8, where the parts form tied.
+DOWN_SPLIT_SUMS = ("parts", "atomic")
+DOWN_SPLIT_SUM = "parts"
 # Who brings that launch's rows (in sorted order) back to token order: "xla", a gather fusion (then XLA adds
 # the skip connection), or "kernel", one Triton launch (`_unsort_kernel`) that also adds the output bias and,
 # when the group has one, the residual before a single rounding, so that the gather and the skip connection's
@@ -626,13 +635,15 @@ def _unsort_kernel(pos_ref, k_ref, y_ref, *refs, block_rows, block_out, col_bloc
 
 
 def _down_split_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_rows, block_out, block_k, width,
-                       tokens, padded, sort, num_learners):
+                       tokens, padded, sort, num_learners, atomic=False):
   """The down launch with its reduction split per learner (`DOWN_SPLIT_MAX_TOKENS`): the program of
   (ACM, row block, output tile, learner n) writes hidden[:, learner n] @ w2[learner n] of its rows in
-  float32 to rows n * padded + token of that ACM's parts, when some row of the block has k > n.
-  Refs: order, k, (hidden, w2) per ACM, parts (N * padded, d) float32 per ACM."""
+  float32 to rows n * padded + token of that ACM's parts, when some row of the block has k > n; with
+  `atomic` it adds them to row token of that ACM's sum instead (`DOWN_SPLIT_SUM`).
+  Refs: order, k, (hidden, w2) per ACM, then parts (N * padded, d) float32 per ACM, or (atomic) zeroed
+  sums (padded, d) float32 per ACM as inputs and the same buffers as outputs."""
   from jax.experimental.pallas import triton as plgpu
-  in_refs, part_refs = refs[:2 * num_groups], refs[2 * num_groups:]
+  in_refs, part_refs = refs[:2 * num_groups], refs[(3 if atomic else 2) * num_groups:]
   g, i, tile = _grid_position(padded, block_rows, col_blocks * num_learners)
   cb, n = tile // num_learners, tile % num_learners
   steps = width // block_k
@@ -647,7 +658,10 @@ def _down_split_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_ro
       step = _down_step(h_ref, w2_ref, i, cb, block_rows=block_rows, block_out=block_out, block_k=block_k)
       acc = jax.lax.fori_loop(n * steps, (n + 1) * steps, step, jnp.zeros((block_rows, block_out), jnp.float32))
       col_ids = cb * block_out + jnp.arange(block_out, dtype=jnp.int32)
-      plgpu.store(part_refs[gg].at[(n * padded + token)[:, None], col_ids[None, :]], acc, mask=valid[:, None])
+      if atomic:  # rows past the end add their zeros to the padding rows (token = place >= tokens there)
+        plgpu.atomic_add(part_refs[gg], (token[:, None], col_ids[None, :]), acc)
+      else:
+        plgpu.store(part_refs[gg].at[(n * padded + token)[:, None], col_ids[None, :]], acc, mask=valid[:, None])
 
   _for_group(g, num_groups, body)
 
@@ -656,22 +670,33 @@ def _down_split(hidden, groups, order, k_rows, k_tokens, residual, *, cfg, token
                 num_learners, dtype, compiler_params, interpret):
   """The split down launch and the XLA fusion that sums each token's parts n < k with the cumulative
   output bias (and the residual, when given) before one rounding. Returns the outputs, token order."""
+  if DOWN_SPLIT_SUM not in DOWN_SPLIT_SUMS:
+    raise ValueError(f"acm_fused.DOWN_SPLIT_SUM must be one of {DOWN_SPLIT_SUMS}, got {DOWN_SPLIT_SUM!r}")
+  atomic = DOWN_SPLIT_SUM == "atomic"
   num_groups, dim = len(groups), groups[0]["w2"].shape[1]
   col_blocks = dim // cfg.block_out
+  inputs = [order, k_rows, *[a for h, grp in zip(hidden, groups) for a in (h, grp["w2"])]]
+  rows = padded if atomic else num_learners * padded
+  if atomic:
+    inputs += [jnp.zeros((rows, dim), jnp.float32) for _ in groups]
   parts = pl.pallas_call(
       functools.partial(_down_split_kernel, num_groups=num_groups, col_blocks=col_blocks, block_rows=cfg.block_rows,
                         block_out=cfg.block_out, block_k=cfg.block_k_down, width=width, tokens=tokens, padded=padded,
-                        sort=sort, num_learners=num_learners),
-      out_shape=(jax.ShapeDtypeStruct((num_learners * padded, dim), jnp.float32),) * num_groups,
+                        sort=sort, num_learners=num_learners, atomic=atomic),
+      out_shape=(jax.ShapeDtypeStruct((rows, dim), jnp.float32),) * num_groups,
       grid=(num_groups * (padded // cfg.block_rows) * col_blocks * num_learners,), compiler_params=compiler_params,
+      input_output_aliases={2 + 2 * num_groups + g: g for g in range(num_groups)} if atomic else {},
       interpret=interpret, name="acm_group_down_split",
-  )(order, k_rows, *[a for h, grp in zip(hidden, groups) for a in (h, grp["w2"])])
+  )(*inputs)
   outs = []
   for gg, (part, grp) in enumerate(zip(parts, groups)):
     k = k_tokens[gg * padded:gg * padded + tokens]
-    part = part.reshape(num_learners, padded, dim)[:, :tokens]
-    # rows of a learner past a token's k may be unwritten (their block stopped earlier): `where`, not a product
-    out = jnp.sum(jnp.where(jnp.arange(num_learners)[:, None, None] < k[None, :, None], part, 0.0), axis=0)
+    if atomic:
+      out = part[:tokens]
+    else:
+      part = part.reshape(num_learners, padded, dim)[:, :tokens]
+      # rows of a learner past a token's k may be unwritten (their block stopped earlier): `where`, not a product
+      out = jnp.sum(jnp.where(jnp.arange(num_learners)[:, None, None] < k[None, :, None], part, 0.0), axis=0)
     if "b2" in grp:
       out = out + _bias_table(grp)[k]
     if residual is not None:

@@ -245,9 +245,38 @@ def test_the_down_launch_splits_only_up_to_its_threshold(monkeypatch):
     assert rel_err(outs[0], results[0][0][0]) < 1e-6
 
 
-def test_split_down_launch_lowers_for_cuda_at_vit_b_shapes():
+@pytest.mark.parametrize("sort", [True, False])
+@pytest.mark.parametrize("tokens,dim,n,width,size,act,min_choice,dtype,k_kind,tiles",
+                         [case for case in CASES if case[0] <= 1576 and case[3] >= 16])
+def test_split_down_launch_with_atomic_sums_matches_reference(tokens, dim, n, width, size, act, min_choice, dtype,
+                                                              k_kind, tiles, sort, monkeypatch):
+  """`DOWN_SPLIT_SUM = "atomic"`: the split launch's learners added into one float32 buffer per ACM, against the
+  reference, with and without a skip connection (outputs poisoned as in `check_group`)."""
+  monkeypatch.setattr(af, "DOWN_SPLIT_SUM", "atomic")
+  seen = []
+  real = af._down_split_kernel
+  monkeypatch.setattr(af, "_down_split_kernel", lambda *a, **kw: seen.append(kw["atomic"]) or real(*a, **kw))
+  x, groups = random_group(tokens + 5, tokens, dim, n, width, size, dtype, k_kind=k_kind)
+  tiles = split_tiles("split_sorted", width, tiles)
+  check_group(x, groups, n=n, act=act, min_choice=min_choice, sort=sort, split_down=True, **tiles)
+  residual = jnp.asarray(np.random.default_rng(tokens).normal(size=(tokens, dim)) * 4, dtype)
+  outs, k = af.acm_group(x, groups, num_learners=n, activation=act, min_choice=min_choice, residual=residual,
+                         interpret=True, sort=sort, split_down=True, **tiles)
+  refs, _ = af.acm_group_reference(x, groups, num_learners=n, activation=act, k=k, residual=residual)
+  for out, ref in zip(outs, refs):
+    assert rel_err(out, ref) < LIMITS[jnp.dtype(dtype)]
+  assert seen == [True, True]
+  monkeypatch.setattr(af, "DOWN_SPLIT_SUM", "scatter")
+  with pytest.raises(ValueError, match="DOWN_SPLIT_SUM .*'scatter'"):
+    af.acm_group(x, groups, num_learners=n, activation=act, min_choice=min_choice, interpret=True, sort=sort,
+                 split_down=True, **tiles)
+
+
+@pytest.mark.parametrize("sums", af.DOWN_SPLIT_SUMS)
+def test_split_down_launch_lowers_for_cuda_at_vit_b_shapes(sums, monkeypatch):
   """The Triton lowering of the split launch and its sum at batch 8's shapes (1,576 tokens, an MLP ACM of 4
-  learners of 768), with the tiles the tuned table gives that bucket."""
+  learners of 768), with the tiles the tuned table gives that bucket; partial outputs or atomic adds."""
+  monkeypatch.setattr(af, "DOWN_SPLIT_SUM", sums)
   tokens, dim, n, width = 1576, 768, 4, 768
   cfg, path = af.resolve_config(jnp.bfloat16, dim, n * width, tokens, sort=True, block_rows=64, block_out=64,
                                 block_hidden=128, num_warps=4)
@@ -262,6 +291,7 @@ def test_split_down_launch_lowers_for_cuda_at_vit_b_shapes():
                             interpret=False)
   lowered = jax.jit(split).trace(*args).lower(lowering_platforms=("cuda",))
   assert path == "sorted" and "acm_group_down_split" in lowered.as_text()
+  assert ("atomic_rmw" in lowered.as_text()) is (sums == "atomic")
 
 
 def test_asking_for_a_split_down_launch_where_it_cannot_run_names_the_reason():
