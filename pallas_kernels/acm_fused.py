@@ -80,9 +80,10 @@ passes that write the normalised copy of x (read x, write LN(x)) per group. Like
 output feeds a skip connection can take the residual (`residual`), which the down launch adds
 before its one rounding (`RESIDUAL_MIN_TOKENS`), so that XLA's add never reads the ACM's output.
 
-At few tokens the down launch can split its reduction per learner (`DOWN_SPLIT_MAX_TOKENS`): N times
-as many programs, each looping over one learner's hidden units, write float32 partial outputs that
-one XLA fusion sums per token up to its k, with the output bias and the residual.
+At few tokens the down launch splits its reduction per learner (`DOWN_SPLIT_MAX_TOKENS`, 512 by default):
+N times as many programs, each looping over one learner's hidden units, write float32 partial outputs that
+one XLA fusion sums per token up to its k, with the output bias and the residual (or, with `DOWN_SPLIT_SUM`
+"atomic", add them into one float32 buffer per ACM, which that fusion finishes).
 
 The gate logits inside the route kernel are rounded where a Flax Dense gate of
 the same dtypes rounds (after the matmul and after the bias), so the argmax
