@@ -18,18 +18,24 @@ An item TUNED@BUCKET/KIND={JSON object} changes one entry of the tuned tile tabl
 
 The first `--variant` is the baseline. A variant whose compiled program is the same text as the
 baseline's (the switch does not apply at that token count) is recorded as such and not timed.
-Each variant's logits are compared with the baseline's (the same function up to float32 summation
-order: a variant that changes the result by more than 5% of the largest logit is reported as bad).
+Correctness: each timed variant's logits are compared with the XLA path run at the choices k that
+variant's gates made (`vit_bench.forced_reference`), on the timed batch itself, so the check sees the
+token count the switch acts on; more than 5% of the largest logit is reported as bad. The logits are
+also compared with the baseline's without forcing k (`rel_err_vs_baseline`): a last-bit change in one
+layer moves later gates across near-ties, which a random network amplifies (0.2-0.8 of the largest
+logit at 1,576 tokens or more), so that figure measures drift, not correctness.
 
 Records go to `results/switch_ab_<gpu>.json` (earlier records kept) with the fields device, date,
 jax_version, model, batch, acm, r, variant, settings, images_per_s, ratio_to_dense, ratio_to_baseline,
-rel_err_vs_baseline, same_program_as_baseline and round_ms.
+rel_err_at_same_k, rel_err_vs_baseline, same_program_as_baseline and round_ms.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import functools
 import json
 import os
 import sys
@@ -137,6 +143,20 @@ def compile_with(settings: dict, fn, *args):
       setattr(acm_fused, name, value)
 
 
+def relative_error(logits, ref) -> float:
+  """max |logits - ref| over max |ref|, in float32."""
+  logits, ref = np.asarray(logits, np.float32), np.asarray(ref, np.float32)
+  return float(np.abs(logits - ref).max() / np.abs(ref).max())
+
+
+def same_k_error(with_stats, reference, params, x) -> float:
+  """Relative error of a variant's logits against the XLA path forced to the choices its own gates
+  made: `with_stats` returns (logits, sown "acm" collection), `reference(params, x, kmap)` (logits, _)."""
+  logits, state = with_stats(params, x)
+  ref, _ = reference(params, x, vb.choices_by_acm(state))
+  return relative_error(logits, ref)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="vit_b16", choices=("tiny", "vit_s16", "vit_b16", "vit_l16"))
@@ -174,7 +194,11 @@ def main(argv=None):
   records = json.loads(path.read_text()) if path.exists() else []
   dense_forward = lambda p, x: dense.apply({"params": p}, x)
   acm_forward = lambda p, x: model.apply({"params": p}, x)
-  lines = [f"| batch | variant | x dense | x {names[0]} | rel. err. | rounds (ms) |", "|---|---|---|---|---|---|"]
+  acm_with_stats = lambda p, x: model.apply({"params": p}, x, mutable=["acm"])
+  xla_model = vit.ViT(dataclasses.replace(acm_cfg, acm=dataclasses.replace(acm_cfg.acm, impl="xla")))
+  reference = jax.jit(functools.partial(vb.forced_reference, xla_model))
+  lines = [f"| batch | variant | x dense | x {names[0]} | err. at same k | drift vs {names[0]} | rounds (ms) |",
+           "|---|---|---|---|---|---|---|"]
   for batch in batches:
     x = images[:batch]
     dense_fn, _ = compile_with({}, dense_forward, dense_params, x)
@@ -183,9 +207,10 @@ def main(argv=None):
       compiled[name], texts[name] = compile_with(settings, acm_forward, params, x)
     base = names[0]
     timed = [name for name in names if name == base or texts[name] != texts[base]]
-    ref = np.asarray(compiled[base](params, x), np.float32)
-    errs = {name: float(np.abs(np.asarray(compiled[name](params, x), np.float32) - ref).max() / np.abs(ref).max())
-            for name in timed}
+    ref = compiled[base](params, x)
+    drift = {name: relative_error(compiled[name](params, x), ref) for name in timed}
+    errs = {name: same_k_error(compile_with(dict(variants)[name], acm_with_stats, params, x)[0], reference,
+                               params, x) for name in timed}
     rounds = {name: [] for name in ["dense", *timed]}
     for _ in range(args.rounds):
       rounds["dense"].append(vb.timed(dense_fn, dense_params, x, reps=10))
@@ -199,16 +224,17 @@ def main(argv=None):
                  same_program_as_baseline=same)
       if not same:
         rec.update(images_per_s=round(batch / median[name], 1), ratio_to_dense=round(median["dense"] / median[name], 4),
-                   ratio_to_baseline=round(median[base] / median[name], 4), rel_err_vs_baseline=errs[name],
+                   ratio_to_baseline=round(median[base] / median[name], 4), rel_err_at_same_k=errs[name],
+                   rel_err_vs_baseline=drift[name],
                    dense_images_per_s=round(batch / median["dense"], 1),
                    round_ms=[round(t * 1e3, 4) for t in rounds[name]])
         if errs[name] > 0.05:
-          vb.log(f"batch {batch} {name}: BAD logits vs {base}: relative error {errs[name]:.3f}")
+          vb.log(f"batch {batch} {name}: BAD logits vs XLA at the same k: relative error {errs[name]:.3f}")
         spread = f"{min(rounds[name]) * 1e3:.3f}-{max(rounds[name]) * 1e3:.3f}"
         lines.append(f"| {batch} | {name} | {rec['ratio_to_dense']:.3f} | {rec['ratio_to_baseline']:.3f} | "
-                     f"{errs[name]:.1e} | {spread} |")
+                     f"{errs[name]:.1e} | {drift[name]:.1e} | {spread} |")
       else:
-        lines.append(f"| {batch} | {name} | same program as {base} | | | |")
+        lines.append(f"| {batch} | {name} | same program as {base} | | | | |")
       records.append(rec)
     vb.log(f"batch {batch} done: dense {batch / median['dense']:.1f} images/s")
     path.write_text(json.dumps(records, indent=1))  # after every batch: a cut-off run keeps what it timed

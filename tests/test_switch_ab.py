@@ -3,6 +3,7 @@ smoke run (on the CPU the ViT takes the XLA path, which no kernel switch changes
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -68,9 +69,28 @@ def test_main_on_the_cpu_times_the_baseline_and_marks_unchanged_programs(tmp_pat
   assert [(r["variant"], r["same_program_as_baseline"]) for r in rows] == [("default", False), ("split", True)]
   base = rows[0]
   assert base["ratio_to_baseline"] == 1.0 and base["rel_err_vs_baseline"] == 0.0 and base["images_per_s"] > 0
+  assert 0.0 <= base["rel_err_at_same_k"] < 1e-5  # on the CPU the variant is the XLA path itself
   assert base["ratio_to_dense"] == pytest.approx(base["images_per_s"] / base["dense_images_per_s"], rel=1e-2)
   assert rows[1]["settings"] == {"DOWN_SPLIT_MAX_TOKENS": 8192} and "images_per_s" not in rows[1]
   assert "same program as default" in (tmp_path / "switch_ab_table.md").read_text()
+
+
+def test_the_same_k_check_forces_the_variants_own_choices_and_measures_the_gap():
+  """`same_k_error` hands the reference the k that the variant's own gates chose (argmax of the sown choice
+  one-hots) and returns max |difference| / max |reference|."""
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(3, 10)), jnp.float32)
+  choice = jnp.asarray(rng.integers(0, 5, size=(3, 7)))
+  state = {"acm": {"block_0": {"mlp": {"choice": (jax.nn.one_hot(choice, 5),)}}}}
+  seen = {}
+
+  def reference(params, x, kmap):
+    seen.update(kmap)
+    return logits + 0.5, None
+
+  err = switch_ab.same_k_error(lambda p, x: (logits, state), reference, None, None)
+  np.testing.assert_array_equal(np.asarray(seen["block_0/mlp"]), np.asarray(choice))
+  assert err == pytest.approx(0.5 / float(np.abs(np.asarray(logits) + 0.5).max()), rel=1e-6)
 
 
 def test_main_refuses_duplicate_names_and_bad_batches(tmp_path):
