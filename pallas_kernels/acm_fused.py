@@ -80,7 +80,7 @@ passes that write the normalised copy of x (read x, write LN(x)) per group. Like
 output feeds a skip connection can take the residual (`residual`), which the down launch adds
 before its one rounding (`RESIDUAL_MIN_TOKENS`), so that XLA's add never reads the ACM's output.
 
-At few tokens the down launch splits its reduction per learner (`DOWN_SPLIT_MAX_TOKENS`, 512 by default):
+At few tokens the down launch splits its reduction per learner (`DOWN_SPLIT_MAX_TOKENS`, 1,024 by default):
 N times as many programs, each looping over one learner's hidden units, write float32 partial outputs that
 one XLA fusion sums per token up to its k, with the output bias and the residual (or, with `DOWN_SPLIT_SUM`
 "atomic", add them into one float32 buffer per ACM, which that fusion finishes).
@@ -145,19 +145,21 @@ MGPU_DOWN_KINDS = ("mlp",)
 # one program per (row block, output tile, learner) instead of one per (row block, output tile) looping
 # over every learner, so few tokens still fill the SMs and each loop is N times shorter. The programs
 # write float32 partial outputs (N x tokens x d), which one XLA fusion sums per token up to its k, with
-# the output bias and the skip connection, before one rounding (`_down_split`). 512 (batch 1-2 of a
+# the output bias and the skip connection, before one rounding (`_down_split`). 1,024 (batches 1-5 of a
 # ViT-B/16): on an H100 (2026-12-05, `benchmarks.switch_ab`, whole model, each A/B in one process) it
 # made the forward 1.07-1.14x faster in all six comparisons at batches 1 and 2 (MLP and MLP + q/k/v/o ACMs,
-# r = 0.25 and 0.5), tied at batch 8 (0.99-1.00x) and lost at batch 32 (0.87x): there the float32 partials'
-# traffic costs more than the longer loops (benchmarks/RESULTS.md, 2026-12-05 (iv)).
-DOWN_SPLIT_MAX_TOKENS: int | None = 512
+# r = 0.25 and 0.5), 1.06x at batch 4 (788 tokens; 1.05x on an H200), 1.02x at batch 5 (985 tokens); it tied
+# at batch 6 (1,182 tokens, 0.997x) and 8 (0.96-1.00x) and lost at batch 32 (0.87x): there the float32
+# partials' traffic costs more than the longer loops (benchmarks/RESULTS.md, 2026-12-05 (iv) and (vi)).
+DOWN_SPLIT_MAX_TOKENS: int | None = 1024
 # How the split launch's learners meet: "parts", float32 partial outputs per learner that XLA sums per token up to
 # its k; or "atomic", float32 atomic adds of every learner's rows into one zeroed (padded rows, d) buffer that XLA
 # then finishes (bias, skip connection, one rounding). At 1,576 tokens the parts are 19 MB written and read back
 # per MLP layer; the buffer is 4.8 MB. A learner past a row's k adds zeros (the up launch masks those hidden
 # units), so no per-token mask is needed; the float32 sums are not bit-reproducible from run to run, as the
-# one-launch path's. "parts" until a GPU A/B (`benchmarks.switch_ab`, variant DOWN_SPLIT_SUM=atomic with
-# DOWN_SPLIT_MAX_TOKENS=2048) shows the atomic form pays at batch 8, where the parts form tied.
+# one-launch path's. "parts": on an H200 (2026-12-05 (vi), whole model, MLP ACMs, one process) the atomic form was
+# slower than the parts at batch 8 (0.924 against 0.956 of the whole launch) and at batch 4 (1.010 against 1.054):
+# the atomics contend where the parts' traffic does not.
 DOWN_SPLIT_SUMS = ("parts", "atomic")
 DOWN_SPLIT_SUM = "parts"
 # Who brings that launch's rows (in sorted order) back to token order: "xla", a gather fusion (then XLA adds

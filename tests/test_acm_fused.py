@@ -66,7 +66,7 @@ CASES = [
 ]
 
 
-# the routed paths with the whole down launch (the split one runs by default up to 512 tokens)
+# the routed paths with the whole down launch (the split one runs by default up to 1,024 tokens)
 PATHS = {"unsorted": dict(sort=False, split_down=False), "sorted": dict(sort=True, split_down=False),
          "onepass": dict(onepass=True), "twolaunch": dict(twolaunch=True), "xla": dict(xla=True),
          # linear learners through their merged matrices (`af.merge_linear_learners`)
