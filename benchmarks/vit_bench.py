@@ -27,6 +27,12 @@ matmuls of that width (rounded to a multiple of 16), no gate, no sort, cuBLAS an
 record `static_ratio_to_dense` (its images/s over the dense model's, timed in the same rounds) and
 `static_widths`. Where an ACM row misses a target that its static model misses too, the limit is the
 arithmetic left at that k on this GPU, not the routing.
+
+Issue #21's speed targets (`TARGETS`, ViT-B/16 at r = 0.5 and 0.25, batches 1, 8, 32 and 256): rows of
+that model record `target_ratio`, `meets_target` and `target_limit`, "met", "routing" (the yardstick clears
+the target: the gate, sort and kernels cost the difference) or "yardstick" (the static model misses it
+too), and the printed summary gains a table of the verdicts. `python3 -m benchmarks.vit_targets`
+draws the same table from the records of earlier runs.
 """
 
 from __future__ import annotations
@@ -56,6 +62,53 @@ from pallas_kernels import acm_fused
 
 def log(*args):
   print(*args, flush=True)
+
+
+# issue #21: whole ViT-B/16, images/s of the ACM model over the dense model's, (ACMized blocks, r) -> {batch: at least}
+TARGETS = {
+    ("mlp", 0.5): {1: 1.00, 8: 1.10, 32: 1.25, 256: 1.42},
+    ("mlp", 0.25): {1: 1.00, 8: 1.20, 32: 1.45, 256: 1.75},
+    ("mlp_qkvo", 0.5): {1: 1.00, 8: 1.10, 32: 1.30, 256: 1.60},
+    ("mlp_qkvo", 0.25): {1: 1.00, 8: 1.20, 32: 1.50, 256: 2.10},
+}
+
+
+def target_verdict(rec: dict, model: str = "vit_b16") -> dict:
+  """{target_ratio, meets_target, target_limit} for a record of `TARGETS`' model, ACM kind, r and batch ({} for
+  any other). target_limit: "met"; "yardstick" where the static-width model misses the target as well (the
+  arithmetic left at that k, not the routing, is short); "routing" where it clears it; "no yardstick" for a
+  record without one (`--no-static`)."""
+  target = TARGETS.get((rec.get("acm"), rec.get("r")), {}).get(rec.get("batch")) if model == "vit_b16" else None
+  if target is None:
+    return {}
+  met = rec["ratio_to_dense"] >= target
+  static = rec.get("static_ratio_to_dense")
+  limit = "met" if met else "no yardstick" if static is None else "yardstick" if static < target else "routing"
+  return dict(target_ratio=target, meets_target=met, target_limit=limit)
+
+
+def verdict_cell(rec: dict) -> str:
+  """"1.03 < 1.10, routing" (missed, and what limits it) or "1.45 >= 1.42, met" for a record with a target."""
+  sign = ">=" if rec["meets_target"] else "<"
+  return f"{rec['ratio_to_dense']:.2f} {sign} {rec['target_ratio']:.2f}, {rec['target_limit']}"
+
+
+def verdict_lines(records: list[dict], batches) -> list[str]:
+  """A markdown table of `verdict_cell` per (ACM kind, r, impl) row and batch; [] when no record has a target."""
+  rows = {}
+  for rec in records:
+    if "target_ratio" in rec:
+      rows.setdefault((rec["acm"], rec["r"], rec["impl"]), {})[rec["batch"]] = rec
+  if not rows:
+    return []
+  lines = ["\nIssue #21's targets (ACM / dense, erf GELU; \"routing\": the static-width yardstick clears the target, "
+           "\"yardstick\": it misses it too):\n",
+           "| ACMized | r | impl | " + " | ".join(f"batch {b}" for b in batches) + " |",
+           "|---|---|---|" + "---|" * len(batches)]
+  for (kind, r, impl), row in rows.items():
+    cells = [verdict_cell(row[b]) if b in row else "" for b in batches]
+    lines.append(f"| {kind} | {r} | {impl} | " + " | ".join(cells) + " |")
+  return lines
 
 
 def set_gates(params, num_learners, r, dim, seed):
@@ -407,6 +460,7 @@ def main(argv=None):
                    mgpu_down_kinds=list(acm_fused.MGPU_DOWN_KINDS), mgpu_down_tiles=dict(acm_fused.MGPU_DOWN_TILES),
                    mgpu_down_unsort=acm_fused.MGPU_DOWN_UNSORT,
                    mgpu_up_min_tokens=acm_fused.MGPU_UP_MIN_TOKENS, mgpu_up_tiles=dict(acm_fused.MGPU_UP_TILES))
+        rec.update(target_verdict(rec, args.model))
         records.append(rec)
         log(f"batch {batch:4d} acm={kind:8s} r={r} (measured {r_real:.3f}) impl={impl:6s} {ips:9.1f} images/s "
             f"{ips / paired_dense_ips:.3f} x dense"
@@ -450,6 +504,7 @@ def main(argv=None):
   if args.dense_gelu_tanh:
     lines.append("Dense with GELU's tanh form: " + " / ".join(f"{dense_rows[b]['images_per_s_gelu_tanh']:.0f}"
                                                                for b in batches) + " images/s.")
+  lines += verdict_lines(records, batches)
   text = "\n".join(lines) + "\n"
   if not args.no_append:
     with open(Path(__file__).parent / "RESULTS.md", "a") as f:
