@@ -83,7 +83,8 @@ before its one rounding (`RESIDUAL_MIN_TOKENS`), so that XLA's add never reads t
 At few tokens the down launch splits its reduction per learner (`DOWN_SPLIT_MAX_TOKENS`, 1,024 by default):
 N times as many programs, each looping over one learner's hidden units, write float32 partial outputs that
 one XLA fusion sums per token up to its k, with the output bias and the residual (or, with `DOWN_SPLIT_SUM`
-"atomic", add them into one float32 buffer per ACM, which that fusion finishes).
+"atomic", add them into one float32 buffer per ACM, which that fusion finishes). `DOWN_SPLIT_PARTS` cuts the
+reduction into fewer parts of several consecutive learners each.
 
 The gate logits inside the route kernel are rounded where a Flax Dense gate of
 the same dtypes rounds (after the matmul and after the bias), so the argmax
@@ -162,6 +163,11 @@ DOWN_SPLIT_MAX_TOKENS: int | None = 1024
 # the atomics contend where the parts' traffic does not.
 DOWN_SPLIT_SUMS = ("parts", "atomic")
 DOWN_SPLIT_SUM = "parts"
+# Into how many parts the split launch cuts each row's reduction: None, one part per learner (N); an integer
+# dividing N, parts of N / parts consecutive learners each (2: half the programs, half the float32 partials of
+# the per-learner form). Fewer parts trade the split's shorter loops for less partial traffic, for the token
+# counts (1,182-1,576) where the per-learner form ties with the whole launch. Not timed on a GPU yet.
+DOWN_SPLIT_PARTS: int | None = None
 # Who brings that launch's rows (in sorted order) back to token order: "xla", a gather fusion (then XLA adds
 # the skip connection), or "kernel", one Triton launch (`_unsort_kernel`) that also adds the output bias and,
 # when the group has one, the residual before a single rounding, so that the gather and the skip connection's
@@ -638,28 +644,32 @@ def _unsort_kernel(pos_ref, k_ref, y_ref, *refs, block_rows, block_out, col_bloc
 
 
 def _down_split_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_rows, block_out, block_k, width,
-                       tokens, padded, sort, num_learners, atomic=False):
-  """The down launch with its reduction split per learner (`DOWN_SPLIT_MAX_TOKENS`): the program of
-  (ACM, row block, output tile, learner n) writes hidden[:, learner n] @ w2[learner n] of its rows in
-  float32 to rows n * padded + token of that ACM's parts, when some row of the block has k > n; with
-  `atomic` it adds them to row token of that ACM's sum instead (`DOWN_SPLIT_SUM`).
-  Refs: order, k, (hidden, w2) per ACM, then parts (N * padded, d) float32 per ACM, or (atomic) zeroed
+                       tokens, padded, sort, num_parts, per_part, atomic=False):
+  """The down launch with its reduction split into parts of `per_part` consecutive learners
+  (`DOWN_SPLIT_MAX_TOKENS`, `DOWN_SPLIT_PARTS`): the program of (ACM, row block, output tile, part n) writes
+  hidden[:, its learners below the block's largest k] @ w2[the same] of its rows in float32 to rows
+  n * padded + token of that ACM's parts, when some row of the block has k > n * per_part; with `atomic` it adds
+  them to row token of that ACM's sum instead (`DOWN_SPLIT_SUM`). A row's hidden units past its own k are zero
+  (the up launch masks them), so a part holds exactly that row's learners below k.
+  Refs: order, k, (hidden, w2) per ACM, then parts (num_parts * padded, d) float32 per ACM, or (atomic) zeroed
   sums (padded, d) float32 per ACM as inputs and the same buffers as outputs."""
   from jax.experimental.pallas import triton as plgpu
   in_refs, part_refs = refs[:2 * num_groups], refs[(3 if atomic else 2) * num_groups:]
-  g, i, tile = _grid_position(padded, block_rows, col_blocks * num_learners)
-  cb, n = tile // num_learners, tile % num_learners
-  steps = width // block_k
+  g, i, tile = _grid_position(padded, block_rows, col_blocks * num_parts)
+  cb, n = tile // num_parts, tile % num_parts
+  steps = width // block_k  # reduction steps per learner
+  first = n * per_part
 
   def body(gg):
     h_ref, w2_ref = in_refs[2 * gg:2 * gg + 2]
     valid, token, _, max_k = _row_block(order_ref, k_ref, gg, i, block_rows=block_rows, tokens=tokens,
                                         padded=padded, sort=sort)
 
-    @pl.when(n < max_k)
+    @pl.when(first < max_k)
     def _():
       step = _down_step(h_ref, w2_ref, i, cb, block_rows=block_rows, block_out=block_out, block_k=block_k)
-      acc = jax.lax.fori_loop(n * steps, (n + 1) * steps, step, jnp.zeros((block_rows, block_out), jnp.float32))
+      last = jnp.minimum(first + per_part, max_k)  # hidden tiles past the block's largest k are never written
+      acc = jax.lax.fori_loop(first * steps, last * steps, step, jnp.zeros((block_rows, block_out), jnp.float32))
       col_ids = cb * block_out + jnp.arange(block_out, dtype=jnp.int32)
       if atomic:  # rows past the end add their zeros to the padding rows (token = place >= tokens there)
         plgpu.atomic_add(part_refs[gg], (token[:, None], col_ids[None, :]), acc)
@@ -669,6 +679,16 @@ def _down_split_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_ro
   _for_group(g, num_groups, body)
 
 
+def split_parts(num_learners: int) -> int:
+  """The number of parts the split down launch cuts a reduction into (`DOWN_SPLIT_PARTS`; None: one per
+  learner); ValueError naming the setting where it does not divide the learners."""
+  parts = num_learners if DOWN_SPLIT_PARTS is None else DOWN_SPLIT_PARTS
+  if not isinstance(parts, int) or parts < 1 or num_learners % parts:
+    raise ValueError(f"acm_fused.DOWN_SPLIT_PARTS must be None or a positive divisor of the number of learners "
+                     f"({num_learners}), got {DOWN_SPLIT_PARTS!r}")
+  return parts
+
+
 def _down_split(hidden, groups, order, k_rows, k_tokens, residual, *, cfg, tokens, padded, width, sort,
                 num_learners, dtype, compiler_params, interpret):
   """The split down launch and the XLA fusion that sums each token's parts n < k with the cumulative
@@ -676,18 +696,20 @@ def _down_split(hidden, groups, order, k_rows, k_tokens, residual, *, cfg, token
   if DOWN_SPLIT_SUM not in DOWN_SPLIT_SUMS:
     raise ValueError(f"acm_fused.DOWN_SPLIT_SUM must be one of {DOWN_SPLIT_SUMS}, got {DOWN_SPLIT_SUM!r}")
   atomic = DOWN_SPLIT_SUM == "atomic"
+  num_parts = split_parts(num_learners)
+  per_part = num_learners // num_parts
   num_groups, dim = len(groups), groups[0]["w2"].shape[1]
   col_blocks = dim // cfg.block_out
   inputs = [order, k_rows, *[a for h, grp in zip(hidden, groups) for a in (h, grp["w2"])]]
-  rows = padded if atomic else num_learners * padded
+  rows = padded if atomic else num_parts * padded
   if atomic:
     inputs += [jnp.zeros((rows, dim), jnp.float32) for _ in groups]
   parts = pl.pallas_call(
       functools.partial(_down_split_kernel, num_groups=num_groups, col_blocks=col_blocks, block_rows=cfg.block_rows,
                         block_out=cfg.block_out, block_k=cfg.block_k_down, width=width, tokens=tokens, padded=padded,
-                        sort=sort, num_learners=num_learners, atomic=atomic),
+                        sort=sort, num_parts=num_parts, per_part=per_part, atomic=atomic),
       out_shape=(jax.ShapeDtypeStruct((rows, dim), jnp.float32),) * num_groups,
-      grid=(num_groups * (padded // cfg.block_rows) * col_blocks * num_learners,), compiler_params=compiler_params,
+      grid=(num_groups * (padded // cfg.block_rows) * col_blocks * num_parts,), compiler_params=compiler_params,
       input_output_aliases={2 + 2 * num_groups + g: g for g in range(num_groups)} if atomic else {},
       interpret=interpret, name="acm_group_down_split",
   )(*inputs)
@@ -697,9 +719,11 @@ def _down_split(hidden, groups, order, k_rows, k_tokens, residual, *, cfg, token
     if atomic:
       out = part[:tokens]
     else:
-      part = part.reshape(num_learners, padded, dim)[:, :tokens]
-      # rows of a learner past a token's k may be unwritten (their block stopped earlier): `where`, not a product
-      out = jnp.sum(jnp.where(jnp.arange(num_learners)[:, None, None] < k[None, :, None], part, 0.0), axis=0)
+      part = part.reshape(num_parts, padded, dim)[:, :tokens]
+      # a part whose first learner lies past a token's k may be unwritten (its block stopped earlier): `where`,
+      # not a product
+      first = jnp.arange(num_parts)[:, None, None] * per_part
+      out = jnp.sum(jnp.where(first < k[None, :, None], part, 0.0), axis=0)
     if "b2" in grp:
       out = out + _bias_table(grp)[k]
     if residual is not None:

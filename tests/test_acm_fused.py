@@ -273,10 +273,49 @@ def test_split_down_launch_with_atomic_sums_matches_reference(tokens, dim, n, wi
 
 
 @pytest.mark.parametrize("sums", af.DOWN_SPLIT_SUMS)
-def test_split_down_launch_lowers_for_cuda_at_vit_b_shapes(sums, monkeypatch):
-  """The Triton lowering of the split launch and its sum at batch 8's shapes (1,576 tokens, an MLP ACM of 4
-  learners of 768), with the tiles the tuned table gives that bucket; partial outputs or atomic adds."""
+@pytest.mark.parametrize("sort", [True, False])
+@pytest.mark.parametrize("tokens,dim,n,width,size,act,min_choice,dtype,k_kind,tiles",
+                         [CASES[i] for i in (0, 1, 4, 6)] + [(197, 64, 4, 32, 1, "gelu", 0, jnp.float32, "full", SMALL)])
+def test_split_down_launch_in_parts_of_two_learners_matches_reference(tokens, dim, n, width, size, act, min_choice,
+                                                                      dtype, k_kind, tiles, sort, sums, monkeypatch):
+  """`DOWN_SPLIT_PARTS = 2`: each program of the split launch reduces over two consecutive learners (stopping at its
+  block's largest k), and a token's parts are summed while their first learner lies below its k; against the
+  reference with and without a skip connection, both sums, random k, k all N and the forced minimum choice."""
+  monkeypatch.setattr(af, "DOWN_SPLIT_PARTS", 2)
   monkeypatch.setattr(af, "DOWN_SPLIT_SUM", sums)
+  seen = []
+  real = af._down_split_kernel
+  monkeypatch.setattr(af, "_down_split_kernel", lambda *a, **kw: seen.append(kw["num_parts"]) or real(*a, **kw))
+  x, groups = random_group(tokens + 9, tokens, dim, n, width, size, dtype, k_kind=k_kind)
+  tiles = split_tiles("split_sorted", width, tiles)
+  check_group(x, groups, n=n, act=act, min_choice=min_choice, sort=sort, split_down=True, **tiles)
+  residual = jnp.asarray(np.random.default_rng(tokens + 1).normal(size=(tokens, dim)) * 4, dtype)
+  outs, k = af.acm_group(x, groups, num_learners=n, activation=act, min_choice=min_choice, residual=residual,
+                         interpret=True, sort=sort, split_down=True, **tiles)
+  refs, _ = af.acm_group_reference(x, groups, num_learners=n, activation=act, k=k, residual=residual)
+  for out, ref in zip(outs, refs):
+    assert rel_err(out, ref) < LIMITS[jnp.dtype(dtype)]
+  assert seen == [2, 2]
+
+
+@pytest.mark.parametrize("parts", [3, 0, 8, 2.0])
+def test_split_parts_that_do_not_divide_the_learners_are_refused(parts, monkeypatch):
+  monkeypatch.setattr(af, "DOWN_SPLIT_PARTS", parts)
+  x, groups = random_group(5, 40, 64, 4, 32, 1, jnp.float32)
+  with pytest.raises(ValueError, match=f"DOWN_SPLIT_PARTS must be None or a positive divisor .*\\(4\\), got {parts!r}"):
+    af.acm_group(x, groups, num_learners=4, interpret=True, sort=True, split_down=True, **SMALL)
+  monkeypatch.setattr(af, "DOWN_SPLIT_PARTS", None)
+  assert af.split_parts(4) == 4
+
+
+@pytest.mark.parametrize("parts", [None, 2])
+@pytest.mark.parametrize("sums", af.DOWN_SPLIT_SUMS)
+def test_split_down_launch_lowers_for_cuda_at_vit_b_shapes(sums, parts, monkeypatch):
+  """The Triton lowering of the split launch and its sum at batch 8's shapes (1,576 tokens, an MLP ACM of 4
+  learners of 768), with the tiles the tuned table gives that bucket; partial outputs or atomic adds, one part
+  per learner or two learners per part."""
+  monkeypatch.setattr(af, "DOWN_SPLIT_SUM", sums)
+  monkeypatch.setattr(af, "DOWN_SPLIT_PARTS", parts)
   tokens, dim, n, width = 1576, 768, 4, 768
   cfg, path = af.resolve_config(jnp.bfloat16, dim, n * width, tokens, sort=True, block_rows=64, block_out=64,
                                 block_hidden=128, num_warps=4)
