@@ -658,7 +658,7 @@ def _down_split_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_ro
   g, i, tile = _grid_position(padded, block_rows, col_blocks * num_parts)
   cb, n = tile // num_parts, tile % num_parts
   steps = width // block_k  # reduction steps per learner
-  first = n * per_part
+  first = n if per_part == 1 else n * per_part  # the part's first learner
 
   def body(gg):
     h_ref, w2_ref = in_refs[2 * gg:2 * gg + 2]
@@ -668,8 +668,10 @@ def _down_split_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_ro
     @pl.when(first < max_k)
     def _():
       step = _down_step(h_ref, w2_ref, i, cb, block_rows=block_rows, block_out=block_out, block_k=block_k)
-      last = jnp.minimum(first + per_part, max_k)  # hidden tiles past the block's largest k are never written
-      acc = jax.lax.fori_loop(first * steps, last * steps, step, jnp.zeros((block_rows, block_out), jnp.float32))
+      start = first * steps
+      # hidden tiles past the block's largest k are never written: a part of several learners stops there
+      stop = (first + 1 if per_part == 1 else jnp.minimum(first + per_part, max_k)) * steps
+      acc = jax.lax.fori_loop(start, stop, step, jnp.zeros((block_rows, block_out), jnp.float32))
       col_ids = cb * block_out + jnp.arange(block_out, dtype=jnp.int32)
       if atomic:  # rows past the end add their zeros to the padding rows (token = place >= tokens there)
         plgpu.atomic_add(part_refs[gg], (token[:, None], col_ids[None, :]), acc)
@@ -722,7 +724,8 @@ def _down_split(hidden, groups, order, k_rows, k_tokens, residual, *, cfg, token
       part = part.reshape(num_parts, padded, dim)[:, :tokens]
       # a part whose first learner lies past a token's k may be unwritten (its block stopped earlier): `where`,
       # not a product
-      first = jnp.arange(num_parts)[:, None, None] * per_part
+      first = jnp.arange(num_parts)[:, None, None]
+      first = first if per_part == 1 else first * per_part
       out = jnp.sum(jnp.where(first < k[None, :, None], part, 0.0), axis=0)
     if "b2" in grp:
       out = out + _bias_table(grp)[k]
