@@ -143,18 +143,12 @@ def compile_with(settings: dict, fn, *args):
       setattr(acm_fused, name, value)
 
 
-def relative_error(logits, ref) -> float:
-  """max |logits - ref| over max |ref|, in float32."""
-  logits, ref = np.asarray(logits, np.float32), np.asarray(ref, np.float32)
-  return float(np.abs(logits - ref).max() / np.abs(ref).max())
-
-
 def same_k_error(with_stats, reference, params, x) -> float:
   """Relative error of a variant's logits against the XLA path forced to the choices its own gates
   made: `with_stats` returns (logits, sown "acm" collection), `reference(params, x, kmap)` (logits, _)."""
   logits, state = with_stats(params, x)
   ref, _ = reference(params, x, vb.choices_by_acm(state))
-  return relative_error(logits, ref)
+  return vb.relative_error(logits, ref)
 
 
 def main(argv=None):
@@ -208,7 +202,7 @@ def main(argv=None):
     base = names[0]
     timed = [name for name in names if name == base or texts[name] != texts[base]]
     ref = compiled[base](params, x)
-    drift = {name: relative_error(compiled[name](params, x), ref) for name in timed}
+    drift = {name: vb.relative_error(compiled[name](params, x), ref) for name in timed}
     errs = {name: same_k_error(compile_with(dict(variants)[name], acm_with_stats, params, x)[0], reference,
                                params, x) for name in timed}
     rounds = {name: [] for name in ["dense", *timed]}

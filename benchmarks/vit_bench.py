@@ -188,6 +188,12 @@ def gate_agreement(kmap, ref_state):
   return float(np.mean(same))
 
 
+def relative_error(logits, ref) -> float:
+  """max |logits - ref| over max |ref|, in float32."""
+  logits, ref = np.asarray(logits, np.float32), np.asarray(ref, np.float32)
+  return float(np.abs(logits - ref).max() / np.abs(ref).max())
+
+
 def ideal_ratio(cfg, mean_k):
   """Dense time / ACM time if time followed the per-token matmul FLOPs of one block
   (MLP 4 d m, q/k/v/o 8 d^2, attention 4 T d; gates 2 d (N+1) each) at the measured mean k."""
@@ -420,8 +426,7 @@ def main(argv=None):
           r_real = mean_k_ratio(mean_k)
           ideal = ideal_ratio(acm_cfg, mean_k)
           gate_agree = gate_agreement(kmap, ref_state)
-          logits, ref = np.asarray(logits, np.float32), np.asarray(ref_logits, np.float32)
-          err = float(np.abs(logits - ref).max() / np.abs(ref).max())
+          err = relative_error(logits, ref_logits)
           if err > 0.05 or gate_agree < 0.99:  # timed all the same, and recorded as failed
             log(f"batch {batch} acm={kind} r={r} impl={impl}: BAD logits vs XLA at the same k {err:.3f}, "
                 f"block-0 gates agree on {gate_agree:.4f} of tokens")

@@ -245,6 +245,21 @@ def test_the_down_launch_splits_only_up_to_its_threshold(monkeypatch):
     assert rel_err(outs[0], results[0][0][0]) < 1e-6
 
 
+def check_split_launch(tokens, dim, n, width, size, act, min_choice, dtype, k_kind, tiles, sort, *, seed):
+  """The split down launch (with acm_fused's split settings as they are) against the reference, without and with
+  a skip connection (outputs poisoned as in `check_group`). Returns the group's x, its ACMs and the tiles used."""
+  x, groups = random_group(seed, tokens, dim, n, width, size, dtype, k_kind=k_kind)
+  tiles = split_tiles("split_sorted", width, tiles)
+  check_group(x, groups, n=n, act=act, min_choice=min_choice, sort=sort, split_down=True, **tiles)
+  residual = jnp.asarray(np.random.default_rng(seed + 1).normal(size=(tokens, dim)) * 4, dtype)
+  outs, k = af.acm_group(x, groups, num_learners=n, activation=act, min_choice=min_choice, residual=residual,
+                         interpret=True, sort=sort, split_down=True, **tiles)
+  refs, _ = af.acm_group_reference(x, groups, num_learners=n, activation=act, k=k, residual=residual)
+  for out, ref in zip(outs, refs):
+    assert rel_err(out, ref) < LIMITS[jnp.dtype(dtype)]
+  return x, groups, tiles
+
+
 @pytest.mark.parametrize("sort", [True, False])
 @pytest.mark.parametrize("tokens,dim,n,width,size,act,min_choice,dtype,k_kind,tiles",
                          [case for case in CASES if case[0] <= 1576 and case[3] >= 16])
@@ -256,15 +271,8 @@ def test_split_down_launch_with_atomic_sums_matches_reference(tokens, dim, n, wi
   seen = []
   real = af._down_split_kernel
   monkeypatch.setattr(af, "_down_split_kernel", lambda *a, **kw: seen.append(kw["atomic"]) or real(*a, **kw))
-  x, groups = random_group(tokens + 5, tokens, dim, n, width, size, dtype, k_kind=k_kind)
-  tiles = split_tiles("split_sorted", width, tiles)
-  check_group(x, groups, n=n, act=act, min_choice=min_choice, sort=sort, split_down=True, **tiles)
-  residual = jnp.asarray(np.random.default_rng(tokens).normal(size=(tokens, dim)) * 4, dtype)
-  outs, k = af.acm_group(x, groups, num_learners=n, activation=act, min_choice=min_choice, residual=residual,
-                         interpret=True, sort=sort, split_down=True, **tiles)
-  refs, _ = af.acm_group_reference(x, groups, num_learners=n, activation=act, k=k, residual=residual)
-  for out, ref in zip(outs, refs):
-    assert rel_err(out, ref) < LIMITS[jnp.dtype(dtype)]
+  x, groups, tiles = check_split_launch(tokens, dim, n, width, size, act, min_choice, dtype, k_kind, tiles, sort,
+                                       seed=tokens + 5)
   assert seen == [True, True]
   monkeypatch.setattr(af, "DOWN_SPLIT_SUM", "scatter")
   with pytest.raises(ValueError, match="DOWN_SPLIT_SUM .*'scatter'"):
@@ -286,15 +294,7 @@ def test_split_down_launch_in_parts_of_two_learners_matches_reference(tokens, di
   seen = []
   real = af._down_split_kernel
   monkeypatch.setattr(af, "_down_split_kernel", lambda *a, **kw: seen.append(kw["num_parts"]) or real(*a, **kw))
-  x, groups = random_group(tokens + 9, tokens, dim, n, width, size, dtype, k_kind=k_kind)
-  tiles = split_tiles("split_sorted", width, tiles)
-  check_group(x, groups, n=n, act=act, min_choice=min_choice, sort=sort, split_down=True, **tiles)
-  residual = jnp.asarray(np.random.default_rng(tokens + 1).normal(size=(tokens, dim)) * 4, dtype)
-  outs, k = af.acm_group(x, groups, num_learners=n, activation=act, min_choice=min_choice, residual=residual,
-                         interpret=True, sort=sort, split_down=True, **tiles)
-  refs, _ = af.acm_group_reference(x, groups, num_learners=n, activation=act, k=k, residual=residual)
-  for out, ref in zip(outs, refs):
-    assert rel_err(out, ref) < LIMITS[jnp.dtype(dtype)]
+  check_split_launch(tokens, dim, n, width, size, act, min_choice, dtype, k_kind, tiles, sort, seed=tokens + 9)
   assert seen == [2, 2]
 
 
