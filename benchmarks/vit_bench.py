@@ -259,8 +259,8 @@ def add_fusion_flags(parser: argparse.ArgumentParser) -> None:
                       help="acm_fused.RESIDUAL_MIN_TOKENS for this run (the skip connection added by an ACM's down "
                            "launch from this many tokens on; -1: never)")
   parser.add_argument("--down-split-max-tokens", type=int, default=None,
-                      help="acm_fused.DOWN_SPLIT_MAX_TOKENS for this run (the down launch's reduction split per "
-                           "learner up to this many tokens; default 512; -1: never)")
+                      help="acm_fused.DOWN_SPLIT_MAX_TOKENS for this run (the down launch's reduction split into "
+                           "parts up to this many tokens; default 1600; -1: never)")
 
 
 def apply_fusion_flags(args) -> dict:
@@ -274,7 +274,9 @@ def apply_fusion_flags(args) -> dict:
   if args.down_split_max_tokens is not None:
     acm_fused.DOWN_SPLIT_MAX_TOKENS = None if args.down_split_max_tokens < 0 else args.down_split_max_tokens
   return dict(norm_min_tokens=acm_fused.NORM_MIN_TOKENS, norm_mode=acm_fused.NORM_MODE,
-              residual_min_tokens=acm_fused.RESIDUAL_MIN_TOKENS, down_split_max_tokens=acm_fused.DOWN_SPLIT_MAX_TOKENS)
+              residual_min_tokens=acm_fused.RESIDUAL_MIN_TOKENS, down_split_max_tokens=acm_fused.DOWN_SPLIT_MAX_TOKENS,
+              down_split_per_learner_max_tokens=acm_fused.DOWN_SPLIT_PER_LEARNER_MAX_TOKENS,
+              down_split_parts=acm_fused.DOWN_SPLIT_PARTS)
 
 
 def _mosaic_tiles(flag: str, text: str) -> dict:

@@ -80,11 +80,12 @@ passes that write the normalised copy of x (read x, write LN(x)) per group. Like
 output feeds a skip connection can take the residual (`residual`), which the down launch adds
 before its one rounding (`RESIDUAL_MIN_TOKENS`), so that XLA's add never reads the ACM's output.
 
-At few tokens the down launch splits its reduction per learner (`DOWN_SPLIT_MAX_TOKENS`, 1,024 by default):
-N times as many programs, each looping over one learner's hidden units, write float32 partial outputs that
+At few tokens the down launch splits its reduction (`DOWN_SPLIT_MAX_TOKENS`, 1,600 by default): per learner
+up to `DOWN_SPLIT_PER_LEARNER_MAX_TOKENS` (1,024) tokens, in pairs of consecutive learners above. N (or N / 2)
+times as many programs, each looping over its part's hidden units only, write float32 partial outputs that
 one XLA fusion sums per token up to its k, with the output bias and the residual (or, with `DOWN_SPLIT_SUM`
-"atomic", add them into one float32 buffer per ACM, which that fusion finishes). `DOWN_SPLIT_PARTS` cuts the
-reduction into fewer parts of several consecutive learners each.
+"atomic", add them into one float32 buffer per ACM, which that fusion finishes). `DOWN_SPLIT_PARTS` fixes the
+number of parts at every token count.
 
 The gate logits inside the route kernel are rounded where a Flax Dense gate of
 the same dtypes rounds (after the matmul and after the bias), so the argmax
@@ -142,9 +143,9 @@ NORM_MODE = "fold"
 # scatter does not.
 MGPU_DOWN_MIN_TOKENS: int | None = None
 MGPU_DOWN_KINDS = ("mlp",)
-# At most this many tokens, the routed paths' down launch splits its reduction per learner (None: never):
-# one program per (row block, output tile, learner) instead of one per (row block, output tile) looping
-# over every learner, so few tokens still fill the SMs and each loop is N times shorter. The programs
+# At most this many tokens, the routed paths' down launch splits its reduction into parts (None: never):
+# with one part per learner, one program per (row block, output tile, learner) instead of one per (row block,
+# output tile) looping over every learner, so few tokens still fill the SMs and each loop is N times shorter. The programs
 # write float32 partial outputs (N x tokens x d), which one XLA fusion sums per token up to its k, with
 # the output bias and the skip connection, before one rounding (`_down_split`). 1,024 (batches 1-5 of a
 # ViT-B/16): on an H100 (2026-12-05, `benchmarks.switch_ab`, whole model, each A/B in one process) it
@@ -152,7 +153,17 @@ MGPU_DOWN_KINDS = ("mlp",)
 # r = 0.25 and 0.5), 1.06x at batch 4 (788 tokens; 1.05x on an H200), 1.02x at batch 5 (985 tokens); it tied
 # at batch 6 (1,182 tokens, 0.997x) and 8 (0.96-1.00x) and lost at batch 32 (0.87x): there the float32
 # partials' traffic costs more than the longer loops (benchmarks/RESULTS.md, 2026-12-05 (iv) and (vi)).
-DOWN_SPLIT_MAX_TOKENS: int | None = 1024
+# From 1,025 tokens on the launch takes pairs of learners (`DOWN_SPLIT_PER_LEARNER_MAX_TOKENS`), which is
+# what raised this bound to 1,600 (batches 6-8): on an H100 (2026-12-05 (vii), switch_ab, whole model, MLP ACMs,
+# r = 0.5) pairs beat the whole launch at batch 8 (1,576 tokens) in three runs (1.020x, 1.013x, 1.043x), tied at
+# batches 6 and 7 (1.014x and 0.996x; 0.956x and 1.007x), and lost at batch 9 (1,773 tokens, 0.979x) and 12
+# (2,364 tokens, 0.982x). Per learner at 1,576 tokens lost to the whole launch (0.973x H100, 0.956x H200).
+DOWN_SPLIT_MAX_TOKENS: int | None = 1600
+# Up to this many tokens (None: at every count up to DOWN_SPLIT_MAX_TOKENS) the split launch gives each learner
+# its own part; above it, pairs of consecutive learners, where N is even (`split_parts`; half the programs and
+# half the float32 partials: 9.7 instead of 19 MB per ViT-B/16 MLP layer at batch 8). Ignored where
+# DOWN_SPLIT_PARTS is set.
+DOWN_SPLIT_PER_LEARNER_MAX_TOKENS: int | None = 1024
 # How the split launch's learners meet: "parts", float32 partial outputs per learner that XLA sums per token up to
 # its k; or "atomic", float32 atomic adds of every learner's rows into one zeroed (padded rows, d) buffer that XLA
 # then finishes (bias, skip connection, one rounding). At 1,576 tokens the parts are 19 MB written and read back
@@ -163,10 +174,9 @@ DOWN_SPLIT_MAX_TOKENS: int | None = 1024
 # the atomics contend where the parts' traffic does not.
 DOWN_SPLIT_SUMS = ("parts", "atomic")
 DOWN_SPLIT_SUM = "parts"
-# Into how many parts the split launch cuts each row's reduction: None, one part per learner (N); an integer
-# dividing N, parts of N / parts consecutive learners each (2: half the programs, half the float32 partials of
-# the per-learner form). Fewer parts trade the split's shorter loops for less partial traffic, for the token
-# counts (1,182-1,576) where the per-learner form ties with the whole launch. Not timed on a GPU yet.
+# Into how many parts the split launch cuts each row's reduction: None, by token count
+# (`DOWN_SPLIT_PER_LEARNER_MAX_TOKENS`); an integer dividing N, parts of N / parts consecutive learners each at
+# every token count. Fewer parts trade the split's shorter loops for less partial traffic.
 DOWN_SPLIT_PARTS: int | None = None
 # Who brings that launch's rows (in sorted order) back to token order: "xla", a gather fusion (then XLA adds
 # the skip connection), or "kernel", one Triton launch (`_unsort_kernel`) that also adds the output bias and,
@@ -681,10 +691,16 @@ def _down_split_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_ro
   _for_group(g, num_groups, body)
 
 
-def split_parts(num_learners: int) -> int:
-  """The number of parts the split down launch cuts a reduction into (`DOWN_SPLIT_PARTS`; None: one per
-  learner); ValueError naming the setting where it does not divide the learners."""
-  parts = num_learners if DOWN_SPLIT_PARTS is None else DOWN_SPLIT_PARTS
+def split_parts(num_learners: int, tokens: int) -> int:
+  """The number of parts the split down launch cuts a reduction of `tokens` rows into: `DOWN_SPLIT_PARTS` where set;
+  else one per learner up to `DOWN_SPLIT_PER_LEARNER_MAX_TOKENS` tokens and pairs of learners above (one per
+  learner where N is odd). ValueError naming the setting where it does not divide the learners."""
+  if DOWN_SPLIT_PARTS is not None:
+    parts = DOWN_SPLIT_PARTS
+  elif DOWN_SPLIT_PER_LEARNER_MAX_TOKENS is None or tokens <= DOWN_SPLIT_PER_LEARNER_MAX_TOKENS or num_learners % 2:
+    parts = num_learners
+  else:
+    parts = num_learners // 2
   if not isinstance(parts, int) or parts < 1 or num_learners % parts:
     raise ValueError(f"acm_fused.DOWN_SPLIT_PARTS must be None or a positive divisor of the number of learners "
                      f"({num_learners}), got {DOWN_SPLIT_PARTS!r}")
@@ -698,7 +714,7 @@ def _down_split(hidden, groups, order, k_rows, k_tokens, residual, *, cfg, token
   if DOWN_SPLIT_SUM not in DOWN_SPLIT_SUMS:
     raise ValueError(f"acm_fused.DOWN_SPLIT_SUM must be one of {DOWN_SPLIT_SUMS}, got {DOWN_SPLIT_SUM!r}")
   atomic = DOWN_SPLIT_SUM == "atomic"
-  num_parts = split_parts(num_learners)
+  num_parts = split_parts(num_learners, tokens)
   per_part = num_learners // num_parts
   num_groups, dim = len(groups), groups[0]["w2"].shape[1]
   col_blocks = dim // cfg.block_out
@@ -932,8 +948,8 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   (a block's skip connection): by the down launch of the routed paths from `RESIDUAL_MIN_TOKENS`
   tokens on, or by the launch that returns the Mosaic down launch's rows to token order
   (`MGPU_DOWN_UNSORT` "kernel") or by the split down launch's sum, rounded once with the sum; elsewhere
-  by XLA after the kernels. split_down: the routed paths' Triton down launch with its reduction split per
-  learner (None: up to `DOWN_SPLIT_MAX_TOKENS` tokens, where the learner width is a multiple of
+  by XLA after the kernels. split_down: the routed paths' Triton down launch with its reduction split into
+  parts (`split_parts`; None: up to `DOWN_SPLIT_MAX_TOKENS` tokens, where the learner width is a multiple of
   block_k_down; True raises where it cannot run).
 
   Returns (outputs: G arrays (T, d) in x.dtype, k: (G, T) int32 in token order).
@@ -1048,7 +1064,7 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
 
 
 def _split_down(asked, tokens, width, cfg, path, *, merged=False, mosaic=False) -> bool:
-  """Whether the down launch splits its reduction per learner (`DOWN_SPLIT_MAX_TOKENS`, or `asked`:
+  """Whether the down launch splits its reduction into parts (`DOWN_SPLIT_MAX_TOKENS`, or `asked`:
   True raises where it cannot run)."""
   why = None
   if path not in ("sorted", "unsorted"):

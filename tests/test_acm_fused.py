@@ -304,16 +304,37 @@ def test_split_parts_that_do_not_divide_the_learners_are_refused(parts, monkeypa
   x, groups = random_group(5, 40, 64, 4, 32, 1, jnp.float32)
   with pytest.raises(ValueError, match=f"DOWN_SPLIT_PARTS must be None or a positive divisor .*\\(4\\), got {parts!r}"):
     af.acm_group(x, groups, num_learners=4, interpret=True, sort=True, split_down=True, **SMALL)
+
+
+def test_split_parts_follow_the_token_count(monkeypatch):
+  """`DOWN_SPLIT_PARTS` None: one part per learner up to `DOWN_SPLIT_PER_LEARNER_MAX_TOKENS` tokens, pairs of
+  learners above it where N is even; a set `DOWN_SPLIT_PARTS` wins at every count; the launch gets that count."""
   monkeypatch.setattr(af, "DOWN_SPLIT_PARTS", None)
-  assert af.split_parts(4) == 4
+  monkeypatch.setattr(af, "DOWN_SPLIT_PER_LEARNER_MAX_TOKENS", 100)
+  assert [af.split_parts(n, t) for n, t in [(4, 100), (4, 101), (6, 1576), (3, 1576), (1, 1576)]] == [4, 2, 3, 3, 1]
+  monkeypatch.setattr(af, "DOWN_SPLIT_PER_LEARNER_MAX_TOKENS", None)
+  assert af.split_parts(4, 10_000) == 4
+  monkeypatch.setattr(af, "DOWN_SPLIT_PARTS", 1)
+  assert af.split_parts(4, 5) == 1
+  monkeypatch.setattr(af, "DOWN_SPLIT_PARTS", None)
+  monkeypatch.setattr(af, "DOWN_SPLIT_PER_LEARNER_MAX_TOKENS", 149)
+  seen = []
+  real = af._down_split_kernel
+  monkeypatch.setattr(af, "_down_split_kernel", lambda *a, **kw: seen.append(kw["num_parts"]) or real(*a, **kw))
+  for tokens, seed in ((149, 3), (150, 4)):
+    x, groups = random_group(seed, tokens, 64, 4, 32, 1, jnp.float32)
+    outs, k = af.acm_group(x, groups, num_learners=4, interpret=True, sort=True, split_down=True, **SMALL)
+    refs, _ = af.acm_group_reference(x, groups, num_learners=4, activation="gelu", k=k)
+    assert rel_err(outs[0], refs[0]) < 1e-5
+  assert seen == [4, 2]
 
 
-@pytest.mark.parametrize("parts", [None, 2])
+@pytest.mark.parametrize("parts", [None, 4])
 @pytest.mark.parametrize("sums", af.DOWN_SPLIT_SUMS)
 def test_split_down_launch_lowers_for_cuda_at_vit_b_shapes(sums, parts, monkeypatch):
   """The Triton lowering of the split launch and its sum at batch 8's shapes (1,576 tokens, an MLP ACM of 4
-  learners of 768), with the tiles the tuned table gives that bucket; partial outputs or atomic adds, one part
-  per learner or two learners per part."""
+  learners of 768), with the tiles the tuned table gives that bucket; partial outputs or atomic adds, two learners
+  per part (the default at that count) or one part per learner."""
   monkeypatch.setattr(af, "DOWN_SPLIT_SUM", sums)
   monkeypatch.setattr(af, "DOWN_SPLIT_PARTS", parts)
   tokens, dim, n, width = 1576, 768, 4, 768
