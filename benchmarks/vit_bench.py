@@ -276,7 +276,8 @@ def apply_fusion_flags(args) -> dict:
   return dict(norm_min_tokens=acm_fused.NORM_MIN_TOKENS, norm_mode=acm_fused.NORM_MODE,
               residual_min_tokens=acm_fused.RESIDUAL_MIN_TOKENS, down_split_max_tokens=acm_fused.DOWN_SPLIT_MAX_TOKENS,
               down_split_per_learner_max_tokens=acm_fused.DOWN_SPLIT_PER_LEARNER_MAX_TOKENS,
-              down_split_parts=acm_fused.DOWN_SPLIT_PARTS)
+              down_split_parts=acm_fused.DOWN_SPLIT_PARTS, route_small_max_tokens=acm_fused.ROUTE_SMALL_MAX_TOKENS,
+              route_small=dict(acm_fused.ROUTE_SMALL))
 
 
 def _mosaic_tiles(flag: str, text: str) -> dict:

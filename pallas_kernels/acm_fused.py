@@ -109,7 +109,17 @@ from pallas_kernels.acm_mlp import (ACTIVATIONS, _activation_reference, _compile
                                     _largest_divisor, _precision, acm_mlp_reference, gpu_family)
 
 GATE_COLS = 16  # gate logits padded to the smallest width of a Triton matmul
-ROUTE_CHUNK = 128  # tokens per route / scatter program
+ROUTE_CHUNK = 128  # tokens per route / scatter program; every path pads the tokens to a multiple of it
+# Up to this many tokens (None: never) the route and scatter launches take ROUTE_SMALL["chunk"] tokens per
+# program (a power of two from 16 to ROUTE_CHUNK), the gate's matmul ROUTE_SMALL["block_k"] columns of x per step
+# (the largest power of two up to it dividing d) and ROUTE_SMALL["num_stages"] pipeline stages; above it,
+# ROUTE_CHUNK, 64 and the up launch's stages. The padding stays a multiple of ROUTE_CHUNK, so the other launches
+# are the same programs either way. At few tokens a route program is a chain of dependent loads: on an H100
+# (2026-12-05 (vii), the route launch alone, profiler kernel time) chunks of 32 with 256-column steps and one
+# stage took 4.4 us at 197 tokens and 5.1 us at 1,576, against 9.2-9.9 us with 128-token chunks, 64-column
+# steps and 1 or 3 stages; 32 or 64 tokens per program with 64-column steps gained nothing (8.0-10.4 us).
+ROUTE_SMALL_MAX_TOKENS: int | None = 2048
+ROUTE_SMALL = {"chunk": 32, "block_k": 256, "num_stages": 1}
 SORT_MIN_TOKENS = 1024  # below this many tokens the unsorted path runs (see module docstring)
 # At most this many tokens take the one-launch path (see module docstring). 0 until a GPU run
 # (`benchmarks.vit_bench --onepass-max-tokens`) shows where it pays.
@@ -1090,14 +1100,31 @@ def _plus(result, residual):
   return tuple(residual + out for out in outs), k
 
 
+def route_settings(tokens: int, dim: int, num_stages: int) -> tuple[int, int, int]:
+  """(tokens per program, gate reduction columns per step, pipeline stages) of the route launch at `tokens`
+  tokens of width `dim` (`ROUTE_SMALL_MAX_TOKENS`, `ROUTE_SMALL`; num_stages: the up launch's, used above it).
+  ValueError naming the setting where ROUTE_SMALL is not usable."""
+  if ROUTE_SMALL_MAX_TOKENS is None or tokens > ROUTE_SMALL_MAX_TOKENS:
+    return ROUTE_CHUNK, _largest_divisor(dim, 64), num_stages
+  chunk, block_k, stages = (ROUTE_SMALL.get(key) for key in ("chunk", "block_k", "num_stages"))
+  ok = lambda v, lo, hi: isinstance(v, int) and lo <= v <= hi and v & (v - 1) == 0
+  if set(ROUTE_SMALL) != {"chunk", "block_k", "num_stages"} or not (
+      ok(chunk, 16, ROUTE_CHUNK) and ok(block_k, 16, 1 << 20) and isinstance(stages, int) and stages >= 1):
+    raise ValueError(f"acm_fused.ROUTE_SMALL must be {{'chunk': a power of two from 16 to {ROUTE_CHUNK}, "
+                     f"'block_k': a power of two >= 16, 'num_stages': an integer >= 1}}, got {ROUTE_SMALL!r}")
+  return chunk, _largest_divisor(dim, block_k), stages
+
+
 def _route(shift, x, gate_inputs, *, num_groups, padded, linear_gate, sort, positions, gate_settings, num_stages,
            interpret, norm=None):
   """The route launch, and on the sorted path the scatter launch: ((k in token order, order, k of
   the rows) each (G * padded,) int32, plus each token's sorted place when `positions`; with
   `norm` (scale, bias, eps), x is un-normalised and the second item is (mean, rstd) of every token,
   (padded,) float32 each, else None). Unsorted, order and the rows' k are k itself (order is not
-  read there)."""
-  num_chunks = padded // ROUTE_CHUNK
+  read there). Tokens per program, gate steps and stages follow `route_settings`."""
+  chunk, block_k, num_stages = route_settings(x.shape[0], x.shape[1], num_stages)
+  gate_settings = dict(gate_settings, block_k=block_k)
+  num_chunks = padded // chunk
   params = None if interpret else _compiler_params(4, num_stages)
   route_out = [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32)]
   if sort:
@@ -1109,7 +1136,7 @@ def _route(shift, x, gate_inputs, *, num_groups, padded, linear_gate, sort, posi
     norm_inputs = norm[:2]
   routed = pl.pallas_call(
       functools.partial(_route_kernel, num_groups=num_groups, gate_refs_per_group=2 if linear_gate else 1,
-                        tokens=x.shape[0], padded=padded, chunk=ROUTE_CHUNK, dim=x.shape[1], sort=sort,
+                        tokens=x.shape[0], padded=padded, chunk=chunk, dim=x.shape[1], sort=sort,
                         norm_eps=None if norm is None else norm[2], **gate_settings),
       out_shape=tuple(route_out), grid=(num_groups * num_chunks,), compiler_params=params,
       interpret=interpret, name="acm_route",
@@ -1123,7 +1150,7 @@ def _route(shift, x, gate_inputs, *, num_groups, padded, linear_gate, sort, posi
     return (k_tokens, k_tokens, k_tokens), stats
   sorted_out = pl.pallas_call(
       functools.partial(_scatter_kernel, num_groups=num_groups, tokens=x.shape[0], padded=padded,
-                        chunk=ROUTE_CHUNK, num_learners=gate_settings["num_learners"]),
+                        chunk=chunk, num_learners=gate_settings["num_learners"]),
       out_shape=(jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),) * (3 if positions else 2),
       grid=(num_groups * num_chunks,), compiler_params=params, interpret=interpret, name="acm_scatter",
   )(*routed)

@@ -7,6 +7,7 @@ element no kernel writes shows up as NaN and fails `check_close`.
 
 import dataclasses
 import functools
+import re
 
 import flax
 import jax
@@ -352,6 +353,71 @@ def test_split_down_launch_lowers_for_cuda_at_vit_b_shapes(sums, parts, monkeypa
   lowered = jax.jit(split).trace(*args).lower(lowering_platforms=("cuda",))
   assert path == "sorted" and "acm_group_down_split" in lowered.as_text()
   assert ("atomic_rmw" in lowered.as_text()) is (sums == "atomic")
+
+
+def test_route_settings_follow_the_token_count(monkeypatch):
+  """`ROUTE_SMALL_MAX_TOKENS` / `ROUTE_SMALL`: small chunks, wide gate steps and its own stages up to the threshold;
+  ROUTE_CHUNK, 64-column steps and the up launch's stages above it or when off."""
+  monkeypatch.setattr(af, "ROUTE_SMALL_MAX_TOKENS", 100)
+  monkeypatch.setattr(af, "ROUTE_SMALL", {"chunk": 32, "block_k": 256, "num_stages": 1})
+  assert af.route_settings(100, 768, 3) == (32, 256, 1)
+  assert af.route_settings(100, 96, 3) == (32, 32, 1)  # the largest power of two up to 256 dividing 96
+  assert af.route_settings(101, 768, 3) == (af.ROUTE_CHUNK, 64, 3)
+  monkeypatch.setattr(af, "ROUTE_SMALL_MAX_TOKENS", None)
+  assert af.route_settings(1, 768, 2) == (af.ROUTE_CHUNK, 64, 2)
+
+
+@pytest.mark.parametrize("bad", [{"chunk": 24, "block_k": 256, "num_stages": 1},
+                                 {"chunk": 8, "block_k": 256, "num_stages": 1},
+                                 {"chunk": 256, "block_k": 256, "num_stages": 1},
+                                 {"chunk": 32, "block_k": 100, "num_stages": 1},
+                                 {"chunk": 32, "block_k": 256, "num_stages": 0},
+                                 {"chunk": 32, "block_k": 256}])
+def test_bad_route_settings_are_refused_naming_them(bad, monkeypatch):
+  monkeypatch.setattr(af, "ROUTE_SMALL", bad)
+  x, groups = random_group(5, 40, 64, 4, 32, 1, jnp.float32)
+  with pytest.raises(ValueError, match=f"ROUTE_SMALL must be .*got {re.escape(repr(bad))}"):
+    af.acm_group(x, groups, num_learners=4, interpret=True, sort=True, **SMALL)
+
+
+@pytest.mark.parametrize("sort", [True, False])
+@pytest.mark.parametrize("chunk,fused_norm", [(16, False), (32, True), (64, False)])
+def test_small_route_chunks_give_the_128_token_route_results(chunk, fused_norm, sort, monkeypatch):
+  """A q/k/v-like group of 3 ACMs at 300 tokens (three chunks of 128, the last one ragged) routed in chunks of
+  16 / 32 / 64 tokens with 64-column gate steps against the 128-token route: the same k and outputs (the
+  fused LayerNorm's statistics summed in those steps too), and both against the reference."""
+  monkeypatch.setattr(af, "NORM_MIN_TOKENS", 0 if fused_norm else None)
+  z, norm = norm_inputs(11, 300, 128, jnp.float32)
+  _, groups = random_group(12, 300, 128, 4, 32, 3, jnp.float32)
+  results = []
+  for limit in (None, 10_000):
+    monkeypatch.setattr(af, "ROUTE_SMALL_MAX_TOKENS", limit)
+    monkeypatch.setattr(af, "ROUTE_SMALL", {"chunk": chunk, "block_k": 64, "num_stages": 1})
+    results.append(af.acm_group(z, groups, num_learners=4, activation="identity", min_choice=1, norm=norm,
+                                interpret=True, sort=sort, **SMALL))
+  (outs_big, k_big), (outs_small, k_small) = results
+  np.testing.assert_array_equal(k_small, k_big)
+  assert len(np.unique(np.asarray(k_small))) > 1
+  refs, _ = af.acm_group_reference(z, groups, num_learners=4, activation="identity", k=k_small, norm=norm)
+  for small, big, ref in zip(outs_small, outs_big, refs):
+    assert rel_err(small, big) < 1e-6 and rel_err(small, ref) < LIMITS[jnp.dtype(jnp.float32)]
+
+
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_small_route_lowers_for_cuda_at_vit_b_shapes(chunk, monkeypatch):
+  """The Triton lowering of the route and scatter launches at batch 1's shapes (197 tokens, d = 768, an MLP ACM's
+  linear gate) in chunks of `chunk` tokens with 256-column gate steps."""
+  monkeypatch.setattr(af, "ROUTE_SMALL", {"chunk": chunk, "block_k": 256, "num_stages": 1})
+  tokens, dim, n = 197, 768, 4
+  shape = jax.ShapeDtypeStruct
+  settings = dict(num_learners=n, min_choice=0, relative_cost=1.0, gate_dtype=jnp.dtype(jnp.bfloat16), block_k=64)
+  route = functools.partial(af._route, num_groups=1, padded=256, linear_gate=True, sort=True, positions=False,
+                            gate_settings=settings, num_stages=3, interpret=False)
+  lowered = jax.jit(lambda s, x, wg, bg: route(s, x, [wg, bg])).trace(
+      shape((1,), jnp.float32), shape((tokens, dim), jnp.bfloat16), shape((dim, n + 1), jnp.bfloat16),
+      shape((n + 1,), jnp.bfloat16)).lower(lowering_platforms=("cuda",))
+  text = lowered.as_text()
+  assert "acm_route" in text and "acm_scatter" in text
 
 
 def test_asking_for_a_split_down_launch_where_it_cannot_run_names_the_reason():

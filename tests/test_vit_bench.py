@@ -143,7 +143,8 @@ def test_fusion_flags_set_the_switches_and_are_recorded(tmp_path, monkeypatch):
   got = vb.apply_fusion_flags(parser.parse_args(["--norm-min-tokens", "4096", "--norm-mode", "prologue",
                                                  "--residual-min-tokens", "-1", "--down-split-max-tokens", "2048"]))
   assert got == {"norm_min_tokens": 4096, "norm_mode": "prologue", "residual_min_tokens": None,
-                 "down_split_max_tokens": 2048, "down_split_per_learner_max_tokens": 1024, "down_split_parts": None}
+                 "down_split_max_tokens": 2048, "down_split_per_learner_max_tokens": 1024, "down_split_parts": None,
+                 "route_small_max_tokens": 2048, "route_small": {"chunk": 32, "block_k": 256, "num_stages": 1}}
   assert (acm_fused.NORM_MIN_TOKENS, acm_fused.NORM_MODE, acm_fused.RESIDUAL_MIN_TOKENS,
           acm_fused.DOWN_SPLIT_MAX_TOKENS) == (4096, "prologue", None, 2048)
   with pytest.raises(SystemExit):
