@@ -1,0 +1,128 @@
+"""The route launch alone (gate, argmax, per-chunk ranks and counts; issue #21): its kernel time per launch
+for each tokens-per-program chunk, gate reduction step and pipeline depth.
+
+    python3 -m benchmarks.route_bench                          # one GPU: 197 and 1,576 tokens, d = 768
+    python3 -m benchmarks.route_bench --tokens 40 --dim 64 --chunks 32,16 --block-k 64 --stages 1 \
+        --calls 2 --interpret --out /tmp/route.json             # CPU smoke run (no kernel times)
+
+Each setting jits `--calls` route launches over as many different inputs (so none is deduplicated) and
+reads the launches' device time from a profiler trace (`serve_profile.profile_forward`), which leaves the
+host's dispatch out: at a few hundred tokens the wall time of a jitted call is mostly dispatch. The gate
+is an MLP ACM's linear gate (d -> N + 1, bfloat16, as `vit_bench` builds it); the sorted path's ranks and
+counts are computed as in the model. Every setting's k is checked against the 128-token, 64-column
+route's, and an error is raised if it differs.
+
+Records go to `results/route_<gpu>.json` (or --out; earlier records kept): one per setting with the fields
+device, date, jax_version, tokens, dim, num_learners, chunk, block_k, num_stages, route_us (device time per
+launch; null in interpret mode), k_agrees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import gpu_name
+from benchmarks import train_bench as tb
+from pallas_kernels import acm_fused
+
+BASELINE = (128, 64)  # the route's tokens per program and gate columns per step above ROUTE_SMALL_MAX_TOKENS
+
+
+def route_fn(tokens: int, dim: int, num_learners: int, calls: int, chunk: int, block_k: int, num_stages: int,
+             interpret: bool):
+  """A jitted function of (x stack (calls, tokens, dim), wg, bg) running `calls` route launches with these
+  settings; returns the k of each, (calls, tokens) int32."""
+  padded = -(-tokens // acm_fused.ROUTE_CHUNK) * acm_fused.ROUTE_CHUNK
+  settings = dict(num_learners=num_learners, min_choice=0, relative_cost=1.0, gate_dtype=jnp.dtype(jnp.bfloat16),
+                  block_k=64)
+  small = {"chunk": chunk, "block_k": block_k, "num_stages": num_stages}
+
+  def run(xs, wg, bg):
+    saved = acm_fused.ROUTE_SMALL_MAX_TOKENS, acm_fused.ROUTE_SMALL
+    acm_fused.ROUTE_SMALL_MAX_TOKENS, acm_fused.ROUTE_SMALL = tokens, small
+    try:  # settings are read while tracing
+      ks = [acm_fused._route(jnp.zeros((1,), jnp.float32), xs[i], [wg, bg], num_groups=1, padded=padded,
+                             linear_gate=True, sort=True, positions=False, gate_settings=settings,
+                             num_stages=num_stages, interpret=interpret)[0][0][:tokens] for i in range(calls)]
+    finally:
+      acm_fused.ROUTE_SMALL_MAX_TOKENS, acm_fused.ROUTE_SMALL = saved
+    return jnp.stack(ks)
+
+  return jax.jit(run)
+
+
+def route_us(fn, args, calls: int) -> float | None:
+  """Device time per route launch from a profiler trace; None where the trace has no `acm_route` kernel
+  (interpret mode, CPU)."""
+  from benchmarks import serve_profile
+  prof = serve_profile.profile_forward(fn, args, forwards=3, top=8)
+  times = {name: ms for name, ms, _ in prof["top"]}
+  return None if "acm_route" not in times else round(times["acm_route"] / calls * 1e3, 3)
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--tokens", type=tb._ints, default=[197, 1576])
+  parser.add_argument("--dim", type=int, default=768)
+  parser.add_argument("--num-learners", type=int, default=4)
+  parser.add_argument("--chunks", type=tb._ints, default=[128, 64, 32, 16], help="tokens per route program")
+  parser.add_argument("--block-k", type=tb._ints, default=[64, 256], help="gate columns per reduction step")
+  parser.add_argument("--stages", type=tb._ints, default=[1, 3], help="pipeline stages")
+  parser.add_argument("--calls", type=int, default=16, help="route launches per jitted call")
+  parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU; no kernel times)")
+  parser.add_argument("--out", type=Path, default=None)
+  args = parser.parse_args(argv)
+  for name, values in (("--chunks", args.chunks), ("--block-k", args.block_k)):
+    if any(v < 16 or v & (v - 1) for v in values):
+      parser.error(f"{name} must be powers of two >= 16, got {values}")
+  if any(c > acm_fused.ROUTE_CHUNK for c in args.chunks):
+    parser.error(f"--chunks must be at most ROUTE_CHUNK={acm_fused.ROUTE_CHUNK}, got {args.chunks}")
+  if args.calls < 1:
+    parser.error(f"--calls must be positive, got {args.calls}")
+  if not args.interpret and jax.default_backend() != "gpu":
+    parser.error("the route launch needs a GPU; pass --interpret to run it on this backend")
+
+  device = jax.devices()[0].device_kind
+  out = args.out or Path(__file__).parent / "results" / f"route_{gpu_name(device)}.json"
+  rng = np.random.default_rng(0)
+  wg = jnp.asarray(rng.normal(size=(args.dim, args.num_learners + 1)) * 0.05, jnp.bfloat16)
+  bg = jnp.asarray(rng.normal(size=(args.num_learners + 1,)) * 0.1, jnp.bfloat16)
+  base = dict(device=device, date=datetime.date.today().isoformat(), jax_version=jax.__version__, dim=args.dim,
+              num_learners=args.num_learners)
+  records = []
+  for tokens in args.tokens:
+    xs = jnp.asarray(rng.normal(size=(args.calls, tokens, args.dim)), jnp.bfloat16)
+    want = np.asarray(route_fn(tokens, args.dim, args.num_learners, args.calls, *BASELINE, 1, args.interpret)(
+        xs, wg, bg))
+    for chunk in args.chunks:
+      for block_k in args.block_k:
+        for stages in args.stages:
+          fn = route_fn(tokens, args.dim, args.num_learners, args.calls, chunk, block_k, stages, args.interpret)
+          got = np.asarray(jax.block_until_ready(fn(xs, wg, bg)))
+          agrees = bool((got == want).all())
+          if not agrees:
+            raise SystemExit(f"route with chunk {chunk}, block_k {block_k}, {stages} stages at {tokens} tokens: "
+                             f"k differs from the {BASELINE[0]}-token route on {int((got != want).sum())} tokens")
+          us = None if args.interpret else route_us(fn, (xs, wg, bg), args.calls)
+          records.append(dict(base, tokens=tokens, chunk=chunk, block_k=block_k, num_stages=stages, route_us=us,
+                              k_agrees=agrees))
+          shown = "n/a" if us is None else f"{us:6.2f}"
+          print(f"{tokens:6d} tokens  chunk {chunk:3d}  block_k {block_k:3d}  stages {stages}: {shown} us per launch",
+                flush=True)
+  previous = json.loads(out.read_text()) if out.exists() else []
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(previous + records, indent=1) + "\n")
+  print(f"appended {len(records)} records to {out}", file=sys.stderr)
+  return records
+
+
+if __name__ == "__main__":
+  main()
