@@ -10,7 +10,8 @@ which is `acm.acm_apply` at the gate's argmax (`acm.ACM` in mode "argmax").
 The whole path is these launches, each with the ACM index in its grid, so a
 group of three costs what one ACM costs in launches:
 
-  route    one program per (ACM, chunk of 128 tokens): the gate logits (a
+  route    one program per (ACM, chunk of 128 tokens; 32 up to
+           ROUTE_SMALL_MAX_TOKENS, see ROUTE_SMALL): the gate logits (a
            linear gate is a matmul inside the kernel; deeper gates come as
            precomputed logits), k, and for the sorted path each chunk's count
            of every k and each token's rank among the chunk's tokens with the
