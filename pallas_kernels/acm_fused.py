@@ -160,8 +160,8 @@ MGPU_DOWN_KINDS = ("mlp",)
 # The programs write float32 partial outputs (N x tokens x d), which one XLA fusion sums per token up to its k,
 # with the output bias and the skip connection, before one rounding (`_down_split`). Per learner up to 1,024
 # tokens (batches 1-5 of a ViT-B/16): on an H100 (2026-12-05, `benchmarks.switch_ab`, whole model, each A/B in
-# one process) it made the forward 1.07-1.14x faster in all six comparisons at batches 1 and 2 (MLP and MLP + q/k/v/o ACMs,
-# r = 0.25 and 0.5), 1.06x at batch 4 (788 tokens; 1.05x on an H200), 1.02x at batch 5 (985 tokens); it tied
+# one process) it made the forward 1.07-1.14x faster in all six comparisons at batches 1 and 2 (MLP and
+# MLP + q/k/v/o ACMs, r = 0.25 and 0.5), 1.06x at batch 4 (788 tokens; 1.05x on an H200), 1.02x at batch 5 (985 tokens); it tied
 # at batch 6 (1,182 tokens, 0.997x) and 8 (0.96-1.00x) and lost at batch 32 (0.87x): there the float32
 # partials' traffic costs more than the longer loops (benchmarks/RESULTS.md, 2026-12-05 (iv) and (vi)).
 # From 1,025 tokens on the launch takes pairs of learners (`DOWN_SPLIT_PER_LEARNER_MAX_TOKENS`), which is
