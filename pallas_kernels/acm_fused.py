@@ -154,21 +154,21 @@ NORM_MODE = "fold"
 # scatter does not.
 MGPU_DOWN_MIN_TOKENS: int | None = None
 MGPU_DOWN_KINDS = ("mlp",)
-# At most this many tokens, the routed paths' down launch splits its reduction into parts (None: never):
-# with one part per learner, one program per (row block, output tile, learner) instead of one per (row block,
-# output tile) looping over every learner, so few tokens still fill the SMs and each loop is N times shorter.
-# The programs write float32 partial outputs (N x tokens x d), which one XLA fusion sums per token up to its k,
-# with the output bias and the skip connection, before one rounding (`_down_split`). Per learner up to 1,024
-# tokens (batches 1-5 of a ViT-B/16): on an H100 (2026-12-05, `benchmarks.switch_ab`, whole model, each A/B in
-# one process) it made the forward 1.07-1.14x faster in all six comparisons at batches 1 and 2 (MLP and
-# MLP + q/k/v/o ACMs, r = 0.25 and 0.5), 1.06x at batch 4 (788 tokens; 1.05x on an H200), 1.02x at batch 5 (985 tokens); it tied
-# at batch 6 (1,182 tokens, 0.997x) and 8 (0.96-1.00x) and lost at batch 32 (0.87x): there the float32
-# partials' traffic costs more than the longer loops (benchmarks/RESULTS.md, 2026-12-05 (iv) and (vi)).
-# From 1,025 tokens on the launch takes pairs of learners (`DOWN_SPLIT_PER_LEARNER_MAX_TOKENS`), which is
-# what raised this bound to 1,600 (batches 6-8): on an H100 (2026-12-05 (vii), switch_ab, whole model, MLP ACMs,
-# r = 0.5) pairs beat the whole launch at batch 8 (1,576 tokens) in three runs (1.020x, 1.013x, 1.043x), tied at
-# batches 6 and 7 (1.014x and 0.996x; 0.956x and 1.007x), and lost at batch 9 (1,773 tokens, 0.979x) and 12
-# (2,364 tokens, 0.982x). Per learner at 1,576 tokens lost to the whole launch (0.973x H100, 0.956x H200).
+# At most this many tokens, the routed paths' down launch splits its reduction into parts (None: never): with one part
+# per learner, one program per (row block, output tile, learner) instead of one per (row block, output tile) looping
+# over every learner, so few tokens still fill the SMs and each loop is N times shorter. The programs write float32
+# partial outputs (N x tokens x d), which one XLA fusion sums per token up to its k, with the output bias and the skip
+# connection, before one rounding (`_down_split`). Per learner up to 1,024 tokens (batches 1-5 of a ViT-B/16): on an
+# H100 (2026-12-05, `benchmarks.switch_ab`, whole model, each A/B in one process) it made the forward 1.07-1.14x
+# faster in all six comparisons at batches 1 and 2 (MLP and MLP + q/k/v/o ACMs, r = 0.25 and 0.5), 1.06x at batch 4
+# (788 tokens; 1.05x on an H200), 1.02x at batch 5 (985 tokens); it tied at batch 6 (1,182 tokens, 0.997x) and 8
+# (0.96-1.00x) and lost at batch 32 (0.87x): there the float32 partials' traffic costs more than the longer loops
+# (benchmarks/RESULTS.md, 2026-12-05 (iv) and (vi)).
+# From 1,025 tokens on the launch takes pairs of learners (`DOWN_SPLIT_PER_LEARNER_MAX_TOKENS`), which is what raised
+# this bound to 1,600 (batches 6-8): on an H100 (2026-12-05 (vii), switch_ab, whole model, MLP ACMs, r = 0.5) pairs
+# beat the whole launch at batch 8 (1,576 tokens) in three runs (1.020x, 1.013x, 1.043x), tied at batches 6 and 7
+# (1.014x and 0.996x; 0.956x and 1.007x), and lost at batch 9 (1,773 tokens, 0.979x) and 12 (2,364 tokens, 0.982x).
+# Per learner at 1,576 tokens lost to the whole launch (0.973x H100, 0.956x H200).
 DOWN_SPLIT_MAX_TOKENS: int | None = 1600
 # Up to this many tokens (None: at every count up to DOWN_SPLIT_MAX_TOKENS) the split launch gives each learner
 # its own part; above it, pairs of consecutive learners, where N is even (`split_parts`; half the programs and
