@@ -41,8 +41,8 @@ def route_fn(tokens: int, dim: int, num_learners: int, calls: int, chunk: int, b
   """A jitted function of (x stack (calls, tokens, dim), wg, bg) running `calls` route launches with these
   settings; returns the k of each, (calls, tokens) int32."""
   padded = -(-tokens // acm_fused.ROUTE_CHUNK) * acm_fused.ROUTE_CHUNK
-  settings = dict(num_learners=num_learners, min_choice=0, relative_cost=1.0, gate_dtype=jnp.dtype(jnp.bfloat16),
-                  block_k=64)
+  # the route takes its gate step (block_k) from `route_settings`
+  settings = dict(num_learners=num_learners, min_choice=0, relative_cost=1.0, gate_dtype=jnp.dtype(jnp.bfloat16))
   small = {"chunk": chunk, "block_k": block_k, "num_stages": num_stages}
 
   def run(xs, wg, bg):

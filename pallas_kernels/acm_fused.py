@@ -1107,9 +1107,10 @@ def route_settings(tokens: int, dim: int, num_stages: int) -> tuple[int, int, in
   ValueError naming the setting where ROUTE_SMALL is not usable."""
   if ROUTE_SMALL_MAX_TOKENS is None or tokens > ROUTE_SMALL_MAX_TOKENS:
     return ROUTE_CHUNK, _largest_divisor(dim, 64), num_stages
-  chunk, block_k, stages = (ROUTE_SMALL.get(key) for key in ("chunk", "block_k", "num_stages"))
+  keys = ("chunk", "block_k", "num_stages")
+  chunk, block_k, stages = (ROUTE_SMALL.get(key) if isinstance(ROUTE_SMALL, dict) else None for key in keys)
   ok = lambda v, lo, hi: isinstance(v, int) and lo <= v <= hi and v & (v - 1) == 0
-  if set(ROUTE_SMALL) != {"chunk", "block_k", "num_stages"} or not (
+  if set(ROUTE_SMALL or ()) != set(keys) or not (
       ok(chunk, 16, ROUTE_CHUNK) and ok(block_k, 16, 1 << 20) and isinstance(stages, int) and stages >= 1):
     raise ValueError(f"acm_fused.ROUTE_SMALL must be {{'chunk': a power of two from 16 to {ROUTE_CHUNK}, "
                      f"'block_k': a power of two >= 16, 'num_stages': an integer >= 1}}, got {ROUTE_SMALL!r}")

@@ -372,7 +372,7 @@ def test_route_settings_follow_the_token_count(monkeypatch):
                                  {"chunk": 256, "block_k": 256, "num_stages": 1},
                                  {"chunk": 32, "block_k": 100, "num_stages": 1},
                                  {"chunk": 32, "block_k": 256, "num_stages": 0},
-                                 {"chunk": 32, "block_k": 256}])
+                                 {"chunk": 32, "block_k": 256}, (32, 256, 1)])
 def test_bad_route_settings_are_refused_naming_them(bad, monkeypatch):
   monkeypatch.setattr(af, "ROUTE_SMALL", bad)
   x, groups = random_group(5, 40, 64, 4, 32, 1, jnp.float32)
