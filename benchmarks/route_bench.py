@@ -13,8 +13,9 @@ counts are computed as in the model. Every setting's k is checked against the 12
 route's, and an error is raised if it differs.
 
 Records go to `results/route_<gpu>.json` (or --out; earlier records kept): one per setting with the fields
-device, date, jax_version, tokens, dim, num_learners, chunk, block_k, num_stages, route_us (device time per
-launch; null in interpret mode), k_agrees.
+device, date, jax_version, tokens, dim, num_learners, chunk, block_k, num_stages, route_us and scatter_us (device
+time per launch of the route and of the sorted path's scatter, which takes the same chunks; null in interpret
+mode), k_agrees.
 """
 
 from __future__ import annotations
@@ -59,13 +60,14 @@ def route_fn(tokens: int, dim: int, num_learners: int, calls: int, chunk: int, b
   return jax.jit(run)
 
 
-def route_us(fn, args, calls: int) -> float | None:
-  """Device time per route launch from a profiler trace; None where the trace has no `acm_route` kernel
-  (interpret mode, CPU)."""
+def launch_us(fn, args, calls: int) -> dict[str, float | None]:
+  """Device time per launch (us) of the route and scatter kernels from a profiler trace: {"route_us",
+  "scatter_us"}, None where the trace has no such kernel (interpret mode, CPU)."""
   from benchmarks import serve_profile
   prof = serve_profile.profile_forward(fn, args, forwards=3, top=8)
   times = {name: ms for name, ms, _ in prof["top"]}
-  return None if "acm_route" not in times else round(times["acm_route"] / calls * 1e3, 3)
+  return {f"{kind}_us": None if f"acm_{kind}" not in times else round(times[f"acm_{kind}"] / calls * 1e3, 3)
+          for kind in ("route", "scatter")}
 
 
 def main(argv=None) -> list[dict]:
@@ -111,11 +113,12 @@ def main(argv=None) -> list[dict]:
           if not agrees:
             raise SystemExit(f"route with chunk {chunk}, block_k {block_k}, {stages} stages at {tokens} tokens: "
                              f"k differs from the {BASELINE[0]}-token route on {int((got != want).sum())} tokens")
-          us = None if args.interpret else route_us(fn, (xs, wg, bg), args.calls)
-          records.append(dict(base, tokens=tokens, chunk=chunk, block_k=block_k, num_stages=stages, route_us=us,
+          us = ({"route_us": None, "scatter_us": None} if args.interpret
+                else launch_us(fn, (xs, wg, bg), args.calls))
+          records.append(dict(base, tokens=tokens, chunk=chunk, block_k=block_k, num_stages=stages, **us,
                               k_agrees=agrees))
-          shown = "n/a" if us is None else f"{us:6.2f}"
-          print(f"{tokens:6d} tokens  chunk {chunk:3d}  block_k {block_k:3d}  stages {stages}: {shown} us per launch",
+          shown = "  ".join(f"{kind} " + ("n/a" if v is None else f"{v:6.2f} us") for kind, v in us.items())
+          print(f"{tokens:6d} tokens  chunk {chunk:3d}  block_k {block_k:3d}  stages {stages}: {shown} per launch",
                 flush=True)
   previous = json.loads(out.read_text()) if out.exists() else []
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,8 @@ def test_smoke_run_records_every_setting_and_restores_the_route_settings(tmp_pat
   records = route_bench.main(FLAGS + ["--out", str(out)])
   assert [(r["tokens"], r["chunk"], r["block_k"]) for r in records] == [
       (t, c, b) for t in (40, 150) for c in (32, 16) for b in (64, 16)]
-  assert all(r["k_agrees"] and r["route_us"] is None and r["dim"] == 64 and r["num_stages"] == 1 for r in records)
+  assert all(r["k_agrees"] and r["route_us"] is None and r["scatter_us"] is None and r["dim"] == 64
+             and r["num_stages"] == 1 for r in records)
   assert json.loads(out.read_text()) == [{"earlier": True}] + records
   assert (acm_fused.ROUTE_SMALL_MAX_TOKENS, acm_fused.ROUTE_SMALL) == before
 
