@@ -34,7 +34,8 @@ from benchmarks import gpu_name
 from benchmarks import train_bench as tb
 from pallas_kernels import acm_fused
 
-BASELINE = (128, 64)  # the route's tokens per program and gate columns per step above ROUTE_SMALL_MAX_TOKENS
+# the route's tokens per program and gate columns per step above ROUTE_SMALL_MAX_TOKENS
+BASELINE = (acm_fused.ROUTE_CHUNK, acm_fused.GATE_BLOCK_K)
 
 
 def route_fn(tokens: int, dim: int, num_learners: int, calls: int, chunk: int, block_k: int, num_stages: int,

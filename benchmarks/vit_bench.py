@@ -249,7 +249,7 @@ def timed(fn, *args, reps=30):
 
 def add_fusion_flags(parser: argparse.ArgumentParser) -> None:
   """Flags that set the fusion switches of `pallas_kernels.acm_fused` for a run (all off by default except
-  the split down launch, on up to 1,024 tokens)."""
+  the split down launch, on up to 1,600 tokens)."""
   parser.add_argument("--norm-min-tokens", type=int, default=None,
                       help="acm_fused.NORM_MIN_TOKENS for this run (the LayerNorm before a group fused into its "
                            "kernels from this many tokens on; -1: never)")

@@ -111,11 +111,14 @@ from pallas_kernels.acm_mlp import (ACTIVATIONS, _activation_reference, _compile
 
 GATE_COLS = 16  # gate logits padded to the smallest width of a Triton matmul
 ROUTE_CHUNK = 128  # tokens per route / scatter program; every path pads the tokens to a multiple of it
+# Most columns of x per step of a linear gate's matmul: the route's above ROUTE_SMALL_MAX_TOKENS, and the gate
+# computed inside the up launch (the one- and two-launch paths).
+GATE_BLOCK_K = 64
 # Up to this many tokens (None: never) the route and scatter launches take ROUTE_SMALL["chunk"] tokens per
 # program (a power of two from 16 to ROUTE_CHUNK), the gate's matmul ROUTE_SMALL["block_k"] columns of x per step
 # (the largest power of two up to it dividing d) and ROUTE_SMALL["num_stages"] pipeline stages; above it,
-# ROUTE_CHUNK, 64 and the up launch's stages. The padding stays a multiple of ROUTE_CHUNK, so the other launches
-# are the same programs either way. At few tokens a route program is a chain of dependent loads: on an H100
+# ROUTE_CHUNK, GATE_BLOCK_K and the up launch's stages. The padding stays a multiple of ROUTE_CHUNK, so the other
+# launches are the same programs either way. At few tokens a route program is a chain of dependent loads: on an H100
 # (2026-12-05 (vii), the route launch alone, profiler kernel time) chunks of 32 with 256-column steps and one
 # stage took 4.4 us at 197 tokens and 5.1 us at 1,576, against 9.2-9.9 us with 128-token chunks, 64-column
 # steps and 1 or 3 stages; 32 or 64 tokens per program with 64-column steps gained nothing (8.0-10.4 us).
@@ -1010,7 +1013,7 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   shift = jnp.reshape(jnp.asarray(cost_shift, jnp.float32), (1,))
 
   gate_inputs = [a for grp in groups for a in (grp["gate"] if linear_gate else (grp["logits"],))]
-  gate_settings = dict(block_k=_largest_divisor(dim, 64), num_learners=num_learners, min_choice=min_choice,
+  gate_settings = dict(block_k=_largest_divisor(dim, GATE_BLOCK_K), num_learners=num_learners, min_choice=min_choice,
                        relative_cost=width / dim, gate_dtype=gate_dtype(x, groups[0]))
   row_blocks = padded // cfg.block_rows
   if use_merged:
@@ -1106,7 +1109,7 @@ def route_settings(tokens: int, dim: int, num_stages: int) -> tuple[int, int, in
   tokens of width `dim` (`ROUTE_SMALL_MAX_TOKENS`, `ROUTE_SMALL`; num_stages: the up launch's, used above it).
   ValueError naming the setting where ROUTE_SMALL is not usable."""
   if ROUTE_SMALL_MAX_TOKENS is None or tokens > ROUTE_SMALL_MAX_TOKENS:
-    return ROUTE_CHUNK, _largest_divisor(dim, 64), num_stages
+    return ROUTE_CHUNK, _largest_divisor(dim, GATE_BLOCK_K), num_stages
   keys = ("chunk", "block_k", "num_stages")
   chunk, block_k, stages = (ROUTE_SMALL.get(key) if isinstance(ROUTE_SMALL, dict) else None for key in keys)
   ok = lambda v, lo, hi: isinstance(v, int) and lo <= v <= hi and v & (v - 1) == 0
