@@ -11,7 +11,8 @@ The whole path is these launches, each with the ACM index in its grid, so a
 group of three costs what one ACM costs in launches:
 
   route    one program per (ACM, chunk of 128 tokens; 32 up to
-           ROUTE_SMALL_MAX_TOKENS, see ROUTE_SMALL): the gate logits (a
+           ROUTE_SMALL_MAX_TOKENS, see ROUTE_SMALL), or per chunk for a
+           whole group (ROUTE_SHARED_MIN_TOKENS): the gate logits (a
            linear gate is a matmul inside the kernel; deeper gates come as
            precomputed logits), k, and for the sorted path each chunk's count
            of every k and each token's rank among the chunk's tokens with the
@@ -124,6 +125,14 @@ GATE_BLOCK_K = 64
 # steps and 1 or 3 stages; 32 or 64 tokens per program with 64-column steps gained nothing (8.0-10.4 us).
 ROUTE_SMALL_MAX_TOKENS: int | None = 2048
 ROUTE_SMALL = {"chunk": 32, "block_k": 256, "num_stages": 1}
+# From this many tokens on (None: never), a group of several ACMs with linear gates (the q/k/v group) routes in one
+# program per chunk that computes every ACM's gate from one pass over the chunk's x (and, with the LayerNorm fused,
+# one set of row statistics), instead of one program per (ACM, chunk) that each read the chunk again
+# (`route_shared`). Same outputs. On an H200 (2026-12-02, `serve_profile` at 50,432 tokens) the q/k/v group's route
+# took 0.89 ms per forward against 0.34 ms for one ACM's: it reads x once per ACM. None until a GPU run
+# (`benchmarks.route_bench --groups 3 --shared 0,1`; `benchmarks.switch_ab --acm mlp_qkvo --variant
+# 'shared:ROUTE_SHARED_MIN_TOKENS=0'`) shows where one program's three chained gates beat three programs.
+ROUTE_SHARED_MIN_TOKENS: int | None = None
 SORT_MIN_TOKENS = 1024  # below this many tokens the unsorted path runs (see module docstring)
 # At most this many tokens take the one-launch path (see module docstring). 0 until a GPU run
 # (`benchmarks.vit_bench --onepass-max-tokens`) shows where it pays.
@@ -329,38 +338,48 @@ def _for_group(g, num_groups, body):
     pl.when(g == gg)(functools.partial(body, gg))
 
 
-def _gate_choice(shift_ref, x_ref, gate_refs, src, valid, *, rows, dim, block_k, num_learners, min_choice,
-                 relative_cost, gate_dtype, normalize=None):
-  """k of the given rows (0 where not valid): the gate's logits (a linear gate's matmul here,
-  or rows of precomputed logits), the cost shift, min_choice, and the first argmax.
+def _gate_choice(shift_ref, x_ref, gate_refs, src, valid, **kwargs):
+  """k of the given rows (0 where not valid) under one gate: `_gate_choices` of that gate alone."""
+  return _gate_choices(shift_ref, x_ref, [gate_refs], src, valid, **kwargs)[0]
+
+
+def _gate_choices(shift_ref, x_ref, gates, src, valid, *, rows, dim, block_k, num_learners, min_choice,
+                  relative_cost, gate_dtype, normalize=None):
+  """k of the given rows (0 where not valid) under each of `gates` (ref tuples, all linear or all
+  precomputed): the gate's logits (a linear gate's matmul here, or rows of precomputed logits), the
+  cost shift, min_choice, and the first argmax. Linear gates share each reduction step's block of x
+  (one load, and one normalisation, for all of them).
   normalize: None, or f(x block, column indices) -> the block as the gate reads it (LayerNorm)."""
   f32 = jnp.float32
   cols = jnp.arange(GATE_COLS, dtype=jnp.int32)
   gate_cols = jnp.minimum(cols, num_learners)  # padding columns repeat the last choice, masked below
-  if len(gate_refs) == 2:  # linear gate: x @ wg + bg inside the kernel
-    wg_ref, bg_ref = gate_refs
+  if len(gates[0]) == 2:  # linear gates: x @ wg + bg inside the kernel
 
-    def step(s, acc):
+    def step(s, accs):
       red = s * block_k + jnp.arange(block_k, dtype=jnp.int32)
       xs = x_ref[src[:, None], red[None, :]]
       xs = (xs if normalize is None else normalize(xs, red)).astype(gate_dtype)
-      ws = wg_ref[red[:, None], gate_cols[None, :]].astype(gate_dtype)
-      return acc + jnp.dot(xs, ws, precision=_precision(gate_dtype), preferred_element_type=f32)
+      return tuple(acc + jnp.dot(xs, wg_ref[red[:, None], gate_cols[None, :]].astype(gate_dtype),
+                                 precision=_precision(gate_dtype), preferred_element_type=f32)
+                   for acc, (wg_ref, _) in zip(accs, gates))
 
+    zeros = tuple(jnp.zeros((rows, GATE_COLS), f32) for _ in gates)
+    sums = jax.lax.fori_loop(0, dim // block_k, step, zeros)
     # rounded where a Flax Dense of this dtype rounds: after the matmul and after the bias
-    logits = jax.lax.fori_loop(0, dim // block_k, step, jnp.zeros((rows, GATE_COLS), f32))
-    logits = logits.astype(gate_dtype).astype(f32) + bg_ref[gate_cols].astype(f32)[None, :]
-    logits = logits.astype(gate_dtype).astype(f32)
+    all_logits = [(acc.astype(gate_dtype).astype(f32) + bg_ref[gate_cols].astype(f32)[None, :]
+                   ).astype(gate_dtype).astype(f32) for acc, (_, bg_ref) in zip(sums, gates)]
   else:  # precomputed (T, N+1) logits
-    (logits_ref,) = gate_refs
-    logits = logits_ref[src[:, None], gate_cols[None, :]].astype(f32)
-  logits = logits - shift_ref[0] * (cols.astype(f32) * relative_cost)[None, :]
+    all_logits = [logits_ref[src[:, None], gate_cols[None, :]].astype(f32) for (logits_ref,) in gates]
   allowed = (cols >= min_choice) & (cols <= num_learners)
-  logits = jnp.where(allowed[None, :], logits, -jnp.inf)
-  best = jnp.max(logits, axis=1)
-  # first index of the maximum, as jnp.argmax; a NaN row (no index equals the max) gets N
-  k = jnp.min(jnp.where(logits == best[:, None], cols[None, :], num_learners), axis=1)
-  return jnp.where(valid, k, 0).astype(jnp.int32)
+  ks = []
+  for logits in all_logits:
+    logits = logits - shift_ref[0] * (cols.astype(f32) * relative_cost)[None, :]
+    logits = jnp.where(allowed[None, :], logits, -jnp.inf)
+    best = jnp.max(logits, axis=1)
+    # first index of the maximum, as jnp.argmax; a NaN row (no index equals the max) gets N
+    k = jnp.min(jnp.where(logits == best[:, None], cols[None, :], num_learners), axis=1)
+    ks.append(jnp.where(valid, k, 0).astype(jnp.int32))
+  return ks
 
 
 def _row_stats(x_ref, src, *, dim, block_k, eps):
@@ -393,9 +412,11 @@ def _normalizer(mean, rstd, scale_ref, bias_ref):
 
 
 def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, tokens, padded, chunk, dim,
-                  block_k, num_learners, min_choice, relative_cost, sort, gate_dtype, norm_eps=None):
+                  block_k, num_learners, min_choice, relative_cost, sort, gate_dtype, norm_eps=None, shared=False):
   """With norm_eps: refs scale, bias (the LayerNorm's) come first, and the last two outputs take
-  each token's mean and inverse standard deviation."""
+  each token's mean and inverse standard deviation. shared: one program per chunk computes every
+  ACM's gate (`_gate_choices`, one pass over the chunk's x) instead of one program per (ACM, chunk);
+  the outputs are the same either way."""
   if norm_eps is not None:
     scale_ref, bias_ref, *refs = refs
   gates = [refs[g * gate_refs_per_group:(g + 1) * gate_refs_per_group] for g in range(num_groups)]
@@ -404,7 +425,7 @@ def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, toke
     *sort_refs, mean_ref, rstd_ref = sort_refs
   p = pl.program_id(0)
   num_chunks = padded // chunk
-  g, c = p // num_chunks, p % num_chunks
+  g, c = (0, p) if shared else (p // num_chunks, p % num_chunks)
   f32 = jnp.float32
   rows = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
   valid = rows < tokens
@@ -414,11 +435,11 @@ def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, toke
   if norm_eps is not None:
     mean, rstd = _row_stats(x_ref, src, dim=dim, block_k=block_k, eps=norm_eps)
     normalize = _normalizer(mean, rstd, scale_ref, bias_ref)
+  choose = functools.partial(_gate_choices, shift_ref, x_ref, src=src, valid=valid, rows=chunk, dim=dim,
+                             block_k=block_k, num_learners=num_learners, min_choice=min_choice,
+                             relative_cost=relative_cost, gate_dtype=gate_dtype, normalize=normalize)
 
-  def body(gg):
-    k = _gate_choice(shift_ref, x_ref, gates[gg], src, valid, rows=chunk, dim=dim, block_k=block_k,
-                     num_learners=num_learners, min_choice=min_choice, relative_cost=relative_cost,
-                     gate_dtype=gate_dtype, normalize=normalize)
+  def emit(gg, k):
     k_ref[pl.ds(gg * padded + c * chunk, chunk)] = k
     if norm_eps is not None and gg == 0:  # one copy of the statistics for the whole group
       mean_ref[pl.ds(c * chunk, chunk)] = mean
@@ -433,7 +454,11 @@ def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, toke
       rank_ref[pl.ds(gg * padded + c * chunk, chunk)] = rank
       counts_ref[pl.ds((gg * num_chunks + c) * GATE_COLS, GATE_COLS)] = jnp.sum(onehot.astype(jnp.int32), axis=0)
 
-  _for_group(g, num_groups, body)
+  if shared:
+    for gg, k in enumerate(choose(gates)):
+      emit(gg, k)
+  else:
+    _for_group(g, num_groups, lambda gg: emit(gg, choose([gates[gg]])[0]))
 
 
 def _scatter_kernel(k_ref, rank_ref, counts_ref, order_ref, sorted_k_ref, *pos_ref, num_groups, tokens, padded,
@@ -1120,13 +1145,21 @@ def route_settings(tokens: int, dim: int, num_stages: int) -> tuple[int, int, in
   return chunk, _largest_divisor(dim, block_k), stages
 
 
+def route_shared(num_groups: int, linear_gate: bool, tokens: int) -> bool:
+  """Whether the route launch computes a group's gates in one program per chunk (`ROUTE_SHARED_MIN_TOKENS`):
+  groups of several ACMs with linear gates (precomputed logits read no x) from that many tokens on."""
+  return (num_groups > 1 and linear_gate and ROUTE_SHARED_MIN_TOKENS is not None
+          and tokens >= ROUTE_SHARED_MIN_TOKENS)
+
+
 def _route(shift, x, gate_inputs, *, num_groups, padded, linear_gate, sort, positions, gate_settings, num_stages,
            interpret, norm=None):
   """The route launch, and on the sorted path the scatter launch: ((k in token order, order, k of
   the rows) each (G * padded,) int32, plus each token's sorted place when `positions`; with
   `norm` (scale, bias, eps), x is un-normalised and the second item is (mean, rstd) of every token,
   (padded,) float32 each, else None). Unsorted, order and the rows' k are k itself (order is not
-  read there). Tokens per program, gate steps and stages follow `route_settings`."""
+  read there). Tokens per program, gate steps and stages follow `route_settings`; a group's gates share one
+  program per chunk where `route_shared` says so."""
   chunk, block_k, num_stages = route_settings(x.shape[0], x.shape[1], num_stages)
   gate_settings = dict(gate_settings, block_k=block_k)
   num_chunks = padded // chunk
@@ -1139,11 +1172,12 @@ def _route(shift, x, gate_inputs, *, num_groups, padded, linear_gate, sort, posi
   if norm is not None:
     route_out += [jax.ShapeDtypeStruct((padded,), jnp.float32)] * 2
     norm_inputs = norm[:2]
+  shared = route_shared(num_groups, linear_gate, x.shape[0])
   routed = pl.pallas_call(
       functools.partial(_route_kernel, num_groups=num_groups, gate_refs_per_group=2 if linear_gate else 1,
                         tokens=x.shape[0], padded=padded, chunk=chunk, dim=x.shape[1], sort=sort,
-                        norm_eps=None if norm is None else norm[2], **gate_settings),
-      out_shape=tuple(route_out), grid=(num_groups * num_chunks,), compiler_params=params,
+                        norm_eps=None if norm is None else norm[2], shared=shared, **gate_settings),
+      out_shape=tuple(route_out), grid=((1 if shared else num_groups) * num_chunks,), compiler_params=params,
       interpret=interpret, name="acm_route",
   )(shift, x, *norm_inputs, *gate_inputs)
   stats = None

@@ -420,6 +420,63 @@ def test_small_route_lowers_for_cuda_at_vit_b_shapes(chunk, monkeypatch):
   assert "acm_route" in text and "acm_scatter" in text
 
 
+def test_route_shared_follows_the_group_its_gates_and_the_token_count(monkeypatch):
+  """`ROUTE_SHARED_MIN_TOKENS`: only groups of several ACMs with linear gates, from that many tokens on."""
+  monkeypatch.setattr(af, "ROUTE_SHARED_MIN_TOKENS", 1000)
+  assert af.route_shared(3, True, 1000) and not af.route_shared(3, True, 999)
+  assert not af.route_shared(1, True, 5000) and not af.route_shared(3, False, 5000)
+  monkeypatch.setattr(af, "ROUTE_SHARED_MIN_TOKENS", None)
+  assert not af.route_shared(3, True, 10 ** 6)
+
+
+@pytest.mark.parametrize("sort", [True, False])
+@pytest.mark.parametrize("tokens,dtype,fused_norm,gate", [(300, jnp.float32, False, "linear"),
+                                                          (300, jnp.float32, True, "linear"),
+                                                          (300, jnp.bfloat16, False, "logits"),
+                                                          (2500, jnp.bfloat16, True, "linear"),
+                                                          (2500, jnp.float32, False, "linear")])
+def test_shared_route_gives_the_per_acm_route_results(tokens, dtype, fused_norm, gate, sort, monkeypatch):
+  """A q/k/v-like group of 3 ACMs routed with one program per chunk for all three gates (`route_shared`) against
+  one program per (ACM, chunk): the same k and outputs, in the small route's chunks (300 tokens) and the 128-token
+  ones (2,500), with and without the fused LayerNorm's statistics, and both against the reference. Precomputed
+  logits (a deep gate) keep the per-ACM programs and the same results."""
+  monkeypatch.setattr(af, "NORM_MIN_TOKENS", 0 if fused_norm else None)
+  z, norm = norm_inputs(21, tokens, 128, dtype)
+  _, groups = random_group(22, tokens, 128, 4, 32, 3, dtype, gate=gate)
+  results = []
+  for limit in (None, 0):
+    monkeypatch.setattr(af, "ROUTE_SHARED_MIN_TOKENS", limit)
+    results.append(af.acm_group(z, groups, num_learners=4, activation="identity", min_choice=1, norm=norm,
+                                interpret=True, sort=sort, **SMALL))
+  (outs_apart, k_apart), (outs_shared, k_shared) = results
+  np.testing.assert_array_equal(k_shared, k_apart)
+  assert all(len(np.unique(np.asarray(k))) > 1 for k in k_shared)
+  refs, _ = af.acm_group_reference(z, groups, num_learners=4, activation="identity", k=k_shared, norm=norm)
+  for shared, apart, ref in zip(outs_shared, outs_apart, refs):
+    assert np.isfinite(np.asarray(shared, np.float32)).all(), "unwritten or NaN output elements"
+    assert rel_err(shared, apart) < 1e-6 and rel_err(shared, ref) < LIMITS[jnp.dtype(dtype)]
+
+
+@pytest.mark.parametrize("tokens,padded", [(197, 256), (6304, 6400)])
+def test_shared_route_lowers_for_cuda_at_vit_b_shapes(tokens, padded, monkeypatch):
+  """The Triton lowering of the shared route (the q/k/v group's three linear gates, d = 768, bf16) at batch 1's
+  and batch 32's token counts: one program per chunk (8 of 32 tokens; 50 of 128), the scatter still one per
+  (ACM, chunk)."""
+  monkeypatch.setattr(af, "ROUTE_SHARED_MIN_TOKENS", 0)
+  dim, n, groups = 768, 4, 3
+  shape = jax.ShapeDtypeStruct
+  settings = dict(num_learners=n, min_choice=1, relative_cost=0.125, gate_dtype=jnp.dtype(jnp.bfloat16), block_k=64)
+  route = functools.partial(af._route, num_groups=groups, padded=padded, linear_gate=True, sort=True,
+                            positions=False, gate_settings=settings, num_stages=3, interpret=False)
+  gates = [shape((dim, n + 1), jnp.bfloat16), shape((n + 1,), jnp.bfloat16)] * groups
+  text = jax.jit(lambda s, x, *g: route(s, x, list(g))).trace(
+      shape((1,), jnp.float32), shape((tokens, dim), jnp.bfloat16), *gates).lower(
+          lowering_platforms=("cuda",)).as_text()
+  chunk = af.route_settings(tokens, dim, 3)[0]
+  assert "acm_route" in text and "acm_scatter" in text
+  assert re.findall(r"grid_x = (\d+)", text) == [str(padded // chunk), str(groups * padded // chunk)]
+
+
 def test_asking_for_a_split_down_launch_where_it_cannot_run_names_the_reason():
   x, groups = random_group(8, 40, 64, 4, 32, 1, jnp.float32)
   cases = [(dict(onepass=True), "it runs on the routed paths only .* 'onepass'"),
