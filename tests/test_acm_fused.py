@@ -584,14 +584,15 @@ def test_tuned_tiles_that_do_not_fit_a_smaller_model_keep_the_heuristic(monkeypa
 
 
 @pytest.mark.parametrize("path", ["default", "layer_norm_fold", "layer_norm_prologue", "residual_in_kernel",
-                                  "onepass", "twolaunch", "xla"])
+                                  "onepass", "twolaunch", "xla", "shared_route", "shared_route_layer_norm_fold"])
 def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attention=True):
   """The whole model: fused kernels (q/k/v as one group) against the XLA path forced to
   the same per-ACM choices, and the block-0 gates against the XLA gates; with the
   default paths, with the LayerNorms before the MLP and q/k/v groups fused into their kernels
   (both forms), with the skip connections added by the down launches, with every ACM on the
-  one-launch path, and with every group on the dense XLA path of `acm_group` (as the tuned table
-  may pick it)."""
+  one-launch path, with every group on the dense XLA path of `acm_group` (as the tuned table
+  may pick it), and with the q/k/v group's gates in one route program per chunk (`ROUTE_SHARED_MIN_TOKENS`),
+  alone and with the fused LayerNorm."""
   folds, stats = [], []
   monkeypatch.setattr(af, "fold_norm", lambda *a, real=af.fold_norm: folds.append(1) or real(*a))
   monkeypatch.setattr(af, "_row_stats", lambda *a, real=af._row_stats, **kw: stats.append(1) or real(*a, **kw))
@@ -599,6 +600,12 @@ def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attent
   real_down = af._down_kernel
   monkeypatch.setattr(af, "_down_kernel",
                       lambda *a, **kw: residuals.append(kw.get("has_residual")) or real_down(*a, **kw))
+  routes = []
+  real_route = af._route_kernel
+  monkeypatch.setattr(af, "_route_kernel", lambda *a, **kw: routes.append(kw["shared"]) or real_route(*a, **kw))
+  if path.startswith("shared_route"):
+    monkeypatch.setattr(af, "ROUTE_SHARED_MIN_TOKENS", 0)
+    path = path[len("shared_route_"):] or "default"
   if path.startswith("layer_norm"):
     monkeypatch.setattr(af, "NORM_MIN_TOKENS", 0)
     monkeypatch.setattr(af, "NORM_MODE", path.split("_")[-1])
@@ -616,7 +623,8 @@ def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attent
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   model = vit.ViT(cfg)
   params = model.init(jax.random.key(1), images[:1])["params"]
-  for calls in (folds, stats, residuals):  # those of the forward, not of init's
+  shared = af.ROUTE_SHARED_MIN_TOKENS is not None
+  for calls in (folds, stats, residuals, routes):  # those of the forward, not of init's
     calls.clear()
   flat = flax.traverse_util.flatten_dict(params, sep="/")
   rng = np.random.default_rng(0)
@@ -634,6 +642,10 @@ def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attent
   # the MLP and the output projection take the skip connection, the q/k/v group does not
   fused = path == "residual_in_kernel"
   assert residuals.count(True) == (cfg.depth * (2 if attention else 1) if fused else 0)
+  # routed paths: a route launch per group and layer (q/k/v, out, MLP), the q/k/v group's shared when asked for
+  if path in ("default", "layer_norm_fold"):
+    assert len(routes) == cfg.depth * (3 if attention else 1)
+    assert routes.count(True) == (cfg.depth if shared and attention else 0)
   xla_model = vit.ViT(dataclasses.replace(cfg, acm=dataclasses.replace(cfg.acm, impl="xla")))
   with acm_lib.force_k(kmap):
     ref, ref_state = xla_model.apply({"params": params}, images, mutable=["acm"])
