@@ -420,6 +420,35 @@ def test_small_route_lowers_for_cuda_at_vit_b_shapes(chunk, monkeypatch):
   assert "acm_route" in text and "acm_scatter" in text
 
 
+# the q/k/v-like groups of CASES, plus 1 and 50,432 tokens
+SHARED_CASES = [case for case in CASES if case[4] == 3] + [
+    (1, 64, 4, 32, 3, "identity", 1, jnp.float32, "random", SMALL),
+    (50432, 16, 4, 8, 3, "identity", 1, jnp.bfloat16, "random", dict(SMALL, block_rows=128, block_hidden=32,
+                                                                      block_out=16))]
+
+
+@pytest.mark.parametrize("tokens,dim,n,width,size,act,min_choice,dtype,k_kind,tiles", SHARED_CASES)
+@pytest.mark.parametrize("sort", [True, False])
+def test_group_with_a_shared_route_matches_reference(tokens, dim, n, width, size, act, min_choice, dtype, k_kind,
+                                                     tiles, sort, monkeypatch):
+  """Groups of 3 ACMs whose gates share one route program per chunk (`ROUTE_SHARED_MIN_TOKENS` 0) against the
+  reference: gates steered to 0 (which min choice 1 overrides), all-N and random k, 1 to 50,432 tokens, float32
+  and bfloat16."""
+  if tokens * dim > 200_000 and not sort:
+    pytest.skip("the unsorted path at this size adds nothing the sorted one does not test")
+  monkeypatch.setattr(af, "ROUTE_SHARED_MIN_TOKENS", 0)
+  routes = []
+  real = af._route_kernel
+  monkeypatch.setattr(af, "_route_kernel", lambda *a, **kw: routes.append(kw["shared"]) or real(*a, **kw))
+  x, groups = random_group(tokens + dim + 1, tokens, dim, n, width, size, dtype, k_kind=k_kind)
+  k = check_group(x, groups, n=n, act=act, min_choice=min_choice, sort=sort, split_down=False, **tiles)
+  assert routes == [True]
+  if k_kind == "full":
+    assert (np.asarray(k) == n).all()
+  elif tokens > 10:  # random gates, or gates steered to 0 that min choice 1 overrides: each ACM spreads over k
+    assert all(len(np.unique(np.asarray(row))) > 1 for row in k)
+
+
 def test_route_shared_follows_the_group_its_gates_and_the_token_count(monkeypatch):
   """`ROUTE_SHARED_MIN_TOKENS`: only groups of several ACMs with linear gates, from that many tokens on."""
   monkeypatch.setattr(af, "ROUTE_SHARED_MIN_TOKENS", 1000)
