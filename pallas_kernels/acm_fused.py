@@ -370,10 +370,10 @@ def _gate_choices(shift_ref, x_ref, gates, src, valid, *, rows, dim, block_k, nu
                    ).astype(gate_dtype).astype(f32) for acc, (_, bg_ref) in zip(sums, gates)]
   else:  # precomputed (T, N+1) logits
     all_logits = [logits_ref[src[:, None], gate_cols[None, :]].astype(f32) for (logits_ref,) in gates]
-  allowed = (cols >= min_choice) & (cols <= num_learners)
   ks = []
   for logits in all_logits:
     logits = logits - shift_ref[0] * (cols.astype(f32) * relative_cost)[None, :]
+    allowed = (cols >= min_choice) & (cols <= num_learners)
     logits = jnp.where(allowed[None, :], logits, -jnp.inf)
     best = jnp.max(logits, axis=1)
     # first index of the maximum, as jnp.argmax; a NaN row (no index equals the max) gets N
