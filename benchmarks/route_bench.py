@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import sys
 from pathlib import Path
 
 import jax
@@ -147,10 +145,7 @@ def main(argv=None) -> list[dict]:
             shown = "  ".join(f"{kind} " + ("n/a" if v is None else f"{v:6.2f} us") for kind, v in us.items())
             print(f"{tokens:6d} tokens  {args.groups} gate(s){'  shared' if shared else ''}  chunk {chunk:3d}  "
                   f"block_k {block_k:3d}  stages {stages}: {shown} per launch", flush=True)
-  previous = json.loads(out.read_text()) if out.exists() else []
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(previous + records, indent=1) + "\n")
-  print(f"appended {len(records)} records to {out}", file=sys.stderr)
+  tb.append(out, records)
   return records
 
 
