@@ -282,7 +282,8 @@ def apply_fusion_flags(args) -> dict:
               residual_min_tokens=acm_fused.RESIDUAL_MIN_TOKENS, down_split_max_tokens=acm_fused.DOWN_SPLIT_MAX_TOKENS,
               down_split_per_learner_max_tokens=acm_fused.DOWN_SPLIT_PER_LEARNER_MAX_TOKENS,
               down_split_parts=acm_fused.DOWN_SPLIT_PARTS, route_small_max_tokens=acm_fused.ROUTE_SMALL_MAX_TOKENS,
-              route_small=dict(acm_fused.ROUTE_SMALL), route_shared_min_tokens=acm_fused.ROUTE_SHARED_MIN_TOKENS)
+              route_small=dict(acm_fused.ROUTE_SMALL), route_medium_max_tokens=acm_fused.ROUTE_MEDIUM_MAX_TOKENS,
+              route_medium=dict(acm_fused.ROUTE_MEDIUM), route_shared_min_tokens=acm_fused.ROUTE_SHARED_MIN_TOKENS)
 
 
 def _mosaic_tiles(flag: str, text: str) -> dict:

@@ -11,7 +11,8 @@ The whole path is these launches, each with the ACM index in its grid, so a
 group of three costs what one ACM costs in launches:
 
   route    one program per (ACM, chunk of 128 tokens; 32 up to
-           ROUTE_SMALL_MAX_TOKENS, see ROUTE_SMALL), or per chunk for a
+           ROUTE_SMALL_MAX_TOKENS, 64 up to ROUTE_MEDIUM_MAX_TOKENS, see
+           ROUTE_SMALL and ROUTE_MEDIUM), or per chunk for a
            whole group (ROUTE_SHARED_MIN_TOKENS): the gate logits (a
            linear gate is a matmul inside the kernel; deeper gates come as
            precomputed logits), k, and for the sorted path each chunk's count
@@ -112,7 +113,7 @@ from pallas_kernels.acm_mlp import (ACTIVATIONS, _activation_reference, _compile
 
 GATE_COLS = 16  # gate logits padded to the smallest width of a Triton matmul
 ROUTE_CHUNK = 128  # tokens per route / scatter program; every path pads the tokens to a multiple of it
-# Most columns of x per step of a linear gate's matmul: the route's above ROUTE_SMALL_MAX_TOKENS, and the gate
+# Most columns of x per step of a linear gate's matmul: the route's above ROUTE_MEDIUM_MAX_TOKENS, and the gate
 # computed inside the up launch (the one- and two-launch paths).
 GATE_BLOCK_K = 64
 # Up to this many tokens (None: never) the route and scatter launches take ROUTE_SMALL["chunk"] tokens per
@@ -125,6 +126,13 @@ GATE_BLOCK_K = 64
 # steps and 1 or 3 stages; 32 or 64 tokens per program with 64-column steps gained nothing (8.0-10.4 us).
 ROUTE_SMALL_MAX_TOKENS: int | None = 2048
 ROUTE_SMALL = {"chunk": 32, "block_k": 256, "num_stages": 1}
+# Above ROUTE_SMALL_MAX_TOKENS and up to this many tokens (None: never), the route takes ROUTE_MEDIUM's settings
+# (same keys and rules as ROUTE_SMALL). On an H100 (2026-12-05 (ix), whole ViT-B/16 with MLP ACMs, r = 0.5, batch
+# 32 = 6,304 tokens, same-process A/B `benchmarks.switch_ab`) chunks of 64 with 256-column steps and one stage made
+# the forward 1.035x faster than the large-token settings (128-token chunks, 64-column steps, 3 stages), and 1.014x
+# faster than chunks of 32 (197 programs there, more than one wave on 132 SMs; 64-token chunks make 99).
+ROUTE_MEDIUM_MAX_TOKENS: int | None = 8192
+ROUTE_MEDIUM = {"chunk": 64, "block_k": 256, "num_stages": 1}
 # From this many tokens on (None: never), a group of several ACMs with linear gates (the q/k/v group) routes in one
 # program per chunk that computes every ACM's gate from one pass over the chunk's x (and, with the LayerNorm fused,
 # one set of row statistics), instead of one program per (ACM, chunk) that each read the chunk again
@@ -1131,18 +1139,27 @@ def _plus(result, residual):
 
 def route_settings(tokens: int, dim: int, num_stages: int) -> tuple[int, int, int]:
   """(tokens per program, gate reduction columns per step, pipeline stages) of the route launch at `tokens`
-  tokens of width `dim` (`ROUTE_SMALL_MAX_TOKENS`, `ROUTE_SMALL`; num_stages: the up launch's, used above it).
-  ValueError naming the setting where ROUTE_SMALL is not usable."""
-  if ROUTE_SMALL_MAX_TOKENS is None or tokens > ROUTE_SMALL_MAX_TOKENS:
-    return ROUTE_CHUNK, _largest_divisor(dim, GATE_BLOCK_K), num_stages
+  tokens of width `dim`: ROUTE_SMALL up to ROUTE_SMALL_MAX_TOKENS, ROUTE_MEDIUM above it up to
+  ROUTE_MEDIUM_MAX_TOKENS, else ROUTE_CHUNK, GATE_BLOCK_K and `num_stages` (the up launch's). ValueError naming
+  the setting where the one that applies is not usable."""
+  for name, limit in (("ROUTE_SMALL", ROUTE_SMALL_MAX_TOKENS), ("ROUTE_MEDIUM", ROUTE_MEDIUM_MAX_TOKENS)):
+    if limit is not None and tokens <= limit:
+      chunk, block_k, stages = _route_table(name, globals()[name])
+      return chunk, _largest_divisor(dim, block_k), stages
+  return ROUTE_CHUNK, _largest_divisor(dim, GATE_BLOCK_K), num_stages
+
+
+def _route_table(name: str, table) -> tuple[int, int, int]:
+  """(chunk, block_k, num_stages) of the route setting `name` (ROUTE_SMALL or ROUTE_MEDIUM); ValueError naming
+  it unless chunk is a power of two from 16 to ROUTE_CHUNK, block_k a power of two >= 16 and num_stages >= 1."""
   keys = ("chunk", "block_k", "num_stages")
-  chunk, block_k, stages = (ROUTE_SMALL.get(key) if isinstance(ROUTE_SMALL, dict) else None for key in keys)
+  chunk, block_k, stages = (table.get(key) if isinstance(table, dict) else None for key in keys)
   ok = lambda v, lo, hi: isinstance(v, int) and lo <= v <= hi and v & (v - 1) == 0
-  if set(ROUTE_SMALL or ()) != set(keys) or not (
+  if set(table or ()) != set(keys) or not (
       ok(chunk, 16, ROUTE_CHUNK) and ok(block_k, 16, 1 << 20) and isinstance(stages, int) and stages >= 1):
-    raise ValueError(f"acm_fused.ROUTE_SMALL must be {{'chunk': a power of two from 16 to {ROUTE_CHUNK}, "
-                     f"'block_k': a power of two >= 16, 'num_stages': an integer >= 1}}, got {ROUTE_SMALL!r}")
-  return chunk, _largest_divisor(dim, block_k), stages
+    raise ValueError(f"acm_fused.{name} must be {{'chunk': a power of two from 16 to {ROUTE_CHUNK}, "
+                     f"'block_k': a power of two >= 16, 'num_stages': an integer >= 1}}, got {table!r}")
+  return chunk, block_k, stages
 
 
 def route_shared(num_groups: int, linear_gate: bool, tokens: int) -> bool:

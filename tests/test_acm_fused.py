@@ -356,15 +356,23 @@ def test_split_down_launch_lowers_for_cuda_at_vit_b_shapes(sums, parts, monkeypa
 
 
 def test_route_settings_follow_the_token_count(monkeypatch):
-  """`ROUTE_SMALL_MAX_TOKENS` / `ROUTE_SMALL`: small chunks, wide gate steps and its own stages up to the threshold;
-  ROUTE_CHUNK, 64-column steps and the up launch's stages above it or when off."""
+  """`ROUTE_SMALL_MAX_TOKENS` / `ROUTE_SMALL` up to the first threshold, `ROUTE_MEDIUM_MAX_TOKENS` / `ROUTE_MEDIUM`
+  above it up to the second; ROUTE_CHUNK, 64-column steps and the up launch's stages above both or when off."""
   monkeypatch.setattr(af, "ROUTE_SMALL_MAX_TOKENS", 100)
   monkeypatch.setattr(af, "ROUTE_SMALL", {"chunk": 32, "block_k": 256, "num_stages": 1})
+  monkeypatch.setattr(af, "ROUTE_MEDIUM_MAX_TOKENS", 200)
+  monkeypatch.setattr(af, "ROUTE_MEDIUM", {"chunk": 64, "block_k": 128, "num_stages": 2})
   assert af.route_settings(100, 768, 3) == (32, 256, 1)
   assert af.route_settings(100, 96, 3) == (32, 32, 1)  # the largest power of two up to 256 dividing 96
-  assert af.route_settings(101, 768, 3) == (af.ROUTE_CHUNK, 64, 3)
+  assert af.route_settings(101, 768, 3) == (64, 128, 2)
+  assert af.route_settings(200, 96, 3) == (64, 32, 2)
+  assert af.route_settings(201, 768, 3) == (af.ROUTE_CHUNK, 64, 3)
   monkeypatch.setattr(af, "ROUTE_SMALL_MAX_TOKENS", None)
+  assert af.route_settings(1, 768, 2) == (64, 128, 2)
+  monkeypatch.setattr(af, "ROUTE_MEDIUM_MAX_TOKENS", None)
   assert af.route_settings(1, 768, 2) == (af.ROUTE_CHUNK, 64, 2)
+  monkeypatch.setattr(af, "ROUTE_SMALL_MAX_TOKENS", 100)
+  assert af.route_settings(101, 768, 2) == (af.ROUTE_CHUNK, 64, 2)
 
 
 @pytest.mark.parametrize("bad", [{"chunk": 24, "block_k": 256, "num_stages": 1},
@@ -373,26 +381,34 @@ def test_route_settings_follow_the_token_count(monkeypatch):
                                  {"chunk": 32, "block_k": 100, "num_stages": 1},
                                  {"chunk": 32, "block_k": 256, "num_stages": 0},
                                  {"chunk": 32, "block_k": 256}, (32, 256, 1)])
-def test_bad_route_settings_are_refused_naming_them(bad, monkeypatch):
-  monkeypatch.setattr(af, "ROUTE_SMALL", bad)
+@pytest.mark.parametrize("name", ["ROUTE_SMALL", "ROUTE_MEDIUM"])
+def test_bad_route_settings_are_refused_naming_them(bad, name, monkeypatch):
+  if name == "ROUTE_MEDIUM":  # 40 tokens take the medium settings
+    monkeypatch.setattr(af, "ROUTE_SMALL_MAX_TOKENS", 20)
+    monkeypatch.setattr(af, "ROUTE_MEDIUM_MAX_TOKENS", 40)
+  monkeypatch.setattr(af, name, bad)
   x, groups = random_group(5, 40, 64, 4, 32, 1, jnp.float32)
-  with pytest.raises(ValueError, match=f"ROUTE_SMALL must be .*got {re.escape(repr(bad))}"):
+  with pytest.raises(ValueError, match=f"{name} must be .*got {re.escape(repr(bad))}"):
     af.acm_group(x, groups, num_learners=4, interpret=True, sort=True, **SMALL)
 
 
 @pytest.mark.parametrize("sort", [True, False])
-@pytest.mark.parametrize("chunk,fused_norm", [(16, False), (32, True), (64, False)])
-def test_small_route_chunks_give_the_128_token_route_results(chunk, fused_norm, sort, monkeypatch):
+@pytest.mark.parametrize("chunk,fused_norm,setting", [(16, False, "ROUTE_SMALL"), (32, True, "ROUTE_SMALL"),
+                                                      (64, False, "ROUTE_SMALL"), (64, True, "ROUTE_MEDIUM")])
+def test_small_route_chunks_give_the_128_token_route_results(chunk, fused_norm, setting, sort, monkeypatch):
   """A q/k/v-like group of 3 ACMs at 300 tokens (three chunks of 128, the last one ragged) routed in chunks of
-  16 / 32 / 64 tokens with 64-column gate steps against the 128-token route: the same k and outputs (the
-  fused LayerNorm's statistics summed in those steps too), and both against the reference."""
+  16 / 32 / 64 tokens with 64-column gate steps (by ROUTE_SMALL, or ROUTE_MEDIUM above ROUTE_SMALL_MAX_TOKENS)
+  against the 128-token route: the same k and outputs (the fused LayerNorm's statistics summed in those steps
+  too), and both against the reference."""
   monkeypatch.setattr(af, "NORM_MIN_TOKENS", 0 if fused_norm else None)
   z, norm = norm_inputs(11, 300, 128, jnp.float32)
   _, groups = random_group(12, 300, 128, 4, 32, 3, jnp.float32)
   results = []
+  monkeypatch.setattr(af, "ROUTE_SMALL_MAX_TOKENS", None)
   for limit in (None, 10_000):
-    monkeypatch.setattr(af, "ROUTE_SMALL_MAX_TOKENS", limit)
-    monkeypatch.setattr(af, "ROUTE_SMALL", {"chunk": chunk, "block_k": 64, "num_stages": 1})
+    monkeypatch.setattr(af, "ROUTE_MEDIUM_MAX_TOKENS", None)
+    monkeypatch.setattr(af, setting + "_MAX_TOKENS", limit)
+    monkeypatch.setattr(af, setting, {"chunk": chunk, "block_k": 64, "num_stages": 1})
     results.append(af.acm_group(z, groups, num_learners=4, activation="identity", min_choice=1, norm=norm,
                                 interpret=True, sort=sort, **SMALL))
   (outs_big, k_big), (outs_small, k_small) = results
@@ -403,21 +419,25 @@ def test_small_route_chunks_give_the_128_token_route_results(chunk, fused_norm, 
     assert rel_err(small, big) < 1e-6 and rel_err(small, ref) < LIMITS[jnp.dtype(jnp.float32)]
 
 
-@pytest.mark.parametrize("chunk", [16, 32])
-def test_small_route_lowers_for_cuda_at_vit_b_shapes(chunk, monkeypatch):
+@pytest.mark.parametrize("chunk,tokens,padded", [(16, 197, 256), (32, 197, 256), (None, 6304, 6400)])
+def test_small_route_lowers_for_cuda_at_vit_b_shapes(chunk, tokens, padded, monkeypatch):
   """The Triton lowering of the route and scatter launches at batch 1's shapes (197 tokens, d = 768, an MLP ACM's
-  linear gate) in chunks of `chunk` tokens with 256-column gate steps."""
-  monkeypatch.setattr(af, "ROUTE_SMALL", {"chunk": chunk, "block_k": 256, "num_stages": 1})
-  tokens, dim, n = 197, 768, 4
+  linear gate) in chunks of `chunk` tokens with 256-column gate steps, and at batch 32's (6,304 tokens) with the
+  default ROUTE_MEDIUM: one route and one scatter program per chunk."""
+  if chunk:
+    monkeypatch.setattr(af, "ROUTE_SMALL", {"chunk": chunk, "block_k": 256, "num_stages": 1})
+  dim, n = 768, 4
+  chunk = af.route_settings(tokens, dim, 3)[0]
   shape = jax.ShapeDtypeStruct
   settings = dict(num_learners=n, min_choice=0, relative_cost=1.0, gate_dtype=jnp.dtype(jnp.bfloat16), block_k=64)
-  route = functools.partial(af._route, num_groups=1, padded=256, linear_gate=True, sort=True, positions=False,
+  route = functools.partial(af._route, num_groups=1, padded=padded, linear_gate=True, sort=True, positions=False,
                             gate_settings=settings, num_stages=3, interpret=False)
   lowered = jax.jit(lambda s, x, wg, bg: route(s, x, [wg, bg])).trace(
       shape((1,), jnp.float32), shape((tokens, dim), jnp.bfloat16), shape((dim, n + 1), jnp.bfloat16),
       shape((n + 1,), jnp.bfloat16)).lower(lowering_platforms=("cuda",))
   text = lowered.as_text()
   assert "acm_route" in text and "acm_scatter" in text
+  assert re.findall(r"grid_x = (\d+)", text) == [str(padded // chunk)] * 2
 
 
 # the q/k/v-like groups of CASES, plus 1 and 50,432 tokens
@@ -467,8 +487,9 @@ def test_route_shared_follows_the_group_its_gates_and_the_token_count(monkeypatc
 def test_shared_route_gives_the_per_acm_route_results(tokens, dtype, fused_norm, gate, sort, monkeypatch):
   """A q/k/v-like group of 3 ACMs routed with one program per chunk for all three gates (`route_shared`) against
   one program per (ACM, chunk): the same k and outputs, in the small route's chunks (300 tokens) and the 128-token
-  ones (2,500), with and without the fused LayerNorm's statistics, and both against the reference. Precomputed
-  logits (a deep gate) keep the per-ACM programs and the same results."""
+  ones (2,500, the medium route off), with and without the fused LayerNorm's statistics, and both against the
+  reference. Precomputed logits (a deep gate) keep the per-ACM programs and the same results."""
+  monkeypatch.setattr(af, "ROUTE_MEDIUM_MAX_TOKENS", None)
   monkeypatch.setattr(af, "NORM_MIN_TOKENS", 0 if fused_norm else None)
   z, norm = norm_inputs(21, tokens, 128, dtype)
   _, groups = random_group(22, tokens, 128, 4, 32, 3, dtype, gate=gate)
@@ -489,7 +510,7 @@ def test_shared_route_gives_the_per_acm_route_results(tokens, dtype, fused_norm,
 @pytest.mark.parametrize("tokens,padded", [(197, 256), (6304, 6400)])
 def test_shared_route_lowers_for_cuda_at_vit_b_shapes(tokens, padded, monkeypatch):
   """The Triton lowering of the shared route (the q/k/v group's three linear gates, d = 768, bf16) at batch 1's
-  and batch 32's token counts: one program per chunk (8 of 32 tokens; 50 of 128), the scatter still one per
+  and batch 32's token counts: one program per chunk (8 of 32 tokens; 100 of 64), the scatter still one per
   (ACM, chunk)."""
   monkeypatch.setattr(af, "ROUTE_SHARED_MIN_TOKENS", 0)
   dim, n, groups = 768, 4, 3
