@@ -146,6 +146,7 @@ def test_fusion_flags_set_the_switches_and_are_recorded(tmp_path, monkeypatch):
   assert got == {"norm_min_tokens": 4096, "norm_mode": "prologue", "residual_min_tokens": None,
                  "down_split_max_tokens": 2048, "down_split_per_learner_max_tokens": 1024, "down_split_parts": None,
                  "route_small_max_tokens": 2048, "route_small": {"chunk": 32, "block_k": 256, "num_stages": 1},
+                 "route_medium_max_tokens": 8192, "route_medium": {"chunk": 64, "block_k": 256, "num_stages": 1},
                  "route_shared_min_tokens": 4096}
   assert (acm_fused.NORM_MIN_TOKENS, acm_fused.NORM_MODE, acm_fused.RESIDUAL_MIN_TOKENS,
           acm_fused.DOWN_SPLIT_MAX_TOKENS, acm_fused.ROUTE_SHARED_MIN_TOKENS) == (4096, "prologue", None, 2048, 4096)
