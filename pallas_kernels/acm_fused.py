@@ -12,8 +12,8 @@ group of three costs what one ACM costs in launches:
 
   route    one program per (ACM, chunk of 128 tokens; 32 up to
            ROUTE_SMALL_MAX_TOKENS, 64 up to ROUTE_MEDIUM_MAX_TOKENS, see
-           ROUTE_SMALL and ROUTE_MEDIUM), or per chunk for a
-           whole group (ROUTE_SHARED_MIN_TOKENS): the gate logits (a
+           ROUTE_SMALL and ROUTE_MEDIUM), or, above 8,192 tokens, per chunk
+           for a whole group (ROUTE_SHARED_MIN_TOKENS): the gate logits (a
            linear gate is a matmul inside the kernel; deeper gates come as
            precomputed logits), k, and for the sorted path each chunk's count
            of every k and each token's rank among the chunk's tokens with the
@@ -136,11 +136,13 @@ ROUTE_MEDIUM = {"chunk": 64, "block_k": 256, "num_stages": 1}
 # From this many tokens on (None: never), a group of several ACMs with linear gates (the q/k/v group) routes in one
 # program per chunk that computes every ACM's gate from one pass over the chunk's x (and, with the LayerNorm fused,
 # one set of row statistics), instead of one program per (ACM, chunk) that each read the chunk again
-# (`route_shared`). Same outputs. On an H200 (2026-12-02, `serve_profile` at 50,432 tokens) the q/k/v group's route
-# took 0.89 ms per forward against 0.34 ms for one ACM's: it reads x once per ACM. None until a GPU run
-# (`benchmarks.route_bench --groups 3 --shared 0,1`; `benchmarks.switch_ab --acm mlp_qkvo --variant
-# 'shared:ROUTE_SHARED_MIN_TOKENS=0'`) shows where one program's three chained gates beat three programs.
-ROUTE_SHARED_MIN_TOKENS: int | None = None
+# (`route_shared`). Same outputs. On an H100 (2026-12-05 (ix), whole ViT-B/16 with MLP + q/k/v/o ACMs, r = 0.5,
+# same-process A/B `benchmarks.switch_ab`) it made the forward 1.019x faster at batch 256 (50,432 tokens, where the
+# route takes its large-token settings), but lost 1.1% at batch 32 (6,304 tokens, ROUTE_MEDIUM) and 3.8% at batch
+# 8: at few tokens a program's three chained gates take about twice one gate's time (route launch alone, a group
+# of 3: 9.9 against 4.9 us at 197 tokens, 10.3 against 6.4 us at 1,576; `benchmarks.route_bench --groups 3
+# --shared 0,1`). So it starts just above ROUTE_MEDIUM_MAX_TOKENS.
+ROUTE_SHARED_MIN_TOKENS: int | None = 8193
 SORT_MIN_TOKENS = 1024  # below this many tokens the unsorted path runs (see module docstring)
 # At most this many tokens take the one-launch path (see module docstring). 0 until a GPU run
 # (`benchmarks.vit_bench --onepass-max-tokens`) shows where it pays.
