@@ -47,7 +47,9 @@ The two-launch path (`twolaunch`, at most `TWOLAUNCH_MAX_TOKENS` tokens; off by 
 until a GPU run shows where it pays) is the unsorted path without the route launch: every
 up program computes the gate and k of its row block itself (a (rows, d) x (d, 16) matmul
 beside its (rows, d) x (d, block_hidden) one), and the programs of hidden tile 0 store k
-for the down launch. At batch 1-8 a launch costs about what the kernels' work does.
+for the down launch. At batch 1-8 a launch costs about what the kernels' work does. Its down
+launch splits its reduction as the routed paths' does (below), so at one image a group costs three
+launches (gated up, split down, the sum's XLA fusion) where the sorted path takes five.
 
 The dense XLA path (`xla`, picked per token bucket and shape by the tuned table) is the
 same function without kernels: one cuBLAS matmul for the gates of the whole group, one
@@ -997,9 +999,9 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   (a block's skip connection): by the down launch of the routed paths from `RESIDUAL_MIN_TOKENS`
   tokens on, or by the launch that returns the Mosaic down launch's rows to token order
   (`MGPU_DOWN_UNSORT` "kernel") or by the split down launch's sum, rounded once with the sum; elsewhere
-  by XLA after the kernels. split_down: the routed paths' Triton down launch with its reduction split into
-  parts (`split_parts`; None: up to `DOWN_SPLIT_MAX_TOKENS` tokens, where the learner width is a multiple of
-  block_k_down; True raises where it cannot run).
+  by XLA after the kernels. split_down: the Triton down launch of the routed and two-launch paths
+  (`SPLIT_PATHS`) with its reduction split into parts (`split_parts`; None: up to `DOWN_SPLIT_MAX_TOKENS`
+  tokens, where the learner width is a multiple of block_k_down; True raises where it cannot run).
 
   Returns (outputs: G arrays (T, d) in x.dtype, k: (G, T) int32 in token order).
   """
@@ -1015,7 +1017,7 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   total = num_learners * width
   cfg, path = resolve_config(x.dtype, dim, total, tokens, sort=sort, onepass=onepass, twolaunch=twolaunch,
                              xla=xla, **tiles)
-  if split_down and path not in ("sorted", "unsorted"):
+  if split_down and path not in SPLIT_PATHS:
     _split_down(split_down, tokens, width, cfg, path)  # raises, naming the path
   if path == "xla":
     return _plus(_acm_group_xla(x if norm is None else layer_norm(x, *norm), groups, num_learners=num_learners,
@@ -1112,12 +1114,17 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   return _plus((tuple(outs), k), None if fuse_residual else residual)
 
 
+# the paths whose down launch can split its reduction: the routed ones, and the two-launch path (unsorted, its k
+# from the up launch), where the split makes batch 1 three launches per group (gated up, split down, XLA's sum)
+SPLIT_PATHS = ("sorted", "unsorted", "twolaunch")
+
+
 def _split_down(asked, tokens, width, cfg, path, *, merged=False, mosaic=False) -> bool:
   """Whether the down launch splits its reduction into parts (`DOWN_SPLIT_MAX_TOKENS`, or `asked`:
   True raises where it cannot run)."""
   why = None
-  if path not in ("sorted", "unsorted"):
-    why = f"it runs on the routed paths only (this call takes the {path!r} path)"
+  if path not in SPLIT_PATHS:
+    why = f"it runs on the {', '.join(SPLIT_PATHS)} paths only (this call takes the {path!r} path)"
   elif merged:
     why = "linear learners through their merged tables have no down launch"
   elif mosaic:

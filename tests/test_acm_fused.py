@@ -69,12 +69,13 @@ CASES = [
 
 # the routed paths with the whole down launch (the split one runs by default up to 1,024 tokens)
 PATHS = {"unsorted": dict(sort=False, split_down=False), "sorted": dict(sort=True, split_down=False),
-         "onepass": dict(onepass=True), "twolaunch": dict(twolaunch=True), "xla": dict(xla=True),
+         "onepass": dict(onepass=True), "twolaunch": dict(twolaunch=True, split_down=False), "xla": dict(xla=True),
          # linear learners through their merged matrices (`af.merge_linear_learners`)
          "merged_sorted": dict(sort=True, merged=True), "merged_unsorted": dict(sort=False, merged=True),
          "merged_one_launch": dict(twolaunch=True, merged=True),
          # the down launch's reduction split per learner (`af.DOWN_SPLIT_MAX_TOKENS`)
-         "split_sorted": dict(sort=True, split_down=True), "split_unsorted": dict(sort=False, split_down=True)}
+         "split_sorted": dict(sort=True, split_down=True), "split_unsorted": dict(sort=False, split_down=True),
+         "split_twolaunch": dict(twolaunch=True, split_down=True)}
 
 
 def split_tiles(path, width, tiles):
@@ -88,7 +89,7 @@ def split_tiles(path, width, tiles):
 @pytest.mark.parametrize("tokens,dim,n,width,size,act,min_choice,dtype,k_kind,tiles", CASES)
 @pytest.mark.parametrize("path", list(PATHS))
 def test_group_matches_reference(tokens, dim, n, width, size, act, min_choice, dtype, k_kind, tiles, path):
-  if path in ("onepass", "twolaunch") and tokens * dim > 20_000 and dim > 64 and dtype == jnp.float32:
+  if path in ("onepass", "twolaunch", "split_twolaunch") and tokens * dim > 20_000 and dim > 64 and dtype == jnp.float32:
     pytest.skip("this path's ViT-B width is covered in bfloat16")
   merged = PATHS[path].get("merged", False)
   if merged and act != "identity":
@@ -180,7 +181,8 @@ RESIDUAL_CASES = [
 
 
 @pytest.mark.parametrize("tokens,dim,n,width,size,act,min_choice,dtype,k_kind,tiles", RESIDUAL_CASES)
-@pytest.mark.parametrize("path", ["sorted", "unsorted", "twolaunch", "onepass", "xla", "split_sorted"])
+@pytest.mark.parametrize("path", ["sorted", "unsorted", "twolaunch", "onepass", "xla", "split_sorted",
+                                  "split_twolaunch"])
 def test_group_with_a_residual_matches_reference(tokens, dim, n, width, size, act, min_choice, dtype, k_kind, tiles,
                                                  path, monkeypatch):
   """`residual`: added to every output, by the down launch on the routed paths (`RESIDUAL_MIN_TOKENS`
@@ -330,12 +332,13 @@ def test_split_parts_follow_the_token_count(monkeypatch):
   assert seen == [4, 2]
 
 
-@pytest.mark.parametrize("parts", [None, 4])
-@pytest.mark.parametrize("sums", af.DOWN_SPLIT_SUMS)
-def test_split_down_launch_lowers_for_cuda_at_vit_b_shapes(sums, parts, monkeypatch):
+@pytest.mark.parametrize("parts,sums,sort", [(None, "parts", True), (4, "parts", True), (None, "atomic", True),
+                                             (4, "atomic", True), (4, "parts", False)])
+def test_split_down_launch_lowers_for_cuda_at_vit_b_shapes(sums, parts, sort, monkeypatch):
   """The Triton lowering of the split launch and its sum at batch 8's shapes (1,576 tokens, an MLP ACM of 4
   learners of 768), with the tiles the tuned table gives that bucket; partial outputs or atomic adds, two learners
-  per part (the default at that count) or one part per learner."""
+  per part (the default at that count) or one part per learner; the row blocks sorted, or in token order (the
+  unsorted and two-launch paths)."""
   monkeypatch.setattr(af, "DOWN_SPLIT_SUM", sums)
   monkeypatch.setattr(af, "DOWN_SPLIT_PARTS", parts)
   tokens, dim, n, width = 1576, 768, 4, 768
@@ -347,7 +350,7 @@ def test_split_down_launch_lowers_for_cuda_at_vit_b_shapes(sums, parts, monkeypa
                                                             b2=shape((n + 1, dim), jnp.bfloat16))],
           shape((padded,), jnp.int32), shape((padded,), jnp.int32), shape((padded,), jnp.int32),
           shape((tokens, dim), jnp.bfloat16))
-  split = functools.partial(af._down_split, cfg=cfg, tokens=tokens, padded=padded, width=width, sort=True,
+  split = functools.partial(af._down_split, cfg=cfg, tokens=tokens, padded=padded, width=width, sort=sort,
                             num_learners=n, dtype=jnp.bfloat16, compiler_params=af._compiler_params(4, 3),
                             interpret=False)
   lowered = jax.jit(split).trace(*args).lower(lowering_platforms=("cuda",))
@@ -529,7 +532,7 @@ def test_shared_route_lowers_for_cuda_at_vit_b_shapes(tokens, padded, monkeypatc
 
 def test_asking_for_a_split_down_launch_where_it_cannot_run_names_the_reason():
   x, groups = random_group(8, 40, 64, 4, 32, 1, jnp.float32)
-  cases = [(dict(onepass=True), "it runs on the routed paths only .* 'onepass'"),
+  cases = [(dict(onepass=True), "it runs on the sorted, unsorted, twolaunch paths only .* 'onepass'"),
            (dict(sort=True, block_k_down=64, block_hidden=64), "the learner width 32 must be a multiple of block_k_down=64")]
   for kwargs, message in cases:
     with pytest.raises(ValueError, match=f"split_down=True: {message}"):
@@ -578,7 +581,7 @@ def test_layer_norm_equals_flax_and_the_fold_is_exact():
   np.testing.assert_allclose(rstd * (z64 @ scaled) - mean * rstd * colsum + folded, direct, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("path", ["sorted", "onepass", "twolaunch", "xla"])
+@pytest.mark.parametrize("path", ["sorted", "onepass", "twolaunch", "split_twolaunch", "xla"])
 def test_given_logits_cost_shift_and_no_bias_under_jit(path):
   """Deep gates hand in logits; a traced cost shift lowers k as the XLA gate's does."""
   n = 4
