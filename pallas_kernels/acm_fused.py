@@ -1151,9 +1151,11 @@ def route_settings(tokens: int, dim: int, num_stages: int) -> tuple[int, int, in
   tokens of width `dim`: ROUTE_SMALL up to ROUTE_SMALL_MAX_TOKENS, ROUTE_MEDIUM above it up to
   ROUTE_MEDIUM_MAX_TOKENS, else ROUTE_CHUNK, GATE_BLOCK_K and `num_stages` (the up launch's). ValueError naming
   the setting where the one that applies is not usable."""
-  for name, limit in (("ROUTE_SMALL", ROUTE_SMALL_MAX_TOKENS), ("ROUTE_MEDIUM", ROUTE_MEDIUM_MAX_TOKENS)):
+  regimes = (("ROUTE_SMALL", ROUTE_SMALL_MAX_TOKENS, ROUTE_SMALL),
+             ("ROUTE_MEDIUM", ROUTE_MEDIUM_MAX_TOKENS, ROUTE_MEDIUM))
+  for name, limit, table in regimes:
     if limit is not None and tokens <= limit:
-      chunk, block_k, stages = _route_table(name, globals()[name])
+      chunk, block_k, stages = _route_table(name, table)
       return chunk, _largest_divisor(dim, block_k), stages
   return ROUTE_CHUNK, _largest_divisor(dim, GATE_BLOCK_K), num_stages
 
