@@ -36,7 +36,7 @@ from benchmarks import gpu_name
 from benchmarks import train_bench as tb
 from pallas_kernels import acm_fused
 
-# the route's tokens per program and gate columns per step above ROUTE_SMALL_MAX_TOKENS
+# the route's tokens per program and gate columns per step above ROUTE_MEDIUM_MAX_TOKENS
 BASELINE = (acm_fused.ROUTE_CHUNK, acm_fused.GATE_BLOCK_K)
 
 
