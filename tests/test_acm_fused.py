@@ -89,7 +89,8 @@ def split_tiles(path, width, tiles):
 @pytest.mark.parametrize("tokens,dim,n,width,size,act,min_choice,dtype,k_kind,tiles", CASES)
 @pytest.mark.parametrize("path", list(PATHS))
 def test_group_matches_reference(tokens, dim, n, width, size, act, min_choice, dtype, k_kind, tiles, path):
-  if path in ("onepass", "twolaunch", "split_twolaunch") and tokens * dim > 20_000 and dim > 64 and dtype == jnp.float32:
+  one_or_two_launches = path in ("onepass", "twolaunch", "split_twolaunch")
+  if one_or_two_launches and tokens * dim > 20_000 and dim > 64 and dtype == jnp.float32:
     pytest.skip("this path's ViT-B width is covered in bfloat16")
   merged = PATHS[path].get("merged", False)
   if merged and act != "identity":
