@@ -12,9 +12,9 @@ summed per name and per category as in `benchmarks.step_profile` (gemm includes 
 attention and convolutions; triton the Pallas kernels). Prints the top kernels and writes
 benchmarks/results/serve_profile_<gpu>.json (or --out): [{device, date, jax_version, model, r,
 impl, norm_min_tokens, norm_mode, residual_min_tokens, down_split_max_tokens, down_split_per_learner_max_tokens,
-down_split_parts, route_small_max_tokens, route_small, route_medium_max_tokens, route_medium, route_shared_min_tokens
-(the fusion switches, see `vit_bench.add_fusion_flags`), runs: {"<acm>_b<batch>": {wall_ms, device_ms_per_step,
-count_per_step, categories, top}}}], where <acm> is "none" for the dense model and "_per_step" means per forward.
+down_split_parts, route_small_max_tokens, route_small, route_medium_max_tokens, route_medium, route_shared_min_tokens,
+inline_sort_max_tokens (the fusion switches, see `vit_bench.add_fusion_flags`), runs: {"<acm>_b<batch>": {wall_ms,
+device_ms_per_step, count_per_step, categories, top}}}], where <acm> is "none" for the dense model and "_per_step" means per forward.
 """
 
 from __future__ import annotations

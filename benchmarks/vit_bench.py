@@ -263,7 +263,10 @@ def add_fusion_flags(parser: argparse.ArgumentParser) -> None:
                            "parts up to this many tokens; default 1600; -1: never)")
   parser.add_argument("--route-shared-min-tokens", type=int, default=None,
                       help="acm_fused.ROUTE_SHARED_MIN_TOKENS for this run (a group's gates in one route program "
-                           "per chunk from this many tokens on; default never; -1: never)")
+                           "per chunk from this many tokens on; default: acm_fused's; -1: never)")
+  parser.add_argument("--inline-sort-max-tokens", type=int, default=None,
+                      help="acm_fused.INLINE_SORT_MAX_TOKENS for this run (the sorted path without its scatter "
+                           "launch up to this many tokens; default: acm_fused's; -1: never)")
 
 
 def apply_fusion_flags(args) -> dict:
@@ -278,12 +281,15 @@ def apply_fusion_flags(args) -> dict:
     acm_fused.DOWN_SPLIT_MAX_TOKENS = None if args.down_split_max_tokens < 0 else args.down_split_max_tokens
   if args.route_shared_min_tokens is not None:
     acm_fused.ROUTE_SHARED_MIN_TOKENS = None if args.route_shared_min_tokens < 0 else args.route_shared_min_tokens
+  if args.inline_sort_max_tokens is not None:
+    acm_fused.INLINE_SORT_MAX_TOKENS = None if args.inline_sort_max_tokens < 0 else args.inline_sort_max_tokens
   return dict(norm_min_tokens=acm_fused.NORM_MIN_TOKENS, norm_mode=acm_fused.NORM_MODE,
               residual_min_tokens=acm_fused.RESIDUAL_MIN_TOKENS, down_split_max_tokens=acm_fused.DOWN_SPLIT_MAX_TOKENS,
               down_split_per_learner_max_tokens=acm_fused.DOWN_SPLIT_PER_LEARNER_MAX_TOKENS,
               down_split_parts=acm_fused.DOWN_SPLIT_PARTS, route_small_max_tokens=acm_fused.ROUTE_SMALL_MAX_TOKENS,
               route_small=dict(acm_fused.ROUTE_SMALL), route_medium_max_tokens=acm_fused.ROUTE_MEDIUM_MAX_TOKENS,
-              route_medium=dict(acm_fused.ROUTE_MEDIUM), route_shared_min_tokens=acm_fused.ROUTE_SHARED_MIN_TOKENS)
+              route_medium=dict(acm_fused.ROUTE_MEDIUM), route_shared_min_tokens=acm_fused.ROUTE_SHARED_MIN_TOKENS,
+              inline_sort_max_tokens=acm_fused.INLINE_SORT_MAX_TOKENS)
 
 
 def _mosaic_tiles(flag: str, text: str) -> dict:

@@ -146,6 +146,13 @@ ROUTE_MEDIUM = {"chunk": 64, "block_k": 256, "num_stages": 1}
 # --shared 0,1`). So it starts just above ROUTE_MEDIUM_MAX_TOKENS.
 ROUTE_SHARED_MIN_TOKENS: int | None = 8193
 SORT_MIN_TOKENS = 1024  # below this many tokens the unsorted path runs (see module docstring)
+# Up to this many tokens (None: never) the sorted path runs without its scatter launch: the route launch also
+# writes each token to a slot of its (category, chunk, rank), and every up program derives the sorted order of its
+# rows from the route's per-chunk category counts (`_inline_rows`); the programs of hidden tile 0 store the order
+# and the rows' k for the down launch. One launch fewer per group (four at one image with the split down launch:
+# route, up, down, the sum), for a few dependent loads and a small matmul per up program. None until a GPU run
+# (`benchmarks.switch_ab --variant "inline:INLINE_SORT_MAX_TOKENS=2048"`) shows where it pays.
+INLINE_SORT_MAX_TOKENS: int | None = None
 # At most this many tokens take the one-launch path (see module docstring). 0 until a GPU run
 # (`benchmarks.vit_bench --onepass-max-tokens`) shows where it pays.
 ONEPASS_MAX_TOKENS = 0
@@ -424,17 +431,22 @@ def _normalizer(mean, rstd, scale_ref, bias_ref):
 
 
 def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, tokens, padded, chunk, dim,
-                  block_k, num_learners, min_choice, relative_cost, sort, gate_dtype, norm_eps=None, shared=False):
+                  block_k, num_learners, min_choice, relative_cost, sort, gate_dtype, norm_eps=None, shared=False,
+                  inline=False):
   """With norm_eps: refs scale, bias (the LayerNorm's) come first, and the last two outputs take
   each token's mean and inverse standard deviation. shared: one program per chunk computes every
   ACM's gate (`_gate_choices`, one pass over the chunk's x) instead of one program per (ACM, chunk);
-  the outputs are the same either way."""
+  the outputs are the same either way. inline (sorted, `INLINE_SORT_MAX_TOKENS`): one more output, the
+  slots ((G * GATE_COLS + 1) * padded,) int32: token t of chunk c, category n = N - k and rank r in its
+  chunk goes to slot (ACM * GATE_COLS + n) * padded + c * chunk + r, which `_inline_rows` reads in place of
+  the scatter launch's permutation (the last padded slots are never written)."""
   if norm_eps is not None:
     scale_ref, bias_ref, *refs = refs
   gates = [refs[g * gate_refs_per_group:(g + 1) * gate_refs_per_group] for g in range(num_groups)]
   k_ref, *sort_refs = refs[num_groups * gate_refs_per_group:]
   if norm_eps is not None:
     *sort_refs, mean_ref, rstd_ref = sort_refs
+  slot_ref = sort_refs.pop() if inline else None
   p = pl.program_id(0)
   num_chunks = padded // chunk
   g, c = (0, p) if shared else (p // num_chunks, p % num_chunks)
@@ -465,6 +477,11 @@ def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, toke
       rank = jnp.sum(jnp.where(onehot, same_before, 0.0), axis=1).astype(jnp.int32)
       rank_ref[pl.ds(gg * padded + c * chunk, chunk)] = rank
       counts_ref[pl.ds((gg * num_chunks + c) * GATE_COLS, GATE_COLS)] = jnp.sum(onehot.astype(jnp.int32), axis=0)
+      if inline:  # rows past the end are masked, and address a spare range past every ACM's slots
+        from jax.experimental.pallas import triton as plgpu
+        slot = jnp.where(valid, (gg * GATE_COLS + num_learners - k) * padded + c * chunk + rank,
+                         num_groups * GATE_COLS * padded + rows)
+        plgpu.store(slot_ref.at[slot], rows, mask=valid)
 
   if shared:
     for gg, k in enumerate(choose(gates)):
@@ -534,6 +551,41 @@ def _row_block(order_ref, k_ref, gg, i, *, block_rows, tokens, padded, sort):
   return valid, token, k_rows, jnp.max(k_rows)
 
 
+def _inline_rows(slot_ref, counts_ref, gg, i, *, block_rows, tokens, padded, chunk, num_learners):
+  """`_row_block` of the sorted path without the scatter launch's permutation: (valid, token, k, largest k)
+  of the rows at sorted places i * block_rows ... from the route launch's per-chunk category counts and
+  slots (`_route_kernel` with inline). The sorted order is the scatter launch's: categories n = N - k in
+  increasing order, within one the chunks in order, within a chunk the rank. Place p is in category n when
+  start[n] <= p < start[n] + total[n] (totals over chunks, starts their exclusive prefix); its index
+  j = p - start[n] in that category falls in the first chunk whose inclusive count of category n exceeds j,
+  at rank j - (the counts of the chunks before). The inclusive counts are a bf16 matmul of the counts
+  (each at most `chunk` <= 128, exact in bf16) with a triangle of ones, summed exactly in float32."""
+  from jax.experimental.pallas import triton as plgpu
+  num_chunks = padded // chunk
+  lanes = max(16, pl.next_power_of_2(num_chunks))  # a Triton tile: a power of two, 16 at least
+  cols = jnp.arange(GATE_COLS, dtype=jnp.int32)
+  chunks = jnp.arange(lanes, dtype=jnp.int32)
+  live = chunks < num_chunks
+  table = gg * num_chunks * GATE_COLS + jnp.minimum(chunks, num_chunks - 1) * GATE_COLS  # chunk c's counts
+  counts = plgpu.load(counts_ref.at[table[:, None] + cols[None, :]], mask=live[:, None], other=0)
+  totals = jnp.sum(counts, axis=0)
+  starts = jnp.sum(jnp.where(cols[:, None] < cols[None, :], totals[:, None], 0), axis=0)
+  pos = i * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
+  valid = pos < tokens
+  inside = (pos[:, None] >= starts[None, :]) & (pos[:, None] < (starts + totals)[None, :])  # (rows, categories)
+  category = jnp.sum(jnp.where(inside, cols[None, :], 0), axis=1)
+  j = pos - jnp.sum(jnp.where(inside, starts[None, :], 0), axis=1)
+  mine = plgpu.load(counts_ref.at[table[None, :] + category[:, None]], mask=live[None, :], other=0)  # (rows, chunks)
+  triangle = (chunks[:, None] <= chunks[None, :]).astype(jnp.bfloat16)
+  upto = jnp.dot(mine.astype(jnp.bfloat16), triangle, preferred_element_type=jnp.float32)
+  chunk_of = jnp.sum((upto <= j.astype(jnp.float32)[:, None]).astype(jnp.int32), axis=1)
+  rank = j - jnp.sum(jnp.where(chunks[None, :] < chunk_of[:, None], mine, 0), axis=1)
+  slot = jnp.where(valid, (gg * GATE_COLS + category) * padded + chunk_of * chunk + rank, 0)
+  token = jnp.where(valid, plgpu.load(slot_ref.at[slot], mask=valid, other=0), pos)
+  k_rows = jnp.where(valid, num_learners - category, 0)
+  return valid, token, k_rows, jnp.max(k_rows)
+
+
 def _grid_position(padded, block_rows, tiles):
   """(ACM, row block, tile) of this program on a grid of G x row blocks x tiles programs."""
   p = pl.program_id(0)
@@ -543,9 +595,10 @@ def _grid_position(padded, block_rows, tiles):
 
 
 def _split_row_refs(refs, gate, num_groups):
-  """A launch's leading refs: routed (gate None) order, k, x; gated (the one- and two-launch
-  paths: `gate` holds `_gate_choice` settings and gate_refs_per_group) shift, x and every ACM's
-  gate refs. Returns (the refs `_rows` reads, x, the remaining refs)."""
+  """A launch's leading refs: routed (gate None) order, k, x, or with the sorted order inline
+  (`_inline_rows`) slots, counts, x; gated (the one- and two-launch paths: `gate` holds `_gate_choice`
+  settings and gate_refs_per_group) shift, x and every ACM's gate refs. Returns (the refs `_rows` reads,
+  x, the remaining refs)."""
   if gate is None:
     order_ref, k_ref, x_ref, *rest = refs
     return (order_ref, k_ref, None, ()), x_ref, rest
@@ -554,11 +607,24 @@ def _split_row_refs(refs, gate, num_groups):
   return (None, None, shift_ref, rest[:num_groups * per_group]), x_ref, rest[num_groups * per_group:]
 
 
-def _rows(row_refs, x_ref, gg, i, first, k_out, *, gate, block_rows, tokens, padded, sort, dim):
+def _rows(row_refs, x_ref, gg, i, first, k_out, *, gate, block_rows, tokens, padded, sort, dim, inline=None,
+          order_out=None):
   """(valid, token, k, largest k) of row block i of ACM gg: read from the route launch's outputs,
   or (gated) computed from the rows' gate, rows in token order; then the programs where `first`
-  store the block's k to k_out."""
+  store the block's k to k_out. inline ({"chunk", "num_learners"}): the sorted order derived from
+  the route launch's slots and counts (`_inline_rows`); the programs where `first` also store the
+  rows' tokens to order_out, for the down launch."""
   order_ref, k_ref, shift_ref, gate_refs = row_refs
+  if inline is not None:
+    valid, token, k_rows, max_k = _inline_rows(order_ref, k_ref, gg, i, block_rows=block_rows, tokens=tokens,
+                                               padded=padded, **inline)
+
+    @pl.when(first)
+    def _():
+      k_out[pl.ds(gg * padded + i * block_rows, block_rows)] = k_rows
+      order_out[pl.ds(gg * padded + i * block_rows, block_rows)] = token
+
+    return valid, token, k_rows, max_k
   if gate is None:
     return _row_block(order_ref, k_ref, gg, i, block_rows=block_rows, tokens=tokens, padded=padded, sort=sort)
   per_group = gate["gate_refs_per_group"]
@@ -576,14 +642,16 @@ def _rows(row_refs, x_ref, gg, i, first, k_out, *, gate, block_rows, tokens, pad
 
 
 def _up_kernel(*refs, num_groups, tiles, block_rows, block_hidden, block_k, dim, width, tokens, padded, sort,
-               activation, fast_math, gate=None, norm=None):
+               activation, fast_math, gate=None, norm=None, inline=None):
   """Refs: order, k, x, (w1, b1) per ACM, hidden per ACM. With `gate` (the two-launch path: a
   dict of `_gate_choice` settings plus gate_refs_per_group) the rows' k is computed here
   instead: refs shift, x, the gate refs per ACM, (w1, b1) per ACM, hidden per ACM, k out
-  (written by the programs of hidden tile 0). With `norm` (routed paths; x un-normalised; see the
-  module docstring) "fold": refs order, k, x, mean, rstd, (w1 scaled, b1 folded, column sums of w1
-  scaled) per ACM, hidden per ACM; "prologue": order, k, x, mean, rstd, scale, bias, (w1, b1) per
-  ACM, hidden per ACM."""
+  (written by the programs of hidden tile 0). With `inline` (the sorted path without its scatter
+  launch, `_inline_rows`): order and k are the route's slots and counts, and two outputs follow the
+  hidden ones, the sorted order and the rows' k (written by the programs of hidden tile 0). With `norm`
+  (routed paths; x un-normalised; see the module docstring) "fold": refs order, k, x, mean, rstd,
+  (w1 scaled, b1 folded, column sums of w1 scaled) per ACM, hidden per ACM; "prologue": order, k, x,
+  mean, rstd, scale, bias, (w1, b1) per ACM, hidden per ACM."""
   row_refs, x_ref, refs = _split_row_refs(refs, gate, num_groups)
   if norm is not None:
     mean_ref, rstd_ref, *refs = refs
@@ -591,14 +659,19 @@ def _up_kernel(*refs, num_groups, tiles, block_rows, block_hidden, block_k, dim,
     scale_ref, bias_ref, *refs = refs
   per = 3 if norm == "fold" else 2
   w_refs, h_refs = refs[:per * num_groups], refs[per * num_groups:(per + 1) * num_groups]
-  k_out = refs[(per + 1) * num_groups] if gate is not None else None
+  order_out, k_out = None, None
+  if inline is not None:
+    order_out, k_out = refs[(per + 1) * num_groups:]
+  elif gate is not None:
+    k_out = refs[(per + 1) * num_groups]
   g, i, j = _grid_position(padded, block_rows, tiles)
 
   def body(gg):
     w1_ref, b1_ref, *colsum = w_refs[per * gg:per * (gg + 1)]
-    # gated: every program of the row block computes its k, hidden tile 0 stores it
+    # gated or inline: every program of the row block computes its rows, hidden tile 0 stores them
     valid, token, k_rows, max_k = _rows(row_refs, x_ref, gg, i, j == 0, k_out, gate=gate, block_rows=block_rows,
-                                        tokens=tokens, padded=padded, sort=sort, dim=dim)
+                                        tokens=tokens, padded=padded, sort=sort, dim=dim, inline=inline,
+                                        order_out=order_out)
 
     @pl.when(j * block_hidden < max_k * width)
     def _():
@@ -977,7 +1050,8 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
               xla: bool | None = None, fast_math: bool | None = None, interpret: bool | None = None,
               mgpu_down: bool | None = None, merged: bool | None = None, norm: tuple | None = None,
               norm_mode: str | None = None, residual: jax.Array | None = None, mgpu_up: bool | None = None,
-              split_down: bool | None = None, **tiles) -> tuple[tuple[jax.Array, ...], jax.Array]:
+              split_down: bool | None = None, inline_sort: bool | None = None,
+              **tiles) -> tuple[tuple[jax.Array, ...], jax.Array]:
   """Hard-choice outputs of G ACMs that read the same tokens.
 
   x: (T, d) bfloat16 or float32. groups: G dicts with w1 (d, N*h), b1 (N*h,),
@@ -1002,6 +1076,9 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   by XLA after the kernels. split_down: the Triton down launch of the routed and two-launch paths
   (`SPLIT_PATHS`) with its reduction split into parts (`split_parts`; None: up to `DOWN_SPLIT_MAX_TOKENS`
   tokens, where the learner width is a multiple of block_k_down; True raises where it cannot run).
+  inline_sort: the sorted path without its scatter launch, the up launch deriving the sorted order from
+  the route's counts (`_inline_rows`; None: up to `INLINE_SORT_MAX_TOKENS` tokens; True raises where it
+  cannot run).
 
   Returns (outputs: G arrays (T, d) in x.dtype, k: (G, T) int32 in token order).
   """
@@ -1019,6 +1096,8 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
                              xla=xla, **tiles)
   if split_down and path not in SPLIT_PATHS:
     _split_down(split_down, tokens, width, cfg, path)  # raises, naming the path
+  if inline_sort and path != "sorted":
+    _inline_sort(inline_sort, tokens, path)  # raises, naming the path
   if path == "xla":
     return _plus(_acm_group_xla(x if norm is None else layer_norm(x, *norm), groups, num_learners=num_learners,
                                 activation=activation, min_choice=min_choice, cost_shift=cost_shift), residual)
@@ -1072,10 +1151,15 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
         name="acm_group_gated_up")(shift, x, *gate_inputs, *weights_up)
     order = k_rows = k_tokens  # order is not read on the unsorted paths
   else:
+    inline = _inline_sort(inline_sort, tokens, path, mosaic=bool(down_cfg or up_cfg))
     (k_tokens, order, k_rows, *positions), stats = _route(
         shift, x, gate_inputs, num_groups=num_groups, padded=padded, linear_gate=linear_gate, sort=sort,
         positions=bool(down_cfg), gate_settings=gate_settings, num_stages=cfg.num_stages, interpret=interpret,
-        norm=norm if fuse_norm else None)
+        norm=norm if fuse_norm else None, inline=inline)
+    if inline:  # the up launch also returns the sorted order and the rows' k, for the down launch
+      chunk = route_settings(tokens, dim, cfg.num_stages)[0]
+      up = functools.partial(up, inline=dict(chunk=chunk, num_learners=num_learners))
+      hidden_shapes += (jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),) * 2
     if fuse_norm and norm_mode == "fold":
       weights_up = [a for grp in groups for a in fold_norm(grp["w1"], grp["b1"], *norm[:2])]
       hidden = up_call(functools.partial(up, norm="fold"), out_shape=hidden_shapes, name="acm_group_up")(
@@ -1088,6 +1172,8 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
                         activation=activation, num_learners=num_learners, interpret=interpret)
     else:
       hidden = up_call(up, out_shape=hidden_shapes, name="acm_group_up")(order, k_rows, x, *weights_up)
+    if inline:
+      *hidden, order, k_rows = hidden
   k = k_tokens.reshape(num_groups, padded)[:, :tokens]
   if down_cfg:
     outs, added = _mgpu_down(hidden, groups, k_rows, positions[0], k_tokens, residual, cfg=down_cfg, tokens=tokens,
@@ -1138,6 +1224,21 @@ def _split_down(asked, tokens, width, cfg, path, *, merged=False, mosaic=False) 
   return bool(asked)
 
 
+def _inline_sort(asked, tokens, path, *, mosaic=False) -> bool:
+  """Whether the sorted path skips its scatter launch (`INLINE_SORT_MAX_TOKENS`, or `asked`: True raises
+  where it cannot run)."""
+  why = None
+  if path != "sorted":
+    why = f"it runs on the sorted path only (this call takes the {path!r} path)"
+  elif mosaic:
+    why = "the Mosaic GPU launches (mgpu_up, mgpu_down) read the scatter launch's permutation"
+  if asked is None:
+    return why is None and INLINE_SORT_MAX_TOKENS is not None and tokens <= INLINE_SORT_MAX_TOKENS
+  if asked and why:
+    raise ValueError(f"inline_sort=True: {why}")
+  return bool(asked)
+
+
 def _plus(result, residual):
   """(outputs, k) with the residual added to every output by XLA (nothing when it is None)."""
   if residual is None:
@@ -1181,13 +1282,15 @@ def route_shared(num_groups: int, linear_gate: bool, tokens: int) -> bool:
 
 
 def _route(shift, x, gate_inputs, *, num_groups, padded, linear_gate, sort, positions, gate_settings, num_stages,
-           interpret, norm=None):
+           interpret, norm=None, inline=False):
   """The route launch, and on the sorted path the scatter launch: ((k in token order, order, k of
   the rows) each (G * padded,) int32, plus each token's sorted place when `positions`; with
   `norm` (scale, bias, eps), x is un-normalised and the second item is (mean, rstd) of every token,
   (padded,) float32 each, else None). Unsorted, order and the rows' k are k itself (order is not
-  read there). Tokens per program, gate steps and stages follow `route_settings`; a group's gates share one
-  program per chunk where `route_shared` says so."""
+  read there). inline (sorted): no scatter launch; order and the rows' k are replaced by the route's
+  slots and per-chunk counts, from which the up launch derives both (`_inline_rows`). Tokens per
+  program, gate steps and stages follow `route_settings`; a group's gates share one program per chunk
+  where `route_shared` says so."""
   chunk, block_k, num_stages = route_settings(x.shape[0], x.shape[1], num_stages)
   gate_settings = dict(gate_settings, block_k=block_k)
   num_chunks = padded // chunk
@@ -1196,6 +1299,8 @@ def _route(shift, x, gate_inputs, *, num_groups, padded, linear_gate, sort, posi
   if sort:
     route_out += [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),
                   jax.ShapeDtypeStruct((num_groups * num_chunks * GATE_COLS,), jnp.int32)]
+  if sort and inline:
+    route_out += [jax.ShapeDtypeStruct(((num_groups * GATE_COLS + 1) * padded,), jnp.int32)]
   norm_inputs = ()
   if norm is not None:
     route_out += [jax.ShapeDtypeStruct((padded,), jnp.float32)] * 2
@@ -1204,7 +1309,8 @@ def _route(shift, x, gate_inputs, *, num_groups, padded, linear_gate, sort, posi
   routed = pl.pallas_call(
       functools.partial(_route_kernel, num_groups=num_groups, gate_refs_per_group=2 if linear_gate else 1,
                         tokens=x.shape[0], padded=padded, chunk=chunk, dim=x.shape[1], sort=sort,
-                        norm_eps=None if norm is None else norm[2], shared=shared, **gate_settings),
+                        norm_eps=None if norm is None else norm[2], shared=shared, inline=sort and inline,
+                        **gate_settings),
       out_shape=tuple(route_out), grid=((1 if shared else num_groups) * num_chunks,), compiler_params=params,
       interpret=interpret, name="acm_route",
   )(shift, x, *norm_inputs, *gate_inputs)
@@ -1215,6 +1321,9 @@ def _route(shift, x, gate_inputs, *, num_groups, padded, linear_gate, sort, posi
   k_tokens = routed[0]
   if not sort:
     return (k_tokens, k_tokens, k_tokens), stats
+  if inline:
+    _, _, counts, slots = routed
+    return (k_tokens, slots, counts), stats
   sorted_out = pl.pallas_call(
       functools.partial(_scatter_kernel, num_groups=num_groups, tokens=x.shape[0], padded=padded,
                         chunk=chunk, num_learners=gate_settings["num_learners"]),

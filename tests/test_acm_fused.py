@@ -75,7 +75,10 @@ PATHS = {"unsorted": dict(sort=False, split_down=False), "sorted": dict(sort=Tru
          "merged_one_launch": dict(twolaunch=True, merged=True),
          # the down launch's reduction split per learner (`af.DOWN_SPLIT_MAX_TOKENS`)
          "split_sorted": dict(sort=True, split_down=True), "split_unsorted": dict(sort=False, split_down=True),
-         "split_twolaunch": dict(twolaunch=True, split_down=True)}
+         "split_twolaunch": dict(twolaunch=True, split_down=True),
+         # the sorted path without its scatter launch (`af.INLINE_SORT_MAX_TOKENS`), whole and split down launch
+         "inline_sorted": dict(sort=True, inline_sort=True, split_down=False),
+         "inline_split": dict(sort=True, inline_sort=True, split_down=True)}
 
 
 def split_tiles(path, width, tiles):
@@ -95,7 +98,7 @@ def test_group_matches_reference(tokens, dim, n, width, size, act, min_choice, d
   merged = PATHS[path].get("merged", False)
   if merged and act != "identity":
     pytest.skip("merged matrices stand for linear learners only")
-  if tokens * dim > 200_000 and path not in ("sorted", "merged_sorted", "split_sorted"):
+  if tokens * dim > 200_000 and path not in ("sorted", "merged_sorted", "split_sorted", "inline_sorted"):
     pytest.skip("the unsorted paths at this size add nothing the sorted one does not test")
   if PATHS[path].get("split_down") and width < 16:
     pytest.skip("learners narrower than the smallest block_k_down (16) cannot split")
@@ -531,6 +534,49 @@ def test_shared_route_lowers_for_cuda_at_vit_b_shapes(tokens, padded, monkeypatc
   assert re.findall(r"grid_x = (\d+)", text) == [str(padded // chunk), str(groups * padded // chunk)]
 
 
+@pytest.mark.parametrize("tokens,split", [(197, True), (1576, True), (1576, False)])
+def test_inline_sort_lowers_for_cuda_at_vit_b_shapes(tokens, split, monkeypatch):
+  """The Triton lowering of the sorted path without its scatter launch (`inline_sort`) at batch 1's and 8's shapes
+  (an MLP ACM of 4 learners of 768, bf16, the tuned table's tiles): route, up and (split) down launches and no
+  scatter launch, one route program per chunk and one up program per (row block, hidden tile)."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # lowered for CUDA, never run
+  dim, n, width = 768, 4, 768
+  shape, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
+  group = dict(w1=shape((dim, n * width), bf16), b1=shape((n * width,), bf16), w2=shape((n * width, dim), bf16),
+               b2=shape((n + 1, dim), bf16), gate=(shape((dim, n + 1), bf16), shape((n + 1,), bf16)))
+  call = lambda x, g: af.acm_group(x, [g], num_learners=n, sort=True, inline_sort=True, split_down=split,
+                                   interpret=False, block_rows=64, block_out=64, block_hidden=128, num_warps=4)
+  text = jax.jit(call).trace(shape((tokens, dim), bf16), group).lower(lowering_platforms=("cuda",)).as_text()
+  names = re.findall(r'name = "(acm_[a-z_]+)"', text)
+  assert names == ["acm_route", "acm_group_up", "acm_group_down_split" if split else "acm_group_down"]
+  padded = -(-tokens // 128) * 128
+  chunk = af.route_settings(tokens, dim, 3)[0]
+  assert re.findall(r"grid_x = (\d+)", text)[:2] == [str(padded // chunk), str(padded // 64 * n * width // 128)]
+
+
+def test_asking_for_inline_sort_where_it_cannot_run_names_the_reason():
+  x, groups = random_group(9, 40, 64, 4, 32, 1, jnp.float32)
+  for kwargs, message in [(dict(sort=False), "'unsorted'"), (dict(twolaunch=True), "'twolaunch'"),
+                          (dict(xla=True), "'xla'")]:
+    with pytest.raises(ValueError, match=f"inline_sort=True: it runs on the sorted path only .* {message}"):
+      af.acm_group(x, groups, num_learners=4, interpret=True, inline_sort=True, **{**SMALL, **kwargs})
+
+
+def test_inline_sort_runs_only_up_to_its_threshold(monkeypatch):
+  """`INLINE_SORT_MAX_TOKENS`: the sorted path skips its scatter launch up to that many tokens, and the result is
+  the reference's on both sides of it."""
+  seen = []
+  real = af._route_kernel
+  monkeypatch.setattr(af, "_route_kernel", lambda *a, **kw: seen.append(kw["inline"]) or real(*a, **kw))
+  monkeypatch.setattr(af, "INLINE_SORT_MAX_TOKENS", 149)
+  for tokens, seed in ((149, 5), (150, 6)):
+    x, groups = random_group(seed, tokens, 64, 4, 32, 1, jnp.float32)
+    check_group(x, groups, n=4, sort=True, **SMALL)
+  monkeypatch.setattr(af, "INLINE_SORT_MAX_TOKENS", None)
+  check_group(x, groups, n=4, sort=True, **SMALL)
+  assert seen == [True, False, False]
+
+
 def test_asking_for_a_split_down_launch_where_it_cannot_run_names_the_reason():
   x, groups = random_group(8, 40, 64, 4, 32, 1, jnp.float32)
   cases = [(dict(onepass=True), "it runs on the sorted, unsorted, twolaunch paths only .* 'onepass'"),
@@ -638,15 +684,17 @@ def test_tuned_tiles_that_do_not_fit_a_smaller_model_keep_the_heuristic(monkeypa
 
 
 @pytest.mark.parametrize("path", ["default", "layer_norm_fold", "layer_norm_prologue", "residual_in_kernel",
-                                  "onepass", "twolaunch", "xla", "shared_route", "shared_route_layer_norm_fold"])
+                                  "onepass", "twolaunch", "xla", "shared_route", "shared_route_layer_norm_fold",
+                                  "inline_sort"])
 def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attention=True):
   """The whole model: fused kernels (q/k/v as one group) against the XLA path forced to
   the same per-ACM choices, and the block-0 gates against the XLA gates; with the
   default paths, with the LayerNorms before the MLP and q/k/v groups fused into their kernels
   (both forms), with the skip connections added by the down launches, with every ACM on the
   one-launch path, with every group on the dense XLA path of `acm_group` (as the tuned table
-  may pick it), and with the q/k/v group's gates in one route program per chunk (`ROUTE_SHARED_MIN_TOKENS`),
-  alone and with the fused LayerNorm."""
+  may pick it), with the q/k/v group's gates in one route program per chunk (`ROUTE_SHARED_MIN_TOKENS`),
+  alone and with the fused LayerNorm, and with every group sorted without its scatter launch
+  (`INLINE_SORT_MAX_TOKENS`)."""
   folds, stats = [], []
   monkeypatch.setattr(af, "fold_norm", lambda *a, real=af.fold_norm: folds.append(1) or real(*a))
   monkeypatch.setattr(af, "_row_stats", lambda *a, real=af._row_stats, **kw: stats.append(1) or real(*a, **kw))
@@ -656,7 +704,8 @@ def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attent
                       lambda *a, **kw: residuals.append(kw.get("has_residual")) or real_down(*a, **kw))
   routes = []
   real_route = af._route_kernel
-  monkeypatch.setattr(af, "_route_kernel", lambda *a, **kw: routes.append(kw["shared"]) or real_route(*a, **kw))
+  monkeypatch.setattr(af, "_route_kernel",
+                      lambda *a, **kw: routes.append((kw["shared"], kw["inline"])) or real_route(*a, **kw))
   shared = path.startswith("shared_route")  # the tiny model's few tokens are below the default threshold
   if shared:
     monkeypatch.setattr(af, "ROUTE_SHARED_MIN_TOKENS", 0)
@@ -671,6 +720,9 @@ def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attent
     monkeypatch.setattr(af, "ONEPASS_MAX_TOKENS", 1 << 20)
   if path == "twolaunch":
     monkeypatch.setattr(af, "TWOLAUNCH_MAX_TOKENS", 1 << 20)
+  if path == "inline_sort":  # the tiny model's few tokens sort only when asked to
+    monkeypatch.setattr(af, "SORT_MIN_TOKENS", 0)
+    monkeypatch.setattr(af, "INLINE_SORT_MAX_TOKENS", 1 << 20)
   if path == "xla":
     real = af.default_settings
     monkeypatch.setattr(af, "default_settings", lambda *a: {**real(*a), "xla": True})
@@ -697,9 +749,10 @@ def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attent
   fused = path == "residual_in_kernel"
   assert residuals.count(True) == (cfg.depth * (2 if attention else 1) if fused else 0)
   # routed paths: a route launch per group and layer (q/k/v, out, MLP), the q/k/v group's shared when asked for
-  if path in ("default", "layer_norm_fold"):
+  if path in ("default", "layer_norm_fold", "inline_sort"):
     assert len(routes) == cfg.depth * (3 if attention else 1)
-    assert routes.count(True) == (cfg.depth if shared and attention else 0)
+    assert [r[0] for r in routes].count(True) == (cfg.depth if shared and attention else 0)
+    assert all(inline == (path == "inline_sort") for _, inline in routes)
   xla_model = vit.ViT(dataclasses.replace(cfg, acm=dataclasses.replace(cfg.acm, impl="xla")))
   with acm_lib.force_k(kmap):
     ref, ref_state = xla_model.apply({"params": params}, images, mutable=["acm"])
