@@ -20,7 +20,10 @@ group of three costs what one ACM costs in launches:
            same k (a triangular 0/1 matmul).
   scatter  (sorted path only) one program per (ACM, chunk): a token's place in
            the descending order is (tokens with a larger k) + (same k in earlier
-           chunks) + its rank; writes the permutation and the sorted k.
+           chunks) + its rank; writes the permutation and the sorted k. Up to
+           INLINE_SORT_MAX_TOKENS (off by default) there is no scatter launch: the
+           route also files each token under its (k, chunk, rank), and every up
+           program works out which tokens its sorted rows hold from the counts.
   up       one program per (ACM, row block, hidden tile): act(x @ w1 + b1) on the
            rows (gathered through the permutation), masked to each row's k; a
            tile past its row block's largest k returns at once.
