@@ -143,7 +143,8 @@ NORM_CASES = [
 
 @pytest.mark.parametrize("tokens,dim,n,width,size,act,min_choice,dtype,gate,k_kind,tiles", NORM_CASES)
 @pytest.mark.parametrize("path,mode", [("sorted", "fold"), ("sorted", "prologue"), ("unsorted", "fold"),
-                                       ("unsorted", "prologue"), ("xla", None), ("twolaunch", None)])
+                                       ("unsorted", "prologue"), ("xla", None), ("twolaunch", None),
+                                       ("inline_sorted", "fold")])
 def test_group_through_a_layer_norm_matches_reference(tokens, dim, n, width, size, act, min_choice, dtype, gate,
                                                       k_kind, tiles, path, mode, monkeypatch):
   """`norm`: the ACMs read LayerNorm(z). The routed paths fuse it (statistics in the route launch; the
@@ -495,17 +496,21 @@ def test_shared_route_gives_the_per_acm_route_results(tokens, dtype, fused_norm,
   """A q/k/v-like group of 3 ACMs routed with one program per chunk for all three gates (`route_shared`) against
   one program per (ACM, chunk): the same k and outputs, in the small route's chunks (300 tokens) and the 128-token
   ones (2,500, the medium route off), with and without the fused LayerNorm's statistics, and both against the
-  reference. Precomputed logits (a deep gate) keep the per-ACM programs and the same results."""
+  reference; sorted, the shared route also files the tokens for the inline sort (`INLINE_SORT_MAX_TOKENS`), with
+  the same results. Precomputed logits (a deep gate) keep the per-ACM programs and the same results."""
   monkeypatch.setattr(af, "ROUTE_MEDIUM_MAX_TOKENS", None)
   monkeypatch.setattr(af, "NORM_MIN_TOKENS", 0 if fused_norm else None)
   z, norm = norm_inputs(21, tokens, 128, dtype)
   _, groups = random_group(22, tokens, 128, 4, 32, 3, dtype, gate=gate)
   results = []
-  for limit in (None, 0):
+  for limit, inline in ((None, False), (0, False)) + (((0, True),) if sort else ()):
     monkeypatch.setattr(af, "ROUTE_SHARED_MIN_TOKENS", limit)
     results.append(af.acm_group(z, groups, num_learners=4, activation="identity", min_choice=1, norm=norm,
-                                interpret=True, sort=sort, **SMALL))
-  (outs_apart, k_apart), (outs_shared, k_shared) = results
+                                interpret=True, sort=sort, inline_sort=inline, **SMALL))
+  (outs_apart, k_apart), (outs_shared, k_shared) = results[:2]
+  for outs_inline, k_inline in results[2:]:
+    np.testing.assert_array_equal(k_inline, k_shared)
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(outs_inline, outs_shared))
   np.testing.assert_array_equal(k_shared, k_apart)
   assert all(len(np.unique(np.asarray(k))) > 1 for k in k_shared)
   refs, _ = af.acm_group_reference(z, groups, num_learners=4, activation="identity", k=k_shared, norm=norm)
