@@ -439,8 +439,8 @@ def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, toke
   """With norm_eps: refs scale, bias (the LayerNorm's) come first, and the last two outputs take
   each token's mean and inverse standard deviation. shared: one program per chunk computes every
   ACM's gate (`_gate_choices`, one pass over the chunk's x) instead of one program per (ACM, chunk);
-  the outputs are the same either way. inline (sorted, `INLINE_SORT_MAX_TOKENS`): one more output, the
-  slots ((G * GATE_COLS + 1) * padded,) int32: token t of chunk c, category n = N - k and rank r in its
+  the outputs are the same either way. inline (sorted, `INLINE_SORT_MAX_TOKENS`): in place of the ranks, the
+  slots ((G * GATE_COLS + 1) * padded,) int32 after the counts: token t of chunk c, category n = N - k and rank r in its
   chunk goes to slot (ACM * GATE_COLS + n) * padded + c * chunk + r, which `_inline_rows` reads in place of
   the scatter launch's permutation (the last padded slots are never written)."""
   if norm_eps is not None:
@@ -449,7 +449,6 @@ def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, toke
   k_ref, *sort_refs = refs[num_groups * gate_refs_per_group:]
   if norm_eps is not None:
     *sort_refs, mean_ref, rstd_ref = sort_refs
-  slot_ref = sort_refs.pop() if inline else None
   p = pl.program_id(0)
   num_chunks = padded // chunk
   g, c = (0, p) if shared else (p // num_chunks, p % num_chunks)
@@ -472,13 +471,17 @@ def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, toke
       mean_ref[pl.ds(c * chunk, chunk)] = mean
       rstd_ref[pl.ds(c * chunk, chunk)] = rstd
     if sort:
-      rank_ref, counts_ref = sort_refs
+      if inline:
+        counts_ref, slot_ref = sort_refs
+      else:
+        rank_ref, counts_ref = sort_refs
       onehot = ((num_learners - k)[:, None] == cols[None, :]) & valid[:, None]  # category 0 = k N
       earlier = (rows[:, None] > rows[None, :]).astype(jnp.bfloat16)
       # earlier tokens of the chunk in each category: 0/1 products summed in float32 (exact)
       same_before = jnp.dot(earlier, onehot.astype(jnp.bfloat16), preferred_element_type=f32)
       rank = jnp.sum(jnp.where(onehot, same_before, 0.0), axis=1).astype(jnp.int32)
-      rank_ref[pl.ds(gg * padded + c * chunk, chunk)] = rank
+      if not inline:  # the inline sort files the tokens by rank below instead
+        rank_ref[pl.ds(gg * padded + c * chunk, chunk)] = rank
       counts_ref[pl.ds((gg * num_chunks + c) * GATE_COLS, GATE_COLS)] = jnp.sum(onehot.astype(jnp.int32), axis=0)
       if inline:  # rows past the end are masked, and address a spare range past every ACM's slots
         from jax.experimental.pallas import triton as plgpu
@@ -1220,10 +1223,16 @@ def _split_down(asked, tokens, width, cfg, path, *, merged=False, mosaic=False) 
     why = "the Mosaic GPU down launch (mgpu_down) replaces the down launch it splits"
   elif width % cfg.block_k_down:
     why = f"the learner width {width} must be a multiple of block_k_down={cfg.block_k_down}"
+  return _switch("split_down", asked, why, DOWN_SPLIT_MAX_TOKENS is not None and tokens <= DOWN_SPLIT_MAX_TOKENS)
+
+
+def _switch(name: str, asked: bool | None, why: str | None, default: bool) -> bool:
+  """An `acm_group` switch: None takes `default` where the option can run (`why` None: nothing stops it); True
+  raises `why` where it cannot; False is off."""
   if asked is None:
-    return why is None and DOWN_SPLIT_MAX_TOKENS is not None and tokens <= DOWN_SPLIT_MAX_TOKENS
+    return why is None and default
   if asked and why:
-    raise ValueError(f"split_down=True: {why}")
+    raise ValueError(f"{name}=True: {why}")
   return bool(asked)
 
 
@@ -1235,11 +1244,7 @@ def _inline_sort(asked, tokens, path, *, mosaic=False) -> bool:
     why = f"it runs on the sorted path only (this call takes the {path!r} path)"
   elif mosaic:
     why = "the Mosaic GPU launches (mgpu_up, mgpu_down) read the scatter launch's permutation"
-  if asked is None:
-    return why is None and INLINE_SORT_MAX_TOKENS is not None and tokens <= INLINE_SORT_MAX_TOKENS
-  if asked and why:
-    raise ValueError(f"inline_sort=True: {why}")
-  return bool(asked)
+  return _switch("inline_sort", asked, why, INLINE_SORT_MAX_TOKENS is not None and tokens <= INLINE_SORT_MAX_TOKENS)
 
 
 def _plus(result, residual):
@@ -1299,11 +1304,10 @@ def _route(shift, x, gate_inputs, *, num_groups, padded, linear_gate, sort, posi
   num_chunks = padded // chunk
   params = None if interpret else _compiler_params(4, num_stages)
   route_out = [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32)]
-  if sort:
-    route_out += [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),
-                  jax.ShapeDtypeStruct((num_groups * num_chunks * GATE_COLS,), jnp.int32)]
-  if sort and inline:
-    route_out += [jax.ShapeDtypeStruct(((num_groups * GATE_COLS + 1) * padded,), jnp.int32)]
+  if sort:  # ranks (for the scatter launch) or, inline, slots, beside the per-chunk counts
+    route_out += [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32)] * (not inline)
+    route_out += [jax.ShapeDtypeStruct((num_groups * num_chunks * GATE_COLS,), jnp.int32)]
+    route_out += [jax.ShapeDtypeStruct(((num_groups * GATE_COLS + 1) * padded,), jnp.int32)] * inline
   norm_inputs = ()
   if norm is not None:
     route_out += [jax.ShapeDtypeStruct((padded,), jnp.float32)] * 2
@@ -1325,7 +1329,7 @@ def _route(shift, x, gate_inputs, *, num_groups, padded, linear_gate, sort, posi
   if not sort:
     return (k_tokens, k_tokens, k_tokens), stats
   if inline:
-    _, _, counts, slots = routed
+    _, counts, slots = routed
     return (k_tokens, slots, counts), stats
   sorted_out = pl.pallas_call(
       functools.partial(_scatter_kernel, num_groups=num_groups, tokens=x.shape[0], padded=padded,
