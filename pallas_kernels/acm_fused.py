@@ -153,15 +153,18 @@ SORT_MIN_TOKENS = 1024  # below this many tokens the unsorted path runs (see mod
 # writes each token to a slot of its (category, chunk, rank), and every up program derives the sorted order of its
 # rows from the route's per-chunk category counts (`_inline_rows`); the programs of hidden tile 0 store the order
 # and the rows' k for the down launch. One launch fewer per group (four at one image with the split down launch:
-# route, up, down, the sum), for a few dependent loads and a small matmul per up program. None until a GPU run
-# (`benchmarks.switch_ab --variant "inline:INLINE_SORT_MAX_TOKENS=2048"`) shows where it pays.
+# route, up, down, the sum), for a few dependent loads and a small matmul per up program. Off: on an H100
+# (2026-12-06 (xi), `benchmarks.switch_ab --variant "inline:INLINE_SORT_MAX_TOKENS=2048"`, r = 0.5) the whole
+# model ran 0.972x / 0.975x the default at batch 1 / 8 with MLP ACMs, 1.020x / 0.968x with MLP + q/k/v/o.
 INLINE_SORT_MAX_TOKENS: int | None = None
 # At most this many tokens take the one-launch path (see module docstring). 0 until a GPU run
 # (`benchmarks.vit_bench --onepass-max-tokens`) shows where it pays.
 ONEPASS_MAX_TOKENS = 0
 # At most this many tokens take the two-launch path (the unsorted path with the gate computed
-# inside the up kernel, see module docstring). 0 until a GPU run (`benchmarks.vit_bench
-# --twolaunch-max-tokens`) shows that one launch fewer per group pays for recomputing the gate.
+# inside the up kernel, see module docstring). Off: on an H100 (2026-12-06 (xi), `benchmarks.switch_ab --variant
+# "twolaunch:TWOLAUNCH_MAX_TOKENS=2048"`, r = 0.5, with the split down launch) the whole model ran 0.955x / 0.878x
+# the default at batch 1 / 8 with MLP ACMs, 0.996x / 0.881x with MLP + q/k/v/o: its row blocks in token order each
+# run to their largest k.
 TWOLAUNCH_MAX_TOKENS = 0
 MAX_GROUP = 4
 # With `residual` (the group's output goes into a skip connection, out = residual + ACM(x)), the down
