@@ -157,8 +157,9 @@ SORT_MIN_TOKENS = 1024  # below this many tokens the unsorted path runs (see mod
 # (2026-12-06 (xi), `benchmarks.switch_ab --variant "inline:INLINE_SORT_MAX_TOKENS=2048"`, r = 0.5) the whole
 # model ran 0.972x / 0.975x the default at batch 1 / 8 with MLP ACMs, 1.020x / 0.968x with MLP + q/k/v/o.
 INLINE_SORT_MAX_TOKENS: int | None = None
-# At most this many tokens take the one-launch path (see module docstring). 0 until a GPU run
-# (`benchmarks.vit_bench --onepass-max-tokens`) shows where it pays.
+# At most this many tokens take the one-launch path (see module docstring). Off: on an H200 (2026-12-01,
+# `benchmarks.fused_tune --onepass`) it took 2.0-5.2x the dense block at 197 and 1,576 tokens for every tile
+# choice (its float32 atomic adds of the hidden tiles' partial outputs), against 0.84-1.22x for the unsorted path.
 ONEPASS_MAX_TOKENS = 0
 # At most this many tokens take the two-launch path (the unsorted path with the gate computed
 # inside the up kernel, see module docstring). Off: on an H100 (2026-12-06 (xi), `benchmarks.switch_ab --variant
