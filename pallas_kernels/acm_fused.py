@@ -182,6 +182,12 @@ RESIDUAL_MIN_TOKENS: int | None = None
 # --norm-min-tokens 0`) it lost at batches 8 and 32 in both forms and was neutral at 256; the route's
 # float32 statistics cost more than XLA's LayerNorm passes they replace (benchmarks/RESULTS.md).
 NORM_MIN_TOKENS: int | None = None
+# ... and up to this many tokens (None: no bound), for the shape kinds (`shape_kind`) listed. On an H100
+# (2026-12-06, `benchmarks.switch_ab`, r = 0.5) the prologue form for every group lost with MLP ACMs at
+# batches 1 and 8 (0.957x, 0.974x the default); for the q/k/v groups alone it tied at batches 1 and 8
+# (1.040x, 1.013x: inside the rounds' spread) and lost at 32 (0.939x); the fold form lost everywhere.
+NORM_MAX_TOKENS: int | None = None
+NORM_KINDS = ("mlp", "proj")
 NORM_MODES = ("fold", "prologue")
 NORM_MODE = "fold"
 # The sorted path's down launch as the warp-specialised Mosaic GPU kernel of `acm_mgpu` (bf16 on
@@ -1078,8 +1084,8 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   "table" of every ACM of the group; see `_select_kernel`); None: wherever the groups carry them.
   norm: (scale (d,), bias (d,), eps) of a LayerNorm that the group reads through: the ACMs then
   compute on `layer_norm(x, *norm)`, x being the un-normalised input. The routed kernel paths fuse
-  it from `NORM_MIN_TOKENS` tokens on, in the form `norm_mode` names (None: `NORM_MODE`; module
-  docstring); elsewhere it runs first, in XLA. residual: (T, d) in x.dtype, added to every output
+  it from `NORM_MIN_TOKENS` to `NORM_MAX_TOKENS` tokens for the shape kinds `NORM_KINDS`, in the form
+  `norm_mode` names (None: `NORM_MODE`; module docstring); elsewhere it runs first, in XLA. residual: (T, d) in x.dtype, added to every output
   (a block's skip connection): by the down launch of the routed paths from `RESIDUAL_MIN_TOKENS`
   tokens on, or by the launch that returns the Mosaic down launch's rows to token order
   (`MGPU_DOWN_UNSORT` "kernel") or by the split down launch's sum, rounded once with the sum; elsewhere
@@ -1122,7 +1128,8 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   fast_math = fast_math and not interpret  # the interpreter cannot run PTX
   use_merged = _merged_tables(groups, activation, merged)
   fuse_norm = (norm is not None and path in ("sorted", "unsorted") and not use_merged
-               and NORM_MIN_TOKENS is not None and tokens >= NORM_MIN_TOKENS)
+               and NORM_MIN_TOKENS is not None and tokens >= NORM_MIN_TOKENS
+               and (NORM_MAX_TOKENS is None or tokens <= NORM_MAX_TOKENS) and shape_kind(dim, total) in NORM_KINDS)
   if norm is not None and not fuse_norm:
     x = layer_norm(x, *norm)
   if path == "onepass" and not use_merged:

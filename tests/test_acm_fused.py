@@ -592,22 +592,27 @@ def test_asking_for_a_split_down_launch_where_it_cannot_run_names_the_reason():
 
 
 def test_layer_norm_below_the_token_threshold_runs_first_and_agrees(monkeypatch):
-  """Below `NORM_MIN_TOKENS` (or with it None, the default) the LayerNorm runs as XLA before
-  unfused kernels: the same function."""
+  """Below `NORM_MIN_TOKENS` (or with it None, the default), above `NORM_MAX_TOKENS` and for a shape kind
+  outside `NORM_KINDS` the LayerNorm runs as XLA before unfused kernels: the same function."""
   n = 4
   z, norm = norm_inputs(0, 150, 64, jnp.float32)
-  _, groups = random_group(1, 150, 64, n, 32, 1, jnp.float32)
+  _, groups = random_group(1, 150, 64, n, 32, 1, jnp.float32)  # 4 x 32 hidden units over d = 64: "mlp"
   folds = []
   monkeypatch.setattr(af, "fold_norm", lambda *a, real=af.fold_norm: folds.append(1) or real(*a))
   call = functools.partial(af.acm_group, z, groups, num_learners=n, norm=norm, interpret=True, sort=True, **SMALL)
-  results = {}
-  for threshold in (0, 151, None):
-    monkeypatch.setattr(af, "NORM_MIN_TOKENS", threshold)
-    results[threshold] = call()
-  assert len(folds) == 1  # only at threshold 0
-  for threshold in (151, None):
-    np.testing.assert_array_equal(results[0][1], results[threshold][1])
-    assert rel_err(results[0][0][0], results[threshold][0][0]) < 1e-5
+  # (NORM_MIN_TOKENS, NORM_MAX_TOKENS, NORM_KINDS, whether the group fuses the LayerNorm)
+  settings = [(0, None, ("mlp", "proj"), True), (0, 150, ("mlp",), True), (151, None, ("mlp", "proj"), False),
+              (None, None, ("mlp", "proj"), False), (0, 149, ("mlp", "proj"), False), (0, None, ("proj",), False)]
+  results = []
+  for low, high, kinds, fused in settings:
+    for name, value in zip(("NORM_MIN_TOKENS", "NORM_MAX_TOKENS", "NORM_KINDS"), (low, high, kinds)):
+      monkeypatch.setattr(af, name, value)
+    before = len(folds)
+    results.append(call())
+    assert len(folds) - before == int(fused), (low, high, kinds)
+  for got in results[1:]:
+    np.testing.assert_array_equal(results[0][1], got[1])
+    assert rel_err(results[0][0][0], got[0][0]) < 1e-5
 
 
 def test_layer_norm_equals_flax_and_the_fold_is_exact():
