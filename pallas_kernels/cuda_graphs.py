@@ -16,6 +16,13 @@ but launch the kernel on XLA's stream, which is what stream capture records.
 Anything missing on this jax (no registrations, no traits argument, a changed
 lowering registry) leaves the standard path in place and `enable()` returns False.
 `ACM_JAX_CUDA_GRAPHS=0` in the environment turns it off.
+
+Inert on the GPU stack measured on 2026-12-06 (H100, jax 0.11.2): there the optimised HLO of the ACM
+ViT holds 48 `__gpu$xla.gpu.triton` calls (XLA's own Triton kernels, which it schedules as it schedules
+its fusions) and no `triton_kernel_call_ffi` call, so `enable()` returns True but retargets nothing
+(`benchmarks/RESULTS.md`, 2026-12-06 (xii)). Which call a Pallas kernel lowers to depends on the jax /
+jaxlib pair (`jax._src.pallas.triton.pallas_call_registration`); the module stays for stacks that use
+jaxlib's FFI target.
 """
 
 from __future__ import annotations

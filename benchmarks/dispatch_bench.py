@@ -1,0 +1,189 @@
+"""Host dispatch against device time for whole ViT forwards at serving batches (issue #21).
+
+    python3 -m benchmarks.dispatch_bench [--batches 1,8] [--acm mlp,mlp_qkvo] [--rounds 5] [--calls 20]
+
+`vit_bench` times a forward as one waited call: `jax.block_until_ready(forward(params, images))`.
+At batches 1 to 8 that wall time is much more than the kernels' time, and this script splits it.
+For the dense ViT and each ACM configuration (r = 0.5, gates set as `vit_bench` sets them), per call:
+- dispatch_ms: until the jitted call returns (the host flattens the parameters and runs XLA's
+  thunks: launches, command-buffer updates);
+- sync_ms: until its result is ready (what `vit_bench` times);
+- pipelined_ms: per call, over `calls` calls queued back to back and waited for once (the rate
+  when a server keeps requests in flight).
+The models are timed in alternating rounds, and each record carries the median over rounds of each
+round's median. XLA_FLAGS are read from the environment; a record carries them. `--variant
+NAME:OPTION=VALUE;...` compiles every model a second (third, ...) time with those XLA compile options
+(DebugOptions fields, e.g. `graphs_off:xla_gpu_enable_command_buffer=`), timed in the same rounds, so
+that such a setting is A/B'd in one process; the first variant is the baseline (`default`, no options,
+unless given). Each model's logits at one input are returned by two calls to check that the
+forward is repeatable within the process (`repeatable`).
+Records go to `results/dispatch_<gpu>.json` with the fields device, date, jax_version, xla_flags,
+model_preset, impl, r, batch, variant, compiler_options, model ("none" for dense, or the --acm kind),
+num_leaves (parameter arrays the call flattens), dispatch_ms, sync_ms, pipelined_ms, dispatch_over_dense,
+sync_over_dense, pipelined_over_dense (against the dense model of the same variant), sync_over_baseline
+(against the same model under the first variant) and repeatable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from acm_jax.vit import model as vit
+from benchmarks import gpu_name
+from benchmarks import train_bench as tb
+from benchmarks import vit_bench as vb
+
+
+def time_calls(fn, args, calls: int) -> dict:
+  """Medians over `calls` waited calls of the dispatch and sync times, and the per-call time of
+  `calls` queued calls (milliseconds)."""
+  dispatch, sync = [], []
+  for _ in range(calls):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    t1 = time.perf_counter()
+    jax.block_until_ready(out)
+    t2 = time.perf_counter()
+    dispatch.append(t1 - t0)
+    sync.append(t2 - t0)
+  t0 = time.perf_counter()
+  for _ in range(calls):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  pipelined = (time.perf_counter() - t0) / calls
+  return {"dispatch_ms": float(np.median(dispatch)) * 1e3, "sync_ms": float(np.median(sync)) * 1e3,
+          "pipelined_ms": pipelined * 1e3}
+
+
+def build(model_name: str, kinds, impl: str, r: float, image) -> dict:
+  """{"none" or kind: (jitted forward, bf16 parameters)}, ACM gates set for target k/N = r."""
+  cfg = vit.get_config(model_name)
+  models = {"none": (vit.ViT(cfg), False)}
+  for kind in kinds:
+    models[kind] = (vit.ViT(vb.acm_config(cfg, kind, impl)), True)
+  built = {}
+  for name, (model, acm) in models.items():
+    params = vb.bf16_params(model, image)
+    if acm:
+      params = vb.set_gates(params, vb.NUM_LEARNERS, r, cfg.dim, seed=2)
+    built[name] = (jax.jit(lambda p, x, model=model: model.apply({"params": p}, x)), params)
+  return built
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+  """"NAME:OPTION=VALUE;OPTION=VALUE" -> (NAME, {OPTION: VALUE}), VALUE an int, a bool (true/false) or a
+  string (possibly empty); "NAME" alone has no options."""
+  name, _, rest = text.partition(":")
+  if not name:
+    raise ValueError(f"a variant needs a name before ':', got {text!r}")
+  options = {}
+  for item in filter(None, rest.split(";")):
+    key, eq, value = item.partition("=")
+    if not eq or not key:
+      raise ValueError(f"variant {name!r}: expected OPTION=VALUE, got {item!r}")
+    if value.lower() in ("true", "false"):
+      options[key] = value.lower() == "true"
+    elif value.lstrip("-").isdigit():
+      options[key] = int(value)
+    else:
+      options[key] = value
+  return name, options
+
+
+def measure(built: dict, images, batches, rounds: int, calls: int, variants=(("default", {}),)) -> list[dict]:
+  """One record per (batch, variant, model): the medians over `rounds` alternating rounds."""
+  records = []
+  for batch in batches:
+    x = images[:batch]
+    compiled = {}
+    for variant, options in variants:
+      for name, (fn, params) in built.items():
+        run = fn.lower(params, x).compile(compiler_options=options or None)
+        for _ in range(3):  # warm up
+          jax.block_until_ready(run(params, x))
+        compiled[variant, name] = (run, params)
+    samples = {key: [] for key in compiled}
+    for _ in range(rounds):
+      for key, (run, params) in compiled.items():
+        samples[key].append(time_calls(run, (params, x), calls))
+    batch_records = {}
+    for (variant, name), (run, params) in compiled.items():
+      med = {key: round(float(np.median([s[key] for s in samples[variant, name]])), 4)
+             for key in ("dispatch_ms", "sync_ms", "pipelined_ms")}
+      first, second = (np.asarray(run(params, x), np.float32) for _ in range(2))
+      batch_records[variant, name] = dict(batch=batch, variant=variant, compiler_options=dict(variants)[variant],
+                                          model=name, num_leaves=len(jax.tree.leaves(params)), **med,
+                                          repeatable=bool(np.array_equal(first, second)))
+    baseline = variants[0][0]
+    for (variant, name), rec in batch_records.items():
+      dense = batch_records[variant, "none"]
+      for key in ("dispatch", "sync", "pipelined"):
+        rec[f"{key}_over_dense"] = round(rec[f"{key}_ms"] / dense[f"{key}_ms"], 4)
+      rec["sync_over_baseline"] = round(rec["sync_ms"] / batch_records[baseline, name]["sync_ms"], 4)
+      records.append(rec)
+  return records
+
+
+def table(records: list[dict]) -> str:
+  lines = ["| batch | variant | model | leaves | dispatch ms | sync ms | pipelined ms | sync / dense | "
+           "sync / baseline | repeatable |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for rec in records:
+    lines.append(f"| {rec['batch']} | {rec['variant']} | {rec['model']} | {rec['num_leaves']} | "
+                 f"{rec['dispatch_ms']:.3f} | {rec['sync_ms']:.3f} | {rec['pipelined_ms']:.3f} | "
+                 f"{rec['sync_over_dense']:.3f} | {rec['sync_over_baseline']:.3f} | {rec['repeatable']} |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="vit_b16", choices=("tiny", "vit_s16", "vit_b16", "vit_l16"),
+                      help="the ViT preset (tiny with --impl xla runs on a CPU: a smoke run of the script)")
+  parser.add_argument("--batches", type=tb._ints, default=[1, 8])
+  parser.add_argument("--acm", type=tb._list(tuple(vb.ACM_KINDS)), default=["mlp", "mlp_qkvo"])
+  parser.add_argument("--impl", default="pallas", choices=("auto", "pallas", "triton", "xla"))
+  parser.add_argument("--r", type=float, default=0.5, help="the gates' target k/N")
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--calls", type=int, default=20, help="calls per model and round")
+  parser.add_argument("--variant", action="append", default=None,
+                      help="NAME:OPTION=VALUE;... XLA compile options for every model (repeatable; the first is "
+                           "the baseline; without any: one variant 'default' with no options)")
+  parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
+  args = parser.parse_args(argv)
+  try:
+    variants = tuple(parse_variant(v) for v in args.variant) if args.variant else (("default", {}),)
+  except ValueError as err:
+    parser.error(str(err))
+  if len({name for name, _ in variants}) != len(variants):
+    parser.error(f"variant names must differ: {[name for name, _ in variants]}")
+  if args.rounds < 1 or args.calls < 1 or not 0 < args.r <= 1 or min(args.batches) < 1:
+    parser.error(f"--rounds, --calls and --batches must be >= 1 and --r in (0, 1]; got {args.rounds}, "
+                 f"{args.calls}, {args.batches}, {args.r}")
+  if jax.default_backend() != "gpu" and args.impl != "xla":
+    sys.exit(f"dispatch_bench times the ACM kernels on a GPU (backend here: {jax.default_backend()!r}); "
+             "only --impl xla runs elsewhere")
+  cfg = vit.get_config(args.model)
+  images = jax.random.normal(jax.random.key(0), (max(args.batches), cfg.image_size, cfg.image_size, 3),
+                             jnp.bfloat16)
+  built = build(args.model, args.acm, args.impl, args.r, images[:1])
+  records = measure(built, images, args.batches, args.rounds, args.calls, variants)
+  device = jax.devices()[0].device_kind
+  header = dict(device=device, date=datetime.date.today().isoformat(), jax_version=jax.__version__,
+                xla_flags=os.environ.get("XLA_FLAGS", ""), model_preset=args.model, impl=args.impl, r=args.r)
+  records = [{**header, **rec} for rec in records]
+  print(f"\n{args.model}, {device}, jax {jax.__version__}, XLA_FLAGS={header['xla_flags']!r}; "
+        f"{args.rounds} rounds of {args.calls} calls, medians\n\n{table(records)}\n")
+  tb.append(Path(args.results_dir) / f"dispatch_{gpu_name(device)}.json", records)
+  return records
+
+
+if __name__ == "__main__":
+  main()
