@@ -80,23 +80,15 @@ def build(model_name: str, kinds, impl: str, r: float, image) -> dict:
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-  """"NAME:OPTION=VALUE;OPTION=VALUE" -> (NAME, {OPTION: VALUE}), VALUE an int, a bool (true/false) or a
-  string (possibly empty); "NAME" alone has no options."""
+  """"NAME:OPTION=VALUE;OPTION=VALUE" -> (NAME, {OPTION: VALUE}) (values typed as `vit_bench.parse_xla_options`
+  types them); "NAME" alone has no options."""
   name, _, rest = text.partition(":")
   if not name:
     raise ValueError(f"a variant needs a name before ':', got {text!r}")
-  options = {}
-  for item in filter(None, rest.split(";")):
-    key, eq, value = item.partition("=")
-    if not eq or not key:
-      raise ValueError(f"variant {name!r}: expected OPTION=VALUE, got {item!r}")
-    if value.lower() in ("true", "false"):
-      options[key] = value.lower() == "true"
-    elif value.lstrip("-").isdigit():
-      options[key] = int(value)
-    else:
-      options[key] = value
-  return name, options
+  try:
+    return name, vb.parse_xla_options(filter(None, rest.split(";")))
+  except ValueError as err:
+    raise ValueError(f"variant {name!r}: {err}") from None
 
 
 def measure(built: dict, images, batches, rounds: int, calls: int, variants=(("default", {}),)) -> list[dict]:

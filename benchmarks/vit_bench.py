@@ -33,6 +33,10 @@ that model record `target_ratio`, `meets_target` and `target_limit`, "met", "rou
 the target: the gate, sort and kernels cost the difference) or "yardstick" (the static model misses it
 too), and the printed summary gains a table of the verdicts. `python3 -m benchmarks.vit_targets`
 draws the same table from the records of earlier runs.
+
+`--xla-option OPTION=VALUE` (repeatable) compiles every timed forward, dense, ACM and yardstick alike, with
+that XLA compile option (e.g. `xla_gpu_enable_command_buffer=`: command buffers off); rows record
+`xla_options`, and `vit_targets` leaves rows with options out of the default-path verdict.
 """
 
 from __future__ import annotations
@@ -237,6 +241,23 @@ def static_config(acm_cfg: vit.ViTConfig, widths: dict) -> vit.ViTConfig:
 ROUNDS = 5  # alternating dense / ACM timing rounds per configuration
 
 
+def parse_xla_options(items) -> dict:
+  """["KEY=VALUE", ...] -> {KEY: VALUE}: XLA compile options (DebugOptions fields) for `jax.jit`'s
+  compiler_options, VALUE an int, a bool (true/false) or a string (possibly empty). ValueError names a bad item."""
+  options = {}
+  for item in items:
+    key, eq, value = item.partition("=")
+    if not eq or not key:
+      raise ValueError(f"expected OPTION=VALUE, got {item!r}")
+    if value.lower() in ("true", "false"):
+      options[key] = value.lower() == "true"
+    elif value.lstrip("-").isdigit():
+      options[key] = int(value)
+    else:
+      options[key] = value
+  return options
+
+
 def timed(fn, *args, reps=30):
   jax.block_until_ready(fn(*args))
   samples = []
@@ -342,6 +363,9 @@ def main(argv=None):
   parser.add_argument("--static", action=argparse.BooleanOptionalAction, default=True,
                       help="time the static-width yardstick of each ACM configuration (module docstring)")
   parser.add_argument("--tuned", default=None, help="JSON of benchmarks.fused_tune to load into acm_fused.TUNED")
+  parser.add_argument("--xla-option", action="append", default=[], metavar="OPTION=VALUE",
+                      help="an XLA compile option for every timed forward, dense, ACM and yardstick alike (repeatable), "
+                           "e.g. xla_gpu_enable_command_buffer= (command buffers off)")
   parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
   parser.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
   args = parser.parse_args(argv)
@@ -351,6 +375,11 @@ def main(argv=None):
              "only --impls xla runs elsewhere")
   batches = [int(b) for b in args.batches.split(",")]
   kinds = args.acm.split(",")
+  try:
+    xla_options = parse_xla_options(args.xla_option)
+  except ValueError as err:
+    parser.error(f"--xla-option: {err}")
+  timed_jit = functools.partial(jax.jit, compiler_options=xla_options or None)
   bad = [k for k in kinds if k not in ACM_KINDS] + [b for b in batches if b < 1]
   if bad:
     sys.exit(f"bad --acm or --batches value(s) {bad}: --acm takes {sorted(ACM_KINDS)}, batches are >= 1")
@@ -384,13 +413,13 @@ def main(argv=None):
   size = dense_cfg.image_size
   all_images = jax.random.normal(jax.random.key(0), (max(batches), size, size, 3), jnp.bfloat16)
   dense_params = bf16_params(dense, all_images[:1])
-  dense_fn = jax.jit(lambda p, x: dense.apply({"params": p}, x))
+  dense_fn = timed_jit(lambda p, x: dense.apply({"params": p}, x))
   dense_tanh_fn = None
   if args.dense_gelu_tanh:
     # the same weights under GELU's tanh form, which the kernels compute for "gelu" in bfloat16 (within
     # bfloat16's rounding of the erf form): XLA runs the dense model's erf GELU as a separate, costly fusion
     dense_tanh = vit.ViT(dataclasses.replace(dense_cfg, activation="gelu_tanh").validate())
-    dense_tanh_fn = jax.jit(lambda p, x: dense_tanh.apply({"params": p}, x))
+    dense_tanh_fn = timed_jit(lambda p, x: dense_tanh.apply({"params": p}, x))
   setups = []
   for kind in kinds:
     acm_cfg = acm_config(dense_cfg, kind)
@@ -405,7 +434,7 @@ def main(argv=None):
   def compiled(kind, acm_cfg, impl):
     if (kind, impl) not in jitted:
       model = vit.ViT(dataclasses.replace(acm_cfg, acm=dataclasses.replace(acm_cfg.acm, impl=impl)))
-      jitted[kind, impl] = (jax.jit(lambda p, x: model.apply({"params": p}, x)),
+      jitted[kind, impl] = (timed_jit(lambda p, x: model.apply({"params": p}, x)),
                             jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["acm"])))
     return jitted[kind, impl]
 
@@ -415,7 +444,7 @@ def main(argv=None):
     key = (kind, tuple(sorted(widths.items())))
     if key not in statics:
       model = vit.ViT(static_config(acm_cfg, widths))
-      statics[key] = (jax.jit(lambda p, x: model.apply({"params": p}, x, mode="full")),
+      statics[key] = (timed_jit(lambda p, x: model.apply({"params": p}, x, mode="full")),
                       bf16_params(model, all_images[:1]))
     return statics[key]
 
@@ -427,7 +456,7 @@ def main(argv=None):
         + (f", with GELU's tanh form {tanh_ips:.1f}" if tanh_ips else ""))
     records.append(dict(device=device, date=date, jax_version=jax.__version__, batch=batch, acm="none", r=1.0,
                         r_measured=1.0, impl="dense", attention=args.attention, images_per_s=round(dense_ips, 1),
-                        ratio_to_dense=1.0, ideal_ratio=1.0, scanned=args.scan_blocks,
+                        ratio_to_dense=1.0, ideal_ratio=1.0, scanned=args.scan_blocks, xla_options=xla_options,
                         **({"images_per_s_gelu_tanh": round(tanh_ips, 1)} if tanh_ips else {})))
     for kind, acm_cfg, r, params, reference in setups:
       check = images[:min(batch, 32)]
@@ -476,7 +505,8 @@ def main(argv=None):
                    **baselines,
                    ideal_ratio=round(ideal, 4), logits_rel_err=err,
                    gate_agreement_block0=round(gate_agree, 5), check_passed=err <= 0.05 and gate_agree >= 0.99,
-                   scanned=args.scan_blocks, **fusions, mgpu_down_min_tokens=acm_fused.MGPU_DOWN_MIN_TOKENS,
+                   scanned=args.scan_blocks, xla_options=xla_options, **fusions,
+                   mgpu_down_min_tokens=acm_fused.MGPU_DOWN_MIN_TOKENS,
                    mgpu_down_kinds=list(acm_fused.MGPU_DOWN_KINDS), mgpu_down_tiles=dict(acm_fused.MGPU_DOWN_TILES),
                    mgpu_down_unsort=acm_fused.MGPU_DOWN_UNSORT,
                    mgpu_up_min_tokens=acm_fused.MGPU_UP_MIN_TOKENS, mgpu_up_tiles=dict(acm_fused.MGPU_UP_TILES))

@@ -174,3 +174,26 @@ def test_main_refuses_the_kernels_without_a_gpu():
     pytest.skip("the refusal is for backends without a GPU")
   with pytest.raises(SystemExit, match="only --impls xla runs elsewhere"):
     vb.main(["--model", "tiny", "--impls", "pallas", "--no-append"])
+
+
+def test_xla_options_are_parsed_typed_applied_and_recorded(tmp_path, monkeypatch):
+  """--xla-option OPTION=VALUE reaches every timed forward's compile (a bad option name stops the run in XLA)
+  and every row records it; a malformed item is refused by name."""
+  assert vb.parse_xla_options(["xla_gpu_enable_command_buffer=", "xla_gpu_graph_min_graph_size=2", "a=True",
+                               "b=-3", "c=x1"]) == {"xla_gpu_enable_command_buffer": "",
+                                                     "xla_gpu_graph_min_graph_size": 2, "a": True, "b": -3, "c": "x1"}
+  with pytest.raises(ValueError, match="OPTION=VALUE, got 'novalue'"):
+    vb.parse_xla_options(["novalue"])
+  monkeypatch.setattr(vb, "ROUNDS", 1)
+  monkeypatch.setenv("OUT", str(tmp_path))
+  argv = ["--model", "tiny", "--batches", "2", "--acm", "mlp", "--ratios", "0.5", "--impls", "xla", "--attention",
+          "xla", "--no-dense-gelu-tanh", "--no-static", "--results-dir", str(tmp_path), "--no-append"]
+  vb.main(argv + ["--xla-option", "xla_cpu_enable_fast_math=false", "--xla-option", "xla_gpu_enable_command_buffer="])
+  rows = json.loads(next(tmp_path.glob("vit_*.json")).read_text())
+  assert {r["acm"] for r in rows} == {"none", "mlp"}
+  assert all(r["xla_options"] == {"xla_cpu_enable_fast_math": False, "xla_gpu_enable_command_buffer": ""}
+             for r in rows)
+  with pytest.raises(Exception, match="xla_no_such_option"):
+    vb.main(argv + ["--xla-option", "xla_no_such_option=1"])
+  with pytest.raises(SystemExit):
+    vb.main(argv + ["--xla-option", "oops"])
