@@ -364,8 +364,8 @@ def main(argv=None):
                       help="time the static-width yardstick of each ACM configuration (module docstring)")
   parser.add_argument("--tuned", default=None, help="JSON of benchmarks.fused_tune to load into acm_fused.TUNED")
   parser.add_argument("--xla-option", action="append", default=[], metavar="OPTION=VALUE",
-                      help="an XLA compile option for every timed forward, dense, ACM and yardstick alike (repeatable), "
-                           "e.g. xla_gpu_enable_command_buffer= (command buffers off)")
+                      help="an XLA compile option for every timed forward, dense, ACM and yardstick alike "
+                           "(repeatable), e.g. xla_gpu_enable_command_buffer= (command buffers off)")
   parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
   parser.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
   args = parser.parse_args(argv)
