@@ -1086,10 +1086,11 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   compute on `layer_norm(x, *norm)`, x being the un-normalised input. The routed kernel paths fuse
   it from `NORM_MIN_TOKENS` to `NORM_MAX_TOKENS` tokens for the shape kinds `NORM_KINDS`, in the form
   `norm_mode` names (None: `NORM_MODE`; module docstring); elsewhere it runs first, in XLA.
-  residual: (T, d) in x.dtype, added to every output (a block's skip connection): by the down launch of
-  the routed paths from `RESIDUAL_MIN_TOKENS` tokens on, or by the launch that returns the Mosaic down
-  launch's rows to token order (`MGPU_DOWN_UNSORT` "kernel") or by the split down launch's sum, rounded once with the sum; elsewhere
-  by XLA after the kernels. split_down: the Triton down launch of the routed and two-launch paths
+  residual: (T, d) in x.dtype, added to every output (a block's skip connection): by the down launch of the
+  routed paths from `RESIDUAL_MIN_TOKENS` tokens on, or by the launch that returns the Mosaic down launch's
+  rows to token order (`MGPU_DOWN_UNSORT` "kernel") or by the split down launch's sum, rounded once with the
+  sum; elsewhere by XLA after the kernels.
+  split_down: the Triton down launch of the routed and two-launch paths
   (`SPLIT_PATHS`) with its reduction split into parts (`split_parts`; None: up to `DOWN_SPLIT_MAX_TOKENS`
   tokens, where the learner width is a multiple of block_k_down; True raises where it cannot run).
   inline_sort: the sorted path without its scatter launch, the up launch deriving the sorted order from
