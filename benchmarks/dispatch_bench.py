@@ -19,7 +19,9 @@ unless given). Each model's logits at one input are returned by two calls to che
 forward is repeatable within the process (`repeatable`).
 Records go to `results/dispatch_<gpu>.json` with the fields device, date, jax_version, xla_flags,
 model_preset, impl, r, batch, variant, compiler_options, model ("none" for dense, or the --acm kind),
-num_leaves (parameter arrays the call flattens), dispatch_ms, sync_ms, pipelined_ms, dispatch_over_dense,
+num_leaves (parameter arrays the call flattens), arrays_only_dispatch_ms (the dispatch of a jitted function
+that takes the same parameters and images, passes every array to its executable and only adds 1 to the
+images: what the arrays alone cost the host), dispatch_ms, sync_ms, pipelined_ms, dispatch_over_dense,
 sync_over_dense, pipelined_over_dense (against the dense model of the same variant), sync_over_baseline
 (against the same model under the first variant) and repeatable.
 """
@@ -97,16 +99,23 @@ def measure(built: dict, images, batches, rounds: int, calls: int, variants=(("d
   for batch in batches:
     x = images[:batch]
     compiled = {}
+    trivial = {}  # the same arguments into a function that only adds 1 to the images: the host's cost of the
+    for name, (fn, params) in built.items():  # parameter arrays alone (every array reaches the executable)
+      trivial[name] = jax.jit(lambda p, x: x + 1, keep_unused=True).lower(params, x).compile()
     for variant, options in variants:
       for name, (fn, params) in built.items():
         run = fn.lower(params, x).compile(compiler_options=options or None)
         for _ in range(3):  # warm up
           jax.block_until_ready(run(params, x))
+          jax.block_until_ready(trivial[name](params, x))
         compiled[variant, name] = (run, params)
     samples = {key: [] for key in compiled}
+    arrays_only = {name: [] for name in built}
     for _ in range(rounds):
       for key, (run, params) in compiled.items():
         samples[key].append(time_calls(run, (params, x), calls))
+      for name, (_, params) in built.items():
+        arrays_only[name].append(time_calls(trivial[name], (params, x), calls))
     batch_records = {}
     for (variant, name), (run, params) in compiled.items():
       med = {key: round(float(np.median([s[key] for s in samples[variant, name]])), 4)
@@ -114,6 +123,8 @@ def measure(built: dict, images, batches, rounds: int, calls: int, variants=(("d
       first, second = (np.asarray(run(params, x), np.float32) for _ in range(2))
       batch_records[variant, name] = dict(batch=batch, variant=variant, compiler_options=dict(variants)[variant],
                                           model=name, num_leaves=len(jax.tree.leaves(params)), **med,
+                                          arrays_only_dispatch_ms=round(float(np.median(
+                                              [s["dispatch_ms"] for s in arrays_only[name]])), 4),
                                           repeatable=bool(np.array_equal(first, second)))
     baseline = variants[0][0]
     for (variant, name), rec in batch_records.items():
@@ -126,10 +137,11 @@ def measure(built: dict, images, batches, rounds: int, calls: int, variants=(("d
 
 
 def table(records: list[dict]) -> str:
-  lines = ["| batch | variant | model | leaves | dispatch ms | sync ms | pipelined ms | sync / dense | "
-           "sync / baseline | repeatable |", "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| batch | variant | model | leaves | arrays-only dispatch ms | dispatch ms | sync ms | pipelined ms | "
+           "sync / dense | sync / baseline | repeatable |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for rec in records:
     lines.append(f"| {rec['batch']} | {rec['variant']} | {rec['model']} | {rec['num_leaves']} | "
+                 f"{rec['arrays_only_dispatch_ms']:.3f} | "
                  f"{rec['dispatch_ms']:.3f} | {rec['sync_ms']:.3f} | {rec['pipelined_ms']:.3f} | "
                  f"{rec['sync_over_dense']:.3f} | {rec['sync_over_baseline']:.3f} | {rec['repeatable']} |")
   return "\n".join(lines)

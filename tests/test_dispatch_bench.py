@@ -51,6 +51,7 @@ def test_smoke_run_records(tmp_path):
                                rtol=2e-3)
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(built[rec["model"]][1]))
     assert rec["num_leaves"] == len(flat)
+    assert 0 < rec["arrays_only_dispatch_ms"]
     assert rec["repeatable"] is True
   leaves = {r["model"]: r["num_leaves"] for r in records}
   assert leaves["none"] < leaves["mlp"] < leaves["mlp_qkvo"]  # the gates add parameters
