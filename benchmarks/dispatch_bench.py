@@ -98,17 +98,17 @@ def measure(built: dict, images, batches, rounds: int, calls: int, variants=(("d
   records = []
   for batch in batches:
     x = images[:batch]
-    compiled = {}
-    trivial = {}  # the same arguments into a function that only adds 1 to the images: the host's cost of the
-    for name, (fn, params) in built.items():  # parameter arrays alone (every array reaches the executable)
-      trivial[name] = jax.jit(lambda p, x: x + 1, keep_unused=True).lower(params, x).compile()
-    for variant, options in variants:
-      for name, (fn, params) in built.items():
-        run = fn.lower(params, x).compile(compiler_options=options or None)
-        for _ in range(3):  # warm up
-          jax.block_until_ready(run(params, x))
-          jax.block_until_ready(trivial[name](params, x))
-        compiled[variant, name] = (run, params)
+    # the same arguments into a function that only adds 1 to the images, every array passed to its executable:
+    # what the parameter arrays alone cost the host
+    trivial = {name: jax.jit(lambda p, x: x + 1, keep_unused=True).lower(params, x).compile()
+               for name, (_, params) in built.items()}
+    compiled = {(variant, name): (fn.lower(params, x).compile(compiler_options=options or None), params)
+                for variant, options in variants for name, (fn, params) in built.items()}
+    for _ in range(3):  # warm up
+      for name, (_, params) in built.items():
+        jax.block_until_ready(trivial[name](params, x))
+      for run, params in compiled.values():
+        jax.block_until_ready(run(params, x))
     samples = {key: [] for key in compiled}
     arrays_only = {name: [] for name in built}
     for _ in range(rounds):
