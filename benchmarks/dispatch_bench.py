@@ -66,21 +66,6 @@ def time_calls(fn, args, calls: int) -> dict:
           "pipelined_ms": pipelined * 1e3}
 
 
-def build(model_name: str, kinds, impl: str, r: float, image) -> dict:
-  """{"none" or kind: (jitted forward, bf16 parameters)}, ACM gates set for target k/N = r."""
-  cfg = vit.get_config(model_name)
-  models = {"none": (vit.ViT(cfg), False)}
-  for kind in kinds:
-    models[kind] = (vit.ViT(vb.acm_config(cfg, kind, impl)), True)
-  built = {}
-  for name, (model, acm) in models.items():
-    params = vb.bf16_params(model, image)
-    if acm:
-      params = vb.set_gates(params, vb.NUM_LEARNERS, r, cfg.dim, seed=2)
-    built[name] = (jax.jit(lambda p, x, model=model: model.apply({"params": p}, x)), params)
-  return built
-
-
 def parse_variant(text: str) -> tuple[str, dict]:
   """"NAME:OPTION=VALUE;OPTION=VALUE" -> (NAME, {OPTION: VALUE}) (values typed as `vit_bench.parse_xla_options`
   types them); "NAME" alone has no options."""
@@ -177,7 +162,7 @@ def main(argv=None) -> list[dict]:
   cfg = vit.get_config(args.model)
   images = jax.random.normal(jax.random.key(0), (max(args.batches), cfg.image_size, cfg.image_size, 3),
                              jnp.bfloat16)
-  built = build(args.model, args.acm, args.impl, args.r, images[:1])
+  built = vb.serving_forwards(args.model, args.acm, args.impl, args.r, images[:1])
   records = measure(built, images, args.batches, args.rounds, args.calls, variants)
   device = jax.devices()[0].device_kind
   header = dict(device=device, date=datetime.date.today().isoformat(), jax_version=jax.__version__,

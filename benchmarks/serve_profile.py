@@ -70,14 +70,7 @@ def main(argv=None) -> dict:
   dense_cfg = vit.get_config(args.model)
   images = jax.random.normal(jax.random.key(0), (max(args.batches), dense_cfg.image_size, dense_cfg.image_size, 3),
                              jnp.bfloat16)
-  configs = {"none": dense_cfg, **{kind: vb.acm_config(dense_cfg, kind, args.impl) for kind in args.acm}}
-  forwards = {}
-  for kind, cfg in configs.items():
-    model = vit.ViT(cfg)
-    params = vb.bf16_params(model, images[:1])
-    if kind != "none":
-      params = vb.set_gates(params, cfg.acm.num_learners, args.r, cfg.dim, seed=2)
-    forwards[kind] = (jax.jit(lambda p, x, model=model: model.apply({"params": p}, x)), params)
+  forwards = vb.serving_forwards(args.model, args.acm, args.impl, args.r, images[:1])
   runs = {}
   for batch in args.batches:
     for kind, (fn, params) in forwards.items():

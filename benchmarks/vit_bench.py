@@ -148,6 +148,21 @@ def bf16_params(model: vit.ViT, image: jax.Array):
   return jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
 
 
+def serving_forwards(model_name: str, kinds, impl: str, r: float, image) -> dict:
+  """{"none" (dense) or ACM kind: (jitted forward, bf16 parameters)} of the `model_name` preset, the ACM gates
+  set for target k/N = r (`set_gates`): the models `serve_profile` and `dispatch_bench` time."""
+  dense_cfg = vit.get_config(model_name)
+  configs = {"none": dense_cfg, **{kind: acm_config(dense_cfg, kind, impl) for kind in kinds}}
+  forwards = {}
+  for kind, cfg in configs.items():
+    model = vit.ViT(cfg)
+    params = bf16_params(model, image)
+    if kind != "none":
+      params = set_gates(params, cfg.acm.num_learners, r, cfg.dim, seed=2)
+    forwards[kind] = (jax.jit(lambda p, x, model=model: model.apply({"params": p}, x)), params)
+  return forwards
+
+
 def acm_collection(state):
   """The sown "acm" collection keyed by per-layer paths (`block_i/...`) in either block layout."""
   return transformer.unstack_blocks(dict(flax.core.unfreeze(state["acm"])))

@@ -39,7 +39,7 @@ def test_smoke_run_records(tmp_path):
   assert {r["variant"]: r["compiler_options"] for r in records} == {
       "default": {}, "nofuse": {"xla_cpu_enable_fast_math": False, "xla_gpu_enable_command_buffer": ""}}
   size = db.vit.get_config("tiny").image_size
-  built = db.build("tiny", ["mlp", "mlp_qkvo"], "xla", 0.5, jnp.zeros((1, size, size, 3), jnp.bfloat16))
+  built = db.vb.serving_forwards("tiny", ["mlp", "mlp_qkvo"], "xla", 0.5, jnp.zeros((1, size, size, 3), jnp.bfloat16))
   for rec in records:
     same = lambda variant, model: next(d for d in records if (d["batch"], d["variant"], d["model"]) ==
                                        (rec["batch"], variant, model))
