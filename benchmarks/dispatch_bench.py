@@ -16,20 +16,22 @@ NAME:OPTION=VALUE;...` compiles every model a second (third, ...) time with thos
 (DebugOptions fields, e.g. `graphs_off:xla_gpu_enable_command_buffer=`), timed in the same rounds, so
 that such a setting is A/B'd in one process; the first variant is the baseline (`default`, no options,
 unless given). Each model's logits at one input are returned by two calls to check that the
-forward is repeatable within the process (`repeatable`).
+forward is repeatable within the process (`repeatable`), and `logits_sha1` (of the first call's float32 logits)
+lets two processes, or two variants, be compared for bitwise agreement.
 Records go to `results/dispatch_<gpu>.json` with the fields device, date, jax_version, xla_flags,
 model_preset, impl, r, batch, variant, compiler_options, model ("none" for dense, or the --acm kind),
 num_leaves (parameter arrays the call flattens), arrays_only_dispatch_ms (the dispatch of a jitted function
 that takes the same parameters and images, passes every array to its executable and only adds 1 to the
 images: what the arrays alone cost the host), dispatch_ms, sync_ms, pipelined_ms, dispatch_over_dense,
 sync_over_dense, pipelined_over_dense (against the dense model of the same variant), sync_over_baseline
-(against the same model under the first variant) and repeatable.
+(against the same model under the first variant), repeatable and logits_sha1.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import os
 import sys
 import time
@@ -110,7 +112,8 @@ def measure(built: dict, images, batches, rounds: int, calls: int, variants=(("d
                                           model=name, num_leaves=len(jax.tree.leaves(params)), **med,
                                           arrays_only_dispatch_ms=round(float(np.median(
                                               [s["dispatch_ms"] for s in arrays_only[name]])), 4),
-                                          repeatable=bool(np.array_equal(first, second)))
+                                          repeatable=bool(np.array_equal(first, second)),
+                                          logits_sha1=hashlib.sha1(first.tobytes()).hexdigest())
     baseline = variants[0][0]
     for (variant, name), rec in batch_records.items():
       dense = batch_records[variant, "none"]

@@ -2,6 +2,7 @@
 the time until its result is ready, and a smoke run of the tiny ViT (XLA path) writes one record per
 batch and model with ratios to the dense model of the same batch."""
 
+import hashlib
 import json
 import time
 
@@ -53,6 +54,11 @@ def test_smoke_run_records(tmp_path):
     assert rec["num_leaves"] == len(flat)
     assert 0 < rec["arrays_only_dispatch_ms"]
     assert rec["repeatable"] is True
+    if rec["variant"] == "default":  # the digest is of the logits that the plain jitted forward gives
+      images = jax.random.normal(jax.random.key(0), (2, size, size, 3), jnp.bfloat16)[:rec["batch"]]
+      fn, params = built[rec["model"]]
+      logits = np.asarray(fn(params, images), np.float32)
+      assert rec["logits_sha1"] == hashlib.sha1(logits.tobytes()).hexdigest()
   leaves = {r["model"]: r["num_leaves"] for r in records}
   assert leaves["none"] < leaves["mlp"] < leaves["mlp_qkvo"]  # the gates add parameters
 
