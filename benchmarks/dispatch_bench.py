@@ -1,6 +1,7 @@
 """Host dispatch against device time for whole ViT forwards at serving batches (issue #21).
 
     python3 -m benchmarks.dispatch_bench [--batches 1,8] [--acm mlp,mlp_qkvo] [--rounds 5] [--calls 20]
+                                         [--variant NAME:OPTION=VALUE;...] [--layouts tree,packed,flat]
 
 `vit_bench` times a forward as one waited call: `jax.block_until_ready(forward(params, images))`.
 At batches 1 to 8 that wall time is much more than the kernels' time, and this script splits it.
@@ -18,13 +19,16 @@ that such a setting is A/B'd in one process; the first variant is the baseline (
 unless given). Each model's logits at one input are returned by two calls to check that the
 forward is repeatable within the process (`repeatable`), and `logits_sha1` (of the first call's float32 logits)
 lets two processes, or two variants, be compared for bitwise agreement.
+`--layouts` times every model with its parameters in each of `vit_bench.serving_params`' layouts (the
+first is the baseline of sync_over_first_layout): "tree" as Flax keeps them, "packed" with the small
+leaves in one array per dtype (`acm_jax.serving`), "flat" with every leaf in one.
 Records go to `results/dispatch_<gpu>.json` with the fields device, date, jax_version, xla_flags,
-model_preset, impl, r, batch, variant, compiler_options, model ("none" for dense, or the --acm kind),
-num_leaves (parameter arrays the call flattens), arrays_only_dispatch_ms (the dispatch of a jitted function
+model_preset, impl, r, batch, variant, compiler_options, layout, model ("none" for dense, or the --acm kind),
+num_leaves (parameter arrays the call takes), arrays_only_dispatch_ms (the dispatch of a jitted function
 that takes the same parameters and images, passes every array to its executable and only adds 1 to the
 images: what the arrays alone cost the host), dispatch_ms, sync_ms, pipelined_ms, dispatch_over_dense,
 sync_over_dense, pipelined_over_dense (against the dense model of the same variant), sync_over_baseline
-(against the same model under the first variant), repeatable and logits_sha1.
+(against the same model under the first variant), sync_over_first_layout, repeatable and logits_sha1.
 """
 
 from __future__ import annotations
@@ -81,57 +85,61 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def measure(built: dict, images, batches, rounds: int, calls: int, variants=(("default", {}),)) -> list[dict]:
-  """One record per (batch, variant, model): the medians over `rounds` alternating rounds."""
+  """One record per (batch, variant, layout, model): the medians over `rounds` alternating rounds. built:
+  {(layout, model): (jitted forward, parameters in that layout)}."""
   records = []
   for batch in batches:
     x = images[:batch]
     # the same arguments into a function that only adds 1 to the images, every array passed to its executable:
     # what the parameter arrays alone cost the host
-    trivial = {name: jax.jit(lambda p, x: x + 1, keep_unused=True).lower(params, x).compile()
-               for name, (_, params) in built.items()}
-    compiled = {(variant, name): (fn.lower(params, x).compile(compiler_options=options or None), params)
-                for variant, options in variants for name, (fn, params) in built.items()}
+    trivial = {key: jax.jit(lambda p, x: x + 1, keep_unused=True).lower(params, x).compile()
+               for key, (_, params) in built.items()}
+    compiled = {(variant, *key): (fn.lower(params, x).compile(compiler_options=options or None), params)
+                for variant, options in variants for key, (fn, params) in built.items()}
     for _ in range(3):  # warm up
-      for name, (_, params) in built.items():
-        jax.block_until_ready(trivial[name](params, x))
+      for key, (_, params) in built.items():
+        jax.block_until_ready(trivial[key](params, x))
       for run, params in compiled.values():
         jax.block_until_ready(run(params, x))
     samples = {key: [] for key in compiled}
-    arrays_only = {name: [] for name in built}
+    arrays_only = {key: [] for key in built}
     for _ in range(rounds):
       for key, (run, params) in compiled.items():
         samples[key].append(time_calls(run, (params, x), calls))
-      for name, (_, params) in built.items():
-        arrays_only[name].append(time_calls(trivial[name], (params, x), calls))
+      for key, (_, params) in built.items():
+        arrays_only[key].append(time_calls(trivial[key], (params, x), calls))
     batch_records = {}
-    for (variant, name), (run, params) in compiled.items():
-      med = {key: round(float(np.median([s[key] for s in samples[variant, name]])), 4)
+    for (variant, layout, name), (run, params) in compiled.items():
+      med = {key: round(float(np.median([s[key] for s in samples[variant, layout, name]])), 4)
              for key in ("dispatch_ms", "sync_ms", "pipelined_ms")}
       first, second = (np.asarray(run(params, x), np.float32) for _ in range(2))
-      batch_records[variant, name] = dict(batch=batch, variant=variant, compiler_options=dict(variants)[variant],
-                                          model=name, num_leaves=len(jax.tree.leaves(params)), **med,
-                                          arrays_only_dispatch_ms=round(float(np.median(
-                                              [s["dispatch_ms"] for s in arrays_only[name]])), 4),
-                                          repeatable=bool(np.array_equal(first, second)),
-                                          logits_sha1=hashlib.sha1(first.tobytes()).hexdigest())
+      batch_records[variant, layout, name] = dict(
+          batch=batch, variant=variant, compiler_options=dict(variants)[variant], layout=layout, model=name,
+          num_leaves=len(jax.tree.leaves(params)), **med,
+          arrays_only_dispatch_ms=round(float(np.median([s["dispatch_ms"] for s in arrays_only[layout, name]])), 4),
+          repeatable=bool(np.array_equal(first, second)), logits_sha1=hashlib.sha1(first.tobytes()).hexdigest())
     baseline = variants[0][0]
-    for (variant, name), rec in batch_records.items():
-      dense = batch_records[variant, "none"]
+    first_layout = next(iter(built))[0]
+    for (variant, layout, name), rec in batch_records.items():
+      dense = batch_records[variant, layout, "none"]
       for key in ("dispatch", "sync", "pipelined"):
         rec[f"{key}_over_dense"] = round(rec[f"{key}_ms"] / dense[f"{key}_ms"], 4)
-      rec["sync_over_baseline"] = round(rec["sync_ms"] / batch_records[baseline, name]["sync_ms"], 4)
+      rec["sync_over_baseline"] = round(rec["sync_ms"] / batch_records[baseline, layout, name]["sync_ms"], 4)
+      rec["sync_over_first_layout"] = round(rec["sync_ms"] / batch_records[variant, first_layout, name]["sync_ms"], 4)
       records.append(rec)
   return records
 
 
 def table(records: list[dict]) -> str:
-  lines = ["| batch | variant | model | leaves | arrays-only dispatch ms | dispatch ms | sync ms | pipelined ms | "
-           "sync / dense | sync / baseline | repeatable |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| batch | variant | layout | model | arrays | arrays-only dispatch ms | dispatch ms | sync ms | pipelined ms | "
+           "sync / dense | sync / baseline | sync / first layout | repeatable |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for rec in records:
-    lines.append(f"| {rec['batch']} | {rec['variant']} | {rec['model']} | {rec['num_leaves']} | "
+    lines.append(f"| {rec['batch']} | {rec['variant']} | {rec['layout']} | {rec['model']} | {rec['num_leaves']} | "
                  f"{rec['arrays_only_dispatch_ms']:.3f} | "
                  f"{rec['dispatch_ms']:.3f} | {rec['sync_ms']:.3f} | {rec['pipelined_ms']:.3f} | "
-                 f"{rec['sync_over_dense']:.3f} | {rec['sync_over_baseline']:.3f} | {rec['repeatable']} |")
+                 f"{rec['sync_over_dense']:.3f} | {rec['sync_over_baseline']:.3f} | {rec['sync_over_first_layout']:.3f} | "
+                 f"{rec['repeatable']} |")
   return "\n".join(lines)
 
 
@@ -148,6 +156,10 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--variant", action="append", default=None,
                       help="NAME:OPTION=VALUE;... XLA compile options for every model (repeatable; the first is "
                            "the baseline; without any: one variant 'default' with no options)")
+  parser.add_argument("--layouts", type=tb._list(tuple(vb.LAYOUTS)), default=["tree"],
+                      help="parameter layouts to time every model in (vit_bench.serving_params; the first is the "
+                           "baseline of sync_over_first_layout): tree, packed (small leaves in one array per dtype), "
+                           "flat (every leaf)")
   parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
   args = parser.parse_args(argv)
   try:
@@ -165,7 +177,8 @@ def main(argv=None) -> list[dict]:
   cfg = vit.get_config(args.model)
   images = jax.random.normal(jax.random.key(0), (max(args.batches), cfg.image_size, cfg.image_size, 3),
                              jnp.bfloat16)
-  built = vb.serving_forwards(args.model, args.acm, args.impl, args.r, images[:1])
+  built = {(layout, kind): forward for layout in args.layouts
+           for kind, forward in vb.serving_forwards(args.model, args.acm, args.impl, args.r, images[:1], layout).items()}
   records = measure(built, images, args.batches, args.rounds, args.calls, variants)
   device = jax.devices()[0].device_kind
   header = dict(device=device, date=datetime.date.today().isoformat(), jax_version=jax.__version__,

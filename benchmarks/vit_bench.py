@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from acm_jax import acm as acm_lib
+from acm_jax import serving
 from acm_jax import transformer
 from acm_jax.vit import model as vit
 from benchmarks import gpu_name
@@ -148,9 +149,28 @@ def bf16_params(model: vit.ViT, image: jax.Array):
   return jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
 
 
-def serving_forwards(model_name: str, kinds, impl: str, r: float, image) -> dict:
-  """{"none" (dense) or ACM kind: (jitted forward, bf16 parameters)} of the `model_name` preset, the ACM gates
-  set for target k/N = r (`set_gates`): the models `serve_profile` and `dispatch_bench` time."""
+LAYOUTS = {"tree": 0, "packed": serving.SMALL_MAX_SIZE, "flat": None}  # --layout -> serving.pack's max_size
+
+
+def serving_params(params, layout: str):
+  """`params` in a serving layout (`LAYOUTS`): "tree" as they are, "packed" with the small leaves in one array per
+  dtype (`acm_jax.serving`), "flat" with every leaf in one array per dtype."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+  return params if layout == "tree" else serving.pack(params, LAYOUTS[layout])
+
+
+def serving_apply(model, **kwargs):
+  """`model`'s forward `(params, images) -> logits` for parameters in any of `serving_params`' layouts."""
+  def forward(params, images):
+    tree = serving.unpack(params) if isinstance(params, serving.Packed) else params
+    return model.apply({"params": tree}, images, **kwargs)
+  return forward
+
+
+def serving_forwards(model_name: str, kinds, impl: str, r: float, image, layout: str = "tree") -> dict:
+  """{"none" (dense) or ACM kind: (jitted forward, bf16 parameters in `layout`)} of the `model_name` preset, the
+  ACM gates set for target k/N = r (`set_gates`): the models `serve_profile` and `dispatch_bench` time."""
   dense_cfg = vit.get_config(model_name)
   configs = {"none": dense_cfg, **{kind: acm_config(dense_cfg, kind, impl) for kind in kinds}}
   forwards = {}
@@ -159,7 +179,7 @@ def serving_forwards(model_name: str, kinds, impl: str, r: float, image) -> dict
     params = bf16_params(model, image)
     if kind != "none":
       params = set_gates(params, cfg.acm.num_learners, r, cfg.dim, seed=2)
-    forwards[kind] = (jax.jit(lambda p, x, model=model: model.apply({"params": p}, x)), params)
+    forwards[kind] = (jax.jit(serving_apply(model)), serving_params(params, layout))
   return forwards
 
 
@@ -381,6 +401,10 @@ def main(argv=None):
   parser.add_argument("--xla-option", action="append", default=[], metavar="OPTION=VALUE",
                       help="an XLA compile option for every timed forward, dense, ACM and yardstick alike "
                            "(repeatable), e.g. xla_gpu_enable_command_buffer= (command buffers off)")
+  parser.add_argument("--layout", default="tree", choices=sorted(LAYOUTS),
+                      help="the timed forwards' parameter layout, dense, ACM and yardstick alike (serving_params): "
+                           "tree, packed (small leaves in one array per dtype: fewer arrays for the host to pass), "
+                           "flat")
   parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
   parser.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
   args = parser.parse_args(argv)
@@ -428,13 +452,14 @@ def main(argv=None):
   size = dense_cfg.image_size
   all_images = jax.random.normal(jax.random.key(0), (max(batches), size, size, 3), jnp.bfloat16)
   dense_params = bf16_params(dense, all_images[:1])
-  dense_fn = timed_jit(lambda p, x: dense.apply({"params": p}, x))
+  dense_fn = timed_jit(serving_apply(dense))
+  served_dense_params = serving_params(dense_params, args.layout)
   dense_tanh_fn = None
   if args.dense_gelu_tanh:
     # the same weights under GELU's tanh form, which the kernels compute for "gelu" in bfloat16 (within
     # bfloat16's rounding of the erf form): XLA runs the dense model's erf GELU as a separate, costly fusion
     dense_tanh = vit.ViT(dataclasses.replace(dense_cfg, activation="gelu_tanh").validate())
-    dense_tanh_fn = timed_jit(lambda p, x: dense_tanh.apply({"params": p}, x))
+    dense_tanh_fn = timed_jit(serving_apply(dense_tanh))
   setups = []
   for kind in kinds:
     acm_cfg = acm_config(dense_cfg, kind)
@@ -443,13 +468,14 @@ def main(argv=None):
     reference = jax.jit(functools.partial(forced_reference, xla_model))
     for r in (float(v) for v in args.ratios.split(",")):
       setups.append((kind, acm_cfg, r, set_gates(base, NUM_LEARNERS, r, acm_cfg.dim, seed=2), reference))
+  served = {}  # id(params) -> the same parameters in --layout, for the timed calls
 
   jitted = {}  # (kind, impl) -> (forward, forward with the sown statistics): one compile per shape
 
   def compiled(kind, acm_cfg, impl):
     if (kind, impl) not in jitted:
       model = vit.ViT(dataclasses.replace(acm_cfg, acm=dataclasses.replace(acm_cfg.acm, impl=impl)))
-      jitted[kind, impl] = (timed_jit(lambda p, x: model.apply({"params": p}, x)),
+      jitted[kind, impl] = (timed_jit(serving_apply(model)),
                             jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["acm"])))
     return jitted[kind, impl]
 
@@ -459,19 +485,20 @@ def main(argv=None):
     key = (kind, tuple(sorted(widths.items())))
     if key not in statics:
       model = vit.ViT(static_config(acm_cfg, widths))
-      statics[key] = (timed_jit(lambda p, x: model.apply({"params": p}, x, mode="full")),
-                      bf16_params(model, all_images[:1]))
+      statics[key] = (timed_jit(serving_apply(model, mode="full")),
+                      serving_params(bf16_params(model, all_images[:1]), args.layout))
     return statics[key]
 
   for batch in batches:
     images = all_images[:batch]
-    dense_ips = batch / timed(dense_fn, dense_params, images)
-    tanh_ips = batch / timed(dense_tanh_fn, dense_params, images) if dense_tanh_fn else None
+    dense_ips = batch / timed(dense_fn, served_dense_params, images)
+    tanh_ips = batch / timed(dense_tanh_fn, served_dense_params, images) if dense_tanh_fn else None
     log(f"batch {batch}: dense {dense_ips:.1f} images/s"
         + (f", with GELU's tanh form {tanh_ips:.1f}" if tanh_ips else ""))
     records.append(dict(device=device, date=date, jax_version=jax.__version__, batch=batch, acm="none", r=1.0,
                         r_measured=1.0, impl="dense", attention=args.attention, images_per_s=round(dense_ips, 1),
                         ratio_to_dense=1.0, ideal_ratio=1.0, scanned=args.scan_blocks, xla_options=xla_options,
+                        layout=args.layout,
                         **({"images_per_s_gelu_tanh": round(tanh_ips, 1)} if tanh_ips else {})))
     for kind, acm_cfg, r, params, reference in setups:
       check = images[:min(batch, 32)]
@@ -494,11 +521,12 @@ def main(argv=None):
           # dense, ACM and yardstick timed in alternating rounds: the host's dispatch speed drifts by
           # 5-15% between runs and within one, and at batch 1-8 the dispatch is most of a forward
           dense_s, tanh_s, acm_s, static_s = [], [], [], []
+          acm_params = served.setdefault(id(params), serving_params(params, args.layout))
           for _ in range(ROUNDS):
-            dense_s.append(timed(dense_fn, dense_params, images, reps=10))
+            dense_s.append(timed(dense_fn, served_dense_params, images, reps=10))
             if dense_tanh_fn:
-              tanh_s.append(timed(dense_tanh_fn, dense_params, images, reps=10))
-            acm_s.append(timed(fn, params, images, reps=10))
+              tanh_s.append(timed(dense_tanh_fn, served_dense_params, images, reps=10))
+            acm_s.append(timed(fn, acm_params, images, reps=10))
             if static_fn:
               static_s.append(timed(static_fn, static_params, images, reps=10))
           ips = batch / float(np.median(acm_s))
@@ -520,7 +548,7 @@ def main(argv=None):
                    **baselines,
                    ideal_ratio=round(ideal, 4), logits_rel_err=err,
                    gate_agreement_block0=round(gate_agree, 5), check_passed=err <= 0.05 and gate_agree >= 0.99,
-                   scanned=args.scan_blocks, xla_options=xla_options, **fusions,
+                   scanned=args.scan_blocks, xla_options=xla_options, layout=args.layout, **fusions,
                    mgpu_down_min_tokens=acm_fused.MGPU_DOWN_MIN_TOKENS,
                    mgpu_down_kinds=list(acm_fused.MGPU_DOWN_KINDS), mgpu_down_tiles=dict(acm_fused.MGPU_DOWN_TILES),
                    mgpu_down_unsort=acm_fused.MGPU_DOWN_UNSORT,

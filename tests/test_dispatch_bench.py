@@ -32,26 +32,31 @@ def test_time_calls_splits_host_time_from_waiting():
 def test_smoke_run_records(tmp_path):
   records = db.main(["--model", "tiny", "--impl", "xla", "--batches", "1,2", "--acm", "mlp,mlp_qkvo",
                      "--rounds", "1", "--calls", "2", "--results-dir", str(tmp_path), "--variant", "default",
-                     "--variant", "nofuse:xla_cpu_enable_fast_math=false;xla_gpu_enable_command_buffer="])
+                     "--layouts", "tree,packed", "--variant", "nofuse:xla_cpu_enable_fast_math=false;xla_gpu_enable_command_buffer="])
   saved = json.loads((tmp_path / f"dispatch_{records[0]['device'].lower().split()[0]}.json").read_text())
   assert saved == records
-  assert sorted((r["batch"], r["variant"], r["model"]) for r in records) == sorted(
-      (b, v, m) for b in (1, 2) for v in ("default", "nofuse") for m in ("none", "mlp", "mlp_qkvo"))
+  assert sorted((r["batch"], r["variant"], r["layout"], r["model"]) for r in records) == sorted(
+      (b, v, lay, m) for b in (1, 2) for v in ("default", "nofuse") for lay in ("tree", "packed")
+      for m in ("none", "mlp", "mlp_qkvo"))
   assert {r["variant"]: r["compiler_options"] for r in records} == {
       "default": {}, "nofuse": {"xla_cpu_enable_fast_math": False, "xla_gpu_enable_command_buffer": ""}}
   size = db.vit.get_config("tiny").image_size
   built = db.vb.serving_forwards("tiny", ["mlp", "mlp_qkvo"], "xla", 0.5, jnp.zeros((1, size, size, 3), jnp.bfloat16))
   for rec in records:
-    same = lambda variant, model: next(d for d in records if (d["batch"], d["variant"], d["model"]) ==
-                                       (rec["batch"], variant, model))
+    same = lambda variant, model, layout=rec["layout"]: next(
+        d for d in records if (d["batch"], d["variant"], d["layout"], d["model"]) == (rec["batch"], variant, layout, model))
     dense = same(rec["variant"], "none")
     for key in ("dispatch", "sync", "pipelined"):
       assert rec[f"{key}_ms"] > 0
       np.testing.assert_allclose(rec[f"{key}_over_dense"], rec[f"{key}_ms"] / dense[f"{key}_ms"], rtol=2e-3)
     np.testing.assert_allclose(rec["sync_over_baseline"], rec["sync_ms"] / same("default", rec["model"])["sync_ms"],
                                rtol=2e-3)
+    np.testing.assert_allclose(rec["sync_over_first_layout"],
+                               rec["sync_ms"] / same(rec["variant"], rec["model"], "tree")["sync_ms"], rtol=2e-3)
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(built[rec["model"]][1]))
-    assert rec["num_leaves"] == len(flat)
+    packed = db.vb.serving_params(built[rec["model"]][1], rec["layout"])
+    assert rec["num_leaves"] == (len(flat) if rec["layout"] == "tree" else packed.num_arrays) == len(
+        jax.tree.leaves(packed))
     assert 0 < rec["arrays_only_dispatch_ms"]
     assert rec["repeatable"] is True
     if rec["variant"] == "default":  # the digest is of the logits that the plain jitted forward gives
@@ -59,8 +64,12 @@ def test_smoke_run_records(tmp_path):
       fn, params = built[rec["model"]]
       logits = np.asarray(fn(params, images), np.float32)
       assert rec["logits_sha1"] == hashlib.sha1(logits.tobytes()).hexdigest()
-  leaves = {r["model"]: r["num_leaves"] for r in records}
+      # the packed layout's forward gives the same logits bit for bit
+      assert rec["logits_sha1"] == same("default", rec["model"], "packed")["logits_sha1"]
+  leaves = {r["model"]: r["num_leaves"] for r in records if r["layout"] == "tree"}
   assert leaves["none"] < leaves["mlp"] < leaves["mlp_qkvo"]  # the gates add parameters
+  packed = {r["model"]: r["num_leaves"] for r in records if r["layout"] == "packed"}
+  assert all(packed[m] * 2 < leaves[m] for m in leaves)
 
 
 def test_variant_parsing_and_bad_flags(capsys):

@@ -197,3 +197,19 @@ def test_xla_options_are_parsed_typed_applied_and_recorded(tmp_path, monkeypatch
     vb.main(argv + ["--xla-option", "xla_no_such_option=1"])
   with pytest.raises(SystemExit):
     vb.main(argv + ["--xla-option", "oops"])
+
+
+def test_packed_layout_is_timed_checked_and_recorded(tmp_path, monkeypatch):
+  """--layout packed times every forward with the small parameters packed (acm_jax.serving): the rows say so,
+  and the ACM row's check against the XLA path passes (vit_targets keeps such rows out of the default verdict:
+  tests/test_vit_targets.py)."""
+  monkeypatch.setattr(vb, "ROUNDS", 1)
+  monkeypatch.setenv("OUT", str(tmp_path))
+  vb.main(["--model", "tiny", "--batches", "2", "--acm", "mlp_qkvo", "--ratios", "0.5", "--impls", "xla",
+           "--attention", "xla", "--results-dir", str(tmp_path), "--no-append", "--layout", "packed"])
+  rows = json.loads(next(tmp_path.glob("vit_*.json")).read_text())
+  assert {r["acm"] for r in rows} == {"none", "mlp_qkvo"} and all(r["layout"] == "packed" for r in rows)
+  acm_row = next(r for r in rows if r["acm"] == "mlp_qkvo")
+  assert acm_row["check_passed"] and acm_row["static_images_per_s"] > 0
+  with pytest.raises(ValueError, match="layout must be one of"):
+    vb.serving_params({}, "rows")
