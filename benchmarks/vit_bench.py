@@ -498,7 +498,7 @@ def main(argv=None):
     records.append(dict(device=device, date=date, jax_version=jax.__version__, batch=batch, acm="none", r=1.0,
                         r_measured=1.0, impl="dense", attention=args.attention, images_per_s=round(dense_ips, 1),
                         ratio_to_dense=1.0, ideal_ratio=1.0, scanned=args.scan_blocks, xla_options=xla_options,
-                        layout=args.layout,
+                        layout=args.layout, patch_embed=vit.PATCH_EMBED,
                         **({"images_per_s_gelu_tanh": round(tanh_ips, 1)} if tanh_ips else {})))
     for kind, acm_cfg, r, params, reference in setups:
       check = images[:min(batch, 32)]
@@ -548,7 +548,8 @@ def main(argv=None):
                    **baselines,
                    ideal_ratio=round(ideal, 4), logits_rel_err=err,
                    gate_agreement_block0=round(gate_agree, 5), check_passed=err <= 0.05 and gate_agree >= 0.99,
-                   scanned=args.scan_blocks, xla_options=xla_options, layout=args.layout, **fusions,
+                   scanned=args.scan_blocks, xla_options=xla_options, layout=args.layout,
+                   patch_embed=vit.PATCH_EMBED, **fusions,
                    mgpu_down_min_tokens=acm_fused.MGPU_DOWN_MIN_TOKENS,
                    mgpu_down_kinds=list(acm_fused.MGPU_DOWN_KINDS), mgpu_down_tiles=dict(acm_fused.MGPU_DOWN_TILES),
                    mgpu_down_unsort=acm_fused.MGPU_DOWN_UNSORT,

@@ -209,6 +209,7 @@ def test_packed_layout_is_timed_checked_and_recorded(tmp_path, monkeypatch):
            "--attention", "xla", "--results-dir", str(tmp_path), "--no-append", "--layout", "packed"])
   rows = json.loads(next(tmp_path.glob("vit_*.json")).read_text())
   assert {r["acm"] for r in rows} == {"none", "mlp_qkvo"} and all(r["layout"] == "packed" for r in rows)
+  assert all(r["patch_embed"] == "conv" for r in rows)
   acm_row = next(r for r in rows if r["acm"] == "mlp_qkvo")
   assert acm_row["check_passed"] and acm_row["static_images_per_s"] > 0
   with pytest.raises(ValueError, match="layout must be one of"):

@@ -1,7 +1,7 @@
 """Pre-LN Vision Transformer with a class token, dense or ACMized.
 
 Parameter names (used by `acmize`, the checkpoint loaders and sharding rules):
-  embedding/{kernel,bias}      patch embedding, a (p, p, 3, dim) convolution
+  embedding/{kernel,bias}      patch embedding, a (p, p, 3, dim) convolution's (`PatchEmbed`)
   cls, pos_embedding           (1, 1, dim), (1, 1 + num_patches, dim)
   block_{i}/ln1, attn/{query,key,value,out}, ln2, mlp/{fc1,fc2} or mlp/{w1,b1,w2,b2,gate}
   norm, head
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -94,9 +95,7 @@ def embed(module: nn.Module, cfg: ViTConfig, images: jax.Array) -> jax.Array:
                      f"got shape {images.shape}")
   if images.shape[1:3] != (cfg.image_size, cfg.image_size):
     raise ValueError(f"expected images of {cfg.image_size}x{cfg.image_size}, got shape {images.shape}")
-  p = cfg.patch_size
-  x = nn.Conv(cfg.dim, (p, p), strides=(p, p), padding="VALID", name="embedding", dtype=images.dtype)(images)
-  x = x.reshape(x.shape[0], -1, cfg.dim)
+  x = PatchEmbed(cfg.dim, cfg.patch_size, name="embedding")(images)
   cls = module.param("cls", nn.initializers.zeros, (1, 1, cfg.dim)).astype(x.dtype)
   x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.dim)), x], axis=1)
   pos = module.param("pos_embedding", nn.initializers.normal(0.02), (1, cfg.num_tokens, cfg.dim))
@@ -108,6 +107,48 @@ def classify(cfg: ViTConfig, token: jax.Array) -> jax.Array:
   scope holds `norm` and `head` (as `embed`)."""
   token = nn.LayerNorm(cfg.layer_norm_eps, name="norm", dtype=token.dtype)(token)
   return nn.Dense(cfg.num_classes, name="head", dtype=token.dtype)(token)
+
+
+PATCH_EMBED_MODES = ("conv", "matmul")
+# how `PatchEmbed` computes, read when a forward is traced (jit a new function to change it: jax caches a trace by
+# the Python function): "conv" runs XLA's stride-p convolution; "matmul" cuts the images into patches (a reshape and
+# transpose behind an optimisation barrier, so they become one array) and multiplies them by the kernel as one
+# (p*p*3, dim) matrix. Same parameters; the values differ by the accumulation order. The profile of the dense
+# ViT-B/16 on an H100 (jax 0.11.2, bf16) shows cuDNN running the 3-channel convolution in its generic float engine,
+# 0.050 ms at batch 1 and 0.116 ms at batch 8 (6.6% and 8% of the forward's device time). Timed in one process
+# (`benchmarks.embed_ab`, H100, 2026-12-06), "matmul" took 1.036 / 0.990 / 0.969 / 0.950 of "conv"'s time for the
+# dense model at batches 1 / 8 / 32 / 256 and did not raise the ACM model's ratio to dense at any batch beyond the
+# rounds' spread, so "conv" stays the default.
+PATCH_EMBED = "conv"
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping p x p patches of (batch, H, W, C) images -> (batch, patches, features): a stride-p
+  convolution with a (p, p, C, features) kernel and a bias, the parameters and initialisers of `nn.Conv`'s,
+  computed as `PATCH_EMBED` says."""
+  features: int
+  patch_size: int
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    p, channels = self.patch_size, images.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, channels, self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    dtype = images.dtype
+    if PATCH_EMBED not in PATCH_EMBED_MODES:
+      raise ValueError(f"vit.model.PATCH_EMBED must be one of {PATCH_EMBED_MODES}, got {PATCH_EMBED!r}")
+    if PATCH_EMBED == "conv":
+      y = jax.lax.conv_general_dilated(images, kernel.astype(dtype), (p, p), "VALID",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = y.reshape(y.shape[0], -1, self.features)
+    else:
+      # (kh, kw, c) order on both sides: a patch's pixels row by row, each pixel's channels last, as HWIO flattens
+      patches = einops.rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
+      # the barrier keeps the patches one array and the product a plain matmul (the form timed; whether XLA would
+      # fold transpose and dot back into its convolution without it was not checked)
+      patches = jax.lax.optimization_barrier(patches)
+      y = jnp.dot(patches, kernel.reshape(p * p * channels, self.features).astype(dtype))
+    return y + bias.astype(dtype)
 
 
 class Embedding(nn.Module):
