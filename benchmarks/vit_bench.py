@@ -36,7 +36,9 @@ draws the same table from the records of earlier runs.
 
 `--xla-option OPTION=VALUE` (repeatable) compiles every timed forward, dense, ACM and yardstick alike, with
 that XLA compile option (e.g. `xla_gpu_enable_command_buffer=`: command buffers off); rows record
-`xla_options`, and `vit_targets` leaves rows with options out of the default-path verdict.
+`xla_options`, and `vit_targets` leaves rows with options out of the default-path verdict. `--acm-xla-option`
+does the same for the routed ACM forwards alone (rows record `acm_xla_options`, which include `--xla-option`'s):
+each model compiled with the options that suit it, the dense model and the yardstick on XLA's defaults.
 """
 
 from __future__ import annotations
@@ -401,6 +403,9 @@ def main(argv=None):
   parser.add_argument("--xla-option", action="append", default=[], metavar="OPTION=VALUE",
                       help="an XLA compile option for every timed forward, dense, ACM and yardstick alike "
                            "(repeatable), e.g. xla_gpu_enable_command_buffer= (command buffers off)")
+  parser.add_argument("--acm-xla-option", action="append", default=[], metavar="OPTION=VALUE",
+                      help="an XLA compile option for the routed ACM forwards only (repeatable; added to --xla-option), "
+                           "e.g. xla_gpu_enable_command_buffer= with the dense model and the yardstick on the defaults")
   parser.add_argument("--layout", default="tree", choices=sorted(LAYOUTS),
                       help="the timed forwards' parameter layout, dense, ACM and yardstick alike (serving_params): "
                            "tree, packed (small leaves in one array per dtype: fewer arrays for the host to pass), "
@@ -416,9 +421,11 @@ def main(argv=None):
   kinds = args.acm.split(",")
   try:
     xla_options = parse_xla_options(args.xla_option)
+    acm_xla_options = {**xla_options, **parse_xla_options(args.acm_xla_option)}
   except ValueError as err:
-    parser.error(f"--xla-option: {err}")
+    parser.error(f"--xla-option / --acm-xla-option: {err}")
   timed_jit = functools.partial(jax.jit, compiler_options=xla_options or None)
+  acm_jit = functools.partial(jax.jit, compiler_options=acm_xla_options or None)  # the routed ACM forwards only
   bad = [k for k in kinds if k not in ACM_KINDS] + [b for b in batches if b < 1]
   if bad:
     sys.exit(f"bad --acm or --batches value(s) {bad}: --acm takes {sorted(ACM_KINDS)}, batches are >= 1")
@@ -475,7 +482,7 @@ def main(argv=None):
   def compiled(kind, acm_cfg, impl):
     if (kind, impl) not in jitted:
       model = vit.ViT(dataclasses.replace(acm_cfg, acm=dataclasses.replace(acm_cfg.acm, impl=impl)))
-      jitted[kind, impl] = (timed_jit(serving_apply(model)),
+      jitted[kind, impl] = (acm_jit(serving_apply(model)),
                             jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["acm"])))
     return jitted[kind, impl]
 
@@ -548,7 +555,8 @@ def main(argv=None):
                    **baselines,
                    ideal_ratio=round(ideal, 4), logits_rel_err=err,
                    gate_agreement_block0=round(gate_agree, 5), check_passed=err <= 0.05 and gate_agree >= 0.99,
-                   scanned=args.scan_blocks, xla_options=xla_options, layout=args.layout,
+                   scanned=args.scan_blocks, xla_options=xla_options, acm_xla_options=acm_xla_options,
+                   layout=args.layout,
                    patch_embed=vit.PATCH_EMBED, **fusions,
                    mgpu_down_min_tokens=acm_fused.MGPU_DOWN_MIN_TOKENS,
                    mgpu_down_kinds=list(acm_fused.MGPU_DOWN_KINDS), mgpu_down_tiles=dict(acm_fused.MGPU_DOWN_TILES),

@@ -199,6 +199,25 @@ def test_xla_options_are_parsed_typed_applied_and_recorded(tmp_path, monkeypatch
     vb.main(argv + ["--xla-option", "oops"])
 
 
+def test_acm_xla_options_reach_the_acm_forwards_only(tmp_path, monkeypatch):
+  """--acm-xla-option compiles the routed ACM forwards alone with an option: a bad option name fails the ACM row
+  (recorded as failed, no row) while the dense model compiles and is timed; a good one is recorded on the ACM
+  row together with --xla-option's."""
+  monkeypatch.setattr(vb, "ROUNDS", 1)
+  monkeypatch.setenv("OUT", str(tmp_path))
+  argv = ["--model", "tiny", "--batches", "2", "--acm", "mlp", "--ratios", "0.5", "--impls", "xla", "--attention",
+          "xla", "--no-dense-gelu-tanh", "--no-static", "--no-append"]
+  vb.main(argv + ["--results-dir", str(tmp_path / "bad"), "--acm-xla-option", "xla_no_such_option=1"])
+  rows = json.loads(next((tmp_path / "bad").glob("vit_*.json")).read_text())
+  assert [r["acm"] for r in rows] == ["none"]
+  vb.main(argv + ["--results-dir", str(tmp_path / "good"), "--xla-option", "xla_cpu_enable_fast_math=false",
+                  "--acm-xla-option", "xla_gpu_enable_command_buffer="])
+  rows = {r["acm"]: r for r in json.loads(next((tmp_path / "good").glob("vit_*.json")).read_text())}
+  assert rows["mlp"]["acm_xla_options"] == {"xla_cpu_enable_fast_math": False, "xla_gpu_enable_command_buffer": ""}
+  assert rows["none"]["xla_options"] == {"xla_cpu_enable_fast_math": False} and "acm_xla_options" not in rows["none"]
+  assert rows["mlp"]["check_passed"]
+
+
 def test_packed_layout_is_timed_checked_and_recorded(tmp_path, monkeypatch):
   """--layout packed times every forward with the small parameters packed (acm_jax.serving): the rows say so,
   and the ACM row's check against the XLA path passes (vit_targets keeps such rows out of the default verdict:

@@ -53,6 +53,7 @@ def test_the_newest_default_path_record_gives_each_cell():
       record(ratio=1.04, static=1.0, date="2026-12-05", xla_options={}),  # no option given: the default path
       record(ratio=1.50, static=1.6, date="2026-12-06", layout="packed"),  # another parameter layout
       record(ratio=1.04, static=1.0, date="2026-12-05", layout="tree"),
+      record(ratio=1.50, static=1.6, date="2026-12-06", acm_xla_options={"xla_gpu_enable_command_buffer": ""}),
       record(ratio=1.50, static=1.6, date="2026-12-06", patch_embed="matmul"),  # the opt-in patch embedding
       record(ratio=1.04, static=1.0, date="2026-12-05", patch_embed="conv"),
       record(ratio=1.03, static=1.0, date="2026-12-05"),  # same date, later in the file: newest
