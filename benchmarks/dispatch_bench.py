@@ -143,16 +143,35 @@ def table(records: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> list[dict]:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_args(parser: argparse.ArgumentParser, batches: list[int], calls: int) -> None:
+  """The flags of a script that times the dense ViT and ACM configurations in rounds of waited calls (this one,
+  `embed_ab`): --model, --batches, --acm, --impl, --r, --rounds, --calls."""
   parser.add_argument("--model", default="vit_b16", choices=("tiny", "vit_s16", "vit_b16", "vit_l16"),
                       help="the ViT preset (tiny with --impl xla runs on a CPU: a smoke run of the script)")
-  parser.add_argument("--batches", type=tb._ints, default=[1, 8])
+  parser.add_argument("--batches", type=tb._ints, default=batches)
   parser.add_argument("--acm", type=tb._list(tuple(vb.ACM_KINDS)), default=["mlp", "mlp_qkvo"])
   parser.add_argument("--impl", default="pallas", choices=("auto", "pallas", "triton", "xla"))
   parser.add_argument("--r", type=float, default=0.5, help="the gates' target k/N")
   parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--calls", type=int, default=20, help="calls per model and round")
+  parser.add_argument("--calls", type=int, default=calls, help="calls per model and round")
+
+
+def check_model_args(parser: argparse.ArgumentParser, args, script: str) -> jax.Array:
+  """Refuses bad `add_model_args` values by name (and the kernels off a GPU); returns the images to time,
+  (largest batch, size, size, 3) in bfloat16."""
+  if args.rounds < 1 or args.calls < 1 or not 0 < args.r <= 1 or min(args.batches) < 1:
+    parser.error(f"--rounds, --calls and --batches must be >= 1 and --r in (0, 1]; got {args.rounds}, "
+                 f"{args.calls}, {args.batches}, {args.r}")
+  if jax.default_backend() != "gpu" and args.impl != "xla":
+    sys.exit(f"{script} times the ACM kernels on a GPU (backend here: {jax.default_backend()!r}); "
+             "only --impl xla runs elsewhere")
+  size = vit.get_config(args.model).image_size
+  return jax.random.normal(jax.random.key(0), (max(args.batches), size, size, 3), jnp.bfloat16)
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_model_args(parser, batches=[1, 8], calls=20)
   parser.add_argument("--variant", action="append", default=None,
                       help="NAME:OPTION=VALUE;... XLA compile options for every model (repeatable; the first is "
                            "the baseline; without any: one variant 'default' with no options)")
@@ -168,25 +187,24 @@ def main(argv=None) -> list[dict]:
     parser.error(str(err))
   if len({name for name, _ in variants}) != len(variants):
     parser.error(f"variant names must differ: {[name for name, _ in variants]}")
-  if args.rounds < 1 or args.calls < 1 or not 0 < args.r <= 1 or min(args.batches) < 1:
-    parser.error(f"--rounds, --calls and --batches must be >= 1 and --r in (0, 1]; got {args.rounds}, "
-                 f"{args.calls}, {args.batches}, {args.r}")
-  if jax.default_backend() != "gpu" and args.impl != "xla":
-    sys.exit(f"dispatch_bench times the ACM kernels on a GPU (backend here: {jax.default_backend()!r}); "
-             "only --impl xla runs elsewhere")
-  cfg = vit.get_config(args.model)
-  images = jax.random.normal(jax.random.key(0), (max(args.batches), cfg.image_size, cfg.image_size, 3),
-                             jnp.bfloat16)
+  images = check_model_args(parser, args, "dispatch_bench")
   built = {(layout, kind): forward for layout in args.layouts
            for kind, forward in vb.serving_forwards(args.model, args.acm, args.impl, args.r, images[:1], layout).items()}
   records = measure(built, images, args.batches, args.rounds, args.calls, variants)
+  xla_flags = os.environ.get("XLA_FLAGS", "")
+  return save_records(args, records, "dispatch", table, f"XLA_FLAGS={xla_flags!r}", xla_flags=xla_flags)
+
+
+def save_records(args, records: list[dict], stem: str, table_fn, summary: str, **fields) -> list[dict]:
+  """`records` with the run's header (device, date, jax_version, `fields`, model_preset, impl, r), printed as
+  `table_fn` draws them and appended to `results/<stem>_<gpu>.json`."""
   device = jax.devices()[0].device_kind
-  header = dict(device=device, date=datetime.date.today().isoformat(), jax_version=jax.__version__,
-                xla_flags=os.environ.get("XLA_FLAGS", ""), model_preset=args.model, impl=args.impl, r=args.r)
+  header = dict(device=device, date=datetime.date.today().isoformat(), jax_version=jax.__version__, **fields,
+                model_preset=args.model, impl=args.impl, r=args.r)
   records = [{**header, **rec} for rec in records]
-  print(f"\n{args.model}, {device}, jax {jax.__version__}, XLA_FLAGS={header['xla_flags']!r}; "
-        f"{args.rounds} rounds of {args.calls} calls, medians\n\n{table(records)}\n")
-  tb.append(Path(args.results_dir) / f"dispatch_{gpu_name(device)}.json", records)
+  print(f"\n{args.model}, {device}, jax {jax.__version__}, {summary}; {args.rounds} rounds of {args.calls} calls, "
+        f"medians\n\n{table_fn(records)}\n")
+  tb.append(Path(args.results_dir) / f"{stem}_{gpu_name(device)}.json", records)
   return records
 
 

@@ -18,18 +18,13 @@ logits_match_conv (the largest difference from the "conv" forward's logits over 
 from __future__ import annotations
 
 import argparse
-import datetime
-import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from acm_jax.vit import model as vit
 from benchmarks import dispatch_bench as db
-from benchmarks import gpu_name
-from benchmarks import train_bench as tb
 from benchmarks import vit_bench as vb
 
 
@@ -80,34 +75,13 @@ def table(records: list[dict]) -> str:
 
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--model", default="vit_b16", choices=("tiny", "vit_s16", "vit_b16", "vit_l16"))
-  parser.add_argument("--batches", type=tb._ints, default=[1, 8, 32, 256])
-  parser.add_argument("--acm", type=tb._list(tuple(vb.ACM_KINDS)), default=["mlp", "mlp_qkvo"])
-  parser.add_argument("--impl", default="pallas", choices=("auto", "pallas", "triton", "xla"))
-  parser.add_argument("--r", type=float, default=0.5, help="the gates' target k/N")
-  parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--calls", type=int, default=10, help="waited calls per model and round")
+  db.add_model_args(parser, batches=[1, 8, 32, 256], calls=10)
   parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
   args = parser.parse_args(argv)
-  if args.rounds < 1 or args.calls < 1 or not 0 < args.r <= 1 or min(args.batches) < 1:
-    parser.error(f"--rounds, --calls and --batches must be >= 1 and --r in (0, 1]; got {args.rounds}, "
-                 f"{args.calls}, {args.batches}, {args.r}")
-  if jax.default_backend() != "gpu" and args.impl != "xla":
-    sys.exit(f"embed_ab times the ACM kernels on a GPU (backend here: {jax.default_backend()!r}); "
-             "only --impl xla runs elsewhere")
-  cfg = vit.get_config(args.model)
-  images = jax.random.normal(jax.random.key(0), (max(args.batches), cfg.image_size, cfg.image_size, 3),
-                             jnp.bfloat16)
+  images = db.check_model_args(parser, args, "embed_ab")
   built = vb.serving_forwards(args.model, args.acm, args.impl, args.r, images[:1])
   records = measure(built, images, args.batches, args.rounds, args.calls)
-  device = jax.devices()[0].device_kind
-  header = dict(device=device, date=datetime.date.today().isoformat(), jax_version=jax.__version__,
-                model_preset=args.model, impl=args.impl, r=args.r)
-  records = [{**header, **rec} for rec in records]
-  print(f"\n{args.model}, {device}, jax {jax.__version__}, r = {args.r}; {args.rounds} rounds of {args.calls} "
-        f"waited calls, medians\n\n{table(records)}\n")
-  tb.append(Path(args.results_dir) / f"embed_ab_{gpu_name(device)}.json", records)
-  return records
+  return db.save_records(args, records, "embed_ab", table, f"r = {args.r}, waited calls")
 
 
 if __name__ == "__main__":
