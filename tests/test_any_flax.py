@@ -327,6 +327,7 @@ def test_docs_library_runs_as_written():
   exec(compile(_python_blocks(ROOT / "docs" / "library.md"), "docs/library.md", "exec"), namespace)
   assert [b.path for b in namespace["blocks"]] == ["mlp_0", "mlp_1"]
   assert np.isfinite(namespace["metrics"]["loss"])
+  assert namespace["served"].num_arrays < len(jax.tree.leaves(namespace["state"]["params"]))
 
 
 def test_readme_library_snippet_runs_as_written(capsys):
