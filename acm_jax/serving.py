@@ -36,12 +36,11 @@ SMALL_MAX_SIZE = 16384  # elements: a ViT-B/16 ACM's gate layer (768 x 5) and pe
 @dataclasses.dataclass(frozen=True)
 class Packed:
   """A tree's leaves as `large` (the leaves kept apart, in tree order) and `small` (one flat array per
-  dtype, in the order of `dtypes`). `slots[i]` says where leaf i is: ("large", index) or
-  ("small", dtype index, offset, shape)."""
+  dtype, dtypes in name order). `slots[i]` says where leaf i is: ("large", index) or ("small", index into
+  `small`, offset, shape)."""
   large: tuple
   small: tuple
   treedef: Any
-  dtypes: tuple
   slots: tuple
 
   @property
@@ -49,7 +48,7 @@ class Packed:
     return len(self.large) + len(self.small)
 
 
-jax.tree_util.register_dataclass(Packed, data_fields=["large", "small"], meta_fields=["treedef", "dtypes", "slots"])
+jax.tree_util.register_dataclass(Packed, data_fields=["large", "small"], meta_fields=["treedef", "slots"])
 
 
 def pack(tree: PyTree, max_size: int | None = SMALL_MAX_SIZE) -> Packed:
@@ -57,11 +56,12 @@ def pack(tree: PyTree, max_size: int | None = SMALL_MAX_SIZE) -> Packed:
   every leaf; 0: none). Call it once, outside the jitted function: it copies the small leaves."""
   if max_size is not None and (not isinstance(max_size, int) or max_size < 0):
     raise ValueError(f"max_size must be None or an integer >= 0, got {max_size!r}")
-  leaves, treedef = jax.tree.flatten(tree)
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+  items, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  for path, leaf in items:
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
       raise TypeError(f"pack takes a tree of arrays; the leaf at {jax.tree_util.keystr(path)} is "
                       f"{type(leaf).__name__}")
+  leaves = [leaf for _, leaf in items]
   dtypes = sorted({np.dtype(leaf.dtype) for leaf in leaves
                    if max_size is None or math.prod(leaf.shape) <= max_size}, key=str)
   large, parts, offsets, slots = [], {d: [] for d in dtypes}, {d: 0 for d in dtypes}, []
@@ -76,8 +76,7 @@ def pack(tree: PyTree, max_size: int | None = SMALL_MAX_SIZE) -> Packed:
       slots.append(("large", len(large)))
       large.append(leaf)
   small = tuple(jnp.concatenate(parts[d]) if parts[d] else jnp.zeros((0,), d) for d in dtypes)
-  return Packed(large=tuple(large), small=small, treedef=treedef, dtypes=tuple(str(d) for d in dtypes),
-                slots=tuple(slots))
+  return Packed(large=tuple(large), small=small, treedef=treedef, slots=tuple(slots))
 
 
 def unpack(packed: Packed) -> PyTree:

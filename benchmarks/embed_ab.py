@@ -52,7 +52,8 @@ def measure(built: dict, images, batches, rounds: int, calls: int) -> list[dict]
         samples[key].append(db.time_calls(run, (params, x), calls)["sync_ms"])
     sync = {key: float(np.median(v)) for key, v in samples.items()}
     logits = {key: np.asarray(run(params, x), np.float32) for key, (run, params) in compiled.items()}
-    has_conv = {key: "convolution" in run.as_text() or "cudnn-conv" in run.as_text() for key, (run, _) in compiled.items()}
+    has_conv = {key: any(op in run.as_text() for op in ("convolution", "cudnn-conv"))
+                for key, (run, _) in compiled.items()}
     for mode, name in compiled:
       conv = logits["conv", name]
       records.append(dict(batch=batch, patch_embed=mode, model=name, sync_ms=round(sync[mode, name], 4),
@@ -64,7 +65,8 @@ def measure(built: dict, images, batches, rounds: int, calls: int) -> list[dict]
 
 
 def table(records: list[dict]) -> str:
-  lines = ["| batch | model | patch embed | sync ms | x dense (images/s) | time / conv | logits vs conv | convolution |",
+  lines = ["| batch | model | patch embed | sync ms | x dense (images/s) | time / conv | logits vs conv | "
+           "convolution |",
            "|---|---|---|---|---|---|---|---|"]
   for rec in records:
     lines.append(f"| {rec['batch']} | {rec['model']} | {rec['patch_embed']} | {rec['sync_ms']:.3f} | "

@@ -404,8 +404,9 @@ def main(argv=None):
                       help="an XLA compile option for every timed forward, dense, ACM and yardstick alike "
                            "(repeatable), e.g. xla_gpu_enable_command_buffer= (command buffers off)")
   parser.add_argument("--acm-xla-option", action="append", default=[], metavar="OPTION=VALUE",
-                      help="an XLA compile option for the routed ACM forwards only (repeatable; added to --xla-option), "
-                           "e.g. xla_gpu_enable_command_buffer= with the dense model and the yardstick on the defaults")
+                      help="an XLA compile option for the routed ACM forwards only (repeatable; added to "
+                           "--xla-option), e.g. xla_gpu_enable_command_buffer= with the dense model and the yardstick "
+                           "on the defaults")
   parser.add_argument("--layout", default="tree", choices=sorted(LAYOUTS),
                       help="the timed forwards' parameter layout, dense, ACM and yardstick alike (serving_params): "
                            "tree, packed (small leaves in one array per dtype: fewer arrays for the host to pass), "

@@ -28,7 +28,8 @@ OPT_INS = ("norm_min_tokens", "residual_min_tokens", "mgpu_down_min_tokens", "mg
 
 def default_path(rec: dict, impl: str) -> bool:
   """Whether a record times ViT-B/16 with `impl` on the default path (no opt-in switch, unrolled blocks,
-  the default attention, no `--xla-option` or `--acm-xla-option`, parameters in the tree layout, the convolution as patch embedding)."""
+  the default attention, no `--xla-option` or `--acm-xla-option`, parameters in the tree layout, the convolution as
+  patch embedding)."""
   return (rec.get("model", "vit_b16") == "vit_b16" and rec.get("impl") == impl and not rec.get("scanned")
           and rec.get("attention", "auto") == "auto" and all(rec.get(name) is None for name in OPT_INS)
           and not rec.get("xla_options") and not rec.get("acm_xla_options") and rec.get("layout", "tree") == "tree"

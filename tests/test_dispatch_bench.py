@@ -32,7 +32,8 @@ def test_time_calls_splits_host_time_from_waiting():
 def test_smoke_run_records(tmp_path):
   records = db.main(["--model", "tiny", "--impl", "xla", "--batches", "1,2", "--acm", "mlp,mlp_qkvo",
                      "--rounds", "1", "--calls", "2", "--results-dir", str(tmp_path), "--variant", "default",
-                     "--layouts", "tree,packed", "--variant", "nofuse:xla_cpu_enable_fast_math=false;xla_gpu_enable_command_buffer="])
+                     "--layouts", "tree,packed", "--variant",
+                     "nofuse:xla_cpu_enable_fast_math=false;xla_gpu_enable_command_buffer="])
   saved = json.loads((tmp_path / f"dispatch_{records[0]['device'].lower().split()[0]}.json").read_text())
   assert saved == records
   assert sorted((r["batch"], r["variant"], r["layout"], r["model"]) for r in records) == sorted(
@@ -44,7 +45,8 @@ def test_smoke_run_records(tmp_path):
   built = db.vb.serving_forwards("tiny", ["mlp", "mlp_qkvo"], "xla", 0.5, jnp.zeros((1, size, size, 3), jnp.bfloat16))
   for rec in records:
     same = lambda variant, model, layout=rec["layout"]: next(
-        d for d in records if (d["batch"], d["variant"], d["layout"], d["model"]) == (rec["batch"], variant, layout, model))
+        d for d in records
+        if (d["batch"], d["variant"], d["layout"], d["model"]) == (rec["batch"], variant, layout, model))
     dense = same(rec["variant"], "none")
     for key in ("dispatch", "sync", "pipelined"):
       assert rec[f"{key}_ms"] > 0
