@@ -229,6 +229,14 @@ DOWN_SPLIT_PER_LEARNER_MAX_TOKENS: int | None = 1024
 # the atomics contend where the parts' traffic does not.
 DOWN_SPLIT_SUMS = ("parts", "atomic")
 DOWN_SPLIT_SUM = "parts"
+# Where that sum is rounded to x's dtype in memory: "sum", in the fusion that computes it (an optimization barrier
+# keeps the rounded output as the value its readers load); "consumers", where XLA puts it. Left to itself, XLA
+# writes the float32 sum (with the skip connection, the next block's residual stream) and moves the rounding into
+# each reader: the next LayerNorm's statistics, its normalisation and the attention's skip connection, three
+# reads of 4.8 instead of 2.4 MB per ViT-B/16 MLP layer at batch 8 and a write twice the size (optimised HLO,
+# H100, 2026-12-06 (xiv)). The rounded values are the same either way.
+DOWN_SPLIT_ROUNDINGS = ("sum", "consumers")
+DOWN_SPLIT_ROUNDING = "consumers"
 # Into how many parts the split launch cuts each row's reduction: None, by token count
 # (`DOWN_SPLIT_PER_LEARNER_MAX_TOKENS`); an integer dividing N, parts of N / parts consecutive learners each at
 # every token count. Fewer parts trade the split's shorter loops for less partial traffic.
@@ -853,6 +861,8 @@ def _down_split(hidden, groups, order, k_rows, k_tokens, residual, *, cfg, token
   output bias (and the residual, when given) before one rounding. Returns the outputs, token order."""
   if DOWN_SPLIT_SUM not in DOWN_SPLIT_SUMS:
     raise ValueError(f"acm_fused.DOWN_SPLIT_SUM must be one of {DOWN_SPLIT_SUMS}, got {DOWN_SPLIT_SUM!r}")
+  if DOWN_SPLIT_ROUNDING not in DOWN_SPLIT_ROUNDINGS:
+    raise ValueError(f"acm_fused.DOWN_SPLIT_ROUNDING must be one of {DOWN_SPLIT_ROUNDINGS}, got {DOWN_SPLIT_ROUNDING!r}")
   atomic = DOWN_SPLIT_SUM == "atomic"
   num_parts = split_parts(num_learners, tokens)
   per_part = num_learners // num_parts
@@ -887,7 +897,8 @@ def _down_split(hidden, groups, order, k_rows, k_tokens, residual, *, cfg, token
       out = out + _bias_table(grp)[k]
     if residual is not None:
       out = out + residual.astype(jnp.float32)
-    outs.append(out.astype(dtype))
+    out = out.astype(dtype)
+    outs.append(jax.lax.optimization_barrier(out) if DOWN_SPLIT_ROUNDING == "sum" else out)
   return tuple(outs)
 
 

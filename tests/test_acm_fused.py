@@ -289,6 +289,37 @@ def test_split_down_launch_with_atomic_sums_matches_reference(tokens, dim, n, wi
 
 
 @pytest.mark.parametrize("sums", af.DOWN_SPLIT_SUMS)
+def test_split_sum_rounded_in_its_fusion_gives_the_same_outputs(sums, monkeypatch):
+  """`DOWN_SPLIT_ROUNDING = "sum"` puts an optimization barrier on the split sum rounded to x's dtype, so XLA writes
+  the rounded output instead of the float32 sum: the same values, bit for bit, as XLA's own placement
+  ("consumers"), and the reference's, with a skip connection and random k in bfloat16; a bad setting is named."""
+  monkeypatch.setattr(af, "DOWN_SPLIT_SUM", sums)
+  tokens, dim, n, width = 197, 64, 4, 32
+  x, groups = random_group(23, tokens, dim, n, width, 1, jnp.bfloat16)
+  residual = jnp.asarray(np.random.default_rng(24).normal(size=(tokens, dim)) * 4, jnp.bfloat16)
+  tiles = split_tiles("split_sorted", width, SMALL)
+  # a new function per setting: jax caches a trace by function, and the setting is read while tracing
+  new_run = lambda: lambda x, groups, residual: af.acm_group(x, groups, num_learners=n, residual=residual,
+                                                             interpret=True, sort=True, split_down=True, **tiles)
+  results = {}
+  for rounding in af.DOWN_SPLIT_ROUNDINGS:
+    monkeypatch.setattr(af, "DOWN_SPLIT_ROUNDING", rounding)
+    text = str(jax.make_jaxpr(new_run())(x, groups, residual))
+    assert ("optimization_barrier" in text) == (rounding == "sum")
+    results[rounding] = jax.jit(new_run())(x, groups, residual)
+  (out_sum,), k_sum = results["sum"]
+  (out_xla,), k_xla = results["consumers"]
+  assert out_sum.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(k_sum), np.asarray(k_xla))
+  np.testing.assert_array_equal(np.asarray(out_sum, np.float32), np.asarray(out_xla, np.float32))
+  refs, _ = af.acm_group_reference(x, groups, num_learners=n, activation="gelu", k=k_sum, residual=residual)
+  assert rel_err(out_sum, refs[0]) < LIMITS[jnp.dtype(jnp.bfloat16)]
+  monkeypatch.setattr(af, "DOWN_SPLIT_ROUNDING", "reader")
+  with pytest.raises(ValueError, match="DOWN_SPLIT_ROUNDING must be one of .*'reader'"):
+    new_run()(x, groups, residual)
+
+
+@pytest.mark.parametrize("sums", af.DOWN_SPLIT_SUMS)
 @pytest.mark.parametrize("sort", [True, False])
 @pytest.mark.parametrize("tokens,dim,n,width,size,act,min_choice,dtype,k_kind,tiles",
                          [CASES[i] for i in (0, 1, 4, 6)] + [(197, 64, 4, 32, 1, "gelu", 0, jnp.float32, "full", SMALL)])
