@@ -234,9 +234,13 @@ DOWN_SPLIT_SUM = "parts"
 # writes the float32 sum (with the skip connection, the next block's residual stream) and moves the rounding into
 # each reader: the next LayerNorm's statistics, its normalisation and the attention's skip connection, three
 # reads of 4.8 instead of 2.4 MB per ViT-B/16 MLP layer at batch 8 and a write twice the size (optimised HLO,
-# H100, 2026-12-06 (xiv)). The rounded values are the same either way.
+# H100, 2026-12-06 (xiv)). "sum": with it the 11 float32 (1,576, 768) outputs of those fusions became bfloat16 ones,
+# and on an H100 (switch_ab, whole model, one process per pair, 2026-12-06 (xiv)) the forward ran 1.019x / 1.016x
+# (MLP ACMs, r = 0.5, batch 8 / 1), 1.010x / 0.992x (r = 0.25) and 1.034x (MLP + q/k/v/o, r = 0.5, batch 8), 1.002x /
+# 1.040x (r = 0.25) as fast as with XLA's placement. Logits differ: XLA's readers skip the rounding where they convert
+# back to float32 (its excess-precision simplification), so "consumers" is the one that departs from the model's dtype.
 DOWN_SPLIT_ROUNDINGS = ("sum", "consumers")
-DOWN_SPLIT_ROUNDING = "consumers"
+DOWN_SPLIT_ROUNDING = "sum"
 # Into how many parts the split launch cuts each row's reduction: None, by token count
 # (`DOWN_SPLIT_PER_LEARNER_MAX_TOKENS`); an integer dividing N, parts of N / parts consecutive learners each at
 # every token count. Fewer parts trade the split's shorter loops for less partial traffic.

@@ -291,8 +291,9 @@ def test_split_down_launch_with_atomic_sums_matches_reference(tokens, dim, n, wi
 @pytest.mark.parametrize("sums", af.DOWN_SPLIT_SUMS)
 def test_split_sum_rounded_in_its_fusion_gives_the_same_outputs(sums, monkeypatch):
   """`DOWN_SPLIT_ROUNDING = "sum"` puts an optimization barrier on the split sum rounded to x's dtype, so XLA writes
-  the rounded output instead of the float32 sum: the same values, bit for bit, as XLA's own placement
-  ("consumers"), and the reference's, with a skip connection and random k in bfloat16; a bad setting is named."""
+  the rounded output instead of the float32 sum. The outputs returned are the same bits as with XLA's own placement
+  ("consumers"; inside a model, readers that convert back to float32 may skip the rounding there) and match the
+  reference, with a skip connection and random k in bfloat16; a bad setting is named."""
   monkeypatch.setattr(af, "DOWN_SPLIT_SUM", sums)
   tokens, dim, n, width = 197, 64, 4, 32
   x, groups = random_group(23, tokens, dim, n, width, 1, jnp.bfloat16)
