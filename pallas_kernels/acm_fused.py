@@ -241,13 +241,6 @@ DOWN_SPLIT_SUM = "parts"
 # back to float32 (its excess-precision simplification), so "consumers" is the one that departs from the model's dtype.
 DOWN_SPLIT_ROUNDINGS = ("sum", "consumers")
 DOWN_SPLIT_ROUNDING = "sum"
-# How XLA's fusion after the split launch is written: "reduce", a sum over the parts' axis and a gather of the
-# cumulative bias table at each token's k; "elementwise", one select per part and per choice, added up (no reduction,
-# no gather). The dense model's next LayerNorm statistics share one fusion with its MLP's skip connection; after the
-# ACM they take a fusion of their own, and the question is whether XLA joins the two when the sum has no reduction
-# or gather in it (with DOWN_SPLIT_ROUNDING = "consumers": the barrier would keep them apart). Not yet timed.
-DOWN_SPLIT_FINISHES = ("reduce", "elementwise")
-DOWN_SPLIT_FINISH = "reduce"
 # Into how many parts the split launch cuts each row's reduction: None, by token count
 # (`DOWN_SPLIT_PER_LEARNER_MAX_TOKENS`); an integer dividing N, parts of N / parts consecutive learners each at
 # every token count. Fewer parts trade the split's shorter loops for less partial traffic.
@@ -872,8 +865,6 @@ def _down_split(hidden, groups, order, k_rows, k_tokens, residual, *, cfg, token
   output bias (and the residual, when given) before one rounding. Returns the outputs, token order."""
   if DOWN_SPLIT_SUM not in DOWN_SPLIT_SUMS:
     raise ValueError(f"acm_fused.DOWN_SPLIT_SUM must be one of {DOWN_SPLIT_SUMS}, got {DOWN_SPLIT_SUM!r}")
-  if DOWN_SPLIT_FINISH not in DOWN_SPLIT_FINISHES:
-    raise ValueError(f"acm_fused.DOWN_SPLIT_FINISH must be one of {DOWN_SPLIT_FINISHES}, got {DOWN_SPLIT_FINISH!r}")
   if DOWN_SPLIT_ROUNDING not in DOWN_SPLIT_ROUNDINGS:
     raise ValueError(f"acm_fused.DOWN_SPLIT_ROUNDING must be one of {DOWN_SPLIT_ROUNDINGS}, got {DOWN_SPLIT_ROUNDING!r}")
   atomic = DOWN_SPLIT_SUM == "atomic"
@@ -897,23 +888,16 @@ def _down_split(hidden, groups, order, k_rows, k_tokens, residual, *, cfg, token
   outs = []
   for gg, (part, grp) in enumerate(zip(parts, groups)):
     k = k_tokens[gg * padded:gg * padded + tokens]
-    elementwise = DOWN_SPLIT_FINISH == "elementwise"
     if atomic:
       out = part[:tokens]
     else:
       part = part.reshape(num_parts, padded, dim)[:, :tokens]
       # a part whose first learner lies past a token's k may be unwritten (its block stopped earlier): `where`,
       # not a product
-      if elementwise:
-        out = sum(jnp.where(p * per_part < k[:, None], part[p], 0.0) for p in range(num_parts))
-      else:
-        first = jnp.arange(num_parts)[:, None, None]
-        first = first if per_part == 1 else first * per_part
-        out = jnp.sum(jnp.where(first < k[None, :, None], part, 0.0), axis=0)
-    if "b2" in grp and elementwise:  # b2[0] + ... + b2[k] as selects, no gather
-      b2 = grp["b2"].astype(jnp.float32)
-      out = out + sum(jnp.where(j <= k[:, None], b2[j], 0.0) for j in range(b2.shape[0]))
-    elif "b2" in grp:
+      first = jnp.arange(num_parts)[:, None, None]
+      first = first if per_part == 1 else first * per_part
+      out = jnp.sum(jnp.where(first < k[None, :, None], part, 0.0), axis=0)
+    if "b2" in grp:
       out = out + _bias_table(grp)[k]
     if residual is not None:
       out = out + residual.astype(jnp.float32)

@@ -288,35 +288,6 @@ def test_split_down_launch_with_atomic_sums_matches_reference(tokens, dim, n, wi
                  split_down=True, **tiles)
 
 
-@pytest.mark.parametrize("parts", [None, 2])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_split_sum_finished_elementwise_matches_reference(parts, dtype, monkeypatch):
-  """`DOWN_SPLIT_FINISH = "elementwise"`: the parts and the cumulative output bias added as selects instead of a
-  reduction and a gather; against the reference and the "reduce" form, random k including 0 and N, with a skip
-  connection, one part per learner or pairs; a bad setting is named."""
-  monkeypatch.setattr(af, "DOWN_SPLIT_PARTS", parts)
-  tokens, dim, n, width = 197, 64, 4, 32
-  x, groups = random_group(31, tokens, dim, n, width, 1, dtype)
-  residual = jnp.asarray(np.random.default_rng(32).normal(size=(tokens, dim)) * 4, dtype)
-  tiles = split_tiles("split_sorted", width, SMALL)
-  new_run = lambda: lambda x, groups, residual: af.acm_group(x, groups, num_learners=n, residual=residual,
-                                                             interpret=True, sort=True, split_down=True, **tiles)
-  results = {}
-  for finish in af.DOWN_SPLIT_FINISHES:
-    monkeypatch.setattr(af, "DOWN_SPLIT_FINISH", finish)
-    results[finish] = jax.jit(new_run())(x, groups, residual)
-  (out, ), k = results["elementwise"]
-  (out_reduce, ), k_reduce = results["reduce"]
-  np.testing.assert_array_equal(np.asarray(k), np.asarray(k_reduce))
-  assert set(np.unique(np.asarray(k))) >= {0, n}
-  refs, _ = af.acm_group_reference(x, groups, num_learners=n, activation="gelu", k=k, residual=residual)
-  assert rel_err(out, refs[0]) < LIMITS[jnp.dtype(dtype)]
-  assert rel_err(out, out_reduce) < (1e-6 if dtype == jnp.float32 else 1e-2)
-  monkeypatch.setattr(af, "DOWN_SPLIT_FINISH", "scan")
-  with pytest.raises(ValueError, match="DOWN_SPLIT_FINISH must be one of .*'scan'"):
-    new_run()(x, groups, residual)
-
-
 @pytest.mark.parametrize("sums", af.DOWN_SPLIT_SUMS)
 def test_split_sum_rounded_in_its_fusion_gives_the_same_outputs(sums, monkeypatch):
   """`DOWN_SPLIT_ROUNDING = "sum"` puts an optimization barrier on the split sum rounded to x's dtype, so XLA writes
