@@ -866,7 +866,8 @@ def _down_split(hidden, groups, order, k_rows, k_tokens, residual, *, cfg, token
   if DOWN_SPLIT_SUM not in DOWN_SPLIT_SUMS:
     raise ValueError(f"acm_fused.DOWN_SPLIT_SUM must be one of {DOWN_SPLIT_SUMS}, got {DOWN_SPLIT_SUM!r}")
   if DOWN_SPLIT_ROUNDING not in DOWN_SPLIT_ROUNDINGS:
-    raise ValueError(f"acm_fused.DOWN_SPLIT_ROUNDING must be one of {DOWN_SPLIT_ROUNDINGS}, got {DOWN_SPLIT_ROUNDING!r}")
+    raise ValueError(f"acm_fused.DOWN_SPLIT_ROUNDING must be one of {DOWN_SPLIT_ROUNDINGS}, "
+                     f"got {DOWN_SPLIT_ROUNDING!r}")
   atomic = DOWN_SPLIT_SUM == "atomic"
   num_parts = split_parts(num_learners, tokens)
   per_part = num_learners // num_parts
