@@ -174,6 +174,13 @@ MAX_GROUP = 4
 # H200 (2026-12-05, whole ViT-B/16, `benchmarks.vit_bench --residual-min-tokens 0`) it stayed within
 # the run-to-run spread at batches 32 and 256 (benchmarks/RESULTS.md).
 RESIDUAL_MIN_TOKENS: int | None = None
+# Up to this many tokens (None: never), the routed paths' whole down launch adds the output bias from b2 itself, a
+# loop over the choices (`_choice_bias`), instead of gathering from the cumulative table b2[0] + ... + b2[j] that XLA
+# computes before the launch. The table costs one small kernel per ACM per forward (48 `loop_reduce_window`
+# fusions in a ViT-B/16 with q/k/v/o ACMs; the MLP ACMs' split launch folds it into its sum), which may matter
+# where a forward is mostly launches. At 50,432 tokens the loop made the launch 0.27 instead of 0.21 ms (H200,
+# 2026-12-03). Written 2026-12-06 (xiv), not yet timed: switch_ab 'loop:DOWN_BIAS_LOOP_MAX_TOKENS=2048'.
+DOWN_BIAS_LOOP_MAX_TOKENS: int | None = None
 # With `norm` (the group reads LayerNorm(x), a pre-LN block), the routed kernel paths fuse the
 # LayerNorm from this many tokens on (None: never): the route launch computes each token's mean and
 # inverse standard deviation (and normalises x for the gate itself), the up launch normalises in the
@@ -747,8 +754,8 @@ def _down_step(h_ref, w2_ref, i, cb, *, block_rows, block_out, block_k):
 
 
 def _down_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_rows, block_out, block_k, width,
-                 tokens, padded, sort, num_learners, has_bias, has_residual=False):
-  """Refs: order, k, (hidden, w2[, bias table]) per ACM[, residual], outputs per ACM."""
+                 tokens, padded, sort, num_learners, has_bias, has_residual=False, bias_loop=False):
+  """Refs: order, k, (hidden, w2[, bias table, or b2 with bias_loop]) per ACM[, residual], outputs per ACM."""
   from jax.experimental.pallas import triton as plgpu
   per = 3 if has_bias else 2
   in_refs, out_refs = refs[:per * num_groups], refs[per * num_groups:]
@@ -764,7 +771,10 @@ def _down_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_rows, bl
     trips = (max_k * width + block_k - 1) // block_k
     acc = jax.lax.fori_loop(0, trips, step, jnp.zeros((block_rows, block_out), jnp.float32))
     col_ids = cb * block_out + jnp.arange(block_out, dtype=jnp.int32)
-    if has_bias:
+    if has_bias and bias_loop:  # b2 itself, summed over the choices up to each row's k (`DOWN_BIAS_LOOP_MAX_TOKENS`)
+      (b2_ref,) = bias
+      acc = acc + _choice_bias(b2_ref, k_rows, pl.ds(cb * block_out, block_out), num_learners)
+    elif has_bias:
       # the float32 cumulative table b2[0] + ... + b2[j], one gather; a loop over the choices
       # (`_choice_bias`) made this launch 0.27 instead of 0.21 ms at 50,432 tokens (RESULTS 2026-12-03)
       (table_ref,) = bias
@@ -1220,13 +1230,15 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
     return outs, k
   has_bias = "b2" in groups[0]
   col_blocks = dim // cfg.block_out
-  down_inputs = [a for h, grp in zip(hidden, groups) for a in (h, grp["w2"]) + ((_bias_table(grp),) if has_bias else ())]
+  bias_loop = has_bias and DOWN_BIAS_LOOP_MAX_TOKENS is not None and tokens <= DOWN_BIAS_LOOP_MAX_TOKENS
+  bias = lambda grp: (grp["b2"] if bias_loop else _bias_table(grp),) if has_bias else ()
+  down_inputs = [a for h, grp in zip(hidden, groups) for a in (h, grp["w2"]) + bias(grp)]
   fuse_residual = residual is not None and RESIDUAL_MIN_TOKENS is not None and tokens >= RESIDUAL_MIN_TOKENS
   outs = pl.pallas_call(
       functools.partial(_down_kernel, num_groups=num_groups, col_blocks=col_blocks, block_rows=cfg.block_rows,
                         block_out=cfg.block_out, block_k=cfg.block_k_down, width=width, tokens=tokens,
                         padded=padded, sort=sort, num_learners=num_learners, has_bias=has_bias,
-                        has_residual=fuse_residual),
+                        has_residual=fuse_residual, bias_loop=bias_loop),
       out_shape=(jax.ShapeDtypeStruct((tokens, dim), x.dtype),) * num_groups,
       grid=(num_groups * row_blocks * col_blocks,), compiler_params=params(cfg.num_warps),
       interpret=interpret, name="acm_group_down",

@@ -288,6 +288,32 @@ def test_split_down_launch_with_atomic_sums_matches_reference(tokens, dim, n, wi
                  split_down=True, **tiles)
 
 
+@pytest.mark.parametrize("sort", [True, False])
+@pytest.mark.parametrize("tokens,dim,n,width,size,act,min_choice,dtype,k_kind,tiles", [CASES[i] for i in (0, 1, 3, 4, 5)])
+def test_down_launch_adding_the_bias_by_a_loop_matches_reference(tokens, dim, n, width, size, act, min_choice, dtype,
+                                                                 k_kind, tiles, sort, monkeypatch):
+  """`DOWN_BIAS_LOOP_MAX_TOKENS`: up to that many tokens the whole down launch adds b2[0] + ... + b2[k] from b2 by a
+  loop over the choices instead of a gather from the cumulative table; against the reference (k all 0 and all N,
+  random k, the forced minimum choice, groups of 3), in float32 to the last bit of the table's form; above the
+  bound the table is used."""
+  seen = []
+  real = af._down_kernel
+  monkeypatch.setattr(af, "_down_kernel", lambda *a, **kw: seen.append(kw["bias_loop"]) or real(*a, **kw))
+  x, groups = random_group(tokens + 41, tokens, dim, n, width, size, dtype, k_kind=k_kind)
+  outs = {}
+  for bound in (tokens, tokens - 1):
+    monkeypatch.setattr(af, "DOWN_BIAS_LOOP_MAX_TOKENS", bound)
+    check_group(x, groups, n=n, act=act, min_choice=min_choice, sort=sort, split_down=False, **tiles)
+    outs[bound], _ = af.acm_group(x, groups, num_learners=n, activation=act, min_choice=min_choice, interpret=True,
+                                  sort=sort, split_down=False, **tiles)
+  assert seen == [True, True, False, False]
+  for loop, table in zip(outs[tokens], outs[tokens - 1]):
+    if dtype == jnp.float32:
+      np.testing.assert_array_equal(np.asarray(loop), np.asarray(table))
+    else:
+      assert rel_err(loop, table) < 1e-2
+
+
 @pytest.mark.parametrize("sums", af.DOWN_SPLIT_SUMS)
 def test_split_sum_rounded_in_its_fusion_gives_the_same_outputs(sums, monkeypatch):
   """`DOWN_SPLIT_ROUNDING = "sum"` puts an optimization barrier on the split sum rounded to x's dtype, so XLA writes
@@ -589,6 +615,27 @@ def test_inline_sort_lowers_for_cuda_at_vit_b_shapes(tokens, split, monkeypatch)
   padded = -(-tokens // 128) * 128
   chunk = af.route_settings(tokens, dim, 3)[0]
   assert re.findall(r"grid_x = (\d+)", text)[:2] == [str(padded // chunk), str(padded // 64 * n * width // 128)]
+
+
+@pytest.mark.parametrize("tokens", [197, 1576])
+def test_down_launch_with_the_bias_loop_lowers_for_cuda_at_vit_b_shapes(tokens, monkeypatch):
+  """The Triton lowering of the whole down launch adding b2 by a loop over the choices (`DOWN_BIAS_LOOP_MAX_TOKENS`)
+  for the q/k/v group (3 ACMs of 4 learners of 96, identity, min choice 1) at batch 1's and 8's token counts: no
+  cumulative table (cumsum) left in the program, b2 passed to the launch."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # lowered for CUDA, never run
+  dim, n, width = 768, 4, 96
+  shape, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
+  group = dict(w1=shape((dim, n * width), bf16), b1=shape((n * width,), bf16), w2=shape((n * width, dim), bf16),
+               b2=shape((n + 1, dim), bf16), gate=(shape((dim, n + 1), bf16), shape((n + 1,), bf16)))
+  call = lambda x, g: af.acm_group(x, [g] * 3, num_learners=n, activation="identity", min_choice=1, sort=True,
+                                   split_down=False, interpret=False)
+  texts = {}
+  for bound in (None, 2048):
+    monkeypatch.setattr(af, "DOWN_BIAS_LOOP_MAX_TOKENS", bound)
+    run = lambda x, g: call(x, g)  # a new function per setting: no cached trace
+    texts[bound] = jax.jit(run).trace(shape((tokens, dim), bf16), group).lower(lowering_platforms=("cuda",)).as_text()
+  assert re.findall(r'name = "(acm_[a-z_]+)"', texts[2048])[-1] == "acm_group_down"
+  assert "reduce_window" in texts[None] and "reduce_window" not in texts[2048]
 
 
 def test_asking_for_inline_sort_where_it_cannot_run_names_the_reason():
