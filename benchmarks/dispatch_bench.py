@@ -143,17 +143,19 @@ def table(records: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def add_model_args(parser: argparse.ArgumentParser, batches: list[int], calls: int) -> None:
+def add_model_args(parser: argparse.ArgumentParser, batches: list[int], calls: int | None) -> None:
   """The flags of a script that times the dense ViT and ACM configurations in rounds of waited calls (this one,
-  `embed_ab`): --model, --batches, --acm, --impl, --r, --rounds, --calls."""
+  `embed_ab`): --model, --batches, --acm, --impl, --r, --rounds, --calls (the last two not where calls is None:
+  a script that only compiles them, `hlo_census`)."""
   parser.add_argument("--model", default="vit_b16", choices=("tiny", "vit_s16", "vit_b16", "vit_l16"),
                       help="the ViT preset (tiny with --impl xla runs on a CPU: a smoke run of the script)")
   parser.add_argument("--batches", type=tb._ints, default=batches)
   parser.add_argument("--acm", type=tb._list(tuple(vb.ACM_KINDS)), default=["mlp", "mlp_qkvo"])
   parser.add_argument("--impl", default="pallas", choices=("auto", "pallas", "triton", "xla"))
   parser.add_argument("--r", type=float, default=0.5, help="the gates' target k/N")
-  parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--calls", type=int, default=calls, help="calls per model and round")
+  if calls is not None:
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=calls, help="calls per model and round")
 
 
 def check_model_args(parser: argparse.ArgumentParser, args, script: str) -> jax.Array:

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from acm_jax.vit import model as vit
+from benchmarks import dispatch_bench as db
 from benchmarks import gpu_name
 from benchmarks import switch_ab as sab
 from benchmarks import train_bench as tb
@@ -114,12 +115,7 @@ def table(records: list[dict]) -> str:
 
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--model", default="vit_b16", choices=("tiny", "vit_s16", "vit_b16", "vit_l16"),
-                      help="the ViT preset (tiny with --impl xla compiles on a CPU: a smoke run of the script)")
-  parser.add_argument("--batches", type=tb._ints, default=[1, 8])
-  parser.add_argument("--acm", type=tb._list(tuple(vb.ACM_KINDS)), default=["mlp", "mlp_qkvo"])
-  parser.add_argument("--impl", default="pallas", choices=("auto", "pallas", "triton", "xla"))
-  parser.add_argument("--r", type=float, default=0.5, help="the gates' target k/N")
+  db.add_model_args(parser, batches=[1, 8], calls=None)
   parser.add_argument("--variant", action="append", default=None,
                       help="NAME[:SWITCH=VALUE;...] acm_fused settings, as benchmarks.switch_ab takes them "
                            "(repeatable; without any: one variant 'default')")
