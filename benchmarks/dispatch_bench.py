@@ -201,13 +201,14 @@ def main(argv=None) -> list[dict]:
 
 def save_records(args, records: list[dict], stem: str, table_fn, summary: str, **fields) -> list[dict]:
   """`records` with the run's header (device, date, jax_version, `fields`, model_preset, impl, r), printed as
-  `table_fn` draws them and appended to `results/<stem>_<gpu>.json`."""
+  `table_fn` draws them (with the rounds and calls, where `args` has them) and appended to
+  `results/<stem>_<gpu>.json`."""
   device = jax.devices()[0].device_kind
   header = dict(device=device, date=datetime.date.today().isoformat(), jax_version=jax.__version__, **fields,
                 model_preset=args.model, impl=args.impl, r=args.r)
   records = [{**header, **rec} for rec in records]
-  print(f"\n{args.model}, {device}, jax {jax.__version__}, {summary}; {args.rounds} rounds of {args.calls} calls, "
-        f"medians\n\n{table_fn(records)}\n")
+  timing = f"; {args.rounds} rounds of {args.calls} calls, medians" if hasattr(args, "rounds") else ""
+  print(f"\n{args.model}, {device}, jax {jax.__version__}, {summary}{timing}\n\n{table_fn(records)}\n")
   tb.append(Path(args.results_dir) / f"{stem}_{gpu_name(device)}.json", records)
   return records
 

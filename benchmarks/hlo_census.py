@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import math
 import re
 import sys
@@ -38,9 +37,7 @@ import jax.numpy as jnp
 
 from acm_jax.vit import model as vit
 from benchmarks import dispatch_bench as db
-from benchmarks import gpu_name
 from benchmarks import switch_ab as sab
-from benchmarks import train_bench as tb
 from benchmarks import vit_bench as vb
 
 LAUNCHING = ("fusion", "custom-call", "copy", "while", "conditional", "sort", "scatter", "gather")
@@ -136,13 +133,7 @@ def main(argv=None) -> list[dict]:
   images = jax.random.normal(jax.random.key(0), (max(args.batches), cfg.image_size, cfg.image_size, 3), jnp.bfloat16)
   built = vb.serving_forwards(args.model, args.acm, args.impl, args.r, images[:1])
   records = measure(built, images, args.batches, variants, cfg.num_tokens, cfg.dim)
-  device = jax.devices()[0].device_kind
-  header = dict(device=device, date=datetime.date.today().isoformat(), jax_version=jax.__version__,
-                model_preset=args.model, impl=args.impl, r=args.r)
-  records = [{**header, **rec} for rec in records]
-  print(f"\n{args.model}, {device}, jax {jax.__version__}, optimised programs (no timing)\n\n{table(records)}\n")
-  tb.append(Path(args.results_dir) / f"hlo_census_{gpu_name(device)}.json", records)
-  return records
+  return db.save_records(args, records, "hlo_census", table, "optimised programs, no timing")
 
 
 if __name__ == "__main__":
