@@ -160,12 +160,13 @@ def add_model_args(parser: argparse.ArgumentParser, batches: list[int], calls: i
 
 def check_model_args(parser: argparse.ArgumentParser, args, script: str) -> jax.Array:
   """Refuses bad `add_model_args` values by name (and the kernels off a GPU); returns the images to time,
-  (largest batch, size, size, 3) in bfloat16."""
-  if args.rounds < 1 or args.calls < 1 or not 0 < args.r <= 1 or min(args.batches) < 1:
-    parser.error(f"--rounds, --calls and --batches must be >= 1 and --r in (0, 1]; got {args.rounds}, "
-                 f"{args.calls}, {args.batches}, {args.r}")
+  (largest batch, size, size, 3) in bfloat16. --rounds and --calls are checked where the script has them."""
+  counts = {f"--{name}": getattr(args, name) for name in ("rounds", "calls") if hasattr(args, name)}
+  counts["--batches"] = min(args.batches)
+  if min(counts.values()) < 1 or not 0 < args.r <= 1:
+    parser.error(f"{', '.join(counts)} must be >= 1 and --r in (0, 1]; got {list(counts.values())}, {args.r}")
   if jax.default_backend() != "gpu" and args.impl != "xla":
-    sys.exit(f"{script} times the ACM kernels on a GPU (backend here: {jax.default_backend()!r}); "
+    sys.exit(f"{script} runs the ACM kernels on a GPU only (backend here: {jax.default_backend()!r}); "
              "only --impl xla runs elsewhere")
   size = vit.get_config(args.model).image_size
   return jax.random.normal(jax.random.key(0), (max(args.batches), size, size, 3), jnp.bfloat16)

@@ -29,11 +29,7 @@ import argparse
 import collections
 import math
 import re
-import sys
 from pathlib import Path
-
-import jax
-import jax.numpy as jnp
 
 from acm_jax.vit import model as vit
 from benchmarks import dispatch_bench as db
@@ -118,19 +114,14 @@ def main(argv=None) -> list[dict]:
                            "(repeatable; without any: one variant 'default')")
   parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
   args = parser.parse_args(argv)
-  if not 0 < args.r <= 1 or min(args.batches) < 1:
-    parser.error(f"--batches must be >= 1 and --r in (0, 1]; got {args.batches}, {args.r}")
+  images = db.check_model_args(parser, args, "hlo_census")
   try:
     variants = tuple(sab.parse_variant(v) for v in args.variant) if args.variant else (("default", {}),)
   except ValueError as err:
     parser.error(str(err))
   if len({name for name, _ in variants}) != len(variants):
     parser.error(f"variant names must differ: {[name for name, _ in variants]}")
-  if jax.default_backend() != "gpu" and args.impl != "xla":
-    sys.exit(f"hlo_census compiles the ACM kernels for a GPU (backend here: {jax.default_backend()!r}); "
-             "only --impl xla runs elsewhere")
   cfg = vit.get_config(args.model)
-  images = jax.random.normal(jax.random.key(0), (max(args.batches), cfg.image_size, cfg.image_size, 3), jnp.bfloat16)
   built = vb.serving_forwards(args.model, args.acm, args.impl, args.r, images[:1])
   records = measure(built, images, args.batches, variants, cfg.num_tokens, cfg.dim)
   return db.save_records(args, records, "hlo_census", table, "optimised programs, no timing")
