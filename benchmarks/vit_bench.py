@@ -328,6 +328,9 @@ def add_fusion_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--down-split-rounding", choices=acm_fused.DOWN_SPLIT_ROUNDINGS, default=None,
                       help="acm_fused.DOWN_SPLIT_ROUNDING for this run (where the split down launch's sum is rounded "
                            "to x's dtype: in its own fusion, or where XLA puts it)")
+  parser.add_argument("--down-bias-loop-max-tokens", type=int, default=None,
+                      help="acm_fused.DOWN_BIAS_LOOP_MAX_TOKENS for this run (the whole down launch adds the output "
+                           "bias by a loop over the choices up to this many tokens; default: acm_fused's; -1: never)")
 
 
 def apply_fusion_flags(args) -> dict:
@@ -346,6 +349,9 @@ def apply_fusion_flags(args) -> dict:
     acm_fused.INLINE_SORT_MAX_TOKENS = None if args.inline_sort_max_tokens < 0 else args.inline_sort_max_tokens
   if args.down_split_rounding is not None:
     acm_fused.DOWN_SPLIT_ROUNDING = args.down_split_rounding
+  if args.down_bias_loop_max_tokens is not None:
+    bound = args.down_bias_loop_max_tokens
+    acm_fused.DOWN_BIAS_LOOP_MAX_TOKENS = None if bound < 0 else bound
   return dict(norm_min_tokens=acm_fused.NORM_MIN_TOKENS, norm_mode=acm_fused.NORM_MODE,
               residual_min_tokens=acm_fused.RESIDUAL_MIN_TOKENS, down_split_max_tokens=acm_fused.DOWN_SPLIT_MAX_TOKENS,
               down_split_per_learner_max_tokens=acm_fused.DOWN_SPLIT_PER_LEARNER_MAX_TOKENS,
@@ -353,7 +359,13 @@ def apply_fusion_flags(args) -> dict:
               route_small=dict(acm_fused.ROUTE_SMALL), route_medium_max_tokens=acm_fused.ROUTE_MEDIUM_MAX_TOKENS,
               route_medium=dict(acm_fused.ROUTE_MEDIUM), route_shared_min_tokens=acm_fused.ROUTE_SHARED_MIN_TOKENS,
               inline_sort_max_tokens=acm_fused.INLINE_SORT_MAX_TOKENS,
-              down_split_rounding=acm_fused.DOWN_SPLIT_ROUNDING)
+              down_split_rounding=acm_fused.DOWN_SPLIT_ROUNDING,
+              down_bias_loop_max_tokens=acm_fused.DOWN_BIAS_LOOP_MAX_TOKENS, tuned_tiles=tuned_tiles())
+
+
+def tuned_tiles() -> dict:
+  """acm_fused.TUNED as JSON holds it: {"BUCKET/KIND": entry}, BUCKET a token bound or "none"."""
+  return {f"{str(bucket).lower()}/{kind}": dict(entry) for (bucket, kind), entry in acm_fused.TUNED.items()}
 
 
 def _mosaic_tiles(flag: str, text: str) -> dict:

@@ -179,8 +179,10 @@ RESIDUAL_MIN_TOKENS: int | None = None
 # computes before the launch. The table costs one small kernel per ACM per forward (48 `loop_reduce_window`
 # fusions in a ViT-B/16 with q/k/v/o ACMs; the MLP ACMs' split launch folds it into its sum), which may matter
 # where a forward is mostly launches. At 50,432 tokens the loop made the launch 0.27 instead of 0.21 ms (H200,
-# 2026-12-03). Written 2026-12-06 (xiv), not yet timed: switch_ab 'loop:DOWN_BIAS_LOOP_MAX_TOKENS=2048'.
-DOWN_BIAS_LOOP_MAX_TOKENS: int | None = None
+# 2026-12-03). 512 (a ViT-B/16 batch of 1): on an H100 (2026-12-06 (xv), switch_ab, whole model, MLP + q/k/v/o ACMs,
+# r = 0.5, one process per pair) the loop made the forward 1.070x and 1.027x as fast at batch 1 (197 tokens) and
+# 0.932x at batch 8 (1,576 tokens), where the loop's cost outweighs one kernel less (benchmarks/RESULTS.md).
+DOWN_BIAS_LOOP_MAX_TOKENS: int | None = 512
 # With `norm` (the group reads LayerNorm(x), a pre-LN block), the routed kernel paths fuse the
 # LayerNorm from this many tokens on (None: never): the route launch computes each token's mean and
 # inverse standard deviation (and normalises x for the gate itself), the up launch normalises in the
@@ -301,6 +303,10 @@ TUNED: dict[tuple[int | None, str], dict] = {
     (512, "proj"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=True),
     (2048, "mlp"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=True),
     (8192, "proj"): dict(block_rows=128, block_out=128, block_hidden=128, num_warps=8, sort=True),
+    # 2026-12-06 (xv), H100: the MLP ACMs at 2,049-8,192 tokens (batch 32) on 128-row blocks and 8 warps instead of
+    # the heuristic's 64 and 4: whole model 1.024x and 1.020x as fast at r = 0.5, 0.990x and 1.007x at r = 0.25
+    # (switch_ab, one process per pair; benchmarks/RESULTS.md). Other tiles at batches 1 and 8 lost or were noise.
+    (8192, "mlp"): dict(block_rows=128, block_out=128, block_hidden=128, num_warps=8, sort=True),
     # 2026-12-04 (ii): more than 8,192 tokens, the q/k/v group retuned with the kernels of today (bias table
     # gather, shared helpers): 64-row blocks on 4 warps take the group from 0.545 to 0.481 ms at 50,432 tokens
     # (benchmarks/results/fused_combo_h200.json), and the whole model, MLP + q/k/v/o at batch 256, from

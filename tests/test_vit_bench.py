@@ -133,12 +133,12 @@ def test_static_yardstick_computes_the_acm_at_a_fixed_k(kind):
 
 def test_fusion_flags_set_the_switches_and_are_recorded(tmp_path, monkeypatch):
   """--norm-min-tokens / --norm-mode / --residual-min-tokens / --down-split-max-tokens / --route-shared-min-tokens /
-  --inline-sort-max-tokens / --down-split-rounding (and --mgpu-down-unsort) set acm_fused's switches (-1: off) and
-  every ACM row records them."""
+  --inline-sort-max-tokens / --down-split-rounding / --down-bias-loop-max-tokens (and --mgpu-down-unsort) set
+  acm_fused's switches (-1: off) and every ACM row records them, with the tuned tile table."""
   from pallas_kernels import acm_fused
   for name in ("NORM_MIN_TOKENS", "NORM_MODE", "RESIDUAL_MIN_TOKENS", "MGPU_DOWN_UNSORT",
                "DOWN_SPLIT_MAX_TOKENS", "ROUTE_SHARED_MIN_TOKENS", "INLINE_SORT_MAX_TOKENS",
-               "DOWN_SPLIT_ROUNDING"):  # restored after
+               "DOWN_SPLIT_ROUNDING", "DOWN_BIAS_LOOP_MAX_TOKENS"):  # restored after
     monkeypatch.setattr(acm_fused, name, getattr(acm_fused, name))
   parser = __import__("argparse").ArgumentParser()
   vb.add_fusion_flags(parser)
@@ -146,12 +146,16 @@ def test_fusion_flags_set_the_switches_and_are_recorded(tmp_path, monkeypatch):
                                                  "--residual-min-tokens", "-1", "--down-split-max-tokens", "2048",
                                                  "--route-shared-min-tokens", "4096",
                                                  "--inline-sort-max-tokens", "2048",
-                                                 "--down-split-rounding", "consumers"]))
+                                                 "--down-split-rounding", "consumers",
+                                                 "--down-bias-loop-max-tokens", "-1"]))
+  tiles = got.pop("tuned_tiles")
+  assert tiles == {f"{str(b).lower()}/{kind}": e for (b, kind), e in acm_fused.TUNED.items()} and "8192/mlp" in tiles
   assert got == {"norm_min_tokens": 4096, "norm_mode": "prologue", "residual_min_tokens": None,
                  "down_split_max_tokens": 2048, "down_split_per_learner_max_tokens": 1024, "down_split_parts": None,
                  "route_small_max_tokens": 2048, "route_small": {"chunk": 32, "block_k": 256, "num_stages": 1},
                  "route_medium_max_tokens": 8192, "route_medium": {"chunk": 64, "block_k": 256, "num_stages": 1},
-                 "route_shared_min_tokens": 4096, "inline_sort_max_tokens": 2048, "down_split_rounding": "consumers"}
+                 "route_shared_min_tokens": 4096, "inline_sort_max_tokens": 2048, "down_split_rounding": "consumers",
+                 "down_bias_loop_max_tokens": None}
   assert (acm_fused.NORM_MIN_TOKENS, acm_fused.NORM_MODE, acm_fused.RESIDUAL_MIN_TOKENS,
           acm_fused.DOWN_SPLIT_MAX_TOKENS, acm_fused.ROUTE_SHARED_MIN_TOKENS,
           acm_fused.INLINE_SORT_MAX_TOKENS, acm_fused.DOWN_SPLIT_ROUNDING) == (4096, "prologue", None, 2048, 4096, 2048,
@@ -165,11 +169,12 @@ def test_fusion_flags_set_the_switches_and_are_recorded(tmp_path, monkeypatch):
   vb.main(["--model", "tiny", "--batches", "2", "--acm", "mlp", "--ratios", "0.5", "--impls", "xla", "--attention",
            "xla", "--no-dense-gelu-tanh", "--no-static", "--norm-min-tokens", "0", "--residual-min-tokens", "0",
            "--mgpu-down-unsort", "kernel", "--route-shared-min-tokens", "-1", "--inline-sort-max-tokens", "-1",
-           "--down-split-rounding", "sum", "--results-dir", str(tmp_path),
+           "--down-split-rounding", "sum", "--down-bias-loop-max-tokens", "300", "--results-dir", str(tmp_path),
            "--no-append"])
   rows = [r for r in json.loads(next(tmp_path.glob("vit_*.json")).read_text()) if r["acm"] != "none"]
   assert rows and all((r["norm_min_tokens"], r["norm_mode"], r["residual_min_tokens"], r["route_shared_min_tokens"],
-                       r["inline_sort_max_tokens"], r["down_split_rounding"]) == (0, "prologue", 0, None, None, "sum")
+                       r["inline_sort_max_tokens"], r["down_split_rounding"], r["down_bias_loop_max_tokens"])
+                      == (0, "prologue", 0, None, None, "sum", 300) and r["tuned_tiles"]["8192/mlp"]["num_warps"] == 8
                       for r in rows)
   assert acm_fused.MGPU_DOWN_UNSORT == "kernel" and all(r["mgpu_down_unsort"] == "kernel" for r in rows)
 
