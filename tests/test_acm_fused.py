@@ -772,6 +772,32 @@ def test_tuned_tiles_that_do_not_fit_a_smaller_model_keep_the_heuristic(monkeypa
   check_group(x, groups, n=4)  # the call those tiles would have stopped, against the reference
 
 
+@pytest.mark.parametrize("dim,total", [(768, 3072), (768, 384), (384, 1536), (1024, 4096)])
+def test_the_committed_tile_table_resolves_at_vit_shapes(dim, total, monkeypatch):
+  """Each entry of the committed Hopper table, at the largest token count of its bucket (50,432 for the last), gives
+  a config `resolve_config` accepts (ViT-B/16's MLP and q/k/v widths, ViT-S/16's and ViT-L/16's MLPs), with the
+  table's tiles wherever they divide the model's sizes and the table's path."""
+  monkeypatch.setattr(af, "gpu_family", lambda: "hopper")
+  fields = {f.name for f in dataclasses.fields(af.FusedConfig)}
+  wholes = {"block_out": dim, "block_k_up": dim, "block_hidden": total}
+  entries = [(bucket, entry) for (bucket, kind), entry in af.TUNED.items() if kind == af.shape_kind(dim, total)]
+  assert entries
+  for bucket, entry in entries:
+    tokens = bucket or 50432
+    assert af.token_bucket(tokens) == bucket
+    cfg, path = af.resolve_config(jnp.bfloat16, dim, total, tokens)
+    for name, value in entry.items():
+      if name in fields and wholes.get(name, value) % value == 0:
+        assert getattr(cfg, name) == value, (bucket, name)
+    assert path == ("xla" if entry.get("xla") else "sorted" if entry.get("sort") else "unsorted")
+  if (dim, total) == (768, 3072):  # batch 32's MLP entry (2026-12-06 (xv)) against the heuristic's 64 rows, 4 warps
+    cfg, _ = af.resolve_config(jnp.bfloat16, dim, total, 6304)
+    assert (cfg.block_rows, cfg.num_warps) == (128, 8)
+    monkeypatch.setattr(af, "gpu_family", lambda: "other")
+    cfg, _ = af.resolve_config(jnp.bfloat16, dim, total, 6304)
+    assert (cfg.block_rows, cfg.num_warps) == (64, 4)
+
+
 @pytest.mark.parametrize("path", ["default", "layer_norm_fold", "layer_norm_prologue", "residual_in_kernel",
                                   "onepass", "twolaunch", "xla", "shared_route", "shared_route_layer_norm_fold",
                                   "inline_sort"])
