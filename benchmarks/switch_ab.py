@@ -122,8 +122,8 @@ def _recordable(settings: dict) -> dict:
   out = {}
   for name, value in settings.items():
     if name == "TUNED":
-      value = {f"{str(b).lower()}/{kind}": entry for (b, kind), entry in value.items()
-               if acm_fused.TUNED.get((b, kind)) != entry}
+      committed = vb.tuned_tiles()
+      value = {key: entry for key, entry in vb.tuned_tiles(value).items() if committed.get(key) != entry}
     out[name] = list(value) if isinstance(value, tuple) else value
   return out
 

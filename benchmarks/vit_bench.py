@@ -363,9 +363,11 @@ def apply_fusion_flags(args) -> dict:
               down_bias_loop_max_tokens=acm_fused.DOWN_BIAS_LOOP_MAX_TOKENS, tuned_tiles=tuned_tiles())
 
 
-def tuned_tiles() -> dict:
-  """acm_fused.TUNED as JSON holds it: {"BUCKET/KIND": entry}, BUCKET a token bound or "none"."""
-  return {f"{str(bucket).lower()}/{kind}": dict(entry) for (bucket, kind), entry in acm_fused.TUNED.items()}
+def tuned_tiles(table: dict | None = None) -> dict:
+  """A tile table (default acm_fused.TUNED) as JSON holds it: {"BUCKET/KIND": entry}, BUCKET a token bound or
+  "none"."""
+  table = acm_fused.TUNED if table is None else table
+  return {f"{str(bucket).lower()}/{kind}": dict(entry) for (bucket, kind), entry in table.items()}
 
 
 def _mosaic_tiles(flag: str, text: str) -> dict:

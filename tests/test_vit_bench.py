@@ -149,7 +149,8 @@ def test_fusion_flags_set_the_switches_and_are_recorded(tmp_path, monkeypatch):
                                                  "--down-split-rounding", "consumers",
                                                  "--down-bias-loop-max-tokens", "-1"]))
   tiles = got.pop("tuned_tiles")
-  assert tiles == {f"{str(b).lower()}/{kind}": e for (b, kind), e in acm_fused.TUNED.items()} and "8192/mlp" in tiles
+  assert len(tiles) == len(acm_fused.TUNED) and tiles["8192/mlp"] == acm_fused.TUNED[8192, "mlp"]
+  assert tiles["none/proj"] == acm_fused.TUNED[None, "proj"]
   assert got == {"norm_min_tokens": 4096, "norm_mode": "prologue", "residual_min_tokens": None,
                  "down_split_max_tokens": 2048, "down_split_per_learner_max_tokens": 1024, "down_split_parts": None,
                  "route_small_max_tokens": 2048, "route_small": {"chunk": 32, "block_k": 256, "num_stages": 1},
