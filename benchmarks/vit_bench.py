@@ -333,25 +333,20 @@ def add_fusion_flags(parser: argparse.ArgumentParser) -> None:
                            "bias by a loop over the choices up to this many tokens; default: acm_fused's; -1: never)")
 
 
+# `add_fusion_flags`' integer flags, each the acm_fused setting of its name in capitals
+_TOKEN_BOUND_FLAGS = ("norm_min_tokens", "residual_min_tokens", "down_split_max_tokens", "route_shared_min_tokens",
+                      "inline_sort_max_tokens", "down_bias_loop_max_tokens")
+
+
 def apply_fusion_flags(args) -> dict:
   """Sets acm_fused's fusion switches from `add_fusion_flags`' flags; returns them as records keep them."""
-  if args.norm_min_tokens is not None:
-    acm_fused.NORM_MIN_TOKENS = None if args.norm_min_tokens < 0 else args.norm_min_tokens
-  if args.norm_mode is not None:
-    acm_fused.NORM_MODE = args.norm_mode
-  if args.residual_min_tokens is not None:
-    acm_fused.RESIDUAL_MIN_TOKENS = None if args.residual_min_tokens < 0 else args.residual_min_tokens
-  if args.down_split_max_tokens is not None:
-    acm_fused.DOWN_SPLIT_MAX_TOKENS = None if args.down_split_max_tokens < 0 else args.down_split_max_tokens
-  if args.route_shared_min_tokens is not None:
-    acm_fused.ROUTE_SHARED_MIN_TOKENS = None if args.route_shared_min_tokens < 0 else args.route_shared_min_tokens
-  if args.inline_sort_max_tokens is not None:
-    acm_fused.INLINE_SORT_MAX_TOKENS = None if args.inline_sort_max_tokens < 0 else args.inline_sort_max_tokens
-  if args.down_split_rounding is not None:
-    acm_fused.DOWN_SPLIT_ROUNDING = args.down_split_rounding
-  if args.down_bias_loop_max_tokens is not None:
-    bound = args.down_bias_loop_max_tokens
-    acm_fused.DOWN_BIAS_LOOP_MAX_TOKENS = None if bound < 0 else bound
+  for name in _TOKEN_BOUND_FLAGS:  # token-count bounds: -1 turns the switch off (None)
+    bound = getattr(args, name)
+    if bound is not None:
+      setattr(acm_fused, name.upper(), None if bound < 0 else bound)
+  for name in ("norm_mode", "down_split_rounding"):  # named choices
+    if getattr(args, name) is not None:
+      setattr(acm_fused, name.upper(), getattr(args, name))
   return dict(norm_min_tokens=acm_fused.NORM_MIN_TOKENS, norm_mode=acm_fused.NORM_MODE,
               residual_min_tokens=acm_fused.RESIDUAL_MIN_TOKENS, down_split_max_tokens=acm_fused.DOWN_SPLIT_MAX_TOKENS,
               down_split_per_learner_max_tokens=acm_fused.DOWN_SPLIT_PER_LEARNER_MAX_TOKENS,
