@@ -16,7 +16,8 @@ takes (and `benchmarks.vit_bench --tuned` loads).
 `--merged`: the q/k/v group also on the merged path (each ACM's linear learners as one (d, d)
 matrix per choice, `acm_fused.merge_linear_learners`), whose best settings go to the table
 under the kind "merged". `--kinds` limits the run to some of mlp, proj; `--r` sets the gates'
-Binomial(4, r).
+Binomial(4, r). `--space wide` times the sorted path over a larger tile space instead
+(`wide_candidates`).
 """
 
 from __future__ import annotations
@@ -107,6 +108,26 @@ def candidates(tokens, kind, onepass=False):
       yield dict(block_rows=r, block_out=o, block_hidden=hd, num_warps=4, onepass=True)
 
 
+def wide_candidates(tokens, kind):
+  """`--space wide`: the sorted path over a larger tile space (row blocks 32 to 128 on 4 warps, 8 for 128 rows,
+  hidden tiles 128 and 256, output tiles 64 to 256), for the token counts where the default space's small tiles
+  may leave the launches bound by L2 traffic: w1 and w2 are read once per row block, the hidden rows once per
+  output tile. Where the down launch splits its reduction (`acm_fused.DOWN_SPLIT_MAX_TOKENS`) into fewer parts
+  than learners, the output tiles of 128 and 256 also with one part per learner ("parts": 4), which gives the
+  larger tiles back the programs they take away."""
+  hidden = (128, 256) if kind == "mlp" else (128,)
+  split = af.DOWN_SPLIT_MAX_TOKENS is not None and tokens <= af.DOWN_SPLIT_MAX_TOKENS
+  fewer_parts = split and af.split_parts(4, tokens) < 4
+  for r, o, hd in itertools.product((32, 64, 128), (64, 128, 256), hidden):
+    cand = dict(block_rows=r, block_out=o, block_hidden=hd, num_warps=8 if r == 128 else 4, sort=True)
+    yield cand
+    if fewer_parts and o >= 128:
+      yield dict(cand, parts=4)
+
+
+SPACES = {"default": candidates, "wide": lambda tokens, kind, onepass=False: wide_candidates(tokens, kind)}
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="tuned.json")
@@ -116,6 +137,8 @@ def main(argv=None):
   parser.add_argument("--r", type=float, default=0.5, help="the gates pick k ~ Binomial(4, r)")
   parser.add_argument("--onepass", action="store_true",
                       help="also the one-launch path (2-5x slower than the dense block on an H200, 2026-12-01)")
+  parser.add_argument("--space", default="default", choices=sorted(SPACES),
+                      help="the candidates: the default space, or `wide` (the sorted path over larger tiles)")
   args = parser.parse_args(argv)
   unknown = set(args.kinds.split(",")) - {"mlp", "proj"}
   if unknown:
@@ -123,7 +146,7 @@ def main(argv=None):
   if jax.default_backend() != "gpu":
     sys.exit("fused_tune needs a GPU")
   rng = np.random.default_rng(0)
-  table, rows = {}, []
+  table, rows, baselines = {}, [], []
   for tokens in (int(t) for t in args.tokens.split(",")):
     for kind in args.kinds.split(","):
       merged = kind == "proj" and args.merged
@@ -133,30 +156,37 @@ def main(argv=None):
       default = jax.jit(lambda x, g: af.acm_group(x, g, num_learners=4, activation=act, min_choice=min_choice,
                                                   merged=False)[0])
       default_ms = timed_ms(default, x, groups)
-      sets = [(kind, list(candidates(tokens, kind, args.onepass)))]
+      baselines.append(dict(tokens=tokens, kind=kind, r=args.r, dense_ms=dense_ms, default_ms=default_ms))
+      sets = [(kind, list(SPACES[args.space](tokens, kind, args.onepass)))]
       if merged:
         sets.append(("merged", list(merged_candidates(tokens))))
       for table_kind, cands in sets:
         best = (default_ms, None) if table_kind == kind else (float("inf"), None)
         for cand in cands:
           cand = {"merged": False, **cand}
-          fn = jax.jit(lambda x, g, c=cand: af.acm_group(x, g, num_learners=4, activation=act,
-                                                         min_choice=min_choice, **c)[0])
+          settings = {name: value for name, value in cand.items() if name != "parts"}
+          fn = jax.jit(lambda x, g, c=settings: af.acm_group(x, g, num_learners=4, activation=act,
+                                                             min_choice=min_choice, **c)[0])
+          parts = af.DOWN_SPLIT_PARTS
           try:
+            af.DOWN_SPLIT_PARTS = cand.get("parts", parts)  # read when `fn` is traced, in its first call
             ms = timed_ms(fn, x, groups)
           except Exception as err:
             print(f"T={tokens} {table_kind} {cand}: FAILED {type(err).__name__}: {str(err)[:200]}", flush=True)
             continue
+          finally:
+            af.DOWN_SPLIT_PARTS = parts
           rows.append(dict(tokens=tokens, kind=table_kind, r=args.r, **cand, ms=ms, ratio_to_dense=ms / dense_ms))
           if ms < best[0]:
             best = (ms, cand)
         key = f"{af.token_bucket(tokens)}|{table_kind}"
         if best[1] is not None:
-          table[key] = {name: value for name, value in best[1].items() if name != "merged"}
+          # "parts" (DOWN_SPLIT_PARTS) is a module setting, not a tile: the printed line shows it, the table does not
+          table[key] = {name: value for name, value in best[1].items() if name not in ("merged", "parts")}
         print(f"T={tokens:6d} {table_kind}: dense {dense_ms:.4f} ms, factored default {default_ms:.4f} ms "
               f"({default_ms / dense_ms:.3f}), best {best[0]:.4f} ms ({best[0] / dense_ms:.3f}) {best[1]}", flush=True)
   with open(args.out, "w") as f:
-    json.dump(dict(table=table, rows=rows, device=jax.devices()[0].device_kind, jax_version=jax.__version__), f, indent=1)
+    json.dump(dict(table=table, rows=rows, baselines=baselines, device=jax.devices()[0].device_kind, jax_version=jax.__version__), f, indent=1)
 
 
 def load(path):
