@@ -177,6 +177,7 @@ def main(argv=None):
           finally:
             af.DOWN_SPLIT_PARTS = parts
           rows.append(dict(tokens=tokens, kind=table_kind, r=args.r, **cand, ms=ms, ratio_to_dense=ms / dense_ms))
+          save(args.out, table, rows, baselines)  # after every candidate: a run cut short keeps what it timed
           if ms < best[0]:
             best = (ms, cand)
         key = f"{af.token_bucket(tokens)}|{table_kind}"
@@ -185,8 +186,13 @@ def main(argv=None):
           table[key] = {name: value for name, value in best[1].items() if name not in ("merged", "parts")}
         print(f"T={tokens:6d} {table_kind}: dense {dense_ms:.4f} ms, factored default {default_ms:.4f} ms "
               f"({default_ms / dense_ms:.3f}), best {best[0]:.4f} ms ({best[0] / dense_ms:.3f}) {best[1]}", flush=True)
-  with open(args.out, "w") as f:
-    json.dump(dict(table=table, rows=rows, baselines=baselines, device=jax.devices()[0].device_kind, jax_version=jax.__version__), f, indent=1)
+        save(args.out, table, rows, baselines)
+
+
+def save(path, table, rows, baselines):
+  with open(path, "w") as f:
+    json.dump(dict(table=table, rows=rows, baselines=baselines, device=jax.devices()[0].device_kind,
+                   jax_version=jax.__version__), f, indent=1)
 
 
 def load(path):
