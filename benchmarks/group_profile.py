@@ -1,0 +1,195 @@
+"""Device time of each launch of one ACM group, per variant, beside the dense block's kernels (GPU).
+
+    python3 -m benchmarks.group_profile [--tokens 1576] [--r 0.5] [--variant NAME[:SWITCH=VALUE;...]]... [--ptx]
+
+One ViT-B/16 MLP ACM (four learners of 768, GELU, gates picking k ~ Binomial(4, r) as `fused_tune` sets them)
+at one token count. Each variant's forward is run under the JAX profiler and every kernel's device time is
+summed per call, so that host dispatch, which dominates queued calls at serving token counts (`fused_tune`'s
+timing), does not enter. Beside them: the dense MLP (gelu(x @ w1) @ w2, XLA) and the yardstick, the same at the
+measured mean width (`vit_bench`'s static layer). For the up and down launches it prints the useful TFLOP/s
+(the arithmetic of each token's own k; the kernels also run the padding of each row block to its largest k).
+
+Variants take `switch_ab`'s form (`TUNED@2048/mlp={"block_rows": 128}`, `DOWN_SPLIT_PARTS=4`, ...), plus
+`activation=NAME` (gelu, relu, identity) to see what the up launch's epilogue costs. `--ptx` dumps the compiled
+programs (XLA's `xla_dump_to`) and counts, per Pallas kernel, the PTX instructions that tell how its matmuls
+and loads were lowered: `wgmma.mma_async` (Hopper's warpgroup MMA) against `mma.sync`, bulk (TMA) copies
+against `cp.async` and plain global loads. Records go to benchmarks/results/group_profile_<gpu>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PTX_PATTERNS = {
+    "wgmma": r"\bwgmma\.mma_async\b",
+    "mma_sync": r"\bmma\.sync\b",
+    "ldmatrix": r"\bldmatrix\b",
+    "tma": r"\bcp\.async\.bulk\b",
+    "cp_async": r"\bcp\.async\.c[ag]\b",
+    "ld_global": r"\bld\.global\b",
+    "st_global": r"\bst\.global\b",
+}
+KERNELS = ("acm_route", "acm_scatter", "acm_group_up", "acm_group_down_split", "acm_group_down", "acm_unsort")
+
+
+def ptx_census(ptx_text: str, names=KERNELS) -> dict:
+  """Per kernel entry of a PTX module whose name starts with one of `names`: counts of `PTX_PATTERNS` and the
+  bytes of shared memory it declares. Entries are cut at each `.entry`; the longest matching name wins."""
+  out = {}
+  parts = re.split(r"(?m)^\s*(?:\.visible\s+)?\.entry\s+", ptx_text)
+  for part in parts[1:]:
+    entry = re.match(r"[\w$.]+", part).group(0)
+    name = max((n for n in names if entry.startswith(n)), key=len, default=None)
+    if name is None:
+      continue
+    counts = {key: len(re.findall(pattern, part)) for key, pattern in PTX_PATTERNS.items()}
+    shared = [int(n) for n in re.findall(r"\.shared[^;\[]*\[(\d+)\]", part)]
+    out[name] = dict(counts, entry=entry, shared_bytes=sum(shared))
+  return out
+
+
+def parse_variant(spec: str) -> tuple[str, dict, str]:
+  """switch_ab's NAME[:SWITCH=VALUE;...] with one more item, activation=NAME -> (name, settings, activation)."""
+  from benchmarks import switch_ab as sab
+  from pallas_kernels.acm_mlp import ACTIVATIONS
+  name, _, body = spec.partition(":")
+  items, activation = [], "gelu"
+  for item in filter(None, body.split(";")):
+    key, _, value = item.partition("=")
+    if key.strip() == "activation":
+      activation = value.strip()
+      if activation not in ACTIVATIONS:
+        raise ValueError(f"variant {name!r}: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    else:
+      items.append(item)
+  name, settings = sab.parse_variant(":".join([name, ";".join(items)]) if items else name)
+  return name, settings, activation
+
+
+def flops(k: "np.ndarray", width: int, dim: int) -> float:
+  """Useful multiply-adds x 2 of one projection (up or down) over tokens choosing k learners of `width`."""
+  return 2.0 * float(k.sum()) * width * dim
+
+
+def profile_calls(fn, args, calls: int) -> dict:
+  """{kernel name: us per call} and the device total per call, from a profiler trace of `calls` calls."""
+  import jax
+  from benchmarks import step_profile as sp
+  for _ in range(3):
+    jax.block_until_ready(fn(*args))
+  with tempfile.TemporaryDirectory() as log_dir:
+    with jax.profiler.trace(log_dir):
+      out = [fn(*args) for _ in range(calls)]
+      jax.block_until_ready(out)
+    events = sp.device_events(sp.load_trace(log_dir))
+  per = collections.defaultdict(float)
+  for name, dur in events:
+    per[name] += dur / calls
+  return {"kernels_us": {name: round(us, 3) for name, us in sorted(per.items(), key=lambda kv: -kv[1])},
+          "device_us": round(sum(per.values()), 3)}
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--tokens", type=int, default=1576)
+  parser.add_argument("--r", type=float, default=0.5, help="the gates pick k ~ Binomial(4, r)")
+  parser.add_argument("--variant", action="append", default=None,
+                      help="NAME[:SWITCH=VALUE;...] as benchmarks.switch_ab takes it, plus activation=NAME "
+                           "(repeatable; without any: one variant 'default')")
+  parser.add_argument("--calls", type=int, default=20, help="profiled calls per variant")
+  parser.add_argument("--ptx", action="store_true", help="dump the compiled programs and count PTX instructions")
+  parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
+  args = parser.parse_args(argv)
+  if args.tokens < 1:
+    parser.error(f"--tokens must be at least 1, got {args.tokens}")
+  if not 0.0 < args.r <= 1.0:
+    parser.error(f"--r must be in (0, 1], got {args.r}")
+  try:
+    variants = [parse_variant(v) for v in (args.variant or ["default"])]
+  except ValueError as err:
+    parser.error(str(err))
+  if len({name for name, _, _ in variants}) != len(variants):
+    parser.error(f"variant names must differ: {[name for name, _, _ in variants]}")
+  dump_dir = tempfile.mkdtemp(prefix="group_profile_") if args.ptx else None
+  if dump_dir:  # XLA reads its flags once, when the backend starts: before the first device call below
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir}".strip()
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from benchmarks import fused_tune as ft
+  from benchmarks import gpu_name
+  from benchmarks import switch_ab as sab
+  from pallas_kernels import acm_fused as af
+  if jax.default_backend() != "gpu":
+    sys.exit("group_profile needs a GPU")
+
+  x, groups, dense = ft.inputs(args.tokens, "mlp", np.random.default_rng(0), args.r)
+  d, width, n = x.shape[1], groups[0]["w1"].shape[1] // 4, 4
+  base = dict(device=jax.devices()[0].device_kind, date=datetime.date.today().isoformat(),
+              jax_version=jax.__version__, tokens=args.tokens, r=args.r)
+  dense_fn = jax.jit(lambda x, w1, w2: jax.nn.gelu(x @ w1, approximate=False) @ w2)
+  dense_prof = profile_calls(dense_fn, (x, *dense[0]), args.calls)
+  records = []
+  for name, settings, activation in variants:
+    fn = lambda x, g, act=activation: af.acm_group(x, g, num_learners=n, activation=act)
+    compiled, _ = sab.compile_with(settings, fn, x, groups)
+    outs, k = compiled(x, groups)
+    k = np.asarray(k)[0]
+    mean_width = int(round(k.mean() * width / 128)) * 128 or 128
+    if not records:  # the yardstick at this variant's measured mean width (the gates are the same in every variant)
+      w1, w2 = dense[0]
+      static = profile_calls(dense_fn, (x, w1[:, :mean_width], w2[:mean_width]), args.calls)
+    prof = profile_calls(compiled, (x, groups), args.calls)
+    useful = flops(k, width, d)
+    rate = lambda kernel: (round(useful / (prof["kernels_us"][kernel] * 1e-6) / 1e12, 1)
+                           if prof["kernels_us"].get(kernel) else None)
+    records.append(dict(base, variant=name, settings=sab._recordable(settings), activation=activation,
+                        k_mean=round(float(k.mean()), 4), **prof, dense_us=dense_prof["device_us"],
+                        dense_kernels_us=dense_prof["kernels_us"], static_width=mean_width,
+                        static_us=static["device_us"], up_tflops=rate("acm_group_up"),
+                        down_tflops=rate("acm_group_down_split") or rate("acm_group_down"),
+                        ratio_to_dense=round(dense_prof["device_us"] / prof["device_us"], 4)))
+    del outs
+  if dump_dir:
+    census = {}
+    for path in sorted(glob.glob(f"{dump_dir}/*.ptx")):
+      with open(path) as f:
+        for kernel, counts in ptx_census(f.read()).items():
+          census.setdefault(kernel, counts)  # one variant's lowering per kernel name: the first program dumped
+    for rec in records:
+      rec["ptx"] = census
+  print(f"\nMLP ACM at {args.tokens} tokens, r = {args.r}, {base['device']}, jax {base['jax_version']}; device us "
+        f"per call (profiler). Dense MLP {dense_prof['device_us']:.1f} us, yardstick (width "
+        f"{records[0]['static_width']}) {records[0]['static_us']:.1f} us\n")
+  print("| variant | device us | x dense | up us (TFLOP/s) | down us (TFLOP/s) | other launches (us) |")
+  print("|---|---|---|---|---|---|")
+  for rec in records:
+    ks = rec["kernels_us"]
+    down = "acm_group_down_split" if "acm_group_down_split" in ks else "acm_group_down"
+    rest = ", ".join(f"{kname} {us:.1f}" for kname, us in list(ks.items())[:8] if kname not in ("acm_group_up", down))
+    print(f"| {rec['variant']} | {rec['device_us']:.1f} | {rec['ratio_to_dense']:.3f} | "
+          f"{ks.get('acm_group_up', 0):.1f} ({rec['up_tflops']}) | {ks.get(down, 0):.1f} ({rec['down_tflops']}) | "
+          f"{rest} |")
+  if dump_dir:
+    print("\nPTX per kernel:", json.dumps(records[0]["ptx"], indent=1))
+  out = Path(args.results_dir) / f"group_profile_{gpu_name(base['device'])}.json"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  old = json.loads(out.read_text()) if out.exists() else []
+  out.write_text(json.dumps(old + records, indent=1))
+  print(f"appended {len(records)} records to {out}")
+  return records
+
+
+if __name__ == "__main__":
+  main()
