@@ -27,7 +27,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 PTX_PATTERNS = {
@@ -125,7 +124,6 @@ def main(argv=None) -> list[dict]:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir}".strip()
 
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from benchmarks import fused_tune as ft
   from benchmarks import gpu_name
@@ -140,7 +138,14 @@ def main(argv=None) -> list[dict]:
               jax_version=jax.__version__, tokens=args.tokens, r=args.r)
   dense_fn = jax.jit(lambda x, w1, w2: jax.nn.gelu(x @ w1, approximate=False) @ w2)
   dense_prof = profile_calls(dense_fn, (x, *dense[0]), args.calls)
-  records = []
+  out = Path(args.results_dir) / f"group_profile_{gpu_name(base['device'])}.json"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  old = json.loads(out.read_text()) if out.exists() else []
+  print(f"MLP ACM at {args.tokens} tokens, r = {args.r}, {base['device']}, jax {base['jax_version']}; device us "
+        f"per call (profiler). Dense MLP {dense_prof['device_us']:.1f} us\n", flush=True)
+  print("| variant | device us | x dense | up us (TFLOP/s) | down us (TFLOP/s) | other launches (us) |")
+  print("|---|---|---|---|---|---|", flush=True)
+  records, census = [], {}
   for name, settings, activation in variants:
     fn = lambda x, g, act=activation: af.acm_group(x, g, num_learners=n, activation=act)
     compiled, _ = sab.compile_with(settings, fn, x, groups)
@@ -154,39 +159,29 @@ def main(argv=None) -> list[dict]:
     useful = flops(k, width, d)
     rate = lambda kernel: (round(useful / (prof["kernels_us"][kernel] * 1e-6) / 1e12, 1)
                            if prof["kernels_us"].get(kernel) else None)
-    records.append(dict(base, variant=name, settings=sab._recordable(settings), activation=activation,
-                        k_mean=round(float(k.mean()), 4), **prof, dense_us=dense_prof["device_us"],
-                        dense_kernels_us=dense_prof["kernels_us"], static_width=mean_width,
-                        static_us=static["device_us"], up_tflops=rate("acm_group_up"),
-                        down_tflops=rate("acm_group_down_split") or rate("acm_group_down"),
-                        ratio_to_dense=round(dense_prof["device_us"] / prof["device_us"], 4)))
+    rec = dict(base, variant=name, settings=sab._recordable(settings), activation=activation,
+               k_mean=round(float(k.mean()), 4), **prof, dense_us=dense_prof["device_us"],
+               dense_kernels_us=dense_prof["kernels_us"], static_width=mean_width, static_us=static["device_us"],
+               up_tflops=rate("acm_group_up"), down_tflops=rate("acm_group_down_split") or rate("acm_group_down"),
+               ratio_to_dense=round(dense_prof["device_us"] / prof["device_us"], 4))
+    if dump_dir:  # the programs dumped so far: each kernel name keeps the first lowering seen (the first variant's)
+      for path in sorted(glob.glob(f"{dump_dir}/*.ptx")):
+        with open(path) as f:
+          for kernel, counts in ptx_census(f.read()).items():
+            census.setdefault(kernel, counts)
+      rec["ptx"] = dict(census)
+    records.append(rec)
     del outs
-  if dump_dir:
-    census = {}
-    for path in sorted(glob.glob(f"{dump_dir}/*.ptx")):
-      with open(path) as f:
-        for kernel, counts in ptx_census(f.read()).items():
-          census.setdefault(kernel, counts)  # one variant's lowering per kernel name: the first program dumped
-    for rec in records:
-      rec["ptx"] = census
-  print(f"\nMLP ACM at {args.tokens} tokens, r = {args.r}, {base['device']}, jax {base['jax_version']}; device us "
-        f"per call (profiler). Dense MLP {dense_prof['device_us']:.1f} us, yardstick (width "
-        f"{records[0]['static_width']}) {records[0]['static_us']:.1f} us\n")
-  print("| variant | device us | x dense | up us (TFLOP/s) | down us (TFLOP/s) | other launches (us) |")
-  print("|---|---|---|---|---|---|")
-  for rec in records:
     ks = rec["kernels_us"]
     down = "acm_group_down_split" if "acm_group_down_split" in ks else "acm_group_down"
     rest = ", ".join(f"{kname} {us:.1f}" for kname, us in list(ks.items())[:8] if kname not in ("acm_group_up", down))
-    print(f"| {rec['variant']} | {rec['device_us']:.1f} | {rec['ratio_to_dense']:.3f} | "
+    print(f"| {name} | {rec['device_us']:.1f} | {rec['ratio_to_dense']:.3f} | "
           f"{ks.get('acm_group_up', 0):.1f} ({rec['up_tflops']}) | {ks.get(down, 0):.1f} ({rec['down_tflops']}) | "
-          f"{rest} |")
+          f"{rest} |", flush=True)
+    out.write_text(json.dumps(old + records, indent=1))  # after every variant: a run cut short keeps what it timed
+  print(f"\nyardstick (width {records[0]['static_width']}): {records[0]['static_us']:.1f} us")
   if dump_dir:
-    print("\nPTX per kernel:", json.dumps(records[0]["ptx"], indent=1))
-  out = Path(args.results_dir) / f"group_profile_{gpu_name(base['device'])}.json"
-  out.parent.mkdir(parents=True, exist_ok=True)
-  old = json.loads(out.read_text()) if out.exists() else []
-  out.write_text(json.dumps(old + records, indent=1))
+    print("PTX per kernel:", json.dumps(census, indent=1))
   print(f"appended {len(records)} records to {out}")
   return records
 
