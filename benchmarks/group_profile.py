@@ -43,7 +43,9 @@ KERNELS = ("acm_route", "acm_scatter", "acm_group_up", "acm_group_down_split", "
 
 def ptx_census(ptx_text: str, names=KERNELS) -> dict:
   """Per kernel entry of a PTX module whose name starts with one of `names`: counts of `PTX_PATTERNS` and the
-  bytes of shared memory it declares. Entries are cut at each `.entry`; the longest matching name wins."""
+  bytes of shared memory it declares statically (Triton's kernels take theirs as dynamic shared memory, an
+  `.extern` array without a size, which this does not see). Entries are cut at each `.entry`; the longest
+  matching name wins."""
   out = {}
   parts = re.split(r"(?m)^\s*(?:\.visible\s+)?\.entry\s+", ptx_text)
   for part in parts[1:]:
@@ -53,7 +55,7 @@ def ptx_census(ptx_text: str, names=KERNELS) -> dict:
       continue
     counts = {key: len(re.findall(pattern, part)) for key, pattern in PTX_PATTERNS.items()}
     shared = [int(n) for n in re.findall(r"\.shared[^;\[]*\[(\d+)\]", part)]
-    out[name] = dict(counts, entry=entry, shared_bytes=sum(shared))
+    out[name] = dict(counts, entry=entry, static_shared_bytes=sum(shared))
   return out
 
 
@@ -145,7 +147,7 @@ def main(argv=None) -> list[dict]:
         f"per call (profiler). Dense MLP {dense_prof['device_us']:.1f} us\n", flush=True)
   print("| variant | device us | x dense | up us (TFLOP/s) | down us (TFLOP/s) | other launches (us) |")
   print("|---|---|---|---|---|---|", flush=True)
-  records, census = [], {}
+  records, seen = [], set()
   for name, settings, activation in variants:
     fn = lambda x, g, act=activation: af.acm_group(x, g, num_learners=n, activation=act)
     compiled, _ = sab.compile_with(settings, fn, x, groups)
@@ -164,12 +166,12 @@ def main(argv=None) -> list[dict]:
                dense_kernels_us=dense_prof["kernels_us"], static_width=mean_width, static_us=static["device_us"],
                up_tflops=rate("acm_group_up"), down_tflops=rate("acm_group_down_split") or rate("acm_group_down"),
                ratio_to_dense=round(dense_prof["device_us"] / prof["device_us"], 4))
-    if dump_dir:  # the programs dumped so far: each kernel name keeps the first lowering seen (the first variant's)
-      for path in sorted(glob.glob(f"{dump_dir}/*.ptx")):
+    if dump_dir:  # the programs this variant's compile dumped (files not seen before): its own lowering
+      rec["ptx"] = {}
+      for path in sorted(set(glob.glob(f"{dump_dir}/*.ptx")) - seen):
+        seen.add(path)
         with open(path) as f:
-          for kernel, counts in ptx_census(f.read()).items():
-            census.setdefault(kernel, counts)
-      rec["ptx"] = dict(census)
+          rec["ptx"].update(ptx_census(f.read()))
     records.append(rec)
     del outs
     ks = rec["kernels_us"]
@@ -180,8 +182,8 @@ def main(argv=None) -> list[dict]:
           f"{rest} |", flush=True)
     out.write_text(json.dumps(old + records, indent=1))  # after every variant: a run cut short keeps what it timed
   print(f"\nyardstick (width {records[0]['static_width']}): {records[0]['static_us']:.1f} us")
-  if dump_dir:
-    print("PTX per kernel:", json.dumps(census, indent=1))
+  for rec in records if dump_dir else ():
+    print(f"PTX per kernel, {rec['variant']}:", json.dumps(rec["ptx"]))
   print(f"appended {len(records)} records to {out}")
   return records
 

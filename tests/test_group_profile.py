@@ -43,7 +43,7 @@ def test_ptx_census_counts_per_kernel_and_skips_other_entries():
   assert set(census) == {"acm_group_up", "acm_group_down_split"}  # the XLA fusion is not one of ours
   up, down = census["acm_group_up"], census["acm_group_down_split"]
   assert (up["wgmma"], up["mma_sync"], up["cp_async"], up["st_global"], up["ld_global"]) == (1, 0, 2, 1, 0)
-  assert up["shared_bytes"] == 49152
+  assert up["static_shared_bytes"] == 49152  # the sized array; the extern one has no size
   assert (down["wgmma"], down["mma_sync"], down["ldmatrix"], down["ld_global"]) == (0, 2, 1, 1)
   # "acm_group_down_split" is matched by its own name, not by the shorter "acm_group_down"
   assert down["entry"] == "acm_group_down_split"
