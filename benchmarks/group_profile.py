@@ -130,6 +130,7 @@ def main(argv=None) -> list[dict]:
   from benchmarks import fused_tune as ft
   from benchmarks import gpu_name
   from benchmarks import switch_ab as sab
+  from benchmarks import vit_bench as vb
   from pallas_kernels import acm_fused as af
   if jax.default_backend() != "gpu":
     sys.exit("group_profile needs a GPU")
@@ -153,7 +154,7 @@ def main(argv=None) -> list[dict]:
     compiled, _ = sab.compile_with(settings, fn, x, groups)
     outs, k = compiled(x, groups)
     k = np.asarray(k)[0]
-    mean_width = int(round(k.mean() * width / 128)) * 128 or 128
+    mean_width = vb.static_width(float(k.mean()), width)
     if not records:  # the yardstick at this variant's measured mean width (the gates are the same in every variant)
       w1, w2 = dense[0]
       static = profile_calls(dense_fn, (x, w1[:, :mean_width], w2[:mean_width]), args.calls)

@@ -250,16 +250,18 @@ def ideal_ratio(cfg, mean_k):
 STATIC_MULTIPLE = 16  # the static-width yardstick's widths are rounded to this (a Triton / cuBLAS tile multiple)
 
 
+def static_width(mean_k: float, learner: int) -> int:
+  """The static-width yardstick's hidden width for ACMs of learners of `learner` units at mean choice `mean_k`:
+  mean k x learner width rounded to a multiple of STATIC_MULTIPLE (at least one)."""
+  return max(STATIC_MULTIPLE, round(mean_k * learner / STATIC_MULTIPLE) * STATIC_MULTIPLE)
+
+
 def static_widths(acm_cfg: vit.ViTConfig, mean_k: dict) -> dict:
-  """{"mlp": width, "attn": width or None}: the hidden width of the static-width yardstick's MLPs and
-  projections, mean k x learner width rounded to a multiple of STATIC_MULTIPLE (at least one)."""
+  """{"mlp": width, "attn": width or None}: `static_width` of the model's MLPs and projections."""
   acm = acm_cfg.acm
-
-  def width(k, learner):
-    return max(STATIC_MULTIPLE, round(k * learner / STATIC_MULTIPLE) * STATIC_MULTIPLE)
-
-  return {"mlp": width(mean_k["mlp"], acm.mlp_learner_width(acm_cfg.mlp_dim)),
-          "attn": None if mean_k["attn"] is None else width(mean_k["attn"], acm.attention_learner_width(acm_cfg.dim))}
+  return {"mlp": static_width(mean_k["mlp"], acm.mlp_learner_width(acm_cfg.mlp_dim)),
+          "attn": (None if mean_k["attn"] is None
+                   else static_width(mean_k["attn"], acm.attention_learner_width(acm_cfg.dim)))}
 
 
 def static_config(acm_cfg: vit.ViTConfig, widths: dict) -> vit.ViTConfig:
