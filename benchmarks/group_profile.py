@@ -10,16 +10,20 @@ measured mean width (`vit_bench`'s static layer). For the up and down launches i
 (the arithmetic of each token's own k; the kernels also run the padding of each row block to its largest k).
 
 Variants take `switch_ab`'s form (`TUNED@2048/mlp={"block_rows": 128}`, `DOWN_SPLIT_PARTS=4`, ...), plus
-`activation=NAME` (gelu, relu, identity) to see what the up launch's epilogue costs. `--ptx` dumps the compiled
-programs (XLA's `xla_dump_to`) and counts, per Pallas kernel, the PTX instructions that tell how its matmuls
-and loads were lowered: `wgmma.mma_async` (Hopper's warpgroup MMA) against `mma.sync`, bulk (TMA) copies
-against `cp.async` and plain global loads. Records go to benchmarks/results/group_profile_<gpu>.json.
+`activation=NAME` (gelu, relu, identity) to see what the up launch's epilogue costs. `--ptx` counts, per Pallas
+kernel, the PTX instructions that tell how its matmuls and loads were lowered: `wgmma.mma_async` (Hopper's
+warpgroup MMA) against `mma.sync`, how many warpgroup MMAs stay in flight (`wgmma.wait_group N`), bulk (TMA)
+copies against `cp.async` and plain global loads. From jaxlib 0.11 on, Pallas compiles its Triton kernels itself
+and hands XLA the PTX inside a compressed custom-call config, so the PTX is taken where Pallas builds the kernel
+(`PtxCapture`); older versions leave it to XLA, whose dump (`xla_dump_to`) then holds it. Records go to
+benchmarks/results/group_profile_<gpu>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import glob
 import json
@@ -37,6 +41,8 @@ PTX_PATTERNS = {
     "cp_async": r"\bcp\.async\.c[ag]\b",
     "ld_global": r"\bld\.global\b",
     "st_global": r"\bst\.global\b",
+    "wgmma_wait0": r"\bwgmma\.wait_group\.sync\.aligned\s+0\b",  # waits for every MMA in flight
+    "wgmma_wait_n": r"\bwgmma\.wait_group\.sync\.aligned\s+[1-9]",  # leaves some in flight (pipelined)
 }
 KERNELS = ("acm_route", "acm_scatter", "acm_group_up", "acm_group_down_split", "acm_group_down", "acm_unsort")
 
@@ -57,6 +63,51 @@ def ptx_census(ptx_text: str, names=KERNELS) -> dict:
     shared = [int(n) for n in re.findall(r"\.shared[^;\[]*\[(\d+)\]", part)]
     out[name] = dict(counts, entry=entry, static_shared_bytes=sum(shared))
   return out
+
+
+class PtxCapture:
+  """Within the block, records the PTX of every Triton kernel that Pallas compiles (jaxlib >= 0.11, where
+  `pallas_call_registration` builds each kernel with `triton_kernel_call_lib.TritonKernel(name, num_warps,
+  num_ctas, shared_bytes, ptx, ...)`): `kernels` holds dicts of name, num_warps, shared_bytes and ptx. Under
+  older versions the hook is absent and nothing is recorded (XLA's dump holds the PTX there)."""
+
+  def __init__(self):
+    self.kernels = []
+    self._reg = self._lib = None
+
+  def __enter__(self):
+    from jax._src.pallas.triton import pallas_call_registration as reg
+    lib = getattr(reg, "triton_kernel_call_lib", None)
+    if lib is None or not hasattr(lib, "TritonKernel"):
+      return self
+    kernels = self.kernels
+
+    class Recording:
+      def __getattr__(self, attr):
+        return getattr(lib, attr)
+
+      @staticmethod
+      def TritonKernel(name, num_warps, num_ctas, shared_bytes, ptx, *rest):  # noqa: N802 (the library's name)
+        text = ptx.decode() if isinstance(ptx, bytes) else str(ptx)
+        kernels.append(dict(name=name, num_warps=num_warps, shared_bytes=shared_bytes, ptx=text))
+        return lib.TritonKernel(name, num_warps, num_ctas, shared_bytes, ptx, *rest)
+
+    self._reg, self._lib = reg, lib
+    reg.triton_kernel_call_lib = Recording()
+    return self
+
+  def __exit__(self, *exc):
+    if self._reg is not None:
+      self._reg.triton_kernel_call_lib = self._lib
+    return False
+
+  def census(self, start: int = 0) -> dict:
+    """`ptx_census` of the kernels recorded from index `start` on, with each one's warps and shared bytes."""
+    out = {}
+    for kernel in self.kernels[start:]:
+      for name, counts in ptx_census(kernel["ptx"]).items():
+        out[name] = dict(counts, num_warps=kernel["num_warps"], shared_bytes=kernel["shared_bytes"])
+    return out
 
 
 def parse_variant(spec: str) -> tuple[str, dict, str]:
@@ -149,9 +200,12 @@ def main(argv=None) -> list[dict]:
   print("| variant | device us | x dense | up us (TFLOP/s) | down us (TFLOP/s) | other launches (us) |")
   print("|---|---|---|---|---|---|", flush=True)
   records, seen = [], set()
+  capture = PtxCapture() if dump_dir else None
   for name, settings, activation in variants:
     fn = lambda x, g, act=activation: af.acm_group(x, g, num_learners=n, activation=act)
-    compiled, _ = sab.compile_with(settings, fn, x, groups)
+    first = len(capture.kernels) if capture else 0
+    with capture or contextlib.nullcontext():
+      compiled, _ = sab.compile_with(settings, fn, x, groups)
     outs, k = compiled(x, groups)
     k = np.asarray(k)[0]
     mean_width = vb.static_width(float(k.mean()), width)
@@ -167,8 +221,8 @@ def main(argv=None) -> list[dict]:
                dense_kernels_us=dense_prof["kernels_us"], static_width=mean_width, static_us=static["device_us"],
                up_tflops=rate("acm_group_up"), down_tflops=rate("acm_group_down_split") or rate("acm_group_down"),
                ratio_to_dense=round(dense_prof["device_us"] / prof["device_us"], 4))
-    if dump_dir:  # the programs this variant's compile dumped (files not seen before): its own lowering
-      rec["ptx"] = {}
+    if dump_dir:  # this variant's own kernels: those Pallas compiled for it, or those XLA dumped (files not seen)
+      rec["ptx"] = capture.census(first)
       for path in sorted(set(glob.glob(f"{dump_dir}/*.ptx")) - seen):
         seen.add(path)
         with open(path) as f:

@@ -17,6 +17,9 @@ PTX = """
 \tcp.async.cg.shared.global [%r1], [%rd2], 16;
 \tcp.async.cg.shared.global [%r3], [%rd4], 16;
 \twgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%f1}, %rd5, %rd6;
+\twgmma.wait_group.sync.aligned 1;
+\twgmma.wait_group.sync.aligned 0;
+\twgmma.wait_group.sync.aligned 0;
 \tst.global.v4.b32 [%rd7], {%r8, %r9, %r10, %r11};
 \tret;
 }
@@ -43,10 +46,38 @@ def test_ptx_census_counts_per_kernel_and_skips_other_entries():
   assert set(census) == {"acm_group_up", "acm_group_down_split"}  # the XLA fusion is not one of ours
   up, down = census["acm_group_up"], census["acm_group_down_split"]
   assert (up["wgmma"], up["mma_sync"], up["cp_async"], up["st_global"], up["ld_global"]) == (1, 0, 2, 1, 0)
+  assert (up["wgmma_wait_n"], up["wgmma_wait0"]) == (1, 2)  # one wait leaves an MMA in flight, two drain them
   assert up["static_shared_bytes"] == 49152  # the sized array; the extern one has no size
   assert (down["wgmma"], down["mma_sync"], down["ldmatrix"], down["ld_global"]) == (0, 2, 1, 1)
   # "acm_group_down_split" is matched by its own name, not by the shorter "acm_group_down"
   assert down["entry"] == "acm_group_down_split"
+
+
+def test_ptx_capture_records_the_kernels_pallas_builds_and_restores_the_library(monkeypatch):
+  from jax._src.pallas.triton import pallas_call_registration as reg
+
+  class FakeLib:  # stands for triton_kernel_call_lib: what jaxlib >= 0.11 builds each Pallas kernel with
+    built = []
+    other = "passed through"
+
+    @staticmethod
+    def TritonKernel(*args):  # noqa: N802
+      FakeLib.built.append(args)
+      return ("kernel", args[0])
+
+  monkeypatch.setattr(reg, "triton_kernel_call_lib", FakeLib, raising=False)
+  ptx_down = PTX[PTX.index(".visible .entry acm_group_down_split"):PTX.index(".visible .entry fusion_123")]
+  with gp.PtxCapture() as capture:
+    assert reg.triton_kernel_call_lib.other == "passed through"
+    made = reg.triton_kernel_call_lib.TritonKernel("acm_group_up", 4, 1, 73728, PTX.encode(), "ttir", 90)
+    reg.triton_kernel_call_lib.TritonKernel("acm_group_down_split", 8, 1, 98304, ptx_down, "ttir", 90)
+  assert reg.triton_kernel_call_lib is FakeLib  # restored on exit
+  assert made == ("kernel", "acm_group_up") and len(FakeLib.built) == 2  # the real constructor still ran
+  census = capture.census(1)  # from the second kernel on: the down launch alone
+  assert set(census) == {"acm_group_down_split"}
+  assert (census["acm_group_down_split"]["mma_sync"], census["acm_group_down_split"]["num_warps"]) == (2, 8)
+  whole = capture.census()
+  assert whole["acm_group_up"]["wgmma"] == 1 and whole["acm_group_up"]["shared_bytes"] == 73728
 
 
 def test_variants_take_switch_ab_items_and_an_activation():
