@@ -207,9 +207,15 @@ class ChunkStream:
       if index not in self._futures:
         self._futures[index] = self._submit(index)
 
-  def close(self) -> None:
-    """Cancels the chunks not started and waits for the workers to finish theirs and exit."""
-    self._pool.shutdown(wait=True, cancel_futures=True)
+  def close(self, wait: bool = True) -> None:
+    """Cancels the chunks not started and waits for the workers to finish theirs and exit; without `wait` (an
+    interrupt, which must end the program now whatever state the pool's queues were caught in) stops the
+    worker processes at once instead."""
+    processes = list((getattr(self._pool, "_processes", None) or {}).values())  # gone after shutdown
+    self._pool.shutdown(wait=wait, cancel_futures=True)
+    if not wait:
+      for process in processes:
+        process.terminate()
 
 
 def iterate(config: synthetic.SyntheticConfig, split: str, bounds: Iterator[tuple[int, int]], seed: int,
@@ -218,6 +224,7 @@ def iterate(config: synthetic.SyntheticConfig, split: str, bounds: Iterator[tupl
   pairs of `bounds`."""
   keys = ("image", "label", "object_mask") if with_masks else ("image", "label")
   stream = ChunkStream(config, split, seed, shuffle, workers, keys)
+  interrupted = False
   try:
     for begin, size in bounds:
       chunks, local = stream.locate(np.arange(begin, begin + size))
@@ -231,5 +238,8 @@ def iterate(config: synthetic.SyntheticConfig, split: str, bounds: Iterator[tupl
         for key in keys:
           batch[key][sel] = arrays[key][local[sel]]
       yield begin, batch
+  except KeyboardInterrupt:
+    interrupted = True
+    raise
   finally:
-    stream.close()
+    stream.close(wait=not interrupted)
