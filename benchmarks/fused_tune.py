@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import switch_ab as sab
 from pallas_kernels import acm_fused as af
 
 TOKENS = (197, 1576, 6304, 50432)
@@ -167,15 +168,13 @@ def main(argv=None):
           settings = {name: value for name, value in cand.items() if name != "parts"}
           fn = jax.jit(lambda x, g, c=settings: af.acm_group(x, g, num_learners=4, activation=act,
                                                              min_choice=min_choice, **c)[0])
-          parts = af.DOWN_SPLIT_PARTS
           try:
-            af.DOWN_SPLIT_PARTS = cand.get("parts", parts)  # read when `fn` is traced, in its first call
-            ms = timed_ms(fn, x, groups)
+            # DOWN_SPLIT_PARTS is read when `fn` is traced, in its first call: inside the block
+            with sab.settings_applied({"DOWN_SPLIT_PARTS": cand["parts"]} if "parts" in cand else {}):
+              ms = timed_ms(fn, x, groups)
           except Exception as err:
             print(f"T={tokens} {table_kind} {cand}: FAILED {type(err).__name__}: {str(err)[:200]}", flush=True)
             continue
-          finally:
-            af.DOWN_SPLIT_PARTS = parts
           rows.append(dict(tokens=tokens, kind=table_kind, r=args.r, **cand, ms=ms, ratio_to_dense=ms / dense_ms))
           save(args.out, table, rows, baselines)  # after every candidate: a run cut short keeps what it timed
           if ms < best[0]:

@@ -33,6 +33,7 @@ rel_err_at_same_k, rel_err_vs_baseline, same_program_as_baseline and round_ms.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -128,19 +129,27 @@ def _recordable(settings: dict) -> dict:
   return out
 
 
-def compile_with(settings: dict, fn, *args):
-  """`fn` jitted, traced and compiled for `args` with acm_fused's `settings` in place; restores them.
-  Returns (compiled, program text). `fn` is wrapped in a new function for each call: jit caches a
-  trace by the function it is given, and a cached trace would keep the settings it was traced with."""
+@contextlib.contextmanager
+def settings_applied(settings: dict):
+  """Within the block, acm_fused's module settings `settings` ({name: value}) are in place; restored after.
+  The kernels read them when a function is traced, so trace inside the block."""
   saved = {name: getattr(acm_fused, name) for name in settings}
   try:
     for name, value in settings.items():
       setattr(acm_fused, name, value)
-    lowered = jax.jit(lambda *a: fn(*a)).lower(*args)
-    return lowered.compile(), lowered.as_text()
+    yield
   finally:
     for name, value in saved.items():
       setattr(acm_fused, name, value)
+
+
+def compile_with(settings: dict, fn, *args):
+  """`fn` jitted, traced and compiled for `args` with acm_fused's `settings` in place; restores them.
+  Returns (compiled, program text). `fn` is wrapped in a new function for each call: jit caches a
+  trace by the function it is given, and a cached trace would keep the settings it was traced with."""
+  with settings_applied(settings):
+    lowered = jax.jit(lambda *a: fn(*a)).lower(*args)
+    return lowered.compile(), lowered.as_text()
 
 
 def same_k_error(with_stats, reference, params, x) -> float:

@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 from benchmarks import group_profile as gp
@@ -65,8 +66,7 @@ def capturing_ttir():
   from jax._src.pallas.triton import pallas_call_registration as reg
   lowering = reg.lowering
   original = lowering.lower_jaxpr_to_triton_module
-  record = type("Captured", (), {})()
-  record.modules = []
+  record = types.SimpleNamespace(modules=[])
 
   def wrapped(jaxpr, *args, **kwargs):
     result = original(jaxpr, *args, **kwargs)
@@ -85,20 +85,13 @@ def lower_group(tokens: int, kind: str, r: float, settings: dict, activation: st
   import jax
   import numpy as np
   from benchmarks import fused_tune as ft
+  from benchmarks import switch_ab as sab
   from pallas_kernels import acm_fused as af
   x, groups, _ = ft.inputs(tokens, kind, np.random.default_rng(0), r)
-  n = 4
-  saved = {name: getattr(af, name) for name in settings}
+  fn = lambda x, g: af.acm_group(x, g, num_learners=4, activation=activation, min_choice=0 if kind == "mlp" else 1)
   capture = gp.PtxCapture()
-  try:
-    for name, value in settings.items():
-      setattr(af, name, value)
-    fn = lambda x, g: af.acm_group(x, g, num_learners=n, activation=activation, min_choice=0 if kind == "mlp" else 1)
-    with traced_as_gpu(family), capturing_ttir() as ttir, capture:
-      text = jax.jit(fn).trace(x, groups).lower(lowering_platforms=("cuda",)).as_text()
-  finally:
-    for name, value in saved.items():
-      setattr(af, name, value)
+  with sab.settings_applied(settings), traced_as_gpu(family), capturing_ttir() as ttir, capture:
+    text = jax.jit(fn).trace(x, groups).lower(lowering_platforms=("cuda",)).as_text()
   kernels = {}
   if capture.kernels:  # jaxlib >= 0.11: the PTX that would run
     for kernel in capture.kernels:
@@ -107,7 +100,9 @@ def lower_group(tokens: int, kind: str, r: float, settings: dict, activation: st
     return kernels
   warps_stages = kernel_settings(text)
   for name, module in ttir.modules:
-    warps, stages = warps_stages.get(name, (4, 3))
+    if name not in warps_stages:
+      raise ValueError(f"kernel {name!r}: no Triton custom call with its warps and stages in the lowered program")
+    warps, stages = warps_stages[name]
     kernels[name] = dict(ttir=module, num_warps=warps, num_stages=stages)
   return kernels
 
@@ -192,6 +187,7 @@ def main(argv=None) -> list[dict]:
   except ValueError as err:
     parser.error(str(err))
   import jax
+  from benchmarks import switch_ab as sab
   base = dict(date=datetime.date.today().isoformat(), jax_version=jax.__version__, tokens=args.tokens,
               kind=args.kind, r=args.r, capability=args.capability, family=args.family)
   records = []
@@ -208,7 +204,7 @@ def main(argv=None) -> list[dict]:
                    "`triton` package (pip install triton), which is not installed")
         got["source"] = f"triton {got.pop('version')}"
       usage = ptxas_usage(got["ptx"], args.capability)
-      rec = dict(base, variant=name, settings=_recordable(settings), activation=activation, kernel=kernel,
+      rec = dict(base, variant=name, settings=sab._recordable(settings), activation=activation, kernel=kernel,
                  num_warps=got["num_warps"], num_stages=got["num_stages"], shared_bytes=got["shared_bytes"],
                  source=got["source"], **mma_summary(got["ptx"]), **usage,
                  census={key: v for key, v in gp.ptx_census(got["ptx"]).get(kernel, {}).items() if key != "entry"})
@@ -228,11 +224,6 @@ def main(argv=None) -> list[dict]:
   out.write_text(json.dumps(old + records, indent=1))
   print(f"appended {len(records)} records to {out}")
   return records
-
-
-def _recordable(settings: dict) -> dict:
-  from benchmarks import switch_ab as sab
-  return sab._recordable(settings)
 
 
 if __name__ == "__main__":

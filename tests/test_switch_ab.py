@@ -61,6 +61,15 @@ def test_settings_hold_while_tracing_and_are_restored():
   assert changed_text != default_text and switch_ab.compile_with({}, fn, x)[1] == default_text
 
 
+def test_settings_are_restored_when_the_block_raises():
+  rows, parts = acm_fused.UNSORT_ROWS, acm_fused.DOWN_SPLIT_PARTS
+  with pytest.raises(RuntimeError, match="inside"):
+    with switch_ab.settings_applied({"UNSORT_ROWS": rows + 5, "DOWN_SPLIT_PARTS": 2}):
+      assert (acm_fused.UNSORT_ROWS, acm_fused.DOWN_SPLIT_PARTS) == (rows + 5, 2)
+      raise RuntimeError("inside")
+  assert (acm_fused.UNSORT_ROWS, acm_fused.DOWN_SPLIT_PARTS) == (rows, parts)
+
+
 def test_main_on_the_cpu_times_the_baseline_and_marks_unchanged_programs(tmp_path, monkeypatch):
   monkeypatch.setenv("OUT", str(tmp_path))
   switch_ab.main(["--model", "tiny", "--batches", "2", "--rounds", "1", "--results-dir", str(tmp_path),
