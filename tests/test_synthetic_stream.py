@@ -295,7 +295,7 @@ def test_workers_end_with_the_interrupted_or_killed_parent(tmp_path, stop):
         os.killpg(child.pid, signal.SIGKILL)
 
   # Twice at most: CI at c167d58 and at ccdb8e7 saw the interrupted parent still alive after 60 s (the full suite
-  # on 2 cores; never alone or under busy loops). A second hang fails with the first's stacks; a first one warns.
+  # on 2 cores; never alone or under busy loops). A first hang warns with its stacks; a second is the known deadlock.
   workers, err, ended = attempt()
   if not ended:
     first = err
