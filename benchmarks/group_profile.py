@@ -13,10 +13,12 @@ Variants take `switch_ab`'s form (`TUNED@2048/mlp={"block_rows": 128}`, `DOWN_SP
 `activation=NAME` (gelu, relu, identity) to see what the up launch's epilogue costs. `--ptx` counts, per Pallas
 kernel, the PTX instructions that tell how its matmuls and loads were lowered: `wgmma.mma_async` (Hopper's
 warpgroup MMA) against `mma.sync`, how many warpgroup MMAs stay in flight (`wgmma.wait_group N`), bulk (TMA)
-copies against `cp.async` and plain global loads. From jaxlib 0.11 on, Pallas compiles its Triton kernels itself
-and hands XLA the PTX inside a compressed custom-call config, so the PTX is taken where Pallas builds the kernel
-(`PtxCapture`); older versions leave it to XLA, whose dump (`xla_dump_to`) then holds it. Records go to
-benchmarks/results/group_profile_<gpu>.json.
+copies against `cp.async` and plain global loads. It reads the PTX where it can find it: where Pallas builds
+each kernel itself (`triton_kernel_call_lib.TritonKernel`, taken by `PtxCapture`) or in XLA's dump (`xla_dump_to`).
+Under jaxlib 0.11.2 neither holds it (H100, 2026-12-07): Pallas hands XLA the Triton IR (custom call
+`__gpu$xla.gpu.triton`), and XLA compiles it without dumping PTX or LLVM IR, even with `xla_gpu_dump_llvmir`.
+The run then says so, and `python3 -m benchmarks.triton_lowering` lowers the same kernels offline instead.
+Records go to benchmarks/results/group_profile_<gpu>.json.
 """
 
 from __future__ import annotations
@@ -66,10 +68,10 @@ def ptx_census(ptx_text: str, names=KERNELS) -> dict:
 
 
 class PtxCapture:
-  """Within the block, records the PTX of every Triton kernel that Pallas compiles (jaxlib >= 0.11, where
+  """Within the block, records the PTX of every Triton kernel that Pallas compiles itself, where
   `pallas_call_registration` builds each kernel with `triton_kernel_call_lib.TritonKernel(name, num_warps,
-  num_ctas, shared_bytes, ptx, ...)`): `kernels` holds dicts of name, num_warps, shared_bytes and ptx. Under
-  older versions the hook is absent and nothing is recorded (XLA's dump holds the PTX there)."""
+  num_ctas, shared_bytes, ptx, ...)`: `kernels` holds dicts of name, num_warps, shared_bytes and ptx. Where the
+  hook is absent (jaxlib 0.11.2 hands XLA the Triton IR instead) nothing is recorded."""
 
   def __init__(self):
     self.kernels = []
@@ -239,6 +241,9 @@ def main(argv=None) -> list[dict]:
   print(f"\nyardstick (width {records[0]['static_width']}): {records[0]['static_us']:.1f} us")
   for rec in records if dump_dir else ():
     print(f"PTX per kernel, {rec['variant']}:", json.dumps(rec["ptx"]))
+  if dump_dir and not any(rec["ptx"] for rec in records):
+    print(f"no PTX found: this jaxlib neither builds the Triton kernels in Pallas nor dumps their PTX to "
+          f"{dump_dir}; `python3 -m benchmarks.triton_lowering` lowers the same kernels offline")
   print(f"appended {len(records)} records to {out}")
   return records
 

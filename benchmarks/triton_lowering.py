@@ -7,13 +7,15 @@ One ACM group (`fused_tune.inputs`: ViT-B/16's MLP, or its q/k/v group with `--k
 with the kernels traced as on a GPU of `--family` (the tuned tile table applies to Hopper only), once per
 variant (`group_profile`'s form). What becomes of each Pallas kernel then depends on jaxlib:
 
-- jaxlib >= 0.11 compiles each Triton kernel itself while lowering; its PTX is taken there
-  (`group_profile.PtxCapture`): the very code a GPU of that capability runs.
-- Older jaxlib hands XLA the kernel's Triton IR (TTIR). This takes that IR, with the kernel's warps and stages,
+- Where jaxlib compiles each Triton kernel in Pallas itself (`triton_kernel_call_lib.TritonKernel`), its PTX
+  is taken there (`group_profile.PtxCapture`): the very code a GPU of that capability runs.
+- Where jaxlib hands XLA the kernel's Triton IR (TTIR) instead, as 0.10.2 and 0.11.2 do (custom call
+  `__gpu$xla.gpu.triton`; checked on an H100, 2026-12-07), this takes that IR, with the kernel's warps and stages,
   and compiles it with the `triton` package (pip; not a project requirement) for `sm_<capability>`: Triton's
   TTIR passes (one of them folds `acc + dot(a, b)` into the dot's accumulator, which is what lets a warpgroup
   MMA stay in flight), then TTGIR, LLVM and PTX. The package's Triton is not the one inside jaxlib, so its
-  pipeline may differ in details; on a GPU, `group_profile --ptx` reads the PTX that runs.
+  pipeline may differ in details. XLA compiles the IR on a GPU without dumping PTX (jaxlib 0.11.2, even with
+  `xla_gpu_dump_llvmir`), so `group_profile --ptx` finds none there and this is the way to read the lowering.
 
 Printed per kernel: warps, stages, the MMA instructions (`wgmma.mma_async` shapes, Hopper's warpgroup MMA,
 against `mma.sync`), how many warpgroup MMAs the main loop leaves in flight (the largest N of
@@ -40,8 +42,8 @@ from benchmarks import group_profile as gp
 
 
 def kernel_settings(hlo_text: str) -> dict:
-  """{kernel name: (num_warps, num_stages)} from the Triton custom calls of a lowered program (jaxlib < 0.11
-  writes them into each call's backend config, whose attributes print in alphabetical order)."""
+  """{kernel name: (num_warps, num_stages)} from the Triton custom calls of a lowered program (a jaxlib that hands
+  XLA the Triton IR writes them into each call's backend config, whose attributes print in alphabetical order)."""
   found = re.findall(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', hlo_text)
   return {name: (int(warps), int(stages)) for name, stages, warps in found}
 
@@ -93,7 +95,7 @@ def lower_group(tokens: int, kind: str, r: float, settings: dict, activation: st
   with sab.settings_applied(settings), traced_as_gpu(family), capturing_ttir() as ttir, capture:
     text = jax.jit(fn).trace(x, groups).lower(lowering_platforms=("cuda",)).as_text()
   kernels = {}
-  if capture.kernels:  # jaxlib >= 0.11: the PTX that would run
+  if capture.kernels:  # a jaxlib that compiles in Pallas: the PTX that would run
     for kernel in capture.kernels:
       kernels[kernel["name"]] = dict(ptx=kernel["ptx"], num_warps=kernel["num_warps"], num_stages=None,
                                      shared_bytes=kernel["shared_bytes"], source="jaxlib")
