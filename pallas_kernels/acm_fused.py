@@ -288,8 +288,8 @@ class FusedConfig:
   num_stages: int
 
 
-# Token counts are bucketed by these upper bounds (a ViT-B/16 batch of 1, 8, 32, and more).
-TOKEN_BUCKETS = (512, 2048, 8192, None)
+# Token counts are bucketed by these upper bounds (a ViT-B/16 batch of 1, 2, 8, 32, and more).
+TOKEN_BUCKETS = (256, 512, 2048, 8192, None)
 # (token bucket, "mlp" | "proj") -> settings that differ from the heuristic below, for bf16 on
 # Hopper; measured by `python3 -m benchmarks.fused_tune` (see benchmarks/RESULTS.md). "sort"
 # picks the sorted or the unsorted path, "xla" the dense XLA path (`_acm_group_xla`).
@@ -301,6 +301,16 @@ TUNED: dict[tuple[int | None, str], dict] = {
     # batch 8 0.946 -> 1.024x dense, batch 1 0.77 -> 0.83x; RESULTS.md, "the MLP ACMs sorted at serving batches").
     (512, "mlp"): dict(block_rows=64, block_out=128, block_hidden=128, num_warps=4, sort=True),
     (512, "proj"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=True),
+    # 2026-12-07 (xviii), H100: up to 256 tokens (one image) the MLP ACM's up launch is a chain of 12 dependent
+    # 64-column steps in about 60 programs, fewer than the SMs, so a deeper pipeline hides more of each load: 6
+    # stages took the up launch from 9.3 to 7.8 us at 197 tokens, r = 0.5, and from 10.0 to 9.2 us at r = 1
+    # (`benchmarks.group_profile`, profiler device time; the group from 24.6 to 23.2 and 25.9 to 25.5 us). They
+    # need 144 KiB of shared memory, one program per SM, and lose where the programs outnumber the SMs: 394 tokens
+    # at r = 1, 13.2 -> 15.0 us; 512 tokens at r = 1, 9.7 -> 12.7 us; 1,576 tokens (5 stages) 15.3 -> 18.2 us.
+    # Hence a bucket of its own. The whole model at batch 1 cannot resolve ~1% (switch_ab, 21 rounds: 1.030x of
+    # the 3-stage table; the same A/B's spread between calls is 5-8%).
+    (256, "mlp"): dict(block_rows=64, block_out=128, block_hidden=128, num_warps=4, num_stages=6, sort=True),
+    (256, "proj"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=True),
     (2048, "mlp"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=True),
     (8192, "proj"): dict(block_rows=128, block_out=128, block_hidden=128, num_warps=8, sort=True),
     # 2026-12-06 (xv), H100: the MLP ACMs at 2,049-8,192 tokens (batch 32) on 128-row blocks and 8 warps instead of
