@@ -44,6 +44,7 @@ from acm_jax.data import synthetic
 
 STREAM_SALT = 20261203
 MAX_WORKERS = 32
+WAIT_SLICE_S = 0.5  # the longest the consumer waits for a chunk without returning to the interpreter's loop
 
 
 def default_workers() -> int:
@@ -193,7 +194,12 @@ class ChunkStream:
   def chunk(self, index: int) -> dict[str, np.ndarray]:
     if index not in self._futures:
       self._futures[index] = self._submit(index)
-    return self._futures[index].result()
+    future = self._futures[index]
+    while True:  # in slices: Python runs a signal's handler in the main thread only, between bytecodes, and a
+      try:       # Ctrl-C that the kernel hands to one of the pool's threads would not end an unbounded wait here
+        return future.result(timeout=WAIT_SLICE_S)
+      except concurrent.futures.TimeoutError:
+        continue
 
   def _submit(self, index: int) -> concurrent.futures.Future:
     return self._pool.submit(generate, self.config, self.split, index, self.keys)
