@@ -293,14 +293,16 @@ TOKEN_BUCKETS = (256, 512, 2048, 8192, None)
 # (token bucket, "mlp" | "proj") -> settings that differ from the heuristic below, for bf16 on
 # Hopper; measured by `python3 -m benchmarks.fused_tune` (see benchmarks/RESULTS.md). "sort"
 # picks the sorted or the unsorted path, "xla" the dense XLA path (`_acm_group_xla`).
+_SERVING_MLP = dict(block_rows=64, block_out=128, block_hidden=128, num_warps=4, sort=True)  # 1-2 images
+_SERVING_PROJ = dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=True)
 TUNED: dict[tuple[int | None, str], dict] = {
     # H200, jax 0.11.2, 2026-12-01. Batch 1 (<= 512 tokens): the queued-call tuning run
     # (benchmarks/results/fused_tune_h200.json); 2048 and 8192: the earlier run's choices, which
     # the whole model ran faster with at batch 8 and 32 (benchmarks/RESULTS.md, "tile tables").
     # 2026-12-02: the MLP ACMs sorted at batch 1 and 8 as well (whole model, paired with dense:
     # batch 8 0.946 -> 1.024x dense, batch 1 0.77 -> 0.83x; RESULTS.md, "the MLP ACMs sorted at serving batches").
-    (512, "mlp"): dict(block_rows=64, block_out=128, block_hidden=128, num_warps=4, sort=True),
-    (512, "proj"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=True),
+    (512, "mlp"): _SERVING_MLP,
+    (512, "proj"): _SERVING_PROJ,
     # 2026-12-07 (xviii), H100: up to 256 tokens (one image) the MLP ACM's up launch is a chain of 12 dependent
     # 64-column steps in about 60 programs, fewer than the SMs, so a deeper pipeline hides more of each load: 6
     # stages took the up launch from 9.3 to 7.8 us at 197 tokens, r = 0.5, and from 10.0 to 9.2 us at r = 1
@@ -309,8 +311,8 @@ TUNED: dict[tuple[int | None, str], dict] = {
     # at r = 1, 13.2 -> 15.0 us; 512 tokens at r = 1, 9.7 -> 12.7 us; 1,576 tokens (5 stages) 15.3 -> 18.2 us.
     # Hence a bucket of its own. The whole model at batch 1 cannot resolve ~1% (switch_ab, 21 rounds: 1.030x of
     # the 3-stage table; the same A/B's spread between calls is 5-8%).
-    (256, "mlp"): dict(block_rows=64, block_out=128, block_hidden=128, num_warps=4, num_stages=6, sort=True),
-    (256, "proj"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=True),
+    (256, "mlp"): dict(_SERVING_MLP, num_stages=6),
+    (256, "proj"): _SERVING_PROJ,
     (2048, "mlp"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=True),
     (8192, "proj"): dict(block_rows=128, block_out=128, block_hidden=128, num_warps=8, sort=True),
     # 2026-12-06 (xv), H100: the MLP ACMs at 2,049-8,192 tokens (batch 32) on 128-row blocks and 8 warps instead of
