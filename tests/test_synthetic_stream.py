@@ -244,7 +244,6 @@ def test_stream_falls_back_to_threads_where_processes_cannot_start(monkeypatch):
     stream.close()
 
 
-ENV_AT_IMPORT = dict(os.environ)
 # A child Python keeps SIGINT ignored when it starts with it ignored, and a test runner started in the background
 # of a shell without job control (`bash .ci/run &`, nohup) ignores it: the ctrl-c tests' children would then sleep
 # through their ctrl-c (the local CI hangs of 2026-12-06 and 12-07, whose parents were found simply looping). They
@@ -252,9 +251,8 @@ ENV_AT_IMPORT = dict(os.environ)
 
 
 def signal_states(pids) -> str:
-  """Each thread's state, kernel wait channel and signal masks (blocked, pending, ignored, caught) of the processes
-  `pids`, from /proc; and what the test process's environment gained since this file was imported (the child
-  inherits it): what a stuck stop needs to be explained."""
+  """Each thread's state, kernel wait channel and signal masks (pending, blocked, ignored, caught) of the processes
+  `pids`, from /proc: what a stop that did not take needs to be explained."""
   lines = []
   for pid in pids:
     for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
@@ -266,9 +264,6 @@ def signal_states(pids) -> str:
       keys = ("State", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")
       lines.append(f"{pid}/{task.name} {status.get('Name', '').strip()}: wchan {wchan or '-'}; "
                    + ", ".join(f"{k} {status.get(k, '').strip()}" for k in keys))
-  changed = sorted(k for k in os.environ if ENV_AT_IMPORT.get(k) != os.environ[k])
-  gone = sorted(set(ENV_AT_IMPORT) - set(os.environ))
-  lines.append(f"environment since import: changed or added {changed}, removed {gone}")
   return "\n".join(lines)
 
 
@@ -298,33 +293,28 @@ def test_workers_end_with_the_interrupted_or_killed_parent(tmp_path, stop):
   """))
   root = str(Path(__file__).resolve().parents[1])
 
-  def attempt():
-    """(workers, stderr, ended): the child run until its workers are up, then stopped; a child that outlives the
-    stop by 60 s is asked for its threads' stacks and killed (ended False)."""
-    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, cwd=root, env={**os.environ, "PYTHONPATH": root}, start_new_session=True)
+  child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           cwd=root, env={**os.environ, "PYTHONPATH": root}, start_new_session=True)
+  try:
+    workers = [int(pid) for pid in child.stdout.readline().split()]
+    assert len(workers) == 2 and all(running(pid) for pid in workers)
+    if stop == "ctrl-c":
+      os.killpg(child.pid, signal.SIGINT)  # what a terminal does: the whole process group
+    else:
+      os.kill(child.pid, signal.SIGKILL)  # the parent alone, with no chance to stop its pool
     try:
-      workers = [int(pid) for pid in child.stdout.readline().split()]
-      assert len(workers) == 2 and all(running(pid) for pid in workers)
-      if stop == "ctrl-c":
-        os.killpg(child.pid, signal.SIGINT)  # what a terminal does: the whole process group
-      else:
-        os.kill(child.pid, signal.SIGKILL)  # the parent alone, with no chance to stop its pool
-      try:
-        child.wait(timeout=60)
-        return workers, child.stderr.read(), True
-      except subprocess.TimeoutExpired:
-        states = signal_states([child.pid, *workers])
-        os.kill(child.pid, signal.SIGUSR1)
-        time.sleep(2)
-        os.killpg(child.pid, signal.SIGKILL)
-        return workers, f"{child.communicate(timeout=30)[1]}\nthreads in the kernel (SIGINT is bit 2):\n{states}", False
-    finally:
-      if child.poll() is None:
-        os.killpg(child.pid, signal.SIGKILL)
-
-  workers, err, ended = attempt()
-  assert ended, f"the stopped parent outlived its stop by 60 s; its threads:\n{err[-8000:]}"
+      _, err = child.communicate(timeout=60)  # reads both pipes while waiting: a full pipe cannot stall the child
+    except subprocess.TimeoutExpired:  # still alive: every thread's stack (faulthandler) and signal masks, then fail
+      states = signal_states([child.pid, *workers])
+      os.kill(child.pid, signal.SIGUSR1)
+      time.sleep(2)
+      os.killpg(child.pid, signal.SIGKILL)
+      err = child.communicate(timeout=30)[1]
+      pytest.fail(f"the stopped parent outlived its stop by 60 s; its threads:\n{err[-8000:]}\n"
+                  f"in the kernel (SIGINT is bit 2):\n{states}")
+  finally:
+    if child.poll() is None:
+      os.killpg(child.pid, signal.SIGKILL)
   if stop == "ctrl-c":
     assert "KeyboardInterrupt" in err
   deadline = time.monotonic() + 10
