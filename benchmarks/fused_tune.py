@@ -67,7 +67,10 @@ def inputs(tokens, kind, rng, r=0.5, merged=False):
         b1=jnp.asarray(0.1 * rng.normal(size=(total,)), jnp.bfloat16),
         w2=jnp.asarray(rng.normal(size=(total, d)) / np.sqrt(total), jnp.bfloat16),
         b2=jnp.asarray(0.1 * rng.normal(size=(n + 1, d)), jnp.bfloat16),
-        gate=(jnp.asarray(rng.normal(size=(d, n + 1)) * 1.28 / d, jnp.bfloat16),
+        # x has unit variance per feature: logit noise of Gumbel's spread (pi / sqrt(6)) around log pmf, so that
+        # argmax spreads k about as Binomial(n, r) does (`vit_bench.set_gates`); a spread of 1.28 / d (before
+        # 2026-12-07 (xix)) left every token at the pmf's mode
+        gate=(jnp.asarray(rng.normal(size=(d, n + 1)) * (math.pi / math.sqrt(6)) / math.sqrt(d), jnp.bfloat16),
               jnp.asarray(np.log(np.maximum(pmf, 1e-9)), jnp.bfloat16))))
     if merged:
       groups[-1].update(af.merge_linear_learners(groups[-1], n))

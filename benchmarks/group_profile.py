@@ -3,10 +3,12 @@
     python3 -m benchmarks.group_profile [--tokens 1576] [--r 0.5] [--variant NAME[:SWITCH=VALUE;...]]... [--ptx]
 
 One ViT-B/16 MLP ACM (four learners of 768, GELU, gates picking k ~ Binomial(4, r) as `fused_tune` sets them)
+or, with `--kind proj`, the q/k/v group (three ACMs of four learners of 96, identity activation, min_choice 1)
 at one token count. Each variant's forward is run under the JAX profiler and every kernel's device time is
 summed per call, so that host dispatch, which dominates queued calls at serving token counts (`fused_tune`'s
-timing), does not enter. Beside them: the dense MLP (gelu(x @ w1) @ w2, XLA) and the yardstick, the same at the
-measured mean width (`vit_bench`'s static layer). For the up and down launches it prints the useful TFLOP/s
+timing), does not enter. Beside them: the dense MLP (gelu(x @ w1) @ w2, XLA) or the three dense projections,
+and the yardstick, the same at the measured mean width (`vit_bench`'s static layer; for projections a low-rank
+pair of matmuls). For the up and down launches it prints the useful TFLOP/s
 (the arithmetic of each token's own k; the kernels also run the padding of each row block to its largest k).
 
 Variants take `switch_ab`'s form (`TUNED@2048/mlp={"block_rows": 128}`, `DOWN_SPLIT_PARTS=4`, ...), plus
@@ -112,12 +114,13 @@ class PtxCapture:
     return out
 
 
-def parse_variant(spec: str) -> tuple[str, dict, str]:
-  """switch_ab's NAME[:SWITCH=VALUE;...] with one more item, activation=NAME -> (name, settings, activation)."""
+def parse_variant(spec: str) -> tuple[str, dict, str | None]:
+  """switch_ab's NAME[:SWITCH=VALUE;...] with one more item, activation=NAME -> (name, settings, activation);
+  activation None where the variant names none (the kind's own: gelu for the MLP, identity for projections)."""
   from benchmarks import switch_ab as sab
   from pallas_kernels.acm_mlp import ACTIVATIONS
   name, _, body = spec.partition(":")
-  items, activation = [], "gelu"
+  items, activation = [], None
   for item in filter(None, body.split(";")):
     key, _, value = item.partition("=")
     if key.strip() == "activation":
@@ -156,6 +159,8 @@ def profile_calls(fn, args, calls: int) -> dict:
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--tokens", type=int, default=1576)
+  parser.add_argument("--kind", default="mlp", choices=("mlp", "proj"),
+                      help="the MLP ACM, or the q/k/v group of projection ACMs")
   parser.add_argument("--r", type=float, default=0.5, help="the gates pick k ~ Binomial(4, r)")
   parser.add_argument("--variant", action="append", default=None,
                       help="NAME[:SWITCH=VALUE;...] as benchmarks.switch_ab takes it, plus activation=NAME "
@@ -188,38 +193,54 @@ def main(argv=None) -> list[dict]:
   if jax.default_backend() != "gpu":
     sys.exit("group_profile needs a GPU")
 
-  x, groups, dense = ft.inputs(args.tokens, "mlp", np.random.default_rng(0), args.r)
+  x, groups, dense = ft.inputs(args.tokens, args.kind, np.random.default_rng(0), args.r)
   d, width, n = x.shape[1], groups[0]["w1"].shape[1] // 4, 4
   base = dict(device=jax.devices()[0].device_kind, date=datetime.date.today().isoformat(),
-              jax_version=jax.__version__, tokens=args.tokens, r=args.r)
-  dense_fn = jax.jit(lambda x, w1, w2: jax.nn.gelu(x @ w1, approximate=False) @ w2)
-  dense_prof = profile_calls(dense_fn, (x, *dense[0]), args.calls)
+              jax_version=jax.__version__, tokens=args.tokens, r=args.r, kind=args.kind)
+  if args.kind == "mlp":
+    activation_default, min_choice = "gelu", 0
+    dense_fn = jax.jit(lambda x, w1, w2: jax.nn.gelu(x @ w1, approximate=False) @ w2)
+    dense_args = (x, *dense[0])
+    static_fn = dense_fn
+  else:  # the three dense projections; the yardstick a low-rank pair per projection
+    activation_default, min_choice = "identity", 1
+    dense_fn = jax.jit(lambda x, ws: [x @ w for w in ws])
+    dense_args = (x, [w for w, _ in dense])
+    static_fn = jax.jit(lambda x, pairs: [x @ a @ b for a, b in pairs])
+  dense_prof = profile_calls(dense_fn, dense_args, args.calls)
   out = Path(args.results_dir) / f"group_profile_{gpu_name(base['device'])}.json"
   out.parent.mkdir(parents=True, exist_ok=True)
   old = json.loads(out.read_text()) if out.exists() else []
-  print(f"MLP ACM at {args.tokens} tokens, r = {args.r}, {base['device']}, jax {base['jax_version']}; device us "
-        f"per call (profiler). Dense MLP {dense_prof['device_us']:.1f} us\n", flush=True)
+  what, dense_what = ("MLP ACM", "MLP") if args.kind == "mlp" else ("q/k/v group of projection ACMs", "projections")
+  print(f"{what} at {args.tokens} tokens, r = {args.r}, {base['device']}, jax {base['jax_version']}; device us "
+        f"per call (profiler). Dense {dense_what} {dense_prof['device_us']:.1f} us\n", flush=True)
   print("| variant | device us | x dense | up us (TFLOP/s) | down us (TFLOP/s) | other launches (us) |")
   print("|---|---|---|---|---|---|", flush=True)
   records, seen = [], set()
   capture = PtxCapture() if dump_dir else None
   for name, settings, activation in variants:
-    fn = lambda x, g, act=activation: af.acm_group(x, g, num_learners=n, activation=act)
+    act = activation or activation_default
+    fn = lambda x, g, act=act: af.acm_group(x, g, num_learners=n, activation=act, min_choice=min_choice)
     first = len(capture.kernels) if capture else 0
     with capture or contextlib.nullcontext():
       compiled, _ = sab.compile_with(settings, fn, x, groups)
     outs, k = compiled(x, groups)
-    k = np.asarray(k)[0]
+    k = np.asarray(k)
     mean_width = vb.static_width(float(k.mean()), width)
     if not records:  # the yardstick at this variant's measured mean width (the gates are the same in every variant)
-      w1, w2 = dense[0]
-      static = profile_calls(dense_fn, (x, w1[:, :mean_width], w2[:mean_width]), args.calls)
+      if args.kind == "mlp":
+        w1, w2 = dense[0]
+        static = profile_calls(static_fn, (x, w1[:, :mean_width], w2[:mean_width]), args.calls)
+      else:
+        static = profile_calls(static_fn, (x, [(g["w1"][:, :mean_width], g["w2"][:mean_width]) for g in groups]),
+                               args.calls)
     prof = profile_calls(compiled, (x, groups), args.calls)
-    useful = flops(k, width, d)
+    useful = flops(k, width, d)  # summed over the group's ACMs
     rate = lambda kernel: (round(useful / (prof["kernels_us"][kernel] * 1e-6) / 1e12, 1)
                            if prof["kernels_us"].get(kernel) else None)
-    rec = dict(base, variant=name, settings=sab._recordable(settings), activation=activation,
-               k_mean=round(float(k.mean()), 4), **prof, dense_us=dense_prof["device_us"],
+    rec = dict(base, variant=name, settings=sab._recordable(settings), activation=act,
+               k_mean=round(float(k.mean()), 4), k_counts=np.bincount(k.ravel(), minlength=n + 1).tolist(),
+               k_spread="binomial", **prof, dense_us=dense_prof["device_us"],
                dense_kernels_us=dense_prof["kernels_us"], static_width=mean_width, static_us=static["device_us"],
                up_tflops=rate("acm_group_up"), down_tflops=rate("acm_group_down_split") or rate("acm_group_down"),
                ratio_to_dense=round(dense_prof["device_us"] / prof["device_us"], 4))

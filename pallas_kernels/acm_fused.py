@@ -310,9 +310,15 @@ TUNED: dict[tuple[int | None, str], dict] = {
     # need 144 KiB of shared memory, one program per SM, and lose where the programs outnumber the SMs: 394 tokens
     # at r = 1, 13.2 -> 15.0 us; 512 tokens at r = 1, 9.7 -> 12.7 us; 1,576 tokens (5 stages) 15.3 -> 18.2 us.
     # Hence a bucket of its own. The whole model at batch 1 cannot resolve ~1% (switch_ab, 21 rounds: 1.030x of
-    # the 3-stage table; the same A/B's spread between calls is 5-8%).
-    (256, "mlp"): dict(_SERVING_MLP, num_stages=6),
-    (256, "proj"): _SERVING_PROJ,
+    # the 3-stage table; the same A/B's spread between calls is 5-8%). Those per-launch figures gave every token
+    # one k (the pmf's mode; `fused_tune`'s gates until (xix)), the real case only at r = 1.
+    # 2026-12-07 (xix), H100: one image unsorted, both kinds. Its few row blocks fit in one wave of programs, so
+    # the launch lasts as long as its largest-k block either way, and sorting only adds the scatter launch and the
+    # route's ranks. Whole model, MLP ACMs at r = 0.5 (`serve_profile`, device time per forward): 0.737 -> 0.727 ms
+    # (scatter -19 us, route -5, up +15). `switch_ab` at batch 1: MLP + q/k/v/o 1.030x and 1.040x of sorted (9 and
+    # 21 rounds), MLP ACMs 0.988x, 1.026x and 1.007x. At batch 8 unsorted lost 7.4-7.6% (up 15 -> 26 us per layer).
+    (256, "mlp"): dict(_SERVING_MLP, num_stages=6, sort=False),
+    (256, "proj"): dict(_SERVING_PROJ, sort=False),
     (2048, "mlp"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=True),
     (8192, "proj"): dict(block_rows=128, block_out=128, block_hidden=128, num_warps=8, sort=True),
     # 2026-12-06 (xv), H100: the MLP ACMs at 2,049-8,192 tokens (batch 32) on 128-row blocks and 8 warps instead of
@@ -352,7 +358,7 @@ def default_settings(dtype, dim: int, total_hidden: int, tokens: int) -> dict:
     # (block_out=128 at d=64) keeps the heuristic's value instead of making the call fail
     wholes = {"block_out": dim, "block_k_up": dim, "block_hidden": total_hidden}
     tuned = TUNED.get((token_bucket(tokens), shape_kind(dim, total_hidden)), {})
-    settings.update({name: value for name, value in tuned.items() if wholes.get(name, value) % value == 0})
+    settings.update({name: value for name, value in tuned.items() if name not in wholes or wholes[name] % value == 0})
   return settings
 
 

@@ -757,6 +757,18 @@ def test_a_tuned_path_is_followed_unless_a_path_is_asked_for(monkeypatch):
   assert af.resolve_config(jnp.float32, 768, 384, 197)[1] == "unsorted"  # the table is for bf16
 
 
+def test_a_tuned_entry_that_turns_a_switch_off_is_followed(monkeypatch):
+  """An entry may set a path switch to False (`{"sort": False}`, as `switch_ab`'s TUNED@ variants write it):
+  only tile sizes are checked against the shapes (a False once went into that check as a divisor)."""
+  monkeypatch.setattr(af, "gpu_family", lambda: "hopper")
+  monkeypatch.setattr(af, "TUNED", {(af.token_bucket(197), "mlp"): dict(block_rows=64, sort=False, xla=False)})
+  cfg, path = af.resolve_config(jnp.bfloat16, 768, 3072, 197)
+  assert (cfg.block_rows, path) == (64, "unsorted")
+  monkeypatch.setattr(af, "TUNED", {(af.token_bucket(4096), "mlp"): dict(sort=False)})
+  assert af.resolve_config(jnp.bfloat16, 768, 3072, 4096)[1] == "unsorted"  # the heuristic sorts there
+  assert af.default_settings(jnp.bfloat16, 768, 3072, 4096)["sort"] is False
+
+
 def test_tuned_tiles_that_do_not_fit_a_smaller_model_keep_the_heuristic(monkeypatch):
   """The Hopper table's tiles were tuned at d = 768; at d = 64 its block_out = 128 would not divide d
   (found on an H200 with the tiny ViT): that field keeps the heuristic's value, the rest applies."""
@@ -790,6 +802,9 @@ def test_the_committed_tile_table_resolves_at_vit_shapes(dim, total, monkeypatch
       if name in fields and wholes.get(name, value) % value == 0:
         assert getattr(cfg, name) == value, (bucket, name)
     assert path == ("xla" if entry.get("xla") else "sorted" if entry.get("sort") else "unsorted")
+  if dim == 768:  # one image unsorted (2026-12-07 (xix)), two images and more sorted
+    assert [af.resolve_config(jnp.bfloat16, dim, total, t)[1] for t in (197, 256, 257, 1576)] == [
+        "unsorted", "unsorted", "sorted", "sorted"]
   if (dim, total) == (768, 3072):  # batch 32's MLP entry (2026-12-06 (xv)) against the heuristic's 64 rows, 4 warps
     cfg, _ = af.resolve_config(jnp.bfloat16, dim, total, 6304)
     assert (cfg.block_rows, cfg.num_warps) == (128, 8)
@@ -799,7 +814,7 @@ def test_the_committed_tile_table_resolves_at_vit_shapes(dim, total, monkeypatch
     cfg, _ = af.resolve_config(jnp.bfloat16, dim, total, 6304)
     assert (cfg.block_rows, cfg.num_warps) == (64, 4)
   if (dim, total) == (768, 384):  # the q/k/v group keeps its batch-1 tiles in the one-image bucket
-    assert af.resolve_config(jnp.bfloat16, dim, total, 197) == af.resolve_config(jnp.bfloat16, dim, total, 394)
+    assert af.resolve_config(jnp.bfloat16, dim, total, 197)[0] == af.resolve_config(jnp.bfloat16, dim, total, 394)[0]
 
 
 @pytest.mark.parametrize("path", ["default", "layer_norm_fold", "layer_norm_prologue", "residual_in_kernel",

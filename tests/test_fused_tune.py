@@ -36,3 +36,23 @@ def test_the_wide_space_splits_per_learner_only_where_the_default_splits_in_pair
   assert len(at_1576) - len(with_parts) == 18  # 3 row blocks x 3 output tiles x 2 hidden tiles
   assert not any("parts" in c for t in (197, 6304) for c in fused_tune.wide_candidates(t, "mlp"))
   assert {c["block_hidden"] for c in fused_tune.wide_candidates(6304, "proj")} == {128}
+
+
+@pytest.mark.parametrize("kind", ["mlp", "proj"])
+@pytest.mark.parametrize("r", [0.25, 0.5])
+def test_the_gates_spread_k_about_as_binomial(kind, r):
+  """`inputs`' gates (which `group_profile` shares) pick k with about the Binomial(4, r) spread that
+  `vit_bench.set_gates` gives the whole model, not one k for every token: until 2026-12-07 (xix) their noise was
+  a factor sqrt(d) too small and every token took the pmf's mode, which hid what sorting is for."""
+  import math
+
+  import numpy as np
+  x, groups, _ = fused_tune.inputs(4000, kind, np.random.default_rng(1), r)
+  pmf = np.array([math.comb(N, j) * r ** j * (1 - r) ** (N - j) for j in range(N + 1)])
+  xs = np.asarray(x, np.float32)
+  for group in groups:
+    wg, bg = (np.asarray(a, np.float32) for a in group["gate"])
+    k = np.argmax(xs @ wg + bg, axis=-1)
+    freq = np.bincount(k, minlength=N + 1) / k.size
+    assert np.abs(freq - pmf).max() < 0.04, (freq, pmf)
+    assert abs(k.mean() - N * r) < 0.1

@@ -84,7 +84,7 @@ def test_variants_take_switch_ab_items_and_an_activation():
   name, settings, act = gp.parse_variant('x:TUNED@2048/mlp={"block_rows": 128};DOWN_SPLIT_PARTS=4;activation=relu')
   assert (name, act, settings["DOWN_SPLIT_PARTS"]) == ("x", "relu", 4)
   assert settings["TUNED"][(2048, "mlp")]["block_rows"] == 128
-  assert gp.parse_variant("default") == ("default", {}, "gelu")
+  assert gp.parse_variant("default") == ("default", {}, None)  # the kind's own activation
   with pytest.raises(ValueError, match="activation must be one of"):
     gp.parse_variant("y:activation=swish")
   with pytest.raises(ValueError, match="NOT_A_SWITCH"):
