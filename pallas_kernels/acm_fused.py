@@ -33,9 +33,11 @@ group of three costs what one ACM costs in launches:
 
 Sorting pays when blocks of tokens would otherwise all run to their largest k;
 below `SORT_MIN_TOKENS` tokens the heuristic takes the unsorted path (route, up,
-down: the row blocks in token order), but on an H200 the whole ViT-B/16 ran faster
-with its MLP ACMs sorted at 8 images and as fast or faster at one (the tuned table
-`TUNED` says so).
+down: the row blocks in token order). On Hopper the tuned table `TUNED` overrides it:
+sorted from two images on (the whole ViT-B/16 ran faster sorted at 8 images: H200,
+2026-12-02; unsorted lost 7.4-7.6% there on an H100), unsorted at one image, whose row
+blocks fit in one wave of programs, so that sorting only added the scatter launch (H100,
+2026-12-07 (xix); sorted had won at one image too before the split down launch).
 Either way the result is the same function.
 
 The one-launch path (`onepass`, at most `ONEPASS_MAX_TOKENS` tokens; off by default
