@@ -193,8 +193,9 @@ def main(argv=None):
 
 def save(path, table, rows, baselines):
   with open(path, "w") as f:
+    # k_spread: files written before 2026-12-07 (xix) lack it; their gates gave every token the pmf's mode
     json.dump(dict(table=table, rows=rows, baselines=baselines, device=jax.devices()[0].device_kind,
-                   jax_version=jax.__version__), f, indent=1)
+                   jax_version=jax.__version__, k_spread="binomial"), f, indent=1)
 
 
 def load(path):
