@@ -327,6 +327,9 @@ def add_fusion_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--inline-sort-max-tokens", type=int, default=None,
                       help="acm_fused.INLINE_SORT_MAX_TOKENS for this run (the sorted path without its scatter "
                            "launch up to this many tokens; default: acm_fused's; -1: never)")
+  parser.add_argument("--inline-sort-place", choices=acm_fused.INLINE_SORT_PLACES, default=None,
+                      help="acm_fused.INLINE_SORT_PLACE for this run (how the inline sort places each token: by "
+                           "per-chunk counts or by atomic counters in the route launch)")
   parser.add_argument("--down-split-rounding", choices=acm_fused.DOWN_SPLIT_ROUNDINGS, default=None,
                       help="acm_fused.DOWN_SPLIT_ROUNDING for this run (where the split down launch's sum is rounded "
                            "to x's dtype: in its own fusion, or where XLA puts it)")
@@ -346,7 +349,7 @@ def apply_fusion_flags(args) -> dict:
     bound = getattr(args, name)
     if bound is not None:
       setattr(acm_fused, name.upper(), None if bound < 0 else bound)
-  for name in ("norm_mode", "down_split_rounding"):  # named choices
+  for name in ("norm_mode", "down_split_rounding", "inline_sort_place"):  # named choices
     if getattr(args, name) is not None:
       setattr(acm_fused, name.upper(), getattr(args, name))
   return dict(norm_min_tokens=acm_fused.NORM_MIN_TOKENS, norm_mode=acm_fused.NORM_MODE,
@@ -355,7 +358,7 @@ def apply_fusion_flags(args) -> dict:
               down_split_parts=acm_fused.DOWN_SPLIT_PARTS, route_small_max_tokens=acm_fused.ROUTE_SMALL_MAX_TOKENS,
               route_small=dict(acm_fused.ROUTE_SMALL), route_medium_max_tokens=acm_fused.ROUTE_MEDIUM_MAX_TOKENS,
               route_medium=dict(acm_fused.ROUTE_MEDIUM), route_shared_min_tokens=acm_fused.ROUTE_SHARED_MIN_TOKENS,
-              inline_sort_max_tokens=acm_fused.INLINE_SORT_MAX_TOKENS,
+              inline_sort_max_tokens=acm_fused.INLINE_SORT_MAX_TOKENS, inline_sort_place=acm_fused.INLINE_SORT_PLACE,
               down_split_rounding=acm_fused.DOWN_SPLIT_ROUNDING,
               down_bias_loop_max_tokens=acm_fused.DOWN_BIAS_LOOP_MAX_TOKENS, tuned_tiles=tuned_tiles())
 

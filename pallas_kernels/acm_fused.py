@@ -159,6 +159,16 @@ SORT_MIN_TOKENS = 1024  # below this many tokens the unsorted path runs (see mod
 # (2026-12-06 (xi), `benchmarks.switch_ab --variant "inline:INLINE_SORT_MAX_TOKENS=2048"`, r = 0.5) the whole
 # model ran 0.972x / 0.975x the default at batch 1 / 8 with MLP ACMs, 1.020x / 0.968x with MLP + q/k/v/o.
 INLINE_SORT_MAX_TOKENS: int | None = None
+# How the inline sort finds each token's place: "chunks" (above: the route files each token by (category, chunk,
+# rank) and every up program searches the per-chunk counts for its rows, `_inline_rows`) or "atomic": each route
+# program reserves its chunk's places in every category with one atomic add on that ACM's N + 1 counters (zeroed
+# for each call), files its tokens there, and an up program reads the totals alone (`_atomic_rows`): no search,
+# no per-chunk table. Inside a category the chunks' order is the atomics', so the sorted order changes from call
+# to call; no output does (a row's products never depend on the other rows of its block; the test
+# `test_group_matches_reference` runs both). `acm_group(..., inline_sort="atomic")` picks it per call. Written
+# 2026-12-07 (xix), not yet timed on a GPU.
+INLINE_SORT_PLACES = ("chunks", "atomic")
+INLINE_SORT_PLACE = "chunks"
 # At most this many tokens take the one-launch path (see module docstring). Off: on an H200 (2026-12-01,
 # `benchmarks.fused_tune --onepass`) it took 2.0-5.2x the dense block at 197 and 1,576 tokens for every tile
 # choice (its float32 atomic adds of the hidden tiles' partial outputs), against 0.84-1.22x for the unsorted path.
@@ -490,18 +500,21 @@ def _normalizer(mean, rstd, scale_ref, bias_ref):
 
 def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, tokens, padded, chunk, dim,
                   block_k, num_learners, min_choice, relative_cost, sort, gate_dtype, norm_eps=None, shared=False,
-                  inline=False):
+                  inline=False, atomic=False):
   """With norm_eps: refs scale, bias (the LayerNorm's) come first, and the last two outputs take
   each token's mean and inverse standard deviation. shared: one program per chunk computes every
   ACM's gate (`_gate_choices`, one pass over the chunk's x) instead of one program per (ACM, chunk);
   the outputs are the same either way. inline (sorted, `INLINE_SORT_MAX_TOKENS`): in place of the ranks, the
   slots ((G * GATE_COLS + 1) * padded,) int32 after the counts: token t of chunk c, category n = N - k and rank r in its
   chunk goes to slot (ACM * GATE_COLS + n) * padded + c * chunk + r, which `_inline_rows` reads in place of
-  the scatter launch's permutation (the last padded slots are never written)."""
+  the scatter launch's permutation (the last padded slots are never written). atomic (with inline,
+  `INLINE_SORT_PLACE` "atomic"): a zeroed (G * GATE_COLS,) input follows the gate refs, aliased to the counts
+  output, which then holds each category's total: a chunk's tokens of category n take the places from an atomic
+  add of their count on counter n onwards, slot (ACM * GATE_COLS + n) * padded + place (`_atomic_rows`)."""
   if norm_eps is not None:
     scale_ref, bias_ref, *refs = refs
   gates = [refs[g * gate_refs_per_group:(g + 1) * gate_refs_per_group] for g in range(num_groups)]
-  k_ref, *sort_refs = refs[num_groups * gate_refs_per_group:]
+  k_ref, *sort_refs = refs[num_groups * gate_refs_per_group + atomic:]  # atomic: the zeroed input, read as output
   if norm_eps is not None:
     *sort_refs, mean_ref, rstd_ref = sort_refs
   p = pl.program_id(0)
@@ -537,10 +550,17 @@ def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, toke
       rank = jnp.sum(jnp.where(onehot, same_before, 0.0), axis=1).astype(jnp.int32)
       if not inline:  # the inline sort files the tokens by rank below instead
         rank_ref[pl.ds(gg * padded + c * chunk, chunk)] = rank
-      counts_ref[pl.ds((gg * num_chunks + c) * GATE_COLS, GATE_COLS)] = jnp.sum(onehot.astype(jnp.int32), axis=0)
+      chunk_counts = jnp.sum(onehot.astype(jnp.int32), axis=0)
+      if atomic:  # this chunk's first place in each category: the counter before its count is added
+        from jax.experimental.pallas import triton as plgpu
+        first = plgpu.atomic_add(counts_ref, gg * GATE_COLS + cols, chunk_counts)
+        place = jnp.sum(jnp.where(onehot, first[None, :], 0), axis=1) + rank
+      else:
+        counts_ref[pl.ds((gg * num_chunks + c) * GATE_COLS, GATE_COLS)] = chunk_counts
+        place = c * chunk + rank
       if inline:  # rows past the end are masked, and address a spare range past every ACM's slots
         from jax.experimental.pallas import triton as plgpu
-        slot = jnp.where(valid, (gg * GATE_COLS + num_learners - k) * padded + c * chunk + rank,
+        slot = jnp.where(valid, (gg * GATE_COLS + num_learners - k) * padded + place,
                          num_groups * GATE_COLS * padded + rows)
         plgpu.store(slot_ref.at[slot], rows, mask=valid)
 
@@ -647,6 +667,25 @@ def _inline_rows(slot_ref, counts_ref, gg, i, *, block_rows, tokens, padded, chu
   return valid, token, k_rows, jnp.max(k_rows)
 
 
+def _atomic_rows(slot_ref, totals_ref, gg, i, *, block_rows, tokens, padded, num_learners):
+  """`_inline_rows` where the route placed the tokens by atomic counters (`INLINE_SORT_PLACE` "atomic"):
+  category n = N - k fills places start[n] ... start[n] + total[n] - 1 (starts: the exclusive prefix of the
+  totals), and place p's index j = p - start[n] in it is the slot the route filed its token in."""
+  from jax.experimental.pallas import triton as plgpu
+  cols = jnp.arange(GATE_COLS, dtype=jnp.int32)
+  totals = totals_ref[pl.ds(gg * GATE_COLS, GATE_COLS)]
+  starts = jnp.sum(jnp.where(cols[:, None] < cols[None, :], totals[:, None], 0), axis=0)
+  pos = i * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
+  valid = pos < tokens
+  inside = (pos[:, None] >= starts[None, :]) & (pos[:, None] < (starts + totals)[None, :])  # (rows, categories)
+  category = jnp.sum(jnp.where(inside, cols[None, :], 0), axis=1)
+  j = pos - jnp.sum(jnp.where(inside, starts[None, :], 0), axis=1)
+  slot = jnp.where(valid, (gg * GATE_COLS + category) * padded + j, 0)
+  token = jnp.where(valid, plgpu.load(slot_ref.at[slot], mask=valid, other=0), pos)
+  k_rows = jnp.where(valid, num_learners - category, 0)
+  return valid, token, k_rows, jnp.max(k_rows)
+
+
 def _grid_position(padded, block_rows, tiles):
   """(ACM, row block, tile) of this program on a grid of G x row blocks x tiles programs."""
   p = pl.program_id(0)
@@ -672,13 +711,16 @@ def _rows(row_refs, x_ref, gg, i, first, k_out, *, gate, block_rows, tokens, pad
           order_out=None):
   """(valid, token, k, largest k) of row block i of ACM gg: read from the route launch's outputs,
   or (gated) computed from the rows' gate, rows in token order; then the programs where `first`
-  store the block's k to k_out. inline ({"chunk", "num_learners"}): the sorted order derived from
-  the route launch's slots and counts (`_inline_rows`); the programs where `first` also store the
-  rows' tokens to order_out, for the down launch."""
+  store the block's k to k_out. inline ({"chunk", "num_learners", "atomic"}): the sorted order derived from
+  the route launch's slots and counts (`_inline_rows`) or totals (atomic, `_atomic_rows`); the programs where
+  `first` also store the rows' tokens to order_out, for the down launch."""
   order_ref, k_ref, shift_ref, gate_refs = row_refs
   if inline is not None:
-    valid, token, k_rows, max_k = _inline_rows(order_ref, k_ref, gg, i, block_rows=block_rows, tokens=tokens,
-                                               padded=padded, **inline)
+    kwargs = dict(block_rows=block_rows, tokens=tokens, padded=padded, num_learners=inline["num_learners"])
+    if inline["atomic"]:
+      valid, token, k_rows, max_k = _atomic_rows(order_ref, k_ref, gg, i, **kwargs)
+    else:
+      valid, token, k_rows, max_k = _inline_rows(order_ref, k_ref, gg, i, chunk=inline["chunk"], **kwargs)
 
     @pl.when(first)
     def _():
@@ -1147,7 +1189,8 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   tokens, where the learner width is a multiple of block_k_down; True raises where it cannot run).
   inline_sort: the sorted path without its scatter launch, the up launch deriving the sorted order from
   the route's counts (`_inline_rows`; None: up to `INLINE_SORT_MAX_TOKENS` tokens; True raises where it
-  cannot run).
+  cannot run). True and None place the tokens as `INLINE_SORT_PLACE` says; "chunks" or "atomic" (one of
+  `INLINE_SORT_PLACES`) asks for the inline sort placed that way.
 
   Returns (outputs: G arrays (T, d) in x.dtype, k: (G, T) int32 in token order).
   """
@@ -1165,6 +1208,10 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
                              xla=xla, **tiles)
   if split_down and path not in SPLIT_PATHS:
     _split_down(split_down, tokens, width, cfg, path)  # raises, naming the path
+  place = inline_sort if isinstance(inline_sort, str) else INLINE_SORT_PLACE
+  if place not in INLINE_SORT_PLACES:
+    where = "inline_sort" if isinstance(inline_sort, str) else "acm_fused.INLINE_SORT_PLACE"
+    raise ValueError(f"{where} must be one of {INLINE_SORT_PLACES}, got {place!r}")
   if inline_sort and path != "sorted":
     _inline_sort(inline_sort, tokens, path)  # raises, naming the path
   if path == "xla":
@@ -1222,13 +1269,14 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
     order = k_rows = k_tokens  # order is not read on the unsorted paths
   else:
     inline = _inline_sort(inline_sort, tokens, path, mosaic=bool(down_cfg or up_cfg))
+    atomic = inline and place == "atomic"
     (k_tokens, order, k_rows, *positions), stats = _route(
         shift, x, gate_inputs, num_groups=num_groups, padded=padded, linear_gate=linear_gate, sort=sort,
         positions=bool(down_cfg), gate_settings=gate_settings, num_stages=cfg.num_stages, interpret=interpret,
-        norm=norm if fuse_norm else None, inline=inline)
+        norm=norm if fuse_norm else None, inline=inline, atomic=atomic)
     if inline:  # the up launch also returns the sorted order and the rows' k, for the down launch
       chunk = route_settings(tokens, dim, cfg.num_stages)[0]
-      up = functools.partial(up, inline=dict(chunk=chunk, num_learners=num_learners))
+      up = functools.partial(up, inline=dict(chunk=chunk, num_learners=num_learners, atomic=atomic))
       hidden_shapes += (jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),) * 2
     if fuse_norm and norm_mode == "fold":
       weights_up = [a for grp in groups for a in fold_norm(grp["w1"], grp["b1"], *norm[:2])]
@@ -1356,13 +1404,14 @@ def route_shared(num_groups: int, linear_gate: bool, tokens: int) -> bool:
 
 
 def _route(shift, x, gate_inputs, *, num_groups, padded, linear_gate, sort, positions, gate_settings, num_stages,
-           interpret, norm=None, inline=False):
+           interpret, norm=None, inline=False, atomic=False):
   """The route launch, and on the sorted path the scatter launch: ((k in token order, order, k of
   the rows) each (G * padded,) int32, plus each token's sorted place when `positions`; with
   `norm` (scale, bias, eps), x is un-normalised and the second item is (mean, rstd) of every token,
   (padded,) float32 each, else None). Unsorted, order and the rows' k are k itself (order is not
   read there). inline (sorted): no scatter launch; order and the rows' k are replaced by the route's
-  slots and per-chunk counts, from which the up launch derives both (`_inline_rows`). Tokens per
+  slots and per-chunk counts, from which the up launch derives both (`_inline_rows`; atomic: the
+  counts are each category's total, `_atomic_rows`). Tokens per
   program, gate steps and stages follow `route_settings`; a group's gates share one program per chunk
   where `route_shared` says so."""
   chunk, block_k, num_stages = route_settings(x.shape[0], x.shape[1], num_stages)
@@ -1372,21 +1421,23 @@ def _route(shift, x, gate_inputs, *, num_groups, padded, linear_gate, sort, posi
   route_out = [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32)]
   if sort:  # ranks (for the scatter launch) or, inline, slots, beside the per-chunk counts
     route_out += [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32)] * (not inline)
-    route_out += [jax.ShapeDtypeStruct((num_groups * num_chunks * GATE_COLS,), jnp.int32)]
+    route_out += [jax.ShapeDtypeStruct(((1 if atomic else num_chunks) * num_groups * GATE_COLS,), jnp.int32)]
     route_out += [jax.ShapeDtypeStruct(((num_groups * GATE_COLS + 1) * padded,), jnp.int32)] * inline
   norm_inputs = ()
   if norm is not None:
     route_out += [jax.ShapeDtypeStruct((padded,), jnp.float32)] * 2
     norm_inputs = norm[:2]
   shared = route_shared(num_groups, linear_gate, x.shape[0])
+  counters = (jnp.zeros((num_groups * GATE_COLS,), jnp.int32),) if atomic else ()  # aliased to the counts out
   routed = pl.pallas_call(
       functools.partial(_route_kernel, num_groups=num_groups, gate_refs_per_group=2 if linear_gate else 1,
                         tokens=x.shape[0], padded=padded, chunk=chunk, dim=x.shape[1], sort=sort,
                         norm_eps=None if norm is None else norm[2], shared=shared, inline=sort and inline,
-                        **gate_settings),
+                        atomic=atomic, **gate_settings),
       out_shape=tuple(route_out), grid=((1 if shared else num_groups) * num_chunks,), compiler_params=params,
+      input_output_aliases={2 + len(norm_inputs) + len(gate_inputs): 1} if atomic else {},
       interpret=interpret, name="acm_route",
-  )(shift, x, *norm_inputs, *gate_inputs)
+  )(shift, x, *norm_inputs, *gate_inputs, *counters)
   stats = None
   if norm is not None:
     *routed, mean, rstd = routed

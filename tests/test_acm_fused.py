@@ -78,7 +78,10 @@ PATHS = {"unsorted": dict(sort=False, split_down=False), "sorted": dict(sort=Tru
          "split_twolaunch": dict(twolaunch=True, split_down=True),
          # the sorted path without its scatter launch (`af.INLINE_SORT_MAX_TOKENS`), whole and split down launch
          "inline_sorted": dict(sort=True, inline_sort=True, split_down=False),
-         "inline_split": dict(sort=True, inline_sort=True, split_down=True)}
+         "inline_split": dict(sort=True, inline_sort=True, split_down=True),
+         # the same with the tokens placed by atomic counters in the route launch (`af.INLINE_SORT_PLACE`)
+         "inline_atomic_sorted": dict(sort=True, inline_sort="atomic", split_down=False),
+         "inline_atomic_split": dict(sort=True, inline_sort="atomic", split_down=True)}
 
 
 def split_tiles(path, width, tiles):
@@ -98,7 +101,8 @@ def test_group_matches_reference(tokens, dim, n, width, size, act, min_choice, d
   merged = PATHS[path].get("merged", False)
   if merged and act != "identity":
     pytest.skip("merged matrices stand for linear learners only")
-  if tokens * dim > 200_000 and path not in ("sorted", "merged_sorted", "split_sorted", "inline_sorted"):
+  if tokens * dim > 200_000 and path not in ("sorted", "merged_sorted", "split_sorted", "inline_sorted",
+                                             "inline_atomic_sorted"):
     pytest.skip("the unsorted paths at this size add nothing the sorted one does not test")
   if PATHS[path].get("split_down") and width < 16:
     pytest.skip("learners narrower than the smallest block_k_down (16) cannot split")
@@ -597,21 +601,26 @@ def test_shared_route_lowers_for_cuda_at_vit_b_shapes(tokens, padded, monkeypatc
   assert re.findall(r"grid_x = (\d+)", text) == [str(padded // chunk), str(groups * padded // chunk)]
 
 
+@pytest.mark.parametrize("place", af.INLINE_SORT_PLACES)
 @pytest.mark.parametrize("tokens,split", [(197, True), (1576, True), (1576, False)])
-def test_inline_sort_lowers_for_cuda_at_vit_b_shapes(tokens, split, monkeypatch):
+def test_inline_sort_lowers_for_cuda_at_vit_b_shapes(tokens, split, place, monkeypatch):
   """The Triton lowering of the sorted path without its scatter launch (`inline_sort`) at batch 1's and 8's shapes
   (an MLP ACM of 4 learners of 768, bf16, the tuned table's tiles): route, up and (split) down launches and no
-  scatter launch, one route program per chunk and one up program per (row block, hidden tile)."""
+  scatter launch, one route program per chunk and one up program per (row block, hidden tile); placed by atomic
+  counters, the route kernel holds an atomic add and its counts output is the zeroed counters' buffer."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # lowered for CUDA, never run
   dim, n, width = 768, 4, 768
   shape, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
   group = dict(w1=shape((dim, n * width), bf16), b1=shape((n * width,), bf16), w2=shape((n * width, dim), bf16),
                b2=shape((n + 1, dim), bf16), gate=(shape((dim, n + 1), bf16), shape((n + 1,), bf16)))
-  call = lambda x, g: af.acm_group(x, [g], num_learners=n, sort=True, inline_sort=True, split_down=split,
+  call = lambda x, g: af.acm_group(x, [g], num_learners=n, sort=True, inline_sort=place, split_down=split,
                                    interpret=False, block_rows=64, block_out=64, block_hidden=128, num_warps=4)
   text = jax.jit(call).trace(shape((tokens, dim), bf16), group).lower(lowering_platforms=("cuda",)).as_text()
   names = re.findall(r'name = "(acm_[a-z_]+)"', text)
   assert names == ["acm_route", "acm_group_up", "acm_group_down_split" if split else "acm_group_down"]
+  atomic = place == "atomic"
+  assert ("atomic_rmw" in text) == atomic  # the op's name in the serialised Triton IR
+  assert re.findall(r"output_operand_alias<output_tuple_indices = \[(\d+)\]", text) == (["1"] if atomic else [])
   padded = -(-tokens // 128) * 128
   chunk = af.route_settings(tokens, dim, 3)[0]
   assert re.findall(r"grid_x = (\d+)", text)[:2] == [str(padded // chunk), str(padded // 64 * n * width // 128)]
@@ -644,6 +653,15 @@ def test_asking_for_inline_sort_where_it_cannot_run_names_the_reason():
                           (dict(xla=True), "'xla'")]:
     with pytest.raises(ValueError, match=f"inline_sort=True: it runs on the sorted path only .* {message}"):
       af.acm_group(x, groups, num_learners=4, interpret=True, inline_sort=True, **{**SMALL, **kwargs})
+
+
+def test_an_unknown_inline_sort_placement_is_refused_with_its_name(monkeypatch):
+  x, groups = random_group(9, 40, 64, 4, 32, 1, jnp.float32)
+  with pytest.raises(ValueError, match=r"inline_sort must be one of \('chunks', 'atomic'\), got 'atomics'"):
+    af.acm_group(x, groups, num_learners=4, interpret=True, sort=True, inline_sort="atomics", **SMALL)
+  monkeypatch.setattr(af, "INLINE_SORT_PLACE", "ranks")
+  with pytest.raises(ValueError, match=r"acm_fused.INLINE_SORT_PLACE must be one of .* got 'ranks'"):
+    af.acm_group(x, groups, num_learners=4, interpret=True, sort=True, inline_sort=True, **SMALL)
 
 
 def test_inline_sort_runs_only_up_to_its_threshold(monkeypatch):
@@ -819,7 +837,7 @@ def test_the_committed_tile_table_resolves_at_vit_shapes(dim, total, monkeypatch
 
 @pytest.mark.parametrize("path", ["default", "layer_norm_fold", "layer_norm_prologue", "residual_in_kernel",
                                   "onepass", "twolaunch", "xla", "shared_route", "shared_route_layer_norm_fold",
-                                  "inline_sort"])
+                                  "inline_sort", "inline_sort_atomic"])
 def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attention=True):
   """The whole model: fused kernels (q/k/v as one group) against the XLA path forced to
   the same per-ACM choices, and the block-0 gates against the XLA gates; with the
@@ -839,7 +857,8 @@ def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attent
   routes = []
   real_route = af._route_kernel
   monkeypatch.setattr(af, "_route_kernel",
-                      lambda *a, **kw: routes.append((kw["shared"], kw["inline"])) or real_route(*a, **kw))
+                      lambda *a, **kw: routes.append((kw["shared"], kw["inline"], kw["atomic"]))
+                      or real_route(*a, **kw))
   shared = path.startswith("shared_route")  # the tiny model's few tokens are below the default threshold
   if shared:
     monkeypatch.setattr(af, "ROUTE_SHARED_MIN_TOKENS", 0)
@@ -854,9 +873,10 @@ def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attent
     monkeypatch.setattr(af, "ONEPASS_MAX_TOKENS", 1 << 20)
   if path == "twolaunch":
     monkeypatch.setattr(af, "TWOLAUNCH_MAX_TOKENS", 1 << 20)
-  if path == "inline_sort":  # the tiny model's few tokens sort only when asked to
+  if path.startswith("inline_sort"):  # the tiny model's few tokens sort only when asked to
     monkeypatch.setattr(af, "SORT_MIN_TOKENS", 0)
     monkeypatch.setattr(af, "INLINE_SORT_MAX_TOKENS", 1 << 20)
+    monkeypatch.setattr(af, "INLINE_SORT_PLACE", "atomic" if path.endswith("atomic") else "chunks")
   if path == "xla":
     real = af.default_settings
     monkeypatch.setattr(af, "default_settings", lambda *a: {**real(*a), "xla": True})
@@ -883,10 +903,11 @@ def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attent
   fused = path == "residual_in_kernel"
   assert residuals.count(True) == (cfg.depth * (2 if attention else 1) if fused else 0)
   # routed paths: a route launch per group and layer (q/k/v, out, MLP), the q/k/v group's shared when asked for
-  if path in ("default", "layer_norm_fold", "inline_sort"):
+  if path in ("default", "layer_norm_fold", "inline_sort", "inline_sort_atomic"):
     assert len(routes) == cfg.depth * (3 if attention else 1)
     assert [r[0] for r in routes].count(True) == (cfg.depth if shared and attention else 0)
-    assert all(inline == (path == "inline_sort") for _, inline in routes)
+    assert all(inline == path.startswith("inline_sort") for _, inline, _ in routes)
+    assert all(atomic == (path == "inline_sort_atomic") for _, _, atomic in routes)
   xla_model = vit.ViT(dataclasses.replace(cfg, acm=dataclasses.replace(cfg.acm, impl="xla")))
   with acm_lib.force_k(kmap):
     ref, ref_state = xla_model.apply({"params": params}, images, mutable=["acm"])

@@ -133,19 +133,20 @@ def test_static_yardstick_computes_the_acm_at_a_fixed_k(kind):
 
 def test_fusion_flags_set_the_switches_and_are_recorded(tmp_path, monkeypatch):
   """--norm-min-tokens / --norm-mode / --residual-min-tokens / --down-split-max-tokens / --route-shared-min-tokens /
-  --inline-sort-max-tokens / --down-split-rounding / --down-bias-loop-max-tokens (and --mgpu-down-unsort) set
+  --inline-sort-max-tokens / --inline-sort-place / --down-split-rounding / --down-bias-loop-max-tokens (and
+  --mgpu-down-unsort) set
   acm_fused's switches (-1: off) and every ACM row records them, with the tuned tile table."""
   from pallas_kernels import acm_fused
   for name in ("NORM_MIN_TOKENS", "NORM_MODE", "RESIDUAL_MIN_TOKENS", "MGPU_DOWN_UNSORT",
                "DOWN_SPLIT_MAX_TOKENS", "ROUTE_SHARED_MIN_TOKENS", "INLINE_SORT_MAX_TOKENS",
-               "DOWN_SPLIT_ROUNDING", "DOWN_BIAS_LOOP_MAX_TOKENS"):  # restored after
+               "DOWN_SPLIT_ROUNDING", "DOWN_BIAS_LOOP_MAX_TOKENS", "INLINE_SORT_PLACE"):  # restored after
     monkeypatch.setattr(acm_fused, name, getattr(acm_fused, name))
   parser = __import__("argparse").ArgumentParser()
   vb.add_fusion_flags(parser)
   got = vb.apply_fusion_flags(parser.parse_args(["--norm-min-tokens", "4096", "--norm-mode", "prologue",
                                                  "--residual-min-tokens", "-1", "--down-split-max-tokens", "2048",
                                                  "--route-shared-min-tokens", "4096",
-                                                 "--inline-sort-max-tokens", "2048",
+                                                 "--inline-sort-max-tokens", "2048", "--inline-sort-place", "atomic",
                                                  "--down-split-rounding", "consumers",
                                                  "--down-bias-loop-max-tokens", "-1"]))
   tiles = got.pop("tuned_tiles")
@@ -155,12 +156,13 @@ def test_fusion_flags_set_the_switches_and_are_recorded(tmp_path, monkeypatch):
                  "down_split_max_tokens": 2048, "down_split_per_learner_max_tokens": 1024, "down_split_parts": None,
                  "route_small_max_tokens": 2048, "route_small": {"chunk": 32, "block_k": 256, "num_stages": 1},
                  "route_medium_max_tokens": 8192, "route_medium": {"chunk": 64, "block_k": 256, "num_stages": 1},
-                 "route_shared_min_tokens": 4096, "inline_sort_max_tokens": 2048, "down_split_rounding": "consumers",
+                 "route_shared_min_tokens": 4096, "inline_sort_max_tokens": 2048, "inline_sort_place": "atomic",
+                 "down_split_rounding": "consumers",
                  "down_bias_loop_max_tokens": None}
   assert (acm_fused.NORM_MIN_TOKENS, acm_fused.NORM_MODE, acm_fused.RESIDUAL_MIN_TOKENS,
           acm_fused.DOWN_SPLIT_MAX_TOKENS, acm_fused.ROUTE_SHARED_MIN_TOKENS,
-          acm_fused.INLINE_SORT_MAX_TOKENS, acm_fused.DOWN_SPLIT_ROUNDING) == (4096, "prologue", None, 2048, 4096, 2048,
-                                                                               "consumers")
+          acm_fused.INLINE_SORT_MAX_TOKENS, acm_fused.DOWN_SPLIT_ROUNDING, acm_fused.INLINE_SORT_PLACE) == (
+              4096, "prologue", None, 2048, 4096, 2048, "consumers", "atomic")
   with pytest.raises(SystemExit):
     parser.parse_args(["--norm-mode", "epilogue"])
   with pytest.raises(SystemExit):
