@@ -632,6 +632,17 @@ def _row_block(order_ref, k_ref, gg, i, *, block_rows, tokens, padded, sort):
   return valid, token, k_rows, jnp.max(k_rows)
 
 
+def _place_in_category(pos, totals):
+  """(category n, index j inside it) of each sorted place in `pos`, where categories n = 0, 1, ... (k = N - n)
+  fill the places in turn, `totals` (GATE_COLS,) of each: place p is in category n when start[n] <= p < start[n] +
+  total[n] (starts: the exclusive prefix of the totals), at index j = p - start[n]."""
+  cols = jnp.arange(GATE_COLS, dtype=jnp.int32)
+  starts = jnp.sum(jnp.where(cols[:, None] < cols[None, :], totals[:, None], 0), axis=0)
+  inside = (pos[:, None] >= starts[None, :]) & (pos[:, None] < (starts + totals)[None, :])  # (rows, categories)
+  category = jnp.sum(jnp.where(inside, cols[None, :], 0), axis=1)
+  return category, pos - jnp.sum(jnp.where(inside, starts[None, :], 0), axis=1)
+
+
 def _inline_rows(slot_ref, counts_ref, gg, i, *, block_rows, tokens, padded, chunk, num_learners):
   """`_row_block` of the sorted path without the scatter launch's permutation: (valid, token, k, largest k)
   of the rows at sorted places i * block_rows ... from the route launch's per-chunk category counts and
@@ -649,13 +660,9 @@ def _inline_rows(slot_ref, counts_ref, gg, i, *, block_rows, tokens, padded, chu
   live = chunks < num_chunks
   table = gg * num_chunks * GATE_COLS + jnp.minimum(chunks, num_chunks - 1) * GATE_COLS  # chunk c's counts
   counts = plgpu.load(counts_ref.at[table[:, None] + cols[None, :]], mask=live[:, None], other=0)
-  totals = jnp.sum(counts, axis=0)
-  starts = jnp.sum(jnp.where(cols[:, None] < cols[None, :], totals[:, None], 0), axis=0)
   pos = i * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
   valid = pos < tokens
-  inside = (pos[:, None] >= starts[None, :]) & (pos[:, None] < (starts + totals)[None, :])  # (rows, categories)
-  category = jnp.sum(jnp.where(inside, cols[None, :], 0), axis=1)
-  j = pos - jnp.sum(jnp.where(inside, starts[None, :], 0), axis=1)
+  category, j = _place_in_category(pos, jnp.sum(counts, axis=0))
   mine = plgpu.load(counts_ref.at[table[None, :] + category[:, None]], mask=live[None, :], other=0)  # (rows, chunks)
   triangle = (chunks[:, None] <= chunks[None, :]).astype(jnp.bfloat16)
   upto = jnp.dot(mine.astype(jnp.bfloat16), triangle, preferred_element_type=jnp.float32)
@@ -672,14 +679,9 @@ def _atomic_rows(slot_ref, totals_ref, gg, i, *, block_rows, tokens, padded, num
   category n = N - k fills places start[n] ... start[n] + total[n] - 1 (starts: the exclusive prefix of the
   totals), and place p's index j = p - start[n] in it is the slot the route filed its token in."""
   from jax.experimental.pallas import triton as plgpu
-  cols = jnp.arange(GATE_COLS, dtype=jnp.int32)
-  totals = totals_ref[pl.ds(gg * GATE_COLS, GATE_COLS)]
-  starts = jnp.sum(jnp.where(cols[:, None] < cols[None, :], totals[:, None], 0), axis=0)
   pos = i * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
   valid = pos < tokens
-  inside = (pos[:, None] >= starts[None, :]) & (pos[:, None] < (starts + totals)[None, :])  # (rows, categories)
-  category = jnp.sum(jnp.where(inside, cols[None, :], 0), axis=1)
-  j = pos - jnp.sum(jnp.where(inside, starts[None, :], 0), axis=1)
+  category, j = _place_in_category(pos, totals_ref[pl.ds(gg * GATE_COLS, GATE_COLS)])
   slot = jnp.where(valid, (gg * GATE_COLS + category) * padded + j, 0)
   token = jnp.where(valid, plgpu.load(slot_ref.at[slot], mask=valid, other=0), pos)
   k_rows = jnp.where(valid, num_learners - category, 0)
