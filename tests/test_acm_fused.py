@@ -846,7 +846,7 @@ def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attent
   one-launch path, with every group on the dense XLA path of `acm_group` (as the tuned table
   may pick it), with the q/k/v group's gates in one route program per chunk (`ROUTE_SHARED_MIN_TOKENS`),
   alone and with the fused LayerNorm, and with every group sorted without its scatter launch
-  (`INLINE_SORT_MAX_TOKENS`)."""
+  (`INLINE_SORT_MAX_TOKENS`), its tokens placed by per-chunk counts or by atomic counters (`INLINE_SORT_PLACE`)."""
   folds, stats = [], []
   monkeypatch.setattr(af, "fold_norm", lambda *a, real=af.fold_norm: folds.append(1) or real(*a))
   monkeypatch.setattr(af, "_row_stats", lambda *a, real=af._row_stats, **kw: stats.append(1) or real(*a, **kw))
