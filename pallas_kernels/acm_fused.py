@@ -539,6 +539,7 @@ def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, toke
       mean_ref[pl.ds(c * chunk, chunk)] = mean
       rstd_ref[pl.ds(c * chunk, chunk)] = rstd
     if sort:
+      from jax.experimental.pallas import triton as plgpu
       if inline:
         counts_ref, slot_ref = sort_refs
       else:
@@ -552,14 +553,12 @@ def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, toke
         rank_ref[pl.ds(gg * padded + c * chunk, chunk)] = rank
       chunk_counts = jnp.sum(onehot.astype(jnp.int32), axis=0)
       if atomic:  # this chunk's first place in each category: the counter before its count is added
-        from jax.experimental.pallas import triton as plgpu
         first = plgpu.atomic_add(counts_ref, gg * GATE_COLS + cols, chunk_counts)
         place = jnp.sum(jnp.where(onehot, first[None, :], 0), axis=1) + rank
       else:
         counts_ref[pl.ds((gg * num_chunks + c) * GATE_COLS, GATE_COLS)] = chunk_counts
         place = c * chunk + rank
       if inline:  # rows past the end are masked, and address a spare range past every ACM's slots
-        from jax.experimental.pallas import triton as plgpu
         slot = jnp.where(valid, (gg * GATE_COLS + num_learners - k) * padded + place,
                          num_groups * GATE_COLS * padded + rows)
         plgpu.store(slot_ref.at[slot], rows, mask=valid)
