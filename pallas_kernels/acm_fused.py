@@ -155,20 +155,29 @@ SORT_MIN_TOKENS = 1024  # below this many tokens the unsorted path runs (see mod
 # writes each token to a slot of its (category, chunk, rank), and every up program derives the sorted order of its
 # rows from the route's per-chunk category counts (`_inline_rows`); the programs of hidden tile 0 store the order
 # and the rows' k for the down launch. One launch fewer per group (four at one image with the split down launch:
-# route, up, down, the sum), for a few dependent loads and a small matmul per up program. Off: on an H100
-# (2026-12-06 (xi), `benchmarks.switch_ab --variant "inline:INLINE_SORT_MAX_TOKENS=2048"`, r = 0.5) the whole
-# model ran 0.972x / 0.975x the default at batch 1 / 8 with MLP ACMs, 1.020x / 0.968x with MLP + q/k/v/o.
-INLINE_SORT_MAX_TOKENS: int | None = None
+# route, up, down, the sum), for a few dependent loads and a small matmul per up program. Placed that way
+# ("chunks" below) it lost on an H100 (2026-12-06 (xi), `benchmarks.switch_ab --variant
+# "inline:INLINE_SORT_MAX_TOKENS=2048"`, r = 0.5): 0.972x / 0.975x the default at batch 1 / 8 with MLP ACMs,
+# 1.020x / 0.968x with MLP + q/k/v/o. Placed by atomic counters it won at batch 8 (H100, 2026-12-07 (xx), 9
+# alternating rounds, r = 0.5): 1.014x the scatter launch's path with MLP ACMs, 1.024x with MLP + q/k/v/o. At batch
+# 32 it was 1.018x and 0.999x, so it stops at 2,048 tokens. The device time is the same (`serve_profile`, MLP ACMs,
+# batch 8: 1.352 against 1.353 ms per forward; the up launch takes 1.8 us longer per layer, its rows no longer in
+# token order inside a category, which is what the scatter launch's 2.5 us bought), so the gain is the launches:
+# 188 against 199 per forward.
+INLINE_SORT_MAX_TOKENS: int | None = 2048
 # How the inline sort finds each token's place: "chunks" (above: the route files each token by (category, chunk,
 # rank) and every up program searches the per-chunk counts for its rows, `_inline_rows`) or "atomic": each route
 # program reserves its chunk's places in every category with one atomic add on that ACM's N + 1 counters (zeroed
 # for each call), files its tokens there, and an up program reads the totals alone (`_atomic_rows`): no search,
 # no per-chunk table. Inside a category the chunks' order is the atomics', so the sorted order changes from call
 # to call; no output does (a row's products never depend on the other rows of its block; the test
-# `test_group_matches_reference` runs both). `acm_group(..., inline_sort="atomic")` picks it per call. Written
-# 2026-12-07 (xix), not yet timed on a GPU.
+# `test_group_matches_reference` runs both). `acm_group(..., inline_sort="atomic")` picks it per call; the
+# default since 2026-12-07 (xx), timed above. The counters are float32 (exact up to 2^24 tokens): jax's Pallas
+# Triton lowering (0.10-0.11) picks the atomic's op from the value's type and takes any tensor for a float, so an
+# int32 vector add became `fadd` on the integers' bits (no count ever rose, and the up launch then read out of
+# bounds: an illegal address on an H100, 2026-12-07 (xx)); a float add of small integers is exact.
 INLINE_SORT_PLACES = ("chunks", "atomic")
-INLINE_SORT_PLACE = "chunks"
+INLINE_SORT_PLACE = "atomic"
 # At most this many tokens take the one-launch path (see module docstring). Off: on an H200 (2026-12-01,
 # `benchmarks.fused_tune --onepass`) it took 2.0-5.2x the dense block at 197 and 1,576 tokens for every tile
 # choice (its float32 atomic adds of the hidden tiles' partial outputs), against 0.84-1.22x for the unsorted path.
@@ -508,8 +517,8 @@ def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, toke
   slots ((G * GATE_COLS + 1) * padded,) int32 after the counts: token t of chunk c, category n = N - k and rank r in its
   chunk goes to slot (ACM * GATE_COLS + n) * padded + c * chunk + r, which `_inline_rows` reads in place of
   the scatter launch's permutation (the last padded slots are never written). atomic (with inline,
-  `INLINE_SORT_PLACE` "atomic"): a zeroed (G * GATE_COLS,) input follows the gate refs, aliased to the counts
-  output, which then holds each category's total: a chunk's tokens of category n take the places from an atomic
+  `INLINE_SORT_PLACE` "atomic"): a zeroed (G * GATE_COLS,) float32 input follows the gate refs, aliased to the
+  counts output, which then holds each category's total (float32: see `INLINE_SORT_PLACE`): a chunk's tokens of category n take the places from an atomic
   add of their count on counter n onwards, slot (ACM * GATE_COLS + n) * padded + place (`_atomic_rows`)."""
   if norm_eps is not None:
     scale_ref, bias_ref, *refs = refs
@@ -553,7 +562,7 @@ def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, toke
         rank_ref[pl.ds(gg * padded + c * chunk, chunk)] = rank
       chunk_counts = jnp.sum(onehot.astype(jnp.int32), axis=0)
       if atomic:  # this chunk's first place in each category: the counter before its count is added
-        first = plgpu.atomic_add(counts_ref, gg * GATE_COLS + cols, chunk_counts)
+        first = plgpu.atomic_add(counts_ref, gg * GATE_COLS + cols, chunk_counts.astype(f32)).astype(jnp.int32)
         place = jnp.sum(jnp.where(onehot, first[None, :], 0), axis=1) + rank
       else:
         counts_ref[pl.ds((gg * num_chunks + c) * GATE_COLS, GATE_COLS)] = chunk_counts
@@ -680,7 +689,7 @@ def _atomic_rows(slot_ref, totals_ref, gg, i, *, block_rows, tokens, padded, num
   from jax.experimental.pallas import triton as plgpu
   pos = i * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
   valid = pos < tokens
-  category, j = _place_in_category(pos, totals_ref[pl.ds(gg * GATE_COLS, GATE_COLS)])
+  category, j = _place_in_category(pos, totals_ref[pl.ds(gg * GATE_COLS, GATE_COLS)].astype(jnp.int32))
   slot = jnp.where(valid, (gg * GATE_COLS + category) * padded + j, 0)
   token = jnp.where(valid, plgpu.load(slot_ref.at[slot], mask=valid, other=0), pos)
   k_rows = jnp.where(valid, num_learners - category, 0)
@@ -1347,7 +1356,7 @@ def _switch(name: str, asked: bool | None, why: str | None, default: bool) -> bo
   if asked is None:
     return why is None and default
   if asked and why:
-    raise ValueError(f"{name}=True: {why}")
+    raise ValueError(f"{name}={asked!r}: {why}")
   return bool(asked)
 
 
@@ -1422,14 +1431,15 @@ def _route(shift, x, gate_inputs, *, num_groups, padded, linear_gate, sort, posi
   route_out = [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32)]
   if sort:  # ranks (for the scatter launch) or, inline, slots, beside the per-chunk counts
     route_out += [jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32)] * (not inline)
-    route_out += [jax.ShapeDtypeStruct(((1 if atomic else num_chunks) * num_groups * GATE_COLS,), jnp.int32)]
+    route_out += [jax.ShapeDtypeStruct(((1 if atomic else num_chunks) * num_groups * GATE_COLS,),
+                                       jnp.float32 if atomic else jnp.int32)]
     route_out += [jax.ShapeDtypeStruct(((num_groups * GATE_COLS + 1) * padded,), jnp.int32)] * inline
   norm_inputs = ()
   if norm is not None:
     route_out += [jax.ShapeDtypeStruct((padded,), jnp.float32)] * 2
     norm_inputs = norm[:2]
   shared = route_shared(num_groups, linear_gate, x.shape[0])
-  counters = (jnp.zeros((num_groups * GATE_COLS,), jnp.int32),) if atomic else ()  # aliased to the counts out
+  counters = (jnp.zeros((num_groups * GATE_COLS,), jnp.float32),) if atomic else ()  # aliased to the counts out
   routed = pl.pallas_call(
       functools.partial(_route_kernel, num_groups=num_groups, gate_refs_per_group=2 if linear_gate else 1,
                         tokens=x.shape[0], padded=padded, chunk=chunk, dim=x.shape[1], sort=sort,

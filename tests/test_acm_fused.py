@@ -68,17 +68,20 @@ CASES = [
 
 
 # the routed paths with the whole down launch (the split one runs by default up to 1,024 tokens)
-PATHS = {"unsorted": dict(sort=False, split_down=False), "sorted": dict(sort=True, split_down=False),
+# (the sorted paths keep their scatter launch: the inline sort, the default up to 2,048 tokens, has paths of its own)
+PATHS = {"unsorted": dict(sort=False, split_down=False), "sorted": dict(sort=True, split_down=False, inline_sort=False),
          "onepass": dict(onepass=True), "twolaunch": dict(twolaunch=True, split_down=False), "xla": dict(xla=True),
          # linear learners through their merged matrices (`af.merge_linear_learners`)
-         "merged_sorted": dict(sort=True, merged=True), "merged_unsorted": dict(sort=False, merged=True),
+         "merged_sorted": dict(sort=True, merged=True, inline_sort=False),
+         "merged_unsorted": dict(sort=False, merged=True),
          "merged_one_launch": dict(twolaunch=True, merged=True),
          # the down launch's reduction split per learner (`af.DOWN_SPLIT_MAX_TOKENS`)
-         "split_sorted": dict(sort=True, split_down=True), "split_unsorted": dict(sort=False, split_down=True),
+         "split_sorted": dict(sort=True, split_down=True, inline_sort=False),
+         "split_unsorted": dict(sort=False, split_down=True),
          "split_twolaunch": dict(twolaunch=True, split_down=True),
          # the sorted path without its scatter launch (`af.INLINE_SORT_MAX_TOKENS`), whole and split down launch
-         "inline_sorted": dict(sort=True, inline_sort=True, split_down=False),
-         "inline_split": dict(sort=True, inline_sort=True, split_down=True),
+         "inline_sorted": dict(sort=True, inline_sort="chunks", split_down=False),
+         "inline_split": dict(sort=True, inline_sort="chunks", split_down=True),
          # the same with the tokens placed by atomic counters in the route launch (`af.INLINE_SORT_PLACE`)
          "inline_atomic_sorted": dict(sort=True, inline_sort="atomic", split_down=False),
          "inline_atomic_split": dict(sort=True, inline_sort="atomic", split_down=True)}
@@ -645,6 +648,23 @@ def test_down_launch_with_the_bias_loop_lowers_for_cuda_at_vit_b_shapes(tokens, 
     texts[bound] = jax.jit(run).trace(shape((tokens, dim), bf16), group).lower(lowering_platforms=("cuda",)).as_text()
   assert re.findall(r'name = "(acm_[a-z_]+)"', texts[2048])[-1] == "acm_group_down"
   assert "reduce_window" in texts[None] and "reduce_window" not in texts[2048]
+
+
+def test_the_atomic_placement_counts_in_float32_in_the_triton_ir(monkeypatch, capsys):
+  """jax's Pallas Triton lowering picks an atomic add's op from the value's type and takes every tensor for a float,
+  so an int32 vector add becomes `fadd` on the integers' bits: on an H100 no count rose and the up launch read out
+  of bounds (2026-12-07 (xx)). The route's counters are float32 instead: in the Triton IR the kernel prints
+  (`debug`), its atomic adds are `fadd` on f32 tensors, none on i32, at ViT-B's batch-8 shape."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # lowered for CUDA, never run
+  monkeypatch.setattr(af.pl, "pallas_call", functools.partial(af.pl.pallas_call, debug=True))
+  dim, n, width, tokens = 768, 4, 768, 1576
+  shape, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
+  group = dict(w1=shape((dim, n * width), bf16), b1=shape((n * width,), bf16), w2=shape((n * width, dim), bf16),
+               b2=shape((n + 1, dim), bf16), gate=(shape((dim, n + 1), bf16), shape((n + 1,), bf16)))
+  call = lambda x, g: af.acm_group(x, [g], num_learners=n, sort=True, inline_sort="atomic", interpret=False)
+  jax.jit(call).trace(shape((tokens, dim), bf16), group).lower(lowering_platforms=("cuda",))
+  adds = [line for line in capsys.readouterr().out.splitlines() if "tt.atomic_rmw" in line]
+  assert adds and all(re.search(r"atomic_rmw fadd.*tensor<16xf32>", line) for line in adds), adds
 
 
 def test_asking_for_inline_sort_where_it_cannot_run_names_the_reason():
