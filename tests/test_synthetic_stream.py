@@ -275,6 +275,26 @@ def running(pid):
     return False
 
 
+def test_an_interrupted_stream_frees_a_pool_caught_mid_message(monkeypatch):
+  """An interrupt can stop a worker while it sends a chunk, which leaves part of a message in the results pipe;
+  the pool's manager thread (joined by the interpreter at exit) then waits for the rest. Here the partial message
+  is written by hand: a header for 1,000 bytes and 10 of them. After the interrupted stream's close, the manager
+  thread must end, as it would not if the parent kept its write end of the pipe open."""
+  import struct
+  stream = synthetic_stream.ChunkStream(CONFIG, "train", 0, True, 2, ("image",))
+  assert stream.chunk(0)["image"].shape[0] == CONFIG.chunk_size  # the pool runs, its manager thread started
+  pool = stream._pool
+  manager, workers = pool._executor_manager_thread, list(pool._processes.values())
+  assert len(workers) == 2 and all(worker.is_alive() for worker in workers)
+  os.write(pool._result_queue._writer.fileno(), struct.pack("!i", 1000) + b"x" * 10)
+  time.sleep(0.5)  # the manager reads the header and waits for the rest
+  assert manager.is_alive()
+  stream.close(wait=False)  # what an interrupt does
+  manager.join(timeout=20)
+  assert not manager.is_alive(), "the pool's manager thread still waits for the rest of the message"
+  assert not any(worker.is_alive() for worker in workers)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
 @pytest.mark.parametrize("stop", ["ctrl-c", "parent-killed"])
 def test_workers_end_with_the_interrupted_or_killed_parent(tmp_path, stop):

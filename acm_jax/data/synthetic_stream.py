@@ -218,10 +218,25 @@ class ChunkStream:
     interrupt, which must end the program now whatever state the pool's queues were caught in) stops the
     worker processes at once instead."""
     processes = list((getattr(self._pool, "_processes", None) or {}).values())  # gone after shutdown
+    results = getattr(self._pool, "_result_queue", None)  # as well
     self._pool.shutdown(wait=wait, cancel_futures=True)
     if not wait:
       for process in processes:
         process.terminate()
+      for process in processes:
+        process.join(timeout=5)
+      _end_partial_results(results)
+
+
+def _end_partial_results(results) -> None:
+  """A worker stopped while it sent a chunk leaves part of a message in the process pool's results pipe
+  (`results`, its queue; None for threads). The pool's manager thread, which the interpreter joins at exit, then
+  waits for the rest forever: the parent holds a write end of that pipe too, so no end of file comes when the
+  workers die (seen once in a CI run: the interrupted program outlived its Ctrl-C). Closing the parent's write
+  end once the workers are gone ends that read; the manager takes the error for a broken pool and exits."""
+  writer = getattr(results, "_writer", None)
+  if writer is not None and not writer.closed:
+    writer.close()
 
 
 def iterate(config: synthetic.SyntheticConfig, split: str, bounds: Iterator[tuple[int, int]], seed: int,
