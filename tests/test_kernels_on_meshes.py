@@ -97,6 +97,7 @@ def report(tmp_path_factory):
   return json.loads(out.read_text())
 
 
+@pytest.mark.xdist_group("kernel_mesh_report")  # one run of the module fixture, in one worker
 @pytest.mark.parametrize("mesh", MESHES)
 def test_finetune_step_with_the_kernels_per_shard_equals_one_device(report, mesh):
   assert report["reference_calls"] == []  # the reference ran XLA's fusions

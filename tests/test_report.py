@@ -50,6 +50,7 @@ def summary_rows(summary: str) -> dict[str, list[str]]:
   return rows
 
 
+@pytest.mark.xdist_group("report_workdir")  # one run of the module fixture, in one worker
 def test_sweep_finetunes_and_evaluates_every_budget(workdir):
   for budget in ("0.25", "0.50"):
     record = json.loads((workdir / f"finetune_b{budget}" / "eval.json").read_text())
@@ -73,6 +74,7 @@ def check_corruption_eval(workdir, capsys):
   assert "mCE" in capsys.readouterr().out
 
 
+@pytest.mark.xdist_group("report_workdir")  # one run of the module fixture, in one worker
 def test_report_writes_every_figure_and_the_eval_numbers(workdir, tmp_path, capsys):
   bench = write_benchmarks(tmp_path / "bench")
   curves = [{"method": "MoEfication", "setting": f"k={k}", "gflops_per_image": 0.02 + 0.002 * k, "top1": 0.05 * k,

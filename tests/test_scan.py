@@ -427,6 +427,7 @@ def mesh_report(tmp_path_factory):
   return json.loads(out.read_text())
 
 
+@pytest.mark.xdist_group("scan_mesh_report")  # one run of the module fixture, in one worker
 @pytest.mark.parametrize("mesh", MESHES)
 def test_scanned_step_on_a_mesh_equals_the_unrolled_step_on_one_device(mesh_report, mesh):
   got = mesh_report["meshes"][mesh]
@@ -437,6 +438,7 @@ def test_scanned_step_on_a_mesh_equals_the_unrolled_step_on_one_device(mesh_repo
   assert got["w1_shard"] == [got["w1"][0], got["w1"][1] // fsdp, got["w1"][2]]
 
 
+@pytest.mark.xdist_group("scan_mesh_report")  # one run of the module fixture, in one worker
 def test_fsdp_temp_memory_of_the_scanned_step(mesh_report):
   """Temp bytes per device under fsdp:8 at most dp:8's plus one layer's gathered parameters."""
   temp = mesh_report["temp_bytes"]

@@ -275,6 +275,7 @@ def mesh_report(tmp_path_factory):
   return json.loads(out.read_text())
 
 
+@pytest.mark.xdist_group("sharding_mesh_report")  # one run of the module fixture, in one worker
 @pytest.mark.parametrize("mesh", MESHES)
 def test_every_phase_step_on_a_mesh_matches_one_device(mesh_report, mesh):
   ref, got = mesh_report["reference"], mesh_report[mesh]
@@ -288,6 +289,7 @@ def test_every_phase_step_on_a_mesh_matches_one_device(mesh_report, mesh):
     np.testing.assert_allclose(got["eval"]["k_share_per_layer"][path], share, atol=1e-6)
 
 
+@pytest.mark.xdist_group("sharding_mesh_report")  # one run of the module fixture, in one worker
 def test_checkpoint_saved_on_one_mesh_restores_on_another(mesh_report):
   ckpt = mesh_report["checkpoint"]
   assert ckpt["rel_diff"] < RTOL
@@ -295,6 +297,7 @@ def test_checkpoint_saved_on_one_mesh_restores_on_another(mesh_report):
   assert ckpt["restored_devices"] == [1] and ckpt["restored_equal"]
 
 
+@pytest.mark.xdist_group("sharding_mesh_report")  # one run of the module fixture, in one worker
 def test_acm_kernel_runs_per_batch_shard(mesh_report):
   assert mesh_report["kernel_per_shard"]["shard_map"]
   assert mesh_report["kernel_per_shard"]["max_err"] < 1e-4
@@ -302,6 +305,7 @@ def test_acm_kernel_runs_per_batch_shard(mesh_report):
                                                  "shard_map": True}
 
 
+@pytest.mark.xdist_group("sharding_mesh_report")  # one run of the module fixture, in one worker
 def test_batch_not_divisible_by_data_axes(mesh_report):
   message = mesh_report["bad_batch"]
   assert "--batch_size=12" in message and "8 batch shards" in message
