@@ -21,9 +21,11 @@ group of three costs what one ACM costs in launches:
   scatter  (sorted path only) one program per (ACM, chunk): a token's place in
            the descending order is (tokens with a larger k) + (same k in earlier
            chunks) + its rank; writes the permutation and the sorted k. Up to
-           INLINE_SORT_MAX_TOKENS (off by default) there is no scatter launch: the
-           route also files each token under its (k, chunk, rank), and every up
-           program works out which tokens its sorted rows hold from the counts.
+           INLINE_SORT_MAX_TOKENS (2,048: batches 2-8 of ViT-B/16) there is no
+           scatter launch: each route program reserves its tokens' places with
+           one atomic add on its ACM's counters of every k and files them there
+           (INLINE_SORT_PLACE "atomic"), and every up program reads its rows'
+           tokens from those places and the totals.
   up       one program per (ACM, row block, hidden tile): act(x @ w1 + b1) on the
            rows (gathered through the permutation), masked to each row's k; a
            tile past its row block's largest k returns at once.
