@@ -53,14 +53,39 @@ def test_serve_profile_records_every_model_and_batch_on_the_cpu(tmp_path):
   """The inference profiler end to end on the tiny ViT (XLA executor threads stand in for a GPU)."""
   from benchmarks import serve_profile
   out = tmp_path / "serve.json"
-  record = serve_profile.main(["--model=tiny", "--impl=xla", "--batches=2,3", "--acm=mlp", "--forwards=2",
-                               f"--out={out}"])
+  [record] = serve_profile.main(["--model=tiny", "--impl=xla", "--batches=2,3", "--acm=mlp", "--forwards=2",
+                                 f"--out={out}"])
   assert set(record["runs"]) == {"none_b2", "mlp_b2", "none_b3", "mlp_b3"}
+  assert (record["variant"], record["settings"]) == ("default", {})
   assert (record["norm_min_tokens"], record["residual_min_tokens"]) == (None, None)  # the fusions' defaults
   for run in record["runs"].values():
     assert run["wall_ms"] > 0 and run["device_ms_per_step"] > 0 and run["top"]
     assert sum(run["categories"].values()) == pytest.approx(run["device_ms_per_step"], rel=1e-3, abs=1e-3)
   assert __import__("json").loads(out.read_text())[-1]["runs"].keys() == record["runs"].keys()
+
+
+def test_serve_profile_variants_trace_with_their_settings_and_restore_them(tmp_path, monkeypatch):
+  """--variant: one record per variant, the dense model in the first only, each variant's models traced while its
+  acm_fused settings hold (seen by the kernels' switch reader) and the settings put back afterwards."""
+  from benchmarks import serve_profile
+  from pallas_kernels import acm_fused
+  seen = []
+  real = acm_fused.acm_group
+  monkeypatch.setattr(acm_fused, "acm_group",
+                      lambda *a, **kw: seen.append(acm_fused.INLINE_SORT_PLACE) or real(*a, **kw))
+  before = acm_fused.INLINE_SORT_PLACE
+  out = tmp_path / "serve.json"
+  records = serve_profile.main(["--model=tiny", "--impl=pallas", "--batches=2", "--acm=mlp", "--forwards=1",
+                                "--top=3", f"--out={out}", "--variant", "default", "--variant",
+                                "chunks:INLINE_SORT_PLACE=chunks"])
+  assert [r["variant"] for r in records] == ["default", "chunks"]
+  assert records[1]["settings"] == {"INLINE_SORT_PLACE": "chunks"}
+  assert set(records[0]["runs"]) == {"none_b2", "mlp_b2"} and set(records[1]["runs"]) == {"mlp_b2"}
+  assert acm_fused.INLINE_SORT_PLACE == before
+  assert seen and set(seen) == {before, "chunks"}, seen
+  assert len(__import__("json").loads(out.read_text())) == 2
+  with pytest.raises(SystemExit):
+    serve_profile.main(["--model=tiny", "--variant", "a", "--variant", "a"])
 
 
 @pytest.mark.parametrize("kind, name", [("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"),
