@@ -520,8 +520,9 @@ def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, toke
   chunk goes to slot (ACM * GATE_COLS + n) * padded + c * chunk + r, which `_inline_rows` reads in place of
   the scatter launch's permutation (the last padded slots are never written). atomic (with inline,
   `INLINE_SORT_PLACE` "atomic"): a zeroed (G * GATE_COLS,) float32 input follows the gate refs, aliased to the
-  counts output, which then holds each category's total (float32: see `INLINE_SORT_PLACE`): a chunk's tokens of category n take the places from an atomic
-  add of their count on counter n onwards, slot (ACM * GATE_COLS + n) * padded + place (`_atomic_rows`)."""
+  counts output, which then holds each category's total (float32: see `INLINE_SORT_PLACE`): a chunk's tokens of
+  category n take the places from an atomic add of their count on counter n onwards, slot (ACM * GATE_COLS + n) *
+  padded + place (`_atomic_rows`)."""
   if norm_eps is not None:
     scale_ref, bias_ref, *refs = refs
   gates = [refs[g * gate_refs_per_group:(g + 1) * gate_refs_per_group] for g in range(num_groups)]
