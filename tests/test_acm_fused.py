@@ -606,12 +606,17 @@ def test_shared_route_lowers_for_cuda_at_vit_b_shapes(tokens, padded, monkeypatc
 
 @pytest.mark.parametrize("place", af.INLINE_SORT_PLACES)
 @pytest.mark.parametrize("tokens,split", [(197, True), (1576, True), (1576, False)])
-def test_inline_sort_lowers_for_cuda_at_vit_b_shapes(tokens, split, place, monkeypatch):
+def test_inline_sort_lowers_for_cuda_at_vit_b_shapes(tokens, split, place, monkeypatch, capsys):
   """The Triton lowering of the sorted path without its scatter launch (`inline_sort`) at batch 1's and 8's shapes
   (an MLP ACM of 4 learners of 768, bf16, the tuned table's tiles): route, up and (split) down launches and no
   scatter launch, one route program per chunk and one up program per (row block, hidden tile); placed by atomic
-  counters, the route kernel holds an atomic add and its counts output is the zeroed counters' buffer."""
+  counters, the route kernel holds an atomic add and its counts output is the zeroed counters' buffer. Those
+  counters are float32: jax's Pallas Triton lowering picks an atomic add's op from the value's type and takes every
+  tensor for a float, so an int32 vector add became `fadd` on the integers' bits (on an H100 no count rose and the
+  up launch read out of bounds, 2026-12-07 (xx)). In the Triton IR the kernels print (`debug`), every atomic add is
+  `fadd` on f32 tensors."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # lowered for CUDA, never run
+  monkeypatch.setattr(af.pl, "pallas_call", functools.partial(af.pl.pallas_call, debug=True))
   dim, n, width = 768, 4, 768
   shape, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
   group = dict(w1=shape((dim, n * width), bf16), b1=shape((n * width,), bf16), w2=shape((n * width, dim), bf16),
@@ -623,6 +628,8 @@ def test_inline_sort_lowers_for_cuda_at_vit_b_shapes(tokens, split, place, monke
   assert names == ["acm_route", "acm_group_up", "acm_group_down_split" if split else "acm_group_down"]
   atomic = place == "atomic"
   assert ("atomic_rmw" in text) == atomic  # the op's name in the serialised Triton IR
+  adds = [line for line in capsys.readouterr().out.splitlines() if "tt.atomic_rmw" in line]
+  assert bool(adds) == atomic and all(re.search(r"atomic_rmw fadd.*tensor<16xf32>", line) for line in adds), adds
   assert re.findall(r"output_operand_alias<output_tuple_indices = \[(\d+)\]", text) == (["1"] if atomic else [])
   padded = -(-tokens // 128) * 128
   chunk = af.route_settings(tokens, dim, 3)[0]
@@ -648,23 +655,6 @@ def test_down_launch_with_the_bias_loop_lowers_for_cuda_at_vit_b_shapes(tokens, 
     texts[bound] = jax.jit(run).trace(shape((tokens, dim), bf16), group).lower(lowering_platforms=("cuda",)).as_text()
   assert re.findall(r'name = "(acm_[a-z_]+)"', texts[2048])[-1] == "acm_group_down"
   assert "reduce_window" in texts[None] and "reduce_window" not in texts[2048]
-
-
-def test_the_atomic_placement_counts_in_float32_in_the_triton_ir(monkeypatch, capsys):
-  """jax's Pallas Triton lowering picks an atomic add's op from the value's type and takes every tensor for a float,
-  so an int32 vector add becomes `fadd` on the integers' bits: on an H100 no count rose and the up launch read out
-  of bounds (2026-12-07 (xx)). The route's counters are float32 instead: in the Triton IR the kernel prints
-  (`debug`), its atomic adds are `fadd` on f32 tensors, none on i32, at ViT-B's batch-8 shape."""
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # lowered for CUDA, never run
-  monkeypatch.setattr(af.pl, "pallas_call", functools.partial(af.pl.pallas_call, debug=True))
-  dim, n, width, tokens = 768, 4, 768, 1576
-  shape, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
-  group = dict(w1=shape((dim, n * width), bf16), b1=shape((n * width,), bf16), w2=shape((n * width, dim), bf16),
-               b2=shape((n + 1, dim), bf16), gate=(shape((dim, n + 1), bf16), shape((n + 1,), bf16)))
-  call = lambda x, g: af.acm_group(x, [g], num_learners=n, sort=True, inline_sort="atomic", interpret=False)
-  jax.jit(call).trace(shape((tokens, dim), bf16), group).lower(lowering_platforms=("cuda",))
-  adds = [line for line in capsys.readouterr().out.splitlines() if "tt.atomic_rmw" in line]
-  assert adds and all(re.search(r"atomic_rmw fadd.*tensor<16xf32>", line) for line in adds), adds
 
 
 def test_asking_for_inline_sort_where_it_cannot_run_names_the_reason():

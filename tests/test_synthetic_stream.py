@@ -7,6 +7,7 @@ import hashlib
 import multiprocessing
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -275,12 +276,11 @@ def running(pid):
     return False
 
 
-def test_an_interrupted_stream_frees_a_pool_caught_mid_message(monkeypatch):
+def test_an_interrupted_stream_frees_a_pool_caught_mid_message():
   """An interrupt can stop a worker while it sends a chunk, which leaves part of a message in the results pipe;
   the pool's manager thread (joined by the interpreter at exit) then waits for the rest. Here the partial message
   is written by hand: a header for 1,000 bytes and 10 of them. After the interrupted stream's close, the manager
   thread must end, as it would not if the parent kept its write end of the pipe open."""
-  import struct
   stream = synthetic_stream.ChunkStream(CONFIG, "train", 0, True, 2, ("image",))
   assert stream.chunk(0)["image"].shape[0] == CONFIG.chunk_size  # the pool runs, its manager thread started
   pool = stream._pool
