@@ -37,6 +37,10 @@ from benchmarks import switch_ab as sab
 from pallas_kernels import acm_fused as af
 
 TOKENS = (197, 1576, 6304, 50432)
+# Up to this many tokens the queued calls are host-bound: on an H100 (2026-12-07 (xxi)) this run's pick at 1,576
+# tokens (32-row blocks, 128 columns out: 0.073 against 0.076 ms for the table's tiles) took 69.6 against 47.5 us
+# of device time per group (`group_profile`), and the dense MLP took 0.114 ms queued against 44.6 us on the device.
+HOST_BOUND_TOKENS = 2048
 
 
 def timed_ms(fn, *args, calls=50, rounds=5):
@@ -149,6 +153,11 @@ def main(argv=None):
     parser.error(f"--kinds takes mlp and/or proj, got {sorted(unknown)}")
   if jax.default_backend() != "gpu":
     sys.exit("fused_tune needs a GPU")
+  host_bound = [t for t in (int(t) for t in args.tokens.split(",")) if t <= HOST_BOUND_TOKENS]
+  if host_bound:
+    print(f"note: at {host_bound} tokens these queued-call times follow host dispatch more than the kernels; "
+          "check a pick's device time with `python3 -m benchmarks.group_profile --variant` before adopting it",
+          flush=True)
   rng = np.random.default_rng(0)
   table, rows, baselines = {}, [], []
   for tokens in (int(t) for t in args.tokens.split(",")):

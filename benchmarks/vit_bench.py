@@ -358,6 +358,7 @@ def apply_fusion_flags(args) -> dict:
               down_split_parts=acm_fused.DOWN_SPLIT_PARTS, route_small_max_tokens=acm_fused.ROUTE_SMALL_MAX_TOKENS,
               route_small=dict(acm_fused.ROUTE_SMALL), route_medium_max_tokens=acm_fused.ROUTE_MEDIUM_MAX_TOKENS,
               route_medium=dict(acm_fused.ROUTE_MEDIUM), route_shared_min_tokens=acm_fused.ROUTE_SHARED_MIN_TOKENS,
+              inline_sort_min_tokens=acm_fused.INLINE_SORT_MIN_TOKENS,
               inline_sort_max_tokens=acm_fused.INLINE_SORT_MAX_TOKENS, inline_sort_place=acm_fused.INLINE_SORT_PLACE,
               down_split_rounding=acm_fused.DOWN_SPLIT_ROUNDING,
               down_bias_loop_max_tokens=acm_fused.DOWN_BIAS_LOOP_MAX_TOKENS, tuned_tiles=tuned_tiles())

@@ -167,6 +167,11 @@ SORT_MIN_TOKENS = 1024  # below this many tokens the unsorted path runs (see mod
 # token order inside a category, which is what the scatter launch's 2.5 us bought), so the gain is the launches:
 # 188 against 199 per forward.
 INLINE_SORT_MAX_TOKENS: int | None = 2048
+# ... and from this many tokens on. At batch 2 (394 tokens) the scatter launch's path was 1.010x and 1.014x as fast
+# as the atomic placement with MLP ACMs and 1.014x with MLP + q/k/v/o; at batch 4 (788 tokens) 1.003-1.005x, a tie
+# (H100, 2026-12-07 (xxi), `benchmarks.switch_ab --batches 2,4`, 9-15 alternating rounds). So the inline sort covers
+# the 2,048-token bucket alone (batches 3-8).
+INLINE_SORT_MIN_TOKENS = 513
 # How the inline sort finds each token's place: "chunks" (above: the route files each token by (category, chunk,
 # rank) and every up program searches the per-chunk counts for its rows, `_inline_rows`) or "atomic": each route
 # program reserves its chunk's places in every category with one atomic add on that ACM's N + 1 counters (zeroed
@@ -1364,14 +1369,15 @@ def _switch(name: str, asked: bool | None, why: str | None, default: bool) -> bo
 
 
 def _inline_sort(asked, tokens, path, *, mosaic=False) -> bool:
-  """Whether the sorted path skips its scatter launch (`INLINE_SORT_MAX_TOKENS`, or `asked`: True raises
-  where it cannot run)."""
+  """Whether the sorted path skips its scatter launch (`INLINE_SORT_MIN_TOKENS` to `INLINE_SORT_MAX_TOKENS`, or
+  `asked`: True raises where it cannot run)."""
   why = None
   if path != "sorted":
     why = f"it runs on the sorted path only (this call takes the {path!r} path)"
   elif mosaic:
     why = "the Mosaic GPU launches (mgpu_up, mgpu_down) read the scatter launch's permutation"
-  return _switch("inline_sort", asked, why, INLINE_SORT_MAX_TOKENS is not None and tokens <= INLINE_SORT_MAX_TOKENS)
+  return _switch("inline_sort", asked, why, INLINE_SORT_MAX_TOKENS is not None
+                 and INLINE_SORT_MIN_TOKENS <= tokens <= INLINE_SORT_MAX_TOKENS)
 
 
 def _plus(result, residual):

@@ -88,6 +88,12 @@ def num_sms() -> int:
   return getattr(dev, "core_count", None) or HOPPER_SMS
 
 
+def persistent_grid(max_tiles: int) -> int:
+  """Programs of a persistent launch over at most `max_tiles` output tiles: one per SM, or one per tile where
+  there are fewer (a program without a tile would only start and stop; in interpret mode each one is simulated)."""
+  return max(1, min(num_sms(), max_tiles))
+
+
 def _check_tiles(kernel: str, dtype, cfg: DownConfig, multiples) -> None:
   """The checks both kernels share: bfloat16, the config's switches, and each (name, whole, part) of
   `multiples` a multiple."""
@@ -222,7 +228,8 @@ def down_projection(hidden: jax.Array, w2: jax.Array, steps: jax.Array, *, cfg: 
   call = plgpu.kernel(
       functools.partial(_down_kernel, cfg=cfg, max_steps=total // cfg.block_k),
       out_type=jax.ShapeDtypeStruct((rows, w2.shape[1]), out_dtype),
-      grid=(num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
+      grid=(persistent_grid((rows // cfg.rows) * (w2.shape[1] // cfg.cols)),), grid_names=("sm",),
+      num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       **params)
   return call(steps.astype(jnp.int32), hidden, w2)
@@ -316,7 +323,8 @@ def up_projection(x_sorted: jax.Array, w1: jax.Array, b1: jax.Array, block_maxk:
   call = plgpu.kernel(
       functools.partial(_up_kernel, cfg=cfg, width=width, activation=activation, interpret=interpret),
       out_type=jax.ShapeDtypeStruct((rows, total), x_sorted.dtype),
-      grid=(num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
+      grid=(persistent_grid((rows // cfg.rows) * (total // cfg.cols)),), grid_names=("sm",),
+      num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
                                            approx_math=not interpret),
       **params)

@@ -156,7 +156,8 @@ def test_fusion_flags_set_the_switches_and_are_recorded(tmp_path, monkeypatch):
                  "down_split_max_tokens": 2048, "down_split_per_learner_max_tokens": 1024, "down_split_parts": None,
                  "route_small_max_tokens": 2048, "route_small": {"chunk": 32, "block_k": 256, "num_stages": 1},
                  "route_medium_max_tokens": 8192, "route_medium": {"chunk": 64, "block_k": 256, "num_stages": 1},
-                 "route_shared_min_tokens": 4096, "inline_sort_max_tokens": 2048, "inline_sort_place": "atomic",
+                 "route_shared_min_tokens": 4096, "inline_sort_min_tokens": acm_fused.INLINE_SORT_MIN_TOKENS,
+                 "inline_sort_max_tokens": 2048, "inline_sort_place": "atomic",
                  "down_split_rounding": "consumers",
                  "down_bias_loop_max_tokens": None}
   assert (acm_fused.NORM_MIN_TOKENS, acm_fused.NORM_MODE, acm_fused.RESIDUAL_MIN_TOKENS,
