@@ -886,6 +886,7 @@ def test_vit_fused_path_equals_xla_path_at_its_choices(path, monkeypatch, attent
     monkeypatch.setattr(af, "TWOLAUNCH_MAX_TOKENS", 1 << 20)
   if path.startswith("inline_sort"):  # the tiny model's few tokens sort only when asked to
     monkeypatch.setattr(af, "SORT_MIN_TOKENS", 0)
+    monkeypatch.setattr(af, "INLINE_SORT_MIN_TOKENS", 0)
     monkeypatch.setattr(af, "INLINE_SORT_MAX_TOKENS", 1 << 20)
     monkeypatch.setattr(af, "INLINE_SORT_PLACE", "atomic" if path.endswith("atomic") else "chunks")
   if path == "xla":
