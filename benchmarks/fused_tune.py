@@ -153,14 +153,15 @@ def main(argv=None):
     parser.error(f"--kinds takes mlp and/or proj, got {sorted(unknown)}")
   if jax.default_backend() != "gpu":
     sys.exit("fused_tune needs a GPU")
-  host_bound = [t for t in (int(t) for t in args.tokens.split(",")) if t <= HOST_BOUND_TOKENS]
+  token_counts = [int(t) for t in args.tokens.split(",")]
+  host_bound = [t for t in token_counts if t <= HOST_BOUND_TOKENS]
   if host_bound:
     print(f"note: at {host_bound} tokens these queued-call times follow host dispatch more than the kernels; "
           "check a pick's device time with `python3 -m benchmarks.group_profile --variant` before adopting it",
           flush=True)
   rng = np.random.default_rng(0)
   table, rows, baselines = {}, [], []
-  for tokens in (int(t) for t in args.tokens.split(",")):
+  for tokens in token_counts:
     for kind in args.kinds.split(","):
       merged = kind == "proj" and args.merged
       x, groups, dense = inputs(tokens, kind, rng, args.r, merged)
