@@ -29,14 +29,19 @@ def rel_err(out, ref):
   return np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30)
 
 
+def assert_choices_agree(k, k_ref, dtype):
+  """float32 logits agree exactly; bf16 ones are rounded where Flax rounds them (a float64 share: a float32 mean
+  of 41 equal choices of 41 is below 1)."""
+  agree = float(np.mean(np.asarray(k) == np.asarray(k_ref)))
+  assert agree == 1.0 if dtype == jnp.float32 else agree >= 0.99, agree
+
+
 def check_group(x, groups, *, n, act="gelu", min_choice=0, cost_shift=0.0, **kw):
   outs, k = af.acm_group(x, groups, num_learners=n, activation=act, min_choice=min_choice, cost_shift=cost_shift,
                          interpret=True, **kw)
   _, k_ref = af.acm_group_reference(x, groups, num_learners=n, min_choice=min_choice, cost_shift=cost_shift)
   refs, _ = af.acm_group_reference(x, groups, num_learners=n, activation=act, k=k)
-  agree = float(np.mean(np.asarray(k) == np.asarray(k_ref)))  # float64: a float32 mean of 41 ones is below 1
-  # float32 logits agree exactly; bf16 ones are rounded where Flax rounds them
-  assert agree == 1.0 if x.dtype == jnp.float32 else agree >= 0.99, agree
+  assert_choices_agree(k, k_ref, x.dtype)
   assert int(k.min()) >= min_choice and int(k.max()) <= n
   for out, ref in zip(outs, refs):
     assert out.dtype == x.dtype and out.shape == ref.shape
@@ -166,8 +171,7 @@ def test_group_through_a_layer_norm_matches_reference(tokens, dim, n, width, siz
                          norm_mode=mode, interpret=True, **PATHS[path], **tiles)
   _, k_ref = af.acm_group_reference(z, groups, num_learners=n, min_choice=min_choice, norm=norm)
   refs, _ = af.acm_group_reference(z, groups, num_learners=n, activation=act, k=k, norm=norm)
-  agree = float(np.mean(np.asarray(k) == np.asarray(k_ref)))  # float64: a float32 mean of 41 ones is below 1
-  assert agree == 1.0 if dtype == jnp.float32 else agree >= 0.99, agree
+  assert_choices_agree(k, k_ref, dtype)
   if k_kind != "random":
     assert (np.asarray(k) == (0 if k_kind == "zeros" else n)).all()
   elif tokens > 10:
