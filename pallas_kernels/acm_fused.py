@@ -348,7 +348,11 @@ TUNED: dict[tuple[int | None, str], dict] = {
     (256, "mlp"): dict(_SERVING_MLP, num_stages=6, sort=False),
     (256, "proj"): dict(_SERVING_PROJ, sort=False),
     (2048, "mlp"): dict(block_rows=64, block_out=64, block_hidden=128, num_warps=4, sort=True),
-    (8192, "proj"): dict(block_rows=128, block_out=128, block_hidden=128, num_warps=8, sort=True),
+    # 2026-12-07 (xxii), H200: the projections at 2,049-8,192 tokens (batch 32) on 256 columns out instead of
+    # 128. At 6,304 tokens the q/k/v group's down launch went from 40.7 to 36.7 us (the group 87.5 -> 83.5 us,
+    # `group_profile --kind proj`), and the whole model, MLP + q/k/v/o, ran 1.020x (r = 0.5) and 1.021x
+    # (r = 0.25) as fast (switch_ab, 11 rounds). Above 8,192 tokens the same tiles lost (down 237 -> 346 us).
+    (8192, "proj"): dict(block_rows=128, block_out=256, block_hidden=128, num_warps=8, sort=True),
     # 2026-12-06 (xv), H100: the MLP ACMs at 2,049-8,192 tokens (batch 32) on 128-row blocks and 8 warps instead of
     # the heuristic's 64 and 4: whole model 1.024x and 1.020x as fast at r = 0.5, 0.990x and 1.007x at r = 0.25
     # (switch_ab, one process per pair; benchmarks/RESULTS.md). Other tiles at batches 1 and 8 lost or were noise.
