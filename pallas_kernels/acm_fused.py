@@ -356,7 +356,10 @@ TUNED: dict[tuple[int | None, str], dict] = {
     # 2026-12-06 (xv), H100: the MLP ACMs at 2,049-8,192 tokens (batch 32) on 128-row blocks and 8 warps instead of
     # the heuristic's 64 and 4: whole model 1.024x and 1.020x as fast at r = 0.5, 0.990x and 1.007x at r = 0.25
     # (switch_ab, one process per pair; benchmarks/RESULTS.md). Other tiles at batches 1 and 8 lost or were noise.
-    (8192, "mlp"): dict(block_rows=128, block_out=128, block_hidden=128, num_warps=8, sort=True),
+    # 2026-12-07 (xxii): and 128-unit reduction steps in the down launch instead of 64. At 6,304 tokens the down
+    # launch went from 41.7 to 39.1 us on an H100 and from 41.1 to 39.0 us on an H200 (`group_profile --kind mlp`);
+    # whole model on the H100, MLP ACMs at batch 32: 1.019x as fast at r = 0.5 and at r = 0.25 (switch_ab, 9 rounds).
+    (8192, "mlp"): dict(block_rows=128, block_out=128, block_hidden=128, block_k_down=128, num_warps=8, sort=True),
     # 2026-12-04 (ii): more than 8,192 tokens, the q/k/v group retuned with the kernels of today (bias table
     # gather, shared helpers): 64-row blocks on 4 warps take the group from 0.545 to 0.481 ms at 50,432 tokens
     # (benchmarks/results/fused_combo_h200.json), and the whole model, MLP + q/k/v/o at batch 256, from
