@@ -2,6 +2,7 @@
 resumes exactly; saves cut short are skipped; two processes save the same step."""
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -36,9 +37,15 @@ def run_main(workdir, *extra):
   return vit_imagenet.main([f"--workdir={workdir}", *TINY, *extra])
 
 
-def final_params(run_dir: Path, model: str) -> dict:
+@functools.cache
+def expected_params(model: str) -> dict:
+  """The shapes a run of TINY saves: the same for every run here, so traced once per model."""
   exp = vit_task.build(config_lib.ExperimentConfig(gate_hidden=8))
-  return flatten(loop.load_params(run_dir, phases.abstract_params(exp, model), run_dir.name))
+  return phases.abstract_params(exp, model)
+
+
+def final_params(run_dir: Path, model: str) -> dict:
+  return flatten(loop.load_params(run_dir, expected_params(model), run_dir.name))
 
 
 def assert_same_params(a_dir: Path, b_dir: Path, model: str) -> None:
