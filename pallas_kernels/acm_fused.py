@@ -420,6 +420,10 @@ def resolve_config(dtype, dim: int, total_hidden: int, tokens: int, **overrides)
     settings.update({name: bool(overrides.get(name)) for name in PATH_SWITCHES})
   settings.update({key: value for key, value in overrides.items() if value is not None})
   bf16 = jnp.dtype(dtype) != jnp.float32
+  if "block_k_down" not in asked and settings["block_hidden"] % settings.get("block_k_down", 1):
+    # the table's reduction step was tuned with its own hidden tile; where that tile did not divide this
+    # model's N*h, or the caller asked for another, the step follows the hidden tile in use
+    del settings["block_k_down"]
   settings.setdefault("block_k_down", _largest_divisor(settings["block_hidden"], 64 if bf16 else 32))
   switches = {name: bool(settings.pop(name, False)) for name in PATH_SWITCHES}
   path = next((name for name in ("xla", "onepass", "twolaunch") if switches[name]),

@@ -817,6 +817,26 @@ def test_tuned_tiles_that_do_not_fit_a_smaller_model_keep_the_heuristic(monkeypa
   check_group(x, groups, n=4)  # the call those tiles would have stopped, against the reference
 
 
+def test_a_tuned_reduction_step_follows_the_hidden_tile_in_use(monkeypatch):
+  """The table's block_k_down (128 at batch 32's MLP, 2026-12-07 (xxii)) was tuned beside a hidden tile of 128:
+  where N*h = 192 keeps the heuristic's tile of 64, or the caller asks for 64, the step follows that tile instead
+  of failing validation; asked for explicitly, a step that does not divide still raises."""
+  monkeypatch.setattr(af, "gpu_family", lambda: "hopper")
+  tuned = dict(block_rows=64, block_hidden=128, block_k_down=128, num_warps=4, sort=True)
+  monkeypatch.setattr(af, "TUNED", {(af.token_bucket(4096), "mlp"): tuned})
+  assert af.resolve_config(jnp.bfloat16, 768, 3072, 4096)[0].block_k_down == 128  # where it fits, the table's
+  cfg, path = af.resolve_config(jnp.bfloat16, 64, 192, 4096)
+  assert (cfg.block_hidden, cfg.block_k_down, path) == (64, 64, "sorted")
+  cfg, _ = af.resolve_config(jnp.bfloat16, 768, 3072, 4096, block_hidden=64)
+  assert (cfg.block_hidden, cfg.block_k_down) == (64, 64)
+  with pytest.raises(ValueError, match="block_k_down=128 does not divide block_hidden=64"):
+    af.resolve_config(jnp.bfloat16, 768, 3072, 4096, block_hidden=64, block_k_down=128)
+  # the call such an entry would have stopped (N*h = 192 at the entry's bucket), against the reference
+  monkeypatch.setattr(af, "TUNED", {(af.token_bucket(197), "mlp"): tuned})
+  x, groups = random_group(3, 197, 64, 4, 48, 1, jnp.bfloat16)
+  check_group(x, groups, n=4)
+
+
 @pytest.mark.parametrize("dim,total", [(768, 3072), (768, 384), (384, 1536), (1024, 4096)])
 def test_the_committed_tile_table_resolves_at_vit_shapes(dim, total, monkeypatch):
   """Each entry of the committed Hopper table, at the largest token count of its bucket (50,432 for the last), gives
