@@ -172,6 +172,11 @@ INLINE_SORT_MAX_TOKENS: int | None = 2048
 # (H100, 2026-12-07 (xxi), `benchmarks.switch_ab --batches 2,4`, 9-15 alternating rounds). So the inline sort covers
 # the 2,048-token bucket alone (batches 3-8).
 INLINE_SORT_MIN_TOKENS = 513
+# For the shape kinds listed (`shape_kind`), the inline sort runs up to INLINE_SORT_WIDE_MAX_TOKENS tokens instead
+# of INLINE_SORT_MAX_TOKENS (the larger bound wins). Kinds can differ here: at batch 32 (6,304 tokens) the atomic
+# placement made the MLP ACMs' forward 1.018x faster and the q/k/v/o one 0.999x (H100, 2026-12-07 (xx), above).
+INLINE_SORT_WIDE_KINDS: tuple[str, ...] = ()
+INLINE_SORT_WIDE_MAX_TOKENS: int | None = 8192
 # How the inline sort finds each token's place: "chunks" (above: the route files each token by (category, chunk,
 # rank) and every up program searches the per-chunk counts for its rows, `_inline_rows`) or "atomic": each route
 # program reserves its chunk's places in every category with one atomic add on that ACM's N + 1 counters (zeroed
@@ -1242,7 +1247,7 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
     where = "inline_sort" if isinstance(inline_sort, str) else "acm_fused.INLINE_SORT_PLACE"
     raise ValueError(f"{where} must be one of {INLINE_SORT_PLACES}, got {place!r}")
   if inline_sort and path != "sorted":
-    _inline_sort(inline_sort, tokens, path)  # raises, naming the path
+    _inline_sort(inline_sort, tokens, path, shape_kind(dim, total))  # raises, naming the path
   if path == "xla":
     return _plus(_acm_group_xla(x if norm is None else layer_norm(x, *norm), groups, num_learners=num_learners,
                                 activation=activation, min_choice=min_choice, cost_shift=cost_shift), residual)
@@ -1297,7 +1302,7 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
         name="acm_group_gated_up")(shift, x, *gate_inputs, *weights_up)
     order = k_rows = k_tokens  # order is not read on the unsorted paths
   else:
-    inline = _inline_sort(inline_sort, tokens, path, mosaic=bool(down_cfg or up_cfg))
+    inline = _inline_sort(inline_sort, tokens, path, shape_kind(dim, total), mosaic=bool(down_cfg or up_cfg))
     atomic = inline and place == "atomic"
     (k_tokens, order, k_rows, *positions), stats = _route(
         shift, x, gate_inputs, num_groups=num_groups, padded=padded, linear_gate=linear_gate, sort=sort,
@@ -1379,16 +1384,18 @@ def _switch(name: str, asked: bool | None, why: str | None, default: bool) -> bo
   return bool(asked)
 
 
-def _inline_sort(asked, tokens, path, *, mosaic=False) -> bool:
-  """Whether the sorted path skips its scatter launch (`INLINE_SORT_MIN_TOKENS` to `INLINE_SORT_MAX_TOKENS`, or
-  `asked`: True raises where it cannot run)."""
+def _inline_sort(asked, tokens, path, kind, *, mosaic=False) -> bool:
+  """Whether the sorted path skips its scatter launch (`INLINE_SORT_MIN_TOKENS` to `INLINE_SORT_MAX_TOKENS`, or to
+  `INLINE_SORT_WIDE_MAX_TOKENS` for the shape kinds `INLINE_SORT_WIDE_KINDS`; or `asked`: True raises where it
+  cannot run)."""
   why = None
   if path != "sorted":
     why = f"it runs on the sorted path only (this call takes the {path!r} path)"
   elif mosaic:
     why = "the Mosaic GPU launches (mgpu_up, mgpu_down) read the scatter launch's permutation"
-  return _switch("inline_sort", asked, why, INLINE_SORT_MAX_TOKENS is not None
-                 and INLINE_SORT_MIN_TOKENS <= tokens <= INLINE_SORT_MAX_TOKENS)
+  bounds = [INLINE_SORT_MAX_TOKENS] + ([INLINE_SORT_WIDE_MAX_TOKENS] if kind in INLINE_SORT_WIDE_KINDS else [])
+  bounds = [b for b in bounds if b is not None]
+  return _switch("inline_sort", asked, why, bool(bounds) and INLINE_SORT_MIN_TOKENS <= tokens <= max(bounds))
 
 
 def _plus(result, residual):

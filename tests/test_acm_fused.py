@@ -694,6 +694,30 @@ def test_inline_sort_runs_only_up_to_its_threshold(monkeypatch):
   assert seen == [False, True, True, False, False]
 
 
+def test_inline_sort_reaches_its_wide_bound_for_the_listed_kinds_only(monkeypatch):
+  """`INLINE_SORT_WIDE_KINDS` / `INLINE_SORT_WIDE_MAX_TOKENS`: between the two bounds an MLP-shaped group (4
+  learners of 32 at d = 64) skips its scatter launch when "mlp" is listed and a projection-shaped one (4 of 16,
+  identity, min choice 1) keeps it; both agree with the reference either way, and an unlisted kind, or a wide bound
+  below the common one, changes nothing."""
+  seen = []
+  real = af._route_kernel
+  monkeypatch.setattr(af, "_route_kernel", lambda *a, **kw: seen.append(kw["inline"]) or real(*a, **kw))
+  monkeypatch.setattr(af, "INLINE_SORT_MIN_TOKENS", 0)
+  monkeypatch.setattr(af, "INLINE_SORT_MAX_TOKENS", 60)
+  monkeypatch.setattr(af, "INLINE_SORT_WIDE_MAX_TOKENS", 149)
+  mlp = random_group(3, 100, 64, 4, 32, 1, jnp.float32)
+  proj = random_group(4, 100, 64, 4, 16, 1, jnp.float32)
+  assert af.shape_kind(64, 4 * 32) == "mlp" and af.shape_kind(64, 4 * 16) == "proj"
+  for kinds in ((), ("mlp",), ("proj",)):
+    monkeypatch.setattr(af, "INLINE_SORT_WIDE_KINDS", kinds)
+    check_group(*mlp, n=4, sort=True, **SMALL)
+    check_group(*proj, n=4, act="identity", min_choice=1, sort=True, **SMALL)
+  monkeypatch.setattr(af, "INLINE_SORT_WIDE_KINDS", ("mlp",))
+  monkeypatch.setattr(af, "INLINE_SORT_WIDE_MAX_TOKENS", 30)  # below INLINE_SORT_MAX_TOKENS: the larger bound wins
+  check_group(*random_group(5, 50, 64, 4, 32, 1, jnp.float32), n=4, sort=True, **SMALL)
+  assert seen == [False, False, True, False, False, True, True]
+
+
 def test_asking_for_a_split_down_launch_where_it_cannot_run_names_the_reason():
   x, groups = random_group(8, 40, 64, 4, 32, 1, jnp.float32)
   cases = [(dict(onepass=True), "it runs on the sorted, unsorted, twolaunch paths only .* 'onepass'"),
