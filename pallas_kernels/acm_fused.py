@@ -311,7 +311,9 @@ MGPU_UP_TILES: dict = {}
 @dataclasses.dataclass(frozen=True)
 class FusedConfig:
   """Tile sizes. block_hidden must divide N*h (tiles may straddle learners),
-  block_k_down must divide block_hidden, block_k_up and block_out must divide d."""
+  block_k_down must divide block_hidden, block_k_up and block_out must divide d. The down launch takes
+  its own row blocks and warps (block_rows_down, num_warps_down; None: the up launch's): its row blocks
+  must divide the up launch's, so that each reads only hidden tiles its rows' up block wrote."""
   block_rows: int
   block_hidden: int
   block_out: int
@@ -319,6 +321,16 @@ class FusedConfig:
   block_k_down: int
   num_warps: int
   num_stages: int
+  block_rows_down: int | None = None
+  num_warps_down: int | None = None
+
+  @property
+  def down_rows(self) -> int:
+    return self.block_rows_down or self.block_rows
+
+  @property
+  def down_warps(self) -> int:
+    return self.num_warps_down or self.num_warps
 
 
 # Token counts are bucketed by these upper bounds (a ViT-B/16 batch of 1, 2, 8, 32, and more).
@@ -430,16 +442,23 @@ def resolve_config(dtype, dim: int, total_hidden: int, tokens: int, **overrides)
     # model's N*h, or the caller asked for another, the step follows the hidden tile in use
     del settings["block_k_down"]
   settings.setdefault("block_k_down", _largest_divisor(settings["block_hidden"], 64 if bf16 else 32))
+  if "block_rows_down" not in asked and settings["block_rows"] % (settings.get("block_rows_down") or 1):
+    del settings["block_rows_down"]  # the table's, where the caller's up row blocks are smaller: theirs
   switches = {name: bool(settings.pop(name, False)) for name in PATH_SWITCHES}
   path = next((name for name in ("xla", "onepass", "twolaunch") if switches[name]),
               "sorted" if switches["sort"] else "unsorted")
   cfg = FusedConfig(**settings)
-  for name in ("block_rows", "block_hidden", "block_out", "block_k_up", "block_k_down"):
+  for name in ("block_rows", "block_hidden", "block_out", "block_k_up", "block_k_down", "block_rows_down"):
     v = getattr(cfg, name)
-    if v < 16 or v & (v - 1):
+    if v is not None and (v < 16 or v & (v - 1)):
       raise ValueError(f"{name}={v} must be a power of two >= 16 (Triton tiles)")
+  for name in ("num_warps", "num_warps_down"):
+    v = getattr(cfg, name)
+    if v is not None and v not in (1, 2, 4, 8, 16):
+      raise ValueError(f"{name}={v} must be one of 1, 2, 4, 8, 16")
   checks = [(total_hidden, cfg.block_hidden, "block_hidden", "the learners' total width N*h"),
             (cfg.block_hidden, cfg.block_k_down, "block_k_down", "block_hidden"),
+            (cfg.block_rows, cfg.down_rows, "block_rows_down", "the up launch's block_rows"),
             (dim, cfg.block_k_up, "block_k_up", "d"), (dim, cfg.block_out, "block_out", "d")]
   for whole, part, name, what in checks:
     if whole % part:
@@ -990,11 +1009,11 @@ def _down_split(hidden, groups, order, k_rows, k_tokens, residual, *, cfg, token
   if atomic:
     inputs += [jnp.zeros((rows, dim), jnp.float32) for _ in groups]
   parts = pl.pallas_call(
-      functools.partial(_down_split_kernel, num_groups=num_groups, col_blocks=col_blocks, block_rows=cfg.block_rows,
+      functools.partial(_down_split_kernel, num_groups=num_groups, col_blocks=col_blocks, block_rows=cfg.down_rows,
                         block_out=cfg.block_out, block_k=cfg.block_k_down, width=width, tokens=tokens, padded=padded,
                         sort=sort, num_parts=num_parts, per_part=per_part, atomic=atomic),
       out_shape=(jax.ShapeDtypeStruct((rows, dim), jnp.float32),) * num_groups,
-      grid=(num_groups * (padded // cfg.block_rows) * col_blocks * num_parts,), compiler_params=compiler_params,
+      grid=(num_groups * (padded // cfg.down_rows) * col_blocks * num_parts,), compiler_params=compiler_params,
       input_output_aliases={2 + 2 * num_groups + g: g for g in range(num_groups)} if atomic else {},
       interpret=interpret, name="acm_group_down_split",
   )(*inputs)
@@ -1334,7 +1353,7 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   if split:
     outs = _down_split(hidden, groups, order, k_rows, k_tokens, residual, cfg=cfg, tokens=tokens, padded=padded,
                        width=width, sort=sort, num_learners=num_learners, dtype=x.dtype,
-                       compiler_params=params(cfg.num_warps), interpret=interpret)
+                       compiler_params=params(cfg.down_warps), interpret=interpret)
     return outs, k
   has_bias = "b2" in groups[0]
   col_blocks = dim // cfg.block_out
@@ -1343,12 +1362,12 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   down_inputs = [a for h, grp in zip(hidden, groups) for a in (h, grp["w2"]) + bias(grp)]
   fuse_residual = residual is not None and RESIDUAL_MIN_TOKENS is not None and tokens >= RESIDUAL_MIN_TOKENS
   outs = pl.pallas_call(
-      functools.partial(_down_kernel, num_groups=num_groups, col_blocks=col_blocks, block_rows=cfg.block_rows,
+      functools.partial(_down_kernel, num_groups=num_groups, col_blocks=col_blocks, block_rows=cfg.down_rows,
                         block_out=cfg.block_out, block_k=cfg.block_k_down, width=width, tokens=tokens,
                         padded=padded, sort=sort, num_learners=num_learners, has_bias=has_bias,
                         has_residual=fuse_residual, bias_loop=bias_loop),
       out_shape=(jax.ShapeDtypeStruct((tokens, dim), x.dtype),) * num_groups,
-      grid=(num_groups * row_blocks * col_blocks,), compiler_params=params(cfg.num_warps),
+      grid=(num_groups * (padded // cfg.down_rows) * col_blocks,), compiler_params=params(cfg.down_warps),
       interpret=interpret, name="acm_group_down",
   )(order, k_rows, *down_inputs, *((residual,) if fuse_residual else ()))
   return _plus((tuple(outs), k), None if fuse_residual else residual)

@@ -861,6 +861,56 @@ def test_a_tuned_reduction_step_follows_the_hidden_tile_in_use(monkeypatch):
   check_group(x, groups, n=4)
 
 
+@pytest.mark.parametrize("path", ["sorted", "unsorted", "split_sorted", "inline_atomic_sorted", "inline_atomic_split"])
+def test_down_launch_row_blocks_of_its_own_agree_with_the_reference(path):
+  """`block_rows_down` / `num_warps_down`: the down launch (whole or split) walks row blocks of 16 under the up
+  launch's 32, sorted or in token order, with or without the scatter launch; random k, the outputs the reference's
+  (each down block reads only hidden tiles below its own largest k, which its up block wrote)."""
+  x, groups = random_group(11, 150, 64, 4, 32, 2, jnp.float32)
+  tiles = dict(SMALL, block_rows=32, block_rows_down=16, num_warps_down=8)
+  k = check_group(x, groups, n=4, **PATHS[path], **tiles)
+  assert len(np.unique(np.asarray(k))) > 2  # several choices in play
+
+
+def test_down_row_blocks_that_do_not_divide_the_up_launchs_are_refused_or_dropped(monkeypatch):
+  """Asked for, down row blocks larger than the up launch's (they would read hidden tiles no up program wrote)
+  raise naming both; a table's down row blocks fall back to the up launch's where the caller asks for smaller up
+  row blocks; odd warps raise."""
+  with pytest.raises(ValueError, match="block_rows_down=64 does not divide the up launch's block_rows=32"):
+    af.resolve_config(jnp.float32, 64, 128, 150, block_rows=32, block_rows_down=64)
+  with pytest.raises(ValueError, match="block_rows_down=48 must be a power of two"):
+    af.resolve_config(jnp.float32, 64, 128, 150, block_rows=64, block_rows_down=48)
+  with pytest.raises(ValueError, match="num_warps_down=3 must be one of"):
+    af.resolve_config(jnp.float32, 64, 128, 150, num_warps_down=3)
+  monkeypatch.setattr(af, "gpu_family", lambda: "hopper")
+  tuned = dict(block_rows=128, block_rows_down=64, num_warps=8, num_warps_down=4, sort=True)
+  monkeypatch.setattr(af, "TUNED", {(af.token_bucket(1576), "mlp"): tuned})
+  cfg, _ = af.resolve_config(jnp.bfloat16, 768, 3072, 1576)
+  assert (cfg.block_rows, cfg.down_rows, cfg.num_warps, cfg.down_warps) == (128, 64, 8, 4)
+  cfg, _ = af.resolve_config(jnp.bfloat16, 768, 3072, 1576, block_rows=32)
+  assert (cfg.block_rows, cfg.down_rows) == (32, 32)
+  assert af.resolve_config(jnp.bfloat16, 768, 3072, 50432)[0].down_rows == 128  # no entry: the up launch's
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_down_launch_row_blocks_of_its_own_lower_for_cuda(split, monkeypatch):
+  """At batch 8's shape (1,576 tokens, padded to 1,664; an MLP ACM of 4 learners of 768, bf16) the up launch runs
+  13 row blocks of 128 x 24 hidden tiles on 8 warps and the down launch 26 row blocks of 64 x 12 output tiles (x 2
+  parts when split) on 4 warps."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # lowered for CUDA, never run
+  dim, n, width = 768, 4, 768
+  shape, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
+  group = dict(w1=shape((dim, n * width), bf16), b1=shape((n * width,), bf16), w2=shape((n * width, dim), bf16),
+               b2=shape((n + 1, dim), bf16), gate=(shape((dim, n + 1), bf16), shape((n + 1,), bf16)))
+  call = lambda x, g: af.acm_group(x, [g], num_learners=n, sort=True, inline_sort=False, split_down=split,
+                                   interpret=False, block_rows=128, block_rows_down=64, num_warps=8, num_warps_down=4,
+                                   block_out=64, block_hidden=128)
+  text = jax.jit(call).trace(shape((1576, dim), bf16), group).lower(lowering_platforms=("cuda",)).as_text()
+  assert re.findall(r'name = "(acm_[a-z_]+)"', text)[2:] == ["acm_group_up",
+                                                            "acm_group_down_split" if split else "acm_group_down"]
+  assert re.findall(r"grid_x = (\d+)", text)[2:] == ["312", str(26 * 12 * (2 if split else 1))]
+  assert re.findall(r"num_warps = (\d+)", text)[2:] == ["8", "4"]
+
 @pytest.mark.parametrize("dim,total", [(768, 3072), (768, 384), (384, 1536), (1024, 4096)])
 def test_the_committed_tile_table_resolves_at_vit_shapes(dim, total, monkeypatch):
   """Each entry of the committed Hopper table, at the largest token count of its bucket (50,432 for the last), gives
