@@ -175,6 +175,8 @@ INLINE_SORT_MIN_TOKENS = 513
 # For the shape kinds listed (`shape_kind`), the inline sort runs up to INLINE_SORT_WIDE_MAX_TOKENS tokens instead
 # of INLINE_SORT_MAX_TOKENS (the larger bound wins). Kinds can differ here: at batch 32 (6,304 tokens) the atomic
 # placement made the MLP ACMs' forward 1.018x faster and the q/k/v/o one 0.999x (H100, 2026-12-07 (xx), above).
+# None listed: for the MLP ACMs alone at batch 32 it tied (H100, 2026-12-07 (xxiii), switch_ab, 9 rounds, r = 0.5:
+# 1.002x), and per launch the group took 101.1 against 97.9 us (`group_profile`; the up launch 47.8 against 43.0).
 INLINE_SORT_WIDE_KINDS: tuple[str, ...] = ()
 INLINE_SORT_WIDE_MAX_TOKENS: int | None = 8192
 # How the inline sort finds each token's place: "chunks" (above: the route files each token by (category, chunk,
@@ -369,14 +371,22 @@ TUNED: dict[tuple[int | None, str], dict] = {
     # 128. At 6,304 tokens the q/k/v group's down launch went from 40.7 to 36.7 us (the group 87.5 -> 83.5 us,
     # `group_profile --kind proj`), and the whole model, MLP + q/k/v/o, ran 1.020x (r = 0.5) and 1.021x
     # (r = 0.25) as fast (switch_ab, 11 rounds). Above 8,192 tokens the same tiles lost (down 237 -> 346 us).
-    (8192, "proj"): dict(block_rows=128, block_out=256, block_hidden=128, num_warps=8, sort=True),
+    # 2026-12-07 (xxiii), H100: and 32-unit reduction steps in the down launch instead of 64, so that a row block's
+    # loop ends nearer its k x 96 columns: the down launch 37.8 -> 35.3 us, the group 86.6 -> 83.9 us at 6,304 tokens
+    # (`group_profile --kind proj`); whole model, MLP + q/k/v/o, r = 0.5: 1.028x (switch_ab, 9 rounds). At 50,432
+    # tokens the same steps lost (down 249.6 -> 268.2 us), so the (None, "proj") entry keeps 64.
+    (8192, "proj"): dict(block_rows=128, block_out=256, block_hidden=128, block_k_down=32, num_warps=8, sort=True),
     # 2026-12-06 (xv), H100: the MLP ACMs at 2,049-8,192 tokens (batch 32) on 128-row blocks and 8 warps instead of
     # the heuristic's 64 and 4: whole model 1.024x and 1.020x as fast at r = 0.5, 0.990x and 1.007x at r = 0.25
     # (switch_ab, one process per pair; benchmarks/RESULTS.md). Other tiles at batches 1 and 8 lost or were noise.
     # 2026-12-07 (xxii): and 128-unit reduction steps in the down launch instead of 64. At 6,304 tokens the down
     # launch went from 41.7 to 39.1 us on an H100 and from 41.1 to 39.0 us on an H200 (`group_profile --kind mlp`);
     # whole model on the H100, MLP ACMs at batch 32: 1.019x as fast at r = 0.5 and at r = 0.25 (switch_ab, 9 rounds).
-    (8192, "mlp"): dict(block_rows=128, block_out=128, block_hidden=128, block_k_down=128, num_warps=8, sort=True),
+    # 2026-12-07 (xxiii), H100: the down launch on row blocks of its own, 64 rows on 4 warps with 64-unit steps,
+    # under the up launch's 128 rows: down 39.2 -> 37.0 us at 6,304 tokens, the group 97.9 -> 96.3 us (64 rows
+    # with 128-unit steps lost: 46.4 us); whole model, MLP ACMs, r = 0.5: 1.017x (switch_ab, 9 rounds).
+    (8192, "mlp"): dict(block_rows=128, block_out=128, block_hidden=128, block_k_down=64, num_warps=8,
+                        block_rows_down=64, num_warps_down=4, sort=True),
     # 2026-12-04 (ii): more than 8,192 tokens, the q/k/v group retuned with the kernels of today (bias table
     # gather, shared helpers): 64-row blocks on 4 warps take the group from 0.545 to 0.481 ms at 50,432 tokens
     # (benchmarks/results/fused_combo_h200.json), and the whole model, MLP + q/k/v/o at batch 256, from
