@@ -447,13 +447,12 @@ def resolve_config(dtype, dim: int, total_hidden: int, tokens: int, **overrides)
     settings.update({name: bool(overrides.get(name)) for name in PATH_SWITCHES})
   settings.update({key: value for key, value in overrides.items() if value is not None})
   bf16 = jnp.dtype(dtype) != jnp.float32
-  if "block_k_down" not in asked and settings["block_hidden"] % settings.get("block_k_down", 1):
-    # the table's reduction step was tuned with its own hidden tile; where that tile did not divide this
-    # model's N*h, or the caller asked for another, the step follows the hidden tile in use
-    del settings["block_k_down"]
+  for name, tile in (("block_k_down", "block_hidden"), ("block_rows_down", "block_rows")):
+    # the table's down-launch tile was tuned beside its own up-launch tile; where that one did not fit this
+    # model's sizes (N*h), or the caller asked for another, the down launch follows the tile in use
+    if name not in asked and settings[tile] % (settings.get(name) or 1):
+      del settings[name]
   settings.setdefault("block_k_down", _largest_divisor(settings["block_hidden"], 64 if bf16 else 32))
-  if "block_rows_down" not in asked and settings["block_rows"] % (settings.get("block_rows_down") or 1):
-    del settings["block_rows_down"]  # the table's, where the caller's up row blocks are smaller: theirs
   switches = {name: bool(settings.pop(name, False)) for name in PATH_SWITCHES}
   path = next((name for name in ("xla", "onepass", "twolaunch") if switches[name]),
               "sorted" if switches["sort"] else "unsorted")
