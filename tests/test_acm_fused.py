@@ -608,6 +608,13 @@ def test_shared_route_lowers_for_cuda_at_vit_b_shapes(tokens, padded, monkeypatc
   assert re.findall(r"grid_x = (\d+)", text) == [str(padded // chunk), str(groups * padded // chunk)]
 
 
+def bf16_group_shapes(dim, n, width):
+  """Shapes (no arrays) of one bf16 ACM of n learners of `width` at d = `dim` with a linear gate, for lowering."""
+  shape, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
+  return dict(w1=shape((dim, n * width), bf16), b1=shape((n * width,), bf16), w2=shape((n * width, dim), bf16),
+              b2=shape((n + 1, dim), bf16), gate=(shape((dim, n + 1), bf16), shape((n + 1,), bf16)))
+
+
 @pytest.mark.parametrize("place", af.INLINE_SORT_PLACES)
 @pytest.mark.parametrize("tokens,split", [(197, True), (1576, True), (1576, False)])
 def test_inline_sort_lowers_for_cuda_at_vit_b_shapes(tokens, split, place, monkeypatch, capsys):
@@ -623,8 +630,7 @@ def test_inline_sort_lowers_for_cuda_at_vit_b_shapes(tokens, split, place, monke
   monkeypatch.setattr(af.pl, "pallas_call", functools.partial(af.pl.pallas_call, debug=True))
   dim, n, width = 768, 4, 768
   shape, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
-  group = dict(w1=shape((dim, n * width), bf16), b1=shape((n * width,), bf16), w2=shape((n * width, dim), bf16),
-               b2=shape((n + 1, dim), bf16), gate=(shape((dim, n + 1), bf16), shape((n + 1,), bf16)))
+  group = bf16_group_shapes(dim, n, width)
   call = lambda x, g: af.acm_group(x, [g], num_learners=n, sort=True, inline_sort=place, split_down=split,
                                    interpret=False, block_rows=64, block_out=64, block_hidden=128, num_warps=4)
   text = jax.jit(call).trace(shape((tokens, dim), bf16), group).lower(lowering_platforms=("cuda",)).as_text()
@@ -648,8 +654,7 @@ def test_down_launch_with_the_bias_loop_lowers_for_cuda_at_vit_b_shapes(tokens, 
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # lowered for CUDA, never run
   dim, n, width = 768, 4, 96
   shape, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
-  group = dict(w1=shape((dim, n * width), bf16), b1=shape((n * width,), bf16), w2=shape((n * width, dim), bf16),
-               b2=shape((n + 1, dim), bf16), gate=(shape((dim, n + 1), bf16), shape((n + 1,), bf16)))
+  group = bf16_group_shapes(dim, n, width)
   call = lambda x, g: af.acm_group(x, [g] * 3, num_learners=n, activation="identity", min_choice=1, sort=True,
                                    split_down=False, interpret=False)
   texts = {}
@@ -900,8 +905,7 @@ def test_down_launch_row_blocks_of_its_own_lower_for_cuda(split, monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # lowered for CUDA, never run
   dim, n, width = 768, 4, 768
   shape, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
-  group = dict(w1=shape((dim, n * width), bf16), b1=shape((n * width,), bf16), w2=shape((n * width, dim), bf16),
-               b2=shape((n + 1, dim), bf16), gate=(shape((dim, n + 1), bf16), shape((n + 1,), bf16)))
+  group = bf16_group_shapes(dim, n, width)
   call = lambda x, g: af.acm_group(x, [g], num_learners=n, sort=True, inline_sort=False, split_down=split,
                                    interpret=False, block_rows=128, block_rows_down=64, num_warps=8, num_warps_down=4,
                                    block_out=64, block_hidden=128)
