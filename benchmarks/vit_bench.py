@@ -585,7 +585,9 @@ def main(argv=None):
                    mgpu_down_min_tokens=acm_fused.MGPU_DOWN_MIN_TOKENS,
                    mgpu_down_kinds=list(acm_fused.MGPU_DOWN_KINDS), mgpu_down_tiles=dict(acm_fused.MGPU_DOWN_TILES),
                    mgpu_down_unsort=acm_fused.MGPU_DOWN_UNSORT,
-                   mgpu_up_min_tokens=acm_fused.MGPU_UP_MIN_TOKENS, mgpu_up_tiles=dict(acm_fused.MGPU_UP_TILES))
+                   mgpu_up_min_tokens=acm_fused.MGPU_UP_MIN_TOKENS, mgpu_up_tiles=dict(acm_fused.MGPU_UP_TILES),
+                   mgpu_regions_min_tokens=acm_fused.MGPU_REGIONS_MIN_TOKENS,
+                   mgpu_regions_max_tokens=acm_fused.MGPU_REGIONS_MAX_TOKENS)
         rec.update(target_verdict(rec, args.model))
         records.append(rec)
         log(f"batch {batch:4d} acm={kind:8s} r={r} (measured {r_real:.3f}) impl={impl:6s} {ips:9.1f} images/s "

@@ -99,6 +99,18 @@ one XLA fusion sums per token up to its k, with the output bias and the residual
 "atomic", add them into one float32 buffer per ACM, which that fusion finishes). `DOWN_SPLIT_PARTS` fixes the
 number of parts at every token count.
 
+The regions path (`mgpu_regions=True`, one ACM per group, Hopper; off by default until timed,
+`MGPU_REGIONS_MIN_TOKENS`) lets the up launch read contiguous rows by TMA, which Hopper cannot do
+for rows gathered by index. The route places the tokens by atomic counters (as the inline sort's
+"atomic" placement) and also copies each token's row of x to its k's region of a ((N + 1) * padded,
+d) buffer, at row (N - k) * padded + its place: regions, not one sorted order, because a route program
+knows a token's place inside its category but not where the category starts. The up launch is
+`acm_mgpu.up_regions` (warp-specialised, TMA and wgmma, a persistent walk over each region's row
+blocks up to its k, derived from the counts inside the kernel, so no tile list and no masking: every
+row of a block has the same k), and the Triton down launch walks the same row blocks and scatters
+each row to its token (`_region_block`). Per call it saves the scatter launch, the sort's gathers
+of x and the Triton up launch's row gathers, for one more pass of x (the route's copy, read from L2).
+
 The gate logits inside the route kernel are rounded where a Flax Dense gate of
 the same dtypes rounds (after the matmul and after the bias), so the argmax
 agrees with the XLA gate except where float32 accumulation order moves a logit
@@ -308,6 +320,16 @@ MGPU_DOWN_TILES: dict = {}
 MGPU_UP_MIN_TOKENS: int | None = None
 MGPU_UP_KINDS = ("mlp",)
 MGPU_UP_TILES: dict = {}
+# The sorted path with the tokens filed by k in regions (`acm_group(..., mgpu_regions=True)`), from MIN to MAX
+# tokens (None: never / no upper bound) for the shape kinds listed: the route places each token by atomic
+# counters (`INLINE_SORT_PLACE` "atomic") and also copies its row of x to its category's region, (N - k) * padded +
+# place; the up launch is `acm_mgpu.up_regions` (TMA reads of contiguous rows, wgmma, warp specialisation; every
+# row block one k, its tiles derived from the counts inside the kernel, `MGPU_UP_TILES` as its tiles); the Triton
+# down launch walks the regions' row blocks and writes each row to its token (`_region_block`). No scatter
+# launch, no gather of x, no tile list. One ACM per group (the MLP's). Off until timed on a GPU.
+MGPU_REGIONS_MIN_TOKENS: int | None = None
+MGPU_REGIONS_MAX_TOKENS: int | None = None
+MGPU_REGIONS_KINDS = ("mlp",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -560,7 +582,7 @@ def _normalizer(mean, rstd, scale_ref, bias_ref):
 
 def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, tokens, padded, chunk, dim,
                   block_k, num_learners, min_choice, relative_cost, sort, gate_dtype, norm_eps=None, shared=False,
-                  inline=False, atomic=False):
+                  inline=False, atomic=False, write_x=False):
   """With norm_eps: refs scale, bias (the LayerNorm's) come first, and the last two outputs take
   each token's mean and inverse standard deviation. shared: one program per chunk computes every
   ACM's gate (`_gate_choices`, one pass over the chunk's x) instead of one program per (ACM, chunk);
@@ -571,7 +593,9 @@ def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, toke
   `INLINE_SORT_PLACE` "atomic"): a zeroed (G * GATE_COLS,) float32 input follows the gate refs, aliased to the
   counts output, which then holds each category's total (float32: see `INLINE_SORT_PLACE`): a chunk's tokens of
   category n take the places from an atomic add of their count on counter n onwards, slot (ACM * GATE_COLS + n) *
-  padded + place (`_atomic_rows`)."""
+  padded + place (`_atomic_rows`). write_x (with atomic, one ACM): a last output x_regions ((N + 1) * padded, d)
+  takes each token with k >= 1 at row (N - k) * padded + place, its slot, for `acm_mgpu.up_regions` (region N,
+  k = 0, is never written: the masked lanes address it)."""
   if norm_eps is not None:
     scale_ref, bias_ref, *refs = refs
   gates = [refs[g * gate_refs_per_group:(g + 1) * gate_refs_per_group] for g in range(num_groups)]
@@ -602,7 +626,7 @@ def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, toke
     if sort:
       from jax.experimental.pallas import triton as plgpu
       if inline:
-        counts_ref, slot_ref = sort_refs
+        counts_ref, slot_ref, *xs_ref = sort_refs
       else:
         rank_ref, counts_ref = sort_refs
       onehot = ((num_learners - k)[:, None] == cols[None, :]) & valid[:, None]  # category 0 = k N
@@ -623,6 +647,13 @@ def _route_kernel(shift_ref, x_ref, *refs, num_groups, gate_refs_per_group, toke
         slot = jnp.where(valid, (gg * GATE_COLS + num_learners - k) * padded + place,
                          num_groups * GATE_COLS * padded + rows)
         plgpu.store(slot_ref.at[slot], rows, mask=valid)
+      if write_x:  # the chunk's rows again (from L2: the gate just read them), each to its region's slot
+        keep = valid & (k > 0)  # the rest are masked, addressing their own rows of the spare region N
+        dest = jnp.where(keep, (num_learners - k) * padded + place, num_learners * padded + rows)
+        for s in range(0, dim, block_k):
+          cols_x = s + jnp.arange(block_k, dtype=jnp.int32)
+          rows_x = plgpu.load(x_ref.at[src[:, None], cols_x[None, :]])
+          plgpu.store(xs_ref[0].at[dest[:, None], cols_x[None, :]], rows_x, mask=keep[:, None])
 
   if shared:
     for gg, k in enumerate(choose(gates)):
@@ -883,21 +914,51 @@ def _down_step(h_ref, w2_ref, i, cb, *, block_rows, block_out, block_k):
   return step
 
 
+def _region_block(slot_ref, totals_ref, i, *, block_rows, padded, num_learners):
+  """(valid, token, k, largest k, hidden row block) of down program i over tokens filed by k in regions
+  (`acm_mgpu.up_regions`): categories n = 0 .. N (k = N - n) in turn, ceil(total[n] / block_rows) blocks each, a
+  block's rows at slots n * padded + b * block_rows ... (the route's, `_route_kernel` with write_x). Programs past
+  the last block have no valid row; category N (k = 0) has no hidden rows and only takes its output bias."""
+  from jax.experimental.pallas import triton as plgpu
+  cols = jnp.arange(GATE_COLS, dtype=jnp.int32)
+  totals = jnp.where(cols <= num_learners, totals_ref[pl.ds(0, GATE_COLS)].astype(jnp.int32), 0)
+  blocks = (totals + block_rows - 1) // block_rows
+  ends = jnp.sum(jnp.where(cols[:, None] <= cols[None, :], blocks[:, None], 0), axis=0)  # inclusive prefix
+  n = jnp.sum((ends <= i).astype(jnp.int32))  # this program's category (N + 1: past the last block)
+  start = jnp.sum(jnp.where(cols < n, blocks, 0))
+  count = jnp.sum(jnp.where(cols == n, totals, 0))
+  j = (i - start) * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
+  valid = (j < count) & (n <= num_learners)
+  slot = jnp.where(valid, n * padded + j, 0)
+  token = jnp.where(valid, plgpu.load(slot_ref.at[slot], mask=valid, other=0), padded + j)
+  k = jnp.where(n <= num_learners, num_learners - n, 0)
+  k_rows = jnp.where(valid, k, 0)
+  return valid, token, k_rows, k, jnp.minimum(n, num_learners - 1) * (padded // block_rows) + i - start
+
+
 def _down_kernel(order_ref, k_ref, *refs, num_groups, col_blocks, block_rows, block_out, block_k, width,
-                 tokens, padded, sort, num_learners, has_bias, has_residual=False, bias_loop=False):
-  """Refs: order, k, (hidden, w2[, bias table, or b2 with bias_loop]) per ACM[, residual], outputs per ACM."""
+                 tokens, padded, sort, num_learners, has_bias, has_residual=False, bias_loop=False, regions=False):
+  """Refs: order, k, (hidden, w2[, bias table, or b2 with bias_loop]) per ACM[, residual], outputs per ACM.
+  regions (one ACM): order and k are the route's slots and category totals, hidden holds the rows by region
+  (`acm_mgpu.up_regions`), and the grid has padded / block_rows + N + 1 row programs (`_region_block`)."""
   from jax.experimental.pallas import triton as plgpu
   per = 3 if has_bias else 2
   in_refs, out_refs = refs[:per * num_groups], refs[per * num_groups:]
   if has_residual:
     res_ref, *out_refs = out_refs
-  g, i, cb = _grid_position(padded, block_rows, col_blocks)
+  row_programs = padded // block_rows + (num_learners + 1 if regions else 0)
+  g, i, cb = _grid_position(row_programs * block_rows, block_rows, col_blocks)
 
   def body(gg):
     h_ref, w2_ref, *bias = in_refs[per * gg:per * (gg + 1)]
-    valid, token, k_rows, max_k = _row_block(order_ref, k_ref, gg, i, block_rows=block_rows, tokens=tokens,
-                                             padded=padded, sort=sort)
-    step = _down_step(h_ref, w2_ref, i, cb, block_rows=block_rows, block_out=block_out, block_k=block_k)
+    if regions:
+      valid, token, k_rows, max_k, h_block = _region_block(order_ref, k_ref, i, block_rows=block_rows,
+                                                           padded=padded, num_learners=num_learners)
+    else:
+      valid, token, k_rows, max_k = _row_block(order_ref, k_ref, gg, i, block_rows=block_rows, tokens=tokens,
+                                               padded=padded, sort=sort)
+      h_block = i
+    step = _down_step(h_ref, w2_ref, h_block, cb, block_rows=block_rows, block_out=block_out, block_k=block_k)
     trips = (max_k * width + block_k - 1) // block_k
     acc = jax.lax.fori_loop(0, trips, step, jnp.zeros((block_rows, block_out), jnp.float32))
     col_ids = cb * block_out + jnp.arange(block_out, dtype=jnp.int32)
@@ -1222,7 +1283,7 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
               xla: bool | None = None, fast_math: bool | None = None, interpret: bool | None = None,
               mgpu_down: bool | None = None, merged: bool | None = None, norm: tuple | None = None,
               norm_mode: str | None = None, residual: jax.Array | None = None, mgpu_up: bool | None = None,
-              split_down: bool | None = None, inline_sort: bool | None = None,
+              split_down: bool | None = None, inline_sort: bool | None = None, mgpu_regions: bool | None = None,
               **tiles) -> tuple[tuple[jax.Array, ...], jax.Array]:
   """Hard-choice outputs of G ACMs that read the same tokens.
 
@@ -1253,6 +1314,10 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
   the route's counts (`_inline_rows`; None: up to `INLINE_SORT_MAX_TOKENS` tokens; True raises where it
   cannot run). True and None place the tokens as `INLINE_SORT_PLACE` says; "chunks" or "atomic" (one of
   `INLINE_SORT_PLACES`) asks for the inline sort placed that way.
+  mgpu_regions: the sorted path with the tokens filed by k in regions and the up launch as
+  `acm_mgpu.up_regions` (None: from `MGPU_REGIONS_MIN_TOKENS` to `MGPU_REGIONS_MAX_TOKENS` tokens, where it
+  fits; True raises where it cannot run). It takes its own route (atomic placement), up and down launches, so
+  inline_sort, split_down, mgpu_up and mgpu_down do not apply to it.
 
   Returns (outputs: G arrays (T, d) in x.dtype, k: (G, T) int32 in token order).
   """
@@ -1298,11 +1363,21 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
     result = _acm_group_onepass(x, groups, cfg, num_learners=num_learners, activation=activation,
                                 min_choice=min_choice, cost_shift=cost_shift, fast_math=fast_math, interpret=interpret)
     return _plus(result, residual)
-  down_cfg = _mgpu_down_config(mgpu_down, x.dtype, tokens, dim, total, cfg, path, interpret)
-  up_cfg = _mgpu_up_config(mgpu_up, x.dtype, tokens, dim, total, width, activation, cfg, path, interpret,
-                           down_cfg, fused_norm=fuse_norm)
-  split = _split_down(split_down, tokens, width, cfg, path, merged=use_merged, mosaic=bool(down_cfg))
   padded = -(-tokens // max(ROUTE_CHUNK, cfg.block_rows)) * max(ROUTE_CHUNK, cfg.block_rows)
+  regions_cfg = _mgpu_regions_config(mgpu_regions, x.dtype, tokens, dim, total, width, activation, path, interpret,
+                                     padded=padded, num_groups=len(groups), fused_norm=fuse_norm, merged=use_merged)
+  others = [(name, value) for name, value in (("mgpu_up", mgpu_up), ("mgpu_down", mgpu_down),
+                                              ("split_down", split_down), ("inline_sort", inline_sort)) if value]
+  if regions_cfg and others:  # asked for by name: refuse the mix; picked by default: yield to what was asked
+    if mgpu_regions:
+      raise ValueError(f"mgpu_regions=True takes its own route, up and down launches; it cannot run with "
+                       f"{', '.join(f'{name}={value!r}' for name, value in others)}")
+    regions_cfg = None
+  down_cfg = None if regions_cfg else _mgpu_down_config(mgpu_down, x.dtype, tokens, dim, total, cfg, path, interpret)
+  up_cfg = None if regions_cfg else _mgpu_up_config(mgpu_up, x.dtype, tokens, dim, total, width, activation, cfg,
+                                                    path, interpret, down_cfg, fused_norm=fuse_norm)
+  split = not regions_cfg and _split_down(split_down, tokens, width, cfg, path, merged=use_merged,
+                                          mosaic=bool(down_cfg))
   linear_gate = "gate" in groups[0]
   params = lambda warps: None if interpret else _compiler_params(warps, cfg.num_stages)
   shift = jnp.reshape(jnp.asarray(cost_shift, jnp.float32), (1,))
@@ -1329,6 +1404,14 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
         out_shape=hidden_shapes + (jax.ShapeDtypeStruct((num_groups * padded,), jnp.int32),),
         name="acm_group_gated_up")(shift, x, *gate_inputs, *weights_up)
     order = k_rows = k_tokens  # order is not read on the unsorted paths
+  elif regions_cfg:  # order and k_rows: the route's slots and category totals, which the down launch reads
+    (k_tokens, order, k_rows, x_regions), _ = _route(
+        shift, x, gate_inputs, num_groups=1, padded=padded, linear_gate=linear_gate, sort=True, positions=False,
+        gate_settings=gate_settings, num_stages=cfg.num_stages, interpret=interpret, inline=True, atomic=True,
+        write_x=True)
+    from pallas_kernels import acm_mgpu
+    hidden = (acm_mgpu.up_regions(x_regions, groups[0]["w1"], groups[0]["b1"], k_rows, width=width,
+                                  activation=activation, cfg=regions_cfg, interpret=interpret),)
   else:
     inline = _inline_sort(inline_sort, tokens, path, shape_kind(dim, total), mosaic=bool(down_cfg or up_cfg))
     atomic = inline and place == "atomic"
@@ -1374,9 +1457,10 @@ def acm_group(x: jax.Array, groups: Sequence[Mapping[str, jax.Array]], *, num_le
       functools.partial(_down_kernel, num_groups=num_groups, col_blocks=col_blocks, block_rows=cfg.down_rows,
                         block_out=cfg.block_out, block_k=cfg.block_k_down, width=width, tokens=tokens,
                         padded=padded, sort=sort, num_learners=num_learners, has_bias=has_bias,
-                        has_residual=fuse_residual, bias_loop=bias_loop),
+                        has_residual=fuse_residual, bias_loop=bias_loop, regions=bool(regions_cfg)),
       out_shape=(jax.ShapeDtypeStruct((tokens, dim), x.dtype),) * num_groups,
-      grid=(num_groups * (padded // cfg.down_rows) * col_blocks,), compiler_params=params(cfg.down_warps),
+      grid=(num_groups * (padded // cfg.down_rows + (num_learners + 1 if regions_cfg else 0)) * col_blocks,),
+      compiler_params=params(cfg.down_warps),
       interpret=interpret, name="acm_group_down",
   )(order, k_rows, *down_inputs, *((residual,) if fuse_residual else ()))
   return _plus((tuple(outs), k), None if fuse_residual else residual)
@@ -1469,14 +1553,14 @@ def route_shared(num_groups: int, linear_gate: bool, tokens: int) -> bool:
 
 
 def _route(shift, x, gate_inputs, *, num_groups, padded, linear_gate, sort, positions, gate_settings, num_stages,
-           interpret, norm=None, inline=False, atomic=False):
+           interpret, norm=None, inline=False, atomic=False, write_x=False):
   """The route launch, and on the sorted path the scatter launch: ((k in token order, order, k of
   the rows) each (G * padded,) int32, plus each token's sorted place when `positions`; with
   `norm` (scale, bias, eps), x is un-normalised and the second item is (mean, rstd) of every token,
   (padded,) float32 each, else None). Unsorted, order and the rows' k are k itself (order is not
   read there). inline (sorted): no scatter launch; order and the rows' k are replaced by the route's
   slots and per-chunk counts, from which the up launch derives both (`_inline_rows`; atomic: the
-  counts are each category's total, `_atomic_rows`). Tokens per
+  counts are each category's total, `_atomic_rows`; write_x: and x_regions after them, `_route_kernel`). Tokens per
   program, gate steps and stages follow `route_settings`; a group's gates share one program per chunk
   where `route_shared` says so."""
   chunk, block_k, num_stages = route_settings(x.shape[0], x.shape[1], num_stages)
@@ -1489,6 +1573,7 @@ def _route(shift, x, gate_inputs, *, num_groups, padded, linear_gate, sort, posi
     route_out += [jax.ShapeDtypeStruct(((1 if atomic else num_chunks) * num_groups * GATE_COLS,),
                                        jnp.float32 if atomic else jnp.int32)]
     route_out += [jax.ShapeDtypeStruct(((num_groups * GATE_COLS + 1) * padded,), jnp.int32)] * inline
+    route_out += [jax.ShapeDtypeStruct(((gate_settings["num_learners"] + 1) * padded, x.shape[1]), x.dtype)] * write_x
   norm_inputs = ()
   if norm is not None:
     route_out += [jax.ShapeDtypeStruct((padded,), jnp.float32)] * 2
@@ -1499,7 +1584,7 @@ def _route(shift, x, gate_inputs, *, num_groups, padded, linear_gate, sort, posi
       functools.partial(_route_kernel, num_groups=num_groups, gate_refs_per_group=2 if linear_gate else 1,
                         tokens=x.shape[0], padded=padded, chunk=chunk, dim=x.shape[1], sort=sort,
                         norm_eps=None if norm is None else norm[2], shared=shared, inline=sort and inline,
-                        atomic=atomic, **gate_settings),
+                        atomic=atomic, write_x=write_x, **gate_settings),
       out_shape=tuple(route_out), grid=((1 if shared else num_groups) * num_chunks,), compiler_params=params,
       input_output_aliases={2 + len(norm_inputs) + len(gate_inputs): 1} if atomic else {},
       interpret=interpret, name="acm_route",
@@ -1512,8 +1597,8 @@ def _route(shift, x, gate_inputs, *, num_groups, padded, linear_gate, sort, posi
   if not sort:
     return (k_tokens, k_tokens, k_tokens), stats
   if inline:
-    _, counts, slots = routed
-    return (k_tokens, slots, counts), stats
+    _, counts, slots, *x_regions = routed
+    return (k_tokens, slots, counts, *x_regions), stats
   sorted_out = pl.pallas_call(
       functools.partial(_scatter_kernel, num_groups=num_groups, tokens=x.shape[0], padded=padded,
                         chunk=chunk, num_learners=gate_settings["num_learners"]),
@@ -1630,6 +1715,41 @@ def _mgpu_up_config(asked, dtype, tokens, dim, total, width, activation, cfg, pa
     except ValueError as err:
       why = str(err)
   return _mosaic_verdict("mgpu_up", up, why, quiet=quiet, interpret=interpret)
+
+
+def _mgpu_regions_config(asked, dtype, tokens, dim, total, width, activation, path, interpret, *, padded, num_groups,
+                         fused_norm, merged):
+  """The `acm_mgpu.DownConfig` tiles of the regions path's up launch (`MGPU_REGIONS_MIN_TOKENS`; its tiles
+  `MGPU_UP_TILES`), or None for the other paths."""
+  from pallas_kernels import acm_mgpu
+  quiet = asked is None
+  if quiet:
+    asked = (MGPU_REGIONS_MIN_TOKENS is not None and tokens >= MGPU_REGIONS_MIN_TOKENS
+             and (MGPU_REGIONS_MAX_TOKENS is None or tokens <= MGPU_REGIONS_MAX_TOKENS) and not interpret
+             and shape_kind(dim, total) in MGPU_REGIONS_KINDS and jnp.dtype(dtype) == jnp.bfloat16
+             and gpu_family() == "hopper")
+  if not asked:
+    return None
+  up = dataclasses.replace(acm_mgpu.DownConfig(tile_m=128), **MGPU_UP_TILES)
+  why = None
+  if path != "sorted":
+    why = f"it runs on the sorted path only (this call takes the {path!r} path)"
+  elif num_groups != 1:
+    why = f"it files the tokens of one ACM (this group has {num_groups})"
+  elif fused_norm:
+    why = "the LayerNorm fusion (NORM_MIN_TOKENS) reads x un-normalised"
+  elif merged:
+    why = "linear learners through their merged tables have no up launch"
+  elif activation not in acm_mgpu.UP_ACTIVATIONS:
+    why = f"activation {activation!r} is not one of {acm_mgpu.UP_ACTIVATIONS}"
+  elif padded % up.rows:
+    why = f"its row blocks of {up.rows} must divide the {padded} padded rows of each region"
+  else:
+    try:
+      acm_mgpu.check_up(((total // width + 1) * padded, dim), (dim, total), dtype, up, width)
+    except ValueError as err:
+      why = str(err)
+  return _mosaic_verdict("mgpu_regions", up, why, quiet=quiet, interpret=interpret)
 
 
 def _mgpu_up(x, groups, order, sorted_k, *, cfg, tokens, padded, width, activation, num_learners, interpret):

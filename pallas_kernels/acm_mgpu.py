@@ -260,9 +260,18 @@ def check_up(x_shape, w1_shape, dtype, cfg: DownConfig, width: int) -> None:
                                   ("learner width h", width, cfg.tile_n)))
 
 
+def _biased_activation(acc, b1_gmem, col, *, cfg: DownConfig, activation: str, interpret: bool):
+  """act(acc + b1[col:col + tile_n]) in float32: the up kernels' epilogue before any masking."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  if interpret:
+    bias = b1_gmem[pl.ds(col, cfg.tile_n)]
+  else:
+    bias = plgpu.load(b1_gmem.at[pl.ds(col, cfg.tile_n)], (), optimized=False)
+  return _up_activation(acc + lax.broadcast_in_dim(bias, (cfg.tile_m, cfg.tile_n), (1,)), activation)
+
+
 def _up_kernel(count_gmem, tiles_gmem, thr_gmem, b1_gmem, x_gmem, w_gmem, h_gmem, *, cfg: DownConfig, width: int,
                activation: str, interpret: bool):
-  from jax.experimental.pallas import mosaic_gpu as plgpu
   n_iters = w_gmem.shape[1] // cfg.cols
   steps = x_gmem.shape[1] // cfg.block_k
 
@@ -271,11 +280,7 @@ def _up_kernel(count_gmem, tiles_gmem, thr_gmem, b1_gmem, x_gmem, w_gmem, h_gmem
     return tile // n_iters, tile % n_iters
 
   def epilogue(acc, row, col):
-    if interpret:
-      bias = b1_gmem[pl.ds(col, cfg.tile_n)]
-    else:
-      bias = plgpu.load(b1_gmem.at[pl.ds(col, cfg.tile_n)], (), optimized=False)
-    v = _up_activation(acc + lax.broadcast_in_dim(bias, (cfg.tile_m, cfg.tile_n), (1,)), activation)
+    v = _biased_activation(acc, b1_gmem, col, cfg=cfg, activation=activation, interpret=interpret)
     pos = row + lax.broadcasted_iota(jnp.int32, (cfg.tile_m, cfg.tile_n), 0)
     return jnp.where(pos < thr_gmem[col // width], v, 0.0).astype(h_gmem.dtype)
 
@@ -330,6 +335,103 @@ def up_projection(x_sorted: jax.Array, w1: jax.Array, b1: jax.Array, block_maxk:
       **params)
   count, tiles = active_tiles(block_maxk, width=width, cols=cfg.cols, n_iters=total // cfg.cols)
   return call(count, tiles, thresholds.astype(jnp.int32), b1.astype(jnp.float32), x_sorted, w1)
+
+
+def region_tiles(counts, *, rows: int, region_rows: int, cols: int, width: int):
+  """The region up kernel's walk as a function of the token counts of categories n = 0 .. N-1 (k = N - n), each
+  a scalar (traced inside the kernel, or a Python int): (number of tiles, tile_of) where tile_of(lin) = (row
+  block, column tile) of hidden, region by region (k descending), row block by row block, column tile by column
+  tile. Region n starts at row n * region_rows and holds ceil(count / rows) row blocks of k * width / cols
+  column tiles (rounded up)."""
+  num_learners = len(counts)
+  per_block = [-(-(num_learners - n) * width // cols) for n in range(num_learners)]
+  blocks = [(c + rows - 1) // rows for c in counts]
+  ends, end = [], 0
+  for n in range(num_learners):
+    end = end + blocks[n] * per_block[n]
+    ends.append(end)
+
+  def tile_of(lin):
+    mi = ni = lin * 0
+    start = 0
+    for n in range(num_learners):
+      inside = (lin >= start) & (lin < ends[n])
+      local = lin - start
+      mi = jnp.where(inside, n * (region_rows // rows) + local // per_block[n], mi)
+      ni = jnp.where(inside, local % per_block[n], ni)
+      start = ends[n]
+    return mi, ni
+
+  return ends[-1], tile_of
+
+
+def _up_regions_kernel(counts_gmem, b1_gmem, x_gmem, w_gmem, h_gmem, *, cfg: DownConfig, width: int,
+                       num_learners: int, region_rows: int, activation: str, interpret: bool):
+  counts = [counts_gmem[n].astype(jnp.int32) for n in range(num_learners)]
+  num_tiles, tile_of = region_tiles(counts, rows=cfg.rows, region_rows=region_rows, cols=cfg.cols, width=width)
+  steps = x_gmem.shape[1] // cfg.block_k
+  _tiled_matmul(x_gmem, w_gmem, h_gmem, cfg=cfg, num_tiles=num_tiles, tile_of=tile_of,
+                steps_of=lambda mi: steps, max_steps=steps,
+                epilogue=lambda acc, row, col: _biased_activation(
+                    acc, b1_gmem, col, cfg=cfg, activation=activation, interpret=interpret).astype(h_gmem.dtype))
+
+
+def up_regions(x_regions: jax.Array, w1: jax.Array, b1: jax.Array, counts: jax.Array, *, width: int,
+               activation: str = "gelu", cfg: DownConfig = DownConfig(tile_m=128), interpret: bool = False
+               ) -> jax.Array:
+  """The up projection over tokens filed by k in regions: region n (k = N - n, n < N) holds rows n * R ...
+  n * R + counts[n] - 1 of x_regions ((N + 1) * R, d), R = x_regions.shape[0] // (N + 1), a multiple of cfg.rows
+  (region N, k = 0, is not read: the route's masked lanes address it). Writes
+  hidden (N * R, N*h) = act(x_regions @ w1 + b1) for those rows' row blocks and only their first k * h units
+  (rounded up to whole column tiles); every row of a region has the same k, so nothing is masked, and the
+  tiles are derived from `counts` inside the kernel (`region_tiles`): no tile list to build first. Rows of a
+  block past its region's count and tiles it skips are left unwritten. counts (at least N,) float32 or int32
+  (the route's atomic counters); both GELUs run in their tanh form."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  if activation not in UP_ACTIVATIONS:
+    raise ValueError(f"activation {activation!r}; the Mosaic GPU up kernel takes one of {UP_ACTIVATIONS}")
+  check_up(x_regions.shape, w1.shape, x_regions.dtype, cfg, width)
+  rows, total = x_regions.shape[0], w1.shape[1]
+  num_learners = total // width
+  if rows % (num_learners + 1) or (rows // (num_learners + 1)) % cfg.rows:
+    raise ValueError(f"x_regions has {rows} rows: expected {num_learners + 1} regions (one per k = {num_learners} .. "
+                     f"0) of a multiple of {cfg.rows} rows each")
+  region = rows // (num_learners + 1)
+  if counts.ndim != 1 or counts.shape[0] < num_learners:
+    raise ValueError(f"counts has shape {counts.shape}; expected at least ({num_learners},), one per region")
+  params = {}
+  if interpret:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    params["interpret"] = InterpretGPUParams()
+  call = plgpu.kernel(
+      functools.partial(_up_regions_kernel, cfg=cfg, width=width, num_learners=num_learners,
+                        region_rows=region, activation=activation, interpret=interpret),
+      out_type=jax.ShapeDtypeStruct((num_learners * region, total), x_regions.dtype),
+      grid=(persistent_grid((region // cfg.rows + 1) * (total // cfg.cols)),), grid_names=("sm",),
+      num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+                                           approx_math=not interpret),
+      **params)
+  return call(counts, b1.astype(jnp.float32), x_regions, w1)
+
+
+def up_regions_reference(x_regions, w1, b1, counts, *, width: int, rows: int, cols: int, activation: str = "gelu"):
+  """`up_regions`' contract in plain jnp (float32), with what it leaves unwritten poisoned (NaN): rows of
+  region n's row blocks (`rows` each) up to its count, units below k * width rounded up to `cols`."""
+  f32 = jnp.float32
+  total = w1.shape[1]
+  num_learners = total // width
+  region = x_regions.shape[0] // (num_learners + 1)
+  x_regions = x_regions[:num_learners * region]
+  v = _up_activation(jnp.dot(x_regions.astype(f32), w1.astype(f32), precision="highest") + b1.astype(f32),
+                     activation)
+  r = jnp.arange(x_regions.shape[0])
+  n, j = r // region, r % region
+  count = jnp.asarray(counts, jnp.int32)[:num_learners][n]
+  written_rows = j < -(-count // rows) * rows
+  units = -(-(num_learners - n) * width // cols) * cols
+  written = written_rows[:, None] & (jnp.arange(total)[None, :] < units[:, None])
+  return jnp.where(written, v, jnp.nan)
 
 
 def up_projection_reference(x_sorted, w1, b1, thresholds, *, width: int, activation: str = "gelu") -> jax.Array:

@@ -303,3 +303,125 @@ def test_mosaic_up_launch_needs_row_blocks_the_down_launch_can_read(monkeypatch)
   x, groups = random_group(0, 300, dim, n, 128, 1, jnp.bfloat16)
   with pytest.raises(ValueError, match="row blocks of 64 must be a multiple of the down launch's row blocks of 128"):
     af.acm_group(x, groups, num_learners=n, interpret=True, sort=True, mgpu_up=True, block_rows=128)
+
+
+# ----------------------------------------------------------------------------
+# The regions path: the route files each token's x row by k, the Mosaic up kernel reads them by TMA
+
+
+def _regions_input(rng, counts, region, dim):
+  """x filed in regions of `region` rows (k = N .. 0), rows past each count and region N (k = 0, never read)
+  poisoned (NaN): the kernel must never let them reach a written row."""
+  n = len(counts)
+  x = rng.normal(size=((n + 1) * region, dim))
+  x[n * region:] = np.nan
+  for r, count in enumerate(counts):
+    x[r * region + count:(r + 1) * region] = np.nan
+  return jnp.asarray(x, jnp.bfloat16)
+
+
+def test_region_tiles_walk_each_regions_row_blocks_up_to_its_k():
+  rng = np.random.default_rng(8)
+  for _ in range(5):
+    n, rows, width, cols = 4, 64, 768, 256
+    region = rows * int(rng.integers(1, 6))
+    counts = [int(c) for c in rng.integers(0, region + 1, n)]
+    num, tile_of = acm_mgpu.region_tiles(counts, rows=rows, region_rows=region, cols=cols, width=width)
+    want = [(r * region // rows + b, c) for r in range(n) for b in range(-(-counts[r] // rows))
+            for c in range(-(-(n - r) * width // cols))]
+    assert num == len(want)
+    assert [tuple(int(v) for v in tile_of(lin)) for lin in range(num)] == want
+
+
+def test_up_regions_kernel_in_interpret_mode_matches_its_contract():
+  """Four regions of 128 rows (k = 4 .. 1) holding 70, 0, 128 and 5 tokens: the written tiles equal the contract
+  (GELU, bias) and the poisoned rows past each count stay out of every written row."""
+  cfg = acm_mgpu.DownConfig(tile_m=64, tile_n=64, block_k=64, stages=2, split="n", epi=64)
+  rng = np.random.default_rng(9)
+  counts, region, dim, width = [70, 0, 128, 5], 128, 128, 64
+  x = _regions_input(rng, counts, region, dim)
+  w1 = jnp.asarray(rng.normal(size=(dim, 4 * width)) / np.sqrt(dim), jnp.bfloat16)
+  b1 = jnp.asarray(0.5 * rng.normal(size=(4 * width,)), jnp.bfloat16)
+  totals = jnp.asarray(counts + [9] * 12, jnp.float32)  # the route's counters: N + 1 used, GATE_COLS long
+  out = np.asarray(acm_mgpu.up_regions(x, w1, b1, totals, width=width, activation="gelu", cfg=cfg, interpret=True),
+                   np.float32)
+  ref = np.asarray(acm_mgpu.up_regions_reference(x, w1, b1, totals, width=width, rows=cfg.rows, cols=cfg.cols))
+  assert out.shape == ref.shape == (4 * region, 4 * width)
+  real = np.zeros(4 * region, bool)
+  for r, count in enumerate(counts):
+    real[r * region:r * region + count] = True
+  keep = real[:, None] & ~np.isnan(ref)
+  # each region's first k * width units, in whole tiles of 128 columns
+  assert keep.sum() == sum(c * -(-(4 - r) * width // cfg.cols) * cfg.cols for r, c in enumerate(counts))
+  assert np.isfinite(out[keep]).all()
+  assert rel_err(out[keep], ref[keep]) < 1e-2
+
+
+def test_up_regions_kernel_lowers_for_cuda_at_vit_b_shapes():
+  cfg = acm_mgpu.DownConfig(tile_m=128, tile_n=128)
+  padded = 6400  # batch 32 of ViT-B/16: 6,304 tokens
+  args = (jax.ShapeDtypeStruct((5 * padded, 768), jnp.bfloat16), jax.ShapeDtypeStruct((768, 3072), jnp.bfloat16),
+          jax.ShapeDtypeStruct((3072,), jnp.bfloat16), jax.ShapeDtypeStruct((16,), jnp.float32))
+  lowered = jax.jit(lambda *a: acm_mgpu.up_regions(*a, width=768, cfg=cfg)).trace(*args).lower(
+      lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def _up_regions_contract(x_regions, w1, b1, counts, *, width, activation, cfg, interpret):
+  del interpret
+  return acm_mgpu.up_regions_reference(x_regions, w1, b1, counts, width=width, rows=cfg.rows, cols=cfg.cols,
+                                       activation=activation).astype(x_regions.dtype)
+
+
+@pytest.mark.parametrize("tokens,k_kind,residual,bias", [
+    (1, "random", True, True), (197, "random", True, True), (197, "random", False, False),
+    (197, "zeros", True, True), (197, "full", False, True), (300, "random", True, True),
+])
+def test_regions_path_matches_the_reference(tokens, k_kind, residual, bias, monkeypatch):
+  """The route's regions of x, the up launch's contract (what it leaves unwritten poisoned) and the down launch
+  over the regions' row blocks, against the group's plain-jnp reference."""
+  monkeypatch.setattr(acm_mgpu, "up_regions", _up_regions_contract)
+  for name, value in dict(tile_m=64, tile_n=32, block_k=16, epi=32).items():
+    monkeypatch.setitem(af.MGPU_UP_TILES, name, value)
+  monkeypatch.setattr(af, "RESIDUAL_MIN_TOKENS", 0)
+  n, dim, width = 4, 64, 64
+  x, groups = random_group(tokens + 13, tokens, dim, n, width, 1, jnp.bfloat16, k_kind=k_kind, bias=bias)
+  skip = jnp.asarray(np.random.default_rng(tokens).normal(size=x.shape), x.dtype) if residual else None
+  tiles = dict(block_rows=64, block_hidden=64, block_out=32, block_k_up=16, block_k_down=16)
+  outs, k = af.acm_group(x, groups, num_learners=n, activation="gelu", interpret=True, sort=True, mgpu_regions=True,
+                         residual=skip, **tiles)
+  _, k_ref = af.acm_group_reference(x, groups, num_learners=n, activation="gelu")
+  assert float(np.mean(np.asarray(k) == np.asarray(k_ref))) >= 0.99  # bf16 gates: a near tie may flip
+  refs, _ = af.acm_group_reference(x, groups, num_learners=n, activation="gelu", k=k, residual=skip)
+  if k_kind != "random":
+    assert (np.asarray(k) == (0 if k_kind == "zeros" else n)).all()
+  elif tokens > 100:
+    assert len(np.unique(np.asarray(k))) == n + 1  # every region and k = 0 in use
+  for out, ref in zip(outs, refs):
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    assert np.isfinite(np.asarray(out, np.float32)).all()  # no poisoned row or tile reached an output
+    assert rel_err(out, ref) < 1.5e-2
+
+
+def test_asking_for_the_regions_path_where_it_cannot_run_names_the_reason(monkeypatch):
+  n, dim = 4, 64
+  x, groups = random_group(0, 100, dim, n, 64, 1, jnp.bfloat16)
+  with pytest.raises(ValueError, match="mgpu_regions=True: it runs on the sorted path only"):
+    af.acm_group(x, groups, num_learners=n, interpret=True, sort=False, mgpu_regions=True)
+  _, three = random_group(0, 100, dim, n, 64, 3, jnp.bfloat16)
+  with pytest.raises(ValueError, match="one ACM \\(this group has 3\\)"):
+    af.acm_group(x, three, num_learners=n, interpret=True, sort=True, mgpu_regions=True, block_rows=64)
+  with pytest.raises(ValueError, match="learner width h=64 is not a multiple of 128"):
+    af.acm_group(x, groups, num_learners=n, interpret=True, sort=True, mgpu_regions=True, block_rows=64)
+  monkeypatch.setitem(af.MGPU_UP_TILES, "tile_n", 64)
+  with pytest.raises(ValueError, match="cannot run with split_down=True"):
+    af.acm_group(x, groups, num_learners=n, interpret=True, sort=True, mgpu_regions=True, split_down=True,
+                 block_rows=64)
+  with pytest.raises(ValueError, match="counts has shape"):
+    acm_mgpu.up_regions(jnp.zeros((640, 64), jnp.bfloat16), jnp.zeros((64, 256), jnp.bfloat16),
+                        jnp.zeros((256,), jnp.bfloat16), jnp.zeros((3,), jnp.float32), width=64,
+                        cfg=acm_mgpu.DownConfig(tile_m=64, tile_n=64, block_k=64, epi=64))
+  with pytest.raises(ValueError, match="expected 5 regions"):
+    acm_mgpu.up_regions(jnp.zeros((192, 64), jnp.bfloat16), jnp.zeros((64, 256), jnp.bfloat16),
+                        jnp.zeros((256,), jnp.bfloat16), jnp.zeros((5,), jnp.float32), width=64,
+                        cfg=acm_mgpu.DownConfig(tile_m=64, tile_n=64, block_k=64, epi=64))
