@@ -11,6 +11,7 @@ Three layers of checks, none needing a GPU:
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -365,6 +366,27 @@ def test_up_regions_kernel_lowers_for_cuda_at_vit_b_shapes():
   lowered = jax.jit(lambda *a: acm_mgpu.up_regions(*a, width=768, cfg=cfg)).trace(*args).lower(
       lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_regions_path_lowers_for_cuda_at_batch_32s_shape(monkeypatch):
+  """The whole regions path at 6,304 tokens (padded to 6,400; an MLP ACM of 4 learners of 768, bf16, the tuned
+  table's tiles): the route with its copy of x and its atomic counters, the Mosaic up kernel and the Triton down
+  launch over the regions' row blocks (6,400 / 64 + 5 row programs x the output tiles); no scatter, no gather."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # lowered for CUDA, never run
+  monkeypatch.setattr(af, "gpu_family", lambda: "hopper")
+  dim, n, width = 768, 4, 768
+  bf16 = jnp.bfloat16
+  group = dict(w1=jax.ShapeDtypeStruct((dim, n * width), bf16), b1=jax.ShapeDtypeStruct((n * width,), bf16),
+               w2=jax.ShapeDtypeStruct((n * width, dim), bf16), b2=jax.ShapeDtypeStruct((n + 1, dim), bf16),
+               gate=(jax.ShapeDtypeStruct((dim, n + 1), bf16), jax.ShapeDtypeStruct((n + 1,), bf16)))
+  call = lambda x, g: af.acm_group(x, [g], num_learners=n, mgpu_regions=True, interpret=False)
+  text = jax.jit(call).trace(jax.ShapeDtypeStruct((6304, dim), bf16), group).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert re.findall(r'name = "(acm_[a-z_]+)"', text) == ["acm_route", "acm_group_down"]
+  assert "mosaic_gpu" in text and "gather" not in text
+  assert "atomic_rmw" in text
+  cfg, _ = af.resolve_config(bf16, dim, n * width, 6304)
+  assert re.findall(r"grid_x = (\d+)", text)[-1] == str((6400 // cfg.down_rows + n + 1) * (dim // cfg.block_out))
 
 
 def _up_regions_contract(x_regions, w1, b1, counts, *, width, activation, cfg, interpret):
