@@ -1,5 +1,5 @@
 """Random inputs for the fused ACM group kernels (`pallas_kernels.acm_fused`), shared by
-their CPU tests and the GPU check (`benchmarks.fused_check`)."""
+their CPU tests and the GPU check (`benchmarks.fused_check`), and argument shapes for their CUDA lowering tests."""
 
 from __future__ import annotations
 
@@ -40,3 +40,10 @@ def random_group(rng: np.random.Generator | int, tokens: int, dim: int, num_lear
       params["logits"] = jnp.asarray(rng.normal(size=(tokens, num_learners + 1)) + steer, jnp.float32)
     groups.append(params)
   return x, groups
+
+
+def bf16_group_shapes(dim: int, n: int, width: int) -> dict:
+  """Shapes (no arrays) of one bf16 ACM of n learners of `width` at d = `dim` with a linear gate, for lowering."""
+  shape, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
+  return dict(w1=shape((dim, n * width), bf16), b1=shape((n * width,), bf16), w2=shape((n * width, dim), bf16),
+              b2=shape((n + 1, dim), bf16), gate=(shape((dim, n + 1), bf16), shape((n + 1,), bf16)))

@@ -19,7 +19,7 @@ from acm_jax import acm as acm_lib
 from acm_jax import inference
 from acm_jax.vit import model as vit
 from pallas_kernels import acm_fused as af
-from pallas_kernels.fused_testing import random_group
+from pallas_kernels.fused_testing import bf16_group_shapes, random_group
 
 LIMITS = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1.5e-2}
 
@@ -606,13 +606,6 @@ def test_shared_route_lowers_for_cuda_at_vit_b_shapes(tokens, padded, monkeypatc
   chunk = af.route_settings(tokens, dim, 3)[0]
   assert "acm_route" in text and "acm_scatter" in text
   assert re.findall(r"grid_x = (\d+)", text) == [str(padded // chunk), str(groups * padded // chunk)]
-
-
-def bf16_group_shapes(dim, n, width):
-  """Shapes (no arrays) of one bf16 ACM of n learners of `width` at d = `dim` with a linear gate, for lowering."""
-  shape, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
-  return dict(w1=shape((dim, n * width), bf16), b1=shape((n * width,), bf16), w2=shape((n * width, dim), bf16),
-              b2=shape((n + 1, dim), bf16), gate=(shape((dim, n + 1), bf16), shape((n + 1,), bf16)))
 
 
 @pytest.mark.parametrize("place", af.INLINE_SORT_PLACES)

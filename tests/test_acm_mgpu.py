@@ -20,7 +20,7 @@ import pytest
 
 from pallas_kernels import acm_fused as af
 from pallas_kernels import acm_mgpu
-from pallas_kernels.fused_testing import random_group
+from pallas_kernels.fused_testing import bf16_group_shapes, random_group
 
 
 def rel_err(out, ref):
@@ -376,9 +376,7 @@ def test_regions_path_lowers_for_cuda_at_batch_32s_shape(monkeypatch):
   monkeypatch.setattr(af, "gpu_family", lambda: "hopper")
   dim, n, width = 768, 4, 768
   bf16 = jnp.bfloat16
-  group = dict(w1=jax.ShapeDtypeStruct((dim, n * width), bf16), b1=jax.ShapeDtypeStruct((n * width,), bf16),
-               w2=jax.ShapeDtypeStruct((n * width, dim), bf16), b2=jax.ShapeDtypeStruct((n + 1, dim), bf16),
-               gate=(jax.ShapeDtypeStruct((dim, n + 1), bf16), jax.ShapeDtypeStruct((n + 1,), bf16)))
+  group = bf16_group_shapes(dim, n, width)
   call = lambda x, g: af.acm_group(x, [g], num_learners=n, mgpu_regions=True, interpret=False)
   text = jax.jit(call).trace(jax.ShapeDtypeStruct((6304, dim), bf16), group).lower(
       lowering_platforms=("cuda",)).as_text()
